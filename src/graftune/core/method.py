@@ -10,6 +10,7 @@ Sites. A method attaches to target modules at one of these *sites* (``Method.sit
 - ``"output"``: ``y' = module.forward(x, y)`` after the target runs (LoRA, IA3 on keys/values, bottleneck,
   BitFit). Tuple outputs (attention blocks) are handled by core: the adapter sees the first element.
 - ``"input"``: ``x' = module.forward(x)`` before the target runs (IA3 on the feed-forward down-projection).
+  An output-site method may put some targets at the input site by overriding ``Method.site_for``.
 - ``"model"``: the adapter transforms the base model's keyword inputs (prompt and prefix tuning). Such methods
   declare ``changes_seq_len`` and return a function that trims the outputs back.
 - ``"params"``: the adapter owns replacement parameters swapped into the base while it is active (top-k
@@ -139,6 +140,17 @@ class Method:
 
     def build(self, target: nn.Module, config: MethodConfig, *, target_name: str) -> nn.Module:
         raise NotImplementedError
+
+    def target_presets(self, config: MethodConfig) -> dict[str, TargetSpec]:
+        """The family presets used when ``config.targets`` is None; a config option may pick among several
+        (the bottleneck adapter's ``placement``). Default: ``presets``."""
+        return self.presets
+
+    def site_for(self, target_name: str, config: MethodConfig) -> str:
+        """The site (``"output"`` or ``"input"``) for one target of an output/input-site method; lets one method
+        use both (IA3 scales keys/values at the output and feed-forward activations at the input). Default:
+        ``site``."""
+        return self.site
 
     def build_model_site(self, base: nn.Module, config: MethodConfig) -> nn.Module:
         """For ``site == "model"`` methods: the one adapter module for the whole model."""

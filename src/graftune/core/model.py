@@ -92,7 +92,7 @@ class AdapterModel(nn.Module):
             modules = {MODEL_SITE: m.build_model_site(self.base, cfg)}
             names = [MODEL_SITE]
         else:
-            spec = cfg.targets if cfg.targets is not None else targets.preset(m.presets, self.family)
+            spec = cfg.targets if cfg.targets is not None else targets.preset(m.target_presets(cfg), self.family)
             found = targets.select(self.base, spec, top_k_layers=cfg.top_k_layers, supported_types=m.supported_types)
             modules = {site_key(n): m.build(t, cfg, target_name=n) for n, t in found.items()}
             names = list(found)
@@ -109,17 +109,18 @@ class AdapterModel(nn.Module):
         if m.site in ("output", "input"):
             modules_by_name = dict(self.base.named_modules())
             for t in names:
-                self._site(t, modules_by_name[t], m.site).names.append(name)
+                self._site(t, modules_by_name[t], m.site_for(t, cfg)).names.append(name)
         return info
 
     def _site(self, tname: str, module: nn.Module, kind: str) -> _Site:
         key = f"{kind}:{tname}"
         if key not in self._sites:
             site = _Site(module, kind)
+            # with_kwargs: some blocks are called with keyword inputs only (transformers' attention modules)
             if kind == "output":
-                site.handle = module.register_forward_hook(self._output_hook(tname, site))
+                site.handle = module.register_forward_hook(self._output_hook(tname, site), with_kwargs=True)
             else:
-                site.handle = module.register_forward_pre_hook(self._input_hook(tname, site))
+                site.handle = module.register_forward_pre_hook(self._input_hook(tname, site), with_kwargs=True)
             self._sites[key] = site
         return self._sites[key]
 
@@ -241,13 +242,13 @@ class AdapterModel(nn.Module):
     def _output_hook(self, tname: str, site: _Site):
         key = site_key(tname)
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             route = routing.current() or Route(self._active)
             here = [n for n in route.names if n in site.names and n not in self._merged]
             if not here:
                 return None
             y = output[0] if isinstance(output, tuple) else output
-            x = args[0] if args else None
+            x = args[0] if args else next(iter(kwargs.values()), None)
             y = self._apply(route, here, key, x, y)
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
@@ -256,12 +257,15 @@ class AdapterModel(nn.Module):
     def _input_hook(self, tname: str, site: _Site):
         key = site_key(tname)
 
-        def hook(module, args):
+        def hook(module, args, kwargs):
             route = routing.current() or Route(self._active)
             here = [n for n in route.names if n in site.names and n not in self._merged]
             if not here:
                 return None
-            return (self._apply(route, here, key, args[0]), *args[1:])
+            if args:
+                return (self._apply(route, here, key, args[0]), *args[1:]), kwargs
+            first = next(iter(kwargs))
+            return args, {**kwargs, first: self._apply(route, here, key, kwargs[first])}
 
         return hook
 
