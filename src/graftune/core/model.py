@@ -23,7 +23,7 @@ from torch import nn
 from graftune.core import routing, targets
 from graftune.core.method import Method, MethodConfig, get_method, make_config
 from graftune.core.routing import Route
-from graftune.errors import ConfigError
+from graftune.errors import ConfigError, TargetError
 
 MODEL_SITE = "__model__"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
@@ -94,8 +94,17 @@ class AdapterModel(nn.Module):
         else:
             spec = cfg.targets if cfg.targets is not None else targets.preset(m.target_presets(cfg), self.family)
             found = targets.select(self.base, spec, top_k_layers=cfg.top_k_layers, supported_types=m.supported_types)
-            modules = {site_key(n): m.build(t, cfg, target_name=n) for n, t in found.items()}
-            names = list(found)
+            swapped = self._swapped if m.site == "params" else None
+            if swapped:
+                self._swap_params(None)  # a params-site adapter copies the base's own parameters, not another's
+            try:
+                modules = {site_key(n): m.build(t, cfg, target_name=n) for n, t in found.items()}
+            finally:
+                if swapped:
+                    self._swap_params(swapped)
+            if m.site == "params":
+                modules = _own_each_parameter_once(found, modules)
+            names = [n for n in found if site_key(n) in modules]
         return self._attach(name, m, cfg, names, nn.ModuleDict(modules))
 
     def _attach(self, name: str, m: Method, cfg: MethodConfig, names: list[str], modules: nn.ModuleDict):
@@ -141,6 +150,7 @@ class AdapterModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter and hook; return the base, whose state dict equals the original."""
+        self.unmerge()
         for name in list(self.info):
             self.delete_adapter(name)
         return self.base
@@ -157,8 +167,8 @@ class AdapterModel(nn.Module):
         params_site = [n for n in names if self.info[n].method.site == "params"]
         if len(params_site) > 1:
             raise ConfigError(f"{', '.join(params_site)} each replace base parameters; activate one at a time")
-        self._active = tuple(names)
         self._swap_params(params_site[0] if params_site else None)
+        self._active = tuple(names)
 
     @contextlib.contextmanager
     def disabled(self):
@@ -249,7 +259,7 @@ class AdapterModel(nn.Module):
                 return None
             y = output[0] if isinstance(output, tuple) else output
             x = args[0] if args else next(iter(kwargs.values()), None)
-            y = self._apply(route, here, key, x, y)
+            y = self._apply_adapters(route, here, key, x, y)
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
         return hook
@@ -263,13 +273,13 @@ class AdapterModel(nn.Module):
             if not here:
                 return None
             if args:
-                return (self._apply(route, here, key, args[0]), *args[1:]), kwargs
+                return (self._apply_adapters(route, here, key, args[0]), *args[1:]), kwargs
             first = next(iter(kwargs))
-            return args, {**kwargs, first: self._apply(route, here, key, kwargs[first])}
+            return args, {**kwargs, first: self._apply_adapters(route, here, key, kwargs[first])}
 
         return hook
 
-    def _apply(self, route: Route, here: list[str], key: str, *xs):
+    def _apply_adapters(self, route: Route, here: list[str], key: str, *xs):
         """Apply adapters ``here`` at one site: in order for a uniform batch, by row for a mixed one."""
         if route.rows is None:
             out = xs[-1]
@@ -306,14 +316,17 @@ class AdapterModel(nn.Module):
                     for pname, value in new.items():
                         old = getattr(target, pname)
                         saved.setdefault(pname, old)
-                        setattr(target, pname, nn.Parameter(value.to(saved[pname].dtype), requires_grad=False))
+                        dtype = value.dtype if saved[pname] is None else saved[pname].dtype  # None: a new bias
+                        setattr(target, pname, nn.Parameter(value.to(dtype), requires_grad=False))
             self._merged.append(name)
 
     def unmerge(self, *names: str) -> None:
         """Restore the original weights exactly, then re-merge the adapters that should stay merged."""
         keep = [n for n in self._merged if n not in (names or self._merged)]
-        self._restore_originals()
-        self._merged = []
+        swapped = self._swapped
+        self._restore_originals()  # this takes out a swapped-in params-site adapter too: put it back below
+        self._merged, self._swapped = [], None
+        self._swap_params(swapped)
         if keep:
             self.merge(*keep)
 
@@ -341,13 +354,32 @@ class AdapterModel(nn.Module):
         if name is None:
             return
         modules_by_name = dict(self.base.named_modules())
+        # every place each parameter stands: a tied one (GPT-2's wte and lm_head) gets the copy in all of them
+        places: dict[int, list[tuple[str, str]]] = {}
+        for mname, module in modules_by_name.items():
+            for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                places.setdefault(id(p), []).append((mname, pname))
         for key, holder in self.adapters[name].items():
             t = target_name(key)
-            saved = self._originals.setdefault(t, {})
             for pname, value in holder.named_parameters():
-                saved.setdefault(pname, getattr(modules_by_name[t], pname))
-                setattr(modules_by_name[t], pname, value)
+                original = getattr(modules_by_name[t], pname)
+                for mname, pn in places.get(id(original), [(t, pname)]):
+                    self._originals.setdefault(mname, {}).setdefault(pn, original)
+                    setattr(modules_by_name[mname], pn, value)
         self._swapped = name
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversion (``.to``, ``.half``). Parameters set aside by merges and params-site swaps stand
+        in no module: convert them too, or restoring them would bring back the old device or dtype."""
+        super()._apply(fn, recurse)
+        done = {id(p) for p in self.parameters()}
+        with torch.no_grad():
+            for params in self._originals.values():
+                for p in params.values():
+                    if p is not None and id(p) not in done:
+                        p.data = fn(p.data)
+                        done.add(id(p))
+        return self
 
     # --- composition ---------------------------------------------------------------------------------------
     def add_weighted_adapter(self, name: str, weights: dict[str, float]) -> AdapterInfo:
@@ -408,6 +440,26 @@ class AdapterModel(nn.Module):
             rows.append({"adapter": name, "method": self.info[name].method.name, "trainable": n,
                          "total": base_total + n, "percent": 100.0 * n / max(base_total + n, 1), "bytes": nbytes})
         return rows
+
+
+def _own_each_parameter_once(found: dict[str, nn.Module], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Params-site holders: keep those that own parameters (not containers), and copy a parameter tied across
+    targets once, in the first target; ``_swap_params`` puts that copy in every place the parameter stands."""
+    seen: set[int] = set()
+    kept = {}
+    for n, t in found.items():
+        holder = modules[site_key(n)]
+        for pname, _ in list(holder.named_parameters()):
+            original = getattr(t, pname)
+            if id(original) in seen:
+                delattr(holder, pname)
+            seen.add(id(original))
+        if next(holder.parameters(), None) is not None:
+            kept[site_key(n)] = holder
+    if not kept:
+        raise TargetError(f"targets {', '.join(list(found)[:5])} own no parameters to train; pick modules that do "
+                          f"(e.g. Linear or LayerNorm layers)")
+    return kept
 
 
 def _identity(x):

@@ -61,6 +61,9 @@ def select(model: nn.Module, spec: TargetSpec, *, top_k_layers: int | None = Non
     """Return ``{name: module}`` matching ``spec`` (in model order). Raises TargetError listing candidates."""
     n_layers = num_layers(model)
     if top_k_layers:
+        if top_k_layers > n_layers:
+            have = f"has {n_layers} numbered layers; use 1 to {n_layers}" if n_layers else "has no numbered layers; unset it"
+            raise TargetError(f"top_k_layers={top_k_layers}, but this model {have}")
         top = tuple(range(max(0, n_layers - top_k_layers), n_layers))
         spec = TargetSpec(spec.names, spec.regex, tuple(sorted(set(spec.layers) & set(top))) if spec.layers else top,
                           spec.types)

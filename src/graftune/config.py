@@ -1,0 +1,249 @@
+"""The run configuration: one frozen, validated dataclass, read from YAML and command-line flags (flags win).
+
+``run.yaml`` in every run directory is this config written back in full (``to_yaml``), so
+``graftune train --config RUN_DIR/run.yaml --out OTHER`` repeats the run. Method options (``r``, ``alpha``,
+``targets``, ...) live under ``options``; on the command line they are given as ``--set key=value`` (repeatable;
+the value is read as YAML, so ``--set r=8`` is an int, ``--set targets=[query,value]`` a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graftune.core.method import check
+from graftune.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "constant")
+METRICS = ("macro_f1", "accuracy", "loss")
+LOG_TO = ("mlflow", "tensorboard")
+#: fields that say where and how to run, not what to compute: never written to run.yaml
+_RUNTIME = ("out", "resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Args:
+    model: a zoo alias (``minilm``, ``smollm2``, ``efficientnet-lite0``), a local model folder or a hub id.
+    data: a data alias (``bbc-news``, ``mnist-5k``, ``json-answers``), a file or a folder.
+    method: an adaptation method (``graftune methods``), or ``head`` to train only the task head.
+    options: the method's options (``{"r": 8, "alpha": 16}``).
+    task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
+    text_column, label_column, prompt_column, response_column: column names in tabular data.
+    test: a separate test file (nothing is carved from ``data`` for testing then).
+    shots: K training examples per class (unset: every example not held out).
+    test_size: fraction (or count) held out for testing when neither ``test`` nor ``test_per_class`` is given.
+    test_per_class: exactly N test examples per class.
+    val_size: fraction (or count) held out for early stopping; with ``shots``, 0 switches val off (else val is
+        the next max(K, 8) examples per class).
+    seed: seeds the splits, the head's initialization, the data order and dropout.
+    epochs: passes over the training data (at most: early stopping may end sooner).
+    lr: AdamW learning rate of the adapter; head_lr: of the head (unset: lr).
+    weight_decay: AdamW weight decay (never on biases and norms).
+    batch_size: examples per optimizer step (micro-batches of batch_size / grad_accum are run).
+    grad_accum: split each batch into this many micro-batches (same result, less memory).
+    max_length: tokens per text; longer ones are truncated.
+    warmup: fraction of the optimizer steps spent warming the learning rate up from 0.
+    schedule: learning-rate decay after warm-up: linear, cosine or constant.
+    dropout: dropout before the classification head.
+    base_dropout: run the frozen base in training mode (its own dropout active; batch-norm statistics would
+        move). Off by default: the base computes exactly as at inference, and it is faster.
+    clip: gradient-norm clipping (0: off).
+    patience: stop after this many epochs without a better val metric (0: never stop early). The best
+        epoch's weights are restored at the end whenever there is a val set.
+    metric: the val metric that picks the best epoch: macro_f1, accuracy (classification) or loss.
+    precision: auto (bf16 frozen base on CPUs with native bf16; see speed/precision.py), fp32, bf16, fp16.
+    max_new_tokens: generation length when evaluating causal-LM runs.
+    log_to: also log to mlflow or tensorboard (if installed).
+    threads: torch CPU threads (unset: torch's default).
+    out: the run directory to write. resume: continue an interrupted run in ``out``. overwrite: replace ``out``.
+    """
+
+    model: str = ""
+    data: str = ""
+    method: str = "lora"
+    options: dict = field(default_factory=dict)
+    task: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    test: str | None = None
+    shots: int | None = None
+    test_size: float = 0.2
+    test_per_class: int | None = None
+    val_size: float = 0.1
+    seed: int = 0
+    epochs: int = 10
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup: float = 0.1
+    schedule: str = "linear"
+    dropout: float = 0.1
+    base_dropout: bool = False
+    clip: float = 1.0
+    patience: int = 5
+    metric: str = "macro_f1"
+    precision: str = "auto"
+    max_new_tokens: int = 64
+    log_to: str | None = None
+    threads: int | None = None
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_types(self)
+        check(bool(self.model), "model", "missing; pass --model (an alias from `graftune models`, or a folder)")
+        check(bool(self.data), "data", "missing; pass --data (an alias such as bbc-news, or a file)")
+        check(bool(self.method), "method", "missing; pass --method (see `graftune methods`, or head)")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_new_tokens"):
+            check(getattr(self, name) >= 1, name, f"got {getattr(self, name)}; use a positive integer")
+        check(self.batch_size % self.grad_accum == 0, "grad_accum",
+              f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}; make it one")
+        check(self.shots is None or self.shots >= 1, "shots", f"got {self.shots}; use a positive integer or unset")
+        check(self.test_per_class is None or self.test_per_class >= 1, "test_per_class",
+              f"got {self.test_per_class}; use a positive integer or unset")
+        check(self.lr > 0, "lr", f"got {self.lr}; use a positive learning rate such as 1e-3")
+        check(self.head_lr is None or self.head_lr > 0, "head_lr", f"got {self.head_lr}; use a positive rate")
+        check(self.weight_decay >= 0, "weight_decay", f"got {self.weight_decay}; use 0 or more")
+        check(0 <= self.warmup < 1, "warmup", f"got {self.warmup}; use a fraction of the steps in [0, 1)")
+        check(0 <= self.dropout < 1, "dropout", f"got {self.dropout}; use a value in [0, 1)")
+        check(self.clip >= 0, "clip", f"got {self.clip}; use a positive max gradient norm, or 0 for none")
+        check(self.patience >= 0, "patience", f"got {self.patience}; use 0 (no early stopping) or more epochs")
+        check(self.seed >= 0, "seed", f"got {self.seed}; use a non-negative integer")
+        check(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}; use a positive count")
+        check(self.schedule in SCHEDULES, "schedule", f"got {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        check(self.metric in METRICS, "metric", f"got {self.metric!r}; use one of {', '.join(METRICS)}")
+        check(self.log_to is None or self.log_to in LOG_TO, "log_to",
+              f"got {self.log_to!r}; use one of {', '.join(LOG_TO)}, or leave it unset")
+        from graftune.speed.precision import CHOICES
+
+        check(self.precision in CHOICES, "precision", f"got {self.precision!r}; use one of {', '.join(CHOICES)}")
+        if self.task is not None:
+            from graftune.tasks import task_name
+
+            object.__setattr__(self, "task", task_name(self.task))
+        if self.method != "head":
+            _check_method(self.method, self.options)
+
+    # --- YAML ------------------------------------------------------------------------------------------------
+    def to_dict(self, *, runtime: bool = False) -> dict:
+        """Every field; ``runtime=False`` drops out/resume/overwrite (what run.yaml holds)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["options"] = dict(self.options)
+        return d if runtime else {k: v for k, v in d.items() if k not in _RUNTIME}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """YAML and flags hand over plain values; catch wrong kinds with a message naming the field."""
+    hints = {f.name: f.type for f in dataclasses.fields(cfg)}
+    for name, hint in hints.items():
+        value = getattr(cfg, name)
+        optional = "None" in str(hint)
+        if value is None:
+            check(optional, name, "missing; give it a value")
+            continue
+        kind = str(hint).split("|")[0].strip()
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            check(ok, name, f"got {value!r}; use a whole number")
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(ok, name, f"got {value!r}; use a number")
+            object.__setattr__(cfg, name, value if isinstance(value, int) and name in ("test_size", "val_size") else float(value))
+        elif kind == "bool":
+            check(isinstance(value, bool), name, f"got {value!r}; use true or false")
+        elif kind == "str":
+            check(isinstance(value, str), name, f"got {value!r}; use a string")
+        elif kind == "dict":
+            check(isinstance(value, dict), name, f"got {value!r}; use a mapping such as {{r: 8}}")
+    # test_size and val_size are a fraction or a count; keep whole counts as int
+    for name in ("test_size", "val_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, float) and value >= 1 and value.is_integer():
+            object.__setattr__(cfg, name, int(value))
+
+
+def _check_method(method: str, options: dict) -> None:
+    """Unknown method or bad option values fail now, before any model or data is loaded."""
+    from graftune.core.method import make_config
+
+    try:
+        make_config(method, **options)
+    except TypeError as e:
+        raise ConfigError(f"options for {method}: {e}") from None
+
+
+# --- reading: YAML file + flags ----------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict; one-line errors for a missing file, bad YAML or unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{at}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of fields (model: ..., data: ...)")
+    return data
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["r=8", "targets=[query,value]"]`` -> ``{"r": 8, "targets": ["query", "value"]}`` (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set r=8")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+    return out
+
+
+def build_config(config_file: str | Path | None = None, *, sets: list[str] | None = None,
+                 **flags: Any) -> RunConfig:
+    """The run config from an optional YAML file, then the flags that were given (``None`` = not given), then
+    ``--set`` method options on top of the file's ``options``."""
+    data = read_yaml(config_file) if config_file else {}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {config_file}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known - set(_RUNTIME)))}")
+    bad_flags = sorted(set(flags) - known)
+    if bad_flags:
+        raise ConfigError(f"unknown setting(s) {', '.join(bad_flags)}")
+    file_method = data.get("method")
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if data.get("options") is None:
+        data["options"] = {}
+    if not isinstance(data["options"], dict):
+        raise ConfigError(f"options: got {data['options']!r}; use a mapping such as {{r: 8, alpha: 16}}")
+    if file_method is not None and data.get("method") != file_method:
+        # a flag picked another method than the file's: the file's options belong to that method, not this one
+        data["options"] = {}
+    data["options"] = {**data["options"], **parse_sets(sets)}
+    return RunConfig(**data)

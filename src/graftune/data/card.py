@@ -1,0 +1,53 @@
+"""The data card: where the data came from and exactly which examples each split holds (data_card.json)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from graftune.data.sources import Dataset
+from graftune.data.splits import Splits
+
+
+def fingerprint(ds: Dataset) -> str:
+    """sha256 of a dataset's examples and labels in order: two runs on equal fingerprints saw the same data."""
+    digest = hashlib.sha256()
+    for i, x in enumerate(ds.inputs):
+        if ds.modality == "text":
+            digest.update(x.encode("utf-8"))
+        elif ds.modality == "pairs":
+            digest.update(x[0].encode("utf-8") + b"\0" + x[1].encode("utf-8"))
+        else:
+            digest.update(str(tuple(x.shape)).encode() + x.numpy().tobytes())
+        label = ds.labels[i] if ds.labels else ""
+        digest.update(b"\x1f" + ("|".join(label) if ds.multi_label else label).encode("utf-8") + b"\x1e")
+    return digest.hexdigest()
+
+
+def data_card(splits: Splits, *, source: Dataset) -> dict:
+    """A JSON-ready record of the source, the seeds and shots, and each split's size, class counts and fingerprint.
+
+    A test set the user brought (not carved from `source`) is described under `test_source`.
+    """
+    user_test = (splits.test.origin, splits.test.sha256) != (source.origin, source.sha256)
+    return {
+        "origin": source.origin,
+        "license": source.license,
+        "sha256": source.sha256,
+        "modality": source.modality,
+        "multi_label": source.multi_label,
+        "label_names": list(source.label_names),
+        "examples": len(source),
+        "duplicates_removed": source.duplicates_removed,
+        "seed": splits.seed,
+        "shots": splits.shots,
+        "shot_seed": splits.shot_seed,
+        "test_source": (
+            {"origin": splits.test.origin, "license": splits.test.license, "sha256": splits.test.sha256}
+            if user_test
+            else None
+        ),
+        "splits": {
+            name: {"examples": len(part), "counts": part.counts(), "fingerprint": fingerprint(part)}
+            for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+        },
+    }

@@ -1,0 +1,262 @@
+"""Train/val/test splits and k-shot sampling, deterministic given the seed on any machine.
+
+Rules:
+- Randomness comes only from `numpy.random.RandomState(seed)` (legacy stream, stable across numpy versions)
+  and sklearn's `train_test_split(random_state=seed)`, applied to examples in source order (sources sort their
+  files), so nothing depends on hash randomization or the filesystem.
+- Single-label classification is stratified. Multi-label data cannot be stratified on one label, and pairs
+  have none: both fall back to a seeded random split.
+- The test set is carved out first (`test_per_class`, or `test_size`), unless the caller brings one (`test`).
+- Without `shots`, val is split from what remains (`val_size`), stratified, and the rest is train.
+- With `shots=K`, train is K examples per class from the remaining pool (`sample_shots`), and val comes from
+  the pool's examples not taken as shots: the next `max(K, 8)` per class of the same seeded order (fewer
+  where a class runs out). `val_size` then only switches val off when it is 0. A seeded order per class makes
+  shots nest: for one seed, the 8 shots are among the 16 shots.
+- Multi-label shots are greedy: going through the pool in seeded order, an example is taken when one of its
+  labels still has fewer than K, so every label gets at least K (a few get more, through co-occurrence).
+  Val is the next `max(K, 8) * number of labels` examples of that order.
+- Pairs shots are the first K pairs of the pool in seeded order; val the next `max(K, 8)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graftune.data.sources import Dataset
+from graftune.errors import DataError
+
+MIN_VAL_PER_CLASS = 8
+
+
+@dataclass
+class Splits:
+    """Three datasets, and the seeds and shots that made them (the data card records them)."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    seed: int = 0
+    shots: int | None = None
+    shot_seed: int | None = None
+
+
+def make_splits(
+    ds: Dataset,
+    *,
+    seed: int = 0,
+    test_size: float = 0.2,
+    val_size: float = 0.1,
+    shots: int | None = None,
+    test: Dataset | None = None,
+    test_per_class: int | None = None,
+    shot_seed: int | None = None,
+) -> Splits:
+    """Split `ds` into train/val/test (rules in the module docstring).
+
+    Args:
+        ds: the source dataset (already deduplicated by `load_data`).
+        seed: seeds the test and val carving, and the shots unless `shot_seed` is given.
+        test_size: a fraction of `len(ds)` in [0, 1), or a count. Ignored when `test` or `test_per_class` is given.
+        val_size: a fraction of `len(ds)` in [0, 1), or a count; 0 means no val. With `shots`, only 0 matters.
+        shots: K examples per class for train, drawn from what the test (and nothing else) left.
+        test: a user test set, used as is; nothing is carved from `ds` for test.
+        test_per_class: exactly N test examples per class (single-label only).
+        shot_seed: seeds the shots (and their val) apart from the test set: one fixed test set (`seed`), many
+            shot draws. Defaults to `seed`.
+    """
+    _check_int("seed", seed, minimum=0)
+    if shots is not None:
+        _check_int("shots", shots, minimum=1)
+    if test_per_class is not None:
+        _check_int("test_per_class", test_per_class, minimum=1)
+    if test is not None and test_per_class is not None:
+        raise DataError("pass either a test set or test_per_class, not both")
+    if len(ds) == 0:
+        raise DataError(f"{ds.origin or 'dataset'}: no examples to split")
+    shot_seed = seed if shot_seed is None else shot_seed
+    _check_int("shot_seed", shot_seed, minimum=0)
+    stratified = _is_single_label(ds)
+    everything = np.arange(len(ds))
+
+    if test is not None:
+        _check_compatible(ds, test)
+        test_idx, pool = np.array([], dtype=int), everything
+    elif test_per_class is not None:
+        if not stratified:
+            raise DataError(f"{ds.origin}: test_per_class needs single-label classification data; use test_size")
+        order = _order_per_class(ds, everything, seed)
+        short = {c: len(ix) for c, ix in order.items() if len(ix) <= test_per_class}
+        if short:
+            raise DataError(
+                f"{ds.origin}: test_per_class={test_per_class} leaves no training examples for "
+                f"{_listing(short)}; lower test_per_class"
+            )
+        test_idx = np.concatenate([ix[:test_per_class] for ix in order.values()])
+        pool = np.concatenate([ix[test_per_class:] for ix in order.values()])
+    else:
+        n_test = _size("test_size", test_size, len(ds))
+        pool, test_idx = _split(ds, everything, n_test, seed, stratified, "test_size")
+
+    if shots is not None:
+        train_idx, rest = _shots_and_rest(ds, pool, shots, shot_seed)
+        val_idx = np.array([], dtype=int) if _size("val_size", val_size, len(ds)) == 0 else rest
+    else:
+        n_val = _size("val_size", val_size, len(ds))
+        train_idx, val_idx = _split(ds, pool, n_val, seed, stratified, "val_size")
+
+    splits = Splits(
+        train=ds.subset(np.sort(train_idx)),
+        val=ds.subset(np.sort(val_idx)),
+        test=test if test is not None else ds.subset(np.sort(test_idx)),
+        seed=seed,
+        shots=shots,
+        shot_seed=shot_seed if shots is not None else None,
+    )
+    check_labels(splits.train, splits.test)
+    check_labels(splits.train, splits.val)
+    return splits
+
+
+def sample_shots(ds: Dataset, shots: int, seed: int) -> Dataset:
+    """Exactly `shots` examples per class of `ds` (at least that many per label for multi-label; the first
+    `shots` pairs in seeded order for pairs), seeded. Raises DataError naming the classes that have fewer."""
+    _check_int("shots", shots, minimum=1)
+    train_idx, _ = _shots_and_rest(ds, np.arange(len(ds)), shots, seed)
+    return ds.subset(np.sort(train_idx))
+
+
+def check_labels(train: Dataset, other: Dataset) -> None:
+    """Raise DataError when `other` (val, test, or data to evaluate) has labels `train` never had."""
+    if train.modality == "pairs" or other.modality == "pairs":
+        return
+    seen = set(_flat_labels(train))
+    unseen: dict[str, int] = {}
+    for name in _flat_labels(other):
+        if name not in seen:
+            unseen[name] = unseen.get(name, 0) + 1
+    if unseen:
+        raise DataError(
+            f"{other.origin or 'evaluation data'}: labels never seen in training: {_listing(unseen)}; "
+            "remove those examples or add training examples of them"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_single_label(ds: Dataset) -> bool:
+    return ds.modality != "pairs" and not ds.multi_label
+
+
+def _flat_labels(ds: Dataset) -> list[str]:
+    return [n for lab in ds.labels for n in lab] if ds.multi_label else list(ds.labels)
+
+
+def _listing(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items()))
+
+
+def _check_int(field: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _size(field: str, value: float, n: int) -> int:
+    """A fraction of n (float in [0, 1)) or a count (int >= 0) -> a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise DataError(f"{field} must be a fraction in [0, 1) or a count, got {value!r}")
+    if isinstance(value, (float, np.floating)):
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"{field} must be a fraction in [0, 1) or a whole count, got {value!r}")
+        return round(value * n)
+    if value < 0:
+        raise DataError(f"{field} must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_compatible(ds: Dataset, test: Dataset) -> None:
+    def kind(d: Dataset) -> str:
+        return f"{'multi-label ' if d.multi_label else ''}{d.modality}"
+
+    if kind(test) != kind(ds):
+        raise DataError(
+            f"{test.origin or 'test set'}: is {kind(test)} data but the training data is {kind(ds)}; "
+            "use a test set of the same kind"
+        )
+
+
+def _split(
+    ds: Dataset, idx: np.ndarray, n_out: int, seed: int, stratified: bool, field: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, carved out) with `n_out` carved out of `idx`, stratified on the labels when `stratified`."""
+    if n_out == 0:
+        return idx, np.array([], dtype=int)
+    if n_out >= len(idx):
+        raise DataError(
+            f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving none to train on; "
+            f"lower {field}"
+        )
+    from sklearn.model_selection import train_test_split
+
+    labels = [ds.labels[i] for i in idx] if stratified else None
+    try:
+        kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=labels)
+    except ValueError as e:
+        raise DataError(
+            f"{ds.origin}: cannot stratify {field}={n_out} over {len(set(labels or []))} classes ({e}); "
+            "add examples to the small classes or change the size"
+        ) from None
+    return np.asarray(kept), np.asarray(out)
+
+
+def _order_per_class(ds: Dataset, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Each class's indices (from `idx`) in a seeded random order, classes in sorted order."""
+    rng = np.random.RandomState(seed)
+    labels = np.array([ds.labels[i] for i in idx], dtype=object)
+    return {name: rng.permutation(idx[labels == name]) for name in ds.label_names}
+
+
+def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shots, val candidates) from `pool`; see the module docstring for each modality."""
+    val_per_class = max(shots, MIN_VAL_PER_CLASS)
+    if _is_single_label(ds):
+        order = _order_per_class(ds, pool, seed)
+        short = {c: len(ix) for c, ix in order.items() if len(ix) < shots}
+        if short:
+            raise DataError(
+                f"{ds.origin}: fewer than shots={shots} training examples for {_listing(short)}; "
+                "lower --shots or add examples"
+            )
+        take = np.concatenate([ix[:shots] for ix in order.values()])
+        rest = np.concatenate([ix[shots : shots + val_per_class] for ix in order.values()])
+        return take, rest
+
+    order = np.random.RandomState(seed).permutation(pool)
+    if ds.modality == "pairs":
+        if len(order) < shots:
+            raise DataError(f"{ds.origin}: shots={shots} but only {len(order)} training pairs; lower --shots")
+        return order[:shots], order[shots : shots + val_per_class]
+
+    have = {name: 0 for name in ds.label_names}
+    for i in order:
+        for name in ds.labels[i]:
+            have[name] += 1
+    short = {c: n for c, n in have.items() if n < shots}
+    if short:
+        raise DataError(
+            f"{ds.origin}: fewer than shots={shots} training examples for {_listing(short)}; "
+            "lower --shots or add examples"
+        )
+    got = dict.fromkeys(ds.label_names, 0)
+    take, rest = [], []
+    for i in order:
+        if any(got[name] < shots for name in ds.labels[i]):
+            take.append(i)
+            for name in ds.labels[i]:
+                got[name] += 1
+        else:
+            rest.append(i)
+    n_val = val_per_class * len(ds.label_names)
+    return np.array(take, dtype=int), np.array(rest[:n_val], dtype=int)

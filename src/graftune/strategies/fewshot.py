@@ -1,0 +1,603 @@
+"""Few-shot text classification with a frozen (or lightly adapted) sentence encoder.
+
+Three strategies, cheapest first:
+
+- **prototypes**: embed the few examples with the frozen body, average them per class, and label a new text
+  by the nearest class mean (cosine similarity; probabilities are a softmax over cosine / temperature).
+- **frozen embeddings + logistic regression**: the same embeddings, a scikit-learn logistic regression on top.
+- **contrastive fine-tuning** (the SetFit recipe, Tunstall et al. 2022, https://arxiv.org/abs/2209.11055):
+  sample pairs of examples (same class: target 1, different classes: target 0), train the body so that the
+  cosine similarity of the two embeddings matches the target,
+
+      loss = mean over pairs (cos(e(a), e(b)) - y)^2        (``loss="cosine"``, SetFit's default)
+
+  or with a supervised contrastive loss over the texts of each batch (Khosla et al. 2020,
+  https://arxiv.org/abs/2004.11362; ``loss="supcon"``), then fit a logistic regression on the adapted
+  embeddings. ``body="adapter"`` trains only a grafted adapter (LoRA by default) and leaves the base untouched;
+  ``body="full"`` trains a copy of every weight, as SetFit does.
+
+What makes the adapter variant fast on a CPU (measured in ``bench/issue4_fewshot.py``):
+
+- a pair batch names at most ``2 * batch_size`` texts but often the same text twice: each distinct text is
+  embedded once per step (the gradient is the same as embedding every occurrence);
+- with adapters only in the top layers, the layers below never change: their output for every training text
+  is computed once (no grad) and each step runs only the top layers (``_PrefixCache``, self-checked against
+  the plain forward, else not used);
+- pairs are trained at a shorter ``max_length`` than the embeddings the head sees (``embed_max_length``);
+- the frozen base runs in bfloat16 where the CPU multiplies bf16 natively (``graftune.speed.precision``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftune.core import targets as _targets
+from graftune.core.model import MODEL_SITE, AdapterModel
+from graftune.errors import ConfigError, DataError
+from graftune.speed import precision as _precision
+from graftune.tasks import pad
+from graftune.tasks.classification import POOLINGS, base_hidden, pool
+
+BODIES = ("adapter", "full")
+LOSSES = ("cosine", "supcon")
+HEADS = ("logistic", "prototype")
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any, tokenizer: Any) -> tuple[nn.Module, Any, str | None]:
+    """Accept a module (plain base or AdapterModel) or a zoo ``Base`` (``.model``, ``.tokenizer``, ``.pooling``)."""
+    if isinstance(model, nn.Module):
+        return model, tokenizer, None
+    if hasattr(model, "model") and isinstance(model.model, nn.Module):
+        return model.model, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None), \
+            getattr(model, "pooling", None)
+    raise ConfigError(f"expected a model (nn.Module, AdapterModel or zoo Base), got {type(model).__name__}")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad_id = tokenizer.pad_token_id
+    return pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    if tokenizer is None:
+        raise ConfigError("tokenizer: none given; pass the base's tokenizer (zoo bases carry one)")
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def _batch(tokenizer: Any, ids: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return {"input_ids": pad(ids, _pad_id(tokenizer), left=left).to(device),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, left=left).to(device)}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _check_texts(texts: Sequence[str], labels: Sequence[Any] | None = None) -> None:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise DataError("texts: expected a list of strings")
+    if labels is not None and len(labels) != len(texts):
+        raise DataError(f"got {len(texts)} texts but {len(labels)} labels; pass one label per text")
+
+
+# --- embeddings ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 256,
+          pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+    """Sentence embeddings (len(texts), hidden) as float32 on the CPU: the base's last hidden states pooled over
+    real tokens (``mean`` respects the attention mask; ``last`` for decoders; ``cls``), optionally L2-normalized.
+
+    ``model`` is a plain base or an AdapterModel (its active adapters apply). Texts are batched by length so
+    padding stays small; the result keeps the input order. Runs in eval mode and restores the previous mode.
+    """
+    model, tokenizer, _ = _unwrap(model, tokenizer)
+    _check_texts(texts)
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling: got {pooling!r}; use one of {', '.join(POOLINGS)}")
+    if len(texts) == 0:
+        raise DataError("texts: empty list; nothing to embed")
+    ids = _tokenize(tokenizer, texts, max_length)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    device, was_training = _device(model), model.training
+    model.eval()
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = _batch(tokenizer, [ids[i] for i in rows], device)
+            vectors = pool(base_hidden(model, batch), batch["attention_mask"], pooling)
+            for i, v in zip(rows, vectors.cpu()):
+                out[i] = v
+    finally:
+        model.train(was_training)
+    emb = torch.stack(out)
+    return F.normalize(emb, dim=-1) if normalize else emb
+
+
+# --- prototype head --------------------------------------------------------------------------------------------
+
+
+class PrototypeClassifier:
+    """Nearest class mean by cosine similarity: ``p(c | x) = softmax_c(cos(x, mean_c) / temperature)``, where
+    ``mean_c`` is the mean of the L2-normalized embeddings of class c (Snell et al. 2017,
+    https://arxiv.org/abs/1703.05175, with cosine instead of squared Euclidean distance).
+
+    Args:
+        temperature: softmax temperature over cosine similarities (smaller: sharper probabilities).
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        if not temperature > 0:
+            raise ConfigError(f"temperature: got {temperature!r}; use a positive number (e.g. 0.05)")
+        self.temperature = temperature
+
+    def fit(self, embeddings: torch.Tensor | np.ndarray, labels: Sequence[Any]) -> PrototypeClassifier:
+        emb = F.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=-1)
+        labels = np.asarray(labels)
+        if len(labels) != len(emb):
+            raise DataError(f"got {len(emb)} embeddings but {len(labels)} labels")
+        self.classes_ = np.unique(labels)
+        if len(self.classes_) < 2:
+            raise DataError("prototypes need at least two classes")
+        means = torch.stack([emb[torch.as_tensor(labels == c)].mean(0) for c in self.classes_])
+        self.prototypes_ = F.normalize(means, dim=-1)
+        return self
+
+    def similarities(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        emb = F.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=-1)
+        return (emb @ self.prototypes_.T).numpy()
+
+    def predict_proba(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.similarities(embeddings)) / self.temperature, dim=-1).numpy()
+
+    def predict(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.classes_[self.similarities(embeddings).argmax(axis=1)]
+
+
+def _make_head(head: str, head_c: float):
+    if head == "prototype":
+        return PrototypeClassifier()
+    if head == "logistic":
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=head_c, max_iter=2000)
+    raise ConfigError(f"head: got {head!r}; use one of {', '.join(HEADS)}")
+
+
+# --- the fitted model ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FewShotModel:
+    """A body (frozen, adapted or fine-tuned) plus a fitted head. ``predict`` returns the original labels.
+
+    ``report`` records what was done and how long it took (seconds per phase, pairs, steps, cache use).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    head: Any
+    max_length: int = 256
+    pooling: str = "mean"
+    adapter: str | None = None
+    batch_size: int = 32
+    report: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list:
+        return list(self.head.classes_)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.adapter is None or not isinstance(self.model, AdapterModel):
+            return embed(self.model, self.tokenizer, texts, batch_size=self.batch_size, max_length=self.max_length,
+                         pooling=self.pooling)
+        previous = self.model.active
+        self.model.set_active(self.adapter)
+        try:
+            return embed(self.model, self.tokenizer, texts, batch_size=self.batch_size,
+                         max_length=self.max_length, pooling=self.pooling)
+        finally:
+            self.model.set_active(*previous)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), len(classes)) probabilities, columns in ``classes`` order."""
+        return self.head.predict_proba(self.embed(texts).numpy())
+
+    def predict(self, texts: Sequence[str]) -> list:
+        return list(self.head.predict(self.embed(texts).numpy()))
+
+
+def frozen_fit(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[Any], *, head: str = "logistic",
+               max_length: int = 256, pooling: str | None = None, batch_size: int = 32,
+               head_c: float = 1.0) -> FewShotModel:
+    """Embed ``texts`` with the frozen body and fit a head on them: ``prototype`` (nearest class mean) or
+    ``logistic`` (scikit-learn logistic regression, inverse regularization ``head_c``)."""
+    module, tokenizer, default_pooling = _unwrap(model, tokenizer)
+    _check_texts(texts, labels)
+    pooling = pooling or default_pooling or "mean"
+    t0 = time.perf_counter()
+    emb = embed(module, tokenizer, texts, batch_size=batch_size, max_length=max_length, pooling=pooling)
+    t1 = time.perf_counter()
+    fitted = _make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
+    t2 = time.perf_counter()
+    report = {"strategy": f"frozen+{head}", "examples": len(texts), "embed_seconds": t1 - t0,
+              "head_seconds": t2 - t1, "seconds": t2 - t0}
+    return FewShotModel(module, tokenizer, fitted, max_length, pooling, None, batch_size, report)
+
+
+# --- contrastive pairs -----------------------------------------------------------------------------------------
+
+
+def sample_pairs(labels: Sequence[Any], iterations: int, seed: int = 0) -> np.ndarray:
+    """Balanced, seeded pairs for contrastive training: for every example, ``iterations`` positive partners
+    (same class) and ``iterations`` negative partners (another class). Returns an int array (pairs, 3) of
+    ``(i, j, target)`` rows (target 1 for same class, 0 otherwise), shuffled; 2 * iterations * len(labels) rows.
+
+    Partners are drawn by walking a shuffled list of candidates and reshuffling when it runs out, so every
+    candidate is used before any is repeated. An example alone in its class is its own positive partner (as in
+    SetFit, whose positives include self-pairs).
+    """
+    if iterations < 1:
+        raise ConfigError(f"iterations: got {iterations!r}; use a positive number of pairs per example (e.g. 20)")
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise DataError("contrastive training needs examples of at least two classes")
+    rng = np.random.default_rng(seed)
+    index = np.arange(len(labels))
+    rows = []
+    for i in index:
+        same = index[(labels == labels[i]) & (index != i)]
+        positives = same if len(same) else np.array([i])
+        negatives = index[labels != labels[i]]
+        for candidates, target in ((positives, 1), (negatives, 0)):
+            reps = math.ceil(iterations / len(candidates))
+            drawn = np.concatenate([rng.permutation(candidates) for _ in range(reps)])[:iterations]
+            rows += [(i, j, target) for j in drawn]
+    pairs = np.asarray(rows, dtype=np.int64)
+    return pairs[rng.permutation(len(pairs))]
+
+
+def cosine_pair_loss(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SetFit's default: mean squared error between cos(u, v) and the pair's target (1 same class, 0 not)."""
+    return F.mse_loss(F.cosine_similarity(u, v, dim=-1), target.to(u.dtype))
+
+
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020): for each anchor with at least one other example of its
+    class in the batch, the mean over those positives p of ``-log softmax_j(cos(a, j) / t)[p]`` (j over every
+    other example of the batch)."""
+    z = F.normalize(embeddings.float(), dim=-1)
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    has = positive.any(1)
+    if not has.any():
+        return z.sum() * 0.0
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(1)[has] / positive.sum(1)[has])
+    return per_anchor.mean()
+
+
+# --- frozen-prefix cache ---------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the layers above the cached point need not run while filling the cache."""
+
+
+def _rows(x: Any, idx: torch.Tensor, n: int) -> Any:
+    """Select batch rows ``idx`` from every tensor in ``x`` whose first dimension is the cached batch size."""
+    if torch.is_tensor(x):
+        return x[idx] if x.dim() > 0 and x.shape[0] == n else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, idx, n) for v in x)
+    if isinstance(x, dict):
+        return {k: _rows(v, idx, n) for k, v in x.items()}
+    return x
+
+
+_FINAL_NORMS = ("norm", "model.norm", "ln_f", "transformer.ln_f", "final_layer_norm", "layernorm",
+                "encoder.layer_norm")
+
+
+class _PrefixCache:
+    """The hidden states entering the lowest adapted layer, for every training text, computed once.
+
+    Filling it runs the base with a pre-hook on that layer that records the layer's inputs (hidden states,
+    attention mask, position embeddings: whatever the architecture passes) and stops the forward there. A step
+    then feeds rows of the recorded hidden states to the adapted layers directly, with the same rows of the
+    recorded mask. The result must match the plain forward (checked on a few texts in eval mode, trying the
+    usual final norms after the last layer); where it does not, ``build`` returns None and training runs the
+    whole model.
+    """
+
+    def __init__(self, layers: list[nn.Module], post: nn.Module | None, hidden: torch.Tensor, args: tuple,
+                 kwargs: dict):
+        self.layers, self.post, self.hidden, self.args, self.kwargs = layers, post, hidden, args, kwargs
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        n = self.hidden.shape[0]
+        h = self.hidden[idx]
+        args, kwargs = _rows(self.args, idx, n), _rows(self.kwargs, idx, n)
+        for layer in self.layers:
+            out = layer(h, *args, **kwargs)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        return self.post(h) if self.post is not None else h
+
+    @classmethod
+    def build(cls, model: AdapterModel, adapter: str, batch: dict) -> tuple[_PrefixCache | None, str]:
+        info = model.info[adapter]
+        if info.method.site == "model" or MODEL_SITE in info.targets:
+            return None, "the adapter changes the model's inputs"
+        containers, lowest = set(), None
+        for t in info.targets:
+            i = _targets.layer_index(t)
+            if i is None:
+                return None, f"target {t} is outside the layer stack"
+            parts = t.split(".")
+            k = parts.index(str(i))
+            containers.add(".".join(parts[:k]))
+            lowest = i if lowest is None else min(lowest, i)
+        modules = dict(model.base.named_modules())
+        stack = modules.get(containers.pop()) if len(containers) == 1 else None
+        if not isinstance(stack, nn.ModuleList):
+            return None, "the adapted modules are not in one layer list"
+        if lowest == 0:
+            return None, "the adapter reaches the first layer: nothing below it to cache"
+        captured: dict = {}
+
+        def capture(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Stop
+
+        layers = list(stack)[lowest:]
+        handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                base_hidden(model, batch)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in captured or not captured["args"]:
+            return None, "could not record the adapted layer's inputs"
+        hidden, args = captured["args"][0].detach(), captured["args"][1:]
+        for post in [None, *[modules[n] for n in _FINAL_NORMS if n in modules]]:
+            cache = cls(layers, post, hidden, args, captured["kwargs"])
+            if cache._matches(model, batch):
+                return cache, f"layers {lowest}..{lowest + len(layers) - 1} run per step; the rest ran once"
+        return None, "replaying the top layers did not reproduce the plain forward"
+
+    def _matches(self, model: nn.Module, batch: dict) -> bool:
+        idx = torch.arange(min(3, self.hidden.shape[0]))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                sub = {k: v[idx] for k, v in batch.items()}
+                ref = base_hidden(model, sub).float()
+                got = self(idx).float()
+        except Exception:  # an architecture whose layers need more than what was recorded: no cache
+            return False
+        finally:
+            model.train(was_training)
+        if got.shape != ref.shape:
+            return False
+        m = sub["attention_mask"].bool()
+        tol = 2e-2 if self.hidden.dtype in (torch.bfloat16, torch.float16) else 1e-4
+        return bool(((got - ref)[m].abs().max() <= tol * ref[m].abs().max()).item())
+
+
+# --- contrastive training --------------------------------------------------------------------------------------
+
+
+def _warmup_linear(step: int, total: int, warmup: float = 0.1) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup`` fraction, then linear decay to 0."""
+    w = max(1, math.ceil(warmup * total))
+    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
+
+
+def _unique_name(model: AdapterModel, name: str) -> str:
+    out, k = name, 1
+    while out in model.info:
+        k += 1
+        out = f"{name}-{k}"
+    return out
+
+
+def contrastive_fit(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[Any],
+    *,
+    body: str = "adapter",
+    method: str = "lora",
+    method_options: dict | None = None,
+    iterations: int = 20,
+    epochs: int = 1,
+    lr: float | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_length: int = 128,
+    embed_max_length: int = 256,
+    loss: str = "cosine",
+    temperature: float = 0.1,
+    head: str = "logistic",
+    head_c: float = 1.0,
+    pooling: str | None = None,
+    precision: str = "auto",
+    cache: bool = True,
+    adapter_name: str = "fewshot",
+    on_step: Callable[[dict], None] | None = None,
+) -> FewShotModel:
+    """Contrastive few-shot training of an adapter (or of the whole body), then a head on the adapted embeddings.
+
+    Args:
+        model: a base (``nn.Module``), an ``AdapterModel`` (a new adapter is added to it) or a zoo ``Base``.
+        tokenizer: the base's tokenizer (None: taken from a zoo ``Base``).
+        texts, labels: the few labelled examples (2 to 64 per class is the intended range).
+        body: ``adapter`` trains a new adapter of ``method``; ``full`` trains a copy of every weight (SetFit).
+        method: the adapter method for ``body="adapter"`` (any registered method).
+        method_options: that method's options; default for LoRA: r=8, alpha=16 on query/key/value and the
+            attention output of the top 2 layers (``top_k_layers=2``), which lets the lower layers be cached.
+        iterations: positive and negative partners per example (SetFit's ``num_iterations``).
+        epochs: passes over the pairs.
+        lr: AdamW learning rate; default 1e-3 for adapters, 2e-5 for the full body (SetFit's).
+        batch_size: pairs per step.
+        seed: seeds pair sampling, adapter initialization and dropout.
+        max_length: tokens per text while training on pairs (shorter is faster).
+        embed_max_length: tokens per text for the embeddings the head is fitted on and predicts from.
+        loss: ``cosine`` (MSE between cosine similarity and 1/0, SetFit's default) or ``supcon``.
+        temperature: the supervised contrastive loss's temperature.
+        head: ``logistic`` (scikit-learn, inverse regularization ``head_c``) or ``prototype``.
+        pooling: ``mean``, ``last`` or ``cls``; default: the zoo base's, else ``mean``.
+        precision: ``auto``, ``fp32`` or ``bf16`` (``graftune.speed.precision``). With an adapter body, bf16
+            casts the frozen base's weights to bfloat16 in place; the full body stays float32 (autocast in bf16).
+        cache: compute the frozen layers below the adapter once (used only where it reproduces the plain forward).
+        adapter_name: name of the new adapter (made unique if taken).
+        on_step: called after every step with ``{"step", "steps", "loss", "lr"}``.
+    """
+    module, tokenizer, default_pooling = _unwrap(model, tokenizer)
+    _check_texts(texts, labels)
+    pooling = pooling or default_pooling or "mean"
+    if body not in BODIES:
+        raise ConfigError(f"body: got {body!r}; use one of {', '.join(BODIES)}")
+    if loss not in LOSSES:
+        raise ConfigError(f"loss: got {loss!r}; use one of {', '.join(LOSSES)}")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling: got {pooling!r}; use one of {', '.join(POOLINGS)}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length),
+                        ("embed_max_length", embed_max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: got {value!r}; use a positive integer")
+    _make_head(head, head_c)  # validate before any training
+    labels = list(labels)
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    pairs = sample_pairs(y, iterations, seed)  # raises on a single class
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # seeded init and dropout; the caller's RNG is left as it was
+        torch.manual_seed(seed)
+        am = module if isinstance(module, AdapterModel) else AdapterModel(module)
+        name = _unique_name(am, adapter_name)
+        if body == "full":
+            am.add_adapter(name, "full")
+            lr = 2e-5 if lr is None else lr
+        else:
+            options = dict(method_options) if method_options is not None else _default_options(method, am.family)
+            am.add_adapter(name, method, **options)
+            lr = 1e-3 if lr is None else lr
+        previous_active = am.active
+        am.set_active(name)
+        am.set_trainable(name)
+        policy = _precision.choose(precision, _device(am))
+        autocast = None
+        if policy.name != "fp32":
+            if body == "adapter" and am.info[name].method.site != "params":
+                _precision.apply(am.base, policy)
+            else:  # trainable copies of base weights stay float32: bf16 compute comes from autocast
+                autocast = policy.autocast_dtype or policy.frozen_dtype
+        params = am.trainable_parameters()
+
+        # every text tokenized once; each step pads only its own rows (or reads the cache)
+        device = _device(am)
+        ids = _tokenize(tokenizer, texts, max_length)
+        full = _batch(tokenizer, ids, device)
+        prefix, cache_note = (None, "off (cache=False)")
+        if cache and body == "adapter":
+            am.eval()
+            prefix, cache_note = _PrefixCache.build(am, name, full)
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+
+        def encode(rows: torch.Tensor) -> torch.Tensor:
+            mask = full["attention_mask"][rows]
+            if prefix is not None:
+                hidden = prefix(rows)
+            else:
+                width = int(mask.sum(1).max())
+                keep = slice(mask.shape[1] - width, None) if left else slice(0, width)
+                batch = {"input_ids": full["input_ids"][rows][:, keep], "attention_mask": mask[:, keep]}
+                hidden, mask = base_hidden(am, batch), batch["attention_mask"]
+            return pool(hidden, mask, pooling)
+
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        steps_per_epoch = math.ceil(len(pairs) / batch_size)
+        total = steps_per_epoch * epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_linear(s, total))
+        y_t = torch.as_tensor(y, device=device)
+        order_rng = np.random.default_rng(seed + 1)
+        am.train()
+        step, losses, distinct = 0, [], 0
+        try:
+            for epoch in range(epochs):
+                epoch_pairs = pairs if epoch == 0 else pairs[order_rng.permutation(len(pairs))]
+                for start in range(0, len(epoch_pairs), batch_size):
+                    chunk = torch.as_tensor(epoch_pairs[start:start + batch_size], device=device)
+                    # each distinct text of the batch is embedded once; pairs index into those embeddings
+                    uniq, inverse = torch.unique(chunk[:, :2], return_inverse=True)
+                    distinct += len(uniq)
+                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                        emb = encode(uniq).float()
+                    if loss == "cosine":
+                        value = cosine_pair_loss(emb[inverse[:, 0]], emb[inverse[:, 1]], chunk[:, 2].float())
+                    else:
+                        value = supcon_loss(emb, y_t[uniq], temperature)
+                    optimizer.zero_grad(set_to_none=True)
+                    value.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(float(value.detach()))
+                    step += 1
+                    if on_step is not None:
+                        on_step({"step": step, "steps": total, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+        finally:
+            am.eval()
+            am.set_trainable()
+            am.set_active(*previous_active)
+        prefix = None  # free the cached hidden states
+    t1 = time.perf_counter()
+
+    fitted = FewShotModel(am, tokenizer, None, embed_max_length, pooling, name, 32)
+    emb = fitted.embed(texts)
+    fitted.head = _make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
+    t2 = time.perf_counter()
+    fitted.report = {
+        "strategy": f"contrastive-{body}", "method": "full" if body == "full" else method, "adapter": name,
+        "examples": len(texts), "classes": len(classes), "pairs": len(pairs), "steps": total,
+        "texts_embedded_per_step": distinct / max(step, 1), "lr": lr, "loss": loss,
+        "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-10:])) if losses else None,
+        "precision": policy.name, "cache": cache_note,
+        "trainable_params": sum(p.numel() for p in params), "max_length": max_length,
+        "embed_max_length": embed_max_length, "train_seconds": t1 - t0, "head_seconds": t2 - t1,
+        "seconds": t2 - t0,
+    }
+    return fitted
+
+
+def _default_options(method: str, family: str) -> dict:
+    """Fast defaults: LoRA on the attention projections of the top two layers only (the rest can be cached)."""
+    if method != "lora":
+        return {}
+    names = {"bert": ("query", "key", "value", "attention.output.dense"),
+             "llama": ("q_proj", "k_proj", "v_proj", "o_proj")}.get(family)
+    options: dict = {"r": 8, "alpha": 16.0, "top_k_layers": 2}
+    if names:
+        options["targets"] = {"names": list(names)}
+    return options

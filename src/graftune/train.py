@@ -1,0 +1,470 @@
+"""The training loop, readable top to bottom: ``train(cfg)`` loads a base, the data and its splits, grafts one
+adapter (or none: ``--method head`` trains the head alone), trains the adapter and the task head with AdamW, and
+writes the run directory.
+
+What the loop does, in order, per epoch: length-bucketed batches in a seeded order (padding stays small), optional
+gradient accumulation, gradient clipping, one AdamW step (no weight decay on biases and norms) and one scheduler
+step (warm-up, then linear or cosine decay); then the val metric, the best epoch's weights kept in memory, early
+stopping, and a checkpoint. At the end the best weights are restored and scored on the test split.
+
+The run directory is built in ``.<name>.partial`` next to ``out`` and renamed into place when complete, so a run
+directory is never half-written. Inside the partial directory, ``.checkpoint/checkpoint.safetensors`` (tensors,
+with the JSON state in its metadata; never a pickle) is replaced atomically after every epoch; ``--resume``
+continues from it and ends with the same weights and metrics as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftune.config import RunConfig, read_yaml
+from graftune.errors import ConfigError
+from graftune.evaluate import HEAD_ONLY, score_causal_lm, score_classification
+from graftune.speed import precision
+from graftune.tasks import MODALITY_TASK, ZOO_TASK, batches, build_task
+
+CHECKPOINT = ".checkpoint"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a run is assembled (and checkpointed) before it is renamed to ``out``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> dict:
+    """Train as ``cfg`` says, write the run directory ``cfg.out``, return its metrics (also in metrics.json)."""
+    from graftune.core.model import AdapterModel
+    from graftune.data.card import data_card
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+    from graftune.zoo import load_base
+
+    out, work = _start_run_dir(cfg)
+    resume = _read_checkpoint(work) if cfg.resume else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    try:
+        # --- data: load, split (seeded), check -----------------------------------------------------------------
+        columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
+                   "prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
+        ds = load_data(cfg.data, task=cfg.task, **columns)
+        user_test = load_data(cfg.test, task=cfg.task or ds.modality, **columns) if cfg.test else None
+        splits = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size, shots=cfg.shots,
+                             test=user_test, test_per_class=cfg.test_per_class)
+        kind = cfg.task or MODALITY_TASK[ds.modality]
+        if kind == "causal-lm" and cfg.method == HEAD_ONLY:
+            raise ConfigError("method: head trains a classification head; a causal-LM run needs an adapter method")
+
+        # --- model: frozen base + one adapter (or none) + the task head -----------------------------------------
+        torch.manual_seed(cfg.seed)
+        base = load_base(cfg.model, task=ZOO_TASK[kind])
+        task = build_task(kind, base, label_names=ds.label_names, multi_label=ds.multi_label,
+                          max_length=cfg.max_length, dropout=cfg.dropout)
+        model = AdapterModel(base.model, family=base.family)
+        name = adapter_name(out)
+        if cfg.method != HEAD_ONLY:
+            info = model.add_adapter(name, cfg.method, **cfg.options)
+            model.set_active(name)
+            model.set_trainable(name)
+        head = task.build_head()
+        policy = precision.choose(cfg.precision, trains_base=cfg.method != HEAD_ONLY and info.method.site == "params")
+        precision.apply(model.base, policy)
+        adapter_params = model.trainable_parameters()
+        head_params = list(head.parameters()) if head is not None else []
+
+        # --- optimizer and schedule ------------------------------------------------------------------------------
+        train_examples = task.encode(splits.train.inputs, splits.train.labels)
+        lengths = [task.length(e) for e in train_examples]
+        steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        optimizer = torch.optim.AdamW(_param_groups(adapter_params, head_params, cfg), lr=cfg.lr)
+        scheduler = _scheduler(cfg, optimizer, total_steps)
+
+        # --- state that a checkpoint carries --------------------------------------------------------------------
+        state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0,
+                                 "stopped": False}
+        best_weights: dict[str, torch.Tensor] | None = None
+        if resume is not None:
+            best_weights = _restore(resume, model, name, head, optimizer, scheduler, state)
+        log = _RunLog(work / "log.jsonl", cfg, resumed=resume is not None)
+        if resume is None:
+            log.event("start", method=cfg.method, model=cfg.model, data=cfg.data, precision=policy.name,
+                      train=len(splits.train), val=len(splits.val), test=len(splits.test), steps=total_steps)
+
+        # --- the loop ---------------------------------------------------------------------------------------------
+        bar = _progress(total_steps, state["step"], progress)
+        metric = "loss" if kind == "causal-lm" else cfg.metric
+        loop_started = time.perf_counter()
+        for epoch in range(state["epoch"], cfg.epochs):
+            if state["stopped"]:  # resumed after the early stop's checkpoint
+                break
+            model.train()
+            if not cfg.base_dropout:
+                # the frozen base computes as at inference (no dropout, batch-norm statistics fixed); only the
+                # adapter's and the head's dropout are active
+                model.base.eval()
+            if head is not None:
+                head.train()
+            # a fresh generator per epoch: the data order depends on (seed, epoch) only, so resuming repeats it
+            order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            epoch_loss, seen = 0.0, 0
+            for idx in batches(train_examples, lengths, cfg.batch_size, generator=order):
+                step_loss = 0.0
+                for part in _micro_batches(idx, cfg.grad_accum):
+                    batch = task.collate([train_examples[i] for i in part])
+                    with policy.autocast():
+                        logits = task.forward(model, head, batch)
+                    loss = task.loss(logits.float(), batch) * (len(part) / len(idx))
+                    loss.backward()
+                    step_loss += loss.detach().item()
+                if cfg.clip:
+                    nn.utils.clip_grad_norm_(adapter_params + head_params, cfg.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                epoch_loss, seen = epoch_loss + step_loss * len(idx), seen + len(idx)
+                log.event("step", epoch=epoch + 1, step=state["step"], loss=step_loss, lr=scheduler.get_last_lr()[0])
+                bar.update(1)
+                bar.set_postfix_str(_postfix(epoch, cfg.epochs, step_loss, state, metric), refresh=False)
+
+            # --- validate, keep the best weights, maybe stop ---------------------------------------------------
+            val = _score(kind, task, model, head, splits.val, cfg, policy, generate=False) if len(splits.val) else None
+            state["epoch"] = epoch + 1
+            if val is not None:
+                score = -val["loss"] if metric == "loss" else val[metric]
+                if state["best"] is None or score > state["best"]:
+                    state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+                    best_weights = _weights(model, name, head, cfg)
+                else:
+                    state["bad_epochs"] += 1
+            log.event("epoch", epoch=epoch + 1, train_loss=epoch_loss / max(seen, 1),
+                      val=_brief(val), seconds=time.perf_counter() - started)
+            state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
+            _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg)
+            if state["stopped"]:
+                log.event("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
+                break
+        bar.close()
+
+        # --- restore the best epoch, test, write the run directory ----------------------------------------------
+        if best_weights is not None:
+            _load_weights(best_weights, model, name, head)
+        train_seconds = time.perf_counter() - loop_started
+        test = _score(kind, task, model, head, splits.test, cfg, policy, generate=True)
+        sizes = _sizes(model, name, head, cfg)
+        extra = {"task": kind, "multi_label": ds.multi_label, "base_model": cfg.model, "pooling": base.pooling}
+        adapter_bytes = _save_artifact(model, name, head, ds.label_names, extra, work / "adapter", cfg)
+        metrics = {**{k: v for k, v in test.items() if k != "samples"}, **sizes, "adapter_bytes": adapter_bytes,
+                   "train_seconds": round(train_seconds, 2),
+                   "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "steps": state["step"],
+                   "precision": policy.name, "method": cfg.method, "task": kind}
+        if "samples" in test:
+            metrics["samples"] = test["samples"]
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
+                                             encoding="utf-8")
+        log.event("end", test=_brief(test), train_seconds=train_seconds)
+        log.close()
+    except BaseException:
+        # keep an interrupted run that has a checkpoint (--resume continues it); anything else leaves no trace
+        if not (work / CHECKPOINT / CHECKPOINT_FILE).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    _finish_run_dir(work, out, cfg)
+    return metrics
+
+
+# --- the run directory ----------------------------------------------------------------------------------------
+def adapter_name(out: Path) -> str:
+    """The saved adapter's name: the run directory's name, reduced to what adapter names allow."""
+    name = re.sub(r"[^A-Za-z0-9_\-]", "-", out.name).strip("-")[:64]
+    return name if name and name != "__base__" else "adapter"
+
+
+def _start_run_dir(cfg: RunConfig) -> tuple[Path, Path]:
+    if not cfg.out:
+        raise ConfigError("out: missing; pass --out RUN_DIR (the run directory to write)")
+    out = Path(cfg.out)
+    work = partial_dir(out)
+    if cfg.resume:
+        saved = work / "run.yaml"
+        if not (work / CHECKPOINT / CHECKPOINT_FILE).is_file() or not saved.is_file():
+            done = " (it is already complete)" if (out / "metrics.json").exists() else ""
+            raise ConfigError(f"--resume: no interrupted run to continue for {out}{done}; start it without --resume")
+        differ = {k: (v, getattr(cfg, k, None)) for k, v in read_yaml(saved).items() if getattr(cfg, k, None) != v}
+        if differ:
+            k, (was, now) = next(iter(differ.items()))
+            raise ConfigError(f"--resume continues the saved run config, but {k} differs (saved {was!r}, given "
+                              f"{now!r}); drop that flag or start a new run")
+        return out, work
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    if work.exists():
+        shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
+    work.mkdir(parents=True)
+    (work / "run.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return out, work
+
+
+def _finish_run_dir(work: Path, out: Path, cfg: RunConfig) -> None:
+    shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
+
+
+def _save_artifact(model, name: str, head: nn.Module | None, label_names: list[str], extra: dict, path: Path,
+                   cfg: RunConfig) -> int:
+    """adapter/ via io.artifact; a head-only run writes the same format with method ``head`` and no adapter
+    tensors (``read_head_state`` reads it)."""
+    from safetensors.torch import save_file
+
+    from graftune.io import artifact
+
+    if cfg.method != HEAD_ONLY:
+        artifact.save_adapter(model, name, path, head=head, label_names=label_names, extra=extra)
+    else:
+        state = {artifact.HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        meta = {"format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION, "name": name,
+                "method": HEAD_ONLY, "config": {}, "targets": [], "family": model.family,
+                "base_fingerprint": artifact.base_fingerprint(model), "label_names": label_names,
+                "head": {"class": type(head).__name__, "in_features": head.in_features,
+                         "num_labels": head.num_labels}, "extra": extra}
+
+        def write(tmp: Path) -> None:
+            save_file(state, tmp / artifact.TENSORS_FILE)
+            (tmp / artifact.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+        artifact.write_dir_atomically(path, write)
+    return (path / artifact.TENSORS_FILE).stat().st_size
+
+
+def _sizes(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict:
+    base_total = sum(p.numel() for p in model.base.parameters())
+    adapter = sum(p.numel() for p in model.adapters[name].parameters()) if cfg.method != HEAD_ONLY else 0
+    head_n = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    if cfg.method != HEAD_ONLY and model.info[name].method.site == "params":
+        base_total -= adapter  # the swapped-in copies stand in base modules: not counted twice
+    return {"trainable_params": adapter + head_n, "total_params": base_total + adapter + head_n}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+# --- optimizer, schedule, batches -------------------------------------------------------------------------------
+def _param_groups(adapter_params: list, head_params: list, cfg: RunConfig) -> list[dict]:
+    """Weight decay on matrices only: biases, norms and other vectors are not decayed (they set offsets and
+    scales, not capacity). The head may have its own learning rate."""
+    groups = []
+    for params, lr in ((adapter_params, cfg.lr), (head_params, cfg.head_lr or cfg.lr)):
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError(f"method {cfg.method}: nothing to train (no trainable parameters)")
+    return groups
+
+
+def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup * total_steps),
+                         num_training_steps=total_steps)
+
+
+def _micro_batches(idx: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(idx) / parts)
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def _score(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, generate: bool) -> dict:
+    if kind == "causal-lm":
+        return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size, 8), policy=policy,
+                               generate=generate, max_new_tokens=cfg.max_new_tokens)
+    return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
+                                policy=policy)
+
+
+def _brief(metrics: dict | None) -> dict | None:
+    """The scalar metrics only (for log lines)."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --- weights and checkpoints --------------------------------------------------------------------------------------
+def _weights(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """A copy of everything that trains: adapter tensors under ``adapter.``, head tensors under ``head.``."""
+    out = {}
+    if cfg.method != HEAD_ONLY:
+        out.update({f"adapter.{k}": v.clone() for k, v in model.adapter_state_dict(name).items()})
+    if head is not None:
+        out.update({f"head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
+    return out
+
+
+def _load_weights(weights: dict[str, torch.Tensor], model, name: str, head: nn.Module | None) -> None:
+    adapter = {k[len("adapter."):]: v for k, v in weights.items() if k.startswith("adapter.")}
+    if adapter:
+        model.load_adapter_state_dict(name, adapter)
+    if head is not None:
+        head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
+
+
+def _write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, state: dict,
+                      best: dict | None, cfg: RunConfig) -> None:
+    """Everything needed to continue exactly: weights, optimizer moments, schedule, RNG, counters, best weights.
+    Tensors go to safetensors; the rest is JSON in the file's metadata. Written to a temporary file and renamed,
+    so a crash leaves the previous checkpoint intact."""
+    from safetensors.torch import save_file
+
+    tensors = {f"now.{k}": v.contiguous() for k, v in _weights(model, name, head, cfg).items()}
+    if best is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best.items()})
+    opt = optimizer.state_dict()
+    opt_other: dict[str, dict] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_other.setdefault(str(pid), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"state": state, "param_groups": opt["param_groups"], "optim_other": opt_other,
+            "scheduler": scheduler.state_dict()}
+    folder = work / CHECKPOINT
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{CHECKPOINT_FILE}.tmp"
+    save_file(tensors, tmp, metadata={"graftune": json.dumps(meta)})
+    os.replace(tmp, folder / CHECKPOINT_FILE)
+
+
+def _read_checkpoint(work: Path) -> dict:
+    from safetensors import safe_open
+
+    file = work / CHECKPOINT / CHECKPOINT_FILE
+    with safe_open(file, framework="pt") as f:
+        meta = json.loads(f.metadata()["graftune"])
+        meta["tensors"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return meta
+
+
+def _restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: dict) -> dict | None:
+    """Put a checkpoint's weights, optimizer, schedule, RNG and counters back; return its best weights."""
+    tensors = ckpt["tensors"]
+    _load_weights({k[len("now."):]: v for k, v in tensors.items() if k.startswith("now.")}, model, name, head)
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, field = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[field] = value
+    for pid, other in ckpt["optim_other"].items():
+        opt_state.setdefault(int(pid), {}).update(other)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in ckpt["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    state.update(ckpt["state"])
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    return best or None
+
+
+# --- logging and progress -----------------------------------------------------------------------------------------
+class _RunLog:
+    """log.jsonl (one JSON object per event), and optionally MLflow or TensorBoard."""
+
+    def __init__(self, path: Path, cfg: RunConfig, *, resumed: bool):
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close(), open for the whole run)
+        self.tracker = _tracker(cfg, path.parent) if cfg.log_to else None
+        if resumed:
+            self.event("resume")
+
+    def event(self, kind: str, **fields) -> None:
+        self.file.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        self.file.flush()
+        if self.tracker is not None:
+            step = fields.get("step") or fields.get("epoch") or 0
+            scalars = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            for group in ("val", "test"):
+                scalars.update({f"{group}_{k}": v for k, v in (fields.get(group) or {}).items()})
+            self.tracker(kind, scalars, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tracker is not None:
+            self.tracker("close", {}, 0)
+
+
+def _tracker(cfg: RunConfig, folder: Path):
+    """A function (event, scalars, step) for MLflow or TensorBoard; a clear error if the package is missing."""
+    if cfg.log_to == "mlflow":
+        try:
+            import mlflow
+        except ImportError:
+            raise ConfigError("log_to: mlflow is not installed; pip install mlflow, or drop --log-to") from None
+        run = mlflow.start_run()
+        mlflow.log_params({k: str(v) for k, v in cfg.to_dict().items()})
+
+        def log_mlflow(kind, scalars, step):
+            if kind == "close":
+                mlflow.end_run()
+                return
+            mlflow.log_metrics({f"{kind}/{k}": float(v) for k, v in scalars.items()}, step=step)
+
+        log_mlflow.run = run
+        return log_mlflow
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("log_to: tensorboard is not installed; pip install tensorboard, or drop --log-to") from None
+    writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+    def log_tensorboard(kind, scalars, step):
+        if kind == "close":
+            writer.close()
+            return
+        for k, v in scalars.items():
+            writer.add_scalar(f"{kind}/{k}", v, step)
+
+    return log_tensorboard
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _postfix(epoch: int, epochs: int, loss: float, state: dict, metric: str) -> str:
+    best = state.get("best")
+    shown = "" if best is None else f" best {metric} {(-best if metric == 'loss' else best):.3f}"
+    return f"epoch {epoch + 1}/{epochs} loss {loss:.4f}{shown}"

@@ -1,0 +1,103 @@
+"""Tiny model folders and data files for the training, evaluation and CLI tests (offline, seconds).
+
+A model folder is what ``zoo.load_base(folder)`` reads: a tiny random BERT encoder or Llama decoder saved with
+``save_pretrained`` plus a word-level BERT tokenizer built from a vocabulary written here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+#: three topics, each with its own words: a linear head on mean-pooled states can separate them
+TOPICS = {
+    "sport": "goal match team player coach league cup win score ball".split(),
+    "money": "bank market share price profit trade stock loss fund rate".split(),
+    "tech": "chip phone software data cloud robot code app web laptop".split(),
+}
+COMMON = "the a of and to in is was for on with by at from".split()
+WORDS = COMMON + [w for ws in TOPICS.values() for w in ws]
+
+
+def write_tokenizer(folder: Path, *, eos: bool = False):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n", encoding="utf-8")
+    extra = {"eos_token": "[SEP]"} if eos else {}
+    tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=True, **extra)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def bert_folder(folder: Path) -> Path:
+    """A 2-layer BERT (hidden 32) whose vocabulary is ``SPECIAL + WORDS``."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+def llama_folder(folder: Path) -> Path:
+    """A 2-layer Llama causal LM with the same word-level tokenizer ([SEP] as end of text)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok_size = len(SPECIAL) + len(WORDS)
+    cfg = LlamaConfig(vocab_size=tok_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    write_tokenizer(folder, eos=True)
+    return folder
+
+
+def topic_rows(n_per_class: int = 20, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for label, words in TOPICS.items():
+        for _ in range(n_per_class):
+            n = rng.randint(4, 12)
+            text = " ".join(rng.choice(words) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(n))
+            rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def topic_csv(path: Path, n_per_class: int = 20, seed: int = 0) -> Path:
+    return write_csv(path, topic_rows(n_per_class, seed))
+
+
+def pairs_jsonl(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Prompt/response pairs: 'topic of <words>' -> '{"topic": "<label>"}' (JSON answers, like json-answers)."""
+    rows = topic_rows(n // 3 + 1, seed)[:n]
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["text"], "response": r["label"]}) + "\n")
+    return path
+
+
+def train_args(model: Path, data: Path, out: Path, **extra) -> dict:
+    """A small, fast RunConfig for the tiny models."""
+    args = {"model": str(model), "data": str(data), "out": str(out), "epochs": 3, "batch_size": 8, "lr": 5e-3,
+            "max_length": 32, "precision": "fp32"}
+    args.update(extra)
+    return args

@@ -1,0 +1,101 @@
+"""The run config (YAML + flags, flags win; --set method options) and the precision policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from graftune.config import RunConfig, build_config, parse_sets
+from graftune.errors import ConfigError
+from graftune.speed import precision
+
+
+def test_flags_win_over_yaml_and_set_merges_into_options(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: minilm\ndata: bbc-news\nepochs: 3\nlr: 0.01\noptions: {r: 4, alpha: 8}\n")
+    cfg = build_config(f, sets=["r=16", "targets=[query]"], epochs=7, lr=None)
+    assert cfg.epochs == 7 and cfg.lr == 0.01  # None = flag not given
+    assert cfg.options == {"r": 16, "alpha": 8, "targets": ["query"]}
+
+
+def test_another_method_drops_the_files_options(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: m\ndata: d\nmethod: lora\noptions: {r: 4}\n")
+    assert build_config(f, method="bitfit").options == {}
+
+
+def test_run_yaml_round_trips(tmp_path):
+    cfg = RunConfig(model="m", data="d", options={"r": 4}, shots=8, out="x", overwrite=True)
+    f = tmp_path / "run.yaml"
+    f.write_text(cfg.to_yaml())
+    assert "out" not in yaml.safe_load(f.read_text())  # where to write is not part of the recipe
+    again = build_config(f, out="y")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_parse_sets_reads_yaml_values():
+    assert parse_sets(["r=8", "dropout=0.1", "rslora=true", "name=abc"]) == {
+        "r": 8, "dropout": 0.1, "rslora": True, "name": "abc"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_sets(["r8"])
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": "ten"}, "epochs"),
+    ({"lr": -1.0}, "lr"),
+    ({"schedule": "step"}, "schedule"),
+    ({"metric": "f2"}, "metric"),
+    ({"precision": "int8"}, "precision"),
+    ({"batch_size": 10, "grad_accum": 3}, "grad_accum"),
+    ({"warmup": 1.5}, "warmup"),
+    ({"log_to": "wandb"}, "log_to"),
+    ({"options": {"r": -1}}, "r"),
+    ({"method": "nope"}, "nope"),
+    ({"model": ""}, "model"),
+])
+def test_bad_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        RunConfig(**{"model": "m", "data": "d", **changes})
+
+
+def test_unknown_yaml_keys_and_bad_yaml(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: m\ndata: d\nepoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown field.*epoch"):
+        build_config(f)
+    f.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(tmp_path / "missing.yaml")
+
+
+def test_test_size_counts_stay_counts():
+    assert RunConfig(model="m", data="d", test_size=100.0).test_size == 100
+    assert RunConfig(model="m", data="d", test_size=0.25).test_size == 0.25
+
+
+# --- precision ----------------------------------------------------------------------------------------------
+def test_policy_on_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    auto = precision.choose("auto")
+    assert auto.name == "bf16" and (auto.frozen_dtype or auto.autocast_dtype) == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.choose("auto").name == "fp32"
+    assert precision.choose("fp32").autocast_dtype is None
+    with pytest.raises(ConfigError, match="fp16"):
+        precision.choose("fp16")
+    trains_base = precision.choose("bf16", trains_base=True)
+    assert trains_base.frozen_dtype is None and trains_base.autocast_dtype == torch.bfloat16
+
+
+def test_apply_casts_frozen_weights_only():
+    lin, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    lin.requires_grad_(False)
+    model = torch.nn.Sequential(lin, head, torch.nn.BatchNorm1d(2))
+    model[2].requires_grad_(False)
+    precision.apply(model, precision.Precision("bf16", torch.bfloat16, None, "cpu"))
+    assert lin.weight.dtype == torch.bfloat16 and head.weight.dtype == torch.float32
+    assert model[2].running_mean.dtype == torch.bfloat16
