@@ -16,11 +16,11 @@ import torch
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 #: three topics, each with its own words: a linear head on mean-pooled states can separate them
 TOPICS = {
-    "sport": "goal match team player coach league cup win score ball".split(),
-    "money": "bank market share price profit trade stock loss fund rate".split(),
-    "tech": "chip phone software data cloud robot code app web laptop".split(),
+    "sport": ["goal", "match", "team", "player", "coach", "league", "cup", "win", "score", "ball"],
+    "money": ["bank", "market", "share", "price", "profit", "trade", "stock", "loss", "fund", "rate"],
+    "tech": ["chip", "phone", "software", "data", "cloud", "robot", "code", "app", "web", "laptop"],
 }
-COMMON = "the a of and to in is was for on with by at from".split()
+COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "for", "on", "with", "by", "at", "from"]
 WORDS = COMMON + [w for ws in TOPICS.values() for w in ws]
 
 

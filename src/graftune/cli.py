@@ -22,6 +22,8 @@ def _root():
     """Graft small trainable modules onto frozen pre-trained models; train, compare and serve them on a CPU."""
     # transformers' per-model "Loading weights" bars are noise here (read when transformers is first imported)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (tests, embedding): switch them off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def user_errors(fn):
@@ -207,7 +209,7 @@ def predict(
 
     if not texts and not input_file:
         raise DataError("nothing to predict: pass texts after RUN_DIR or --input FILE")
-    run = load_run(run_dir)
+    run = load_run(run_dir, expect="classifier")
     inputs = list(texts or [])
     if run.kind == "image":
         inputs = [read_image(t) for t in inputs]
@@ -236,7 +238,7 @@ def generate(
     from graftune.evaluate import generate as run_generate
     from graftune.evaluate import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, expect="causal-lm")
     for prompt, answer in zip(prompts, run_generate(run, prompts, max_new_tokens=max_new_tokens)):
         typer.echo(json.dumps({"prompt": prompt, "answer": answer}) if as_json else answer)
 

@@ -37,7 +37,7 @@ def probe_baseline(cfg: RunConfig) -> dict:
     base = load_base(cfg.model, task=ZOO_TASK["classification"])
     task = build_task("classification", base, label_names=ds.label_names, max_length=cfg.max_length)
     model = AdapterModel(base.model, family=base.family)
-    policy = precision.choose(cfg.precision)
+    policy = precision.choose(cfg.precision, inference=True)
     precision.apply(model.base, policy)
     metrics = linear_probe(task, model, splits.train.inputs, splits.train.labels, splits.test.inputs,
                            splits.test.labels, policy=policy, seed=cfg.seed)

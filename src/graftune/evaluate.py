@@ -150,8 +150,9 @@ class LoadedRun:
     meta: dict
 
 
-def load_run(run_dir: str | Path, *, merge: bool = True) -> LoadedRun:
-    """Load ``RUN_DIR`` (``run.yaml`` + ``adapter/``) onto its base model, in eval mode."""
+def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None) -> LoadedRun:
+    """Load ``RUN_DIR`` (``run.yaml`` + ``adapter/``) onto its base model, in eval mode. ``expect``
+    (``classifier`` or ``causal-lm``) fails before any model is loaded when the run is of the other kind."""
     from graftune.core.model import AdapterModel
     from graftune.io.artifact import load_adapter, read_head_state, read_meta
     from graftune.zoo import load_base
@@ -164,6 +165,10 @@ def load_run(run_dir: str | Path, *, merge: bool = True) -> LoadedRun:
     meta = read_meta(run_dir / "adapter")
     extra = meta.get("extra") or {}
     kind = extra.get("task") or cfg.task or "classification"
+    if expect == "causal-lm" and kind != "causal-lm":
+        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM runs)")
+    if expect == "classifier" and kind == "causal-lm":
+        raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
     label_names = list(meta.get("label_names") or [])
     multi_label = bool(extra.get("multi_label", False))
     base = load_base(cfg.model, task=ZOO_TASK[kind])
@@ -179,7 +184,7 @@ def load_run(run_dir: str | Path, *, merge: bool = True) -> LoadedRun:
         head = task.build_head()
         head.load_state_dict(state)
         head.eval()
-    policy = precision.choose(cfg.precision)
+    policy = precision.choose(cfg.precision, inference=True)
     precision.apply(model.base, policy)
     if merge and model.active and all(model.info[n].method.capabilities.mergeable for n in model.active):
         model.merge(*model.active)

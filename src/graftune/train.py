@@ -76,11 +76,11 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         model = AdapterModel(base.model, family=base.family)
         name = adapter_name(out)
         if cfg.method != HEAD_ONLY:
-            info = model.add_adapter(name, cfg.method, **cfg.options)
+            model.add_adapter(name, cfg.method, **cfg.options)
             model.set_active(name)
             model.set_trainable(name)
         head = task.build_head()
-        policy = precision.choose(cfg.precision, trains_base=cfg.method != HEAD_ONLY and info.method.site == "params")
+        policy = precision.choose(cfg.precision)
         precision.apply(model.base, policy)
         adapter_params = model.trainable_parameters()
         head_params = list(head.parameters()) if head is not None else []
@@ -369,12 +369,18 @@ def _write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, 
 
 
 def _read_checkpoint(work: Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from graftune.errors import ArtifactError
 
     file = work / CHECKPOINT / CHECKPOINT_FILE
-    with safe_open(file, framework="pt") as f:
-        meta = json.loads(f.metadata()["graftune"])
-        meta["tensors"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = json.loads(f.metadata()["graftune"])
+            meta["tensors"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ArtifactError(f"{file}: unreadable checkpoint ({type(e).__name__}); start the run again without "
+                            "--resume") from None
     return meta
 
 

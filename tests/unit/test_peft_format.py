@@ -172,7 +172,7 @@ def test_export_run_from_the_artifact_alone(tmp_path):
     (run / "run.yaml").write_text("model: smollm2\nmethod: lora\n")
     out = export_run(run, tmp_path / "peft")
     config = json.loads((out / CONFIG_FILE).read_text())
-    assert config["base_model_name_or_path"] == "smollm2" and config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and config["task_type"] == "CAUSAL_LM"
     peft_model = peft.PeftModel.from_pretrained(build(), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(peft_model(**x)), expected, rtol=0, atol=1e-5)

@@ -81,14 +81,13 @@ def test_test_size_counts_stay_counts():
 def test_policy_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     auto = precision.choose("auto")
-    assert auto.name == "bf16" and (auto.frozen_dtype or auto.autocast_dtype) == torch.bfloat16
+    assert auto.name == "bf16" and auto.autocast_dtype == torch.bfloat16 and auto.frozen_dtype is None
+    assert precision.choose("auto", inference=True).frozen_dtype == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.choose("auto").name == "fp32"
     assert precision.choose("fp32").autocast_dtype is None
     with pytest.raises(ConfigError, match="fp16"):
         precision.choose("fp16")
-    trains_base = precision.choose("bf16", trains_base=True)
-    assert trains_base.frozen_dtype is None and trains_base.autocast_dtype == torch.bfloat16
 
 
 def test_apply_casts_frozen_weights_only():

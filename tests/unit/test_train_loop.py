@@ -173,17 +173,21 @@ def test_image_classification_on_a_tiny_cnn(tmp_path, monkeypatch):
     m = train(RunConfig(model="tiny-cnn", data=str(tmp_path / "imgs"), method="lora", out=str(out), epochs=2,
                         batch_size=4, precision="fp32", val_size=0, test_size=0.3), progress=False)
     assert m["task"] == "image" and m["examples"] == 6
-    bn = [b for b in load_run(out).model.base.modules() if isinstance(b, torch.nn.BatchNorm2d)][0]
+    bn = next(b for b in load_run(out).model.base.modules() if isinstance(b, torch.nn.BatchNorm2d))
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # frozen base: statistics unchanged
 
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
-def test_every_method_trains_a_step_on_a_bf16_frozen_base(method, tiny, tmp_path):
-    """The default CPU policy casts the frozen base to bf16 (or autocasts): each method's adapter must cope."""
+def test_every_method_trains_and_predicts_in_bf16(method, tiny, tmp_path):
+    """The default CPU policy: bf16 autocast in training, and a bf16 frozen base for inference (LoRA-like adapters
+    merged into it): each method's adapter must cope with both, and the run must load back."""
     options = {"top_k_layers": 1} if method == "topk" else {}
-    m = train(RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method=method, options=options,
+    out = tmp_path / "r"
+    m = train(RunConfig(**train_args(tiny["bert"], tiny["csv"], out, method=method, options=options,
                                      epochs=1, precision="bf16", val_size=0)), progress=False)
     assert m["precision"] == "bf16" and m["trainable_params"] > 0
+    run = load_run(out)
+    assert predict(run, ["goal team"])[0]["label"] in run.label_names
 
 
 def test_mlflow_and_tensorboard_are_optional(tiny, tmp_path, monkeypatch):

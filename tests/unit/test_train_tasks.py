@@ -7,8 +7,14 @@ import torch
 
 from graftune.tasks import batches, pad, task_name
 from graftune.tasks.causal_lm import IGNORE, CausalLM, generation_metrics
-from graftune.tasks.classification import (ClassifierHead, TextClassification, classification_loss,
-                                           classification_metrics, encode_labels, pool)
+from graftune.tasks.classification import (
+    ClassifierHead,
+    TextClassification,
+    classification_loss,
+    classification_metrics,
+    encode_labels,
+    pool,
+)
 from tests.train_helpers import write_tokenizer
 
 

@@ -10,7 +10,8 @@ row's real tokens by counts[b], so base rows keep exactly the positions the base
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

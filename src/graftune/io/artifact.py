@@ -174,8 +174,11 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         with open(file, "rb") as f:
-            magic = f.read(2)
-        if magic[:1] == b"\x80" or magic == b"PK":
+            head = f.read(9)
+        # a safetensors file is an 8-byte header length, then the JSON header; pickles start with PROTO (0x80, 2..5)
+        # and torch.save archives are zip files
+        pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        if head[8:9] != b"{" and (pickled or head[:4] == b"PK\x03\x04"):
             raise ArtifactError(f"{file}: is a pickle / torch.save file, not safetensors; graftune never "
                                 "unpickles (re-save the weights with safetensors)") from None
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -47,6 +47,8 @@ _UNSUPPORTED = ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_repli
                 "arrow_config", "kasa_config", "monteclora_config", "velora_config")
 # initializations that rewrite the base weights: the saved adapter is relative to a base we do not have
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+# graftune's built-in aliases (graftune.zoo) as the hub ids PEFT users load; other names are written as given
+_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def _suffixes(kind: str) -> dict[str, str]:
@@ -152,7 +154,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                base_model_name_or_path: str | None = None) -> Path:
     """``graftune export RUN_DIR --format peft --out DIR``: convert the run's LoRA artifact (``RUN_DIR/adapter``)
     to a PEFT adapter directory. Works from the artifact alone; no model is loaded. ``base_model_name_or_path``
-    defaults to ``model`` in ``RUN_DIR/run.yaml`` (then the artifact's ``extra["base_model"]``)."""
+    defaults to ``model`` in ``RUN_DIR/run.yaml`` (then the artifact's ``extra["base_model"]``), with built-in
+    aliases written as their hub ids."""
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
     meta = read_meta(adapter_dir)
@@ -162,6 +165,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     state = {k: v for k, v in read_tensors(adapter_dir / TENSORS_FILE).items() if not k.startswith(HEAD_PREFIX)}
     extra = meta.get("extra") or {}
     base_name = base_model_name_or_path or _run_model_name(run_dir) or extra.get("base_model")
+    base_name = _HUB_IDS.get(base_name, base_name)
     tensors, cfg = _to_peft(label, meta["method"], meta["config"], state, list(meta["targets"]),
                             meta.get("target_types") or {}, meta.get("conv_dilation") or {}, base_name,
                             (meta.get("base_fingerprint") or {}).get("class"))

@@ -96,8 +96,11 @@ class Prompt(Method):
                                      virtual_positions=True)
         kwargs["inputs_embeds"] = torch.cat([soft, embeds], dim=1)
         if not generating:
-            # generate keeps input_ids next to inputs_embeds so that its output starts with the prompt's ids
             kwargs.pop("input_ids", None)
+        elif kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
+            # generate keeps input_ids next to inputs_embeds, so that its output starts with the prompt's ids, and
+            # then counts max_length from the end of the embeddings; the caller counted it from the ids
+            kwargs["max_new_tokens"] = max(kwargs.pop("max_length") - length, 0)
         if kwargs.get("token_type_ids") is not None:
             types = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, width), types], dim=1)

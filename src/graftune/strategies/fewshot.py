@@ -378,8 +378,13 @@ class _PrefixCache:
         if "args" not in captured or not captured["args"]:
             return None, "could not record the adapted layer's inputs"
         hidden, args = captured["args"][0].detach(), captured["args"][1:]
+        kwargs = dict(captured["kwargs"])
+        if "past_key_values" in kwargs:  # a decoder's key/value cache would grow with every replayed step
+            kwargs["past_key_values"] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         for post in [None, *[modules[n] for n in _FINAL_NORMS if n in modules]]:
-            cache = cls(layers, post, hidden, args, captured["kwargs"])
+            cache = cls(layers, post, hidden, args, kwargs)
             if cache._matches(model, batch):
                 return cache, f"layers {lowest}..{lowest + len(layers) - 1} run per step; the rest ran once"
         return None, "replaying the top layers did not reproduce the plain forward"

@@ -1,0 +1,157 @@
+"""The train/eval/predict/generate/models/export commands on tiny models, and their error paths: one line,
+non-zero exit, no traceback, no run directory left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.train import partial_dir
+from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"bert": bert_folder(root / "bert"), "llama": llama_folder(root / "llama"),
+            "csv": topic_csv(root / "topics.csv"), "pairs": pairs_jsonl(root / "pairs.jsonl"), "root": root}
+
+
+def base_args(tiny, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out", str(out), "--epochs", "2",
+            "--batch-size", "8", "--max-length", "32", "--precision", "fp32", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny):
+    out = tiny["root"] / "run"
+    result = runner.invoke(app, base_args(tiny, out, "--method", "lora", "--set", "r=4", "--set", "alpha=8"))
+    assert result.exit_code == 0, result.output
+    assert "test: accuracy" in result.stdout
+    return out
+
+
+def test_train_writes_the_run_and_set_reaches_the_method(run_dir):
+    meta = json.loads((run_dir / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["config"]["r"] == 4 and meta["config"]["alpha"] == 8
+
+
+def test_config_file_reproduces_with_flags_winning(run_dir, tiny):
+    out = tiny["root"] / "again"
+    result = runner.invoke(app, ["train", "--config", str(run_dir / "run.yaml"), "--out", str(out), "--quiet",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((run_dir / "metrics.json").read_text())
+    again = json.loads(result.stdout)
+    assert again["accuracy"] == first["accuracy"] and again["loss"] == pytest.approx(first["loss"])
+    flag = runner.invoke(app, ["train", "--config", str(run_dir / "run.yaml"), "--out", str(tiny["root"] / "e1"),
+                               "--epochs", "1", "--quiet", "--json"])
+    assert json.loads(flag.stdout)["epochs_run"] == 1
+
+
+def test_eval_predict_export(run_dir, tmp_path):
+    result = runner.invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 0 and "macro-F1" in result.stdout and "confusion matrix" in result.stdout
+    as_json = json.loads(runner.invoke(app, ["eval", str(run_dir), "--json"]).stdout)
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(as_json)
+
+    result = runner.invoke(app, ["predict", str(run_dir), "goal match team", "bank share price", "--json"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
+
+    texts = tmp_path / "in.txt"
+    texts.write_text("goal match\n\nchip phone\n")
+    result = runner.invoke(app, ["predict", str(run_dir), "--input", str(texts)])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+
+
+def test_generate_on_a_causal_lm_run(tiny):
+    out = tiny["root"] / "lm"
+    result = runner.invoke(app, ["train", "--model", str(tiny["llama"]), "--data", str(tiny["pairs"]), "--out",
+                                 str(out), "--epochs", "1", "--max-new-tokens", "3", "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.stdout
+    result = runner.invoke(app, ["generate", str(out), "goal match", "--json", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "goal match"
+
+
+def test_models_lists_the_aliases():
+    result = runner.invoke(app, ["models", "--json"])
+    aliases = {m["alias"] for m in json.loads(result.stdout)}
+    assert {"minilm", "smollm2", "efficientnet-lite0"} <= aliases
+    assert "license" in json.loads(result.stdout)[0]
+
+
+def _bad(tiny, tmp_path, *args: str) -> tuple[str, Path]:
+    out = tmp_path / "bad"
+    result = runner.invoke(app, [*args[:1], *(a.replace("OUT", str(out)) for a in args[1:])])
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith("error: ")
+    assert not out.exists() and not partial_dir(out).exists()
+    return text, out
+
+
+@pytest.mark.parametrize("case, changes, message", [
+    ("missing data file", ["--data", "nope/missing.csv"], "no such file"),
+    ("bad label column", ["--label-column", "topic"], "label column 'topic'"),
+    ("bad method option", ["--set", "r=-1"], "r: got -1"),
+    ("unknown method option", ["--set", "rank=4"], "unknown option"),
+    ("unknown method", ["--method", "magic"], "unknown method"),
+    ("bad schedule", ["--schedule", "step"], "schedule"),
+    ("bad --set syntax", ["--set", "r"], "key=value"),
+    ("missing model folder", ["--model", "./no/such/model"], "no such folder"),
+    ("too many shots", ["--shots", "500"], "shots"),
+])
+def test_train_errors_are_one_line(tiny, tmp_path, case, changes, message):
+    args = base_args(tiny, tmp_path / "bad")
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    text, _ = _bad(tiny, tmp_path, *args)
+    assert message in text, text
+
+
+def test_bad_config_file_is_one_line(tiny, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: x\ndata: y\nepochs: many\n")
+    text, _ = _bad(tiny, tmp_path, "train", "--config", str(cfg), "--out", "OUT")
+    assert "epochs" in text
+
+
+def test_existing_out_and_missing_run_dir(run_dir, tiny, tmp_path):
+    result = runner.invoke(app, base_args(tiny, run_dir))
+    assert result.exit_code != 0 and "already exists" in result.output
+    for cmd in (["eval", str(tmp_path / "none")], ["predict", str(tmp_path / "none"), "x"],
+                ["generate", str(run_dir), "hi"], ["predict", str(run_dir)],
+                ["predict", str(run_dir), "--input", str(tmp_path / "missing.txt")],
+                ["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code != 0 and "Traceback" not in result.output, cmd
+        assert len(result.output.strip().splitlines()) == 1, (cmd, repr(result.output))
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graftune", "train", "--model", "minilm", "--data",
+                           str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
