@@ -8,6 +8,7 @@ The public API is small and stable::
 from graftune.core.method import Method, MethodConfig, TargetSpec, all_methods, get_method, register
 from graftune.core.model import AdapterModel, graft
 from graftune.errors import GraftuneError
+from graftune.io.artifact import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ def list_methods() -> list[dict]:
 
 
 __all__ = ["AdapterModel", "GraftuneError", "Method", "MethodConfig", "TargetSpec", "all_methods", "get_method",
-           "graft", "list_methods", "register"]
+           "graft", "list_methods", "load_adapter", "register",
+           "save_adapter"]
