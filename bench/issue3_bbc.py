@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from graftune.config import parse_sets
 from graftune.demo import DEMO, demo_config, probe_baseline
 from graftune.train import train
 
@@ -29,12 +30,7 @@ def main():
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="override a RunConfig field of the demo recipe, e.g. --set epochs=15 (YAML value)")
     args = ap.parse_args()
-    import yaml
-
-    changes = {}
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        changes[key] = yaml.safe_load(value)
+    changes = parse_sets(args.sets)
     print(f"recipe: {json.dumps({**DEMO, **changes})}")
     OUT.parent.mkdir(exist_ok=True)
     rows = []
@@ -44,7 +40,8 @@ def main():
             started = time.perf_counter()
             m = train(cfg, progress=False)
             row = {"label": args.label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                   "train_seconds": m["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
+                   "train_seconds": m["train_seconds"], "train_cpu_seconds": m.get("train_cpu_seconds"),
+                   "wall_seconds": round(time.perf_counter() - started, 1),
                    "trainable_params": m["trainable_params"], "adapter_bytes": m["adapter_bytes"],
                    "peak_rss_mb": m["peak_rss_mb"], "precision": m["precision"], "changes": changes}
             if not args.no_probe:

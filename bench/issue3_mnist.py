@@ -15,15 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from graftune.config import RunConfig
+from graftune.config import RunConfig, parse_sets
 from graftune.train import train
 
 OUT = Path(__file__).parent / "out" / "issue3_mnist.jsonl"
 RECIPE = {"model": "efficientnet-lite0", "data": "mnist-5k", "method": "bottleneck", "options": {}, "shots": 16,
-          "test_size": 0.2, "val_size": 0, "epochs": 20, "lr": 3e-3, "head_lr": 1e-2, "batch_size": 16,
-          "dropout": 0.2}
+          "test_size": 0.2, "split_seed": 0, "val_size": 0, "epochs": 20, "lr": 3e-3, "head_lr": 1e-2,
+          "batch_size": 16, "dropout": 0.2}
 
 
 def probe(cfg: RunConfig) -> dict:
@@ -38,7 +36,7 @@ def probe(cfg: RunConfig) -> dict:
 
     started = time.perf_counter()
     ds = load_data(cfg.data)
-    splits = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size, shots=cfg.shots)
+    splits = make_splits(ds, **cfg.split_args())
     base = load_base(cfg.model, task=ZOO_TASK["image"])
     task = build_task("image", base, label_names=ds.label_names)
     model = AdapterModel(base.model, family=base.family)
@@ -57,7 +55,7 @@ def main():
     ap.add_argument("--label", default="bottleneck")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override a recipe field (YAML value)")
     args = ap.parse_args()
-    changes = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.sets)}
+    changes = parse_sets(args.sets)
     recipe = {**RECIPE, **changes}
     print(f"recipe: {json.dumps(recipe)}", flush=True)
     OUT.parent.mkdir(exist_ok=True)
@@ -67,7 +65,8 @@ def main():
             cfg = RunConfig(**recipe, seed=seed, out=str(Path(tmp) / "run"))
             m = train(cfg, progress=False)
             row = {"label": args.label, "seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                   "examples": m["examples"], "train_seconds": m["train_seconds"], "wall_seconds": m["wall_seconds"],
+                   "examples": m["examples"], "train_seconds": m["train_seconds"],
+                   "train_cpu_seconds": m.get("train_cpu_seconds"), "wall_seconds": m["wall_seconds"],
                    "trainable_params": m["trainable_params"], "adapter_bytes": m["adapter_bytes"],
                    "peak_rss_mb": m["peak_rss_mb"], "changes": changes}
             if not args.no_probe:

@@ -14,9 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from graftune.config import RunConfig
+from graftune.config import RunConfig, parse_sets
 from graftune.train import train
 
 OUT = Path(__file__).parent / "out" / "issue3_smollm2.json"
@@ -36,7 +34,7 @@ def before_training(cfg: RunConfig) -> dict:
     from graftune.zoo import load_base
 
     ds = load_data(cfg.data)
-    test = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size).test
+    test = make_splits(ds, **cfg.split_args()).test
     base = load_base(cfg.model, task="causal-lm")
     task = build_task("causal-lm", base, max_length=cfg.max_length)
     model = AdapterModel(base.model, family=base.family)
@@ -49,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override a recipe field (YAML value)")
     args = ap.parse_args()
-    changes = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.sets)}
+    changes = parse_sets(args.sets)
     recipe = {**RECIPE, **changes}
     print(f"recipe: {json.dumps(recipe)}", flush=True)
     started = time.perf_counter()
@@ -67,6 +65,7 @@ def main():
     result = {"recipe": recipe, "before": {k: before.get(k) for k in keys}, "after": {k: after.get(k) for k in keys},
               "samples_before": before.get("samples", [])[:3], "samples_after": after.get("samples", [])[:3],
               "step_losses": steps, "epochs": epochs, "train_seconds": after["train_seconds"],
+              "train_cpu_seconds": after.get("train_cpu_seconds"),
               "trainable_params": after["trainable_params"], "peak_rss_mb": after["peak_rss_mb"],
               "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M")}
     OUT.parent.mkdir(exist_ok=True)

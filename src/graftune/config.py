@@ -9,6 +9,7 @@ the value is read as YAML, so ``--set r=8`` is an int, ``--set targets=[query,va
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from graftune.errors import ConfigError
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("macro_f1", "accuracy", "loss")
 LOG_TO = ("mlflow", "tensorboard")
+HEAD_INITS = ("probe", "random")
 #: fields that say where and how to run, not what to compute: never written to run.yaml
 _RUNTIME = ("out", "resume", "overwrite")
 
@@ -40,7 +42,9 @@ class RunConfig:
     test_per_class: exactly N test examples per class.
     val_size: fraction (or count) held out for early stopping; with ``shots``, 0 switches val off (else val is
         the next max(K, 8) examples per class).
-    seed: seeds the splits, the head's initialization, the data order and dropout.
+    seed: seeds the splits, the shots, the head's initialization, the data order and dropout.
+    split_seed: seeds the test/val carving apart from the shots and the training (unset: ``seed``): one fixed
+        test set, many shot draws.
     epochs: passes over the training data (at most: early stopping may end sooner).
     lr: AdamW learning rate of the adapter; head_lr: of the head (unset: lr).
     weight_decay: AdamW weight decay (never on biases and norms).
@@ -50,6 +54,8 @@ class RunConfig:
     warmup: fraction of the optimizer steps spent warming the learning rate up from 0.
     schedule: learning-rate decay after warm-up: linear, cosine or constant.
     dropout: dropout before the classification head.
+    head_init: ``probe`` starts the classification head at a logistic regression fitted on the starting
+        features (LP-FT), ``random`` at a random Linear.
     base_dropout: run the frozen base in training mode (its own dropout active; batch-norm statistics would
         move). Off by default: the base computes exactly as at inference, and it is faster.
     clip: gradient-norm clipping (0: off).
@@ -78,6 +84,7 @@ class RunConfig:
     test_per_class: int | None = None
     val_size: float = 0.1
     seed: int = 0
+    split_seed: int | None = None
     epochs: int = 10
     lr: float = 1e-3
     head_lr: float | None = None
@@ -88,6 +95,7 @@ class RunConfig:
     warmup: float = 0.1
     schedule: str = "linear"
     dropout: float = 0.1
+    head_init: str = "probe"
     base_dropout: bool = False
     clip: float = 1.0
     patience: int = 5
@@ -120,8 +128,12 @@ class RunConfig:
         check(self.clip >= 0, "clip", f"got {self.clip}; use a positive max gradient norm, or 0 for none")
         check(self.patience >= 0, "patience", f"got {self.patience}; use 0 (no early stopping) or more epochs")
         check(self.seed >= 0, "seed", f"got {self.seed}; use a non-negative integer")
+        check(self.split_seed is None or self.split_seed >= 0, "split_seed",
+              f"got {self.split_seed}; use a non-negative integer or unset")
         check(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}; use a positive count")
         check(self.schedule in SCHEDULES, "schedule", f"got {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        check(self.head_init in HEAD_INITS, "head_init",
+              f"got {self.head_init!r}; use one of {', '.join(HEAD_INITS)}")
         check(self.metric in METRICS, "metric", f"got {self.metric!r}; use one of {', '.join(METRICS)}")
         check(self.log_to is None or self.log_to in LOG_TO, "log_to",
               f"got {self.log_to!r}; use one of {', '.join(LOG_TO)}, or leave it unset")
@@ -148,6 +160,12 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def split_args(self) -> dict:
+        """The keyword arguments of ``data.splits.make_splits`` this config asks for (without ``test``)."""
+        return {"seed": self.seed if self.split_seed is None else self.split_seed, "shot_seed": self.seed,
+                "test_size": self.test_size, "val_size": self.val_size, "shots": self.shots,
+                "test_per_class": self.test_per_class}
+
 
 def _check_types(cfg: RunConfig) -> None:
     """YAML and flags hand over plain values; catch wrong kinds with a message naming the field."""
@@ -163,9 +181,11 @@ def _check_types(cfg: RunConfig) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
             check(ok, name, f"got {value!r}; use a whole number")
         elif kind == "float":
+            value = _numbers(value)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             check(ok, name, f"got {value!r}; use a number")
-            object.__setattr__(cfg, name, value if isinstance(value, int) and name in ("test_size", "val_size") else float(value))
+            keep_int = isinstance(value, int) and name in ("test_size", "val_size")  # a count, not a fraction
+            object.__setattr__(cfg, name, value if keep_int else float(value))
         elif kind == "bool":
             check(isinstance(value, bool), name, f"got {value!r}; use true or false")
         elif kind == "str":
@@ -190,6 +210,20 @@ def _check_method(method: str, options: dict) -> None:
 
 
 # --- reading: YAML file + flags ----------------------------------------------------------------------------------
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``5e-4`` as a string (it wants ``5.0e-4``); read it as the number meant."""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def read_yaml(path: str | Path) -> dict:
     """A config file as a dict; one-line errors for a missing file, bad YAML or unknown keys."""
     path = Path(path)
@@ -205,7 +239,7 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of fields (model: ..., data: ...)")
-    return data
+    return _numbers(data)
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -217,7 +251,7 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set r=8")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = _numbers(yaml.safe_load(raw)) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it") from None
     return out

@@ -12,11 +12,12 @@ from graftune.config import RunConfig
 
 #: the demo's recipe (bench/issue3_bbc.py measures it over seeds)
 DEMO = {"model": "minilm", "data": "bbc-news", "method": "lora", "options": {"r": 8, "alpha": 16}, "shots": 16,
-        "test_per_class": 100, "val_size": 0, "epochs": 10, "lr": 2e-3, "head_lr": 1e-2, "batch_size": 16,
-        "max_length": 256}
+        "test_per_class": 100, "split_seed": 0, "val_size": 0, "epochs": 10, "lr": 2e-3, "head_lr": 1e-2,
+        "batch_size": 16, "max_length": 256, "head_init": "random"}
 
 
 def demo_config(out: str | Path, *, seed: int = 0, **changes) -> RunConfig:
+    """The demo's run config; ``seed`` draws the shots and seeds training, the test set stays fixed (seed 0)."""
     return RunConfig(**{**DEMO, **changes}, seed=seed, out=str(out), overwrite=True)
 
 
@@ -32,8 +33,7 @@ def probe_baseline(cfg: RunConfig) -> dict:
 
     started = time.perf_counter()
     ds = load_data(cfg.data, text_column=cfg.text_column, label_column=cfg.label_column)
-    splits = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size, shots=cfg.shots,
-                         test_per_class=cfg.test_per_class)
+    splits = make_splits(ds, **cfg.split_args())
     base = load_base(cfg.model, task=ZOO_TASK["classification"])
     task = build_task("classification", base, label_names=ds.label_names, max_length=cfg.max_length)
     model = AdapterModel(base.model, family=base.family)

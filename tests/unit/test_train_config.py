@@ -98,3 +98,17 @@ def test_apply_casts_frozen_weights_only():
     precision.apply(model, precision.Precision("bf16", torch.bfloat16, None, "cpu"))
     assert lin.weight.dtype == torch.bfloat16 and head.weight.dtype == torch.float32
     assert model[2].running_mean.dtype == torch.bfloat16
+
+
+def test_split_seed_fixes_the_test_set_while_seed_draws_the_shots():
+    a = RunConfig(model="m", data="d", seed=2, split_seed=0, shots=4).split_args()
+    assert a["seed"] == 0 and a["shot_seed"] == 2 and a["shots"] == 4
+    b = RunConfig(model="m", data="d", seed=3).split_args()
+    assert b["seed"] == 3 and b["shot_seed"] == 3
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: m\ndata: d\nlr: 5e-4\noptions: {dropout: 1e-1}\n")  # PyYAML reads 5e-4 as a string
+    cfg = build_config(f, sets=["alpha=1e1"], head_lr="2e-3")
+    assert cfg.lr == 5e-4 and cfg.head_lr == 2e-3 and cfg.options == {"dropout": 0.1, "alpha": 10.0}

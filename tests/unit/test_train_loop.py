@@ -17,7 +17,7 @@ from graftune.train import partial_dir, train
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, train_args
 
 RUN_FILES = {"adapter", "run.yaml", "metrics.json", "log.jsonl", "data_card.json"}
-TIMING = ("train_seconds", "wall_seconds", "peak_rss_mb")
+TIMING = ("train_seconds", "train_cpu_seconds", "wall_seconds", "peak_rss_mb")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,11 @@ def test_image_classification_on_a_tiny_cnn(tmp_path, monkeypatch):
     assert m["task"] == "image" and m["examples"] == 6
     bn = next(b for b in load_run(out).model.base.modules() if isinstance(b, torch.nn.BatchNorm2d))
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # frozen base: statistics unchanged
+    from graftune.evaluate import read_image
+
+    run = load_run(out)
+    [row] = predict(run, [read_image(tmp_path / "imgs" / "dark" / "0.png")])
+    assert set(row["probabilities"]) == {"dark", "light"}
 
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
@@ -206,3 +211,29 @@ def test_mlflow_and_tensorboard_are_optional(tiny, tmp_path, monkeypatch):
             train(RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / tracker, log_to=tracker)),
                   progress=False)
         assert not (tmp_path / tracker).exists()
+
+
+@pytest.mark.parametrize("labels", [("sport", "money", "tech"), ("sport", "money")])
+def test_probe_head_init_reproduces_the_logistic_regression(labels, tiny):
+    from sklearn.linear_model import LogisticRegression
+
+    from graftune.core.model import AdapterModel
+    from graftune.data.sources import load_data
+    from graftune.evaluate import features_of
+    from graftune.speed import precision
+    from graftune.tasks import build_task
+    from graftune.train import init_head_from_probe
+    from graftune.zoo import load_base
+
+    ds = load_data(str(tiny["csv"]))
+    ds = ds.subset([i for i, y in enumerate(ds.labels) if y in labels])
+    ds.label_names = sorted(labels)
+    base = load_base(str(tiny["bert"]))
+    task = build_task("classification", base, label_names=ds.label_names)
+    model, head = AdapterModel(base.model), task.build_head().eval()
+    init_head_from_probe(task, model, head, ds, policy=precision.choose("fp32"))
+    x = features_of(task, model, ds.inputs)
+    y = [ds.label_names.index(v) for v in ds.labels]
+    expected = LogisticRegression(max_iter=2000, random_state=0).fit(x.numpy(), y).predict_proba(x.numpy())
+    got = torch.softmax(head(x.clone()), -1).detach().numpy()
+    assert abs(got - expected).max() < 1e-4

@@ -20,7 +20,7 @@ from graftune.train import CHECKPOINT, CHECKPOINT_FILE, partial_dir, train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("train_seconds", "wall_seconds", "peak_rss_mb")
+TIMING = ("train_seconds", "train_cpu_seconds", "wall_seconds", "peak_rss_mb")
 
 # Runs train() in a child process whose checkpoint writer announces each checkpoint and then stalls, so the test
 # can kill it at a known point (after the first epoch's checkpoint, before the second epoch).

@@ -196,7 +196,7 @@ def test_efficientnet_lite0_layout_matches_the_published_weights():
     assert sd["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
     assert sd["_blocks.3._depthwise_conv.weight"].shape == (144, 1, 5, 5)
     assert "_blocks.0._expand_conv.weight" not in sd  # expansion 1: no expand conv
-    assert model.features(torch.randn(1, 3, 224, 224)).shape == (1, 1280)
+    assert model.features(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
 
 
 # --- image preprocessing -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Training only the task head is not a method: the head lives outside the base, so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ class BitFit(Method):
     config_cls = BitFitConfig
     capabilities = Capabilities(mergeable=True, mixed_batch=True, identity_at_init=True)
     supported_types = _BIAS_TYPES
-    presets = {
+    presets: ClassVar[dict[str, TargetSpec]] = {
         "bert": TargetSpec(types=("Linear", "LayerNorm")),
         "mpnet": TargetSpec(types=("Linear", "LayerNorm")),
         "distilbert": TargetSpec(types=("Linear", "LayerNorm")),
@@ -150,7 +151,7 @@ class _ParamCopies(Method):
     site = "params"
     capabilities = Capabilities(mergeable=False, mixed_batch=False, identity_at_init=True)
     merge_note = "its weights already are full weights"
-    presets = {"*": TargetSpec()}  # every module; top_k_layers narrows it to the top layers
+    presets: ClassVar[dict[str, TargetSpec]] = {"*": TargetSpec()}  # every module; top_k_layers narrows it to the top layers
 
     def build(self, target, config, *, target_name):
         holder = nn.Module()

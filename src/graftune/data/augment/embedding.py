@@ -43,7 +43,8 @@ def soft_labels(labels: torch.Tensor, num_classes: int | None = None) -> torch.T
     return torch.nn.functional.one_hot(labels.long(), num_classes).float()
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
+        partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``lam x + (1 - lam) x[partner]`` and the same for ``y``; ``lam`` has one value per example."""
     lx = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     ly = lam.to(y.dtype).view(-1, 1)

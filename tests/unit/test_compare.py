@@ -1,0 +1,184 @@
+"""The comparison harness (strategies/compare.py) and its report, on a tiny random BERT and a synthetic 3-topic csv:
+identical splits for every strategy, budget skipping, the results.json schema, the report's parts, --method auto.
+Adapter strategies run through a fake train() that records the splits it was given (the real one is covered by
+test_train_loop.py); the frozen-encoder strategies run for real on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from graftune.data.card import fingerprint
+from graftune.errors import ConfigError
+from graftune.strategies import compare
+from graftune.strategies.compare import choose_method, recommend, run_compare, summarize
+from tests.train_helpers import bert_folder, topic_csv
+
+ROW_KEYS = {"strategy", "shots", "seed", "augment", "accuracy", "macro_f1", "trainable_params", "train_seconds",
+            "peak_rss_mb", "test_fingerprint", "train_fingerprint"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-compare")
+    return {"bert": str(bert_folder(root / "bert")), "csv": str(topic_csv(root / "topics.csv", n_per_class=24))}
+
+
+class FakeTrain:
+    """Stands in for graftune.train.train: records the splits and config; accuracy grows with the method's cost."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.calls = []
+        self.seconds = seconds
+
+    def __call__(self, cfg, *, progress=True, splits=None):
+        self.calls.append((cfg, splits))
+        time.sleep(self.seconds)
+        acc = {"lora": 0.9, "full": 0.95}.get(cfg.method, 0.8) - 0.01 * cfg.seed
+        return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable_params": 1000 if cfg.method != "full" else 10**6,
+                "train_seconds": self.seconds}
+
+
+def test_identical_splits_schema_and_report(tiny, tmp_path):
+    fake = FakeTrain()
+    out = tmp_path / "cmp"
+    rows = run_compare(tiny["bert"], tiny["csv"], shots=(2, 4), seeds=2,
+                       strategies=["linear-probe", "prototypes", "lora", "full"], augment=(False, True),
+                       out_dir=out, train_fn=fake, settings={"max_length": 32}, progress=False)
+    assert len(rows) == 2 * 2 * 2 * 4
+    done = [r for r in rows if "accuracy" in r]
+    assert len(done) == len(rows), [r for r in rows if "accuracy" not in r]
+    for r in done:
+        assert ROW_KEYS <= set(r)
+        assert 0 <= r["accuracy"] <= 1
+    # one test set for everything; one training set per (shots, seed, augment), shared by every strategy
+    assert len({r["test_fingerprint"] for r in rows}) == 1
+    for key in {(r["shots"], r["seed"], r["augment"]) for r in rows}:
+        same = {r["train_fingerprint"] for r in rows if (r["shots"], r["seed"], r["augment"]) == key}
+        assert len(same) == 1
+    # train() got exactly those splits; augmented runs add examples, the test set is never augmented
+    for cfg, splits in fake.calls:
+        assert fingerprint(splits.test) == rows[0]["test_fingerprint"]
+        factor = 1 + compare.AUGMENT_COPIES if any(r["augment"] and r["train_examples"] == len(splits.train)
+                                                   for r in rows) else 1
+        assert len(splits.train) == cfg.shots * 3 * factor
+    # shots of seed 0 and seed 1 differ; 2 shots nest in 4 for one seed (same seeded order)
+    plain = {(r["shots"], r["seed"]): r["shots_fingerprint"] for r in rows}
+    assert plain[(2, 0)] != plain[(2, 1)]
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == rows and saved["meta"]["test_fingerprint"] == rows[0]["test_fingerprint"]
+    page = (out / "report.html").read_text()
+    for part in ('id="summary"', 'id="plot-shots"', 'id="plot-params"', 'id="plot-time"', "<svg", "Recommendation",
+                 "examples per class", 'id="augmentation"'):
+        assert part in page
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("compare-*"))
+
+
+def test_budget_skips_runs_that_would_not_fit(tiny, tmp_path):
+    fake = FakeTrain(seconds=0.6)
+    rows = run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=3, strategies=["lora"], augment=(False,),
+                       budget_s=1.0, out_dir=tmp_path / "b", train_fn=fake, progress=False)
+    assert "accuracy" in rows[0]  # the first run is the measurement
+    skipped = [r for r in rows if "skipped" in r]
+    assert skipped and skipped[0]["skipped"].startswith("would exceed budget (est. ")
+    assert "left" in skipped[0]["skipped"]
+    assert "exceeded the time budget" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_estimates_come_from_runs_done_so_far():
+    # fixed + per-example cost; from another adapter strategy, the per-example part scales by the cost factor
+    spent = {"lora": [(3.0, 0.5)], "linear-probe": [(0.0, 0.01)]}
+    assert compare._estimate(compare.STRATEGIES["full"], 10, spent) == pytest.approx(3.0 + 0.5 * 2.5 * 10)
+    assert compare._estimate(compare.STRATEGIES["lora"], 4, spent) == pytest.approx(5.0)
+    assert compare._estimate(compare.STRATEGIES["prototypes"], 4, {"linear-probe": [(0.0, 0.01)]}) is None
+    assert compare._estimate(compare.STRATEGIES["lora"], 4, {}) is None
+
+
+def test_unknown_strategy_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="strategies: unknown nope"):
+        run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["nope"], out_dir=tmp_path)
+
+
+def _s(name, k, acc, std, sec, params, aug=False, runs=3):
+    return {"strategy": name, "augment": aug, "shots": k, "runs": runs, "accuracy": acc, "accuracy_std": std,
+            "macro_f1": acc, "macro_f1_std": std, "train_seconds": sec, "trainable_params": params, "peak_rss_mb": 1}
+
+
+def test_recommendation_prefers_the_cheap_baseline_within_a_point():
+    text = recommend([_s("linear-probe", 8, 0.92, 0.02, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
+    assert text.startswith("With 8 examples per class, linear-probe (0.920 +- 0.020, 1 s")
+    assert "within 1 point of the best, lora (0.930 +- 0.010, 120 s" in text
+    assert "not needed" in text and "within one standard deviation" in text
+    clear = recommend([_s("linear-probe", 8, 0.80, 0.01, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
+    assert "lora (0.930" in clear and "most accurate" in clear and "13.0 points ahead" in clear
+
+
+def test_summarize_means_and_stds():
+    rows = [{"strategy": "lora", "augment": False, "shots": 8, "seed": s, "accuracy": a, "macro_f1": a,
+             "train_seconds": 2.0, "trainable_params": 10, "peak_rss_mb": 5} for s, a in enumerate((0.8, 0.9))]
+    rows.append({"strategy": "full", "augment": False, "shots": 8, "seed": 0, "skipped": "would exceed budget"})
+    (s,) = summarize(rows)
+    assert s["accuracy"] == pytest.approx(0.85) and s["accuracy_std"] == pytest.approx(0.0707, abs=1e-3)
+    assert s["runs"] == 2
+
+
+def test_choose_method_never_sees_the_test_set(tiny):
+    fake = FakeTrain()
+    method, reason = choose_method(tiny["bert"], tiny["csv"], budget_s=60, shots=8, seed=0, max_length=32,
+                                   train_fn=fake)
+    assert method in compare.AUTO_CANDIDATES
+    assert "validation part carved from the 24 training examples" in reason and "test set untouched" in reason
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+
+    ds = load_data(tiny["csv"])
+    real = make_splits(ds, seed=0, val_size=0, shots=8)
+    train_texts = set(real.train.inputs)
+    for _, splits in fake.calls:
+        seen = set(splits.train.inputs) | set(splits.test.inputs)
+        assert seen <= train_texts  # the inner "test" is the carved validation part of the training examples
+        assert not set(splits.train.inputs) & set(splits.test.inputs)
+
+
+def test_images_run_with_image_augmentation_and_skip_text_only_strategies(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from graftune import zoo
+
+    rng = np.random.RandomState(0)
+    for label, value in (("dark", 40), ("light", 210)):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.clip(rng.normal(value, 20, (20, 20)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+
+    def tiny_cnn_base(name, task=None, dtype=torch.float32):
+        torch.manual_seed(0)
+        return zoo.Base(zoo.tiny_efficientnet(num_classes=5).eval().requires_grad_(False), None, "cnn", name,
+                        "memory", None, image_size=32)
+
+    monkeypatch.setattr(zoo, "load_base", tiny_cnn_base)
+    fake = FakeTrain()
+    rows = run_compare("tiny-cnn", str(tmp_path / "imgs"), shots=(2,), seeds=1,
+                       strategies=["linear-probe", "prototypes", "contrastive", "lora"], out_dir=tmp_path / "c",
+                       train_fn=fake, progress=False)
+    by = {(r["strategy"], r["augment"]): r for r in rows}
+    assert by[("contrastive", False)]["skipped"].startswith("not applicable: text only")
+    assert "accuracy" in by[("linear-probe", True)] and "accuracy" in by[("prototypes", False)]
+    assert by[("linear-probe", True)]["train_examples"] == 2 * 2 * (1 + compare.AUGMENT_COPIES)
+    augmented = next(s for c, s in fake.calls if len(s.train) > 4)
+    assert all(torch.is_tensor(x) and x.shape == augmented.train.inputs[0].shape for x in augmented.train.inputs)
+
+
+def test_real_train_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
+    rows = run_compare(tiny["bert"], tiny["csv"], shots=(4,), seeds=1, strategies=["ia3", "prefix"],
+                       augment=(False,), out_dir=tmp_path / "r", settings={"max_length": 32, "epochs": 1},
+                       progress=False)
+    assert [r["strategy"] for r in rows] == ["ia3", "prefix"]
+    assert all("accuracy" in r and r["trainable_params"] > 0 for r in rows), rows
