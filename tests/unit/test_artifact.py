@@ -150,6 +150,16 @@ def test_fingerprint_ignores_hooks_merges_and_swapped_parameters():
     assert base_fingerprint(model.base) != fp  # the bare module sees the swapped-in values
 
 
+def test_fingerprint_of_a_merged_bitfit_on_a_bias_free_base():
+    # Llama has no biases: BitFit adds them, so the originals kept aside on merge are "no parameter"
+    build, inputs = TINY["llama"]
+    fp = base_fingerprint(build())
+    model = graft(build(), "bitfit")
+    _perturb(model.adapters["default"].parameters())
+    model.merge("default")
+    assert base_fingerprint(model) == fp
+
+
 def test_fingerprint_is_fast_on_a_22m_parameter_model():
     from transformers import BertConfig, BertModel
 

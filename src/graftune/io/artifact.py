@@ -52,7 +52,10 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     out = []
     for name, p in base.named_parameters(remove_duplicate=False):
         module, _, pname = name.rpartition(".")
-        out.append((name, originals.get(module, {}).get(pname, p)))
+        kept = originals.get(module, {})
+        original = kept.get(pname, p) if pname in kept else p
+        if original is not None:  # None: the parameter was added by an adapter (BitFit's bias on a bias-free base)
+            out.append((name, original))
     return sorted(out, key=lambda item: item[0])
 
 
