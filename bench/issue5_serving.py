@@ -98,8 +98,8 @@ def main():
     pm.eval()
     with torch.inference_mode():
         pm.set_adapter(names[0])
-        results["peft_single_s"] = _time(lambda: pm(**batch), args.repeats)
-        results["peft_mixed_s"] = _time(lambda: pm(**batch, adapter_names=rows), args.repeats)
+        results["peft_single_s"] = _time(lambda m=pm: m(**batch), args.repeats)
+        results["peft_mixed_s"] = _time(lambda m=pm: m(**batch, adapter_names=rows), args.repeats)
     del pm, pbase
 
     # --- memory: one base + 50 LoRA adapters ---

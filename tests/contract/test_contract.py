@@ -27,7 +27,7 @@ def _applies(method, family: str) -> bool:
 
 CASES = [pytest.param(m.name, f, id=f"{m.name}-{f}") for m in all_methods() for f in FAMILIES if _applies(m, f)]
 # methods that attach to named modules (not to the model's inputs) can be given a bad target
-TARGETED = [c for c in CASES if [m for m in all_methods() if m.name == c.values[0]][0].site != "model"]
+TARGETED = [c for c in CASES if next(m for m in all_methods() if m.name == c.values[0]).site != "model"]
 
 
 def _setup(method_name: str, family: str):

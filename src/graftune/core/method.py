@@ -20,8 +20,9 @@ Sites. A method attaches to target modules at one of these *sites* (``Method.sit
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,6 +85,9 @@ class MethodConfig:
 
     targets: TargetSpec | None = None
     top_k_layers: int | None = None
+    #: options that may differ between adapters averaged by ``add_weighted_adapter`` (they pick targets, which are
+    #: compared once resolved, or act only at init or in training); every other option must agree
+    averaging_ignores: ClassVar[tuple[str, ...]] = ("targets", "top_k_layers", "dropout")
 
     def __post_init__(self):
         if isinstance(self.targets, dict):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -383,7 +384,10 @@ class AdapterModel(nn.Module):
 
     # --- composition ---------------------------------------------------------------------------------------
     def add_weighted_adapter(self, name: str, weights: dict[str, float]) -> AdapterInfo:
-        """A new adapter whose parameters are the weighted average of same-method, same-shape adapters."""
+        """A new adapter whose parameters are the weighted average of same-method, same-shape adapters:
+        ``sum(w * p)`` parameter by parameter, with the weights as given (not normalized)."""
+        if not weights:
+            raise ConfigError("weighted averaging needs at least one adapter: pass {name: weight, ...}")
         infos = [self._require(n) for n in weights]
         first = infos[0]
         if any(i.method is not first.method or i.targets != first.targets for i in infos):
@@ -391,6 +395,15 @@ class AdapterModel(nn.Module):
         shapes = [{k: v.shape for k, v in self.adapters[i.name].state_dict().items()} for i in infos]
         if any(s != shapes[0] for s in shapes):
             raise ConfigError("weighted averaging needs same-shaped adapters (same rank / bottleneck size)")
+        # the average is built with the first adapter's config: options that change the computation (LoRA's alpha,
+        # a bottleneck's non-linearity) must agree, or the others' tensors would be used at the wrong scale
+        first_cfg = first.config.to_dict()
+        for i in infos[1:]:
+            differ = sorted(k for k, v in i.config.to_dict().items()
+                            if v != first_cfg[k] and k not in first.config.averaging_ignores)
+            if differ:
+                raise ConfigError(f"weighted averaging needs adapters with one config; {i.name!r} differs from "
+                                  f"{first.name!r} in {', '.join(differ)}")
         modules = nn.ModuleDict()
         by_name = dict(self.base.named_modules())
         w = list(weights.values())

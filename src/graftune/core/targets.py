@@ -65,8 +65,14 @@ def select(model: nn.Module, spec: TargetSpec, *, top_k_layers: int | None = Non
             have = f"has {n_layers} numbered layers; use 1 to {n_layers}" if n_layers else "has no numbered layers; unset it"
             raise TargetError(f"top_k_layers={top_k_layers}, but this model {have}")
         top = tuple(range(max(0, n_layers - top_k_layers), n_layers))
-        spec = TargetSpec(spec.names, spec.regex, tuple(sorted(set(spec.layers) & set(top))) if spec.layers else top,
-                          spec.types)
+        layers = top
+        if spec.layers:
+            # negative indices count from the top; an empty intersection must not fall back to "every layer"
+            layers = tuple(sorted({k % n_layers for k in spec.layers} & set(top)))
+            if not layers:
+                raise TargetError(f"layers {list(spec.layers)} are not among the top {top_k_layers} layers "
+                                  f"{list(top)}; drop one of the two filters or widen top_k_layers")
+        spec = TargetSpec(spec.names, spec.regex, layers, spec.types)
     found = {n: m for n, m in model.named_modules() if n and _matches(n, m, spec, n_layers)}
     if supported_types:
         adaptable = {n: m for n, m in found.items() if type(m).__name__ in supported_types}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class BottleneckConfig(MethodConfig):
     residual: bool = True
     dropout: float = 0.0
     init_scale: float = 0.01
+    averaging_ignores: ClassVar[tuple[str, ...]] = (*MethodConfig.averaging_ignores, "placement", "init_scale")
 
     def validate(self):
         check(self.placement in _PLACEMENTS, "placement",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ class LoraModule(nn.Module):
                 raise ConfigError(f"{target_name}: LoRA supports Conv2d with groups=1 only (this one has "
                                   f"groups={target.groups}); target the 1x1 convolutions instead")
             n_in, n_out = target.in_channels, target.out_channels
-            self.conv = dict(stride=target.stride, padding=target.padding, dilation=target.dilation)
+            self.conv = {"stride": target.stride, "padding": target.padding, "dilation": target.dilation}
         a_shape = (cfg.r, n_in, *w.shape[2:]) if kind == "conv2d" else (cfg.r, n_in)
         b_shape = (n_out, cfg.r, 1, 1) if kind == "conv2d" else (n_out, cfg.r)
         self.lora_A = nn.Parameter(torch.empty(a_shape))
@@ -132,13 +133,14 @@ class LoRA(Method):
     config_cls = LoraConfig
     capabilities = Capabilities(mergeable=True, mixed_batch=True, identity_at_init=True)
     supported_types = tuple(_KINDS)
-    presets = {
+    presets: ClassVar[dict[str, TargetSpec]] = {
         "bert": TargetSpec(names=("query", "value")),
         "mpnet": TargetSpec(names=("q", "v")),
         "distilbert": TargetSpec(names=("q_lin", "v_lin")),
         "llama": TargetSpec(names=("q_proj", "v_proj")),
         "gpt2": TargetSpec(names=("c_attn",)),
-        "vit": TargetSpec(names=("query", "value")),
+        # transformers 4.x ViT names them query/value, 5.x (ViT, DeiT, DINOv2) q_proj/v_proj
+        "vit": TargetSpec(names=("query", "value", "q_proj", "v_proj")),
         "cnn": TargetSpec(names=("_expand_conv", "_project_conv")),
         "*": TargetSpec(types=("Linear",)),
     }

@@ -26,6 +26,7 @@ masked zeros, and base rows get an all-masked zero prefix and unshifted position
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ class PrefixConfig(MethodConfig):
     projection: bool = False
     projection_hidden: int = 512
     init: str = "vocab"
+    averaging_ignores: ClassVar[tuple[str, ...]] = (*MethodConfig.averaging_ignores, "init")
 
     def validate(self):
         n = self.num_virtual_tokens

@@ -21,6 +21,7 @@ masked zeros, and base rows get an all-masked zero block and unshifted positions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ class PromptConfig(MethodConfig):
 
     num_virtual_tokens: int = 10
     init: str = "vocab"
+    averaging_ignores: ClassVar[tuple[str, ...]] = (*MethodConfig.averaging_ignores, "init")
 
     def validate(self):
         n = self.num_virtual_tokens
