@@ -152,7 +152,7 @@ def test_fingerprint_ignores_hooks_merges_and_swapped_parameters():
 
 def test_fingerprint_of_a_merged_bitfit_on_a_bias_free_base():
     # Llama has no biases: BitFit adds them, so the originals kept aside on merge are "no parameter"
-    build, inputs = TINY["llama"]
+    build = TINY["llama"][0]
     fp = base_fingerprint(build())
     model = graft(build(), "bitfit")
     _perturb(model.adapters["default"].parameters())
