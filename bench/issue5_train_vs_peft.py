@@ -5,7 +5,7 @@ per class (500), ``make_splits(ds, seed=0, test_per_class=100, shots=16)``. Head
 AdamW lr 2e-3 (adapter and head), batch 16, EPOCHS epochs, max_length 256 (--max-length), dropout off in the base.
 
 Every run uses the SAME explicit loop below (not ``train()``: ``train()`` also scores val, checkpoints and keeps
-best weights every epoch, and has no frozen-prefix-cache option yet), so the timed difference is only the model
+best weights every epoch), so the timed difference is only the model
 stack and the speed settings:
 
 - ``peft-default``: PEFT, fp32, every batch padded to max_length (what a typical PEFT script does);
@@ -13,8 +13,9 @@ stack and the speed settings:
   dynamic padding): PEFT's own best on this CPU;
 - ``graftune``: graftune's AdapterModel, its precision policy (``precision.choose("auto")``: autocast bf16 here),
   length-bucketed batches (``tasks.batches``), dynamic padding (``task.collate``);
-- ``graftune-top2-cache``: LoRA in the top 2 layers only, plus the frozen-prefix cache (speed/cache.py). The
-  cache is keyed by batch, so the length-sorted groups are fixed once and only their order is shuffled per epoch.
+- ``graftune-top2-cache``: LoRA in the top 2 layers only, plus the frozen-prefix cache (speed/cache.py, the
+  one ``train()`` uses with ``cache: auto``): the layers below the adapters run once per example, in the first
+  epoch (rows are keyed by their tokens, so batches may be reshuffled freely).
 
 Runs are interleaved in one process; the machine is shared, so compare ratios, not absolute seconds.
 
@@ -100,12 +101,11 @@ def build(kind: str, method: str, folder):
     model.set_active("a")
     model.set_trainable("a")
     cache = FrozenPrefixCache(model) if kind == "graftune-top2-cache" else None
+    if cache is not None:
+        cache.attach()  # serves every model call until detach()
 
     def hidden(batch):
-        if cache is None:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        with cache.around(batch["input_ids"], batch["attention_mask"]):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
     hidden.cache = cache
     return model, hidden, model.trainable_parameters()
@@ -119,13 +119,11 @@ def collate_fixed(task, examples):
             "labels": torch.tensor([e["label"] for e in examples])}
 
 
-def order(kind, examples, lengths, epoch, fixed_groups):
+def order(kind, examples, lengths, epoch):
     g = torch.Generator().manual_seed(SEED * 100_003 + epoch)
     if kind == "peft-default":  # plain shuffle, as a DataLoader(shuffle=True) does
         perm = torch.randperm(len(examples), generator=g).tolist()
         return [perm[i:i + BATCH] for i in range(0, len(perm), BATCH)]
-    if kind == "graftune-top2-cache":
-        return [fixed_groups[j] for j in torch.randperm(len(fixed_groups), generator=g).tolist()]
     return list(batches(examples, lengths, BATCH, generator=g))
 
 
@@ -137,14 +135,12 @@ def run(kind: str, method: str, folder, task, splits, epochs: int) -> dict:
     policy = precision.choose("fp32" if kind == "peft-default" else "auto")
     train = task.encode(splits.train.inputs, splits.train.labels)
     lengths = [len(e["input_ids"]) for e in train]
-    by_len = sorted(range(len(train)), key=lambda i: lengths[i])
-    fixed = [by_len[i:i + BATCH] for i in range(0, len(by_len), BATCH)]
     collate = (lambda ex: collate_fixed(task, ex)) if kind == "peft-default" else task.collate
     model.train()
     model.eval()  # dropout off in the frozen base; LoRA dropout is 0
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        for idx in order(kind, train, lengths, epoch, fixed):
+        for idx in order(kind, train, lengths, epoch):
             batch = collate([train[i] for i in idx])
             with policy.autocast():
                 logits = head(pool(hidden(batch), batch["attention_mask"], "mean")).float()
@@ -159,7 +155,7 @@ def run(kind: str, method: str, folder, task, splits, epochs: int) -> dict:
     correct = 0
     cache = getattr(hidden, "cache", None)
     if cache is not None:
-        cache.enabled = False  # test batches are seen once: nothing to reuse
+        cache.detach()  # test examples are seen once: nothing to reuse
     eval_policy = precision.choose("auto")
     with torch.no_grad(), eval_policy.autocast():
         for idx in batches(test, tl, 32):

@@ -71,7 +71,8 @@ def train(
     config: str | None = typer.Option(None, "--config", help="A YAML run config (e.g. another run's run.yaml)."),
     model: str | None = typer.Option(None, help="Base model: an alias (graftune models), a folder or a hub id."),
     data: str | None = typer.Option(None, help="Data: an alias (bbc-news, mnist-5k, json-answers) or a file."),
-    method: str | None = typer.Option(None, help="Adaptation method (graftune methods), or head. (default: lora)"),
+    method: str | None = typer.Option(None, help="Adaptation method (graftune methods), head, or auto: picked by a "
+                                      "quick comparison on your training examples. (default: lora)"),
     sets: Annotated[list[str] | None, typer.Option("--set", help="A method option key=value (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm (default: from the data)"),
     shots: int | None = typer.Option(None, help="Training examples per class."),
@@ -103,9 +104,19 @@ def train(
     patience: int | None = typer.Option(None, help="Early-stopping patience in epochs; 0: off. (default: 5)"),
     metric: str | None = typer.Option(None, help="Val metric: macro_f1, accuracy or loss. (default: macro_f1)"),
     precision: str | None = typer.Option(None, help="auto, fp32, bf16 or fp16. (default: auto)"),
+    cache: str | None = typer.Option(None, help="Frozen-prefix cache: auto (when only the top layers train, e.g. "
+                                     "--set top_k_layers=2), on or off. (default: auto)"),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto: cuda if available)"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile",
+                                        help="torch.compile the layers run every step. (default: off)"),
     max_new_tokens: int | None = typer.Option(None, help="Generation length for causal-LM tests. (default: 64)"),
     log_to: str | None = typer.Option(None, help="Also log to mlflow or tensorboard."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
+    budget: float | None = typer.Option(None, help="Seconds for --method auto's quick comparison. (default: 300)"),
+    init_from: str | None = typer.Option(None, help="Warm start: a run or adapter directory of the same method "
+                                         "and shapes; its head too when the labels match."),
+    stack_under: str | None = typer.Option(None, help="A run or adapter directory (a language adapter) applied "
+                                           "frozen under the trained adapter."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -124,12 +135,21 @@ def train(
              "response_column": response_column, "weight_decay": weight_decay, "warmup": warmup,
              "schedule": schedule, "dropout": dropout, "head_init": head_init, "base_dropout": base_dropout,
              "clip": clip,
-             "patience": patience, "metric": metric, "precision": precision, "max_new_tokens": max_new_tokens,
-             "log_to": log_to, "threads": threads}
+             "patience": patience, "metric": metric, "precision": precision, "cache": cache, "device": device,
+             "compile": compile, "max_new_tokens": max_new_tokens,
+             "log_to": log_to, "threads": threads, "auto_budget": budget, "init_from": init_from,
+             "stack_under": stack_under}
     if resume and config is None:
         config = str(partial_dir(out) / "run.yaml")  # the interrupted run's own config
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
+    if cfg.method == "auto":
+        from graftune.strategies.compare import resolve_auto
+
+        cfg = resolve_auto(cfg, progress=not (quiet or as_json))
+        typer.echo(f"--method auto picked {cfg.method}. {cfg.auto['reason']}", err=as_json)
     metrics = run_training(cfg, progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one of several processes (torchrun): rank 0 reports
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
@@ -150,6 +170,62 @@ def _summary(m: dict) -> str:
     shown = ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
     return (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
             f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; adapter {m['adapter_bytes'] / 1e6:.2f} MB")
+
+
+# --- compare ------------------------------------------------------------------------------------------------------
+_AUGMENT = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+@app.command()
+@user_errors
+def compare(
+    model: str = typer.Option(..., help="Base model: an alias (graftune models), a folder or a hub id."),
+    data: str = typer.Option(..., help="Data: an alias (bbc-news, mnist-5k) or a file/folder of labelled examples."),
+    out: str = typer.Option(..., "--out", help="The folder for results.json and report.html."),
+    shots: str = typer.Option("8,16,64", help="Training examples per class, comma-separated."),
+    seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),
+    strategies: str | None = typer.Option(None, help="Comma-separated subset of linear-probe, prototypes, "
+                                          "contrastive, ia3, lora, bottleneck, prefix, topk, full. (default: all)"),
+    augment: str = typer.Option("both", help="off, on or both: runs without and/or with augmented training data."),
+    budget: float | None = typer.Option(None, help="Wall-time bound in seconds; runs that would not fit are "
+                                        "skipped and listed."),
+    test: str | None = typer.Option(None, help="A separate test file (else a test set is carved once)."),
+    test_per_class: int | None = typer.Option(None, help="Test examples per class. (default: up to 100)"),
+    text_column: str = typer.Option("text"),
+    label_column: str = typer.Option("label"),
+    sets: Annotated[list[str] | None, typer.Option("--set", help="A training setting key=value for the adapter "
+                                                   "strategies (epochs, lr, max_length, ...; repeatable).")] = None,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+):
+    """Compare adaptation strategies on identical splits (shots x seeds x augmentation); write results.json and
+    report.html, print the summary and a recommendation."""
+    from graftune.config import parse_sets
+    from graftune.errors import ConfigError
+    from graftune.strategies.compare import format_summary, recommend, run_compare, summarize
+
+    if augment not in _AUGMENT:
+        raise ConfigError(f"--augment {augment!r}: use off, on or both")
+    names = None if strategies is None else [n.strip() for n in strategies.split(",") if n.strip()]
+    rows = run_compare(model, data, shots=_int_list(shots, "--shots"), seeds=seeds, strategies=names,
+                       augment=_AUGMENT[augment], budget_s=budget, out_dir=out, text_column=text_column,
+                       label_column=label_column, test=test, test_per_class=test_per_class,
+                       settings=parse_sets(sets), progress=not quiet)
+    summary = summarize(rows)
+    typer.echo(format_summary(summary, rows))
+    typer.echo("")
+    for line in recommend(summary):
+        typer.echo(line)
+    typer.echo(f"\nresults: {os.path.join(out, 'results.json')}\nreport:  {os.path.join(out, 'report.html')}")
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    """'8,16,64' -> [8, 16, 64]; anything else is a one-line error."""
+    from graftune.errors import ConfigError
+
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"{flag} {value!r}: use positive whole numbers separated by commas, e.g. 8,16,64")
+    return [int(p) for p in parts]
 
 
 # --- eval, predict, generate ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("macro_f1", "accuracy", "loss")
 LOG_TO = ("mlflow", "tensorboard")
 HEAD_INITS = ("probe", "random")
+CACHE_CHOICES = ("auto", "on", "off")
 #: fields that say where and how to run, not what to compute: never written to run.yaml
 _RUNTIME = ("out", "resume", "overwrite")
 
@@ -32,7 +33,8 @@ class RunConfig:
     """Args:
     model: a zoo alias (``minilm``, ``smollm2``, ``efficientnet-lite0``), a local model folder or a hub id.
     data: a data alias (``bbc-news``, ``mnist-5k``, ``json-answers``), a file or a folder.
-    method: an adaptation method (``graftune methods``), or ``head`` to train only the task head.
+    method: an adaptation method (``graftune methods``), ``head`` to train only the task head, or ``auto``:
+        picked by a quick comparison on validation examples carved from the training examples.
     options: the method's options (``{"r": 8, "alpha": 16}``).
     task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
     text_column, label_column, prompt_column, response_column: column names in tabular data.
@@ -63,9 +65,24 @@ class RunConfig:
         epoch's weights are restored at the end whenever there is a val set.
     metric: the val metric that picks the best epoch: macro_f1, accuracy (classification) or loss.
     precision: auto (bf16 frozen base on CPUs with native bf16; see speed/precision.py), fp32, bf16, fp16.
+    cache: frozen-prefix cache (speed/cache.py): ``auto`` uses it when only the top of the network trains (a
+        head-only run, adapters in the top layers only: ``--set top_k_layers=2``), ``on`` insists (an error says
+        why it cannot apply), ``off`` never. The lower layers then run once per example instead of every epoch.
+    device: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. On CUDA: autocast
+        (bf16 where supported, else fp16 with a gradient scaler) and pinned-memory batches.
+    compile: ``torch.compile`` the base's layers (those that run every step); falls back to eager, with a
+        message, where compilation fails.
     max_new_tokens: generation length when evaluating causal-LM runs.
     log_to: also log to mlflow or tensorboard (if installed).
     threads: torch CPU threads (unset: torch's default).
+    auto_budget: seconds the quick comparison behind ``method: auto`` may take (``strategies/compare.py``).
+    auto: set by ``method: auto``, not by hand: the method it picked, the validation evidence and the reason (a
+        record kept in run.yaml and metrics.json; training reads only ``method`` and ``options``).
+    init_from: warm start: a run directory or adapter directory whose adapter (same method, same shapes, same
+        base) gives the new adapter its starting weights; its head too when the label names match
+        (``strategies/transfer.py``).
+    stack_under: a run directory or adapter directory whose adapter (a language adapter, say) is loaded frozen
+        and applied under the trained one; it is copied into the run, and eval/predict reload both.
     out: the run directory to write. resume: continue an interrupted run in ``out``. overwrite: replace ``out``.
     """
 
@@ -101,9 +118,16 @@ class RunConfig:
     patience: int = 5
     metric: str = "macro_f1"
     precision: str = "auto"
+    cache: str = "auto"
+    device: str = "auto"
+    compile: bool = False
     max_new_tokens: int = 64
     log_to: str | None = None
     threads: int | None = None
+    auto_budget: float = 300.0
+    auto: dict | None = None
+    init_from: str | None = None
+    stack_under: str | None = None
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -131,6 +155,11 @@ class RunConfig:
         check(self.split_seed is None or self.split_seed >= 0, "split_seed",
               f"got {self.split_seed}; use a non-negative integer or unset")
         check(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}; use a positive count")
+        check(self.auto_budget > 0, "auto_budget", f"got {self.auto_budget}; use a positive number of seconds")
+        check(self.method != "auto" or not self.options, "options",
+              "method options (--set) need a named method; drop them with --method auto, or name the method")
+        check(self.method != "auto" or not (self.init_from or self.stack_under), "method",
+              "auto compares fresh adapters; with --init-from or --stack-under name the method")
         check(self.schedule in SCHEDULES, "schedule", f"got {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         check(self.head_init in HEAD_INITS, "head_init",
               f"got {self.head_init!r}; use one of {', '.join(HEAD_INITS)}")
@@ -140,11 +169,14 @@ class RunConfig:
         from graftune.speed.precision import CHOICES
 
         check(self.precision in CHOICES, "precision", f"got {self.precision!r}; use one of {', '.join(CHOICES)}")
+        check(self.cache in CACHE_CHOICES, "cache", f"got {self.cache!r}; use one of {', '.join(CACHE_CHOICES)}")
+        check(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
+              f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.task is not None:
             from graftune.tasks import task_name
 
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method != "head":
+        if self.method not in ("head", "auto"):  # auto: resolved by strategies.compare.resolve_auto
             _check_method(self.method, self.options)
 
     # --- YAML ------------------------------------------------------------------------------------------------

@@ -181,9 +181,12 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
     model = AdapterModel(base.model, family=base.family)
     task = build_task(kind, base, label_names=label_names, multi_label=multi_label, max_length=cfg.max_length,
                       dropout=cfg.dropout)
+    from graftune.strategies.transfer import load_stack
+
+    active = load_stack(model, run_dir, meta.get("name"))  # a frozen adapter stacked under the trained one
     if meta["method"] != HEAD_ONLY:
-        info = load_adapter(model, run_dir / "adapter")
-        model.set_active(info.name)
+        active.append(load_adapter(model, run_dir / "adapter").name)
+    model.set_active(*active)
     head = None
     if kind != "causal-lm":
         state, _ = read_head_state(run_dir / "adapter")

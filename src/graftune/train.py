@@ -15,6 +15,7 @@ continues from it and ends with the same weights and metrics as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,11 @@ from torch import nn
 from graftune.config import RunConfig, read_yaml
 from graftune.errors import ConfigError
 from graftune.evaluate import HEAD_ONLY, score_causal_lm, score_classification
-from graftune.speed import precision
+from graftune.speed import distributed, precision
+from graftune.speed.cache import frozen_prefix_for_training
+from graftune.speed.compilation import compile_layers
+from graftune.speed.device import DeviceTask
+from graftune.speed.device import resolve as resolve_device
 from graftune.tasks import MODALITY_TASK, ZOO_TASK, batches, build_task
 
 CHECKPOINT = ".checkpoint"
@@ -52,9 +57,20 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
     from graftune.data.card import data_card
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
+    from graftune.strategies.transfer import apply_transfer
     from graftune.zoo import load_base
 
-    out, work = _start_run_dir(cfg)
+    if cfg.method == "auto":  # pick the method by a quick comparison on the training examples first
+        from graftune.strategies.compare import resolve_auto
+
+        cfg = resolve_auto(cfg, progress=progress)
+    # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
+    device = resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                            local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    info = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+    main = info.rank == 0  # only rank 0 writes the run directory
+    out, work = _start_run_dir(cfg, write=main)
+    distributed.barrier()  # the other ranks wait until rank 0 has prepared it
     resume = _read_checkpoint(work) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -83,22 +99,39 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             model.set_active(name)
             model.set_trainable(name)
         head = task.build_head()
-        policy = precision.choose(cfg.precision)
+        transfer = apply_transfer(cfg, model, name, head, ds.label_names, work)  # --init-from, --stack-under
+        model.to(device)
+        if head is not None:
+            head.to(device)
+        policy = precision.choose(cfg.precision, device)
         precision.apply(model.base, policy)
-        if head is not None and cfg.head_init == "probe" and resume is None:
-            # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
-            # gradient steps refine the adapter instead of pushing random-head errors into it
-            init_head_from_probe(task, model, head, splits.train, policy=policy, seed=cfg.seed)
-        adapter_params = model.trainable_parameters()
-        head_params = list(head.parameters()) if head is not None else []
-
-        # --- optimizer and schedule ------------------------------------------------------------------------------
+        # on CUDA the task's batches go to the device; scoring gets classification logits back on the CPU
+        run_task = DeviceTask(task, device) if device.type == "cuda" else task
+        score_task = DeviceTask(task, device, outputs_on_cpu=kind != "causal-lm") if device.type == "cuda" else task
         train_examples = task.encode(splits.train.inputs, splits.train.labels)
         lengths = [task.length(e) for e in train_examples]
+
+        # --- speed: the frozen lower layers once per example, torch.compile -------------------------------------
+        val_examples = task.encode(splits.val.inputs) if len(splits.val) else []
+        cache, cache_note = frozen_prefix_for_training(cfg.cache, model, run_task, head,
+                                                       [train_examples, val_examples], policy=policy,
+                                                       base_dropout=cfg.base_dropout, kind=kind)
+        compile_note = _compile(model, run_task, head, train_examples, policy, cache) if cfg.compile else None
+        if head is not None and cfg.head_init == "probe" and resume is None and transfer.get("init_head") != "loaded":
+            # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
+            # gradient steps refine the adapter instead of pushing random-head errors into it
+            init_head_from_probe(score_task, model, head, splits.train, policy=policy, seed=cfg.seed)
+        adapter_params = model.trainable_parameters()
+        head_params = list(head.parameters()) if head is not None else []
+        # DistributedDataParallel over the adapter + head when launched as several processes; else a plain call
+        runner = distributed.wrap(model, head, run_task.forward, info)
+
+        # --- optimizer and schedule ------------------------------------------------------------------------------
         steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
         optimizer = torch.optim.AdamW(_param_groups(adapter_params, head_params, cfg), lr=cfg.lr)
         scheduler = _scheduler(cfg, optimizer, total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=policy.name == "fp16")  # fp16 (CUDA) needs loss scaling
 
         # --- state that a checkpoint carries --------------------------------------------------------------------
         state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0,
@@ -106,13 +139,15 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         best_weights: dict[str, torch.Tensor] | None = None
         if resume is not None:
             best_weights = _restore(resume, model, name, head, optimizer, scheduler, state)
-        log = _RunLog(work / "log.jsonl", cfg, resumed=resume is not None)
+        log = _RunLog(work / "log.jsonl", cfg, resumed=resume is not None) if main else _NullLog()
         if resume is None:
             log.event("start", method=cfg.method, model=cfg.model, data=cfg.data, precision=policy.name,
                       train=len(splits.train), val=len(splits.val), test=len(splits.test), steps=total_steps)
+        speed = {"device": str(device), "processes": info.world_size, "cache": cache_note, "compile": compile_note}
+        log.event("speed", **speed)
 
         # --- the loop ---------------------------------------------------------------------------------------------
-        bar = _progress(total_steps, state["step"], progress)
+        bar = _progress(total_steps, state["step"], progress and main)
         metric = "loss" if kind == "causal-lm" else cfg.metric
         loop_started, loop_cpu = time.perf_counter(), time.process_time()
         for epoch in range(state["epoch"], cfg.epochs):
@@ -129,17 +164,29 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             epoch_loss, seen = 0.0, 0
             for idx in batches(train_examples, lengths, cfg.batch_size, generator=order):
+                # every rank draws the same global batch and computes its own piece of it; loss_weight makes the
+                # averaged gradient that of the global-batch mean. A rank whose piece is empty still joins the
+                # gradient all-reduce, with one row at weight 0
+                mine = distributed.shard(idx, info)
+                weight = distributed.loss_weight(len(mine), len(idx), info) if mine else 0.0
+                mine = mine or idx[:1]
+                parts = _micro_batches(mine, cfg.grad_accum)
                 step_loss = 0.0
-                for part in _micro_batches(idx, cfg.grad_accum):
-                    batch = task.collate([train_examples[i] for i in part])
-                    with policy.autocast():
-                        logits = task.forward(model, head, batch)
-                    loss = task.loss(logits.float(), batch) * (len(part) / len(idx))
-                    loss.backward()
+                for j, part in enumerate(parts):
+                    batch = run_task.collate([train_examples[i] for i in part])
+                    last = j == len(parts) - 1  # DDP all-reduces once, after the last micro-batch
+                    with runner.no_sync() if info.distributed and not last else contextlib.nullcontext():
+                        with policy.autocast():
+                            logits = runner(batch)
+                        loss = task.loss(logits.float(), batch) * (len(part) / len(mine) * weight)
+                        scaler.scale(loss).backward()
                     step_loss += loss.detach().item()
+                step_loss = distributed.all_mean(step_loss, info)
                 if cfg.clip:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(adapter_params + head_params, cfg.clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
@@ -149,7 +196,9 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                 bar.set_postfix_str(_postfix(epoch, cfg.epochs, step_loss, state, metric), refresh=False)
 
             # --- validate, keep the best weights, maybe stop ---------------------------------------------------
-            val = _score(kind, task, model, head, splits.val, cfg, policy, generate=False) if len(splits.val) else None
+            val = (_score(kind, score_task, model, head, splits.val, cfg, policy, generate=False)
+                   if len(splits.val) else None)
+            val = distributed.broadcast(val, info)  # rank 0's score decides for every rank (best epoch, stopping)
             state["epoch"] = epoch + 1
             if val is not None:
                 score = -val["loss"] if metric == "loss" else val[metric]
@@ -161,7 +210,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             log.event("epoch", epoch=epoch + 1, train_loss=epoch_loss / max(seen, 1),
                       val=_brief(val), seconds=time.perf_counter() - started)
             state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
-            _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg)
+            if main:
+                _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg)
             if state["stopped"]:
                 log.event("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
                 break
@@ -172,7 +222,14 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             _load_weights(best_weights, model, name, head)
         train_seconds = time.perf_counter() - loop_started
         train_cpu = time.process_time() - loop_cpu  # all threads: wall x cores when the machine is otherwise idle
-        test = _score(kind, task, model, head, splits.test, cfg, policy, generate=True)
+        if cache is not None:
+            speed["cache_stats"] = cache.stats()
+            log.event("cache", **speed["cache_stats"])
+            cache.detach()  # test examples are seen once: nothing to reuse
+            cache.clear()
+        if not main:
+            return _end_processes(info, None)  # rank 0 tests and writes; the others take its metrics
+        test = _score(kind, score_task, model, head, splits.test, cfg, policy, generate=True)
         sizes = _sizes(model, name, head, cfg)
         extra = {"task": kind, "multi_label": ds.multi_label, "base_model": cfg.model, "pooling": base.pooling}
         adapter_bytes = _save_artifact(model, name, head, ds.label_names, extra, work / "adapter", cfg)
@@ -180,9 +237,10 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                    "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu, 2),
                    "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                    "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "steps": state["step"],
-                   "precision": policy.name, "method": cfg.method, "task": kind}
+                   "precision": policy.name, "method": cfg.method, "task": kind, "speed": speed}
         if "samples" in test:
             metrics["samples"] = test["samples"]
+        metrics.update({k: v for k, v in (("auto", cfg.auto), ("transfer", transfer)) if v})
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
                                              encoding="utf-8")
@@ -190,11 +248,13 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         log.close()
     except BaseException:
         # keep an interrupted run that has a checkpoint (--resume continues it); anything else leaves no trace
-        if not (work / CHECKPOINT / CHECKPOINT_FILE).exists():
+        if main and not (work / CHECKPOINT / CHECKPOINT_FILE).exists():
             shutil.rmtree(work, ignore_errors=True)
+        if info.owned:
+            distributed.cleanup()
         raise
     _finish_run_dir(work, out, cfg)
-    return metrics
+    return _end_processes(info, metrics)
 
 
 # --- the run directory ----------------------------------------------------------------------------------------
@@ -204,7 +264,8 @@ def adapter_name(out: Path) -> str:
     return name if name and name != "__base__" else "adapter"
 
 
-def _start_run_dir(cfg: RunConfig) -> tuple[Path, Path]:
+def _start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
+    """Check ``cfg.out`` (and, with --resume, the saved run); with ``write``, create the partial directory."""
     if not cfg.out:
         raise ConfigError("out: missing; pass --out RUN_DIR (the run directory to write)")
     out = Path(cfg.out)
@@ -222,6 +283,8 @@ def _start_run_dir(cfg: RunConfig) -> tuple[Path, Path]:
         return out, work
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not write:
+        return out, work
     if work.exists():
         shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
     work.mkdir(parents=True)
@@ -313,6 +376,36 @@ def init_head_from_probe(task, model, head: nn.Module, train_ds, *, policy, seed
     with torch.no_grad():
         head.linear.weight.copy_(torch.from_numpy(weight))
         head.linear.bias.copy_(torch.from_numpy(bias))
+
+
+# --- speed and processes ----------------------------------------------------------------------------------------
+def _compile(model, task, head, examples: list, policy, cache) -> str:
+    """torch.compile the layers that run every step (those above the cached ones); a check call compiles them
+    at once (forward and backward, in eval mode so no dropout draws from the seeded generator)."""
+    def check():
+        modes = [(m, m.training) for m in [*model.modules(), *(head.modules() if head is not None else [])]]
+        model.eval()
+        if head is not None:
+            head.eval()
+        try:
+            with policy.autocast():
+                out = task.forward(model, head, task.collate(examples[:2]))
+            out.float().sum().backward()
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for p in [*model.trainable_parameters(), *(head.parameters() if head is not None else [])]:
+                p.grad = None
+
+    return compile_layers(model.base, start=cache.start if cache is not None else 0, check=check)[1]
+
+
+def _end_processes(info: distributed.DistInfo, metrics: dict | None) -> dict:
+    """Every rank returns rank 0's metrics; leave the process group if ``train()`` joined it."""
+    metrics = distributed.broadcast(metrics, info)
+    if info.owned:
+        distributed.cleanup()
+    return metrics
 
 
 # --- optimizer, schedule, batches -------------------------------------------------------------------------------
@@ -466,6 +559,16 @@ class _RunLog:
         self.file.close()
         if self.tracker is not None:
             self.tracker("close", {}, 0)
+
+
+class _NullLog:
+    """The log of a rank other than 0: every event is dropped (rank 0 writes log.jsonl)."""
+
+    def event(self, kind: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _tracker(cfg: RunConfig, folder: Path):

@@ -1,48 +1,122 @@
-"""Frozen-prefix cache: same outputs and gradients as the plain forward, and the lower layers really skipped."""
+"""Frozen-prefix cache (speed/cache.py): same outputs and gradients as the plain forward, the lower layers really
+skipped, changed or left-padded inputs never served from the store, and the cases it declines."""
 
 import pytest
 import torch
 
-from graftune import graft
-from graftune.speed.cache import FrozenPrefixCache
-from tests.conftest import first_tensor, text_inputs, tiny_bert, tiny_llama
+from graftune import AdapterModel, graft
+from graftune.speed.cache import FrozenPrefixCache, plan
+from tests.conftest import first_tensor, tiny_bert, tiny_llama
+
+
+def _inputs(lengths=(7, 5, 3), seed=1) -> dict:
+    """Right-padded rows of different lengths (as task.collate pads)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, 120, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def _counter(layer: torch.nn.Module) -> list:
+    """Counts the layer's real computations: calls of its first sublayer (the layer's own hooks still fire when
+    the cache makes it stand aside)."""
+    calls = []
+    next(layer.children()).register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def _grafted(build, **options):
+    model = graft(build(), "lora", **options)
+    with torch.no_grad():  # a non-zero update, so the adapted layer really changes the output
+        for p in model.trainable_parameters():
+            p.normal_(0, 0.1)
+    return model
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["bert", "llama"])
 def test_cached_forward_equals_plain_forward_and_skips_lower_layers(build):
-    model = graft(build(), "lora", top_k_layers=1)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.normal_(0, 0.1)
-    x = text_inputs()
+    model = _grafted(build, top_k_layers=1)
+    x = _inputs()
     cache = FrozenPrefixCache(model)
-    assert cache.enabled and cache.start == 1
+    assert cache.enabled and cache.start == 1, cache.note
+    mask = x["attention_mask"].bool()
 
     def loss_and_grads():
         model.zero_grad()
-        loss = first_tensor(model(**x)).float().pow(2).mean()
+        out = first_tensor(model(**x)).float()
+        loss = out[mask].pow(2).mean()  # padded positions are never read (pooling and losses mask them)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.trainable_parameters()]
 
     plain_loss, plain_grads = loss_and_grads()
-    calls = []
-    handle = cache.layers[0].register_forward_hook(lambda *a: calls.append(1))
-    for _ in range(2):  # first pass records, second replays
-        with cache.around(x["input_ids"], x["attention_mask"]):
+    lower, upper = _counter(cache.layers[0]), _counter(cache.layers[1])
+    with cache.attached():
+        for _ in range(3):  # first pass records, later ones replay
             loss, grads = loss_and_grads()
-        torch.testing.assert_close(loss, plain_loss, rtol=0, atol=1e-6)
-        for g, pg in zip(grads, plain_grads):
-            torch.testing.assert_close(g, pg, rtol=1e-5, atol=1e-7)
-    handle.remove()
-    assert (cache.misses, cache.hits) == (1, 1)
-    assert len(calls) == 1, "layer 0 must not run when its output is cached"
-    # changed inputs miss the cache (automatic invalidation)
-    y = dict(x, input_ids=x["input_ids"].flip(0))
-    with cache.around(y["input_ids"], y["attention_mask"]):
-        model(**y)
-    assert cache.misses == 2
+            torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+            for g, pg in zip(grads, plain_grads):
+                torch.testing.assert_close(g, pg, rtol=1e-4, atol=1e-6)
+    assert (cache.misses, cache.hits) == (1, 2)
+    assert len(lower) == 1 and len(upper) == 3, "layer 0 must run once; layer 1 every call"
+    assert len(cache.store) == 3 and cache.nbytes() == 4 * 32 * (7 + 5 + 3)
 
 
-def test_cache_disabled_when_an_adapter_sits_in_the_first_layer():
-    model = graft(tiny_bert(), "lora")
-    assert not FrozenPrefixCache(model).enabled
+def test_rows_are_keyed_by_their_tokens_in_any_batch():
+    model = _grafted(tiny_bert, top_k_layers=1)
+    cache = FrozenPrefixCache(model)
+    model.eval()
+    a, b = _inputs((6, 4), seed=2), _inputs((5,), seed=3)
+    with torch.no_grad(), cache.attached():
+        model(**a), model(**b)
+        assert cache.misses == 2
+        # a new batch made of the same rows in another order and padding width is served from the store
+        rows = [a["input_ids"][1, :4], b["input_ids"][0, :5], a["input_ids"][0, :6]]
+        mixed = {"input_ids": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                 "attention_mask": torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long)
+                                                                    for r in rows], batch_first=True)}
+        got = model(**mixed).last_hidden_state
+        assert cache.hits == 1
+        # one changed token: a miss (never a stale row)
+        changed = {k: v.clone() for k, v in mixed.items()}
+        changed["input_ids"][0, 0] += 1
+        model(**changed)
+        assert cache.misses == 3
+        # left padding bypasses the cache: positions would depend on the padding
+        left = {"input_ids": mixed["input_ids"].flip(1), "attention_mask": mixed["attention_mask"].flip(1)}
+        model(**left)
+        assert cache.bypassed == 1
+    ref = model(**mixed).last_hidden_state
+    m = mixed["attention_mask"].bool()
+    torch.testing.assert_close(got[m], ref[m], rtol=1e-5, atol=1e-5)
+
+
+def test_fill_runs_only_the_lower_layers_and_verify_compares_with_plain():
+    model = _grafted(tiny_llama, top_k_layers=1)
+    cache = FrozenPrefixCache(model)
+    model.eval()
+    lower, upper = _counter(cache.layers[0]), _counter(cache.layers[1])
+    batches = [_inputs((7, 2), seed=4), _inputs((3,), seed=5)]
+    cache.fill(batches)
+    assert (len(lower), len(upper), len(cache.store)) == (2, 0, 3) and not cache.attached_now
+    ok, detail = cache.verify(lambda b: model(**b).logits, batches[0])
+    assert ok, detail
+    assert len(lower) == 3  # verify's plain reference; the cached calls skipped layer 0
+
+
+def test_head_only_caches_every_layer():
+    model = AdapterModel(tiny_bert())
+    cache = FrozenPrefixCache(model)
+    assert cache.start == 2 and "every layer" in cache.note
+    ok, detail = cache.verify(lambda b: model(**b).last_hidden_state, _inputs())
+    assert ok, detail
+
+
+def test_declines_what_it_cannot_cache():
+    assert plan(graft(tiny_bert(), "lora"))[0] is None  # every layer, layer 0 included
+    assert "layer 0" in plan(graft(tiny_bert(), "lora"))[1]
+    assert "inputs" in plan(graft(tiny_llama(), "prompt", num_virtual_tokens=2))[1]
+    assert "inputs" in plan(graft(tiny_llama(), "prefix", num_virtual_tokens=2))[1]
+    assert "outside" in plan(graft(tiny_bert(), "lora", targets=["word_embeddings"]))[1]
+    start, note = plan(graft(tiny_bert(), "topk", top_k_layers=1))
+    assert start == 1, note

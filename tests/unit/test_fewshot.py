@@ -152,6 +152,7 @@ def test_losses():
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_prefix_cache_reproduces_the_forward(family):
+    # contrastive_fit's cache is speed/cache.py's (tests/unit/test_cache.py); here: on fewshot's own batches
     tok = tokenizer()
     base = bert() if family == "bert" else tiny_llama()
     model = AdapterModel(base)
@@ -161,29 +162,32 @@ def test_prefix_cache_reproduces_the_forward(family):
     with torch.no_grad():  # a non-zero update, so the adapted layer really changes the output
         for p in model.adapters["a"].parameters():
             p.normal_(0, 0.1)
-    batch = fs._batch(tok, fs._tokenize(tok, TEXTS, 16), torch.device("cpu"))
-    cache, note = fs._PrefixCache.build(model, "a", batch)
-    assert cache is not None, note
-    rows = torch.tensor([5, 0, 7])
-    sub = {k: v[rows] for k, v in batch.items()}
+    ids = fs._tokenize(tok, TEXTS, 16)
+    cache, note = fs._prefix_cache(model, tok, ids, torch.device("cpu"))
+    assert cache is not None and note.startswith("layers 2..2" if family == "bert" else "layers 1..1"), note
+    assert len(cache.store) == len(TEXTS)
+    rows = [5, 0, 7]
+    sub = fs._batch(tok, [ids[i] for i in rows], torch.device("cpu"))
     with torch.no_grad():
+        got = fs.base_hidden(model, sub)
+        cache.detach()
         ref = fs.base_hidden(model, sub)
-        got = cache(rows)
+    assert cache.hits >= 1
     m = sub["attention_mask"].bool()
     assert torch.allclose(got[m], ref[m], atol=1e-5)
-    if family == "llama":
-        assert cache.post is not None  # the final norm was found
 
 
 def test_prefix_cache_declines_when_the_first_layer_is_adapted():
     tok = tokenizer()
     model = AdapterModel(bert())
     model.add_adapter("a", "lora")  # every layer
-    batch = fs._batch(tok, fs._tokenize(tok, TEXTS, 16), torch.device("cpu"))
-    cache, note = fs._PrefixCache.build(model, "a", batch)
-    assert cache is None and "first layer" in note
+    model.set_active("a")
+    ids = fs._tokenize(tok, TEXTS, 16)
+    cache, note = fs._prefix_cache(model, tok, ids, torch.device("cpu"))
+    assert cache is None and "layer 0" in note
     model.add_adapter("p", "lora", targets=["word_embeddings"])
-    assert fs._PrefixCache.build(model, "p", batch)[0] is None
+    model.set_active("p")
+    assert fs._prefix_cache(model, tok, ids, torch.device("cpu"))[0] is None
 
 
 # --- contrastive training --------------------------------------------------------------------------------------

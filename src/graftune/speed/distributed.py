@@ -47,12 +47,14 @@ class DistInfo:
     world_size: the number of processes (1: not distributed).
     local_rank: the index on this machine (picks the CUDA device).
     backend: ``gloo`` (CPU) or ``nccl`` (CUDA); empty when not distributed.
+    owned: this call of :func:`init_from_env` created the process group (so :func:`cleanup` is ours to call).
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     backend: str = ""
+    owned: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -88,9 +90,10 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), owned)
 
 
 def is_main() -> bool:
@@ -184,6 +187,18 @@ def all_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
+
+
+def broadcast(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable Python object: a val score, the final metrics); the value
+    itself when not distributed. Keeps decisions such as early stopping identical on every rank."""
+    if not info.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.backend == "nccl" else None)
+    return box[0]
 
 
 def describe(info: DistInfo) -> dict[str, Any]:

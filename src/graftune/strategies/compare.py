@@ -18,8 +18,10 @@ estimated from the runs done so far (seconds per training example of the same st
 strategies scaled by a rough cost factor), and a run that would not fit in the time left is skipped with a row
 saying so. The results go to ``results.json`` and ``report.html`` (tables, plots, a recommendation from the numbers).
 
-``choose_method`` is the quick version for ``train --method auto``: a few cheap candidates scored on a
-validation part carved from the training examples only, never from the test set.
+``auto_pick`` (and ``choose_method``, its ``(method, reason)`` form) is the quick version behind ``train --method
+auto``: a few cheap candidates scored on a validation part carved from the training examples only, never from the
+test set; ``resolve_auto`` turns a ``method: auto`` config into the one to train, with the evidence recorded.
+``format_summary`` is the plain-text table ``graftune compare`` prints.
 """
 
 from __future__ import annotations
@@ -302,13 +304,13 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     if not seed_list:
         raise ConfigError("seeds: use at least one seed")
     augment = list(dict.fromkeys(bool(a) for a in augment)) or [False]
-    settings = dict(settings or {})
+    settings = check_settings(settings)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     columns = {"text_column": text_column, "label_column": label_column}
 
     started = time.perf_counter()
     ds, user_test = _load(data, test, text_column, label_column)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no folder behind
     per_class = test_per_class or (None if user_test is not None else _test_per_class(ds, shots))
     data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
     frozen: _Frozen | None = None
@@ -387,6 +389,28 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     return rows
 
 
+#: RunConfig fields a comparison sets itself (per strategy, shots and seed): not settings
+_NOT_SETTINGS = ("model", "data", "method", "options", "seed", "shots", "out", "resume", "overwrite", "text_column",
+                 "label_column", "test", "test_size", "test_per_class", "val_size", "split_seed", "task", "auto",
+                 "auto_budget", "init_from", "stack_under")
+
+
+def check_settings(settings: dict | None) -> dict:
+    """The train() settings of a comparison (``--set epochs=3``), checked now rather than in every run."""
+    from dataclasses import fields
+
+    from graftune.config import RunConfig
+
+    settings = dict(settings or {})
+    known = [f.name for f in fields(RunConfig) if f.name not in _NOT_SETTINGS]
+    bad = sorted(k for k in settings if k not in known)
+    if bad:
+        raise ConfigError(f"settings: {', '.join(bad)} cannot be set for a comparison; use some of "
+                          f"{', '.join(known)}")
+    RunConfig(model="-", data="-", **{**TRAIN_DEFAULTS, **settings})  # bad values: one-line ConfigError
+    return settings
+
+
 def _replace_train(splits, train):
     from dataclasses import replace
 
@@ -446,6 +470,34 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     order = list(STRATEGIES)
     return sorted(out, key=lambda s: (s["shots"], order.index(s["strategy"]) if s["strategy"] in order else 99,
                                       s["augment"]))
+
+
+def format_summary(summary: Sequence[dict], rows: Sequence[dict] = ()) -> str:
+    """The summary as a plain-text table (mean +- std over seeds), then a line per kind of run that did not
+    finish (skipped for the budget, not applicable, failed)."""
+    lines = []
+    if summary:
+        width = max(len(_label(s)) for s in summary)
+        lines.append(f"{'shots':>5}  {'strategy':<{width}}  {'runs':>4}  {'accuracy':>15}  {'macro-F1':>15}  "
+                     f"{'train s':>8}  {'trained params':>14}")
+        for s in summary:
+            def spread(key, s=s):  # one seed: no spread to show
+                return f"{s[key]:>7.3f} +- {s[key + '_std']:.3f}" if s["runs"] > 1 else f"{s[key]:>7.3f}{'':>8}"
+
+            lines.append(f"{s['shots']:>5}  {_label(s):<{width}}  {s['runs']:>4}  {spread('accuracy'):>15}  "
+                         f"{spread('macro_f1'):>15}  {s['train_seconds']:>8.1f}  {s['trainable_params']:>14,}")
+    else:
+        lines.append("no run finished")
+    missed: dict[str, list[str]] = {}
+    for r in rows:
+        why = r.get("skipped") or (f"failed: {r['error']}" if "error" in r else None)
+        if why:
+            key = "skipped for the budget" if why.startswith("would exceed") else why
+            missed.setdefault(key, []).append(f"{_label(r)} shots={r['shots']} seed={r['seed']}")
+    for why, runs in missed.items():
+        shown = ", ".join(runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
+        lines.append(f"{len(runs)} run(s) {why}: {shown}")
+    return "\n".join(lines)
 
 
 def _label(s: dict) -> str:
@@ -512,50 +564,75 @@ AUTO_CANDIDATES = ("head", "lora", "topk")
 def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
                   text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
                   test_per_class: int | None = None, test: Any = None, max_length: int = 256,
-                  candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None) -> tuple[str, str]:
+                  candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
+                  split_args: dict | None = None, progress: bool = False) -> tuple[str, str]:
     """Pick a ``train --method`` for this model and data from a quick comparison, within ``budget_s``.
+    Returns ``(method, reason)``; ``auto_pick`` (same arguments) returns the whole record."""
+    record = auto_pick(model, data, budget_s=budget_s, shots=shots, seed=seed, text_column=text_column,
+                       label_column=label_column, test_size=test_size, test_per_class=test_per_class, test=test,
+                       max_length=max_length, candidates=candidates, train_fn=train_fn, split_args=split_args,
+                       progress=progress)
+    return record["method"], record["reason"]
 
-    The training examples are the ones ``train`` would use (the same seed, shots and test carving); a validation
-    part (a quarter, at least one per class) is carved from them, every candidate trains on the rest and is scored
-    on it; the test set is never looked at. ``head`` is scored as its LP-FT start (the logistic-regression probe),
-    ``lora`` and ``topk`` with 3 epochs. Candidates that would not fit in the budget left are skipped. Ties
-    (within 1 point) go to the cheaper candidate. Returns ``(method, reason)``.
+
+def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
+              text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
+              test_per_class: int | None = None, test: Any = None, max_length: int = 256,
+              candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
+              split_args: dict | None = None, settings: dict | None = None, progress: bool = False) -> dict:
+    """The quick comparison behind ``--method auto``, as a record: ``method``, ``reason`` (plain words with the
+    numbers), ``candidates`` (per candidate: validation macro-F1, accuracy, seconds, trainable parameters),
+    ``skipped``, the example counts and the budget. ``settings``: train() settings for the adapter candidates
+    (precision, batch_size, ...); they train 3 epochs.
+
+    The training examples are the ones ``train`` would use (``split_args``: ``RunConfig.split_args()``, else the
+    same seed, shots and test carving); a validation part (a quarter, at least one per class) is carved from them,
+    every candidate trains on the rest and is scored on it; the test set is never looked at. ``head`` is scored as
+    its LP-FT start (the logistic-regression probe), the adapter candidates with 3 epochs. A candidate estimated
+    not to fit in the budget left is skipped (the first adapter candidate is the measurement). The best macro-F1
+    wins; within 1 point, the faster candidate.
     """
     from graftune.data.splits import Splits, make_splits
 
     if train_fn is None:
         from graftune.train import train as train_fn
+    unknown = [c for c in candidates if c != "head" and c not in STRATEGIES]
+    if unknown or not candidates:
+        raise ConfigError(f"auto candidates: unknown {', '.join(unknown) or '(none given)'}; use head or some of "
+                          f"{', '.join(n for n, s in STRATEGIES.items() if s.kind == 'train')}")
     ds, user_test = _load(data, test, text_column, label_column)
-    full = make_splits(ds, seed=seed, test_size=test_size, val_size=0, shots=shots, test=user_test,
-                       test_per_class=test_per_class)
+    args = dict(split_args) if split_args else {"seed": seed, "test_size": test_size, "shots": shots,
+                                                 "test_per_class": test_per_class}
+    full = make_splits(ds, test=user_test, **{**args, "val_size": 0})
     fit_part, val_part = _carve_val(full.train, seed)
-    inner = Splits(train=fit_part, val=val_part.subset([]), test=val_part, seed=seed, shots=shots)
+    inner = Splits(train=fit_part, val=val_part.subset([]), test=val_part, seed=seed, shots=args.get("shots"))
+    say = print if progress else (lambda *a, **k: None)
     started = time.perf_counter()
     scores: dict[str, dict] = {}
     skipped: list[str] = []
-    settings = {"max_length": max_length, "epochs": 3}
+    settings = {**(settings or {}), "max_length": max_length, "epochs": 3}
     with tempfile.TemporaryDirectory(prefix="graftune-auto-") as scratch:
         for name in candidates:
             left = budget_s - (time.perf_counter() - started)
             per_example = [s["seconds"] / max(len(fit_part), 1) for s in scores.values() if s["method"] != "head"]
-            if per_example:
-                est = statistics.mean(per_example) * len(fit_part) * (1.2 if name == "topk" else 1.0)
-            else:
-                est = 0.0
+            cost = STRATEGIES["linear-probe" if name == "head" else name].cost
+            est = statistics.mean(per_example) * len(fit_part) * cost if per_example else 0.0
             if left <= 0 or est > left:
                 skipped.append(f"{name} (est. {est:.0f} s, {max(left, 0):.0f} s left)")
+                say(f"[auto] {name}: skipped, est. {est:.0f} s with {max(left, 0):.0f} s of the budget left")
                 continue
             t0 = time.perf_counter()
             if name == "head":
                 frozen = _Frozen(model, ds, max_length)
                 result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val", seed)
             else:
-                strategy = STRATEGIES[{"lora": "lora", "topk": "topk", "bottleneck": "bottleneck",
-                                       "ia3": "ia3"}[name]]
-                result = _run_train(strategy, model, str(data) if not hasattr(data, "inputs") else ds.origin,
+                result = _run_train(STRATEGIES[name], model, str(data) if not hasattr(data, "inputs") else ds.origin,
                                     inner, seed, settings, Path(scratch) / name,
                                     {"text_column": text_column, "label_column": label_column}, train_fn)
-            scores[name] = {**result, "method": name, "seconds": time.perf_counter() - t0}
+            result.pop("run_test_fingerprint", None)
+            scores[name] = {**result, "method": name, "seconds": round(time.perf_counter() - t0, 2)}
+            say(f"[auto] {name}: validation macro-F1 {result['macro_f1']:.3f}, accuracy {result['accuracy']:.3f} "
+                f"({scores[name]['seconds']:.0f} s)")
     if not scores:
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
     best = max(scores.values(), key=lambda s: s["macro_f1"])
@@ -567,13 +644,51 @@ def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int 
     if pick is best:
         reason += f"{pick['method']} scored best"
     else:
-        reason += (f"{pick['method']} is within {100 * WITHIN:.0f} point of the best ({best['method']}) and cheaper, "
+        reason += (f"{pick['method']} is within {100 * WITHIN:.0f} point of the best ({best['method']}) and faster, "
                    "so it is chosen")
     reason += (f". With only {len(val_part)} validation examples, differences of a few points are noise."
                if len(val_part) < 50 else ".")
     if skipped:
         reason += f" Skipped for the {budget_s:g} s budget: {', '.join(skipped)}."
-    return pick["method"], reason
+    keep = ("macro_f1", "accuracy", "seconds", "trainable_params")
+    return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
+            "seconds": round(time.perf_counter() - started, 2), "training_examples": len(full.train),
+            "validation_examples": len(val_part),
+            "candidates": {n: {k: s[k] for k in keep} for n, s in scores.items()}, "skipped": skipped}
+
+
+def resolve_auto(cfg, *, progress: bool = True, train_fn: Callable | None = None):
+    """``method: auto`` -> the config to train: the method ``auto_pick`` chose on ``cfg``'s own training examples
+    (same data, seed, shots, split settings, test file and max_length), with the options and learning rates it was
+    scored with (a learning rate the config sets away from its default is kept), and the record in ``cfg.auto``."""
+    from dataclasses import fields
+
+    from graftune.config import RunConfig
+
+    if cfg.method != "auto":
+        return cfg
+    if cfg.out and Path(cfg.out).exists() and not cfg.overwrite and not cfg.resume:
+        raise ConfigError(f"{cfg.out} already exists; choose another --out or pass --overwrite")
+    if cfg.task == "causal-lm":
+        raise ConfigError("method: auto picks among classification strategies; name a method for a causal-LM run "
+                          "(--method lora, say)")
+    record = auto_pick(cfg.model, cfg.data, budget_s=cfg.auto_budget, seed=cfg.seed, text_column=cfg.text_column,
+                       label_column=cfg.label_column, test=cfg.test, max_length=cfg.max_length,
+                       split_args=cfg.split_args(), progress=progress, train_fn=train_fn,
+                       settings={"precision": cfg.precision, "threads": cfg.threads, "batch_size": cfg.batch_size,
+                                 "grad_accum": cfg.grad_accum})
+    method = record["method"]
+    changes: dict[str, Any] = {"method": method, "options": {}}
+    if method != "head":
+        strategy = STRATEGIES[method]
+        changes["options"] = dict(strategy.options)
+        scored = {**TRAIN_DEFAULTS, **strategy.settings}
+        defaults = {f.name: f.default for f in fields(RunConfig)}
+        for key in ("lr", "head_lr"):  # what makes or breaks a method: train with the rates it was scored with
+            if getattr(cfg, key) == defaults[key]:
+                changes[key] = scored[key]
+    record["applied"] = {k: v for k, v in changes.items() if k != "method"}
+    return cfg.replace(**changes, auto=record)
 
 
 def _carve_val(train, seed: int):

@@ -21,8 +21,8 @@ What makes the adapter variant fast on a CPU (measured in ``bench/issue4_fewshot
 - a pair batch names at most ``2 * batch_size`` texts but often the same text twice: each distinct text is
   embedded once per step (the gradient is the same as embedding every occurrence);
 - with adapters only in the top layers, the layers below never change: their output for every training text
-  is computed once (no grad) and each step runs only the top layers (``_PrefixCache``, self-checked against
-  the plain forward, else not used);
+  is computed once (no grad) and each step runs only the top layers (``speed/cache.py``'s frozen-prefix cache,
+  the one ``train()`` uses; checked against the plain forward, else not used);
 - pairs are trained at a shorter ``max_length`` than the embeddings the head sees (``embed_max_length``);
 - the frozen base runs in bfloat16 where the CPU multiplies bf16 natively (``graftune.speed.precision``).
 """
@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftune.core import targets as _targets
-from graftune.core.model import MODEL_SITE, AdapterModel
+from graftune.core.model import AdapterModel
 from graftune.errors import ConfigError, DataError
 from graftune.speed import precision as _precision
+from graftune.speed.cache import FrozenPrefixCache
 from graftune.tasks import pad
 from graftune.tasks.classification import POOLINGS, base_hidden, pool
 
@@ -294,122 +294,26 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
     return per_anchor.mean()
 
 
-# --- frozen-prefix cache ---------------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: the layers above the cached point need not run while filling the cache."""
-
-
-def _rows(x: Any, idx: torch.Tensor, n: int) -> Any:
-    """Select batch rows ``idx`` from every tensor in ``x`` whose first dimension is the cached batch size."""
-    if torch.is_tensor(x):
-        return x[idx] if x.dim() > 0 and x.shape[0] == n else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_rows(v, idx, n) for v in x)
-    if isinstance(x, dict):
-        return {k: _rows(v, idx, n) for k, v in x.items()}
-    return x
-
-
-_FINAL_NORMS = ("norm", "model.norm", "ln_f", "transformer.ln_f", "final_layer_norm", "layernorm",
-                "encoder.layer_norm")
-
-
-class _PrefixCache:
-    """The hidden states entering the lowest adapted layer, for every training text, computed once.
-
-    Filling it runs the base with a pre-hook on that layer that records the layer's inputs (hidden states,
-    attention mask, position embeddings: whatever the architecture passes) and stops the forward there. A step
-    then feeds rows of the recorded hidden states to the adapted layers directly, with the same rows of the
-    recorded mask. The result must match the plain forward (checked on a few texts in eval mode, trying the
-    usual final norms after the last layer); where it does not, ``build`` returns None and training runs the
-    whole model.
-    """
-
-    def __init__(self, layers: list[nn.Module], post: nn.Module | None, hidden: torch.Tensor, args: tuple,
-                 kwargs: dict):
-        self.layers, self.post, self.hidden, self.args, self.kwargs = layers, post, hidden, args, kwargs
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        n = self.hidden.shape[0]
-        h = self.hidden[idx]
-        args, kwargs = _rows(self.args, idx, n), _rows(self.kwargs, idx, n)
-        for layer in self.layers:
-            out = layer(h, *args, **kwargs)
-            h = out[0] if isinstance(out, (tuple, list)) else out
-        return self.post(h) if self.post is not None else h
-
-    @classmethod
-    def build(cls, model: AdapterModel, adapter: str, batch: dict) -> tuple[_PrefixCache | None, str]:
-        info = model.info[adapter]
-        if info.method.site == "model" or MODEL_SITE in info.targets:
-            return None, "the adapter changes the model's inputs"
-        containers, lowest = set(), None
-        for t in info.targets:
-            i = _targets.layer_index(t)
-            if i is None:
-                return None, f"target {t} is outside the layer stack"
-            parts = t.split(".")
-            k = parts.index(str(i))
-            containers.add(".".join(parts[:k]))
-            lowest = i if lowest is None else min(lowest, i)
-        modules = dict(model.base.named_modules())
-        stack = modules.get(containers.pop()) if len(containers) == 1 else None
-        if not isinstance(stack, nn.ModuleList):
-            return None, "the adapted modules are not in one layer list"
-        if lowest == 0:
-            return None, "the adapter reaches the first layer: nothing below it to cache"
-        captured: dict = {}
-
-        def capture(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _Stop
-
-        layers = list(stack)[lowest:]
-        handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                base_hidden(model, batch)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if "args" not in captured or not captured["args"]:
-            return None, "could not record the adapted layer's inputs"
-        hidden, args = captured["args"][0].detach(), captured["args"][1:]
-        kwargs = dict(captured["kwargs"])
-        if "past_key_values" in kwargs:  # a decoder's key/value cache would grow with every replayed step
-            kwargs["past_key_values"] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        for post in [None, *[modules[n] for n in _FINAL_NORMS if n in modules]]:
-            cache = cls(layers, post, hidden, args, kwargs)
-            if cache._matches(model, batch):
-                return cache, f"layers {lowest}..{lowest + len(layers) - 1} run per step; the rest ran once"
-        return None, "replaying the top layers did not reproduce the plain forward"
-
-    def _matches(self, model: nn.Module, batch: dict) -> bool:
-        idx = torch.arange(min(3, self.hidden.shape[0]))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                sub = {k: v[idx] for k, v in batch.items()}
-                ref = base_hidden(model, sub).float()
-                got = self(idx).float()
-        except (TypeError, ValueError, RuntimeError, IndexError):  # the layers need more than was recorded
-            return False
-        finally:
-            model.train(was_training)
-        if got.shape != ref.shape:
-            return False
-        m = sub["attention_mask"].bool()
-        tol = 2e-2 if self.hidden.dtype in (torch.bfloat16, torch.float16) else 1e-4
-        return bool(((got - ref)[m].abs().max() <= tol * ref[m].abs().max()).item())
-
-
 # --- contrastive training --------------------------------------------------------------------------------------
+
+
+def _prefix_cache(am: AdapterModel, tokenizer: Any, ids: list[list[int]],
+                  device: torch.device) -> tuple[FrozenPrefixCache | None, str]:
+    """The frozen layers below the adapter, computed once per text and attached, if replaying them reproduces
+    the plain forward (call under the training autocast)."""
+    cache = FrozenPrefixCache(am)
+    if not cache.enabled:
+        return None, f"off ({cache.note})"
+    am.eval()
+    dtype = next(am.base.parameters()).dtype
+    ok, detail = cache.verify(lambda b: base_hidden(am, b), _batch(tokenizer, ids[:4], device),
+                              rtol=2e-2 if dtype != torch.float32 or torch.is_autocast_enabled(device.type) else 1e-4)
+    if not ok:
+        return None, f"off ({detail})"
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    cache.fill(_batch(tokenizer, [ids[i] for i in order[s:s + 64]], device) for s in range(0, len(order), 64))
+    cache.attach()
+    return cache, cache.note
 
 
 def _warmup_linear(step: int, total: int, warmup: float = 0.1) -> float:
@@ -527,20 +431,17 @@ def contrastive_fit(
         full = _batch(tokenizer, ids, device)
         prefix, cache_note = (None, "off (cache=False)")
         if cache and body == "adapter":
-            am.eval()
-            prefix, cache_note = _PrefixCache.build(am, name, full)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                prefix, cache_note = _prefix_cache(am, tokenizer, ids, device)
         left = getattr(tokenizer, "padding_side", "right") == "left"
 
         def encode(rows: torch.Tensor) -> torch.Tensor:
+            # the attached cache serves the layers below the adapter from memory
             mask = full["attention_mask"][rows]
-            if prefix is not None:
-                hidden = prefix(rows)
-            else:
-                width = int(mask.sum(1).max())
-                keep = slice(mask.shape[1] - width, None) if left else slice(0, width)
-                batch = {"input_ids": full["input_ids"][rows][:, keep], "attention_mask": mask[:, keep]}
-                hidden, mask = base_hidden(am, batch), batch["attention_mask"]
-            return pool(hidden, mask, pooling)
+            width = int(mask.sum(1).max())
+            keep = slice(mask.shape[1] - width, None) if left else slice(0, width)
+            batch = {"input_ids": full["input_ids"][rows][:, keep], "attention_mask": mask[:, keep]}
+            return pool(base_hidden(am, batch), batch["attention_mask"], pooling)
 
         optimizer = torch.optim.AdamW(params, lr=lr)
         steps_per_epoch = math.ceil(len(pairs) / batch_size)
@@ -573,6 +474,8 @@ def contrastive_fit(
                     if on_step is not None:
                         on_step({"step": step, "steps": total, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
         finally:
+            if prefix is not None:
+                prefix.detach()
             am.eval()
             am.set_trainable()
             am.set_active(*previous_active)

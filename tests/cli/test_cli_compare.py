@@ -1,0 +1,165 @@
+"""`graftune compare` and `graftune train --method auto` on a tiny random BERT and a synthetic 3-topic csv: the
+progress lines, the summary, the recommendation, the files, the pick and its evidence; bad input is one line and
+exit 2 (also in a real process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.config import RunConfig
+from graftune.errors import ConfigError
+from graftune.strategies import compare
+from tests.train_helpers import bert_folder, topic_csv, train_args
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-compare")
+    return {"bert": str(bert_folder(root / "bert")), "csv": str(topic_csv(root / "topics.csv", n_per_class=24)),
+            "root": root}
+
+
+def compare_args(tiny, out, *extra):
+    return ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out), "--seeds", "1",
+            "--set", "max_length=32", "--set", "epochs=1", "--set", "precision=fp32", *extra]
+
+
+def test_compare_prints_progress_summary_recommendation_and_paths(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, compare_args(tiny, out, "--shots", "2,4", "--strategies",
+                                             "linear-probe,prototypes,ia3", "--augment", "both"))
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    # one progress line per run, as it ends
+    for name in ("linear-probe", "prototypes", "ia3"):
+        for k in (2, 4):
+            for aug in (False, True):
+                assert f"[compare] {name} shots={k} seed=0 aug={aug}: accuracy " in text
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["rows"]) == 3 * 2 * 2 and all("accuracy" in r for r in saved["rows"])
+    # the summary table shows every (shots, strategy, augment) with the numbers of results.json
+    assert "shots  strategy" in text and "ia3 + aug" in text
+    ia3 = next(r for r in saved["rows"] if (r["strategy"], r["shots"], r["augment"]) == ("ia3", 4, False))
+    assert any(line.split()[:2] == ["4", "ia3"] and f"{ia3['accuracy']:.3f}" in line for line in text.splitlines())
+    assert "With 2 examples per class" in text and "With 4 examples per class" in text
+    assert f"results: {out / 'results.json'}" in text and f"report:  {out / 'report.html'}" in text
+    assert (out / "report.html").is_file()
+
+
+def test_compare_budget_skips_and_says_so(tiny, tmp_path):
+    result = runner.invoke(app, compare_args(tiny, tmp_path / "b", "--shots", "2", "--seeds", "3", "--strategies",
+                                             "prototypes", "--augment", "off", "--budget", "0.001"))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert "accuracy" in rows[0] and all("skipped" in r for r in rows[1:])  # the first run is the measurement
+    assert "would exceed budget" in result.stdout
+    assert "2 run(s) skipped for the budget: prototypes shots=2 seed=1, prototypes shots=2 seed=2" in result.stdout
+
+
+@pytest.mark.parametrize("case, changes, message", [
+    ("unknown strategy", ["--strategies", "lora,magic"], "strategies: unknown magic"),
+    ("bad shots list", ["--shots", "8,x"], "--shots '8,x'"),
+    ("zero shots", ["--shots", "0"], "--shots '0'"),
+    ("no seeds", ["--seeds", "0"], "seeds: use at least one seed"),
+    ("bad augment", ["--augment", "sometimes"], "--augment 'sometimes'"),
+    ("missing data", ["--data", "nope/missing.csv"], "no such file"),
+    ("unknown setting", ["--set", "rank=4"], "settings: rank cannot be set"),
+    ("bad setting value", ["--set", "epochs=0"], "epochs"),
+])
+def test_compare_bad_input_is_one_line(tiny, tmp_path, case, changes, message):
+    out = tmp_path / "bad"
+    args = compare_args(tiny, out, "--shots", "2")
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag in args and flag != "--set":
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert text.startswith("error: ") and len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert message in text, text
+    assert not out.exists()
+
+
+def test_compare_bad_input_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graftune", "compare", "--model", "minilm", "--data",
+                           str(tmp_path / "missing.csv"), "--shots", "8,16", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# --- train --method auto ------------------------------------------------------------------------------------------
+def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
+    out = tmp_path / "auto"
+    result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
+                                 "--method", "auto", "--budget", "120", "--shots", "4", "--epochs", "1",
+                                 "--max-length", "32", "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    record = saved["auto"]
+    picked = saved["method"]
+    assert picked == record["method"] and picked in compare.AUTO_CANDIDATES
+    # says which and why, with the evidence numbers of every candidate that ran
+    assert f"--method auto picked {picked}." in result.stdout
+    assert set(record["candidates"]) == set(compare.AUTO_CANDIDATES)
+    for name, c in record["candidates"].items():
+        assert f"{name} {c['macro_f1']:.3f}" in result.stdout
+    best = max(c["macro_f1"] for c in record["candidates"].values())
+    assert record["candidates"][picked]["macro_f1"] >= best - compare.WITHIN - 1e-9
+    assert record["training_examples"] == 12 and record["validation_examples"] == 3
+    # trained that method; metrics.json carries the record too
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == picked
+    assert json.loads((out / "metrics.json").read_text())["auto"] == record
+    # run.yaml repeats the run with the picked method (no new comparison)
+    assert RunConfig(**saved).method == picked
+
+
+class Scripted:
+    """A fake train(): the validation macro-F1 of each method is given; nothing else decides."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def __call__(self, cfg, *, progress=True, splits=None):
+        f1 = self.scores[cfg.method]
+        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
+
+
+@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "topk": 0.2}, "lora"),
+                                              ({"lora": 0.2, "topk": 0.99}, "topk")])
+def test_auto_follows_the_measured_evidence(tiny, tmp_path, scores, expected):
+    cfg = RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8))
+    resolved = compare.resolve_auto(cfg, progress=False, train_fn=Scripted(scores))
+    assert resolved.method == expected and resolved.auto["method"] == expected
+    assert resolved.auto["candidates"][expected]["macro_f1"] == pytest.approx(scores[expected])
+    assert resolved.options == compare.STRATEGIES[expected].options
+    # a learning rate set away from the default is the user's and is kept; the others are the scored ones
+    assert resolved.lr == 5e-3
+    assert resolved.head_lr == compare.TRAIN_DEFAULTS["head_lr"]
+
+
+def test_auto_refuses_what_it_cannot_honour(tiny, tmp_path):
+    base = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto")
+    with pytest.raises(ConfigError, match="need a named method"):
+        RunConfig(**base, options={"r": 4})
+    with pytest.raises(ConfigError, match="name the method"):
+        RunConfig(**base, init_from=str(tmp_path))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):  # before spending the budget
+        compare.resolve_auto(RunConfig(**{**base, "out": str(tmp_path / "taken")}), progress=False)
