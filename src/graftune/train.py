@@ -99,7 +99,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             model.set_active(name)
             model.set_trainable(name)
         head = task.build_head()
-        transfer = apply_transfer(cfg, model, name, head, ds.label_names, work)  # --init-from, --stack-under
+        transfer = apply_transfer(cfg, model, name, head, ds.label_names, work if main else None)  # rank 0 writes
         model.to(device)
         if head is not None:
             head.to(device)
@@ -260,7 +260,9 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 # --- the run directory ----------------------------------------------------------------------------------------
 def adapter_name(out: Path) -> str:
     """The saved adapter's name: the run directory's name, reduced to what adapter names allow."""
-    name = re.sub(r"[^A-Za-z0-9_\-]", "-", out.name).strip("-")[:64]
+    name = re.sub(r"[^A-Za-z0-9_\-]", "-", out.name).strip("-")[:60]
+    if name and hasattr(nn.Module, name):  # a run directory called cpu/, train/, ...: not a usable key
+        name += "-run"
     return name if name and name != "__base__" else "adapter"
 
 

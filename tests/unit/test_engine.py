@@ -439,3 +439,21 @@ def test_a_failure_on_a_later_target_attaches_nothing():
     assert torch.equal(_out(model, x), ref)
     ok = graft(copy.deepcopy(base), "lora", targets={"regex": r"(_conv_stem|_project_conv)$"})  # groups=1 only
     assert ok.info["default"].targets[0] == "_conv_stem"
+
+
+@pytest.mark.parametrize("name", ["cpu", "to", "train", "forward"])
+def test_names_that_shadow_module_attributes_are_refused_cleanly(name):
+    model = AdapterModel(tiny_bert())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="reserved"):
+        model.add_adapter(name, "lora")
+    assert model.info == {} and len(model.adapters) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_run_directory_named_like_a_module_attribute_still_names_its_adapter(tmp_path):
+    from graftune.train import adapter_name
+
+    assert adapter_name(tmp_path / "cpu") == "cpu-run"
+    assert adapter_name(tmp_path / "bbc news") == "bbc-news"
+    AdapterModel(tiny_bert()).add_adapter(adapter_name(tmp_path / "to"), "lora")

@@ -131,10 +131,10 @@ def load_stack(model, run_dir: str | Path, task_name: str | None) -> list[str]:
 
 
 # --- the hook train() calls ---------------------------------------------------------------------------------------
-def apply_transfer(cfg, model, name: str, head: nn.Module | None, label_names: list[str], work: Path) -> dict:
+def apply_transfer(cfg, model, name: str, head: nn.Module | None, label_names: list[str], work: Path | None) -> dict:
     """What ``init_from`` and ``stack_under`` ask of a new run, after its adapter and head are built; the frozen
-    adapter is copied into the run directory being written (``work``). Returns a record for metrics.json (empty
-    when neither is set)."""
+    adapter is copied into the run directory being written (``work``; None on the ranks of a data-parallel run
+    that do not write). Returns a record for metrics.json (empty when neither is set)."""
     from graftune.io.artifact import META_FILE, TENSORS_FILE
 
     record: dict = {}
@@ -142,9 +142,10 @@ def apply_transfer(cfg, model, name: str, head: nn.Module | None, label_names: l
     if cfg.stack_under:
         under = stack_under(model, task, cfg.stack_under)
         folder = source_dir(cfg.stack_under, "stack_under")
-        (work / UNDER_DIR).mkdir(exist_ok=True)
-        for file in (META_FILE, TENSORS_FILE):
-            shutil.copy2(folder / file, work / UNDER_DIR / file)
+        if work is not None:
+            (work / UNDER_DIR).mkdir(exist_ok=True)
+            for file in (META_FILE, TENSORS_FILE):
+                shutil.copy2(folder / file, work / UNDER_DIR / file)
         record.update(stack_under=str(cfg.stack_under), stack_under_method=model.info[under].method.name)
     if cfg.init_from:
         record.update(warm_start(model, name, cfg.init_from, head=head, label_names=label_names))
