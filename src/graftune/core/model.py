@@ -83,10 +83,10 @@ class AdapterModel(nn.Module):
         leaves the model as it was."""
         if not _NAME_RE.match(name or "") or name == routing.BASE:
             raise ConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-' (at most 64 characters)")
-        if hasattr(self.adapters, name):  # nn.ModuleDict keys may not shadow its attributes (cpu, to, train...)
-            raise ConfigError(f"adapter name {name!r} is reserved (a torch Module attribute); pick another name")
         if name in self.info:
             raise ConfigError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        if hasattr(nn.ModuleDict, name):  # nn.ModuleDict keys may not shadow its attributes (cpu, to, train...)
+            raise ConfigError(f"adapter name {name!r} is reserved (a torch Module attribute); pick another name")
         m = get_method(method) if isinstance(method, str) else method
         cfg = config if config is not None else make_config(m, **options)
         if not isinstance(cfg, m.config_cls):
