@@ -101,3 +101,29 @@ def train_args(model: Path, data: Path, out: Path, **extra) -> dict:
             "max_length": 32, "precision": "fp32"}
     args.update(extra)
     return args
+
+
+def image_folder(folder: Path, n_per_class: int = 10, seed: int = 0) -> Path:
+    """Two classes of noisy grey 20x20 PNGs (dark, light), one subfolder per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for label, value in (("dark", 40), ("light", 210)):
+        (folder / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = np.clip(rng.normal(value, 20, (20, 20)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    return folder
+
+
+def use_tiny_cnn(monkeypatch) -> None:
+    """Make ``zoo.load_base`` return a tiny random EfficientNet (32 px) whatever the name."""
+    from graftune import zoo
+
+    def tiny_cnn_base(name, task=None, dtype=torch.float32):
+        torch.manual_seed(0)
+        return zoo.Base(zoo.tiny_efficientnet(num_classes=5).eval().requires_grad_(False), None, "cnn", name,
+                        "memory", None, image_size=32)
+
+    monkeypatch.setattr(zoo, "load_base", tiny_cnn_base)

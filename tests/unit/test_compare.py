@@ -145,25 +145,12 @@ def test_choose_method_never_sees_the_test_set(tiny):
 
 
 def test_images_run_with_image_augmentation_and_skip_text_only_strategies(tmp_path, monkeypatch):
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from graftune import zoo
+    from tests.train_helpers import image_folder, use_tiny_cnn
 
-    rng = np.random.RandomState(0)
-    for label, value in (("dark", 40), ("light", 210)):
-        (tmp_path / "imgs" / label).mkdir(parents=True)
-        for i in range(8):
-            pixels = np.clip(rng.normal(value, 20, (20, 20)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
-
-    def tiny_cnn_base(name, task=None, dtype=torch.float32):
-        torch.manual_seed(0)
-        return zoo.Base(zoo.tiny_efficientnet(num_classes=5).eval().requires_grad_(False), None, "cnn", name,
-                        "memory", None, image_size=32)
-
-    monkeypatch.setattr(zoo, "load_base", tiny_cnn_base)
+    image_folder(tmp_path / "imgs", n_per_class=8)
+    use_tiny_cnn(monkeypatch)
     fake = FakeTrain()
     rows = run_compare("tiny-cnn", str(tmp_path / "imgs"), shots=(2,), seeds=1,
                        strategies=["linear-probe", "prototypes", "contrastive", "lora"], out_dir=tmp_path / "c",

@@ -151,24 +151,10 @@ def test_causal_lm_loss_goes_down(tiny, tmp_path):
 
 
 def test_image_classification_on_a_tiny_cnn(tmp_path, monkeypatch):
-    import numpy as np
-    from PIL import Image
+    from tests.train_helpers import image_folder, use_tiny_cnn
 
-    from graftune import zoo
-
-    rng = np.random.RandomState(0)
-    for label, value in (("dark", 40), ("light", 210)):
-        (tmp_path / "imgs" / label).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(rng.normal(value, 20, (20, 20)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
-
-    def tiny_cnn_base(name, task=None, dtype=torch.float32):
-        torch.manual_seed(0)
-        return zoo.Base(zoo.tiny_efficientnet(num_classes=5).eval().requires_grad_(False), None, "cnn", name,
-                        "memory", None, image_size=32)
-
-    monkeypatch.setattr(zoo, "load_base", tiny_cnn_base)
+    image_folder(tmp_path / "imgs", n_per_class=10)
+    use_tiny_cnn(monkeypatch)
     out = tmp_path / "img"
     m = train(RunConfig(model="tiny-cnn", data=str(tmp_path / "imgs"), method="lora", out=str(out), epochs=2,
                         batch_size=4, precision="fp32", val_size=0, test_size=0.3), progress=False)
