@@ -68,6 +68,9 @@ class RunConfig:
     cache: frozen-prefix cache (speed/cache.py): ``auto`` uses it when only the top of the network trains (a
         head-only run, adapters in the top layers only: ``--set top_k_layers=2``), ``on`` insists (an error says
         why it cannot apply), ``off`` never. The lower layers then run once per example instead of every epoch.
+    cache_max_mb: the cache's memory cap in MB (unset: a quarter of the memory free when training starts; see
+        ``speed.cache.default_max_bytes``). Rows past it are not stored and run through the whole base (same
+        result, less speed-up); ``metrics.json`` counts them (``rows_uncached_over_cap``).
     device: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. On CUDA: autocast
         (bf16 where supported, else fp16 with a gradient scaler) and pinned-memory batches.
     compile: ``torch.compile`` the base's layers (those that run every step); falls back to eager, with a
@@ -119,6 +122,7 @@ class RunConfig:
     metric: str = "macro_f1"
     precision: str = "auto"
     cache: str = "auto"
+    cache_max_mb: float | None = None
     device: str = "auto"
     compile: bool = False
     max_new_tokens: int = 64
@@ -170,6 +174,8 @@ class RunConfig:
 
         check(self.precision in CHOICES, "precision", f"got {self.precision!r}; use one of {', '.join(CHOICES)}")
         check(self.cache in CACHE_CHOICES, "cache", f"got {self.cache!r}; use one of {', '.join(CACHE_CHOICES)}")
+        check(self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb",
+              f"got {self.cache_max_mb}; use a positive number of megabytes, or leave it unset")
         check(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
               f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.task is not None:

@@ -65,8 +65,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
         cfg = resolve_auto(cfg, progress=progress)
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
-    device = resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                            local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = resolve_device(cfg.device, local_rank=distributed.local_rank(),
+                            local_processes=distributed.local_world_size())
     info = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     main = info.rank == 0  # only rank 0 writes the run directory
     out, work = _start_run_dir(cfg, write=main)
@@ -115,7 +115,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         val_examples = task.encode(splits.val.inputs) if len(splits.val) else []
         cache, cache_note = frozen_prefix_for_training(cfg.cache, model, run_task, head,
                                                        [train_examples, val_examples], policy=policy,
-                                                       base_dropout=cfg.base_dropout, kind=kind)
+                                                       base_dropout=cfg.base_dropout, kind=kind,
+                                                       max_mb=cfg.cache_max_mb)
         compile_note = _compile(model, run_task, head, train_examples, policy, cache) if cfg.compile else None
         if head is not None and cfg.head_init == "probe" and resume is None and transfer.get("init_head") != "loaded":
             # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
@@ -138,7 +139,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                                  "stopped": False}
         best_weights: dict[str, torch.Tensor] | None = None
         if resume is not None:
-            best_weights = _restore(resume, model, name, head, optimizer, scheduler, state)
+            best_weights = _restore(resume, model, name, head, optimizer, scheduler, state, scaler=scaler)
         log = _RunLog(work / "log.jsonl", cfg, resumed=resume is not None) if main else _NullLog()
         if resume is None:
             log.event("start", method=cfg.method, model=cfg.model, data=cfg.data, precision=policy.name,
@@ -211,7 +212,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                       val=_brief(val), seconds=time.perf_counter() - started)
             state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
             if main:
-                _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg)
+                _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg,
+                                  scaler=scaler)
             if state["stopped"]:
                 log.event("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
                 break
@@ -474,8 +476,9 @@ def _load_weights(weights: dict[str, torch.Tensor], model, name: str, head: nn.M
 
 
 def _write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, state: dict,
-                      best: dict | None, cfg: RunConfig) -> None:
-    """Everything needed to continue exactly: weights, optimizer moments, schedule, RNG, counters, best weights.
+                      best: dict | None, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Everything needed to continue exactly: weights, optimizer moments, schedule, RNG, counters, best weights,
+    and fp16's loss scale (a resumed run would otherwise restart at 65536 and skip steps finding it again).
     Tensors go to safetensors; the rest is JSON in the file's metadata. Written to a temporary file and renamed,
     so a crash leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
@@ -493,7 +496,7 @@ def _write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, 
                 opt_other.setdefault(str(pid), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"state": state, "param_groups": opt["param_groups"], "optim_other": opt_other,
-            "scheduler": scheduler.state_dict()}
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
     folder = work / CHECKPOINT
     folder.mkdir(exist_ok=True)
     tmp = folder / f".{CHECKPOINT_FILE}.tmp"
@@ -517,8 +520,10 @@ def _read_checkpoint(work: Path) -> dict:
     return meta
 
 
-def _restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: dict) -> dict | None:
-    """Put a checkpoint's weights, optimizer, schedule, RNG and counters back; return its best weights."""
+def _restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: dict,
+             scaler: torch.amp.GradScaler | None = None) -> dict | None:
+    """Put a checkpoint's weights, optimizer, schedule, loss scale, RNG and counters back; return its best
+    weights."""
     tensors = ckpt["tensors"]
     _load_weights({k[len("now."):]: v for k, v in tensors.items() if k.startswith("now.")}, model, name, head)
     opt_state: dict[int, dict] = {}
@@ -531,6 +536,8 @@ def _restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: di
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in ckpt["param_groups"]]
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):  # empty when the run has no loss scaling (not fp16)
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     state.update(ckpt["state"])
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}

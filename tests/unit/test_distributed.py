@@ -1,11 +1,13 @@
 """Data-parallel training (speed/distributed.py, wired into train()): ``torchrun --nproc_per_node 2 -m graftune
-train`` on CPU (gloo) ends with the same adapter and head weights as one process on the same global batches, and
-only the trainable parameters are all-reduced."""
+train`` and ``accelerate launch --multi_gpu --num_processes 2 -m graftune train`` on CPU (gloo) end with the same
+adapter and head weights as one process on the same global batches, only the trainable parameters are all-reduced,
+and processes started with only MPI's rank variables (accelerate's mpirun mode) join one group."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from graftune.config import RunConfig
+from graftune.errors import ConfigError
 from graftune.speed import distributed
 from graftune.speed.distributed import DistInfo
 from graftune.train import train
@@ -60,33 +63,53 @@ def test_wrap_reduces_only_the_adapter_and_head(tmp_path):
         dist.destroy_process_group()
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path):
-    model, data = bert_folder(tmp_path / "bert"), topic_csv(tmp_path / "topics.csv", n_per_class=12)
-    # batch 7: the two shards of a global batch are unequal (3 and 4), so loss_weight matters; the adapter sits in
-    # the top layer only, so the frozen-prefix cache runs under DDP too; no dropout, so both runs draw nothing;
-    # one thread everywhere, so that matrix products sum in the same order (Adam magnifies last-bit differences)
-    args = {"model": str(model), "data": str(data), "epochs": 2, "batch_size": 7, "lr": 5e-3, "max_length": 32,
-            "precision": "fp32", "dropout": 0.0, "options": {"top_k_layers": 1}, "threads": 1,
-            "device": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "graftune", "train", "--model", args["model"], "--data", args["data"], "--out", str(tmp_path / "ddp"),
-           "--epochs", "2", "--batch-size", "7", "--lr", "5e-3", "--max-length", "32", "--precision", "fp32",
-           "--dropout", "0", "--set", "top_k_layers=1", "--threads", "1", "--device", "cpu", "--quiet", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+# --- two processes under a launcher vs one process ----------------------------------------------------------------
+# batch 7: the two shards of a global batch are unequal (3 and 4), so loss_weight matters; the adapter sits in the
+# top layer only, so the frozen-prefix cache runs under DDP too; no dropout, so both runs draw nothing; one thread
+# everywhere, so that matrix products sum in the same order (Adam magnifies last-bit differences)
+RUN = {"epochs": 2, "batch_size": 7, "lr": 5e-3, "max_length": 32, "precision": "fp32", "dropout": 0.0,
+       "options": {"top_k_layers": 1}, "threads": 1, "device": "cpu"}
+RUN_FLAGS = ["--epochs", "2", "--batch-size", "7", "--lr", "5e-3", "--max-length", "32", "--precision", "fp32",
+             "--dropout", "0", "--set", "top_k_layers=1", "--threads", "1", "--device", "cpu", "--quiet", "--json"]
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate starts N processes through torchrun only with --multi_gpu (--cpu --num_processes 2 starts one);
+    # on a machine without a GPU (and with --device cpu anywhere) they train on the CPU with gloo. Every value is
+    # given, so no accelerate config file is read or needed; port 0: a free one
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: ``train()`` in this process on the tiny BERT and topic data the launched runs also read."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    model, data = bert_folder(tmp / "bert"), topic_csv(tmp / "topics.csv", n_per_class=12)
     threads = torch.get_num_threads()
     try:
-        single = train(RunConfig(**args, out=str(tmp_path / "one")), progress=False)
+        metrics = train(RunConfig(model=str(model), data=str(data), **RUN, out=str(tmp / "one")), progress=False)
     finally:
         torch.set_num_threads(threads)
+    return model, data, metrics, load_file(tmp / "one" / "adapter" / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_match_one_process(launcher, one_process, tmp_path):
+    model, data, single, want = one_process
+    cmd = [*LAUNCHERS[launcher], "-m", "graftune", "train", "--model", str(model), "--data", str(data),
+           "--out", str(tmp_path / "ddp"), *RUN_FLAGS]
+    # HF_HOME: accelerate would read a default config file under it; the test must not depend on the machine's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["speed"]["processes"] == 2 and single["speed"]["processes"] == 1
     assert ddp["speed"]["cache"].startswith("on:") and ddp["steps"] == single["steps"]
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
-    got, want = load_file(tmp_path / "ddp" / "adapter" / "adapter.safetensors"), \
-        load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
+    got = load_file(tmp_path / "ddp" / "adapter" / "adapter.safetensors")
     assert got.keys() == want.keys() and any(k.startswith("__head__.") for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -94,3 +117,46 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events].count("start") == 1
     assert next(e for e in events if e["event"] == "speed")["processes"] == 2
+
+
+# each process: join the group from the environment, then average its rank + 1 over the group
+_JOIN = """
+from graftune.speed import distributed
+info = distributed.init_from_env("gloo")
+print(info.rank, info.world_size, info.local_rank, distributed.all_mean(info.rank + 1.0, info), flush=True)
+distributed.cleanup()
+"""
+
+
+def test_mpi_variables_alone_form_the_group():
+    """What mpirun (accelerate launch --cpu --mpirun_hostfile) gives each process: Open MPI's rank variables and
+    accelerate's rendezvous address, no RANK or WORLD_SIZE. Two processes started so must form one group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    procs = [subprocess.Popen([sys.executable, "-c", _JOIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**base, "OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert sorted(out.split() for out, _ in outs) == [["0", "2", "0", "1.5"], ["1", "2", "1", "1.5"]]
+
+
+def test_launcher_variables(monkeypatch):
+    for k in (*distributed.SIZE_KEYS, *distributed.LOCAL_RANK_KEYS, *distributed.LOCAL_SIZE_KEYS):
+        monkeypatch.delenv(k, raising=False)
+    assert not distributed.launched() and distributed.local_rank() == 0 and distributed.local_world_size() == 1
+    monkeypatch.setenv("PMI_SIZE", "1")  # a one-task MPI or Slurm job is not distributed
+    assert not distributed.launched()
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("MPI_LOCALRANKID", "3")
+    assert distributed.launched() and distributed.local_rank() == 3
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's names win over MPI's
+    assert not distributed.launched()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_PORT"):
+        distributed.init_from_env("gloo")

@@ -27,6 +27,10 @@ Correctness rests on a few facts, each checked:
   layers are in eval mode (``train()`` uses the cache only without ``base_dropout``);
 - :meth:`FrozenPrefixCache.verify` compares a cached forward with the plain one on a real batch before use.
 
+Memory is capped (``max_mb``; unset: :func:`default_max_bytes`). A row that would take the store past the cap is
+not stored: every call that holds it runs the whole base, as without the cache (still correct, just not faster),
+and ``stats()`` counts such rows in ``rows_uncached_over_cap``.
+
 ``fewshot.contrastive_fit`` and ``train()`` both use this class.
 """
 
@@ -95,14 +99,31 @@ def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def default_max_bytes(device: torch.device) -> int:
+    """The cap when none is given: a quarter of the memory free now where the rows live (the GPU's for a model on
+    CUDA; else RAM, split among the processes a launcher started on this machine). The cache only saves time, so
+    it must never be what runs the machine out of memory: the other three quarters stay for the model, a training
+    step's activations, the optimizer and whatever else runs. A quarter of 8 GB free holds MiniLM's fp32 hidden
+    states for 5,000 texts of 256 tokens."""
+    import psutil
+
+    from graftune.speed.distributed import local_world_size
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return psutil.virtual_memory().available // 4 // local_world_size()
+
+
 class FrozenPrefixCache:
     """Per-example hidden states leaving layer ``start - 1`` (see the module docstring).
 
     Use ``cache.attach()`` ... ``cache.detach()`` (or ``with cache.attached():``) around the model calls to serve;
     ``cache.enabled`` is False (with the reason in ``cache.note``) when the model cannot be cached. ``hits``,
-    ``misses`` and ``bypassed`` count model calls; ``nbytes()`` is the memory held."""
+    ``misses`` and ``bypassed`` count model calls; ``nbytes()`` is the memory held, never more than ``max_mb``
+    megabytes (unset: :func:`default_max_bytes` for the model's device); ``over_cap`` holds the keys of the rows
+    left uncached because of it."""
 
-    def __init__(self, model: AdapterModel, start: int | None = None):
+    def __init__(self, model: AdapterModel, start: int | None = None, *, max_mb: float | None = None):
         self.model = model
         found = layer_stack(model.base)
         self.layers = found[0] if found else None
@@ -114,6 +135,12 @@ class FrozenPrefixCache:
             self.start, self.note = start, describe(start, len(self.layers))
         self.store: dict[bytes, torch.Tensor] = {}
         self.hits = self.misses = self.bypassed = 0
+        if max_mb is not None and max_mb <= 0:
+            raise ConfigError(f"cache max_mb: got {max_mb}; use a positive number of megabytes")
+        device = next(model.parameters(), torch.empty(0)).device
+        self.max_bytes = int(max_mb * 1e6) if max_mb is not None else default_max_bytes(device)
+        self.over_cap: set[bytes] = set()
+        self._bytes = 0
         self._handles: list = []
         self._pending: list[tuple[int, bytes, int]] | None = None  # rows a running miss call must store
         self._patched: list[tuple[nn.Module, object]] = []
@@ -129,11 +156,12 @@ class FrozenPrefixCache:
         return bool(self._handles)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.store.values())
+        return self._bytes
 
     def stats(self) -> dict:
         return {"examples": len(self.store), "mb": round(self.nbytes() / 1e6, 2), "hits": self.hits,
-                "misses": self.misses, "bypassed": self.bypassed}
+                "misses": self.misses, "bypassed": self.bypassed, "max_mb": round(self.max_bytes / 1e6, 2),
+                "rows_uncached_over_cap": len(self.over_cap)}
 
     # --- hooks -----------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -162,6 +190,8 @@ class FrozenPrefixCache:
 
     def clear(self) -> None:
         self.store.clear()
+        self.over_cap.clear()
+        self._bytes = 0
 
     def _rows(self, args: tuple, kwargs: dict) -> tuple[list[bytes], list[int]] | None:
         """Keys and real lengths of the call's rows, or None when this call must bypass the cache."""
@@ -223,7 +253,12 @@ class FrozenPrefixCache:
         # training step may later save them for backward
         with torch.inference_mode(False), torch.no_grad():
             for r, key, n in self._pending:
+                size = n * h[r, 0].numel() * h.element_size()
+                if self._bytes + size > self.max_bytes:
+                    self.over_cap.add(key)  # runs uncached (the whole base) whenever a call holds it
+                    continue
                 self.store[key] = h[r, :n].clone()
+                self._bytes += size
         self._pending = None
         if self._stop:
             raise _Stop
@@ -295,6 +330,9 @@ class FrozenPrefixCache:
             if attached:
                 self.attach()
         if self.hits == hits:
+            if self.over_cap:
+                return False, (f"the cache's memory cap ({self.max_bytes / 1e6:g} MB) cannot hold the "
+                               f"{len(batch['input_ids'])} rows it is checked on; raise cache_max_mb")
             return False, "the batch bypassed the cache (left-padded or with position ids)"
         mask = batch.get("attention_mask")
         if got.dim() == 3 and mask is not None and got.shape[:2] == mask.shape:
@@ -312,12 +350,14 @@ class FrozenPrefixCache:
 # --- in the training loop ---------------------------------------------------------------------------------------
 def frozen_prefix_for_training(mode: str, model: AdapterModel, task, head: nn.Module | None,
                                example_sets: list[list[dict]], *, policy, base_dropout: bool, kind: str,
-                               batch_size: int = 64) -> tuple[FrozenPrefixCache | None, str]:
+                               batch_size: int = 64,
+                               max_mb: float | None = None) -> tuple[FrozenPrefixCache | None, str]:
     """``train()``'s cache: decide (``mode``: auto, on, off), check, store ``example_sets`` (the encoded train and
     val examples) and attach. Returns the attached cache, or None, and a note saying what was decided and why.
 
     ``task``: the task whose ``collate`` and ``forward`` the loop uses (batches on the training device);
-    ``policy``: the precision policy (stored hidden states are computed under its autocast, as training's)."""
+    ``policy``: the precision policy (stored hidden states are computed under its autocast, as training's);
+    ``max_mb``: the cache's memory cap (unset: :func:`default_max_bytes`)."""
     from graftune.tasks import batches
 
     if mode == "off":
@@ -328,7 +368,7 @@ def frozen_prefix_for_training(mode: str, model: AdapterModel, task, head: nn.Mo
     elif base_dropout:
         why = "base_dropout is on, so the frozen layers are random while training"
     else:
-        cache = FrozenPrefixCache(model)
+        cache = FrozenPrefixCache(model, max_mb=max_mb)
         why = None if cache.enabled else cache.note
     examples = [e for group in example_sets for e in group]
     if why is None and examples:
@@ -357,4 +397,5 @@ def frozen_prefix_for_training(mode: str, model: AdapterModel, task, head: nn.Mo
         for m, was in modes:
             m.training = was
     cache.attach()
-    return cache, f"on: {cache.note} ({len(cache.store)} examples, {cache.nbytes() / 1e6:.1f} MB)"
+    over = f"; {len(cache.over_cap)} rows over the {cache.max_bytes / 1e6:g} MB cap run uncached" if cache.over_cap else ""
+    return cache, f"on: {cache.note} ({len(cache.store)} examples, {cache.nbytes() / 1e6:.1f} MB{over})"

@@ -1,8 +1,16 @@
 """Data-parallel training beyond one process: DistributedDataParallel over the adapter and head only.
 
-Run a training script under ``torchrun --nproc_per_node N script.py`` or ``accelerate launch script.py``; both
-set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, which :func:`init_from_env`
-reads. Each process loads the same frozen base from disk, computes its share of every global batch, and DDP
+Run a training script under a launcher; :func:`init_from_env` reads what it sets:
+
+- ``torchrun --nproc_per_node N`` and ``accelerate launch --multi_gpu --num_processes N`` (accelerate hands these
+  to torchrun; ``--multi_gpu`` is what asks for N processes, and they train on the CPU with gloo where there is
+  no GPU or with ``--device cpu``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+  Without ``--multi_gpu`` (``accelerate launch --cpu --num_processes N``) accelerate starts ONE process;
+- ``accelerate launch --cpu --mpirun_hostfile FILE --num_processes N`` (accelerate's multi-CPU mode, through
+  mpirun): the MPI rank and size (``PMI_RANK``/``PMI_SIZE`` from Intel MPI and MPICH, ``OMPI_COMM_WORLD_*`` from
+  Open MPI, ``MV2_COMM_WORLD_*`` from MVAPICH), with ``MASTER_ADDR`` and ``MASTER_PORT`` from accelerate.
+
+Each process loads the same frozen base from disk, computes its share of every global batch, and DDP
 all-reduces (averages) the gradients before the optimizer step, so every rank ends each step with the same
 weights as one process training on the whole global batch.
 
@@ -37,7 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# where each launcher puts a process's place, first match wins: torchrun's names, then the MPI launchers'
+RANK_KEYS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+SIZE_KEYS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_KEYS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_KEYS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -67,9 +80,24 @@ class DistInfo:
         return torch.device("cpu")
 
 
+def env_int(keys: Sequence[str], default: int) -> int:
+    """The first of ``keys`` set in the environment, as an int; ``default`` when none is."""
+    return next((int(os.environ[k]) for k in keys if os.environ.get(k, "").strip()), default)
+
+
 def launched() -> bool:
-    """True when a launcher (torchrun, accelerate launch) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (torchrun, accelerate launch, mpirun) started this process as one of several."""
+    return env_int(SIZE_KEYS, 1) > 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (0 when not launched)."""
+    return env_int(LOCAL_RANK_KEYS, 0)
+
+
+def local_world_size() -> int:
+    """The number of processes on this machine (1 when not launched)."""
+    return env_int(LOCAL_SIZE_KEYS, 1)
 
 
 def init_from_env(backend: str | None = None) -> DistInfo:
@@ -80,20 +108,21 @@ def init_from_env(backend: str | None = None) -> DistInfo:
 
     if not launched():
         return DistInfo()
-    missing = [k for k in ENV_KEYS if k not in os.environ]
+    missing = [k for k in RENDEZVOUS_KEYS if k not in os.environ]
     if missing:
         from graftune.errors import ConfigError
 
         raise ConfigError(f"distributed: {', '.join(missing)} not set; start the script with torchrun "
-                          "--nproc_per_node N or accelerate launch")
+                          "--nproc_per_node N or accelerate launch --multi_gpu --num_processes N")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local = local_rank()
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local)
     owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), owned)
+    if owned:  # rank and size passed explicitly: under mpirun only the MPI names are set
+        dist.init_process_group(backend=backend, init_method="env://", rank=env_int(RANK_KEYS, 0),
+                                world_size=env_int(SIZE_KEYS, 1))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), owned)
 
 
 def is_main() -> bool:
