@@ -1,4 +1,4 @@
-"""Inference speed: graftune merged (bf16 frozen weights) vs PEFT unmerged fp32, same trained LoRA and head.
+"""Inference speed: graftune merged (bf16 frozen weights, or int8) vs PEFT unmerged fp32, same trained LoRA and head.
 
 One LoRA (r=8, alpha=16, query/value) and a mean-pooled Linear head are trained with graftune on the 16-shot BBC
 split (``make_splits(ds, seed=0, test_per_class=100, shots=16)``; a short training: the point is the same weights
@@ -10,6 +10,10 @@ on both sides, not the best accuracy), exported with ``graftune.io.peft_format.e
 - ``peft-fp32-sorted``: the same with graftune's length-sorted batches (to separate the batching gain);
 - ``merged-int8-dynamic`` (--int8, exploratory: not a graftune feature): the merged weights copied into a plain
   model and quantized with ``torch.ao.quantization.quantize_dynamic`` (int8 Linear layers), fp32 elsewhere;
+- ``graftune-int8``: the feature (``graftune eval/predict --quantize int8``): the LoRA saved with ``save_adapter``,
+  loaded onto a fresh fp32 base, merged and quantized with ``graftune.speed.quantize.quantize_int8`` (per-channel
+  int8 Linear layers, fp32 elsewhere, no autocast): the steps of ``load_run(RUN_DIR, quantize="int8")``;
+  length-sorted batches (--skip-graftune-int8 leaves it out);
 - ``graftune``: ``merge()``d, frozen weights cast to bf16 once (``precision.choose("auto", inference=True)``),
   autocast bf16, length-sorted batches (``tasks.batches``).
 
@@ -45,13 +49,16 @@ def main():
     from transformers import AutoModel, AutoTokenizer
 
     from graftune import AdapterModel
+    from graftune.io.artifact import load_adapter, save_adapter
     from graftune.io.peft_format import export_peft
+    from graftune.speed.quantize import quantize_int8
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also time torch dynamic int8 on the merged weights")
     ap.add_argument("--skip-sorted", action="store_true", help="leave out peft-fp32-sorted")
+    ap.add_argument("--skip-graftune-int8", action="store_true", help="leave out graftune-int8")
     ap.add_argument("--out", default="bench/out/issue5/inference.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -93,6 +100,16 @@ def main():
         export_peft(model, "a", tmp)
         pm = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(folder), tmp).eval()
 
+    # --- graftune int8: what load_run(RUN_DIR, quantize="int8") does, on the saved adapter ----------------------
+    int8_model = None
+    if not args.skip_graftune_int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(model, "a", Path(tmp) / "adapter")
+            int8_model = AdapterModel(AutoModel.from_pretrained(folder).eval())
+            int8_model.set_active(load_adapter(int8_model, Path(tmp) / "adapter").name)
+        int8_model.merge(*int8_model.active)
+        quantize_int8(int8_model)
+
     def peft_predict(sort: bool, ix: list[int]):
         preds = torch.empty(len(texts), dtype=torch.long)
         order = sorted(ix, key=lambda i: -len(texts[i])) if sort else list(ix)
@@ -132,20 +149,22 @@ def main():
     # the timed part includes tokenization on both sides. Interleaved ABBA over the two halves of the test set:
     # half 1: peft, peft-sorted, graftune; half 2: graftune, peft-sorted, peft. Each side sees all 500 articles
     # once; its time is the sum over the halves (so load drift hits both sides alike).
-    def int8_predict(ix: list[int]):
+    def int8_predict(ix: list[int], qmodel: nn.Module):  # fp32 activations: no autocast (int8 layers need fp32)
         enc = task.encode([texts[i] for i in ix])
         preds = torch.empty(len(enc), dtype=torch.long)
         with torch.no_grad():
             for idx in batches(enc, [len(e["input_ids"]) for e in enc], BATCH):
                 b = task.collate([enc[i] for i in idx])
-                h = qbase(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                h = qmodel(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
                 preds[idx] = head(pool(h, b["attention_mask"], "mean").float()).argmax(-1)
         return preds
 
     runs = {"peft-fp32": lambda ix: peft_predict(False, ix), "peft-fp32-sorted": lambda ix: peft_predict(True, ix),
             "graftune": graftune_predict}
     if qbase is not None:
-        runs["merged-int8-dynamic"] = int8_predict
+        runs["merged-int8-dynamic"] = lambda ix: int8_predict(ix, qbase)
+    if int8_model is not None:
+        runs["graftune-int8"] = lambda ix: int8_predict(ix, int8_model)
     if args.skip_sorted:
         del runs["peft-fp32-sorted"]
     half = len(texts) // 2
@@ -166,6 +185,11 @@ def main():
            **({"ratio_int8_vs_peft": round(secs["peft-fp32"] / secs["merged-int8-dynamic"], 2),
                "accuracy_diff_int8_points": round(100 * (acc["merged-int8-dynamic"] - acc["peft-fp32"]), 2)}
               if qbase is not None else {}),
+           **({"ratio_graftune_int8_vs_peft": round(secs["peft-fp32"] / secs["graftune-int8"], 2),
+               "accuracy_diff_graftune_int8_points": round(100 * (acc["graftune-int8"] - acc["peft-fp32"]), 2),
+               "prediction_agreement_graftune_int8": float((preds["graftune-int8"] == preds["peft-fp32"])
+                                                           .float().mean())}
+              if int8_model is not None else {}),
            "prediction_agreement": float((preds["graftune"] == preds["peft-fp32"]).float().mean()),
            "articles": len(texts), "max_length": MAX_LEN, "batch": BATCH, "train_epochs": args.train_epochs,
            "loadavg_start": la0, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}

@@ -229,6 +229,10 @@ def _int_list(value: str, flag: str) -> list[int]:
 
 
 # --- eval, predict, generate ------------------------------------------------------------------------------------
+_QUANTIZE_HELP = ("none or int8: the base's Linear layers as int8 for faster CPU inference (runs whose adapters "
+                  "merge: LoRA, IA3, BitFit, head; docs/speed.md).")
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -239,6 +243,7 @@ def eval_(
     prompt_column: str | None = typer.Option(None),
     response_column: str | None = typer.Option(None),
     batch_size: int = typer.Option(32, min=1),
+    quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Score a run: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (classification),
@@ -246,7 +251,8 @@ def eval_(
     from graftune.evaluate import evaluate_run
 
     m = evaluate_run(run_dir, data=data, text_column=text_column, label_column=label_column,
-                     prompt_column=prompt_column, response_column=response_column, batch_size=batch_size)
+                     prompt_column=prompt_column, response_column=response_column, batch_size=batch_size,
+                     quantize=quantize)
     if as_json:
         typer.echo(json.dumps(m, indent=2))
         return
@@ -281,6 +287,7 @@ def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (image files for image runs).")] = None,
     input_file: str | None = typer.Option(None, "--input", help="A .txt (one per line), .jsonl or .csv file."),
     text_column: str = typer.Option("text", help="The text column of a .jsonl/.csv --input."),
+    quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: label and probabilities."),
 ):
     """Classify texts with a trained run: the label and the probability of every class."""
@@ -290,7 +297,7 @@ def predict(
 
     if not texts and not input_file:
         raise DataError("nothing to predict: pass texts after RUN_DIR or --input FILE")
-    run = load_run(run_dir, expect="classifier")
+    run = load_run(run_dir, expect="classifier", quantize=quantize)
     inputs = list(texts or [])
     if run.kind == "image":
         inputs = [read_image(t) for t in inputs]
@@ -313,13 +320,14 @@ def generate(
     run_dir: Annotated[str, typer.Argument(help="A causal-LM run directory.")],
     prompts: Annotated[list[str], typer.Argument(help="Prompts to answer.")],
     max_new_tokens: int | None = typer.Option(None, min=1, help="(default: the run's max_new_tokens)"),
+    quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: prompt and answer."),
 ):
     """Answer prompts with a causal-LM run (greedy decoding)."""
     from graftune.evaluate import generate as run_generate
     from graftune.evaluate import load_run
 
-    run = load_run(run_dir, expect="causal-lm")
+    run = load_run(run_dir, expect="causal-lm", quantize=quantize)
     for prompt, answer in zip(prompts, run_generate(run, prompts, max_new_tokens=max_new_tokens)):
         typer.echo(json.dumps({"prompt": prompt, "answer": answer}) if as_json else answer)
 

@@ -2,7 +2,8 @@
 directory (``graftune eval / predict / generate``).
 
 A run directory is loaded back from its own ``run.yaml`` (which base, which task settings) and ``adapter/``
-(the adapter, the head and the label names); LoRA-like adapters are merged into the (bf16) weights for speed.
+(the adapter, the head and the label names); LoRA-like adapters are merged into the (bf16) weights for speed, or,
+with ``quantize="int8"``, into float32 weights whose Linear layers then become dynamic int8 (``speed/quantize.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from graftune.config import RunConfig, build_config
-from graftune.errors import ArtifactError, DataError
+from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, Task, batches, build_task
 from graftune.tasks.classification import classification_metrics, decide, probabilities
@@ -153,15 +154,24 @@ class LoadedRun:
     multi_label: bool
     policy: precision.Precision
     meta: dict
+    quantize: str = "none"
 
 
-def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None,
+             quantize: str | None = None) -> LoadedRun:
     """Load ``RUN_DIR`` (``run.yaml`` + ``adapter/``) onto its base model, in eval mode. ``expect``
-    (``classifier`` or ``causal-lm``) fails before any model is loaded when the run is of the other kind."""
+    (``classifier`` or ``causal-lm``) fails before any model is loaded when the run is of the other kind.
+    ``quantize="int8"``: merge the adapters into the float32 weights and make the base's Linear layers dynamic
+    int8 (``speed/quantize.py``; runs without bf16 autocast; refused for adapters that cannot be merged). Only
+    the model in memory changes, never the run directory."""
     from graftune.core.model import AdapterModel
     from graftune.io.artifact import load_adapter, read_head_state, read_meta
+    from graftune.speed import quantize as quantization
     from graftune.zoo import load_base
 
+    quantize = quantization.check_choice(quantize)
+    if quantize != "none" and not merge:
+        raise ConfigError(f"quantize {quantize} needs the adapters merged: drop merge=False")
     run_dir = Path(run_dir)
     if not (run_dir / "run.yaml").is_file() or not (run_dir / "adapter").is_dir():
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
@@ -193,23 +203,28 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
         head = task.build_head()
         head.load_state_dict(state)
         head.eval()
-    policy = precision.choose(cfg.precision, inference=True)
+    # int8 layers take float32 only: the rest of an int8 model stays float32, without autocast
+    policy = precision.choose("fp32" if quantize == "int8" else cfg.precision, inference=True)
     precision.apply(model.base, policy)
     if merge and model.active and all(model.info[n].method.capabilities.mergeable for n in model.active):
         model.merge(*model.active)
+    if quantize == "int8":
+        quantization.quantize_int8(model)
     model.eval()
-    return LoadedRun(cfg, kind, task, model, head, label_names, multi_label, policy, meta)
+    return LoadedRun(cfg, kind, task, model, head, label_names, multi_label, policy, meta, quantize)
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, prompt_column: str | None = None,
-                 response_column: str | None = None, batch_size: int = 32, generate: bool = True) -> dict:
+                 response_column: str | None = None, batch_size: int = 32, generate: bool = True,
+                 quantize: str | None = None) -> dict:
     """Metrics of a run on ``data`` (every example), or, without ``data``, on the run's own test split (rebuilt
-    from run.yaml: same data, seed and split settings)."""
+    from run.yaml: same data, seed and split settings). ``quantize="int8"``: see :func:`load_run`; the metrics
+    then say ``"quantize": "int8"``."""
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, quantize=quantize)
     cfg = run.cfg
     columns = {"text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column,
                "prompt_column": prompt_column or cfg.prompt_column,
@@ -220,15 +235,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         ds = make_splits(ds, test=test, **cfg.split_args()).test
     else:
         ds = load_data(data, task=run.kind, **columns)
+    quantized = {"quantize": run.quantize} if run.quantize != "none" else {}
     if run.kind == "causal-lm":
         return score_causal_lm(run.task, run.model, ds.inputs, batch_size=min(batch_size, 8), policy=run.policy,
-                               generate=generate, max_new_tokens=cfg.max_new_tokens)
+                               generate=generate, max_new_tokens=cfg.max_new_tokens) | quantized
     unseen = sorted({n for lab in ds.labels for n in (lab if ds.multi_label else (lab,))} - set(run.label_names))
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
     return score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
-                                policy=run.policy)
+                                policy=run.policy) | quantized
 
 
 def _columns(cfg: RunConfig) -> dict:
