@@ -6,7 +6,8 @@ autocast on this CPU); one is compiled with ``graftune.speed.compilation.compile
 calls; the check call, one forward + backward, is timed as the compile cost). Then blocks of STEPS training steps
 (forward, backward, AdamW) on the same real BBC batches (16 articles, max_length tokens, graftune's collate)
 alternate: eager, compiled, eager, compiled, ...; the median step of each side is compared. The machine is
-shared: compare the ratio, not the seconds.
+shared: compare the ratio, not the seconds. Dynamo's own counts are reported too: graphs compiled (recompiles
+included), graph breaks, and how often it gave up on a frame at its recompile limit (then that frame runs eager).
 
     .venv/bin/python bench/issue5_compile.py [--blocks 3] [--steps 4] [--max-length 128]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +26,19 @@ import torch
 
 def loadavg() -> list[str]:
     return Path("/proc/loadavg").read_text().split()[:3]
+
+
+class RecompileLimitHits(logging.Handler):
+    """Counts dynamo's 'hit config.recompile_limit' warnings (each: one frame left to run eager from then on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "recompile_limit" in msg:
+            self.hits.append(msg.splitlines()[0])
 
 
 def main():
@@ -42,6 +57,10 @@ def main():
     ap.add_argument("--out", default="bench/out/issue5/compile.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from torch._dynamo.utils import counters
+
+    limit_hits = RecompileLimitHits()
+    logging.getLogger("torch._dynamo").addHandler(limit_hits)
     la0 = loadavg()
     ds = load_data("bbc-news")
     splits = make_splits(ds, seed=0, shot_seed=0, test_per_class=100, shots=16, val_size=0)
@@ -83,7 +102,9 @@ def main():
     t = time.perf_counter()
     ok, note = compile_layers(stacks[1][1].base, check=lambda: step(stacks[1], 0))
     compile_s = time.perf_counter() - t
-    print(f"{note}; check call {compile_s:.1f} s; batch shapes {shapes}; loadavg {la0}", flush=True)
+    graphs_at_check = counters["stats"]["unique_graphs"]
+    print(f"{note}; check call {compile_s:.1f} s ({graphs_at_check} graphs); batch shapes {shapes}; loadavg {la0}",
+          flush=True)
     # warm-up both over every batch shape once (later compiled shapes may recompile: counted apart)
     warm = {}
     for name, stack in (("eager", stacks[0]), ("compiled", stacks[1])):
@@ -107,11 +128,15 @@ def main():
     out = {"compiled": ok, "note": note, "backend": backend(), "check_call_s": round(compile_s, 1),
            "warmup_pass_s": {n: round(v, 1) for n, v in warm.items()},
            "median_step_s": {n: round(v, 3) for n, v in med.items()},
+           "step_s": {n: [round(t, 2) for t in v] for n, v in times.items()},
            "eager_over_compiled": round(med["eager"] / med["compiled"], 3),
            "steps_each": len(times["eager"]), "batch_shapes": shapes, "max_length": args.max_length,
            "precision": policy.name, "loadavg_start": la0, "loadavg_end": loadavg(),
            "break_even_steps": (round(compile_s / (med["eager"] - med["compiled"]))
-                                if med["eager"] > med["compiled"] else None)}
+                                if med["eager"] > med["compiled"] else None),
+           "dynamo": {"graphs_check_call": graphs_at_check, "graphs_total": counters["stats"]["unique_graphs"],
+                      "graph_breaks": {k.splitlines()[0]: v for k, v in counters["graph_break"].items()},
+                      "recompile_limit_hits": limit_hits.hits}}
     print(json.dumps(out, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -48,12 +48,15 @@ class AdapterInfo:
 
 
 class _Site:
-    """One hooked target module and the adapters attached to it, in attachment order."""
+    """One hooked target module and the adapters attached to it: name -> that adapter's module for this target, in
+    attachment order. The hook holds the modules themselves, not a key into ``AdapterModel.adapters``: under
+    ``torch.compile`` a per-target key string is a guard that differs at every target, so the hook's code, shared
+    by all targets, would be recompiled once per target (and run eager past dynamo's recompile limit)."""
 
     def __init__(self, module: nn.Module, kind: str):
         self.module = module
         self.kind = kind
-        self.names: list[str] = []
+        self.adapters: dict[str, nn.Module] = {}
         self.handle = None
 
 
@@ -121,7 +124,7 @@ class AdapterModel(nn.Module):
         if m.site in ("output", "input"):
             modules_by_name = dict(self.base.named_modules())
             for t in names:
-                self._site(t, modules_by_name[t], m.site_for(t, cfg)).names.append(name)
+                self._site(t, modules_by_name[t], m.site_for(t, cfg)).adapters[name] = modules[site_key(t)]
         return info
 
     def _site(self, tname: str, module: nn.Module, kind: str) -> _Site:
@@ -130,9 +133,9 @@ class AdapterModel(nn.Module):
             site = _Site(module, kind)
             # with_kwargs: some blocks are called with keyword inputs only (transformers' attention modules)
             if kind == "output":
-                site.handle = module.register_forward_hook(self._output_hook(tname, site), with_kwargs=True)
+                site.handle = module.register_forward_hook(self._output_hook(site), with_kwargs=True)
             else:
-                site.handle = module.register_forward_pre_hook(self._input_hook(tname, site), with_kwargs=True)
+                site.handle = module.register_forward_pre_hook(self._input_hook(site), with_kwargs=True)
             self._sites[key] = site
         return self._sites[key]
 
@@ -143,9 +146,9 @@ class AdapterModel(nn.Module):
         self.set_active(*[n for n in self._active if n != name])
         for key in list(self._sites):
             site = self._sites[key]
-            if name in site.names:
-                site.names.remove(name)
-                if not site.names:
+            if name in site.adapters:
+                del site.adapters[name]
+                if not site.adapters:
                     site.handle.remove()
                     del self._sites[key]
         del self.adapters[name]
@@ -252,42 +255,42 @@ class AdapterModel(nn.Module):
         rows = None if route.rows is None else _remap(route, model_site)
         return method.prepare(mods, rows, self.base, kwargs, generating=generating)
 
-    def _output_hook(self, tname: str, site: _Site):
-        key = site_key(tname)
-
+    # The hooks run inside compiled layers too (``compile: true``): dynamo traces them, guarding on what they read
+    # (the route's names, ``site.adapters``' keys, ``self._merged``), so a change of the active, merged or attached
+    # adapters recompiles once and takes effect at once. Targets share the hooks' code and read nothing that differs
+    # between them but module objects, so one compiled layer serves every layer.
+    def _output_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
             route = routing.current() or Route(self._active)
-            here = [n for n in route.names if n in site.names and n not in self._merged]
+            here = [n for n in route.names if n in site.adapters and n not in self._merged]
             if not here:
                 return None
             y = output[0] if isinstance(output, tuple) else output
             x = args[0] if args else next(iter(kwargs.values()), None)
-            y = self._apply_adapters(route, here, key, x, y)
+            y = self._apply_adapters(route, here, site, x, y)
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
         return hook
 
-    def _input_hook(self, tname: str, site: _Site):
-        key = site_key(tname)
-
+    def _input_hook(self, site: _Site):
         def hook(module, args, kwargs):
             route = routing.current() or Route(self._active)
-            here = [n for n in route.names if n in site.names and n not in self._merged]
+            here = [n for n in route.names if n in site.adapters and n not in self._merged]
             if not here:
                 return None
             if args:
-                return (self._apply_adapters(route, here, key, args[0]), *args[1:]), kwargs
+                return (self._apply_adapters(route, here, site, args[0]), *args[1:]), kwargs
             first = next(iter(kwargs))
-            return args, {**kwargs, first: self._apply_adapters(route, here, key, kwargs[first])}
+            return args, {**kwargs, first: self._apply_adapters(route, here, site, kwargs[first])}
 
         return hook
 
-    def _apply_adapters(self, route: Route, here: list[str], key: str, *xs):
+    def _apply_adapters(self, route: Route, here: list[str], site: _Site, *xs):
         """Apply adapters ``here`` at one site: in order for a uniform batch, by row for a mixed one."""
         if route.rows is None:
             out = xs[-1]
             for n in here:
-                out = self.adapters[n][key](*xs[:-1], out)
+                out = site.adapters[n](*xs[:-1], out)
             return out
         # mixed batch: each row has at most one adapter; group by method so each group is one batched call
         out = xs[-1]
@@ -296,7 +299,7 @@ class AdapterModel(nn.Module):
             by_method.setdefault(self.info[n].method.name, []).append(n)
         for names in by_method.values():
             method = self.info[names[0]].method
-            out = method.forward_mixed([self.adapters[n][key] for n in names], _remap(route, names), *xs[:-1], out)
+            out = method.forward_mixed([site.adapters[n] for n in names], _remap(route, names), *xs[:-1], out)
         return out
 
     # --- merging -------------------------------------------------------------------------------------------

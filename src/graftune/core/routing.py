@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,18 +26,28 @@ class Route:
 
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("graftune_route", default=None)
+# torch.compile (dynamo) cannot read a ContextVar: each adapter hook in a compiled layer would break the graph there.
+# It does trace a thread-local's attribute, and guards on its value in the calling thread. ``routed`` keeps this
+# copy in step with the context variable, and code being compiled reads it. The two can differ only when asyncio
+# tasks interleave ``routed`` blocks in one thread; AdapterModel's forward sets its route and runs the base without
+# awaiting in between.
+_TRACED = threading.local()
 
 
 def current() -> Route | None:
+    if torch.compiler.is_compiling():
+        return getattr(_TRACED, "route", None)
     return _ROUTE.get()
 
 
 @contextlib.contextmanager
 def routed(route: Route | None):
     token = _ROUTE.set(route)
+    previous, _TRACED.route = getattr(_TRACED, "route", None), route
     try:
         yield
     finally:
+        _TRACED.route = previous
         _ROUTE.reset(token)
 
 

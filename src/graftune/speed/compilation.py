@@ -7,8 +7,10 @@ keeps standing the cached layers aside, and those are not compiled at all (after
 
 Compilation happens lazily, at the first call, and fails in many ways (no C++ compiler for the CPU backend, an
 operation dynamo cannot trace), so :func:`compile_layers` runs a check call at once and, on any failure, puts
-the layers back to eager and says why. Adapters attach through forward hooks and a context variable; dynamo
-traces through them or breaks the graph there, which is slower but correct.
+the layers back to eager and says why. Adapters attach through forward hooks, which dynamo traces into the layer's
+graph (no graph break); they read nothing that differs between targets but module objects, so one compiled graph
+serves every layer (``core/model.py``, ``tests/unit/test_compile_hooks.py``). A change of the active, merged or
+attached adapters fails a guard and recompiles once.
 
 The backend is ``inductor`` (torch's default); the environment variable ``GRAFTUNE_COMPILE_BACKEND`` picks
 another (``aot_eager`` or ``eager`` to debug, or to test the wiring quickly).
