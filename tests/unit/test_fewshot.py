@@ -61,6 +61,29 @@ def test_embed_shape_order_normalization_and_padding():
     assert not model.training
 
 
+def test_long_texts_are_read_as_token_weighted_windows():
+    model, tok = bert(), tokenizer()
+    # one window per text when it fits: the same as plain truncation
+    assert torch.allclose(fs.embed(model, tok, TEXTS, max_chunks=3), fs.embed(model, tok, TEXTS, max_chunks=1),
+                          atol=1e-6)
+    # 6 + 6 + 3 body tokens with max_length 8 ([CLS] ... [SEP] takes 2): three windows
+    first, second, third = "the cat eats food in the", "sky and the sea of a", "dog runs in"
+    long_text = f"{first} {second} {third}"
+    parts = fs.embed(model, tok, [first, second, third], max_length=8, max_chunks=1)
+    expected = torch.nn.functional.normalize((parts * torch.tensor([[6.0], [6.0], [3.0]])).sum(0), dim=0)
+    assert torch.allclose(fs.embed(model, tok, [long_text], max_length=8, max_chunks=3)[0], expected, atol=1e-5)
+    # max_chunks bounds the windows read; max_chunks=1 truncates to the first window
+    two = fs.embed(model, tok, [long_text, TEXTS[0]], max_length=8, max_chunks=2)
+    assert torch.allclose(two[0], torch.nn.functional.normalize(parts[:2].sum(0), dim=0), atol=1e-5)
+    assert torch.allclose(fs.embed(model, tok, [long_text], max_length=8, max_chunks=1)[0], parts[0], atol=1e-5)
+    # the chunked text does not disturb its neighbours in the batch
+    assert torch.allclose(two[1], fs.embed(model, tok, [TEXTS[0]])[0], atol=1e-5)
+    with pytest.raises(ConfigError, match="max_chunks"):
+        fs.embed(model, tok, TEXTS, max_chunks=0)
+    with pytest.raises(ConfigError, match="max_length"):
+        fs.embed(model, tok, TEXTS, max_length=2, max_chunks=2)
+
+
 def test_embed_with_an_adapter_model_and_errors():
     model, tok = AdapterModel(bert()), tokenizer()
     assert torch.allclose(fs.embed(model, tok, TEXTS[:3]), fs.embed(model.base, tok, TEXTS[:3]), atol=1e-6)
