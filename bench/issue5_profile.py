@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over a few MiniLM training steps (batch 16 x 128 real BBC
-tokens), graftune's CPU policy (frozen weights bf16 + bf16 autocast) vs fp32, for one method, and the PEFT
-equivalent under bf16 autocast. Prints the top operators by self CPU time (diagnosis for bench/RESULTS.md).
+tokens), graftune's CPU policy (``precision.choose("bf16")``: frozen weights bf16, bf16 autocast, batched-matmul
+attention in training) vs fp32, for one method, and the PEFT equivalent under plain bf16 autocast over its float32
+base. Prints the top operators by self CPU time (diagnosis for bench/RESULTS.md).
 
     .venv/bin/python bench/issue5_profile.py [--method lora] [--steps 2]
 """
@@ -55,7 +56,8 @@ def main():
                peft.IA3Config(target_modules=r".*(\.key|\.value|layer\.\d+\.output\.dense)$",
                               feedforward_modules=r".*layer\.\d+\.output\.dense$"))
         model = peft.get_peft_model(AutoModel.from_pretrained(folder), cfg).eval()
-        return model, [p for p in model.parameters() if p.requires_grad], precision.choose("bf16")
+        plain_autocast = precision.Precision("bf16", None, torch.bfloat16, "cpu")  # what a PEFT user writes
+        return model, [p for p in model.parameters() if p.requires_grad], plain_autocast
 
     for label, (model, params, pol) in (("graftune bf16", graftune_stack("bf16")),
                                         ("graftune fp32", graftune_stack("fp32")),

@@ -81,7 +81,7 @@ def test_test_size_counts_stay_counts():
 def test_policy_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     auto = precision.choose("auto")
-    assert auto.name == "bf16" and auto.autocast_dtype == torch.bfloat16 and auto.frozen_dtype is None
+    assert auto.name == "bf16" and auto.autocast_dtype == torch.bfloat16 and auto.frozen_dtype == torch.bfloat16
     assert precision.choose("auto", inference=True).frozen_dtype == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.choose("auto").name == "fp32"

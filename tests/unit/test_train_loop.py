@@ -170,8 +170,9 @@ def test_image_classification_on_a_tiny_cnn(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
 def test_every_method_trains_and_predicts_in_bf16(method, tiny, tmp_path):
-    """The default CPU policy: bf16 autocast in training, and a bf16 frozen base for inference (LoRA-like adapters
-    merged into it): each method's adapter must cope with both, and the run must load back."""
+    """The default CPU policy: a bf16 frozen base under bf16 autocast in training (batched-matmul attention), and a
+    bf16 frozen base for inference (LoRA-like adapters merged into it): each method's adapter must cope with both,
+    and the run must load back."""
     options = {"top_k_layers": 1} if method == "topk" else {}
     out = tmp_path / "r"
     m = train(RunConfig(**train_args(tiny["bert"], tiny["csv"], out, method=method, options=options,

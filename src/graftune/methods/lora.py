@@ -106,10 +106,13 @@ class LoraModule(nn.Module):
         return d.T if self.kind in ("conv1d", "embedding") else d
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B A dropout(x), computed in the adapter's dtype."""
+        """s * B A dropout(x), computed in the adapter's dtype; under CPU autocast x keeps its dtype, since
+        autocast runs these products in bf16 anyway (a bf16 x would otherwise go to float32 and back)."""
         if self.kind == "embedding":
             return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
-        x = self.dropout(x.to(self.lora_A.dtype))
+        if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            x = x.to(self.lora_A.dtype)
+        x = self.dropout(x)
         if self.kind == "conv2d":
             return F.conv2d(F.conv2d(x, self.lora_A, **self.conv), self.lora_B) * self.scaling
         return (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
