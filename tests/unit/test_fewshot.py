@@ -246,7 +246,7 @@ def test_contrastive_is_seeded_and_the_cache_changes_nothing():
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
 
 
-@pytest.mark.parametrize("variant", ["full", "supcon", "topk", "prototype-head", "bf16"])
+@pytest.mark.parametrize("variant", ["full", "supcon", "topk", "prototype-head", "bf16", "full-bf16"])
 def test_contrastive_variants(variant):
     base, tok = bert(), tokenizer()
     kw = dict(FAST)
@@ -258,6 +258,8 @@ def test_contrastive_variants(variant):
         kw.update(method="topk", method_options={"top_k_layers": 1})
     elif variant == "prototype-head":
         kw.update(head="prototype")
+    elif variant == "full-bf16":
+        kw.update(body="full", lr=1e-3, precision="bf16")
     else:
         kw.update(precision="bf16")
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -267,8 +269,12 @@ def test_contrastive_variants(variant):
     if variant in ("full", "topk", "supcon"):
         after = base.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-    if variant == "bf16":
+    if variant in ("bf16", "full-bf16"):
+        # the report must not claim what did not happen: the frozen base really is bf16, the trained weights fp32
         assert m.report["precision"] == "bf16"
+        assert all(p.dtype == torch.float32 for p in m.model.adapters[m.adapter].parameters())
+    if variant == "bf16":
+        assert all(p.dtype == torch.bfloat16 for p in m.model.base.parameters() if p.is_floating_point())
 
 
 def test_contrastive_on_an_existing_adapter_model_and_a_decoder():

@@ -423,8 +423,9 @@ def contrastive_fit(
         temperature: the supervised contrastive loss's temperature.
         head: ``logistic`` (scikit-learn, inverse regularization ``head_c``) or ``prototype``.
         pooling: ``mean``, ``last`` or ``cls``; default: the zoo base's, else ``mean``.
-        precision: ``auto``, ``fp32`` or ``bf16`` (``graftune.speed.precision``). With an adapter body, bf16
-            casts the frozen base's weights to bfloat16 in place; the full body stays float32 (autocast in bf16).
+        precision: ``auto``, ``fp32`` or ``bf16`` (``graftune.speed.precision``), applied as ``train()`` does:
+            bf16 casts the base's frozen weights to bfloat16 in place (trainable ones, the full body's copies
+            included, stay float32) and runs every step under the policy's autocast.
         cache: compute the frozen layers below the adapter once (used only where it reproduces the plain forward).
         adapter_name: name of the new adapter (made unique if taken).
         on_step: called after every step with ``{"step", "steps", "loss", "lr"}``.
@@ -462,13 +463,9 @@ def contrastive_fit(
         previous_active = am.active
         am.set_active(name)
         am.set_trainable(name)
+        # as train() does: frozen weights cast once (trainable ones stay float32), steps under the policy's autocast
         policy = _precision.choose(precision, _device(am))
-        autocast = None
-        if policy.name != "fp32":
-            if body == "adapter" and am.info[name].method.site != "params":
-                _precision.apply(am.base, policy)
-            else:  # trainable copies of base weights stay float32: bf16 compute comes from autocast
-                autocast = policy.autocast_dtype or policy.frozen_dtype
+        _precision.apply(am.base, policy)
         params = am.trainable_parameters()
 
         # every text tokenized once; each step pads only its own rows (or reads the cache)
@@ -477,7 +474,7 @@ def contrastive_fit(
         full = _batch(tokenizer, ids, device)
         prefix, cache_note = (None, "off (cache=False)")
         if cache and body == "adapter":
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            with policy.autocast():
                 prefix, cache_note = _prefix_cache(am, tokenizer, ids, device)
         left = getattr(tokenizer, "padding_side", "right") == "left"
 
@@ -505,7 +502,7 @@ def contrastive_fit(
                     # each distinct text of the batch is embedded once; pairs index into those embeddings
                     uniq, inverse = torch.unique(chunk[:, :2], return_inverse=True)
                     distinct += len(uniq)
-                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    with policy.autocast():
                         emb = encode(uniq).float()
                     if loss == "cosine":
                         value = cosine_pair_loss(emb[inverse[:, 0]], emb[inverse[:, 1]], chunk[:, 2].float())
