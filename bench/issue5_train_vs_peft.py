@@ -28,6 +28,11 @@ steady-state epoch time (median over epochs 2..E) for the per-epoch ratio. The t
 back; the pair order alternates. The machine is shared, so compare ratios, not absolute seconds.
 
     .venv/bin/python bench/issue5_train_vs_peft.py [--epochs 3] [--max-length 128] [--only lora,ia3,prefix,top2]
+        [--seeds 0,1,2]
+
+``--only topK@E`` trains graftune-topK for E epochs instead of --epochs (time to accuracy: the cached top layers
+make an epoch cheap, so more of them fit in PEFT's time). ``--seeds``: the training seed (head init, batch order,
+adapter init) of both sides; the split stays the same (seed 0); a summary gives each side's mean over seeds.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ PRECISION = "auto"  # --precision: graftune's precision option (auto: bf16 autoc
 
 
 def run_graftune(method: str, splits, epochs: int, max_len: int, *, top_k: int | None = None,
-                 cache: str = "auto") -> dict:
+                 cache: str = "auto", tag: str = "") -> dict:
     """graftune's own train(): the product, as `graftune train` runs it."""
     from graftune.config import RunConfig
     from graftune.train import train
@@ -187,7 +192,7 @@ def run_graftune(method: str, splits, epochs: int, max_len: int, *, top_k: int |
     trained_s = ep[-1] - t0_wall  # train() start .. last epoch's checkpoint written
     epoch_s = [b - a for a, b in zip([start, *ep[:-1]], ep, strict=True)]
     side = ("graftune" + (f"-top{top_k}" if top_k else "") + ("-nocache" if cache == "off" else "")
-            + ("" if PRECISION == "auto" else f"-{PRECISION}"))
+            + ("" if PRECISION == "auto" else f"-{PRECISION}") + tag)
     return {"side": side, "method": method, "trained_s": round(trained_s, 2),
             "setup_s": round(start - t0_wall, 2), "epoch_s": [round(e, 2) for e in epoch_s],
             "loop_s": metrics["train_seconds"], "test_s": round(total_s - trained_s, 2),
@@ -214,23 +219,41 @@ def main():
     ap.add_argument("--nocache", action="store_true", help="also run top-K without the cache")
     ap.add_argument("--out", default="bench/out/issue5/train_vs_peft.jsonl")
     ap.add_argument("--precision", default="auto", help="graftune's precision option (PEFT keeps bf16 autocast)")
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (the split stays seed 0)")
     args = ap.parse_args()
     global PRECISION
     PRECISION = args.precision
+    results = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        results += run_seed(args, seed)
+    if len({r.get("seed") for r in results}) > 1:
+        print("\nmean over seeds (accuracy, trained s, steady epoch s):")
+        for side in dict.fromkeys((r["side"], r["method"]) for r in results if "error" not in r):
+            rs = [r for r in results if (r.get("side"), r.get("method")) == side]
+            print(f"  {side[0]}/{side[1]} ({len(rs)} seeds): acc {100 * statistics.mean(r['accuracy'] for r in rs):.1f} "
+                  f"(min {100 * min(r['accuracy'] for r in rs):.1f}, max {100 * max(r['accuracy'] for r in rs):.1f}), "
+                  f"trained {statistics.mean(r['trained_s'] for r in rs):.1f} s, "
+                  f"epoch {statistics.mean(steady(r) for r in rs):.2f} s")
+
+
+def run_seed(args, seed: int) -> list[dict]:
+    global SEED
+    SEED = seed
     torch.set_num_threads(2)
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
 
     ds = load_data("bbc-news")
-    splits = make_splits(ds, seed=SEED, shot_seed=SEED, test_per_class=100, shots=16, val_size=0)
+    splits = make_splits(ds, seed=0, shot_seed=0, test_per_class=100, shots=16, val_size=0)
     print(f"split: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}; "
-          f"epochs {args.epochs}, max_length {args.max_length}; loadavg {loadavg()}", flush=True)
+          f"epochs {args.epochs}, max_length {args.max_length}, seed {seed}; loadavg {loadavg()}", flush=True)
     E, L = args.epochs, args.max_length
     plan = []  # pairs; the order inside a pair alternates
     for m in args.only.split(","):
         if m.startswith("top"):
-            k = int(m[3:])
-            topk = lambda k=k: run_graftune("lora", splits, E, L, top_k=k)
+            k, _, e = m[3:].partition("@")
+            k, e = int(k), int(e or E)
+            topk = lambda k=k, e=e: run_graftune("lora", splits, e, L, top_k=k, tag=f"@{e}" if e != E else "")
             lora_pair = next((p for p in plan if getattr(p, "lora", False)), None)
             if lora_pair is not None:  # one PEFT LoRA run serves both comparisons: PEFT, graftune, graftune-topK
                 lora_pair.append(topk)
@@ -256,7 +279,8 @@ def main():
 
                 traceback.print_exc()
                 r = {"side": "?", "error": f"{type(e).__name__}: {e}"[:400]}
-            r.update(pair=n, loadavg_start=la, loadavg_end=loadavg(), max_length=L, epochs=E)
+            r.update(pair=n, loadavg_start=la, loadavg_end=loadavg(), max_length=L, seed=seed)
+            r.setdefault("epochs", len(r.get("epoch_s", [])) or E)
             print(json.dumps(r), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
@@ -273,6 +297,7 @@ def main():
                       f"trained {p['trained_s'] / r['trained_s']:.2f}x ({p['trained_s']:.1f} / {r['trained_s']:.1f} s), "
                       f"steady epoch {steady(p) / steady(r):.2f}x, acc {100 * r['accuracy']:.1f} vs "
                       f"{100 * p['accuracy']:.1f} ({100 * (r['accuracy'] - p['accuracy']):+.1f})")
+    return results
 
 
 if __name__ == "__main__":
