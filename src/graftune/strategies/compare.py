@@ -65,6 +65,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("prototypes", "features", description="frozen encoder + nearest class mean", cost=0.05),
     Strategy("contrastive", "contrastive", method="lora", description="contrastive few-shot (LoRA adapter, SetFit "
              "recipe) + logistic regression", cost=1.0),
+    Strategy("lora-top2", "train", "lora", {"r": 8, "alpha": 16, "top_k_layers": 2}, cost=0.4,
+             description="LoRA r=8 in the top 2 layers (the frozen layers below are computed once and cached)"),
     Strategy("ia3", "train", "ia3", settings={"lr": 1e-2}, description="IA3 scaling vectors"),
     Strategy("lora", "train", "lora", {"r": 8, "alpha": 16}, description="LoRA r=8"),
     Strategy("bottleneck", "train", "bottleneck", description="bottleneck adapters"),
