@@ -36,12 +36,12 @@ def write_tokenizer(folder: Path, *, eos: bool = False):
     return tok
 
 
-def bert_folder(folder: Path) -> Path:
-    """A 2-layer BERT (hidden 32) whose vocabulary is ``SPECIAL + WORDS``."""
+def bert_folder(folder: Path, layers: int = 2) -> Path:
+    """A BERT (2 layers unless told, hidden 32) whose vocabulary is ``SPECIAL + WORDS``."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2,
+    cfg = BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=layers,
                      num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(folder)
     write_tokenizer(folder)

@@ -169,3 +169,25 @@ def test_real_train_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
                        progress=False)
     assert [r["strategy"] for r in rows] == ["ia3", "prefix"]
     assert all("accuracy" in r and r["trainable_params"] > 0 for r in rows), rows
+
+
+def test_lora_top2_trains_the_top_layers_from_the_cache(tmp_path):
+    """The lora-top2 strategy really is LoRA in the top 2 layers with the frozen-prefix cache on (a 4-layer model,
+    so the two differ), and it trains fewer parameters than lora."""
+    from graftune.train import train
+
+    notes = {}
+
+    def recording(cfg, **kw):
+        metrics = train(cfg, **kw)
+        notes[cfg.options.get("top_k_layers")] = metrics["speed"]["cache"]
+        return metrics
+
+    bert = bert_folder(tmp_path / "bert4", layers=4)
+    rows = run_compare(str(bert), topic_csv(tmp_path / "t.csv", n_per_class=12), shots=(4,), seeds=1,
+                       strategies=["lora", "lora-top2"], augment=(False,), out_dir=tmp_path / "r",
+                       settings={"max_length": 32, "epochs": 1}, progress=False, train_fn=recording)
+    by = {r["strategy"]: r for r in rows}
+    assert by["lora-top2"]["trainable_params"] < by["lora"]["trainable_params"]
+    assert notes[2].startswith("on: layers 2..3 run per step"), notes
+    assert notes[None].startswith("off"), notes
