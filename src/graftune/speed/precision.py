@@ -110,11 +110,13 @@ def matmul_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
 class MatmulAttention(TorchFunctionMode):
     """Within this context, ``F.scaled_dot_product_attention`` calls on the CPU whose backward will run (grad
     enabled, an input requires grad) with at most ``MATMUL_ATTENTION_MAX_KEYS`` keys go to
-    :func:`matmul_attention`; every other call, and any call while compiling, runs unchanged."""
+    :func:`matmul_attention`; every other call runs unchanged. Compiled layers (``compile: true``) get the same
+    choice: dynamo traces this mode, and inductor with the fused kernel was 1.5x slower per step than eager with
+    batched matmuls (MiniLM + LoRA, 16 x 128 tokens, bench/RESULTS.md)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not torch.compiler.is_compiling():
+        if func is F.scaled_dot_product_attention:
             q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(("query", "key", "value")))
             if (q.device.type == "cpu" and torch.is_grad_enabled() and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
                     and (q.requires_grad or k.requires_grad or v.requires_grad)):
