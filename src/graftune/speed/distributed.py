@@ -37,6 +37,7 @@ Writing: only rank 0 writes files (:func:`is_main`); the others wait at :func:`b
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,8 +184,13 @@ def wrap(model: nn.Module, head: nn.Module | None, forward_fn: Callable, info: D
 
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen_names(step))
     device_ids = [info.local_rank] if info.backend == "nccl" else None
-    return DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False,
-                                   find_unused_parameters=find_unused_parameters)
+    # buffers are never synchronised: every buffer is on the ignore list above. torch 2.13 renamed the switch
+    # (broadcast_buffers is deprecated there); older torch (>= 2.4 is supported) only has the old name.
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                                   **no_sync)
 
 
 def reduced_parameters(ddp: nn.Module) -> list[str]:
