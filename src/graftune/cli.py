@@ -61,7 +61,11 @@ _TRAIN_HELP = """Train an adapter (or --method head: the head alone) and write t
 \b
 Method options: --set key=value, repeatable; values are read as YAML:
   graftune train --model minilm --data bbc-news --method lora --set r=8 --set alpha=16 --shots 16 --out runs/a
-A YAML --config file gives any field (see run.yaml in a run directory); flags win over it."""
+A YAML --config file gives any field (see run.yaml in a run directory); flags win over it.
+
+--method contrastive (SetFit: pairs train a LoRA adapter, then a logistic regression; single-label text) takes \
+--set iterations, epochs (passes over the pairs), loss, temperature, head_c, embed_max_chunks, r, alpha, \
+top_k_layers (docs/low-resource.md)."""
 
 
 @app.command(help=_TRAIN_HELP)
@@ -71,8 +75,9 @@ def train(
     config: str | None = typer.Option(None, "--config", help="A YAML run config (e.g. another run's run.yaml)."),
     model: str | None = typer.Option(None, help="Base model: an alias (graftune models), a folder or a hub id."),
     data: str | None = typer.Option(None, help="Data: an alias (bbc-news, mnist-5k, json-answers) or a file."),
-    method: str | None = typer.Option(None, help="Adaptation method (graftune methods), head, or auto: picked by a "
-                                      "quick comparison on your training examples. (default: lora)"),
+    method: str | None = typer.Option(None, help="Adaptation method (graftune methods), head, auto: picked by a "
+                                      "quick comparison on your training examples, or contrastive: SetFit's pairs "
+                                      "train LoRA, then a logistic regression (text). (default: lora)"),
     sets: Annotated[list[str] | None, typer.Option("--set", help="A method option key=value (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm (default: from the data)"),
     shots: int | None = typer.Option(None, help="Training examples per class."),

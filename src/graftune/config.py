@@ -33,8 +33,10 @@ class RunConfig:
     """Args:
     model: a zoo alias (``minilm``, ``smollm2``, ``efficientnet-lite0``), a local model folder or a hub id.
     data: a data alias (``bbc-news``, ``mnist-5k``, ``json-answers``), a file or a folder.
-    method: an adaptation method (``graftune methods``), ``head`` to train only the task head, or ``auto``:
-        picked by a quick comparison on validation examples carved from the training examples.
+    method: an adaptation method (``graftune methods``), ``head`` to train only the task head, ``auto``:
+        picked by a quick comparison on validation examples carved from the training examples, or
+        ``contrastive``: the SetFit recipe (pairs train a LoRA adapter, then a logistic regression; single-label
+        text only; options and what does not apply: ``strategies/contrastive_run.py``).
     options: the method's options (``{"r": 8, "alpha": 16}``).
     task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
     text_column, label_column, prompt_column, response_column: column names in tabular data.
@@ -182,7 +184,11 @@ class RunConfig:
             from graftune.tasks import task_name
 
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method not in ("head", "auto"):  # auto: resolved by strategies.compare.resolve_auto
+        if self.method == "contrastive":  # the SetFit recipe as a run: its own options (strategies/contrastive_run.py)
+            from graftune.strategies.contrastive_run import check_config
+
+            check_config(self)
+        elif self.method not in ("head", "auto"):  # auto: resolved by strategies.compare.resolve_auto
             _check_method(self.method, self.options)
 
     # --- YAML ------------------------------------------------------------------------------------------------

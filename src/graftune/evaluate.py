@@ -155,6 +155,9 @@ class LoadedRun:
     policy: precision.Precision
     meta: dict
     quantize: str = "none"
+    #: a ``--method contrastive`` run: its ``strategies.fewshot.FewShotModel`` (embeddings + logistic regression),
+    #: which scores and predicts instead of ``task``/``head``
+    fewshot: Any = None
 
 
 def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None,
@@ -185,6 +188,10 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
                         "runs)")
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
+    if cfg.method == "contrastive":
+        from graftune.strategies.contrastive_run import load_contrastive
+
+        return load_contrastive(run_dir, cfg, meta, quantize=quantize)
     label_names = list(meta.get("label_names") or [])
     multi_label = bool(extra.get("multi_label", False))
     base = load_base(cfg.model, task=ZOO_TASK[kind])
@@ -243,6 +250,10 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
+    if run.fewshot is not None:  # a contrastive run, at its saved embedding batch size (padding as in training)
+        from graftune.strategies.contrastive_run import score
+
+        return score(run.fewshot, ds.inputs, ds.labels, run.label_names)
     return score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
                                 policy=run.policy) | quantized
 
@@ -256,6 +267,10 @@ def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> l
     """One dict per input: ``label`` (or ``labels`` for multi-label) and ``probabilities`` per class."""
     if run.kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
+    if run.fewshot is not None:
+        from graftune.strategies.contrastive_run import predict_rows
+
+        return predict_rows(run.fewshot, list(inputs), run.label_names)
     logits = logits_of(run.task, run.model, run.head, list(inputs), batch_size=batch_size, policy=run.policy)
     probs = probabilities(logits, run.multi_label)
     out = []
