@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 
 from graftune.data.card import fingerprint
@@ -112,7 +113,13 @@ def test_recommendation_prefers_the_cheap_baseline_within_a_point():
     text = recommend([_s("linear-probe", 8, 0.92, 0.02, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
     assert text.startswith("With 8 examples per class, linear-probe (0.920 +- 0.020, 1 s")
     assert "within 1 point of the best, lora (0.930 +- 0.010, 120 s" in text
-    assert "not needed" in text and "within one standard deviation" in text
+    assert "not needed" in text and "within one standard deviation" in text and "at 120x less training time" in text
+    # about the same time: the saving is named in parameters, not as "1x less training time"
+    same = recommend([_s("prototypes", 8, 0.92, 0.01, 1, 0), _s("linear-probe", 8, 0.925, 0.01, 1.2, 1925)])[0]
+    assert "at about the same training time with fewer trained parameters (0 vs 1,925)" in same, same
+    # timing noise does not decide: 2.4 s vs 2.6 s is the same cost, so the one with no trained parameters wins
+    noisy = recommend([_s("linear-probe", 8, 0.943, 0.01, 2.4, 1925), _s("prototypes", 8, 0.934, 0.01, 2.6, 0)])[0]
+    assert noisy.startswith("With 8 examples per class, prototypes (0.934"), noisy
     clear = recommend([_s("linear-probe", 8, 0.80, 0.01, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
     assert "lora (0.930" in clear and "most accurate" in clear and "13.0 points ahead" in clear
 
@@ -191,3 +198,26 @@ def test_lora_top2_trains_the_top_layers_from_the_cache(tmp_path):
     assert by["lora-top2"]["trainable_params"] < by["lora"]["trainable_params"]
     assert notes[2].startswith("on: layers 2..3 run per step"), notes
     assert notes[None].startswith("off"), notes
+
+
+def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_reads(tiny):
+    """compare's linear-probe/prototypes embed a text as fewshot.frozen_fit does (windows over a long text), while
+    --method auto's head candidate keeps the truncated pooled features that `train --method head` learns from."""
+    from graftune.data.sources import load_data
+    from graftune.evaluate import features_of
+    from graftune.strategies.fewshot import embed
+    from tests.train_helpers import WORDS
+
+    ds = load_data(tiny["csv"])
+    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(3 * 16))  # about 3 windows of 16 tokens
+    texts = [long_text, ds.inputs[0]]
+    whole = compare._Frozen(tiny["bert"], ds, 16)
+    cut = compare._Frozen(tiny["bert"], ds, 16, windows=False)
+    got = whole.features(texts)
+    with whole.policy.autocast():
+        expected = embed(whole.model, whole.task.tokenizer, texts, max_length=16, pooling=whole.task.pooling).numpy()
+    assert got == pytest.approx(expected, abs=1e-6)
+    truncated = features_of(cut.task, cut.model, texts, policy=cut.policy).numpy()
+    assert cut.features(texts) == pytest.approx(truncated, abs=1e-6)
+    unit = truncated[0] / np.linalg.norm(truncated[0])
+    assert np.abs(got[0] - unit).max() > 1e-3  # the windows changed the long text's embedding

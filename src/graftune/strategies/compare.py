@@ -61,8 +61,10 @@ class Strategy:
 
 #: cheapest first: under a budget the baselines always run
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("linear-probe", "features", description="frozen encoder + logistic regression", cost=0.05),
-    Strategy("prototypes", "features", description="frozen encoder + nearest class mean", cost=0.05),
+    Strategy("linear-probe", "features", description="frozen encoder + logistic regression (whole texts: up to 4 "
+             "windows)", cost=0.05),
+    Strategy("prototypes", "features", description="frozen encoder + nearest class mean (whole texts: up to 4 "
+             "windows)", cost=0.05),
     Strategy("contrastive", "contrastive", method="lora", description="contrastive few-shot (LoRA adapter, SetFit "
              "recipe) + logistic regression", cost=1.0),
     Strategy("lora-top2", "train", "lora", {"r": 8, "alpha": 16, "top_k_layers": 2}, cost=0.4,
@@ -81,6 +83,7 @@ TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3, "head_lr": 1e-2, "batch_size": 16, "
                   "max_length": 256}
 AUGMENT_COPIES = 4  # new examples per training example when augmenting
 WITHIN = 0.01  # "within 1 point of accuracy" counts as a tie for the recommendation
+SAME_COST = 1.5  # training times within this factor (+0.5 s) count as the same cost for the recommendation
 
 
 # --- splits --------------------------------------------------------------------------------------------------
@@ -178,9 +181,14 @@ def _rss_mb() -> float:
 
 # --- running one strategy --------------------------------------------------------------------------------------
 class _Frozen:
-    """The frozen base, its task and a cache of test features: shared by the ``features`` strategies."""
+    """The frozen base, its task and a cache of test features: shared by the ``features`` strategies.
 
-    def __init__(self, model: str, ds, max_length: int):
+    ``windows``: text is embedded as ``fewshot.frozen_fit`` does it (L2-normalized mean embeddings; a text longer
+    than ``max_length`` tokens is read as up to ``fewshot.DEFAULT_CHUNKS`` windows), so the baselines see whole
+    texts, as the contrastive strategy does. Without it (``--method auto``'s head candidate) the features are those
+    the task head of ``train --method head`` reads: the pooled first ``max_length`` tokens."""
+
+    def __init__(self, model: str, ds, max_length: int, *, windows: bool = True):
         from graftune.core.model import AdapterModel
         from graftune.speed import precision
         from graftune.tasks import MODALITY_TASK, ZOO_TASK, build_task
@@ -193,14 +201,21 @@ class _Frozen:
         self.model = AdapterModel(base.model, family=base.family)
         self.policy = precision.choose("auto", inference=True)
         precision.apply(self.model.base, self.policy)
+        self.windows = windows and ds.modality == "text"
+        self.max_length = max_length
         self._test: dict[str, np.ndarray] = {}
         #: one-time costs (loading, embedding the test set): not charged to any run's estimate
         self.setup_seconds = time.perf_counter() - started
 
     def features(self, inputs) -> np.ndarray:
         from graftune.evaluate import features_of
+        from graftune.strategies.fewshot import DEFAULT_CHUNKS, embed
 
-        return features_of(self.task, self.model, inputs, policy=self.policy).numpy()
+        if not self.windows:
+            return features_of(self.task, self.model, inputs, policy=self.policy).numpy()
+        with self.policy.autocast():
+            return embed(self.model, self.task.tokenizer, list(inputs), max_length=self.max_length,
+                         pooling=self.task.pooling, max_chunks=DEFAULT_CHUNKS).numpy()
 
     def test_features(self, test, key: str) -> np.ndarray:
         if key not in self._test:
@@ -514,7 +529,11 @@ def recommend(summary: Sequence[dict]) -> list[str]:
         here = [s for s in summary if s["shots"] == k]
         best = max(here, key=lambda s: s["accuracy"])
         close = [s for s in here if best["accuracy"] - s["accuracy"] <= WITHIN + 1e-9]
-        pick = min(close, key=lambda s: (s["train_seconds"], s["trainable_params"]))
+        # training times within SAME_COST of the fastest are the same cost (timings carry noise): among those,
+        # the fewest trained parameters, then the time
+        fastest = min(s["train_seconds"] for s in close)
+        cheap = [s for s in close if s["train_seconds"] <= SAME_COST * fastest + 0.5]
+        pick = min(cheap, key=lambda s: (s["trainable_params"], s["train_seconds"]))
         def fmt(s):
             spread = f" +- {s['accuracy_std']:.3f}" if s["runs"] > 1 else ", 1 seed"
             return (f"{_label(s)} ({s['accuracy']:.3f}{spread}, {s['train_seconds']:.0f} s, "
@@ -535,8 +554,7 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             seeds = min(s["runs"] for s in (best, pick))
             gap = best["accuracy"] - pick["accuracy"]
             text = (f"With {k} examples per class, {fmt(pick)} is within {100 * WITHIN:.0f} point of the best, "
-                    f"{fmt(best)}, at {best['train_seconds'] / max(pick['train_seconds'], 0.01):.0f}x less "
-                    f"training time: ")
+                    f"{fmt(best)}, {_saving(pick, best)}: ")
             text += ("more training is not needed here." if pick["strategy"] in ("linear-probe", "prototypes")
                      else f"prefer {_label(pick)}.")
             if gap <= max(best["accuracy_std"], pick["accuracy_std"]) and gap > 0:
@@ -545,6 +563,18 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             text += " One of these ran on a single seed only: its spread is unknown, so treat small gaps as noise."
         lines.append(text)
     return lines
+
+
+def _saving(pick: dict, best: dict) -> str:
+    """What the cheaper pick saves over the best, in words: training time when it is clearly less, else trained
+    parameters (the recommendation orders by time, then parameters)."""
+    ratio = best["train_seconds"] / max(pick["train_seconds"], 0.01)
+    if ratio >= SAME_COST:
+        return f"at {ratio:.0f}x less training time" if ratio >= 10 else f"at {ratio:.1f}x less training time"
+    if pick["trainable_params"] < best["trainable_params"]:
+        return (f"at about the same training time with fewer trained parameters ({pick['trainable_params']:,} vs "
+                f"{best['trainable_params']:,})")
+    return "at about the same cost"
 
 
 def augmentation_effect(summary: Sequence[dict]) -> list[dict]:
@@ -625,7 +655,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                 continue
             t0 = time.perf_counter()
             if name == "head":
-                frozen = _Frozen(model, ds, max_length)
+                frozen = _Frozen(model, ds, max_length, windows=False)  # what `train --method head` trains on
                 result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val", seed)
             else:
                 result = _run_train(STRATEGIES[name], model, str(data) if not hasattr(data, "inputs") else ds.origin,
