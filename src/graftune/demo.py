@@ -22,13 +22,20 @@ def demo_config(out: str | Path, *, seed: int = 0, **changes) -> RunConfig:
 
 
 def probe_baseline(cfg: RunConfig) -> dict:
-    """Frozen base + logistic regression on the pooled features, on exactly the run's train and test splits."""
+    """Frozen base + logistic regression on exactly the run's train and test splits. Texts are embedded as
+    ``graftune compare``'s linear-probe does (``fewshot.frozen_fit``: L2-normalized mean embeddings, a long text
+    read as up to 4 windows), so the baseline is as strong as graftune knows how to make it; other data: the
+    pooled features of the task head (``evaluate.linear_probe``)."""
+    import numpy as np
+
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
     from graftune.evaluate import linear_probe
     from graftune.speed import precision
+    from graftune.strategies.fewshot import frozen_fit
     from graftune.tasks import ZOO_TASK, build_task
+    from graftune.tasks.classification import classification_metrics
     from graftune.zoo import load_base
 
     started = time.perf_counter()
@@ -36,13 +43,23 @@ def probe_baseline(cfg: RunConfig) -> dict:
     splits = make_splits(ds, **cfg.split_args())
     base = load_base(cfg.model, task=ZOO_TASK["classification"])
     task = build_task("classification", base, label_names=ds.label_names, max_length=cfg.max_length)
-    model = AdapterModel(base.model, family=base.family)
+    model = AdapterModel(base.model, family=base.family)  # frozen, so the policy casts it
     policy = precision.choose(cfg.precision, inference=True)
     precision.apply(model.base, policy)
-    metrics = linear_probe(task, model, splits.train.inputs, splits.train.labels, splits.test.inputs,
-                           splits.test.labels, policy=policy, seed=cfg.seed)
+    if ds.modality != "text":
+        metrics = linear_probe(task, model, splits.train.inputs, splits.train.labels, splits.test.inputs,
+                               splits.test.labels, policy=policy, seed=cfg.seed)
+        metrics["trainable_params"] = (task.hidden_size + 1) * len(ds.label_names)  # coef + intercept
+    else:
+        with policy.autocast():
+            fitted = frozen_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels,
+                                max_length=cfg.max_length, pooling=task.pooling)
+            pred = fitted.predict(splits.test.inputs)
+        index = {n: i for i, n in enumerate(ds.label_names)}
+        metrics = classification_metrics(np.asarray([index[y] for y in splits.test.labels]),
+                                         np.asarray([index[y] for y in pred]), list(ds.label_names))
+        metrics["trainable_params"] = int(fitted.head.coef_.size + fitted.head.intercept_.size)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    metrics["trainable_params"] = (len(ds.label_names) + 1) * task.hidden_size
     return metrics
 
 
