@@ -114,9 +114,11 @@ def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
     record = saved["auto"]
     picked = saved["method"]
     assert picked == record["method"] and picked in compare.AUTO_CANDIDATES
-    # says which and why, with the evidence numbers of every candidate that ran
+    # says which and why, with the evidence numbers of every candidate that ran; contrastive would not honour
+    # --epochs, so it is left out and the reason says so
     assert f"--method auto picked {picked}." in result.stdout
-    assert set(record["candidates"]) == set(compare.AUTO_CANDIDATES)
+    assert set(record["candidates"]) == set(compare.AUTO_CANDIDATES) - {"contrastive"}
+    assert "contrastive (your --epochs would not apply to it)" in result.stdout
     for name, c in record["candidates"].items():
         assert f"{name} {c['macro_f1']:.3f}" in result.stdout
     best = max(c["macro_f1"] for c in record["candidates"].values())
@@ -141,17 +143,47 @@ class Scripted:
         return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
 
 
-@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "topk": 0.2}, "lora"),
-                                              ({"lora": 0.2, "topk": 0.99}, "topk")])
-def test_auto_follows_the_measured_evidence(tiny, tmp_path, scores, expected):
-    cfg = RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8))
+@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "topk": 0.2, "contrastive": 0.3}, "lora"),
+                                              ({"lora": 0.2, "topk": 0.99, "contrastive": 0.3}, "topk"),
+                                              ({"lora": 0.2, "topk": 0.3, "contrastive": 0.99}, "contrastive")])
+def test_auto_follows_the_measured_evidence(tiny, tmp_path, monkeypatch, scores, expected):
+    def scripted_contrastive(strategy, model, splits, seed, settings):
+        f1 = scores["contrastive"]
+        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
+
+    monkeypatch.setattr(compare, "_run_contrastive", scripted_contrastive)
+    args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
+    args.pop("epochs", None)  # a loop setting would leave contrastive out (its own test below)
+    cfg = RunConfig(**args)
     resolved = compare.resolve_auto(cfg, progress=False, train_fn=Scripted(scores))
     assert resolved.method == expected and resolved.auto["method"] == expected
     assert resolved.auto["candidates"][expected]["macro_f1"] == pytest.approx(scores[expected])
+    if expected == "contrastive":  # trained with its own defaults, as it was scored; the config is valid
+        assert resolved.options == {} and resolved.lr == 5e-3
+        return
     assert resolved.options == compare.STRATEGIES[expected].options
     # a learning rate set away from the default is the user's and is kept; the others are the scored ones
     assert resolved.lr == 5e-3
     assert resolved.head_lr == compare.TRAIN_DEFAULTS["head_lr"]
+
+
+def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypatch):
+    """When contrastive scores best, `train --method auto` trains a real contrastive run (head/ saved, the auto
+    record in metrics.json), with no loop settings of its own."""
+    def scripted_contrastive(strategy, model, splits, seed, settings):
+        return {"accuracy": 1.0, "macro_f1": 1.0, "trainable_params": 100, "train_seconds": 0.0}
+
+    monkeypatch.setattr(compare, "_run_contrastive", scripted_contrastive)
+    out = tmp_path / "auto-c"
+    result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
+                                 "--method", "auto", "--budget", "120", "--shots", "4", "--max-length", "32",
+                                 "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "--method auto picked contrastive." in result.stdout
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    assert saved["method"] == "contrastive" and saved["auto"]["method"] == "contrastive"
+    assert (out / "head" / "head.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text())["auto"] == saved["auto"]
 
 
 def test_auto_refuses_what_it_cannot_honour(tiny, tmp_path):

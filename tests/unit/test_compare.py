@@ -133,12 +133,20 @@ def test_summarize_means_and_stds():
     assert s["runs"] == 2
 
 
-def test_choose_method_never_sees_the_test_set(tiny):
+def test_choose_method_never_sees_the_test_set(tiny, monkeypatch):
     fake = FakeTrain()
+    real_contrastive = compare._run_contrastive
+
+    def contrastive(strategy, model, splits, seed, settings):  # the real candidate, its splits recorded
+        fake.calls.append((None, splits))
+        return real_contrastive(strategy, model, splits, seed, settings)
+
+    monkeypatch.setattr(compare, "_run_contrastive", contrastive)
     method, reason = choose_method(tiny["bert"], tiny["csv"], budget_s=60, shots=8, seed=0, max_length=32,
                                    train_fn=fake)
     assert method in compare.AUTO_CANDIDATES
     assert "validation part carved from the 24 training examples" in reason and "test set untouched" in reason
+    assert "contrastive " in reason and any(c is None for c, _ in fake.calls)  # it ran, on the same carve
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
 

@@ -590,7 +590,11 @@ def augmentation_effect(summary: Sequence[dict]) -> list[dict]:
 
 
 # --- --method auto --------------------------------------------------------------------------------------------
-AUTO_CANDIDATES = ("head", "lora", "topk")
+AUTO_CANDIDATES = ("head", "lora", "topk", "contrastive")
+#: time per training example relative to the first adapter candidate (LoRA, 3 epochs), to estimate a candidate
+#: before it runs: contrastive trains 20 pairs per example on the top 2 layers; on BBC News (MiniLM, 40-80
+#: articles) it took about 3x LoRA's 3 epochs per example (bench/RESULTS.md)
+AUTO_COST = {"contrastive": 3.0}
 
 
 def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
@@ -611,7 +615,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
               text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
               test_per_class: int | None = None, test: Any = None, max_length: int = 256,
               candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
-              split_args: dict | None = None, settings: dict | None = None, progress: bool = False) -> dict:
+              split_args: dict | None = None, settings: dict | None = None, progress: bool = False,
+              not_for_contrastive: Sequence[str] = ()) -> dict:
     """The quick comparison behind ``--method auto``, as a record: ``method``, ``reason`` (plain words with the
     numbers), ``candidates`` (per candidate: validation macro-F1, accuracy, seconds, trainable parameters),
     ``skipped``, the example counts and the budget. ``settings``: train() settings for the adapter candidates
@@ -620,9 +625,11 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     The training examples are the ones ``train`` would use (``split_args``: ``RunConfig.split_args()``, else the
     same seed, shots and test carving); a validation part (a quarter, at least one per class) is carved from them,
     every candidate trains on the rest and is scored on it; the test set is never looked at. ``head`` is scored as
-    its LP-FT start (the logistic-regression probe), the adapter candidates with 3 epochs. A candidate estimated
-    not to fit in the budget left is skipped (the first adapter candidate is the measurement). The best macro-F1
-    wins; within 1 point, the faster candidate.
+    its LP-FT start (the logistic-regression probe), the adapter candidates with 3 epochs, ``contrastive`` as
+    ``graftune compare`` runs it (text only). A candidate estimated not to fit in the budget left is skipped (the
+    first adapter candidate is the measurement). The best macro-F1 wins; within 1 point, the faster candidate.
+    ``not_for_contrastive``: run settings the contrastive run would not honour (``--epochs`` ...): when given, that
+    candidate is skipped and the reason says why.
     """
     from graftune.data.splits import Splits, make_splits
 
@@ -647,16 +654,25 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         for name in candidates:
             left = budget_s - (time.perf_counter() - started)
             per_example = [s["seconds"] / max(len(fit_part), 1) for s in scores.values() if s["method"] != "head"]
-            cost = STRATEGIES["linear-probe" if name == "head" else name].cost
+            if name == "contrastive" and (ds.modality != "text" or not_for_contrastive):
+                why = ("text only" if ds.modality != "text" else
+                       f"your {', '.join('--' + n.replace('_', '-') for n in not_for_contrastive)} would not apply "
+                       "to it")
+                skipped.append(f"contrastive ({why})")
+                say(f"[auto] contrastive: skipped, {why}")
+                continue
+            cost = AUTO_COST.get(name) or STRATEGIES["linear-probe" if name == "head" else name].cost
             est = statistics.mean(per_example) * len(fit_part) * cost if per_example else 0.0
             if left <= 0 or est > left:
-                skipped.append(f"{name} (est. {est:.0f} s, {max(left, 0):.0f} s left)")
+                skipped.append(f"{name} (for the {budget_s:g} s budget: est. {est:.0f} s, {max(left, 0):.0f} s left)")
                 say(f"[auto] {name}: skipped, est. {est:.0f} s with {max(left, 0):.0f} s of the budget left")
                 continue
             t0 = time.perf_counter()
             if name == "head":
                 frozen = _Frozen(model, ds, max_length, windows=False)  # what `train --method head` trains on
                 result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val", seed)
+            elif name == "contrastive":  # what `train --method contrastive` trains, with its defaults
+                result = _run_contrastive(STRATEGIES[name], model, inner, seed, settings)
             else:
                 result = _run_train(STRATEGIES[name], model, str(data) if not hasattr(data, "inputs") else ds.origin,
                                     inner, seed, settings, Path(scratch) / name,
@@ -681,7 +697,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     reason += (f". With only {len(val_part)} validation examples, differences of a few points are noise."
                if len(val_part) < 50 else ".")
     if skipped:
-        reason += f" Skipped for the {budget_s:g} s budget: {', '.join(skipped)}."
+        reason += f" Skipped: {', '.join(skipped)}."
     keep = ("macro_f1", "accuracy", "seconds", "trainable_params")
     return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
             "seconds": round(time.perf_counter() - started, 2), "training_examples": len(full.train),
@@ -696,6 +712,7 @@ def resolve_auto(cfg, *, progress: bool = True, train_fn: Callable | None = None
     from dataclasses import fields
 
     from graftune.config import RunConfig
+    from graftune.strategies.contrastive_run import unused_settings
 
     if cfg.method != "auto":
         return cfg
@@ -708,10 +725,11 @@ def resolve_auto(cfg, *, progress: bool = True, train_fn: Callable | None = None
                        label_column=cfg.label_column, test=cfg.test, max_length=cfg.max_length,
                        split_args=cfg.split_args(), progress=progress, train_fn=train_fn,
                        settings={"precision": cfg.precision, "threads": cfg.threads, "batch_size": cfg.batch_size,
-                                 "grad_accum": cfg.grad_accum})
+                                 "grad_accum": cfg.grad_accum},
+                       not_for_contrastive=unused_settings(cfg))
     method = record["method"]
     changes: dict[str, Any] = {"method": method, "options": {}}
-    if method != "head":
+    if method not in ("head", "contrastive"):  # contrastive: its own defaults, as it was scored
         strategy = STRATEGIES[method]
         changes["options"] = dict(strategy.options)
         scored = {**TRAIN_DEFAULTS, **strategy.settings}

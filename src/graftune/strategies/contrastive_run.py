@@ -78,9 +78,8 @@ def check_config(cfg: Any) -> None:
 
     check(cfg.task in (None, "classification"), "task",
           f"got {cfg.task}; --method contrastive trains text classifiers, use another --method for {cfg.task}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name, why in _UNUSED.items():
-        check(getattr(cfg, name) == defaults[name], name, why)
+    for name in unused_settings(cfg)[:1]:
+        check(False, name, _UNUSED[name])
     unknown = sorted(set(cfg.options) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"options for contrastive: unknown option(s) {', '.join(unknown)}; "
@@ -99,6 +98,13 @@ def check_config(cfg: Any) -> None:
         make_config("lora", **{k: opts[k] for k in LORA_OPTIONS if k in opts})
     except TypeError as e:
         raise ConfigError(f"options for contrastive: {e}") from None
+
+
+def unused_settings(cfg: Any) -> list[str]:
+    """The run-config fields set away from their defaults that contrastive training does not use (``--method
+    auto`` leaves the contrastive candidate out when there are any: the run would not honour them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return [name for name in _UNUSED if getattr(cfg, name) != defaults[name]]
 
 
 def check_data(ds: Any) -> None:
@@ -214,6 +220,8 @@ def train_contrastive(cfg: Any, *, progress: bool = True, splits: Any = None) ->
                                                    "embed_max_length", "embed_max_chunks", "train_seconds",
                                                    "head_seconds", "texts_embedded_per_step")},
         }
+        if cfg.auto:  # picked by --method auto: the record goes with the run, as for the other methods
+            metrics["auto"] = cfg.auto
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
                                              encoding="utf-8")
