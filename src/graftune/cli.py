@@ -65,7 +65,10 @@ A YAML --config file gives any field (see run.yaml in a run directory); flags wi
 
 --method contrastive (SetFit: pairs train a LoRA adapter, then a logistic regression; single-label text) takes \
 --set iterations, epochs (passes over the pairs), loss, temperature, head_c, embed_max_chunks, r, alpha, \
-top_k_layers (docs/low-resource.md)."""
+top_k_layers (docs/low-resource.md).
+
+--method probe (the frozen encoder's whole-text embeddings + a logistic regression, or with --set \
+head=prototype the nearest class mean; single-label text) takes --set head, head_c, max_chunks."""
 
 
 @app.command(help=_TRAIN_HELP)
@@ -77,7 +80,8 @@ def train(
     data: str | None = typer.Option(None, help="Data: an alias (bbc-news, mnist-5k, json-answers) or a file."),
     method: str | None = typer.Option(None, help="Adaptation method (graftune methods), head, auto: picked by a "
                                       "quick comparison on your training examples, or contrastive: SetFit's pairs "
-                                      "train LoRA, then a logistic regression (text). (default: lora)"),
+                                      "train LoRA, then a logistic regression (text), or probe: frozen "
+                                      "embeddings + logistic regression or class means (text). (default: lora)"),
     sets: Annotated[list[str] | None, typer.Option("--set", help="A method option key=value (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm (default: from the data)"),
     shots: int | None = typer.Option(None, help="Training examples per class."),
@@ -173,8 +177,10 @@ def _summary(m: dict) -> str:
     else:
         keys = ("accuracy", "macro_f1")
     shown = ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+    saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
+             if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
     return (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
-            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; adapter {m['adapter_bytes'] / 1e6:.2f} MB")
+            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; {', '.join(saved) or 'nothing saved'}")
 
 
 # --- compare ------------------------------------------------------------------------------------------------------

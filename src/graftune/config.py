@@ -34,8 +34,9 @@ class RunConfig:
     model: a zoo alias (``minilm``, ``smollm2``, ``efficientnet-lite0``), a local model folder or a hub id.
     data: a data alias (``bbc-news``, ``mnist-5k``, ``json-answers``), a file or a folder.
     method: an adaptation method (``graftune methods``), ``head`` to train only the task head, ``auto``:
-        picked by a quick comparison on validation examples carved from the training examples, or
-        ``contrastive``: the SetFit recipe (pairs train a LoRA adapter, then a logistic regression; single-label
+        picked by a quick comparison on validation examples carved from the training examples,
+        ``contrastive``: the SetFit recipe (pairs train a LoRA adapter, then a logistic regression), or ``probe``:
+        the frozen base's whole-text embeddings + a logistic regression or nearest class mean (both single-label
         text only; options and what does not apply: ``strategies/contrastive_run.py``).
     options: the method's options (``{"r": 8, "alpha": 16}``).
     task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
@@ -184,7 +185,7 @@ class RunConfig:
             from graftune.tasks import task_name
 
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method == "contrastive":  # the SetFit recipe as a run: its own options (strategies/contrastive_run.py)
+        if self.method in ("contrastive", "probe"):  # few-shot recipes as runs: own options (contrastive_run.py)
             from graftune.strategies.contrastive_run import check_config
 
             check_config(self)

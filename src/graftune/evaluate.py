@@ -155,7 +155,7 @@ class LoadedRun:
     policy: precision.Precision
     meta: dict
     quantize: str = "none"
-    #: a ``--method contrastive`` run: its ``strategies.fewshot.FewShotModel`` (embeddings + logistic regression),
+    #: a ``--method contrastive`` or ``probe`` run: its ``strategies.fewshot.FewShotModel`` (embeddings + a head),
     #: which scores and predicts instead of ``task``/``head``
     fewshot: Any = None
 
@@ -176,11 +176,12 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
     if quantize != "none" and not merge:
         raise ConfigError(f"quantize {quantize} needs the adapters merged: drop merge=False")
     run_dir = Path(run_dir)
-    if not (run_dir / "run.yaml").is_file() or not (run_dir / "adapter").is_dir():
+    cfg = build_config(run_dir / "run.yaml") if (run_dir / "run.yaml").is_file() else None
+    probe = cfg is not None and cfg.method == "probe"  # the frozen base + a fitted head: no adapter/
+    if cfg is None or not (probe or (run_dir / "adapter").is_dir()):
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
                             "`graftune train --out`)")
-    cfg = build_config(run_dir / "run.yaml")
-    meta = read_meta(run_dir / "adapter")
+    meta = {"extra": {"task": "classification"}} if probe else read_meta(run_dir / "adapter")
     extra = meta.get("extra") or {}
     kind = extra.get("task") or cfg.task or "classification"
     if expect == "causal-lm" and kind != "causal-lm":
@@ -188,10 +189,10 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
                         "runs)")
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
-    if cfg.method == "contrastive":
-        from graftune.strategies.contrastive_run import load_contrastive
+    if cfg.method in ("contrastive", "probe"):
+        from graftune.strategies.contrastive_run import load_fewshot_run
 
-        return load_contrastive(run_dir, cfg, meta, quantize=quantize)
+        return load_fewshot_run(run_dir, cfg, meta, quantize=quantize)
     label_names = list(meta.get("label_names") or [])
     multi_label = bool(extra.get("multi_label", False))
     base = load_base(cfg.model, task=ZOO_TASK[kind])
@@ -250,7 +251,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
-    if run.fewshot is not None:  # a contrastive run, at its saved embedding batch size (padding as in training)
+    if run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
         from graftune.strategies.contrastive_run import score
 
         return score(run.fewshot, ds.inputs, ds.labels, run.label_names)

@@ -64,10 +64,10 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         from graftune.strategies.compare import resolve_auto
 
         cfg = resolve_auto(cfg, progress=progress)
-    if cfg.method == "contrastive":  # SetFit's pairs + logistic regression, same data path and run directory
-        from graftune.strategies.contrastive_run import train_contrastive
+    if cfg.method in ("contrastive", "probe"):  # few-shot recipes (strategies/fewshot.py): same data path and run dir
+        from graftune.strategies.contrastive_run import train_fewshot_run
 
-        return train_contrastive(cfg, progress=progress, splits=splits)
+        return train_fewshot_run(cfg, progress=progress, splits=splits)
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
     device = resolve_device(cfg.device, local_rank=distributed.local_rank(),
                             local_processes=distributed.local_world_size())

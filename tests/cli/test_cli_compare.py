@@ -174,6 +174,9 @@ def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypa
         return {"accuracy": 1.0, "macro_f1": 1.0, "trainable_params": 100, "train_seconds": 0.0}
 
     monkeypatch.setattr(compare, "_run_contrastive", scripted_contrastive)
+    real_features = compare._run_features
+    monkeypatch.setattr(compare, "_run_features",  # the probe candidate runs for real, but cannot tie at 1.0
+                        lambda *a: {**real_features(*a), "accuracy": 0.5, "macro_f1": 0.5})
     out = tmp_path / "auto-c"
     result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
                                  "--method", "auto", "--budget", "120", "--shots", "4", "--max-length", "32",
@@ -195,3 +198,21 @@ def test_auto_refuses_what_it_cannot_honour(tiny, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):  # before spending the budget
         compare.resolve_auto(RunConfig(**{**base, "out": str(tmp_path / "taken")}), progress=False)
+
+
+def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path, monkeypatch):
+    """For text with no settings a probe run would ignore, auto's baseline candidate is `probe` (whole-text
+    embeddings + logistic regression, compare's linear-probe), and a picked probe resolves to a valid probe
+    config; with such a setting (--lr) it stays `head`."""
+    monkeypatch.setattr(compare, "_run_contrastive",
+                        lambda *a: {"accuracy": 0.1, "macro_f1": 0.1, "trainable_params": 100, "train_seconds": 0.0})
+    args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
+    for key in ("epochs", "lr", "batch_size"):
+        args.pop(key)
+    resolved = compare.resolve_auto(RunConfig(**args), progress=False,
+                                    train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
+    assert set(resolved.auto["candidates"]) == {"probe", "lora", "topk", "contrastive"}
+    assert resolved.method == "probe" and resolved.options == {}
+    with_lr = compare.resolve_auto(RunConfig(**args, lr=5e-3), progress=False,
+                                   train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
+    assert "head" in with_lr.auto["candidates"] and "probe" not in with_lr.auto["candidates"]

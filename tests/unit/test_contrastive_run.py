@@ -72,7 +72,9 @@ def test_the_run_directory_matches_a_classification_run(run, tiny):
     head = json.loads((out / "head" / "head.json").read_text())
     assert head["classes"] == ["money", "sport", "tech"] and head["shapes"]["coef"] == [3, 32]
     assert head["embedding"] == {"adapter": "run", "pooling": "mean", "normalize": True, "max_length": 32,
-                                 "max_chunks": 4, "batch_size": 32, "precision": "fp32"}
+                                 "max_chunks": 4, "batch_size": 32, "precision": "fp32", "autocast": False}
+    assert head["format_version"] == 1 and head["kind"] == "logistic"  # what graftune before probe runs reads
+    assert head["label_names"] == ["money", "sport", "tech"]
 
     # a LoRA run with the same split settings: same data card splits, and metrics.json has every key it has
     lora_out = tiny["root"] / "lora"

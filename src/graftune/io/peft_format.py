@@ -133,18 +133,27 @@ def export_peft(model: AdapterModel, name: str, out_dir: str | os.PathLike, *,
     return _write_peft(out_dir, tensors, cfg)
 
 
-def _run_model_name(run_dir: Path) -> str | None:
-    """The base model named in ``run.yaml`` (``model: <alias, path or hub id>``), if there is one."""
+def _run_yaml(run_dir: Path) -> dict:
+    """``run.yaml`` as a dict ({} when there is none)."""
     file = run_dir / "run.yaml"
     if not file.is_file():
-        return None
+        return {}
     import yaml
 
     try:
         run = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ArtifactError(f"{file}: not valid YAML ({str(e).splitlines()[0]}); fix or remove it") from None
-    model = run.get("model") if isinstance(run, dict) else None
+    return run if isinstance(run, dict) else {}
+
+
+def _run_method(run_dir: Path) -> str | None:
+    return _run_yaml(run_dir).get("method")
+
+
+def _run_model_name(run_dir: Path) -> str | None:
+    """The base model named in ``run.yaml`` (``model: <alias, path or hub id>``), if there is one."""
+    model = _run_yaml(run_dir).get("model")
     if isinstance(model, dict):
         model = model.get("name") or model.get("path") or model.get("id")
     return str(model) if model else None
@@ -158,6 +167,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     aliases written as their hub ids."""
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
+    if not adapter_dir.exists() and _run_method(run_dir) == "probe":
+        raise ArtifactError(f"{run_dir}: a probe run (the frozen base + a fitted head) has no adapter to export; "
+                            "use it with graftune eval/predict, or train an adapter (--method lora)")
     meta = read_meta(adapter_dir)
     label = f"adapter {meta.get('name')!r} ({adapter_dir})"
     if meta["method"] != "lora":

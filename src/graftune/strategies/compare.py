@@ -62,9 +62,9 @@ class Strategy:
 #: cheapest first: under a budget the baselines always run
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("linear-probe", "features", description="frozen encoder + logistic regression (whole texts: up to 4 "
-             "windows)", cost=0.05),
+             "windows; as a run: train --method probe)", cost=0.05),
     Strategy("prototypes", "features", description="frozen encoder + nearest class mean (whole texts: up to 4 "
-             "windows)", cost=0.05),
+             "windows; as a run: train --method probe --set head=prototype)", cost=0.05),
     Strategy("contrastive", "contrastive", method="lora", description="contrastive few-shot (LoRA adapter, SetFit "
              "recipe) + logistic regression", cost=1.0),
     Strategy("lora-top2", "train", "lora", {"r": 8, "alpha": 16, "top_k_layers": 2}, cost=0.4,
@@ -616,7 +616,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
               test_per_class: int | None = None, test: Any = None, max_length: int = 256,
               candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
               split_args: dict | None = None, settings: dict | None = None, progress: bool = False,
-              not_for_contrastive: Sequence[str] = ()) -> dict:
+              not_for_contrastive: Sequence[str] = (), not_for_probe: Sequence[str] = ()) -> dict:
     """The quick comparison behind ``--method auto``, as a record: ``method``, ``reason`` (plain words with the
     numbers), ``candidates`` (per candidate: validation macro-F1, accuracy, seconds, trainable parameters),
     ``skipped``, the example counts and the budget. ``settings``: train() settings for the adapter candidates
@@ -629,7 +629,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     ``graftune compare`` runs it (text only). A candidate estimated not to fit in the budget left is skipped (the
     first adapter candidate is the measurement). The best macro-F1 wins; within 1 point, the faster candidate.
     ``not_for_contrastive``: run settings the contrastive run would not honour (``--epochs`` ...): when given, that
-    candidate is skipped and the reason says why.
+    candidate is skipped and the reason says why. For text, the ``head`` candidate is ``probe`` (the frozen
+    base's whole-text embeddings + logistic regression, compare's ``linear-probe``, trained as ``train --method
+    probe``) unless ``not_for_probe`` names settings a probe run would not honour; then it is ``head`` (the task
+    head on the first ``max_length`` tokens, scored as its logistic-regression start).
     """
     from graftune.data.splits import Splits, make_splits
 
@@ -653,7 +656,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     with tempfile.TemporaryDirectory(prefix="graftune-auto-") as scratch:
         for name in candidates:
             left = budget_s - (time.perf_counter() - started)
-            per_example = [s["seconds"] / max(len(fit_part), 1) for s in scores.values() if s["method"] != "head"]
+            per_example = [s["seconds"] / max(len(fit_part), 1) for s in scores.values()
+                           if s["method"] not in ("head", "probe")]
             if name == "contrastive" and (ds.modality != "text" or not_for_contrastive):
                 why = ("text only" if ds.modality != "text" else
                        f"your {', '.join('--' + n.replace('_', '-') for n in not_for_contrastive)} would not apply "
@@ -669,7 +673,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                 continue
             t0 = time.perf_counter()
             if name == "head":
-                frozen = _Frozen(model, ds, max_length, windows=False)  # what `train --method head` trains on
+                probe = ds.modality == "text" and not not_for_probe
+                name = "probe" if probe else "head"
+                # what `train --method probe` fits (whole texts), or what `train --method head` trains on
+                frozen = _Frozen(model, ds, max_length, windows=probe)
                 result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val", seed)
             elif name == "contrastive":  # what `train --method contrastive` trains, with its defaults
                 result = _run_contrastive(STRATEGIES[name], model, inner, seed, settings)
@@ -726,10 +733,11 @@ def resolve_auto(cfg, *, progress: bool = True, train_fn: Callable | None = None
                        split_args=cfg.split_args(), progress=progress, train_fn=train_fn,
                        settings={"precision": cfg.precision, "threads": cfg.threads, "batch_size": cfg.batch_size,
                                  "grad_accum": cfg.grad_accum},
-                       not_for_contrastive=unused_settings(cfg))
+                       not_for_contrastive=unused_settings(cfg),
+                       not_for_probe=unused_settings(cfg, method="probe"))
     method = record["method"]
     changes: dict[str, Any] = {"method": method, "options": {}}
-    if method not in ("head", "contrastive"):  # contrastive: its own defaults, as it was scored
+    if method not in ("head", "probe", "contrastive"):  # those: their own defaults, as they were scored
         strategy = STRATEGIES[method]
         changes["options"] = dict(strategy.options)
         scored = {**TRAIN_DEFAULTS, **strategy.settings}

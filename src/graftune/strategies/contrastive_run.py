@@ -1,25 +1,37 @@
-"""``graftune train --method contrastive``: the SetFit recipe of ``fewshot.contrastive_fit`` as a saved run.
+"""``graftune train --method contrastive`` and ``--method probe``: the few-shot recipes of ``strategies/fewshot.py`` as
+saved runs.
 
-The run goes through the same data path as every other ``train()`` run (``load_data``, ``make_splits`` with the
-config's shots, seeds and test/val carving, the same ``data_card.json`` and ``run.yaml``), then:
+Both go through the same data path as every other ``train()`` run (``load_data``, ``make_splits`` with the config's
+shots, seeds and test/val carving, the same ``data_card.json`` and ``run.yaml``), fit a ``FewShotModel``, score the
+test split with it (its own ``embed`` and head, nothing re-implemented) and write the run directory:
 
-1. ``contrastive_fit`` trains a LoRA adapter on pairs of training texts (same class: cosine 1, other class: 0)
-   and fits a scikit-learn logistic regression on the adapted, L2-normalized, window-averaged embeddings;
-2. the test split is scored with that ``FewShotModel`` (its own ``embed`` and head, nothing re-implemented);
-3. the run directory gets ``adapter/`` (``io.artifact.save_adapter``: the LoRA adapter, no task head) and
-   ``head/`` (``head.safetensors``: ``coef`` and ``intercept`` as fitted, float32; ``head.json``: the classes, ``C``
-   and the embedding settings: adapter name, pooling, normalize, max_length, max_chunks, batch_size).
+- ``contrastive`` (the SetFit recipe): ``contrastive_fit`` trains a LoRA adapter on pairs of training texts (same
+  class: cosine 1, other class: 0) and fits a scikit-learn logistic regression on the adapted, L2-normalized,
+  window-averaged embeddings. The run directory gets ``adapter/`` (``io.artifact.save_adapter``: the LoRA adapter,
+  no task head) and ``head/``.
+- ``probe`` (the frozen-encoder baseline of ``graftune compare``'s ``linear-probe`` and ``prototypes``):
+  ``frozen_fit`` embeds the training texts with the frozen base as ``compare`` does (the run's precision policy for
+  inference: frozen weights cast, embeddings under its autocast) and fits a logistic regression (``--set
+  head=logistic``, the default) or takes the class means (``head=prototype``). Nothing trains by gradient; there is
+  no adapter, so the run directory has ``head/`` and no ``adapter/``.
 
-``load_contrastive`` (called by ``evaluate.load_run`` for such runs) rebuilds the very same ``FewShotModel``:
-base, precision cast, adapter, embedding settings and a ``LogisticRegression`` whose fitted attributes are the
-saved ones, so ``eval`` and ``predict`` give what the model in memory gave at training time (same device and
-precision). Everything is data (safetensors + JSON); nothing is pickled.
+``head/`` holds ``head.safetensors`` (logistic: ``coef`` and ``intercept`` as fitted; prototype: ``prototypes``, the
+normalized class means; float32) and ``head.json`` (kind, classes, label names, ``C`` or ``temperature`` and the
+embedding settings: adapter name or null, pooling, normalize, max_length, max_chunks, batch_size, precision,
+autocast).
 
-Mapping of the run config onto ``contrastive_fit``: ``lr``, ``batch_size`` (pairs per step), ``seed``,
-``precision`` and ``cache`` (``off``: no frozen-prefix cache) pass through; ``max_length`` is the embedding
+``load_fewshot_run`` (called by ``evaluate.load_run`` for such runs) rebuilds the very same ``FewShotModel``: base,
+precision cast, adapter, embedding settings and a head whose fitted attributes are the saved ones, so ``eval`` and
+``predict`` give what the model in memory gave at training time (same device and precision). Everything is data
+(safetensors + JSON); nothing is pickled.
+
+Mapping of the run config: for ``contrastive``, ``lr``, ``batch_size`` (pairs per step), ``seed``, ``precision`` and
+``cache`` (``off``: no frozen-prefix cache) pass through to ``contrastive_fit``; ``max_length`` is the embedding
 length the head reads (``embed_max_length``), and pairs train on ``min(128, max_length)`` tokens, as ``graftune
-compare`` runs it. ``--set`` takes ``OPTIONS``. Settings of ``train()``'s own loop (``--epochs``, ``--patience``,
-``--schedule``, ...) do not apply and are refused away from their defaults, as are warm starts and stacking.
+compare`` runs it. For ``probe``, ``max_length`` and ``precision`` pass through. ``--set`` takes ``OPTIONS``
+(contrastive) or ``PROBE_OPTIONS``. Settings of ``train()``'s own loop (``--epochs``, ``--patience``, ``--schedule``,
+...; for probe also ``--lr``, ``--batch-size``, ``--cache``) do not apply and are refused away from their defaults,
+as are warm starts and stacking.
 """
 
 from __future__ import annotations
@@ -40,59 +52,89 @@ from graftune.core.method import check
 from graftune.errors import ArtifactError, ConfigError, DataError
 
 CONTRASTIVE = "contrastive"
+PROBE = "probe"
+#: the run-config methods this module trains and reloads
+METHODS = (CONTRASTIVE, PROBE)
 HEAD_DIR = "head"
 HEAD_TENSORS = "head.safetensors"
 HEAD_META = "head.json"
 HEAD_FORMAT = "graftune-fewshot-head"
-HEAD_FORMAT_VERSION = 1
-#: ``--set`` options: ``contrastive_fit``'s own keyword arguments ...
+#: 1: a logistic regression read through an adapter (contrastive runs); 2 adds prototype heads and heads read from
+#: the frozen base (``adapter: null``, probe runs). A head is written with the lowest version that describes it.
+HEAD_FORMAT_VERSION = 2
+HEAD_KINDS = ("logistic", "prototype")
+#: ``--set`` options of contrastive: ``contrastive_fit``'s own keyword arguments ...
 FIT_OPTIONS = ("iterations", "epochs", "loss", "temperature", "head_c", "embed_max_chunks")
 #: ... and the options of its LoRA adapter (default: r=8, alpha=16, attention projections of the top 2 layers)
 LORA_OPTIONS = ("r", "alpha", "top_k_layers")
 OPTIONS = FIT_OPTIONS + LORA_OPTIONS
+#: ``--set`` options of probe: ``frozen_fit``'s head (``logistic`` or ``prototype``), its ``head_c`` (logistic only)
+#: and ``max_chunks`` (windows read per long text)
+PROBE_OPTIONS = ("head", "head_c", "max_chunks")
 #: tokens per text while training on pairs, at most (the head reads ``max_length``), as ``graftune compare`` does
 PAIR_MAX_LENGTH = 128
 
-_LOOP = "steers train()'s epoch loop, which --method contrastive does not run (it trains on pairs, then fits a " \
-        "logistic regression); drop it"
-#: RunConfig fields that contrastive training does not use: refused when set away from their defaults
-_UNUSED = {
-    "epochs": "--method contrastive makes passes over pairs, not examples; set them with --set epochs=N "
-              "(default 1)",
-    "init_from": "--method contrastive trains a fresh LoRA adapter on pairs; warm starts are for the other "
-                 "methods, drop --init-from",
-    "stack_under": "--method contrastive does not stack adapters; drop --stack-under",
-    "resume": "a contrastive run writes no checkpoints to resume; start it again without --resume",
-    "cache_max_mb": "--method contrastive caches every training text (or none: --cache off); drop it",
-    **{name: _LOOP for name in ("head_lr", "weight_decay", "grad_accum", "warmup", "schedule", "dropout",
-                                "head_init", "base_dropout", "clip", "patience", "metric", "compile")},
-}
+#: what each method runs instead of train()'s epoch loop (for the refusals below)
+_INSTEAD = {CONTRASTIVE: "it trains on pairs, then fits a logistic regression",
+            PROBE: "it embeds the training texts once with the frozen base, then fits a head"}
+_LOOP_FIELDS = ("head_lr", "weight_decay", "grad_accum", "warmup", "schedule", "dropout", "head_init", "base_dropout",
+                "clip", "patience", "metric", "compile")
+
+
+def _unused(method: str) -> dict[str, str]:
+    """RunConfig fields that ``method`` does not use (refused when set away from their defaults), with the reason;
+    the first one set is the one reported."""
+    loop = f"steers train()'s epoch loop, which --method {method} does not run ({_INSTEAD[method]}); drop it"
+    if method == CONTRASTIVE:
+        own = {"epochs": "--method contrastive makes passes over pairs, not examples; set them with --set epochs=N "
+                         "(default 1)",
+               "init_from": "--method contrastive trains a fresh LoRA adapter on pairs; warm starts are for the other "
+                            "methods, drop --init-from"}
+        cache = {"cache_max_mb": "--method contrastive caches every training text (or none: --cache off); drop it"}
+    else:
+        nothing = "--method probe trains nothing by gradient (it embeds the training texts once, then fits a head)"
+        own = {"epochs": f"{nothing}; drop --epochs", "lr": f"{nothing}; drop --lr",
+               "batch_size": f"{nothing}; drop --batch-size",
+               "init_from": "--method probe reads the frozen base alone; warm starts are for the other methods, drop "
+                            "--init-from"}
+        cache = {name: "--method probe embeds every text once, there is nothing to cache; drop it"
+                 for name in ("cache", "cache_max_mb")}
+    return {**own, "stack_under": f"--method {method} does not stack adapters; drop --stack-under",
+            "resume": f"a {method} run writes no checkpoints to resume; start it again without --resume",
+            **cache, **{name: loop for name in _LOOP_FIELDS}}
 
 
 # --- config ---------------------------------------------------------------------------------------------------
 def check_config(cfg: Any) -> None:
-    """Called by ``RunConfig`` for ``method: contrastive``: everything that can be refused before data or a model
-    is loaded (the task, settings that do not apply, the ``--set`` options and their values)."""
+    """Called by ``RunConfig`` for ``method: contrastive`` or ``probe``: everything that can be refused before data or
+    a model is loaded (the task, settings that do not apply, the ``--set`` options and their values)."""
+    method = cfg.method
+    check(cfg.task in (None, "classification"), "task",
+          f"got {cfg.task}; --method {method} trains text classifiers, use another --method for {cfg.task}")
+    for name in unused_settings(cfg, method)[:1]:
+        check(False, name, _unused(method)[name])
+    allowed = OPTIONS if method == CONTRASTIVE else PROBE_OPTIONS
+    unknown = sorted(set(cfg.options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"options for {method}: unknown option(s) {', '.join(unknown)}; "
+                          f"use {', '.join(allowed)} (--set key=value)")
+    (_check_contrastive_options if method == CONTRASTIVE else _check_probe_options)(cfg.options)
+
+
+def _check_positive(opts: dict, names: Sequence[str], *, integer: bool) -> None:
+    for name in names:
+        value = opts.get(name, 1)
+        kinds = int if integer else (int, float)
+        check(isinstance(value, kinds) and not isinstance(value, bool) and value > 0, name,
+              f"got {value!r}; use a positive {'integer' if integer else 'number'}")
+
+
+def _check_contrastive_options(opts: dict) -> None:
     from graftune.core.method import make_config
     from graftune.strategies.fewshot import LOSSES
 
-    check(cfg.task in (None, "classification"), "task",
-          f"got {cfg.task}; --method contrastive trains text classifiers, use another --method for {cfg.task}")
-    for name in unused_settings(cfg)[:1]:
-        check(False, name, _UNUSED[name])
-    unknown = sorted(set(cfg.options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"options for contrastive: unknown option(s) {', '.join(unknown)}; "
-                          f"use {', '.join(OPTIONS)} (--set key=value)")
-    opts = cfg.options
-    for name in ("iterations", "epochs", "embed_max_chunks"):
-        value = opts.get(name, 1)
-        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
-              f"got {value!r}; use a positive integer")
-    for name in ("temperature", "head_c"):
-        value = opts.get(name, 1.0)
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
-              f"got {value!r}; use a positive number")
+    _check_positive(opts, ("iterations", "epochs", "embed_max_chunks"), integer=True)
+    _check_positive(opts, ("temperature", "head_c"), integer=False)
     check(opts.get("loss", "cosine") in LOSSES, "loss", f"got {opts.get('loss')!r}; use one of {', '.join(LOSSES)}")
     try:
         make_config("lora", **{k: opts[k] for k in LORA_OPTIONS if k in opts})
@@ -100,21 +142,32 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"options for contrastive: {e}") from None
 
 
-def unused_settings(cfg: Any) -> list[str]:
-    """The run-config fields set away from their defaults that contrastive training does not use (``--method
-    auto`` leaves the contrastive candidate out when there are any: the run would not honour them)."""
+def _check_probe_options(opts: dict) -> None:
+    from graftune.strategies.fewshot import HEADS
+
+    head = opts.get("head", "logistic")
+    check(head in HEADS, "head", f"got {head!r}; use one of {', '.join(HEADS)}")
+    check(head == "logistic" or "head_c" not in opts, "head_c",
+          "sets the logistic regression's inverse regularization; drop it with head=prototype")
+    _check_positive(opts, ("max_chunks",), integer=True)
+    _check_positive(opts, ("head_c",), integer=False)
+
+
+def unused_settings(cfg: Any, method: str = CONTRASTIVE) -> list[str]:
+    """The run-config fields set away from their defaults that ``method`` does not use (``--method auto`` leaves the
+    contrastive candidate out when there are any: the run would not honour them)."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    return [name for name in _UNUSED if getattr(cfg, name) != defaults[name]]
+    return [name for name in _unused(method) if getattr(cfg, name) != defaults[name]]
 
 
-def check_data(ds: Any) -> None:
-    """Single-label text only: contrastive pairs compare the sentence embeddings of two texts by their class."""
+def check_data(ds: Any, method: str = CONTRASTIVE) -> None:
+    """Single-label text only: both methods read sentence embeddings and fit a single-label head on them."""
     if ds.modality != "text":
-        raise DataError(f"{ds.origin}: {ds.modality} data; --method contrastive trains text classifiers, use another "
+        raise DataError(f"{ds.origin}: {ds.modality} data; --method {method} trains text classifiers, use another "
                         "--method (lora, say)")
     if ds.multi_label:
-        raise DataError(f"{ds.origin}: multi-label data; --method contrastive pairs texts by their one label, use "
-                        "another --method (lora, say)")
+        how = "pairs texts by their one label" if method == CONTRASTIVE else "fits a single-label head"
+        raise DataError(f"{ds.origin}: multi-label data; --method {method} {how}, use another --method (lora, say)")
 
 
 def fit_arguments(cfg: Any, *, family: str | None, pooling: str | None, adapter_name: str = "fewshot") -> dict:
@@ -130,9 +183,19 @@ def fit_arguments(cfg: Any, *, family: str | None, pooling: str | None, adapter_
             "adapter_name": adapter_name, **{k: opts[k] for k in FIT_OPTIONS if k in opts}}
 
 
+def probe_arguments(cfg: Any, *, pooling: str | None) -> dict:
+    """The keyword arguments of ``frozen_fit`` (besides model, tokenizer, texts, labels) that ``cfg`` asks for."""
+    from graftune.strategies.fewshot import DEFAULT_CHUNKS
+
+    opts = cfg.options
+    return {"head": opts.get("head", "logistic"), "max_length": cfg.max_length, "pooling": pooling,
+            "head_c": opts.get("head_c", 1.0), "max_chunks": opts.get("max_chunks", DEFAULT_CHUNKS)}
+
+
 # --- training ---------------------------------------------------------------------------------------------------
-def train_contrastive(cfg: Any, *, progress: bool = True, splits: Any = None) -> dict:
-    """``train(cfg)`` for ``method: contrastive``: write the run directory ``cfg.out``, return its metrics."""
+def train_fewshot_run(cfg: Any, *, progress: bool = True, splits: Any = None) -> dict:
+    """``train(cfg)`` for ``method: contrastive`` or ``probe``: write the run directory ``cfg.out``, return its
+    metrics."""
     from graftune.core.model import AdapterModel
     from graftune.data.card import data_card
     from graftune.data.sources import load_data
@@ -141,24 +204,25 @@ def train_contrastive(cfg: Any, *, progress: bool = True, splits: Any = None) ->
     from graftune.speed import distributed
     from graftune.speed import precision as _precision
     from graftune.speed.device import resolve as resolve_device
-    from graftune.strategies.fewshot import contrastive_fit
     from graftune.tasks import ZOO_TASK
-    from graftune.train import _brief, _finish_run_dir, _progress, _RunLog, _start_run_dir, adapter_name, peak_rss_mb
+    from graftune.train import _brief, _finish_run_dir, _RunLog, _start_run_dir, adapter_name, peak_rss_mb
     from graftune.zoo import load_base
 
+    method = cfg.method
     if distributed.launched():
-        raise ConfigError("method: contrastive trains in one process; start it without torchrun / accelerate launch")
+        raise ConfigError(f"method: {method} trains in one process; start it without torchrun / accelerate launch")
     _start_run_dir(cfg, write=False)  # --out taken: say so before loading anything
     # --- data: the same loading and splits as every train() run; refused before a model or a file -------------
     columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
                "prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
     ds = load_data(cfg.data, task=cfg.task, **columns)
-    check_data(ds)
+    check_data(ds, method)
     if splits is None:
         user_test = load_data(cfg.test, task=ds.modality, **columns) if cfg.test else None
         splits = make_splits(ds, test=user_test, **cfg.split_args())
     device = resolve_device(cfg.device)
-    policy_name = _precision.choose(cfg.precision, device).name  # what contrastive_fit will choose
+    # contrastive_fit chooses the same policy for training; a probe only embeds (inference)
+    policy = _precision.choose(cfg.precision, device, inference=method == PROBE)
     out, work = _start_run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -168,64 +232,54 @@ def train_contrastive(cfg: Any, *, progress: bool = True, splits: Any = None) ->
         base.model.to(device)
         model = AdapterModel(base.model, family=base.family)
         log = _RunLog(work / "log.jsonl", cfg, resumed=False)
-        log.event("start", method=CONTRASTIVE, model=cfg.model, data=cfg.data, precision=policy_name,
+        log.event("start", method=method, model=cfg.model, data=cfg.data, precision=policy.name,
                   train=len(splits.train), val=len(splits.val), test=len(splits.test))
-        fit_args = fit_arguments(cfg, family=base.family, pooling=base.pooling, adapter_name=adapter_name(out))
-        epochs = fit_args.get("epochs", 1)  # contrastive_fit's default
-        bar = None
-
-        def on_step(info: dict) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = _progress(info["steps"], 0, progress)
-            per_epoch = info["steps"] // epochs
-            log.event("step", epoch=math.ceil(info["step"] / per_epoch), step=info["step"], loss=info["loss"],
-                      lr=info["lr"])
-            bar.update(1)
-            bar.set_postfix_str(f"loss {info['loss']:.4f}", refresh=False)
-
         cpu0 = time.process_time()
-        fitted = contrastive_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels, on_step=on_step,
-                                 **fit_args)
+        if method == CONTRASTIVE:
+            fitted, fit = _fit_contrastive(cfg, model, base, splits, log, progress, adapter_name(out))
+        else:
+            fitted, fit = _fit_probe(cfg, model, base, splits, policy)
         train_cpu = time.process_time() - cpu0
-        if bar is not None:
-            bar.close()
-        report = fitted.report
-        speed = {"device": str(device), "processes": 1, "cache": report["cache"], "compile": None}
+        speed = {"device": str(device), "processes": 1, "cache": fit["cache"], "compile": None}
         log.event("speed", **speed)
         val = score(fitted, splits.val.inputs, splits.val.labels, ds.label_names) if len(splits.val) else None
-        log.event("epoch", epoch=epochs, last_loss=report["last_loss"],
-                  val=_brief(val), seconds=time.perf_counter() - started)
+        if method == CONTRASTIVE:
+            log.event("epoch", epoch=fit["epochs"], last_loss=fit["last_loss"], val=_brief(val),
+                      seconds=time.perf_counter() - started)
+        else:
+            log.event("fit", head=fit["details"]["head"], val=_brief(val), seconds=time.perf_counter() - started)
 
         # --- test, write the run directory ------------------------------------------------------------------
         test = score(fitted, splits.test.inputs, splits.test.labels, ds.label_names)
-        extra = {"task": "classification", "multi_label": False, "base_model": cfg.model, "pooling": fitted.pooling,
-                 "strategy": CONTRASTIVE}
-        artifact.save_adapter(model, fitted.adapter, work / "adapter", label_names=ds.label_names, extra=extra)
-        save_head(fitted, work / HEAD_DIR, precision=report["precision"])
-        head_params = int(fitted.head.coef_.size + fitted.head.intercept_.size)
-        adapter_params = int(report["trainable_params"])
+        adapter_bytes = 0
+        if fitted.adapter is not None:
+            extra = {"task": "classification", "multi_label": False, "base_model": cfg.model,
+                     "pooling": fitted.pooling, "strategy": method}
+            artifact.save_adapter(model, fitted.adapter, work / "adapter", label_names=ds.label_names, extra=extra)
+            adapter_bytes = (work / "adapter" / artifact.TENSORS_FILE).stat().st_size
+        save_head(fitted, work / HEAD_DIR, precision=fit["precision"], label_names=ds.label_names)
+        # a logistic regression's weights are fitted; class means are computed, not trained (as compare counts them)
+        head_params = int(fitted.head.coef_.size + fitted.head.intercept_.size) if hasattr(fitted.head, "coef_") \
+            else 0
+        adapter_params = fit["adapter_params"]
         metrics = {
             **test, "trainable_params": adapter_params + head_params,
             "total_params": sum(p.numel() for p in model.base.parameters()) + adapter_params + head_params,
-            "adapter_bytes": (work / "adapter" / artifact.TENSORS_FILE).stat().st_size,
-            "head_bytes": (work / HEAD_DIR / HEAD_TENSORS).stat().st_size,
-            "train_seconds": round(report["seconds"], 2), "train_cpu_seconds": round(train_cpu, 2),
+            "adapter_bytes": adapter_bytes, "head_bytes": (work / HEAD_DIR / HEAD_TENSORS).stat().st_size,
+            "train_seconds": round(fit["seconds"], 2), "train_cpu_seconds": round(train_cpu, 2),
             "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-            # the pairs' epochs all run: contrastive_fit has no early stopping, so no epoch is picked on val
-            "epochs_run": epochs, "best_epoch": None, "steps": report["steps"],
-            "precision": report["precision"], "method": CONTRASTIVE, "task": "classification", "speed": speed,
-            "val": _brief(val),
-            "contrastive": {k: report[k] for k in ("pairs", "loss", "first_loss", "last_loss", "lr", "max_length",
-                                                   "embed_max_length", "embed_max_chunks", "train_seconds",
-                                                   "head_seconds", "texts_embedded_per_step")},
+            # contrastive_fit has no early stopping (every epoch of pairs runs) and a probe has no epochs: no epoch
+            # is picked on val
+            "epochs_run": fit["epochs"], "best_epoch": None, "steps": fit["steps"],
+            "precision": fit["precision"], "method": method, "task": "classification", "speed": speed,
+            "val": _brief(val), method: fit["details"],
         }
         if cfg.auto:  # picked by --method auto: the record goes with the run, as for the other methods
             metrics["auto"] = cfg.auto
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
                                              encoding="utf-8")
-        log.event("end", test=_brief(test), train_seconds=report["seconds"])
+        log.event("end", test=_brief(test), train_seconds=fit["seconds"])
         log.close()
         log = None
     except BaseException:
@@ -235,6 +289,59 @@ def train_contrastive(cfg: Any, *, progress: bool = True, splits: Any = None) ->
         raise
     _finish_run_dir(work, out, cfg)
     return metrics
+
+
+def _fit_contrastive(cfg: Any, model: Any, base: Any, splits: Any, log: Any, progress: bool,
+                     name: str) -> tuple[Any, dict]:
+    """``contrastive_fit`` with a progress bar and a log line per step; returns the model and what the run
+    reports of it."""
+    from graftune.strategies.fewshot import contrastive_fit
+    from graftune.train import _progress
+
+    fit_args = fit_arguments(cfg, family=base.family, pooling=base.pooling, adapter_name=name)
+    epochs = fit_args.get("epochs", 1)  # contrastive_fit's default
+    bar = None
+
+    def on_step(info: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress(info["steps"], 0, progress)
+        per_epoch = info["steps"] // epochs
+        log.event("step", epoch=math.ceil(info["step"] / per_epoch), step=info["step"], loss=info["loss"],
+                  lr=info["lr"])
+        bar.update(1)
+        bar.set_postfix_str(f"loss {info['loss']:.4f}", refresh=False)
+
+    fitted = contrastive_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels, on_step=on_step,
+                             **fit_args)
+    if bar is not None:
+        bar.close()
+    report = fitted.report
+    details = {k: report[k] for k in ("pairs", "loss", "first_loss", "last_loss", "lr", "max_length",
+                                      "embed_max_length", "embed_max_chunks", "train_seconds", "head_seconds",
+                                      "texts_embedded_per_step")}
+    return fitted, {"epochs": epochs, "steps": report["steps"], "precision": report["precision"],
+                    "cache": report["cache"], "adapter_params": int(report["trainable_params"]),
+                    "seconds": report["seconds"], "last_loss": report["last_loss"], "details": details}
+
+
+def _fit_probe(cfg: Any, model: Any, base: Any, splits: Any, policy: Any) -> tuple[Any, dict]:
+    """``frozen_fit`` on the frozen base, embedding as ``compare._Frozen`` does: the frozen weights cast to the
+    inference policy's dtype, embeddings under its autocast (kept by the ``FewShotModel`` for every later embed)."""
+    from graftune.speed import precision as _precision
+    from graftune.strategies.fewshot import frozen_fit
+
+    args = probe_arguments(cfg, pooling=base.pooling)
+    _precision.apply(model.base, policy)
+    with policy.autocast():
+        fitted = frozen_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels, **args)
+    fitted = dataclasses.replace(fitted, precision=policy)
+    report = fitted.report
+    details = {"head": args["head"], "head_c": args["head_c"] if args["head"] == "logistic" else None,
+               **{k: report[k] for k in ("examples", "max_length", "max_chunks", "embed_seconds", "head_seconds")}}
+    return fitted, {"epochs": 0, "steps": 0, "precision": policy.name, "adapter_params": 0,
+                    "cache": "off (nothing trains: each training text is embedded once)",
+                    "seconds": report["seconds"], "last_loss": None, "details": details}
 
 
 # --- scoring and predictions (the FewShotModel's own embed and head) ------------------------------------------
@@ -274,24 +381,36 @@ def predict_rows(fitted: Any, inputs: Sequence[str], label_names: Sequence[str])
 
 
 # --- the head on disk ----------------------------------------------------------------------------------------------
-def save_head(fitted: Any, path: Path, *, precision: str) -> Path:
-    """``head.safetensors`` (``coef``, ``intercept``: exactly the fitted values, in their dtype) and ``head.json`` (classes,
-    C, and how the embeddings it reads are made), written atomically."""
-    import sklearn
+def save_head(fitted: Any, path: Path, *, precision: str, label_names: Sequence[str] | None = None) -> Path:
+    """``head.safetensors`` (logistic: ``coef``, ``intercept``; prototype: ``prototypes``; exactly the fitted
+    values, in their dtype) and ``head.json`` (kind, classes, label names, ``C`` or ``temperature``, and how the
+    embeddings it reads are made), written atomically."""
     from safetensors.torch import save_file
 
     from graftune.io.artifact import write_dir_atomically
+    from graftune.strategies.fewshot import PrototypeClassifier
 
     head = fitted.head
-    # the fitted dtype is kept (float32: the embeddings' own): a float64 copy would predict slightly differently
-    tensors = {"coef": torch.from_numpy(np.ascontiguousarray(head.coef_)),
-               "intercept": torch.from_numpy(np.ascontiguousarray(head.intercept_))}
-    meta = {"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "kind": "logistic",
-            "classes": [str(c) for c in head.classes_], "n_features": int(head.coef_.shape[1]), "C": float(head.C),
+    if isinstance(head, PrototypeClassifier):
+        kind, params = "prototype", {"temperature": float(head.temperature)}
+        tensors = {"prototypes": head.prototypes_.detach().contiguous().clone()}
+    else:
+        import sklearn
+
+        # the fitted dtype is kept (float32: the embeddings' own): a float64 copy would predict slightly differently
+        kind, params = "logistic", {"C": float(head.C), "sklearn_version": sklearn.__version__}
+        tensors = {"coef": torch.from_numpy(np.ascontiguousarray(head.coef_)),
+                   "intercept": torch.from_numpy(np.ascontiguousarray(head.intercept_))}
+    version = 1 if kind == "logistic" and fitted.adapter is not None else 2
+    meta = {"format": HEAD_FORMAT, "format_version": version, "kind": kind,
+            "classes": [str(c) for c in head.classes_],
+            **({"label_names": list(label_names)} if label_names is not None else {}),
+            "n_features": int(next(iter(tensors.values())).shape[-1]), **params,
             "embedding": {"adapter": fitted.adapter, "pooling": fitted.pooling, "normalize": True,
                           "max_length": fitted.max_length, "max_chunks": fitted.max_chunks,
-                          "batch_size": fitted.batch_size, "precision": precision},
-            "shapes": {k: list(v.shape) for k, v in tensors.items()}, "sklearn_version": sklearn.__version__}
+                          "batch_size": fitted.batch_size, "precision": precision,
+                          "autocast": fitted.precision is not None},
+            "shapes": {k: list(v.shape) for k, v in tensors.items()}}
 
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / HEAD_TENSORS, metadata={"format": "pt", "graftune": HEAD_FORMAT})
@@ -300,33 +419,52 @@ def save_head(fitted: Any, path: Path, *, precision: str) -> Path:
     return write_dir_atomically(path, write, markers=(HEAD_META,))
 
 
-def load_head(path: Path) -> tuple[Any, dict]:
-    """The saved logistic regression (a scikit-learn ``LogisticRegression`` with the saved fitted attributes) and
-    ``head.json``; anything missing, corrupt or inconsistent is an ArtifactError naming the file."""
-    from sklearn.linear_model import LogisticRegression
-
+def load_head(path: Path, method: str = CONTRASTIVE) -> tuple[Any, dict]:
+    """The saved head (a scikit-learn ``LogisticRegression`` or a ``fewshot.PrototypeClassifier`` with the saved
+    fitted attributes) and ``head.json``; anything missing, corrupt or inconsistent is an ArtifactError naming the
+    file."""
     from graftune.io.artifact import read_json, read_tensors
 
     if not path.is_dir():
-        raise ArtifactError(f"{path}: missing; a contrastive run keeps its logistic-regression head there "
-                            f"({HEAD_META} + {HEAD_TENSORS}), train the run again")
+        raise ArtifactError(f"{path}: missing; a {method} run keeps its head there ({HEAD_META} + {HEAD_TENSORS}), "
+                            "train the run again")
     file = path / HEAD_META
     meta = read_json(file)
-    if meta.get("format") != HEAD_FORMAT or meta.get("kind") != "logistic":
-        raise ArtifactError(f"{file}: not a graftune logistic-regression head (format={meta.get('format')!r}); "
+    kind, version = meta.get("kind"), meta.get("format_version")
+    if meta.get("format") != HEAD_FORMAT or kind not in HEAD_KINDS:
+        raise ArtifactError(f"{file}: not a graftune few-shot head (format={meta.get('format')!r}, kind={kind!r}); "
                             "train the run again")
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > HEAD_FORMAT_VERSION:
-        raise ArtifactError(f"{file}: format_version {meta.get('format_version')!r} is not one this graftune reads "
-                            f"(up to {HEAD_FORMAT_VERSION}); upgrade graftune or train the run again")
-    classes, emb = meta.get("classes"), meta.get("embedding")
-    ok = (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
-          and isinstance(emb, dict) and isinstance(emb.get("adapter"), str) and emb.get("normalize") is True
+    if not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{file}: bad format_version {version!r}; the file is corrupt, train the run again")
+    if version > HEAD_FORMAT_VERSION:
+        raise ArtifactError(f"{file}: format_version {version} is newer than this graftune reads "
+                            f"({HEAD_FORMAT_VERSION}); upgrade graftune or train the run again")
+    classes, emb, names = meta.get("classes"), meta.get("embedding"), meta.get("label_names")
+    number = "C" if kind == "logistic" else "temperature"
+
+    def strings(x: Any) -> bool:
+        return isinstance(x, list) and len(x) >= 2 and all(isinstance(c, str) for c in x)
+
+    ok = (strings(classes) and (names is None or strings(names)) and isinstance(emb, dict)
+          and (isinstance(emb.get("adapter"), str) or (emb.get("adapter") is None and version >= 2))
+          and (kind == "logistic" or version >= 2)  # version 1 knew logistic heads only
+          and emb.get("normalize") is True and isinstance(emb.get("autocast", False), bool)
           and all(isinstance(emb.get(k), int) and emb[k] >= 1 for k in ("max_length", "max_chunks", "batch_size"))
-          and isinstance(emb.get("pooling"), str) and isinstance(meta.get("C"), (int, float)))
+          and isinstance(emb.get("pooling"), str) and isinstance(meta.get(number), (int, float))
+          and meta[number] > 0)
     if not ok:
-        raise ArtifactError(f"{file}: classes, C or embedding settings missing or malformed; the file is corrupt, "
-                            "train the run again")
+        raise ArtifactError(f"{file}: classes, label names, {number} or embedding settings missing or malformed; "
+                            "the file is corrupt, train the run again")
     tensors = read_tensors(path / HEAD_TENSORS)
+    head = _logistic(path, meta, tensors) if kind == "logistic" else _prototypes(path, meta, tensors)
+    head.classes_ = np.asarray(classes)
+    return head, meta
+
+
+def _logistic(path: Path, meta: dict, tensors: dict) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    classes = meta["classes"]
     coef, intercept = tensors.get("coef"), tensors.get("intercept")
     rows = 1 if len(classes) == 2 else len(classes)  # scikit-learn keeps one row for two classes
     if (coef is None or intercept is None or coef.dim() != 2 or coef.shape[0] != rows
@@ -336,14 +474,29 @@ def load_head(path: Path) -> tuple[Any, dict]:
                             f"({rows}) for {len(classes)} classes; the file is corrupt, train the run again")
     head = LogisticRegression(C=float(meta["C"]), max_iter=2000)
     head.coef_, head.intercept_ = coef.numpy(), intercept.numpy()
-    head.classes_, head.n_features_in_ = np.asarray(classes), int(coef.shape[1])
-    return head, meta
+    head.n_features_in_ = int(coef.shape[1])
+    return head
+
+
+def _prototypes(path: Path, meta: dict, tensors: dict) -> Any:
+    from graftune.strategies.fewshot import PrototypeClassifier
+
+    rows = len(meta["classes"])
+    prototypes = tensors.get("prototypes")
+    if prototypes is None or prototypes.dim() != 2 or prototypes.shape[0] != rows \
+            or prototypes.dtype != torch.float32:
+        raise ArtifactError(f"{path / HEAD_TENSORS}: expected float32 prototypes ({rows} x features), one per class; "
+                            "the file is corrupt, train the run again")
+    head = PrototypeClassifier(temperature=float(meta["temperature"]))
+    head.prototypes_ = prototypes
+    return head
 
 
 # --- reloading a run -------------------------------------------------------------------------------------------------
-def load_contrastive(run_dir: Path, cfg: Any, meta: dict, *, quantize: str = "none") -> Any:
+def load_fewshot_run(run_dir: Path, cfg: Any, meta: dict, *, quantize: str = "none") -> Any:
     """For ``evaluate.load_run``: the run's ``FewShotModel`` rebuilt as at training time (base, precision cast,
-    adapter, head, embedding settings), in a ``LoadedRun`` whose ``fewshot`` holds it."""
+    adapter of a contrastive run, head, embedding settings), in a ``LoadedRun`` whose ``fewshot`` holds it. ``meta``:
+    the adapter's ``adapter.json`` (a probe run has none: the label names are in ``head.json``)."""
     from graftune.core.model import AdapterModel
     from graftune.evaluate import LoadedRun
     from graftune.io.artifact import load_adapter
@@ -352,23 +505,33 @@ def load_contrastive(run_dir: Path, cfg: Any, meta: dict, *, quantize: str = "no
     from graftune.tasks import ZOO_TASK, build_task
     from graftune.zoo import load_base
 
+    method, run_dir = cfg.method, Path(run_dir)
     if quantize != "none":
-        raise ConfigError(f"quantize {quantize}: a contrastive run predicts from the float embeddings its "
-                          "logistic-regression head was fitted on, which int8 layers would change; drop --quantize")
-    head, head_meta = load_head(Path(run_dir) / HEAD_DIR)  # read and checked before the model is loaded
-    emb = head_meta["embedding"]
-    label_names = list(meta.get("label_names") or [])
+        raise ConfigError(f"quantize {quantize}: a {method} run predicts from the float embeddings its head was "
+                          "fitted on, which int8 layers would change; drop --quantize")
+    head, head_meta = load_head(run_dir / HEAD_DIR, method)  # read and checked before the model is loaded
+    emb, file = head_meta["embedding"], run_dir / HEAD_DIR / HEAD_META
+    if (emb["adapter"] is None) != (method == PROBE):
+        raise ArtifactError(f"{file}: reads adapter {emb['adapter']!r}, which a {method} run does not have; train the "
+                            "run again")
+    label_names = list(meta.get("label_names") or head_meta.get("label_names") or [])
+    if not label_names:
+        raise ArtifactError(f"{file}: label_names missing; the file is corrupt, train the run again")
     base = load_base(cfg.model, task=ZOO_TASK["classification"])
     model = AdapterModel(base.model, family=base.family)
     policy = _precision.choose(cfg.precision, "cpu", inference=True)
     _precision.apply(model.base, policy)  # before the adapter is added: it stays float32, as in training
-    name = load_adapter(model, Path(run_dir) / "adapter").name
-    if name != emb["adapter"]:
-        raise ArtifactError(f"{Path(run_dir) / HEAD_DIR / HEAD_META}: reads adapter {emb['adapter']!r} but the run "
-                            f"holds {name!r}; train the run again")
+    name = None
+    if emb["adapter"] is not None:
+        name = load_adapter(model, run_dir / "adapter").name
+        if name != emb["adapter"]:
+            raise ArtifactError(f"{file}: reads adapter {emb['adapter']!r} but the run holds {name!r}; train the run "
+                                "again")
     model.eval()
+    strategy = "contrastive-adapter" if method == CONTRASTIVE else f"frozen+{head_meta['kind']}"
     fitted = FewShotModel(model, base.tokenizer, head, emb["max_length"], emb["pooling"], name, emb["batch_size"],
-                          {"strategy": "contrastive-adapter", "loaded_from": str(run_dir)}, emb["max_chunks"])
+                          {"strategy": strategy, "loaded_from": str(run_dir)}, emb["max_chunks"],
+                          precision=policy if emb.get("autocast", False) else None)
     task = build_task("classification", base, label_names=label_names, max_length=cfg.max_length)
     return LoadedRun(cfg, "classification", task, model, None, label_names, False, policy, meta, "none",
                      fewshot=fitted)

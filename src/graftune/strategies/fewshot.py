@@ -29,6 +29,7 @@ What makes the adapter variant fast on a CPU (measured in ``bench/issue4_fewshot
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -237,6 +238,9 @@ class FewShotModel:
     batch_size: int = 32
     report: dict = field(default_factory=dict)
     max_chunks: int = DEFAULT_CHUNKS
+    #: a ``speed.precision.Precision`` whose autocast every ``embed`` runs under (``train --method probe`` embeds
+    #: as ``graftune compare`` does); None: no autocast, the weights' own dtype
+    precision: Any = None
 
     @property
     def classes(self) -> list:
@@ -245,14 +249,15 @@ class FewShotModel:
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         options = {"batch_size": self.batch_size, "max_length": self.max_length, "pooling": self.pooling,
                    "max_chunks": self.max_chunks}
-        if self.adapter is None or not isinstance(self.model, AdapterModel):
-            return embed(self.model, self.tokenizer, texts, **options)
-        previous = self.model.active
-        self.model.set_active(self.adapter)
-        try:
-            return embed(self.model, self.tokenizer, texts, **options)
-        finally:
-            self.model.set_active(*previous)
+        with contextlib.nullcontext() if self.precision is None else self.precision.autocast():
+            if self.adapter is None or not isinstance(self.model, AdapterModel):
+                return embed(self.model, self.tokenizer, texts, **options)
+            previous = self.model.active
+            self.model.set_active(self.adapter)
+            try:
+                return embed(self.model, self.tokenizer, texts, **options)
+            finally:
+                self.model.set_active(*previous)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), len(classes)) probabilities, columns in ``classes`` order."""

@@ -1,0 +1,142 @@
+"""``graftune train --method probe`` and ``eval`` / ``predict`` on its run, on a tiny BERT; bad inputs give one line,
+exit 2 and no run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.train import partial_dir
+from tests.train_helpers import bert_folder, image_folder, pairs_jsonl, topic_csv, topic_rows, write_csv
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-probe")
+    multi = [{"text": r["text"], "label": f"{r['label']}|news"} for r in topic_rows(6)]
+    return {"bert": bert_folder(root / "bert"), "csv": topic_csv(root / "topics.csv"), "root": root,
+            "pairs": pairs_jsonl(root / "pairs.jsonl"), "images": image_folder(root / "images"),
+            "multi": write_csv(root / "multi.csv", multi)}
+
+
+def train_args(tiny, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out", str(out), "--method",
+            "probe", "--shots", "4", "--max-length", "32", "--precision", "fp32", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tiny):
+    """{head: run dir}, trained by the CLI."""
+    out = {}
+    for head, flags in (("logistic", ["--set", "head_c=0.5"]), ("prototype", ["--set", "head=prototype"])):
+        run_dir = tiny["root"] / head
+        result = runner.invoke(app, train_args(tiny, run_dir, "--set", "max_chunks=2", *flags))
+        assert result.exit_code == 0, result.output
+        assert "test: accuracy" in result.stdout and f"run written to {run_dir}/" in result.stdout
+        out[head] = run_dir
+    return out
+
+
+def test_train_writes_a_probe_run(run_dirs):
+    for head, run_dir in run_dirs.items():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["method"] == "probe" and metrics["probe"]["head"] == head
+        assert metrics["probe"]["max_chunks"] == 2 and metrics["probe"]["head_c"] == (0.5 if head == "logistic"
+                                                                                       else None)
+        assert not (run_dir / "adapter").exists() and (run_dir / "head" / "head.safetensors").is_file()
+        meta = json.loads((run_dir / "head" / "head.json").read_text())
+        assert meta["kind"] == head and meta["embedding"]["max_chunks"] == 2 and meta["embedding"]["adapter"] is None
+        assert meta.get("C") == (0.5 if head == "logistic" else None)
+
+
+@pytest.mark.parametrize("head", ["logistic", "prototype"])
+def test_eval_and_predict(run_dirs, head):
+    run_dir = run_dirs[head]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = runner.invoke(app, ["eval", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored == {k: metrics[k] for k in scored} and "per_class" in scored
+    text = runner.invoke(app, ["eval", str(run_dir)])
+    assert text.exit_code == 0 and "macro-F1" in text.stdout and "confusion matrix" in text.stdout
+
+    from graftune.evaluate import load_run, predict
+
+    texts = ["goal match team", "bank share price", "chip phone data"]
+    result = runner.invoke(app, ["predict", str(run_dir), *texts, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == predict(load_run(run_dir), texts)
+    assert [r["label"] for r in rows] == [str(p) for p in load_run(run_dir).fewshot.predict(texts)]
+    assert all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
+
+
+def test_run_yaml_repeats_the_run(run_dirs, tiny):
+    out = tiny["root"] / "again"
+    result = runner.invoke(app, ["train", "--config", str(run_dirs["prototype"] / "run.yaml"), "--out", str(out),
+                                 "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    first, again = (json.loads((d / "metrics.json").read_text()) for d in (run_dirs["prototype"], out))
+    assert again["loss"] == first["loss"] and again["per_class"] == first["per_class"]
+    from safetensors.torch import load_file
+
+    heads = [load_file(d / "head" / "head.safetensors") for d in (run_dirs["prototype"], out)]
+    assert heads[0]["prototypes"].equal(heads[1]["prototypes"])
+
+
+def one_line_error(result) -> str:
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error: "), text
+    return text
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("images", ["--data", "IMAGES"], "image data; --method probe trains text classifiers"),
+    ("multi-label", ["--data", "MULTI"], "multi-label data; --method probe fits a single-label head"),
+    ("prompt/response pairs", ["--data", "PAIRS"], "pairs data; --method probe"),
+    ("causal-lm task", ["--task", "causal-lm"], "task: got causal-lm"),
+    ("warm start", ["--init-from", "RUN"], "init_from: --method probe"),
+    ("stacking", ["--stack-under", "RUN"], "stack_under: --method probe"),
+    ("unknown option", ["--set", "r=4"], "unknown option(s) r; use head, head_c, max_chunks"),
+    ("bad head", ["--set", "head=svm"], "head: got 'svm'"),
+    ("train() epochs", ["--epochs", "3"], "epochs: --method probe trains nothing by gradient"),
+    ("train() lr", ["--lr", "0.01"], "drop --lr"),
+    ("train() batch size", ["--batch-size", "8"], "drop --batch-size"),
+    ("train() schedule", ["--schedule", "cosine"], "schedule: steers train()'s epoch loop"),
+])
+def test_bad_inputs_are_one_line_and_leave_nothing(tiny, run_dirs, tmp_path, case, flags, message):
+    out = tmp_path / "bad"
+    args = train_args(tiny, out)
+    places = {"IMAGES": tiny["images"], "MULTI": tiny["multi"], "PAIRS": tiny["pairs"], "RUN": run_dirs["logistic"]}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        value = str(places.get(value, value))
+        if flag in args and flag != "--set":
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    text = one_line_error(runner.invoke(app, args))
+    assert message in text, text
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_quantize_export_and_a_corrupt_head_are_one_line(run_dirs, tmp_path):
+    run_dir = run_dirs["prototype"]
+    for cmd in (["eval", str(run_dir), "--quantize", "int8"], ["predict", str(run_dir), "goal", "--quantize", "int8"]):
+        assert "quantize int8: a probe run" in one_line_error(runner.invoke(app, cmd))
+    # a probe has no adapter to export
+    assert "a probe run (the frozen base + a fitted head) has no adapter to export" in one_line_error(
+        runner.invoke(app, ["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "p")]))
+    assert not (tmp_path / "p").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "head" / "head.safetensors").write_bytes(b"not safetensors at all")
+    for cmd in (["eval", str(copy)], ["predict", str(copy), "goal"]):
+        assert "head.safetensors: not a valid safetensors file" in one_line_error(runner.invoke(app, cmd))
