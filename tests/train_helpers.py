@@ -127,3 +127,58 @@ def use_tiny_cnn(monkeypatch) -> None:
                         "memory", None, image_size=32)
 
     monkeypatch.setattr(zoo, "load_base", tiny_cnn_base)
+
+
+def check_eval_and_predict(run_dir: Path, texts: list[str]) -> list[dict]:
+    """`graftune eval` (JSON and text) gives the run's metrics.json and `graftune predict --json` gives what
+    load_run + predict give, with a probability for every label; returns the predicted rows."""
+    from typer.testing import CliRunner
+
+    from graftune.cli import app
+    from graftune.evaluate import load_run, predict
+
+    runner = CliRunner()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = runner.invoke(app, ["eval", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored == {k: metrics[k] for k in scored} and "per_class" in scored
+    text = runner.invoke(app, ["eval", str(run_dir)])
+    assert text.exit_code == 0 and "macro-F1" in text.stdout and "confusion matrix" in text.stdout
+    result = runner.invoke(app, ["predict", str(run_dir), *texts, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == predict(load_run(run_dir), texts)
+    labels = set(json.loads((run_dir / "metrics.json").read_text())["per_class"])
+    assert all(set(r["probabilities"]) == labels for r in rows)
+    return rows
+
+
+def fewshot_cli_data(root: Path) -> dict:
+    """What the contrastive and probe CLI tests train and refuse: a tiny BERT, the topic csv, and data they must
+    refuse (prompt/response pairs, images, a multi-label csv)."""
+    multi = [{"text": r["text"], "label": f"{r['label']}|news"} for r in topic_rows(6)]
+    return {"bert": bert_folder(root / "bert"), "csv": topic_csv(root / "topics.csv"), "root": root,
+            "pairs": pairs_jsonl(root / "pairs.jsonl"), "images": image_folder(root / "images"),
+            "multi": write_csv(root / "multi.csv", multi)}
+
+
+def one_line_error(result) -> str:
+    """A CliRunner result that failed as a user error must: exit 2, one line starting "error: ", no traceback."""
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error: "), text
+    return text
+
+
+def with_flags(args: list[str], flags: list[str], places: dict) -> list[str]:
+    """``args`` with ``flags`` (flag, value pairs) set: a flag already there gets the new value (``--set`` is
+    added again); a value naming a key of ``places`` becomes that path."""
+    args = list(args)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        value = str(places.get(value, value))
+        if flag in args and flag != "--set":
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args

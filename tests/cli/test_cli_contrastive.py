@@ -12,18 +12,14 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.train import partial_dir
-from tests.train_helpers import bert_folder, image_folder, pairs_jsonl, topic_csv, topic_rows, write_csv
+from tests.train_helpers import check_eval_and_predict, fewshot_cli_data, one_line_error, with_flags
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-contrastive")
-    multi = [{"text": r["text"], "label": f"{r['label']}|news"} for r in topic_rows(6)]
-    return {"bert": bert_folder(root / "bert"), "csv": topic_csv(root / "topics.csv"), "root": root,
-            "pairs": pairs_jsonl(root / "pairs.jsonl"), "images": image_folder(root / "images"),
-            "multi": write_csv(root / "multi.csv", multi)}
+    return fewshot_cli_data(tmp_path_factory.mktemp("cli-contrastive"))
 
 
 def train_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -51,22 +47,7 @@ def test_train_writes_a_contrastive_run(run_dir):
 
 
 def test_eval_predict_and_export(run_dir, tmp_path):
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    result = runner.invoke(app, ["eval", str(run_dir), "--json"])
-    assert result.exit_code == 0, result.output
-    scored = json.loads(result.stdout)
-    assert scored == {k: metrics[k] for k in scored} and "per_class" in scored
-    text = runner.invoke(app, ["eval", str(run_dir)])
-    assert text.exit_code == 0 and "macro-F1" in text.stdout and "confusion matrix" in text.stdout
-
-    from graftune.evaluate import load_run, predict
-
-    texts = ["goal match team", "bank share price", "chip phone data"]
-    result = runner.invoke(app, ["predict", str(run_dir), *texts, "--json"])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows == predict(load_run(run_dir), texts)
-    assert all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
+    check_eval_and_predict(run_dir, ["goal match team", "bank share price", "chip phone data"])
 
     result = runner.invoke(app, ["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")])
     assert result.exit_code == 0, result.output
@@ -86,13 +67,6 @@ def test_run_yaml_repeats_the_run(run_dir, tiny):
     assert all(heads[0][k].equal(heads[1][k]) for k in ("coef", "intercept"))
 
 
-def one_line_error(result) -> str:
-    text = result.output.strip()
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error: "), text
-    return text
-
-
 @pytest.mark.parametrize("case, flags, message", [
     ("images", ["--data", "IMAGES"], "image data; --method contrastive trains text classifiers"),
     ("multi-label", ["--data", "MULTI"], "multi-label data; --method contrastive"),
@@ -109,13 +83,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tiny, run_dir, tmp_path, case
     out = tmp_path / "bad"
     args = train_args(tiny, out)
     places = {"IMAGES": tiny["images"], "MULTI": tiny["multi"], "PAIRS": tiny["pairs"], "RUN": run_dir}
-    for flag, value in zip(flags[::2], flags[1::2]):
-        value = str(places.get(value, value))
-        if flag in args and flag != "--set":
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    text = one_line_error(runner.invoke(app, args))
+    text = one_line_error(runner.invoke(app, with_flags(args, flags, places)))
     assert message in text, text
     assert not out.exists() and not partial_dir(out).exists()
 

@@ -12,18 +12,14 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.train import partial_dir
-from tests.train_helpers import bert_folder, image_folder, pairs_jsonl, topic_csv, topic_rows, write_csv
+from tests.train_helpers import check_eval_and_predict, fewshot_cli_data, one_line_error, with_flags
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-probe")
-    multi = [{"text": r["text"], "label": f"{r['label']}|news"} for r in topic_rows(6)]
-    return {"bert": bert_folder(root / "bert"), "csv": topic_csv(root / "topics.csv"), "root": root,
-            "pairs": pairs_jsonl(root / "pairs.jsonl"), "images": image_folder(root / "images"),
-            "multi": write_csv(root / "multi.csv", multi)}
+    return fewshot_cli_data(tmp_path_factory.mktemp("cli-probe"))
 
 
 def train_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -58,24 +54,12 @@ def test_train_writes_a_probe_run(run_dirs):
 
 @pytest.mark.parametrize("head", ["logistic", "prototype"])
 def test_eval_and_predict(run_dirs, head):
+    from graftune.evaluate import load_run
+
     run_dir = run_dirs[head]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    result = runner.invoke(app, ["eval", str(run_dir), "--json"])
-    assert result.exit_code == 0, result.output
-    scored = json.loads(result.stdout)
-    assert scored == {k: metrics[k] for k in scored} and "per_class" in scored
-    text = runner.invoke(app, ["eval", str(run_dir)])
-    assert text.exit_code == 0 and "macro-F1" in text.stdout and "confusion matrix" in text.stdout
-
-    from graftune.evaluate import load_run, predict
-
     texts = ["goal match team", "bank share price", "chip phone data"]
-    result = runner.invoke(app, ["predict", str(run_dir), *texts, "--json"])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows == predict(load_run(run_dir), texts)
+    rows = check_eval_and_predict(run_dir, texts)
     assert [r["label"] for r in rows] == [str(p) for p in load_run(run_dir).fewshot.predict(texts)]
-    assert all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
 
 
 def test_run_yaml_repeats_the_run(run_dirs, tiny):
@@ -89,13 +73,6 @@ def test_run_yaml_repeats_the_run(run_dirs, tiny):
 
     heads = [load_file(d / "head" / "head.safetensors") for d in (run_dirs["prototype"], out)]
     assert heads[0]["prototypes"].equal(heads[1]["prototypes"])
-
-
-def one_line_error(result) -> str:
-    text = result.output.strip()
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error: "), text
-    return text
 
 
 @pytest.mark.parametrize("case, flags, message", [
@@ -116,13 +93,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tiny, run_dirs, tmp_path, cas
     out = tmp_path / "bad"
     args = train_args(tiny, out)
     places = {"IMAGES": tiny["images"], "MULTI": tiny["multi"], "PAIRS": tiny["pairs"], "RUN": run_dirs["logistic"]}
-    for flag, value in zip(flags[::2], flags[1::2]):
-        value = str(places.get(value, value))
-        if flag in args and flag != "--set":
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    text = one_line_error(runner.invoke(app, args))
+    text = one_line_error(runner.invoke(app, with_flags(args, flags, places)))
     assert message in text, text
     assert not out.exists() and not partial_dir(out).exists()
 
