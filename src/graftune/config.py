@@ -37,7 +37,7 @@ class RunConfig:
         picked by a quick comparison on validation examples carved from the training examples,
         ``contrastive``: the SetFit recipe (pairs train a LoRA adapter, then a logistic regression), or ``probe``:
         the frozen base's whole-text embeddings + a logistic regression or nearest class mean (both single-label
-        text only; options and what does not apply: ``strategies/contrastive_run.py``).
+        text only; options and what does not apply: ``strategies/fewshot_run.py``).
     options: the method's options (``{"r": 8, "alpha": 16}``).
     task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
     text_column, label_column, prompt_column, response_column: column names in tabular data.
@@ -185,8 +185,8 @@ class RunConfig:
             from graftune.tasks import task_name
 
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method in ("contrastive", "probe"):  # few-shot recipes as runs: own options (contrastive_run.py)
-            from graftune.strategies.contrastive_run import check_config
+        if self.method in ("contrastive", "probe"):  # few-shot recipes as runs: own options (fewshot_run.py)
+            from graftune.strategies.fewshot_run import check_config
 
             check_config(self)
         elif self.method not in ("head", "auto"):  # auto: resolved by strategies.compare.resolve_auto

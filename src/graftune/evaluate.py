@@ -190,7 +190,7 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
     if cfg.method in ("contrastive", "probe"):
-        from graftune.strategies.contrastive_run import load_fewshot_run
+        from graftune.strategies.fewshot_run import load_fewshot_run
 
         return load_fewshot_run(run_dir, cfg, meta, quantize=quantize)
     label_names = list(meta.get("label_names") or [])
@@ -252,7 +252,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
     if run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
-        from graftune.strategies.contrastive_run import score
+        from graftune.strategies.fewshot_run import score
 
         return score(run.fewshot, ds.inputs, ds.labels, run.label_names)
     return score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
@@ -269,7 +269,7 @@ def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> l
     if run.kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
     if run.fewshot is not None:
-        from graftune.strategies.contrastive_run import predict_rows
+        from graftune.strategies.fewshot_run import predict_rows
 
         return predict_rows(run.fewshot, list(inputs), run.label_names)
     logits = logits_of(run.task, run.model, run.head, list(inputs), batch_size=batch_size, policy=run.policy)

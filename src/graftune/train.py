@@ -65,7 +65,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
         cfg = resolve_auto(cfg, progress=progress)
     if cfg.method in ("contrastive", "probe"):  # few-shot recipes (strategies/fewshot.py): same data path and run dir
-        from graftune.strategies.contrastive_run import train_fewshot_run
+        from graftune.strategies.fewshot_run import train_fewshot_run
 
         return train_fewshot_run(cfg, progress=progress, splits=splits)
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------

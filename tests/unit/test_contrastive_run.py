@@ -14,7 +14,7 @@ import pytest
 from graftune.config import RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError
 from graftune.evaluate import evaluate_run, load_run, predict
-from graftune.strategies import contrastive_run as cr
+from graftune.strategies import fewshot_run as cr
 from graftune.train import partial_dir, train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 

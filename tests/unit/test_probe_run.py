@@ -15,7 +15,7 @@ import pytest
 from graftune.config import RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError
 from graftune.evaluate import evaluate_run, load_run, predict
-from graftune.strategies import contrastive_run as cr
+from graftune.strategies import fewshot_run as cr
 from graftune.train import partial_dir, train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
@@ -47,7 +47,7 @@ def runs(tiny):
 
 
 def refit(run_dir: Path, head: str):
-    """The run's FewShotModel fitted again in memory, written out here rather than through contrastive_run: the
+    """The run's FewShotModel fitted again in memory, written out here rather than through fewshot_run: the
     frozen base cast to the inference policy, frozen_fit under its autocast. Returns (fitted, policy, splits)."""
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data

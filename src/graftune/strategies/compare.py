@@ -719,7 +719,7 @@ def resolve_auto(cfg, *, progress: bool = True, train_fn: Callable | None = None
     from dataclasses import fields
 
     from graftune.config import RunConfig
-    from graftune.strategies.contrastive_run import unused_settings
+    from graftune.strategies.fewshot_run import unused_settings
 
     if cfg.method != "auto":
         return cfg
