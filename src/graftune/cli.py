@@ -53,6 +53,9 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print a JSON lis
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['description']}")
+    typer.echo("\n`graftune train --method` also takes: head (the task head alone), auto (picked by a quick "
+               "comparison), contrastive (SetFit: pairs train LoRA, then a logistic regression), probe (frozen "
+               "whole-text embeddings + logistic regression or class means).")
 
 
 # --- train ------------------------------------------------------------------------------------------------------

@@ -246,8 +246,12 @@ def _check_types(cfg: RunConfig) -> None:
 
 def _check_method(method: str, options: dict) -> None:
     """Unknown method or bad option values fail now, before any model or data is loaded."""
-    from graftune.core.method import make_config
+    from graftune.core.method import all_methods, make_config
 
+    known = [m.name for m in all_methods()]
+    if method not in known:  # the engine's methods, plus the recipes only `train` runs
+        raise ConfigError(f"unknown method {method!r}; use an adapter method ({', '.join(known)}; see "
+                          "`graftune methods`), or head, auto, contrastive or probe")
     try:
         make_config(method, **options)
     except TypeError as e:

@@ -15,9 +15,11 @@ runner = CliRunner()
 def test_methods_lists_every_registered_method_with_its_description():
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0, result.output
-    lines = result.stdout.strip().splitlines()
+    listing, recipes = result.stdout.strip().split("\n\n")
+    lines = listing.splitlines()
     registered = all_methods()
     assert len(lines) == len(registered)
+    assert all(name in recipes for name in ("head", "auto", "contrastive", "probe"))  # train's own recipes
     for line, method in zip(lines, registered):
         name, description = line.split(maxsplit=1)
         assert name == method.name and description == method.description
