@@ -229,3 +229,27 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
     assert cut.features(texts) == pytest.approx(truncated, abs=1e-6)
     unit = truncated[0] / np.linalg.norm(truncated[0])
     assert np.abs(got[0] - unit).max() > 1e-3  # the windows changed the long text's embedding
+
+
+def test_auto_treats_gaps_within_validation_noise_as_ties(tiny, monkeypatch):
+    """With a handful of validation examples a few points are noise: a cheaper candidate within one standard error
+    of the best is picked, and the reason says why. With a clear gap the best still wins."""
+    monkeypatch.setattr(compare, "_run_features", lambda *a: {"accuracy": 0.85, "macro_f1": 0.85,
+                                                               "trainable_params": 99, "train_seconds": 0.0})
+    monkeypatch.setattr(compare, "_run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
+                                                                 "trainable_params": 9, "train_seconds": 0.0})
+
+    class Slow(FakeTrain):  # LoRA scores 0.9 (top-k 0.0), and both take longer than the features
+        def __call__(self, cfg, *, progress=True, splits=None):
+            time.sleep(0.3)
+            f1 = 0.9 if cfg.method == "lora" else 0.0
+            return {"accuracy": f1, "macro_f1": f1, "trainable_params": 1000, "train_seconds": 0.3}
+
+    record = compare.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
+    assert record["validation_examples"] == 6  # noise: sqrt(0.9 * 0.1 / 6) = 0.12 > the 0.05 gap
+    assert record["method"] == "probe", record["reason"]
+    assert "sampling noise of 6 validation examples" in record["reason"]
+    monkeypatch.setattr(compare, "_run_features", lambda *a: {"accuracy": 0.5, "macro_f1": 0.5,
+                                                               "trainable_params": 99, "train_seconds": 0.0})
+    clear = compare.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
+    assert clear["method"] == "lora" and "scored best" in clear["reason"]

@@ -691,13 +691,21 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     if not scores:
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
     best = max(scores.values(), key=lambda s: s["macro_f1"])
-    close = [s for s in scores.values() if best["macro_f1"] - s["macro_f1"] <= WITHIN + 1e-9]
+    # a tie is a gap within 1 point or within the sampling noise of the validation part (one standard error of a
+    # proportion measured on that many examples), whichever is larger: on 10 examples that is about 10 points,
+    # and then the cheapest of the tied candidates is the honest choice
+    noise = math.sqrt(max(best["macro_f1"] * (1 - best["macro_f1"]), 0.0) / max(len(val_part), 1))
+    tie = max(WITHIN, noise)
+    close = [s for s in scores.values() if best["macro_f1"] - s["macro_f1"] <= tie + 1e-9]
     pick = min(close, key=lambda s: (s["seconds"], s["trainable_params"]))
     listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} ({s['seconds']:.0f} s)" for s in scores.values())
     reason = (f"On a validation part carved from the {len(full.train)} training examples ({len(val_part)} held out, "
               f"the test set untouched), macro-F1 was: {listing}. ")
     if pick is best:
         reason += f"{pick['method']} scored best"
+    elif tie > WITHIN:
+        reason += (f"{pick['method']} is within {100 * tie:.0f} points of the best ({best['method']}), the "
+                   f"sampling noise of {len(val_part)} validation examples, and faster, so it is chosen")
     else:
         reason += (f"{pick['method']} is within {100 * WITHIN:.0f} point of the best ({best['method']}) and faster, "
                    "so it is chosen")
