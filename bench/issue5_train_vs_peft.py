@@ -230,8 +230,9 @@ def main():
         print("\nmean over seeds (accuracy, trained s, steady epoch s):")
         for side in dict.fromkeys((r["side"], r["method"]) for r in results if "error" not in r):
             rs = [r for r in results if (r.get("side"), r.get("method")) == side]
-            print(f"  {side[0]}/{side[1]} ({len(rs)} seeds): acc {100 * statistics.mean(r['accuracy'] for r in rs):.1f} "
-                  f"(min {100 * min(r['accuracy'] for r in rs):.1f}, max {100 * max(r['accuracy'] for r in rs):.1f}), "
+            acc = [r["accuracy"] for r in rs]
+            print(f"  {side[0]}/{side[1]} ({len(rs)} seeds): acc {100 * statistics.mean(acc):.1f} "
+                  f"(min {100 * min(acc):.1f}, max {100 * max(acc):.1f}), "
                   f"trained {statistics.mean(r['trained_s'] for r in rs):.1f} s, "
                   f"epoch {statistics.mean(steady(r) for r in rs):.2f} s")
 
@@ -294,7 +295,8 @@ def run_seed(args, seed: int) -> list[dict]:
             if p["side"].startswith("peft") and p["method"] == r["method"] and (p["pair"] == r["pair"]
                                                                                   or p["side"] == "peft-default"):
                 print(f"  {r['side']}/{r['method']} vs {p['side']}/{p['method']} (pairs {r['pair']},{p['pair']}): "
-                      f"trained {p['trained_s'] / r['trained_s']:.2f}x ({p['trained_s']:.1f} / {r['trained_s']:.1f} s), "
+                      f"trained {p['trained_s'] / r['trained_s']:.2f}x "
+                      f"({p['trained_s']:.1f} / {r['trained_s']:.1f} s), "
                       f"steady epoch {steady(p) / steady(r):.2f}x, acc {100 * r['accuracy']:.1f} vs "
                       f"{100 * p['accuracy']:.1f} ({100 * (r['accuracy'] - p['accuracy']):+.1f})")
     return results

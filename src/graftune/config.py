@@ -19,6 +19,9 @@ import yaml
 from graftune.core.method import check
 from graftune.errors import ConfigError
 
+#: methods ``train`` runs as few-shot recipes rather than adapters (``strategies/fewshot_run.py``)
+FEWSHOT_METHODS = ("contrastive", "probe")
+
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("macro_f1", "accuracy", "loss")
 LOG_TO = ("mlflow", "tensorboard")
@@ -185,7 +188,7 @@ class RunConfig:
             from graftune.tasks import task_name
 
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method in ("contrastive", "probe"):  # few-shot recipes as runs: own options (fewshot_run.py)
+        if self.method in FEWSHOT_METHODS:  # few-shot recipes as runs: their own options (fewshot_run.py)
             from graftune.strategies.fewshot_run import check_config
 
             check_config(self)

@@ -26,16 +26,14 @@ def probe_baseline(cfg: RunConfig) -> dict:
     ``graftune compare``'s linear-probe does (``fewshot.frozen_fit``: L2-normalized mean embeddings, a long text
     read as up to 4 windows), so the baseline is as strong as graftune knows how to make it; other data: the
     pooled features of the task head (``evaluate.linear_probe``)."""
-    import numpy as np
-
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
     from graftune.evaluate import linear_probe
     from graftune.speed import precision
     from graftune.strategies.fewshot import frozen_fit
+    from graftune.strategies.fewshot_run import score
     from graftune.tasks import ZOO_TASK, build_task
-    from graftune.tasks.classification import classification_metrics
     from graftune.zoo import load_base
 
     started = time.perf_counter()
@@ -54,10 +52,7 @@ def probe_baseline(cfg: RunConfig) -> dict:
         with policy.autocast():
             fitted = frozen_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels,
                                 max_length=cfg.max_length, pooling=task.pooling)
-            pred = fitted.predict(splits.test.inputs)
-        index = {n: i for i, n in enumerate(ds.label_names)}
-        metrics = classification_metrics(np.asarray([index[y] for y in splits.test.labels]),
-                                         np.asarray([index[y] for y in pred]), list(ds.label_names))
+            metrics = score(fitted, splits.test.inputs, splits.test.labels, ds.label_names)
         metrics["trainable_params"] = int(fitted.head.coef_.size + fitted.head.intercept_.size)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics

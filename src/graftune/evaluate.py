@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftune.config import RunConfig, build_config
+from graftune.config import FEWSHOT_METHODS, RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, Task, batches, build_task
@@ -189,7 +189,7 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
                         "runs)")
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
-    if cfg.method in ("contrastive", "probe"):
+    if cfg.method in FEWSHOT_METHODS:
         from graftune.strategies.fewshot_run import load_fewshot_run
 
         return load_fewshot_run(run_dir, cfg, meta, quantize=quantize)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftune.config import RunConfig, read_yaml
+from graftune.config import FEWSHOT_METHODS, RunConfig, read_yaml
 from graftune.errors import ConfigError
 from graftune.evaluate import HEAD_ONLY, score_causal_lm, score_classification
 from graftune.speed import distributed, precision
@@ -64,7 +64,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         from graftune.strategies.compare import resolve_auto
 
         cfg = resolve_auto(cfg, progress=progress)
-    if cfg.method in ("contrastive", "probe"):  # few-shot recipes (strategies/fewshot.py): same data path and run dir
+    if cfg.method in FEWSHOT_METHODS:  # few-shot recipes (strategies/fewshot_run.py): same data path and run dir
         from graftune.strategies.fewshot_run import train_fewshot_run
 
         return train_fewshot_run(cfg, progress=progress, splits=splits)

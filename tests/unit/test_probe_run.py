@@ -134,7 +134,7 @@ def test_the_run_scores_what_compare_scores(runs, tiny, head, strategy):
     ds = load_data(cfg.data)
     splits = make_splits(ds, **cfg.split_args())
     frozen = compare._Frozen(cfg.model, ds, cfg.max_length)
-    expected = compare._run_features(compare.STRATEGIES[strategy], frozen, splits, "test", cfg.seed)
+    expected = compare._run_features(compare.STRATEGIES[strategy], frozen, splits, "test")
     assert (metrics["accuracy"], metrics["macro_f1"]) == (expected["accuracy"], expected["macro_f1"])
     assert metrics["trainable_params"] == expected["trainable_params"]
 

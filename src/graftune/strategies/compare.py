@@ -225,22 +225,18 @@ class _Frozen:
         return self._test[key]
 
 
-def _run_features(strategy: Strategy, frozen: _Frozen, splits, test_key: str, seed: int) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
-    from graftune.strategies.fewshot import PrototypeClassifier
+def _run_features(strategy: Strategy, frozen: _Frozen, splits, test_key: str) -> dict:
+    from graftune.strategies.fewshot import _make_head
     from graftune.tasks.classification import classification_metrics, encode_labels
 
     names = frozen.task.label_names
     started = time.perf_counter()
     x = frozen.features(splits.train.inputs)
     y = np.asarray(encode_labels(splits.train.labels, names, False))
-    if strategy.name == "prototypes":
-        clf = PrototypeClassifier().fit(x, y)
-        trainable = 0  # class means are computed, not trained
-    else:
-        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(x, y)
-        trainable = int(clf.coef_.size + clf.intercept_.size)
+    # the heads of fewshot.frozen_fit (and so of `train --method probe`)
+    clf = _make_head("prototype" if strategy.name == "prototypes" else "logistic", 1.0).fit(x, y)
+    # class means are computed, not trained
+    trainable = int(clf.coef_.size + clf.intercept_.size) if strategy.name != "prototypes" else 0
     seconds = time.perf_counter() - started
     pred = clf.predict(frozen.test_features(splits.test, test_key))
     m = classification_metrics(np.asarray(encode_labels(splits.test.labels, names, False)), pred, names)
@@ -250,7 +246,7 @@ def _run_features(strategy: Strategy, frozen: _Frozen, splits, test_key: str, se
 
 def _run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings: dict) -> dict:
     from graftune.strategies.fewshot import contrastive_fit
-    from graftune.tasks.classification import classification_metrics
+    from graftune.strategies.fewshot_run import PAIR_MAX_LENGTH, score
     from graftune.zoo import load_base
 
     if splits.train.modality != "text":
@@ -258,12 +254,8 @@ def _run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings
     base = load_base(model, task="text-classification")  # a fresh base: the adapter and bf16 cast stay in it
     fitted = contrastive_fit(base, None, splits.train.inputs, splits.train.labels, method=strategy.method,
                              seed=seed, embed_max_length=settings.get("max_length", 256),
-                             max_length=min(128, settings.get("max_length", 256)))
-    pred = fitted.predict(splits.test.inputs)
-    names = splits.test.label_names
-    index = {n: i for i, n in enumerate(names)}
-    m = classification_metrics(np.asarray([index[t] for t in splits.test.labels]),
-                               np.asarray([index[p] for p in pred]), names)
+                             max_length=min(PAIR_MAX_LENGTH, settings.get("max_length", 256)))
+    m = score(fitted, splits.test.inputs, splits.test.labels, splits.test.label_names)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "trainable_params": int(fitted.report["trainable_params"]),
             "train_seconds": round(fitted.report["seconds"], 2)}
@@ -369,7 +361,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
                                 if strategy.kind == "features":
                                     if frozen is None:
                                         frozen = _Frozen(model, ds, settings.get("max_length", 256))
-                                    result = _run_features(strategy, frozen, run_splits, test_fp, seed)
+                                    result = _run_features(strategy, frozen, run_splits, test_fp)
                                 elif strategy.kind == "contrastive":
                                     result = _run_contrastive(strategy, model, run_splits, seed, settings)
                                 else:
@@ -627,7 +619,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     every candidate trains on the rest and is scored on it; the test set is never looked at. ``head`` is scored as
     its LP-FT start (the logistic-regression probe), the adapter candidates with 3 epochs, ``contrastive`` as
     ``graftune compare`` runs it (text only). A candidate estimated not to fit in the budget left is skipped (the
-    first adapter candidate is the measurement). The best macro-F1 wins; within 1 point, the faster candidate.
+    first adapter candidate is the measurement). The best macro-F1 wins; within 1 point, or within one standard
+    error of the validation part's F1 when that is larger, the faster candidate wins.
     ``not_for_contrastive``: run settings the contrastive run would not honour (``--epochs`` ...): when given, that
     candidate is skipped and the reason says why. For text, the ``head`` candidate is ``probe`` (the frozen
     base's whole-text embeddings + logistic regression, compare's ``linear-probe``, trained as ``train --method
@@ -677,7 +670,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                 name = "probe" if probe else "head"
                 # what `train --method probe` fits (whole texts), or what `train --method head` trains on
                 frozen = _Frozen(model, ds, max_length, windows=probe)
-                result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val", seed)
+                result = _run_features(STRATEGIES["linear-probe"], frozen, inner, "val")
             elif name == "contrastive":  # what `train --method contrastive` trains, with its defaults
                 result = _run_contrastive(STRATEGIES[name], model, inner, seed, settings)
             else:

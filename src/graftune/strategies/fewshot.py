@@ -131,8 +131,8 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size:
 
     A text longer than ``max_length`` tokens is read as up to ``max_chunks`` consecutive windows of
     ``max_length`` tokens; its embedding is the mean of the windows' embeddings (normalized first when
-    ``normalize``) weighted by their token counts. ``max_chunks=1`` truncates instead. Texts that fit in one window are unaffected; long ones
-    cost up to ``max_chunks`` times more.
+    ``normalize``) weighted by their token counts. ``max_chunks=1`` truncates instead. Texts that fit in one window
+    are unaffected; long ones cost up to ``max_chunks`` times more.
 
     ``model`` is a plain base or an AdapterModel (its active adapters apply). Texts are batched by length so
     padding stays small; the result keeps the input order. Runs in eval mode and restores the previous mode.
@@ -541,7 +541,8 @@ def contrastive_fit(
         "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "precision": policy.name, "cache": cache_note,
         "trainable_params": sum(p.numel() for p in params), "max_length": max_length,
-        "embed_max_length": embed_max_length, "embed_max_chunks": embed_max_chunks, "train_seconds": t1 - t0, "head_seconds": t2 - t1,
+        "embed_max_length": embed_max_length, "embed_max_chunks": embed_max_chunks, "train_seconds": t1 - t0,
+        "head_seconds": t2 - t1,
         "seconds": t2 - t0,
     }
     return fitted

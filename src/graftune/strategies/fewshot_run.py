@@ -48,13 +48,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from graftune.config import FEWSHOT_METHODS
 from graftune.core.method import check
 from graftune.errors import ArtifactError, ConfigError, DataError
 
-CONTRASTIVE = "contrastive"
-PROBE = "probe"
 #: the run-config methods this module trains and reloads
-METHODS = (CONTRASTIVE, PROBE)
+CONTRASTIVE, PROBE = FEWSHOT_METHODS
 HEAD_DIR = "head"
 HEAD_TENSORS = "head.safetensors"
 HEAD_META = "head.json"
