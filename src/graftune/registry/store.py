@@ -1,0 +1,597 @@
+"""Versions on disk and the SQLite index: push, list, show, promote (through the gate), rollback, delete, audit.
+
+Layout of a registry folder (nothing to start: the index is a file, opened per call)::
+
+    ROOT/index.sqlite           versions, the promotion history, the audit log, a change counter (WAL mode)
+    ROOT/versions/NAME/N/       one immutable version: a run directory (run.yaml, adapter/ or head/,
+                                metrics.json, data_card.json) + version.json (who, when, sha256 of every file)
+    ROOT/.tmp/                  versions being assembled; never listed
+
+Why it survives faults:
+- a version is assembled in ``.tmp/`` and renamed into ``versions/`` inside the transaction that inserts its row,
+  so a push killed midway leaves at most an unlisted folder: the index is the truth, and a folder without a row
+  is an orphan that the next push of that number replaces (``.tmp/`` leftovers older than an hour are removed);
+- version numbers come from a counter row updated under SQLite's write lock (``BEGIN IMMEDIATE``), so two pushes
+  at once, from two processes, get distinct numbers; numbers are never reused, even after a delete;
+- every stored file's sha256 is in version.json and version.json's own sha256 is in the index: ``verify`` (which
+  ``show``, ``promote``, ``rollback`` and ``load`` call) re-hashes them and refuses a changed file in one line.
+The stored files are made read-only as a further guard.
+
+The index needs a local file system (SQLite's WAL does not work over NFS); several processes on one machine, e.g.
+a server reading while a CLI promotes, are fine.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graftune.config import build_config
+from graftune.data.sources import ALIASES as DATA_ALIASES
+from graftune.errors import ArtifactError, ConfigError, GraftuneError
+from graftune.evaluate import LoadedRun, load_run
+from graftune.registry import gate
+from graftune.zoo import list_models
+
+try:  # the user's data folder, the platform's way, when platformdirs is there; XDG otherwise
+    import platformdirs
+except ImportError:  # pragma: no cover - depends on the environment
+    platformdirs = None
+
+INDEX = "index.sqlite"
+VERSIONS = "versions"
+TMP = ".tmp"
+VERSION_FILE = "version.json"
+FORMAT = "graftune-registry-version"
+#: what a pushed version leaves out of the run directory: the training log and checkpoints are not the model
+SKIPPED = {"log.jsonl", ".checkpoint"}
+#: run.yaml fields that may name a local path relative to where training ran; a version stores them absolute
+PATH_FIELDS = ("model", "data", "test", "init_from", "stack_under")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: ``.tmp/`` entries older than this are leftovers of a killed push
+STALE_TMP_S = 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL, version INTEGER NOT NULL, created TEXT NOT NULL, who TEXT, meta_sha256 TEXT NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, who TEXT, name TEXT NOT NULL, version INTEGER,
+    action TEXT NOT NULL, forced INTEGER NOT NULL DEFAULT 0, reason TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state (key, value) VALUES ('generation', 0);
+"""
+
+
+def default_root(explicit: str | Path | None = None) -> Path:
+    """``--registry DIR`` if given, else ``$GRAFTUNE_REGISTRY``, else ``graftune/registry`` in the user's data
+    folder (platformdirs' when installed, else ``$XDG_DATA_HOME`` or ``~/.local/share``)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("GRAFTUNE_REGISTRY"):
+        return Path(os.environ["GRAFTUNE_REGISTRY"]).expanduser()
+    if platformdirs is not None:
+        return Path(platformdirs.user_data_dir("graftune", appauthor=False)) / "registry"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "graftune" / "registry"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``"news@3"`` -> ``("news", 3)``; ``"news"`` -> ``("news", None)``."""
+    name, at, number = ref.strip().partition("@")
+    check_name(name)
+    if not at:
+        return name, None
+    if not number.isdigit() or int(number) < 1:
+        raise ConfigError(f"{ref!r}: a version is NAME@N with N a number from 1 (e.g. {name}@3)")
+    return name, int(number)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise ConfigError(f"{name!r}: a registry name is 1-64 letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit (e.g. news-classifier)")
+    return name
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment (a container without one): still record something
+        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Version:
+    """One immutable version: ``path`` is a run directory (``graftune.evaluate.load_run(version.path)`` loads it).
+
+    Attributes mirror ``path/version.json``: ``task`` (classification, image or causal-lm), ``method``, the base
+    model (as run.yaml names it, local paths made absolute) and its fingerprint (from adapter.json; None for a
+    probe run, which has no adapter), a summary of metrics.json, a reference to the data card, and ``files``:
+    ``{relative path: sha256}`` of every stored file but version.json (whose hash the index keeps)."""
+
+    name: str
+    version: int
+    path: Path
+    created: str
+    who: str
+    task: str
+    method: str
+    label_names: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    base_fingerprint: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    data_card: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    source: str | None = None
+    resolved_paths: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["ref"] = self.ref
+        return out
+
+    @classmethod
+    def read(cls, path: Path) -> Version:
+        try:
+            meta = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: {VERSION_FILE} is missing (changed after push); push the run again") \
+                from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ArtifactError(f"{path / VERSION_FILE}: not valid JSON (changed after push); push the run again") \
+                from None
+        keys = {f for f in cls.__dataclass_fields__ if f != "path"}
+        return cls(path=path, **{k: v for k, v in meta.items() if k in keys})
+
+
+class Registry:
+    """A folder of versions with its SQLite index (see the module docstring). Safe to share between processes
+    and threads: every call opens its own connection, and every change is one transaction."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        try:
+            (self.root / VERSIONS).mkdir(parents=True, exist_ok=True)
+            (self.root / TMP).mkdir(exist_ok=True)
+        except OSError as e:
+            raise ArtifactError(f"registry {self.root}: cannot create it ({e.strerror}); pass --registry DIR with a "
+                                "writable folder") from None
+        with self._transaction() as db:
+            for statement in _SCHEMA.split(";"):  # not executescript: it would commit the open transaction
+                if statement.strip():
+                    db.execute(statement)
+
+    # --- the index ----------------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.root / INDEX, timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=60000")
+        except sqlite3.Error as e:
+            raise ArtifactError(f"registry {self.root}: cannot open {INDEX} ({e}); pass --registry DIR with a "
+                                "writable local folder") from None
+        db.row_factory = sqlite3.Row
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One change = one transaction, holding the write lock from its start (BEGIN IMMEDIATE) so a read
+        followed by a write (the next version number, the promoted version) cannot interleave with another's."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with closing(self._connect()) as db:
+            return db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+
+    @staticmethod
+    def _audit(db: sqlite3.Connection, name: str, version: int | None, action: str, *, forced: bool = False,
+               reason: str | None = None, detail: dict | None = None) -> None:
+        db.execute("INSERT INTO audit (at, who, name, version, action, forced, reason, detail) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (now(), who(), name, version, action, int(forced), reason,
+                    json.dumps(detail, sort_keys=True) if detail else None))
+
+    def _folder(self, name: str, version: int) -> Path:
+        return self.root / VERSIONS / name / str(version)
+
+    def _row(self, name: str, version: int | None) -> sqlite3.Row:
+        check_name(name)
+        if version is None:
+            rows = self._read("SELECT * FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
+            if not rows:
+                raise ArtifactError(f"registry {self.root}: no versions of {name!r}; `graftune registry push "
+                                    f"RUN_DIR --name {name}` adds one")
+        else:
+            rows = self._read("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version))
+            if not rows:
+                raise ArtifactError(f"registry {self.root}: no version {name}@{version}; `graftune registry list` "
+                                    "shows what is there")
+        return rows[0]
+
+    # --- reading ------------------------------------------------------------------------------------------------
+    def generation(self) -> int:
+        """A counter that grows with every push, promote, rollback and delete: one cheap query, for a server to
+        poll and reload :meth:`promoted` only when it changed."""
+        return int(self._read("SELECT value FROM state WHERE key = 'generation'")[0][0])
+
+    def list(self, name: str | None = None) -> list[Version]:
+        """Every version (of ``name``, if given), by name then number. Not verified (cheap); ``show`` verifies."""
+        rows = self._read("SELECT name, version FROM versions WHERE (? IS NULL OR name = ?) ORDER BY name, version",
+                          (name, name))
+        return [Version.read(self._folder(r["name"], r["version"])) for r in rows]
+
+    def show(self, name: str, version: int | None = None) -> Version:
+        """One version (the latest of ``name`` when ``version`` is None), verified: a file changed since push
+        raises a one-line ArtifactError."""
+        row = self._row(name, version)
+        v = Version.read(self._folder(row["name"], row["version"]))
+        self._verify(v, row["meta_sha256"])
+        return v
+
+    def verify(self, version: Version) -> None:
+        """Re-hash every stored file of ``version`` (and version.json against the index); raise a one-line
+        ArtifactError naming the first file that changed, went missing or appeared since push."""
+        self._verify(version, self._row(version.name, version.version)["meta_sha256"])
+
+    def _verify(self, v: Version, meta_sha256: str) -> None:
+        fix = "the version is not usable: delete it and push the run again"
+        if sha256_file(v.path / VERSION_FILE) != meta_sha256:
+            raise ArtifactError(f"{v.ref}: {v.path / VERSION_FILE} changed since push (sha256 differs); {fix}")
+        for rel, digest in v.files.items():
+            file = v.path / rel
+            if not file.is_file():
+                raise ArtifactError(f"{v.ref}: {file} is missing (removed after push); {fix}")
+            if sha256_file(file) != digest:
+                raise ArtifactError(f"{v.ref}: {file} changed since push (sha256 differs); {fix}")
+        for file in sorted(p for p in v.path.rglob("*") if p.is_file()):
+            rel = file.relative_to(v.path).as_posix()
+            if rel != VERSION_FILE and rel not in v.files:
+                raise ArtifactError(f"{v.ref}: {file} was added after push; {fix}")
+
+    def promoted(self) -> dict[str, Version]:
+        """``{name: the promoted Version}`` for every name that has one (not verified: :meth:`load` or
+        :meth:`verify` before serving)."""
+        rows = self._read("SELECT p.name, p.version FROM promotions p WHERE p.id = "
+                          "(SELECT max(id) FROM promotions WHERE name = p.name) ORDER BY p.name")
+        return {r["name"]: Version.read(self._folder(r["name"], r["version"])) for r in rows}
+
+    def promoted_version(self, name: str) -> int | None:
+        rows = self._read("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,))
+        return rows[0][0] if rows else None
+
+    def load(self, name: str, version: int | None = None) -> LoadedRun:
+        """The promoted version of ``name`` (or ``version``), verified, then loaded with ``load_run``."""
+        if version is None:
+            version = self.promoted_version(name)
+            if version is None:
+                raise ArtifactError(f"{name!r} has no promoted version; `graftune registry promote {name}@N` first")
+        return load_run(self.show(name, version).path)
+
+    def log(self, name: str | None = None) -> list[dict]:
+        """The audit log (of ``name``, if given), oldest first: push, promote, refused, rollback, delete, with
+        who, when, whether forced, the reason and the gate's numbers."""
+        rows = self._read("SELECT * FROM audit WHERE (? IS NULL OR name = ?) ORDER BY id", (name, name))
+        out = []
+        for r in rows:
+            entry = dict(r)
+            entry["forced"] = bool(entry["forced"])
+            entry["detail"] = json.loads(entry["detail"]) if entry["detail"] else None
+            out.append(entry)
+        return out
+
+    # --- push ---------------------------------------------------------------------------------------------------
+    def push(self, run_dir: str | Path, name: str) -> Version:
+        """Store a copy of ``run_dir`` (without its training log and checkpoints) as the next version of
+        ``name``; local paths in its run.yaml (model, data) are stored absolute so the version loads and its test
+        split rebuilds from anywhere."""
+        check_name(name)
+        run_dir = Path(run_dir)
+        if not (run_dir / "run.yaml").is_file() or not any((run_dir / d).is_dir() for d in ("adapter", "head")):
+            raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ or head/ written by "
+                                "`graftune train --out`)")
+        cfg = build_config(run_dir / "run.yaml")
+        self._clean_tmp()
+        work = self.root / TMP / f"{name}-{uuid.uuid4().hex[:12]}"
+        try:
+            files = _copy_run(run_dir, work)
+            resolved = _resolve_paths(work / "run.yaml", run_dir)
+            files["run.yaml"] = sha256_file(work / "run.yaml")
+            meta = _describe(work, cfg, files, resolved) | {"source": str(run_dir.resolve())}
+            with self._transaction() as db:
+                row = db.execute("SELECT last FROM counters WHERE name = ?", (name,)).fetchone()
+                number = (row[0] if row else 0) + 1
+                meta = {"format": FORMAT, "format_version": 1, "name": name, "version": number, "created": now(),
+                        "who": who()} | meta
+                (work / VERSION_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                _read_only(work)
+                target = self._folder(name, number)
+                if target.exists():  # an orphan: a push killed between its rename and its commit
+                    _remove_tree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(work, target)
+                db.execute("INSERT INTO versions (name, version, created, who, meta_sha256) VALUES (?, ?, ?, ?, ?)",
+                           (name, number, meta["created"], meta["who"], sha256_file(target / VERSION_FILE)))
+                db.execute("INSERT INTO counters (name, last) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                           "last = excluded.last", (name, number))
+                self._audit(db, name, number, "push", detail={"source": meta["source"]})
+                self._bump(db)
+        finally:
+            if work.exists():
+                _remove_tree(work)
+        return Version.read(target)
+
+    def _clean_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_S
+        for entry in (self.root / TMP).iterdir():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    _remove_tree(entry)
+            except OSError:  # another process removed it first
+                pass
+
+    # --- promote / rollback / delete ----------------------------------------------------------------------------
+    def promote(self, name: str, version: int, *, data: str | None = None, force: bool = False,
+                reason: str | None = None, alpha: float = gate.ALPHA) -> gate.GateResult:
+        """Make ``name@version`` the promoted version, through the regression gate (``registry/gate.py``): the
+        candidate and the promoted version are scored on the same held-out data (the candidate's test split as
+        recorded at push, or every example of ``data``) and the candidate is refused when it is worse beyond
+        sampling noise (one-sided exact McNemar test at ``alpha``: a candidate exactly as good is refused at most
+        ``alpha`` of the time). A refusal returns ``accepted=False`` and is audited. ``force`` (with ``reason``)
+        promotes anyway, recorded with who, when and why. The first promotion of a name has no gate."""
+        if force and not (reason or "").strip():
+            raise ConfigError("--force needs --reason TEXT: the audit log records why a gate was overridden")
+        if not 0 < alpha < 0.5:
+            raise ConfigError(f"alpha {alpha}: use a significance level between 0 and 0.5 (default 0.05)")
+        candidate = self.show(name, version)
+        current = self.promoted_version(name)
+        if current == version:
+            return gate.GateResult(name, version, accepted=True, gated=False, incumbent=current,
+                                   message=f"{candidate.ref} is already the promoted version; nothing changed")
+        if current is None:
+            result = gate.GateResult(name, version, accepted=True, gated=False, forced=False, reason=reason,
+                                     message=f"{candidate.ref} promoted (the first promotion of {name}: no gate)")
+        else:
+            result = self._gate(candidate, self.show(name, current), data=data, force=force, reason=reason,
+                                alpha=alpha)
+        detail = {k: v for k, v in result.to_dict().items() if k not in ("name", "version", "reason", "forced")}
+        with self._transaction() as db:
+            row = db.execute("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
+                             (name,)).fetchone()
+            if (row[0] if row else None) != current:
+                raise ArtifactError(f"{name}: its promoted version changed while the gate ran (now "
+                                    f"{name}@{row[0] if row else '-'}); run promote again")
+            if not db.execute("SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, version)).fetchone():
+                raise ArtifactError(f"{candidate.ref} was deleted while the gate ran; nothing changed")
+            if result.accepted:
+                db.execute("INSERT INTO promotions (name, version) VALUES (?, ?)", (name, version))
+                self._bump(db)
+            self._audit(db, name, version, "promote" if result.accepted else "refused", forced=result.forced,
+                        reason=reason, detail=detail)
+        return result
+
+    def _gate(self, candidate: Version, incumbent: Version, *, data: str | None, force: bool, reason: str | None,
+              alpha: float) -> gate.GateResult:
+        ref = candidate.ref
+        if candidate.task != incumbent.task:
+            raise ConfigError(f"{ref} is a {candidate.task} run and {incumbent.ref} (promoted) a {incumbent.task} "
+                              "run: they cannot be compared; push it under another name")
+        notes: list[str] = []
+        try:
+            if data is not None:
+                held = gate.data_file(data, build_config(candidate.path / "run.yaml"), candidate.task)
+            else:
+                held = gate.recorded_test_split(candidate.path, candidate.task, ref)
+        except GraftuneError as e:
+            if not force:
+                raise
+            return gate.GateResult(candidate.name, candidate.version, accepted=True, gated=False, forced=True,
+                                   reason=reason, incumbent=incumbent.version, notes=[f"gate not run: {e}"],
+                                   message=f"{ref} promoted with --force without the gate ({e})")
+        multi = bool(candidate.data_card.get("multi_label"))
+        unseen = gate.unseen_labels(held, candidate.label_names, multi) if held.kind != "causal-lm" else []
+        if unseen:
+            raise ConfigError(f"{held.origin}: labels {ref} was not trained on: {', '.join(unseen[:5])}; it knows "
+                              f"{', '.join(candidate.label_names)}")
+        missing = gate.unseen_labels(held, incumbent.label_names, multi) if held.kind != "causal-lm" else []
+        if missing:
+            notes.append(f"{incumbent.ref} was not trained on label(s) {', '.join(missing[:5])}: it gets those "
+                         "examples wrong")
+        ours, theirs = candidate.data_card.get("test_fingerprint"), incumbent.data_card.get("test_fingerprint")
+        if data is None and ours and theirs and ours != theirs:
+            notes.append(f"{incumbent.ref} was scored on another test split at training: it may have trained on "
+                         "some of these examples (pass --data FILE with data neither saw)")
+        stats = gate.paired_test(gate.correctness(candidate.path, held), gate.correctness(incumbent.path, held),
+                                 alpha=alpha)
+        metric = gate.metric_name(held.kind)
+        refused = stats["refused"]
+        b, c = stats["discordant"]
+        numbers = (f"{metric} {stats['candidate']:.3f} ({ref}) vs {stats['incumbent']:.3f} ({incumbent.ref}, "
+                   f"promoted) on {stats['examples']} examples of {held.origin}: difference "
+                   f"{stats['difference'] * 100:+.1f} points, tolerance {stats['tolerance'] * 100:.1f} "
+                   f"(paired SE {stats['se'] * 100:.1f}; {b} examples only {ref} got right, {c} only "
+                   f"{incumbent.ref}; one-sided McNemar p={stats['p_value']:.3g}, alpha {alpha:g})")
+        if not refused:
+            message = f"{ref} promoted: {numbers}"
+        elif force:
+            message = f"{ref} promoted with --force over the gate's refusal: {numbers}"
+        else:
+            message = (f"{ref} refused: worse than {incumbent.ref} beyond sampling noise: {numbers}; "
+                       "--force --reason TEXT promotes it anyway (recorded)")
+        return gate.GateResult(candidate.name, candidate.version, accepted=not refused or force, gated=True,
+                               message=message, incumbent=incumbent.version, forced=refused and force,
+                               reason=reason, refused=refused, metric=metric, examples=stats["examples"],
+                               data=held.origin, candidate_score=stats["candidate"],
+                               incumbent_score=stats["incumbent"], difference=stats["difference"], se=stats["se"],
+                               tolerance=stats["tolerance"], p_value=stats["p_value"], alpha=alpha,
+                               discordant=(b, c), notes=notes)
+
+    def rollback(self, name: str) -> Version:
+        """Promote again the version promoted before the current one (repeatable: each rollback goes one further
+        back); the rolled-back version stays in the registry. Returns the version now promoted."""
+        check_name(name)
+        rows = self._read("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 2", (name,))
+        if not rows:
+            raise ArtifactError(f"{name!r} has no promoted version to roll back from")
+        if len(rows) < 2:
+            raise ArtifactError(f"{name}@{rows[0]['version']} is the only version of {name} ever promoted: nothing "
+                                "to roll back to")
+        target = self.show(name, rows[1]["version"])  # verified before anything changes
+        with self._transaction() as db:
+            top = db.execute("SELECT id FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)).fetchone()
+            if top is None or top[0] != rows[0]["id"]:
+                raise ArtifactError(f"{name}: its promoted version changed meanwhile; run rollback again")
+            db.execute("DELETE FROM promotions WHERE id = ?", (rows[0]["id"],))
+            self._audit(db, name, target.version, "rollback", detail={"from": rows[0]["version"]})
+            self._bump(db)
+        return target
+
+    def delete(self, name: str, version: int) -> None:
+        """Remove ``name@version`` (its row, its place in the promotion history, its folder); never the promoted
+        version (promote another or roll back first). Its number is not reused."""
+        self._row(name, version)
+        with self._transaction() as db:
+            top = db.execute("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
+                             (name,)).fetchone()
+            if top is not None and top[0] == version:
+                raise ArtifactError(f"{name}@{version} is the promoted version: promote another version or roll back "
+                                    "first")
+            db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+            db.execute("DELETE FROM promotions WHERE name = ? AND version = ?", (name, version))
+            self._audit(db, name, version, "delete")
+            self._bump(db)
+        _remove_tree(self._folder(name, version))  # a crash here leaves an orphan folder: never listed
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def _copy_run(run_dir: Path, work: Path) -> dict[str, str]:
+    """Copy the files of ``run_dir`` that make the model (not its log, checkpoints or hidden files) to ``work``;
+    return ``{relative path: sha256}`` of the copies."""
+    files: dict[str, str] = {}
+    for src in sorted(run_dir.rglob("*")):
+        rel = src.relative_to(run_dir)
+        if any(part in SKIPPED or part.startswith(".") for part in rel.parts) or rel.as_posix() == VERSION_FILE:
+            continue
+        if src.is_file():
+            dst = work / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            files[rel.as_posix()] = sha256_file(dst)
+    return files
+
+
+def _resolve_paths(run_yaml: Path, run_dir: Path) -> dict[str, list[str]]:
+    """Rewrite relative local paths in ``run_yaml`` (model folder, data files) as absolute ones, looked up from
+    the working directory, then the run directory's parent, then the run directory. Aliases and hub ids stay.
+    Returns ``{field: [as written, as stored]}``; the file is rewritten only when something changed."""
+    raw = yaml.safe_load(run_yaml.read_text(encoding="utf-8")) or {}
+    models = {m.alias for m in list_models()}
+    resolved: dict[str, list[str]] = {}
+    for key in PATH_FIELDS:
+        value = raw.get(key)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if (key == "model" and value.strip().lower() in models) or (key in ("data", "test") and value in DATA_ALIASES):
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            continue
+        for base in (Path.cwd(), run_dir.parent, run_dir):
+            if (base / path).exists():
+                raw[key] = str((base / path).resolve())
+                resolved[key] = [value, raw[key]]
+                break
+    if resolved:
+        run_yaml.write_text(yaml.safe_dump(raw, sort_keys=False, default_flow_style=False), encoding="utf-8")
+    return resolved
+
+
+def _describe(work: Path, cfg, files: dict, resolved: dict) -> dict:
+    """version.json's description of the run in ``work``: task, method, labels, base, metrics, data card."""
+    adapter = _json(work / "adapter" / "adapter.json")
+    extra = adapter.get("extra") or {}
+    card = _json(work / "data_card.json")
+    metrics = _json(work / "metrics.json")
+    label_names = adapter.get("label_names") or card.get("label_names") or sorted(metrics.get("per_class") or {})
+    model = resolved.get("model", [None, cfg.model])[1]
+    test = (card.get("splits") or {}).get("test") or {}
+    return {
+        "task": extra.get("task") or cfg.task or "classification",
+        "method": cfg.method,
+        "label_names": list(label_names),
+        "base_model": model,
+        "base_fingerprint": adapter.get("base_fingerprint"),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        "data_card": {"file": "data_card.json" if card else None, "origin": card.get("origin"),
+                      "sha256": card.get("sha256"), "multi_label": bool(card.get("multi_label")),
+                      "test_examples": test.get("examples"), "test_fingerprint": test.get("fingerprint")},
+        "files": files,
+        "resolved_paths": resolved,
+    }
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: not valid JSON; the run directory is damaged: train it again") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_only(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a registry-owned folder (its read-only files go with it: removal needs the folder's write bit)."""
+    shutil.rmtree(folder)
