@@ -264,7 +264,15 @@ def eval_(
     """Score a run: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (classification),
     or perplexity, exact match and JSON validity (causal LM)."""
     from graftune.evaluate import evaluate_run
+    from graftune.io.onnx_format import is_onnx_export
 
+    if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: scored with onnxruntime
+        from graftune.onnx_export import evaluate_export
+
+        m = evaluate_export(run_dir, data=data, text_column=text_column, label_column=label_column,
+                            batch_size=batch_size)
+        typer.echo(json.dumps(m, indent=2) if as_json else _metrics_text(m))
+        return
     m = evaluate_run(run_dir, data=data, text_column=text_column, label_column=label_column,
                      prompt_column=prompt_column, response_column=response_column, batch_size=batch_size,
                      quantize=quantize)
@@ -305,7 +313,15 @@ def predict(
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: label and probabilities."),
 ):
-    """Classify texts with a trained run: the label and the probability of every class."""
+    """Classify texts with a trained run (or an ONNX export of one): the label and the probability of every class."""
+    from graftune.io.onnx_format import is_onnx_export
+
+    if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: run with onnxruntime
+        from graftune.onnx_export import predict_export
+
+        rows, shown = predict_export(run_dir, texts, input_file=input_file, text_column=text_column, quantize=quantize)
+        typer.echo("\n".join(_prediction_line(row, text, as_json) for row, text in zip(rows, shown)))
+        return
     from graftune.errors import DataError
     from graftune.evaluate import load_run, read_image, read_inputs
     from graftune.evaluate import predict as run_predict
@@ -327,6 +343,15 @@ def predict(
             p = max(row["probabilities"].values())
             preview = "" if not isinstance(text, str) else "  " + " ".join(text.split())[:70]
             typer.echo(f"{label}\t{p:.3f}{preview}")
+
+
+def _prediction_line(row: dict, text: str | None, as_json: bool) -> str:
+    """One prediction as printed by ``predict``: JSON, or label, top probability and the text's start."""
+    if as_json:
+        return json.dumps(row)
+    label = row.get("label") or ",".join(row.get("labels", [])) or "-"
+    preview = "" if not isinstance(text, str) else "  " + " ".join(text.split())[:70]
+    return f"{label}\t{max(row['probabilities'].values()):.3f}{preview}"
 
 
 @app.command()
@@ -371,14 +396,29 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 def export(
     run_dir: str = typer.Argument(..., help="A run directory."),
     out: str = typer.Option(..., "--out", help="The directory to write."),
-    fmt: str = typer.Option("peft", "--format", help="peft (LoRA runs): adapter_config.json + safetensors."),
+    fmt: str = typer.Option("peft", "--format", help="peft (LoRA runs): adapter_config.json + safetensors; onnx "
+                            "(text classifiers whose adapters merge): one ONNX graph + tokenizer, for onnxruntime."),
+    quantize: str = typer.Option("none", help="onnx: none or int8 (dynamic int8 weights; prints the accuracy change "
+                                 "on the run's test split)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="onnx: replace an earlier ONNX export at --out."),
 ):
-    """Export a run's adapter in another format (PEFT for LoRA)."""
+    """Export a run: its adapter in PEFT's format (LoRA), or the whole classifier, adapters merged, as ONNX
+    (checked against PyTorch's logits; run it with graftune predict/eval OUT_DIR or any onnxruntime)."""
     from graftune.errors import ConfigError
     from graftune.io.peft_format import export_run
 
+    if fmt == "onnx":
+        from graftune.onnx_export import export_onnx, format_report
+
+        result = export_onnx(run_dir, out, quantize=quantize, overwrite=overwrite,
+                             log=lambda msg: typer.echo(msg, err=True))
+        typer.echo(format_report(result))
+        return
     if fmt != "peft":
-        raise ConfigError(f"--format {fmt!r}: the supported format is peft")
+        raise ConfigError(f"--format {fmt!r}: the supported formats are peft and onnx")
+    if quantize != "none" or overwrite:
+        raise ConfigError("--quantize and --overwrite apply to --format onnx (a PEFT export replaces an earlier "
+                          "PEFT export at --out)")
     path = export_run(run_dir, out)
     typer.echo(f"PEFT adapter written to {path}/")
 
