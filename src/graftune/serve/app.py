@@ -1,0 +1,325 @@
+"""The HTTP layer: an app factory over a :class:`~graftune.serve.store.ModelStore` and a source of promoted
+versions (a registry). Route functions validate nothing themselves (the request models do) and run no model code
+(the store does, on its worker thread, fed by the :class:`~graftune.serve.batcher.Batcher`). Startup (first load,
+the batcher, the registry poller) and shutdown (drain, last drift flush) live in the lifespan.
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from graftune.serve.batcher import BatchRecord, Batcher
+from graftune.serve.drift import DriftTracker
+from graftune.serve.schemas import (
+    AdaptersResponse,
+    GenerateResponse,
+    Health,
+    Limits,
+    PredictResponse,
+    request_models,
+)
+from graftune.serve.store import ModelStore, Rows, ServeError, UnknownAdapter
+
+log = logging.getLogger("graftune.serve")
+
+
+class Source(Protocol):
+    """Where the promoted versions come from: ``graftune.registry.Registry`` or a fixed mapping."""
+
+    def promoted(self) -> Mapping[str, Any]:
+        """name -> a version object with ``.version`` and ``.path`` (its run directory)."""
+
+    def generation(self) -> Any:
+        """A cheap value that changes whenever ``promoted()`` may have changed."""
+
+
+@dataclass(frozen=True)
+class StaticVersion:
+    version: str
+    path: Path
+
+
+class StaticSource:
+    """A fixed name -> run directory mapping (``graftune serve --run NAME=DIR``, tests, benchmarks)."""
+
+    def __init__(self, runs: Mapping[str, str | Path]):
+        self.runs = {n: StaticVersion("1", Path(p)) for n, p in runs.items()}
+
+    def promoted(self) -> dict[str, StaticVersion]:
+        return dict(self.runs)
+
+    def generation(self) -> int:
+        return 0
+
+
+class MergedSource:
+    """A registry's promoted versions plus fixed ``--run`` ones (the fixed ones win a name clash)."""
+
+    def __init__(self, *sources: Source):
+        self.sources = sources
+
+    def promoted(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for s in self.sources:
+            out.update(s.promoted())
+        return out
+
+    def generation(self) -> tuple:
+        return tuple(s.generation() for s in self.sources)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Args:
+    max_batch: rows per forward at most; 1 serves one request per forward.
+    max_wait_ms: the batching window.
+    poll_s: how often the source's generation is read (promote/rollback are followed within about this).
+    drift_every_s: how often drift summaries are written.
+    api_key: when set, every endpoint but /health needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+    limits: request limits (see :class:`~graftune.serve.schemas.Limits`).
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    poll_s: float = 1.0
+    drift_every_s: float = 10.0
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class Metrics:
+    """Prometheus series of one app (its own CollectorRegistry: two apps in one process do not mix)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("graftune_requests", "Requests answered, by adapter, endpoint and HTTP status",
+                                ["adapter", "endpoint", "status"], registry=self.registry)
+        self.errors = Counter("graftune_request_errors", "Requests refused or failed, by adapter and reason",
+                              ["adapter", "reason"], registry=self.registry)
+        self.latency = Histogram("graftune_request_latency_seconds", "Request latency (queue + batch + forward)",
+                                 ["adapter", "endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.inputs = Counter("graftune_inputs", "Texts classified or prompts answered, by adapter", ["adapter"],
+                              registry=self.registry)
+        self.batch_rows = Histogram("graftune_batch_rows", "Rows per forward", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_requests = Histogram("graftune_batch_requests", "Requests per forward", registry=self.registry,
+                                        buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch_adapters = Histogram("graftune_batch_adapters", "Distinct adapters per forward",
+                                        registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
+        self.adapters = Gauge("graftune_adapters_served", "Adapters served", registry=self.registry)
+
+    def on_batch(self, record: BatchRecord) -> None:
+        self.batch_rows.observe(record.rows)
+        self.batch_requests.observe(record.requests)
+        self.batch_adapters.observe(len(record.adapters))
+
+
+class BodyLimit:
+    """ASGI middleware: a body larger than ``limit`` bytes is refused with 413 before anything parses it (by its
+    Content-Length, or while it streams in)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._refuse(send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        text = f'{{"error": "request body larger than {self.limit} bytes; send fewer or shorter inputs"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(text)).encode())]})
+        await send({"type": "http.response.body", "body": text})
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: where, and what is wrong."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+    msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def create_app(store: ModelStore, source: Source, settings: Settings | None = None, *,
+               tracker: DriftTracker | None = None) -> FastAPI:
+    """The server: ``store`` holds and runs the models, ``source`` says what to serve (polled for changes),
+    ``tracker`` (optional) is the store's drift observer, flushed periodically and at shutdown."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    batcher = Batcher(store.submit, store.classify, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                      on_batch=metrics.on_batch)
+    PredictRequest, GenerateRequest = request_models(settings.limits)
+    state: dict[str, Any] = {"generation": object()}
+
+    def wanted() -> dict[str, tuple[str, Path]]:
+        return {n: (str(v.version), Path(v.path)) for n, v in source.promoted().items()}
+
+    async def follow() -> None:
+        """Poll the source's cheap counter; on a change, load what is new and switch (store.sync)."""
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(settings.poll_s)
+            try:
+                generation = await asyncio.to_thread(source.generation)
+                if generation != state["generation"]:
+                    await asyncio.to_thread(store.sync, await asyncio.to_thread(wanted))
+                    state["generation"] = generation
+                    metrics.adapters.set(len(store.names()))
+            except Exception:  # a registry hiccup must not stop the server; the next poll retries
+                log.exception("following the registry failed; retrying")
+            if tracker is not None and time.monotonic() - last_flush >= settings.drift_every_s:
+                await asyncio.to_thread(tracker.flush)
+                last_flush = time.monotonic()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["generation"] = await asyncio.to_thread(source.generation)
+        report = await asyncio.to_thread(store.sync, await asyncio.to_thread(wanted))
+        metrics.adapters.set(len(store.names()))
+        log.info("serving %d adapter(s); %d refused", len(store.names()), len(report["failed"]))
+        await batcher.start()
+        poller = asyncio.create_task(follow(), name="graftune-follow")
+        try:
+            yield
+        finally:
+            poller.cancel()
+            try:
+                await poller
+            except asyncio.CancelledError:
+                pass
+            await batcher.stop()
+            if tracker is not None:
+                await asyncio.to_thread(tracker.flush)
+            await asyncio.to_thread(store.close)
+
+    app = FastAPI(title="graftune", summary="Many adapters on one base, mixed-adapter batches", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+    app.state.store, app.state.batcher, app.state.metrics, app.state.settings = store, batcher, metrics, settings
+
+    async def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise _Refusal(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", "auth")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        metrics.errors.labels("_none", "invalid").inc()
+        return JSONResponse({"error": _one_line(exc)}, status_code=422)
+
+    @app.exception_handler(_Refusal)
+    async def refused(request: Request, exc: _Refusal):
+        metrics.errors.labels(exc.adapter, exc.reason).inc()
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    async def run(name: str, endpoint: str, call):
+        started = time.perf_counter()
+        try:
+            entry = store.acquire(name)
+        except UnknownAdapter as e:
+            raise _Refusal(404, str(e), "unknown_adapter") from None
+        try:
+            result = await call(entry)
+        except ServeError as e:
+            metrics.requests.labels(entry.name, endpoint, "400").inc()
+            raise _Refusal(400, str(e), "refused", entry.name) from None
+        except Exception as e:
+            metrics.requests.labels(entry.name, endpoint, "500").inc()
+            log.exception("request for %s failed", name)
+            raise _Refusal(500, f"internal error ({type(e).__name__}); see the server log", "internal",
+                           entry.name) from None
+        finally:
+            store.release(entry)
+        metrics.requests.labels(entry.name, endpoint, "200").inc()
+        metrics.latency.labels(entry.name, endpoint).observe(time.perf_counter() - started)
+        return entry, result
+
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              dependencies=[Depends(check_key)])
+    async def predict(body: PredictRequest):  # type: ignore[valid-type]
+        async def call(entry):
+            if entry.kind == "causal-lm":
+                raise ServeError(f"{entry.name} is a causal-LM adapter; use POST /v1/generate")
+            metrics.inputs.labels(entry.name).inc(len(body.inputs))
+            return await batcher(Rows(entry, list(body.inputs)), len(body.inputs))
+
+        entry, predictions = await run(body.adapter, "predict", call)
+        return {"adapter": entry.name, "version": entry.version, "predictions": predictions}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(check_key)])
+    async def generate(body: GenerateRequest):  # type: ignore[valid-type]
+        async def call(entry):
+            if entry.kind != "causal-lm":
+                raise ServeError(f"{entry.name} is a classifier; use POST /v1/predict")
+            metrics.inputs.labels(entry.name).inc(len(body.inputs))
+            return await asyncio.wrap_future(store.submit(store.generate, entry, list(body.inputs),
+                                                          body.max_new_tokens))
+
+        entry, outputs = await run(body.adapter, "generate", call)
+        return {"adapter": entry.name, "version": entry.version, "outputs": outputs}
+
+    @app.get("/v1/adapters", response_model=AdaptersResponse, dependencies=[Depends(check_key)])
+    async def adapters():
+        return {"adapters": store.describe()}
+
+    @app.get("/health", response_model=Health)
+    async def health():
+        return {"status": "ok", "adapters": len(store.names()), "bases": len(store.slots)}
+
+    @app.get("/metrics", dependencies=[Depends(check_key)])
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _Refusal(Exception):
+    """A request answered with a 4xx/5xx and a one-line reason."""
+
+    def __init__(self, status: int, message: str, reason: str, adapter: str = "_none"):
+        super().__init__(message)
+        self.status, self.message, self.reason, self.adapter = status, message, reason, adapter

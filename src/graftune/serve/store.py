@@ -1,0 +1,324 @@
+"""The model store: one frozen base in memory per base fingerprint, every served adapter grafted onto it.
+
+A served name points at an :class:`Entry` (one version of one run: its adapter under an internal key, its task head,
+label names). Many entries share one :class:`Slot` (a base model wrapped in an ``AdapterModel``), so 32 adapters on
+MiniLM cost one MiniLM plus 32 small adapters, and a batch whose rows use different adapters runs as ONE forward
+(``AdapterModel.routed(adapter_names)``: the engine's batched routing), each row then read by its own adapter's head.
+
+Threading: everything that runs or changes a model runs on the store's single worker thread (``submit``), so a
+forward never sees an adapter being attached or deleted halfway. Following a promote or rollback loads the new
+version under a NEW internal key, switches the name's pointer, and deletes the old adapter only once no request
+that holds it is still in flight (``acquire``/``release`` count them): requests in flight never fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftune.config import FEWSHOT_METHODS, build_config
+from graftune.core.method import get_method
+from graftune.core.model import AdapterModel
+from graftune.errors import GraftuneError
+from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_head_state, read_meta
+from graftune.speed import precision
+from graftune.tasks import ZOO_TASK, build_task
+from graftune.tasks.classification import base_hidden, pool, probabilities
+from graftune.zoo import load_base
+
+log = logging.getLogger("graftune.serve")
+
+HEAD_ONLY = "head"
+#: adapter sites that serve mixed-adapter batches without changing the sequence (LoRA, IA3, bottleneck, BitFit)
+_MIXABLE_SITES = ("output", "input")
+
+
+class ServeError(GraftuneError):
+    """A run the server cannot serve, or a request it cannot answer (one line, naming the fix)."""
+
+
+class UnknownAdapter(ServeError):
+    pass
+
+
+@dataclass
+class Slot:
+    """One base in memory and the adapters on it. ``key`` is the base fingerprint (and the zoo task: an encoder
+    body and a causal-LM body of the same weights are two models)."""
+
+    key: str
+    kind: str
+    model: AdapterModel
+    tokenizer: Any
+    policy: precision.Precision
+    base_info: Any = None  # the zoo Base (tokenizer, pooling, sizes): tasks are built from it
+    entries: set[str] = field(default_factory=set)  # internal adapter keys on this base
+
+
+@dataclass
+class Entry:
+    """One served version of a name. ``key``: the adapter's internal name on the slot's model (None for a head-only
+    run, whose rows take the bare base)."""
+
+    name: str
+    version: str
+    run_dir: Path
+    kind: str
+    method: str
+    key: str | None
+    slot: Slot
+    task: Any
+    head: nn.Module | None
+    label_names: list[str]
+    multi_label: bool
+    max_new_tokens: int = 64
+    inflight: int = 0
+    retired: bool = False
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "kind": self.kind, "method": self.method,
+                "labels": self.label_names, "base": self.slot.key[:12], "run_dir": str(self.run_dir)}
+
+
+@dataclass
+class Rows:
+    """One request's share of a batch: its entry and its inputs (texts)."""
+
+    entry: Entry
+    inputs: list[str]
+
+
+class ModelStore:
+    """Bases, entries and the worker thread that runs them. ``observer`` (a drift tracker) is told about every
+    classified row: ``observer.observe(entry, features, texts, input_ids, predicted)``."""
+
+    def __init__(self, *, observer: Any = None):
+        self.slots: dict[str, Slot] = {}
+        self.entries: dict[str, Entry] = {}  # served name -> its current entry
+        self.observer = observer
+        self._lock = threading.Lock()  # entries, in-flight counts, retirement
+        self._sync_lock = threading.Lock()  # one sync at a time
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graftune-model")
+        self._counter = 0
+        self.failed: dict[str, str] = {}  # name@version -> why it was refused (logged once)
+
+    # --- the worker thread -------------------------------------------------------------------------------------
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Run ``fn`` on the worker thread (the only thread that runs or changes models)."""
+        return self._worker.submit(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    # --- requests ----------------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> Entry:
+        """The entry serving ``name``, held until ``release``: its adapter is not deleted while held."""
+        with self._lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                served = ", ".join(sorted(self.entries)) or "none"
+                raise UnknownAdapter(f"unknown adapter {name!r}; served: {served}")
+            entry.inflight += 1
+            return entry
+
+    def release(self, entry: Entry) -> None:
+        with self._lock:
+            entry.inflight -= 1
+            drop = entry.retired and entry.inflight == 0
+        if drop:
+            self.submit(self._drop, entry)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self.entries)
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            return [self.entries[n].describe() for n in sorted(self.entries)]
+
+    @torch.inference_mode()
+    def classify(self, batch: Sequence[Rows]) -> list[list[dict]]:
+        """Predictions for every request of ``batch``: ONE forward per base, whatever the mix of adapters. Runs on
+        the worker thread (the batcher submits it)."""
+        out: list[list[dict] | None] = [None] * len(batch)
+        by_slot: dict[str, list[int]] = {}
+        for i, rows in enumerate(batch):
+            by_slot.setdefault(rows.entry.slot.key, []).append(i)
+        for idx in by_slot.values():
+            slot = batch[idx[0]].entry.slot
+            examples, names, owner = [], [], []
+            for i in idx:
+                entry = batch[i].entry
+                for e in entry.task.encode(batch[i].inputs):
+                    examples.append(e)
+                    names.append(entry.key)
+                    owner.append(i)
+            collated = batch[idx[0]].entry.task.collate(examples)
+            inputs = {"input_ids": collated["input_ids"], "attention_mask": collated["attention_mask"]}
+            with slot.policy.autocast(), slot.model.routed(names):
+                features = _features(slot.model, inputs, batch[idx[0]].entry.task.pooling)
+            start = 0
+            for i in idx:
+                entry, n = batch[i].entry, len(batch[i].inputs)
+                feats = features[start:start + n]
+                logits = entry.head(feats.to(next(entry.head.parameters()).dtype)).float()
+                out[i] = _predictions(probabilities(logits, entry.multi_label), entry)
+                if self.observer is not None:
+                    ids = [examples[j]["input_ids"] for j in range(start, start + n)]
+                    self.observer.observe(entry, feats, batch[i].inputs, ids, out[i])
+                start += n
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate(self, entry: Entry, prompts: list[str], max_new_tokens: int | None) -> list[str]:
+        """Greedy answers of a causal-LM entry: one request per forward (its adapter activated for the call)."""
+        model = entry.slot.model
+        model.set_active(*([entry.key] if entry.key else []))
+        try:
+            with entry.slot.policy.autocast():
+                return entry.task.generate(model, prompts, max_new_tokens=max_new_tokens or entry.max_new_tokens)
+        finally:
+            model.set_active()
+
+    # --- following the registry --------------------------------------------------------------------------------
+    def sync(self, wanted: Mapping[str, tuple[str, str | Path]]) -> dict:
+        """Serve exactly ``wanted`` (name -> (version, run directory)). New versions are loaded beside the old ones
+        and switched in; a version that cannot be served is logged and skipped, and the name keeps its old version
+        if it had one. Returns ``{"loaded": [...], "removed": [...], "failed": {...}}``. Call from any thread
+        but the worker's (it waits for the worker)."""
+        with self._sync_lock:
+            with self._lock:
+                current = {n: e.version for n, e in self.entries.items()}
+            report: dict[str, Any] = {"loaded": [], "removed": [], "failed": {}}
+            for name, (version, run_dir) in sorted(wanted.items()):
+                version = str(version)
+                if current.get(name) == version:
+                    continue
+                label = f"{name}@{version}"
+                try:
+                    plan = self._prepare(name, version, Path(run_dir))
+                    entry = self.submit(self._attach, plan).result()
+                except GraftuneError as e:
+                    report["failed"][label] = str(e)
+                    if self.failed.get(label) != str(e):
+                        log.warning("not serving %s: %s", label, e)
+                    self.failed[label] = str(e)
+                    continue
+                self._switch(name, entry)
+                report["loaded"].append(label)
+                log.info("serving %s (%s, %s)", label, entry.method, run_dir)
+            for name in sorted(set(current) - set(wanted)):
+                self._switch(name, None)
+                report["removed"].append(name)
+                log.info("no longer serving %s", name)
+            return report
+
+    def _switch(self, name: str, entry: Entry | None) -> None:
+        with self._lock:
+            old = self.entries.pop(name, None)
+            if entry is not None:
+                self.entries[name] = entry
+            drop = old is not None and old.inflight == 0
+            if old is not None:
+                old.retired = True
+        if drop:
+            self.submit(self._drop, old)
+
+    def _drop(self, entry: Entry) -> None:
+        """Delete a retired entry's adapter (worker thread: between forwards). An emptied base is unloaded."""
+        slot = entry.slot
+        if entry.key is not None and entry.key in slot.model.info:
+            slot.model.delete_adapter(entry.key)
+            slot.entries.discard(entry.key)
+        with self._lock:
+            in_use = any(e.slot is slot for e in self.entries.values())
+        if not in_use and not slot.entries:
+            self.slots.pop(slot.key, None)
+
+    def _prepare(self, name: str, version: str, run_dir: Path) -> dict:
+        """Everything that does not touch a served model: read and check the run, load a new base if needed."""
+        if not (run_dir / "run.yaml").is_file():
+            raise ServeError(f"{run_dir}: not a run directory (no run.yaml); push a `graftune train --out` directory")
+        cfg = build_config(run_dir / "run.yaml")
+        if cfg.method in FEWSHOT_METHODS:
+            raise ServeError(f"a --method {cfg.method} run (whole-text embeddings + a fitted head, no shared-base "
+                             "adapter) is not served yet; serve a LoRA, IA3 or bottleneck run, or use `graftune "
+                             "predict`")
+        if (run_dir / "stack_under").exists():
+            raise ServeError("a run with --stack-under applies two adapters per row; mixed-adapter batches take one "
+                             "per row: serve it with `graftune predict`")
+        meta = read_meta(run_dir / "adapter")
+        kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
+        if kind == "image":
+            raise ServeError("image runs are not served yet (the server reads text); use `graftune predict`")
+        method = meta["method"]
+        if method != HEAD_ONLY:
+            m = get_method(method)
+            if m.site not in _MIXABLE_SITES or not m.capabilities.mixed_batch:
+                why = "change the input sequence" if m.site == "model" else "replace base parameters"
+                raise ServeError(f"{method} adapters {why} and cannot share mixed-adapter batches; serve a LoRA, IA3 "
+                                 "or bottleneck run")
+        fp = meta["base_fingerprint"]
+        slot_key = hashlib.sha256(f"{fp.get('structure')}:{fp.get('values')}:{ZOO_TASK[kind]}".encode()).hexdigest()
+        slot = self.slots.get(slot_key)
+        if slot is None:
+            base = load_base(cfg.model, task=ZOO_TASK[kind])
+            model = AdapterModel(base.model, family=base.family)
+            policy = precision.choose(cfg.precision, inference=True)
+            precision.apply(model.base, policy)
+            model.eval()
+            check_fingerprint(fp, base_fingerprint(model), f"run {run_dir}")
+            slot = Slot(slot_key, kind, model, base.tokenizer, policy, base)
+        label_names = list(meta.get("label_names") or [])
+        multi_label = bool((meta.get("extra") or {}).get("multi_label", False))
+        task = build_task(kind, slot.base_info, label_names=label_names, multi_label=multi_label,
+                          max_length=cfg.max_length, dropout=cfg.dropout)
+        head = None
+        if kind != "causal-lm":
+            state, _ = read_head_state(run_dir / "adapter")
+            head = task.build_head()
+            head.load_state_dict(state)
+            head.eval()
+        return {"name": name, "version": version, "run_dir": run_dir, "kind": kind, "method": method, "slot": slot,
+                "task": task, "head": head, "label_names": label_names, "multi_label": multi_label,
+                "max_new_tokens": cfg.max_new_tokens}
+
+    def _attach(self, plan: dict) -> Entry:
+        """Worker thread: graft the adapter under a fresh internal key and register its base."""
+        slot: Slot = plan["slot"]
+        key = None
+        if plan["method"] != HEAD_ONLY:
+            self._counter += 1
+            key = f"{re.sub(r'[^A-Za-z0-9_-]', '_', plan['name'])[:48]}-{self._counter}"
+            load_adapter(slot.model, plan["run_dir"] / "adapter", name=key)
+            slot.entries.add(key)
+        self.slots.setdefault(slot.key, slot)
+        return Entry(plan["name"], plan["version"], plan["run_dir"], plan["kind"], plan["method"], key, slot,
+                     plan["task"], plan["head"], plan["label_names"], plan["multi_label"], plan["max_new_tokens"])
+
+
+def _features(model: AdapterModel, inputs: dict, pooling: str) -> torch.Tensor:
+    """Pooled float32 features of the (routed) model, as the task's head reads them."""
+    return pool(base_hidden(model, inputs), inputs["attention_mask"], pooling)
+
+
+def _predictions(probs: torch.Tensor, entry: Entry) -> list[dict]:
+    """Rows in ``graftune predict``'s format (see ``graftune.evaluate.predict``)."""
+    out = []
+    for row in probs:
+        p = {n: round(float(v), 6) for n, v in zip(entry.label_names, row)}
+        if entry.multi_label:
+            out.append({"labels": [n for n, v in p.items() if v >= 0.5], "probabilities": p})
+        else:
+            out.append({"label": entry.label_names[int(row.argmax())], "probabilities": p})
+    return out
