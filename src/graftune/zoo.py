@@ -236,7 +236,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         raise ModelError(f"cannot write the model cache {folder.parent} ({e.strerror}): "
                          f"set GRAFTUNE_CACHE to a writable folder") from e
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         # transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are plain
         # fp32 already, so move them into a model built from the same config without the quantization entry.
         config = quantized.config.to_dict()
@@ -246,7 +246,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
         model.tie_weights()
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False).save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(_gguf_identity(gguf)))
         if folder.exists():  # stale: converted from another GGUF version
             shutil.rmtree(folder)
@@ -287,23 +287,27 @@ def _load_folder(path: Path, name: str, task: str | None, dtype: torch.dtype) ->
                          f"(config.json + weights) or one of the built-in aliases: {_ALIASES}")
     from transformers import AutoConfig
 
+    _refuse_custom_code(path, name)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except ValueError as e:
-        raise ModelError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
+        raise _custom_code_error(name, e) or ModelError(
+            f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
     return _from_folder(path, name, _is_causal(config, task), dtype, None)
 
 
 def _from_folder(path: Path, name: str, causal: bool, dtype: torch.dtype, info: ModelInfo | None) -> Base:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    _refuse_custom_code(path, name)
     cls = AutoModelForCausalLM if causal else AutoModel
     try:
-        model = cls.from_pretrained(path, dtype=dtype)
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
-    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        raise _custom_code_error(name, e) or ModelError(
+            f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
     return _assemble(model, tokenizer, name, str(path), info, causal, _st_settings(path, tokenizer))
 
 
@@ -313,14 +317,53 @@ def _load_hub(name: str, task: str | None, dtype: torch.dtype) -> Base:
 
     try:
         source = str(Path(cached_file(name, "config.json")).parent)
-        config = AutoConfig.from_pretrained(name)
+        _refuse_custom_code(Path(source), name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         causal = _is_causal(config, task)
-        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, dtype=dtype)
-        tokenizer = None if family_of(model) in ("vit", "cnn") else AutoTokenizer.from_pretrained(name)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, dtype=dtype,
+                                                                                trust_remote_code=False)
+        tokenizer = (None if family_of(model) in ("vit", "cnn")
+                     else AutoTokenizer.from_pretrained(name, trust_remote_code=False))
     except OSError as e:
         raise ModelError(f"cannot download {name!r} (offline?): use a local folder or one of the built-in "
                          f"aliases: {_ALIASES}") from e
+    except ValueError as e:
+        if (refused := _custom_code_error(name, e)) is None:
+            raise
+        raise refused from e
     return _assemble(model, tokenizer, name, source, None, causal, None)
+
+
+#: config files whose ``auto_map`` names Python classes shipped beside the weights (custom model or tokenizer code)
+_CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _custom_code_message(name: str) -> str:
+    return (f"{name!r} ships its own code (auto_map); graftune never runs code from a model folder; use a model "
+            f"whose architecture transformers knows")
+
+
+def _refuse_custom_code(path: Path, name: str) -> None:
+    """Refuse a model folder that asks for its own Python code, before transformers sees it.
+
+    ``trust_remote_code=False`` alone is not enough: for a known ``model_type`` transformers silently loads its own
+    class instead of the folder's, so the user would get a model other than the one the folder describes.
+    """
+    for file in _CODE_MAPS:
+        try:
+            data = json.loads((path / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelError(_custom_code_message(name))
+
+
+def _custom_code_error(name: str, error: Exception) -> ModelError | None:
+    """transformers' refusal under ``trust_remote_code=False`` (a ValueError) as our one-line error."""
+    text = str(error)
+    if "custom code" in text or "trust_remote_code" in text:
+        return ModelError(_custom_code_message(name))
+    return None
 
 
 def _st_settings(path: Path, tokenizer) -> str | None:

@@ -1,0 +1,126 @@
+"""The floor a new user stands on (issue 12): model folders never run their own code, method options are
+type-checked, ``--version``, help that describes every option, ``methods --json`` with the recipes, predict rows
+that say which input they answer, and ``eval RUN`` from any working directory. Each refusal is checked for its
+exit code, its one-line message, and that nothing was written or deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import graftune
+from graftune.cli import app
+from tests.train_helpers import bert_folder, one_line_error, topic_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """Every file and folder under ``root`` (hidden ones too) with its size: what a refused command must leave."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
+
+
+def graftune_cli(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m graftune ARGS`` in a fresh process (so a prompt would really read ``stdin``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-m", "graftune", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=cwd or ROOT, timeout=300)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A subprocess that failed as a user error: exit 2, one line on stderr, no traceback, nothing on stdout."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("floor")
+    return {"bert": bert_folder(root / "bert"), "csv": topic_csv(root / "topics.csv"), "root": root}
+
+
+def train_args(tiny, out: Path, *extra: str, model: Path | None = None) -> list[str]:
+    return ["train", "--model", str(model or tiny["bert"]), "--data", str(tiny["csv"]), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--precision", "fp32", "--quiet", *extra]
+
+
+# --- 1. a model folder's own code never runs ---------------------------------------------------------------------
+_EVIL_CODE = """from pathlib import Path
+Path({marker!r}).write_text("the folder's code ran")
+from transformers import BertConfig, BertModel
+
+
+class EvilConfig(BertConfig):
+    model_type = "evil"
+
+
+class EvilModel(BertModel):
+    config_class = EvilConfig
+"""
+
+
+def custom_code_folder(folder: Path, marker: Path, *, model_type: str) -> Path:
+    """A tiny BERT folder whose config.json asks for its own classes (``auto_map`` -> modeling_evil.py, which
+    writes ``marker`` when imported). ``model_type="bert"``: transformers knows the type and would silently load
+    its own class; ``"evil"``: only the folder's code could load it (transformers prompts without
+    ``trust_remote_code``)."""
+    bert_folder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text(_EVIL_CODE.format(marker=str(marker)))
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["bert", "evil"])
+def test_a_model_folder_with_its_own_code_is_refused_whatever_stdin_says(tiny, tmp_path, model_type):
+    marker = tmp_path / "code-ran.txt"
+    folder = custom_code_folder(tmp_path / "model", marker, model_type=model_type)
+    before = snapshot(tmp_path)
+    proc = graftune_cli(*train_args(tiny, tmp_path / "run", model=folder), stdin="y\n")
+    assert_one_line(proc, f"{str(folder)!r} ships its own code (auto_map)", "never runs code from a model folder")
+    assert not marker.exists()
+    assert snapshot(tmp_path) == before  # no run directory, no partial one, the model folder untouched
+
+
+def test_load_base_refuses_custom_code_in_the_tokenizer_config(tmp_path):
+    from graftune.errors import ModelError
+    from graftune.zoo import load_base
+
+    folder = bert_folder(tmp_path / "model")
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelError, match=r"ships its own code \(auto_map\)"):
+        load_base(str(folder))
+    assert load_base(str(bert_folder(tmp_path / "plain"))).tokenizer is not None  # a plain folder still loads
+
+
+def test_every_from_pretrained_in_the_package_refuses_remote_code():
+    """A new ``from_pretrained`` call without ``trust_remote_code=False`` would let transformers prompt again."""
+    calls = []
+    for path in (ROOT / "src" / "graftune").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        # every receiver but PeftModel (named in a docstring of the PEFT export: a user's call, not ours)
+        for match in re.finditer(r"\b(?!PeftModel\b)\w+\.from_pretrained\(", text):
+            depth, end = 1, match.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            calls.append((path.name, text[match.start():end]))
+    assert calls, "no from_pretrained call found: the scan is broken"
+    unsafe = [(name, call) for name, call in calls if "trust_remote_code=False" not in call]
+    assert not unsafe, unsafe
