@@ -437,5 +437,217 @@ def demo(
     typer.echo(format_table(run_demo(out, seed=seed, progress=not quiet)))
 
 
+# --- graftune registry: versions, the regression gate, rollback (src/graftune/registry/) ------------------------
+registry_app = typer.Typer(no_args_is_help=True, help="Versioned, hashed run directories; a regression gate on "
+                           "promote; rollback; an audit log. `--registry DIR`, else $GRAFTUNE_REGISTRY, else a "
+                           "folder in the user's data dir.")
+app.add_typer(registry_app, name="registry")
+RegistryDir = Annotated[str | None, typer.Option("--registry", help="The registry folder (default: "
+                                                 "$GRAFTUNE_REGISTRY, else the user's data dir).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Mlflow = Annotated[str | None, typer.Option("--mlflow", help="Also mirror to this MLflow tracking URI (needs mlflow "
+                                            "installed).")]
+
+
+def _registry(path: str | None, mlflow: str | None = None):
+    from graftune.registry import Registry, default_root
+    from graftune.registry.mirror import check_mlflow
+
+    check_mlflow(mlflow)
+    return Registry(default_root(path))
+
+
+@registry_app.command("push")
+@user_errors
+def registry_push(run_dir: str = typer.Argument(..., help="A run directory (graftune train --out)."),
+                  name: str = typer.Option(..., "--name", help="The name to add a version to."),
+                  registry: RegistryDir = None, as_json: AsJson = False, mlflow: Mlflow = None):
+    """Store RUN_DIR as the next immutable version of NAME (files hashed; log and checkpoints left out)."""
+    from graftune.registry.mirror import mirror_version
+    from graftune.registry.text import as_json as dumps
+    from graftune.registry.text import headline
+
+    reg = _registry(registry, mlflow)
+    v = reg.push(run_dir, name)
+    mirror_version(mlflow, v)
+    typer.echo(dumps(v.to_dict()) if as_json else f"pushed {v.ref}: {headline(v)} ({v.path})")
+
+
+@registry_app.command("list")
+@user_errors
+def registry_list(name: str | None = typer.Argument(None, help="Only this name's versions."),
+                  registry: RegistryDir = None, as_json: AsJson = False):
+    """Every version, the promoted ones marked with *."""
+    from graftune.registry.text import as_json as dumps
+    from graftune.registry.text import version_table
+
+    reg = _registry(registry)
+    versions, promoted = reg.list(name), reg.promoted()
+    if as_json:
+        typer.echo(dumps([v.to_dict() | {"promoted": promoted.get(v.name) == v} for v in versions]))
+    else:
+        typer.echo("\n".join(version_table(versions, promoted)))
+
+
+@registry_app.command("show")
+@user_errors
+def registry_show(ref: str = typer.Argument(..., help="NAME (its versions and log) or NAME@V (one version)."),
+                  registry: RegistryDir = None, as_json: AsJson = False):
+    """One version (files re-hashed: a changed file is refused), or a name's versions and audit log."""
+    from graftune.registry import parse_ref
+    from graftune.registry.text import as_json as dumps
+    from graftune.registry.text import show_name, version_details
+
+    reg = _registry(registry)
+    name, number = parse_ref(ref)
+    v = reg.show(name, number)
+    promoted = reg.promoted_version(name)
+    if number is None:
+        if as_json:
+            typer.echo(dumps({"name": name, "promoted": promoted, "versions": [x.to_dict() for x in reg.list(name)],
+                              "log": reg.log(name)}))
+        else:
+            typer.echo("\n".join(show_name(reg, name)))
+        return
+    log = [e for e in reg.log(name) if e["version"] == number]
+    if as_json:
+        typer.echo(dumps(v.to_dict() | {"promoted": promoted == number, "log": log}))
+    else:
+        from graftune.registry.text import log_lines
+
+        typer.echo("\n".join(version_details(v, promoted=promoted == number) + ["  log:"]
+                             + [f"    {line}" for line in log_lines(log)]))
+
+
+@registry_app.command("promote")
+@user_errors
+def registry_promote(ref: str = typer.Argument(..., help="NAME@V to promote."),
+                     data: str | None = typer.Option(None, "--data", help="Held-out data to gate on (default: the "
+                                                     "candidate's test split recorded at push)."),
+                     force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses (needs "
+                                                "--reason; recorded)."),
+                     reason: str | None = typer.Option(None, "--reason", help="Why (recorded in the audit log)."),
+                     alpha: float = typer.Option(0.05, "--alpha", help="The gate's one-sided significance level: "
+                                                 "its false-refusal rate for an equally good candidate."),
+                     registry: RegistryDir = None, as_json: AsJson = False, mlflow: Mlflow = None):
+    """Promote NAME@V through the regression gate (exit 1 when refused: the candidate is worse than the promoted
+    version beyond sampling noise)."""
+    from graftune.errors import ConfigError
+    from graftune.registry import parse_ref
+    from graftune.registry.mirror import mirror_alias
+    from graftune.registry.text import as_json as dumps
+
+    name, number = parse_ref(ref)
+    if number is None:
+        raise ConfigError(f"promote needs a version: {name}@N (`graftune registry show {name}` lists them)")
+    reg = _registry(registry, mlflow)
+    result = reg.promote(name, number, data=data, force=force, reason=reason, alpha=alpha)
+    if result.accepted:
+        mirror_alias(mlflow, reg.show(name, number))
+    typer.echo(dumps(result.to_dict()) if as_json else result.message)
+    for note in [] if as_json else result.notes:
+        typer.echo(f"note: {note}")
+    if not result.accepted:
+        raise typer.Exit(1)
+
+
+@registry_app.command("rollback")
+@user_errors
+def registry_rollback(name: str = typer.Argument(..., help="The name to roll back."),
+                      registry: RegistryDir = None, mlflow: Mlflow = None):
+    """Promote again the version that was promoted before the current one."""
+    from graftune.registry.mirror import mirror_alias
+
+    reg = _registry(registry, mlflow)
+    before = reg.promoted_version(name)
+    v = reg.rollback(name)
+    mirror_alias(mlflow, v)
+    typer.echo(f"{name}: rolled back from @{before} to {v.ref}")
+
+
+@registry_app.command("delete")
+@user_errors
+def registry_delete(ref: str = typer.Argument(..., help="NAME@V to delete (never the promoted one)."),
+                    registry: RegistryDir = None):
+    """Delete one version (its number is never reused)."""
+    from graftune.errors import ConfigError
+    from graftune.registry import parse_ref
+
+    name, number = parse_ref(ref)
+    if number is None:
+        raise ConfigError(f"delete needs a version: {name}@N (one version at a time)")
+    _registry(registry).delete(name, number)
+    typer.echo(f"deleted {name}@{number}")
+
+
+@registry_app.command("log")
+@user_errors
+def registry_log(name: str | None = typer.Argument(None, help="Only this name's entries."),
+                 registry: RegistryDir = None, as_json: AsJson = False):
+    """The audit log: every push, promote (forced or not), refusal, rollback and delete, with who and when."""
+    from graftune.registry.text import as_json as dumps
+    from graftune.registry.text import log_lines
+
+    entries = _registry(registry).log(name)
+    typer.echo(dumps(entries) if as_json else "\n".join(log_lines(entries)))
+# --- end of graftune registry ------------------------------------------------------------------------------------
+
+
+# --- serve and drift (graftune.serve) ---------------------------------------------------------------------------
+@app.command()
+@user_errors
+def serve(
+    registry: str | None = typer.Option(None, "--registry", help="The registry whose promoted versions are served "
+                                        "(default: $GRAFTUNE_REGISTRY, else the user data folder)."),
+    runs: Annotated[list[str] | None, typer.Option("--run", help="NAME=RUN_DIR: also serve a run directory as it is "
+                                                   "(repeatable; without --registry only these).")] = None,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, help="Port."),
+    max_batch: int = typer.Option(32, help="Rows per forward at most (1: one request per forward)."),
+    max_wait_ms: float = typer.Option(5.0, help="Batching window: how long a request waits for company."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="GRAFTUNE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint "
+                                       "but /health."),
+    drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written (default: "
+                                         "<registry>-drift next to the registry)."),
+    poll: float = typer.Option(1.0, help="Seconds between registry checks (promote/rollback are followed)."),
+    max_inputs: int = typer.Option(64, help="Texts per request at most."),
+    max_chars: int = typer.Option(20_000, help="Characters per text at most."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+):
+    """Serve every promoted adapter from one base per base model: POST /v1/predict, /v1/generate; GET /v1/adapters,
+    /health, /metrics. Requests for different adapters share one forward (docs/deploy.md)."""
+    from graftune.serve.schemas import Limits
+    from graftune.serve.server import serve as run_server
+
+    run_server(registry=registry, runs=runs or [], host=host, port=port, max_batch=max_batch,
+               max_wait_ms=max_wait_ms, api_key=api_key, drift_dir=drift_dir, poll_s=poll,
+               limits=Limits(max_inputs=max_inputs, max_chars=max_chars), threads=threads, log_level=log_level)
+
+
+@app.command()
+@user_errors
+def drift(
+    name: str = typer.Argument(..., help="The served name."),
+    registry: str | None = typer.Option(None, "--registry", help="The registry (default: $GRAFTUNE_REGISTRY, else "
+                                        "the user data folder)."),
+    version: int | None = typer.Option(None, help="The version (default: the promoted one)."),
+    run: str | None = typer.Option(None, "--run", help="A run directory served with --run NAME=RUN_DIR instead of "
+                                   "a registry version."),
+    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir (default: <registry>-drift)."),
+    alpha: float = typer.Option(0.01, help="False-alarm rate of the whole test (Bonferroni over its checks)."),
+    split: str = typer.Option("train", help="The reference: the version's train, val or test split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Do recent inputs of a served adapter still look like its training data? Embedding, text length,
+    unknown-token rate and predicted-class shares, each tested at a stated false-alarm rate."""
+    from graftune.serve.server import check_drift
+
+    report = check_drift(name, registry=registry, run=run, version=version, drift_dir=drift_dir, alpha=alpha,
+                         split=split)
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2) if as_json else report["text"])
+
+
 def main():  # pragma: no cover - entry point for `python -m graftune`
     sys.exit(app())

@@ -5,6 +5,7 @@ the batcher, the registry poller) and shutdown (drain, last drift flush) live in
 """
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -35,7 +36,8 @@ log = logging.getLogger("graftune.serve")
 
 
 class Source(Protocol):
-    """Where the promoted versions come from: ``graftune.registry.Registry`` or a fixed mapping."""
+    """Where the promoted versions come from: ``graftune.registry.Registry`` or a fixed mapping. A source may also
+    have ``verify(version)`` (the registry's hash check), run before a version is loaded."""
 
     def promoted(self) -> Mapping[str, Any]:
         """name -> a version object with ``.version`` and ``.path`` (its run directory)."""
@@ -77,6 +79,15 @@ class MergedSource:
 
     def generation(self) -> tuple:
         return tuple(s.generation() for s in self.sources)
+
+    def verify(self, version: Any) -> None:
+        """The registry's hash check for its versions; fixed ``--run`` directories are served as they are."""
+        if isinstance(version, StaticVersion):
+            return
+        for s in self.sources:
+            if callable(getattr(s, "verify", None)):
+                s.verify(version)
+                return
 
 
 @dataclass(frozen=True)
@@ -191,8 +202,11 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
     PredictRequest, GenerateRequest = request_models(settings.limits)
     state: dict[str, Any] = {"generation": object()}
 
-    def wanted() -> dict[str, tuple[str, Path]]:
-        return {n: (str(v.version), Path(v.path)) for n, v in source.promoted().items()}
+    verify = getattr(source, "verify", None)
+
+    def wanted() -> dict[str, tuple]:
+        return {n: (str(v.version), Path(v.path), functools.partial(verify, v) if verify else None)
+                for n, v in source.promoted().items()}
 
     async def follow() -> None:
         """Poll the source's cheap counter; on a change, load what is new and switch (store.sync)."""

@@ -191,21 +191,24 @@ class ModelStore:
             model.set_active()
 
     # --- following the registry --------------------------------------------------------------------------------
-    def sync(self, wanted: Mapping[str, tuple[str, str | Path]]) -> dict:
-        """Serve exactly ``wanted`` (name -> (version, run directory)). New versions are loaded beside the old ones
-        and switched in; a version that cannot be served is logged and skipped, and the name keeps its old version
-        if it had one. Returns ``{"loaded": [...], "removed": [...], "failed": {...}}``. Call from any thread
-        but the worker's (it waits for the worker)."""
+    def sync(self, wanted: Mapping[str, tuple]) -> dict:
+        """Serve exactly ``wanted`` (name -> (version, run directory[, check])); ``check()``, when given, runs
+        before loading (the registry's hash verification). New versions are loaded beside the old ones and switched
+        in; a version that cannot be served is logged and skipped, and the name keeps its old version if it had one.
+        Returns ``{"loaded": [...], "removed": [...], "failed": {...}}``. Call from any thread but the worker's
+        (it waits for the worker)."""
         with self._sync_lock:
             with self._lock:
                 current = {n: e.version for n, e in self.entries.items()}
             report: dict[str, Any] = {"loaded": [], "removed": [], "failed": {}}
-            for name, (version, run_dir) in sorted(wanted.items()):
+            for name, (version, run_dir, *check) in sorted(wanted.items()):
                 version = str(version)
                 if current.get(name) == version:
                     continue
                 label = f"{name}@{version}"
                 try:
+                    if check and check[0] is not None:
+                        check[0]()
                     plan = self._prepare(name, version, Path(run_dir))
                     entry = self.submit(self._attach, plan).result()
                 except GraftuneError as e:

@@ -1,0 +1,105 @@
+"""What ``graftune serve`` and ``graftune drift`` call: assemble the store, the sources and the app, run uvicorn;
+resolve a served name's version and compare its drift summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from graftune.errors import ConfigError
+from graftune.registry import Registry, default_root
+from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
+from graftune.serve.drift import DriftTracker, drift_report
+from graftune.serve.schemas import Limits
+from graftune.serve.store import ModelStore
+
+log = logging.getLogger("graftune.serve")
+
+
+def drift_folder(registry_root: str | Path | None) -> Path:
+    """Where served-input summaries live by default: a folder next to the registry, ``<registry>-drift``."""
+    root = default_root(registry_root).absolute()
+    return root.with_name(f"{root.name}-drift")
+
+
+def parse_runs(runs: Sequence[str]) -> dict[str, Path]:
+    """``["news=runs/news", ...]`` -> ``{"news": Path("runs/news")}``, with one-line errors."""
+    out: dict[str, Path] = {}
+    for item in runs:
+        name, eq, folder = item.partition("=")
+        if not eq or not name.strip() or not folder.strip():
+            raise ConfigError(f"--run {item!r}: write NAME=RUN_DIR (e.g. --run news=runs/news)")
+        if name in out:
+            raise ConfigError(f"--run: the name {name!r} is given twice; give each served name once")
+        if not (Path(folder) / "run.yaml").is_file():
+            raise ConfigError(f"--run {item}: {folder} is not a run directory (no run.yaml); pass a `graftune train "
+                              "--out` folder")
+        out[name.strip()] = Path(folder)
+    return out
+
+
+def build_source(registry: str | None, runs: Sequence[str]) -> tuple[Source, Path | None]:
+    """The registry (when ``--registry`` is given, or when no ``--run`` is), plus fixed ``--run`` directories."""
+    static = parse_runs(runs)
+    if registry is None and static:
+        return StaticSource(static), None
+    reg = Registry(default_root(registry))
+    return (MergedSource(reg, StaticSource(static)) if static else reg), reg.root
+
+
+def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = 32, max_wait_ms: float = 5.0, api_key: str | None = None, drift_dir: str | None = None,
+          poll_s: float = 1.0, limits: Limits | None = None, threads: int | None = None,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn, one process: the models live in it)."""
+    import torch
+    import uvicorn
+    from prometheus_client import disable_created_metrics
+
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch: got {max_batch}; use 1 (one request per forward) or more")
+    if max_wait_ms < 0:
+        raise ConfigError(f"--max-wait-ms: got {max_wait_ms}; use 0 or more milliseconds")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port: got {port}; use a port between 1 and 65535")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key is empty; pass a key or leave it out")
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    disable_created_metrics()  # the *_created series double the output and say nothing here
+    source, reg_root = build_source(registry, runs)
+    folder = Path(drift_dir) if drift_dir else (drift_folder(reg_root) if reg_root else Path("graftune-drift"))
+    tracker = DriftTracker(folder)
+    store = ModelStore(observer=tracker)
+    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, poll_s=poll_s, api_key=api_key,
+                        limits=limits or Limits())
+    app = create_app(store, source, settings, tracker=tracker)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
+    log.info("drift summaries go to %s", folder)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def check_drift(name: str, *, registry: str | None = None, run: str | None = None, version: int | None = None,
+                drift_dir: str | None = None, alpha: float = 0.01, split: str = "train") -> dict:
+    """``graftune drift NAME``: the promoted version of ``name`` (or ``version``) in the registry, or a ``--run``
+    directory served as NAME (version 1), against what the server recorded for it."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split: got {split!r}; use train, val or test")
+    if run is not None:
+        if not (Path(run) / "run.yaml").is_file():
+            raise ConfigError(f"--run {run}: not a run directory (no run.yaml)")
+        folder = Path(drift_dir) if drift_dir else Path("graftune-drift")
+        return drift_report(name, str(version or 1), run, folder, alpha=alpha, split=split)
+    reg = Registry(default_root(registry))
+    if version is None:
+        version = reg.promoted_version(name)
+        if version is None:
+            raise ConfigError(f"{name!r} has no promoted version in {reg.root}; pass --version N or promote one")
+    v = reg.show(name, version)
+    folder = Path(drift_dir) if drift_dir else drift_folder(reg.root)
+    return drift_report(name, str(v.version), v.path, folder, alpha=alpha, split=split)
