@@ -46,7 +46,8 @@ from graftune.config import build_config
 from graftune.data.sources import ALIASES as DATA_ALIASES
 from graftune.errors import ArtifactError, ConfigError, GraftuneError
 from graftune.evaluate import LoadedRun, load_run
-from graftune.registry import gate
+from graftune.registry.gate import (ALPHA, GateResult, correctness, data_file, metric_name, paired_test,
+                                    recorded_test_split, unseen_labels)
 from graftune.zoo import list_models
 
 try:  # the user's data folder, the platform's way, when platformdirs is there; XDG otherwise
@@ -378,7 +379,7 @@ class Registry:
 
     # --- promote / rollback / delete ----------------------------------------------------------------------------
     def promote(self, name: str, version: int, *, data: str | None = None, force: bool = False,
-                reason: str | None = None, alpha: float = gate.ALPHA) -> gate.GateResult:
+                reason: str | None = None, alpha: float = ALPHA) -> GateResult:
         """Make ``name@version`` the promoted version, through the regression gate (``registry/gate.py``): the
         candidate and the promoted version are scored on the same held-out data (the candidate's test split as
         recorded at push, or every example of ``data``) and the candidate is refused when it is worse beyond
@@ -392,10 +393,10 @@ class Registry:
         candidate = self.show(name, version)
         current = self.promoted_version(name)
         if current == version:
-            return gate.GateResult(name, version, accepted=True, gated=False, incumbent=current,
+            return GateResult(name, version, accepted=True, gated=False, incumbent=current,
                                    message=f"{candidate.ref} is already the promoted version; nothing changed")
         if current is None:
-            result = gate.GateResult(name, version, accepted=True, gated=False, forced=False, reason=reason,
+            result = GateResult(name, version, accepted=True, gated=False, forced=False, reason=reason,
                                      message=f"{candidate.ref} promoted (the first promotion of {name}: no gate)")
         else:
             result = self._gate(candidate, self.show(name, current), data=data, force=force, reason=reason,
@@ -417,7 +418,7 @@ class Registry:
         return result
 
     def _gate(self, candidate: Version, incumbent: Version, *, data: str | None, force: bool, reason: str | None,
-              alpha: float) -> gate.GateResult:
+              alpha: float) -> GateResult:
         ref = candidate.ref
         if candidate.task != incumbent.task:
             raise ConfigError(f"{ref} is a {candidate.task} run and {incumbent.ref} (promoted) a {incumbent.task} "
@@ -425,21 +426,21 @@ class Registry:
         notes: list[str] = []
         try:
             if data is not None:
-                held = gate.data_file(data, build_config(candidate.path / "run.yaml"), candidate.task)
+                held = data_file(data, build_config(candidate.path / "run.yaml"), candidate.task)
             else:
-                held = gate.recorded_test_split(candidate.path, candidate.task, ref)
+                held = recorded_test_split(candidate.path, candidate.task, ref)
         except GraftuneError as e:
             if not force:
                 raise
-            return gate.GateResult(candidate.name, candidate.version, accepted=True, gated=False, forced=True,
+            return GateResult(candidate.name, candidate.version, accepted=True, gated=False, forced=True,
                                    reason=reason, incumbent=incumbent.version, notes=[f"gate not run: {e}"],
                                    message=f"{ref} promoted with --force without the gate ({e})")
         multi = bool(candidate.data_card.get("multi_label"))
-        unseen = gate.unseen_labels(held, candidate.label_names, multi) if held.kind != "causal-lm" else []
+        unseen = unseen_labels(held, candidate.label_names, multi) if held.kind != "causal-lm" else []
         if unseen:
             raise ConfigError(f"{held.origin}: labels {ref} was not trained on: {', '.join(unseen[:5])}; it knows "
                               f"{', '.join(candidate.label_names)}")
-        missing = gate.unseen_labels(held, incumbent.label_names, multi) if held.kind != "causal-lm" else []
+        missing = unseen_labels(held, incumbent.label_names, multi) if held.kind != "causal-lm" else []
         if missing:
             notes.append(f"{incumbent.ref} was not trained on label(s) {', '.join(missing[:5])}: it gets those "
                          "examples wrong")
@@ -447,9 +448,9 @@ class Registry:
         if data is None and ours and theirs and ours != theirs:
             notes.append(f"{incumbent.ref} was scored on another test split at training: it may have trained on "
                          "some of these examples (pass --data FILE with data neither saw)")
-        stats = gate.paired_test(gate.correctness(candidate.path, held), gate.correctness(incumbent.path, held),
+        stats = paired_test(correctness(candidate.path, held), correctness(incumbent.path, held),
                                  alpha=alpha)
-        metric = gate.metric_name(held.kind)
+        metric = metric_name(held.kind)
         refused = stats["refused"]
         b, c = stats["discordant"]
         numbers = (f"{metric} {stats['candidate']:.3f} ({ref}) vs {stats['incumbent']:.3f} ({incumbent.ref}, "
@@ -464,7 +465,7 @@ class Registry:
         else:
             message = (f"{ref} refused: worse than {incumbent.ref} beyond sampling noise: {numbers}; "
                        "--force --reason TEXT promotes it anyway (recorded)")
-        return gate.GateResult(candidate.name, candidate.version, accepted=not refused or force, gated=True,
+        return GateResult(candidate.name, candidate.version, accepted=not refused or force, gated=True,
                                message=message, incumbent=incumbent.version, forced=refused and force,
                                reason=reason, refused=refused, metric=metric, examples=stats["examples"],
                                data=held.origin, candidate_score=stats["candidate"],
