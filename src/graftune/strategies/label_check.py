@@ -1,0 +1,134 @@
+"""Suspect labels: training examples whose given label the rest of the data contradicts (noise or poisoning).
+
+Every text is embedded once with a frozen sentence encoder (``strategies.fewshot.embed``: mean-pooled, L2-
+normalized, long texts read in up to 4 windows). A logistic regression is then fit k times, each time on all
+folds but one of a stratified k-fold split, and predicts the held-out fold: every example gets probabilities
+from a model that never saw it (out-of-fold). An example is a **suspect** when that out-of-fold prediction is
+another label than the one it was given; its **score** is p(suggested) - p(given), in (0, 1], and suspects are
+listed highest score first, so a user reads the most contradicted ones first. This is the simplest member of
+the confident-learning family (Northcutt, Jiang & Chuang 2021, https://arxiv.org/abs/1911.00068): it flags more
+than cleanlab's per-class thresholds would, which suits a short list a person reviews by hand.
+
+``k`` is ``folds`` (5) lowered to the smallest class's count, so each fold holds every class at least once; a
+class with a single example cannot be checked (it is always "contradicted": nothing else speaks for it), and is
+refused. Exact duplicates (normalized text) are checked once, as the first copy: a copy in another fold would
+vouch for its own label. Text only: the encoder is a text encoder (images: not applicable, said in the report).
+
+What to expect (bench/issue15_trust.py, bench/RESULTS.md): on bbc-news with 10% of the labels flipped, most
+flips are found at a false-positive rate of a few percent; with 8 examples per class the flips drown out the
+evidence and recall falls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from graftune.data.checks import example_key
+from graftune.data.sources import Dataset
+from graftune.errors import DataError
+from graftune.speed import precision
+from graftune.strategies.fewshot import embed
+from graftune.zoo import load_base
+
+FOLDS = 5
+HEAD_C = 1.0
+PREVIEW = 160
+
+
+def out_of_fold_probabilities(embeddings: np.ndarray, labels: Sequence[str], *, folds: int = FOLDS, seed: int = 0,
+                              head_c: float = HEAD_C) -> tuple[np.ndarray, list[str], int]:
+    """(n, classes) probabilities, each row from a logistic regression fit without that example; the class
+    names (sorted); the number of folds used (``folds`` lowered to the smallest class's count)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise DataError("the label check needs at least 2 classes; check --label-column")
+    if counts.min() < 2:
+        single = ", ".join(str(c) for c, n in zip(classes, counts) if n < 2)
+        raise DataError(f"the label check needs at least 2 examples per class; {single} has 1: add examples or "
+                        "drop the class")
+    k = int(min(folds, counts.min()))
+    probs = np.zeros((len(y), len(classes)))
+    for fit_idx, held_idx in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(embeddings, y):
+        head = LogisticRegression(C=head_c, max_iter=2000).fit(embeddings[fit_idx], y[fit_idx])
+        cols = np.searchsorted(classes, head.classes_)
+        probs[np.ix_(held_idx, cols)] = head.predict_proba(embeddings[held_idx])
+    return probs, [str(c) for c in classes], k
+
+
+def find_suspects(embeddings: np.ndarray, labels: Sequence[str], *, folds: int = FOLDS, seed: int = 0,
+                  head_c: float = HEAD_C) -> dict:
+    """Suspects among ``labels`` given their examples' ``embeddings`` (rule in the module docstring): a dict with
+    ``suspects`` (index, given, suggested, score, given_probability; highest score first), the folds used and
+    the out-of-fold accuracy against the given labels."""
+    probs, classes, k = out_of_fold_probabilities(np.asarray(embeddings, dtype=np.float64), labels, folds=folds,
+                                                  seed=seed, head_c=head_c)
+    given = np.searchsorted(classes, np.asarray(labels))
+    predicted = probs.argmax(axis=1)
+    rows = np.arange(len(given))
+    score = probs[rows, predicted] - probs[rows, given]
+    flagged = np.flatnonzero(predicted != given)
+    flagged = flagged[np.argsort(-score[flagged], kind="stable")]
+    return {"folds": k, "out_of_fold_accuracy": round(float((predicted == given).mean()), 4),
+            "suspects": [{"index": int(i), "given": classes[given[i]], "suggested": classes[predicted[i]],
+                          "score": round(float(score[i]), 4), "given_probability": round(float(probs[i, given[i]]), 4)}
+                         for i in flagged]}
+
+
+def embed_texts(texts: Sequence[str], *, model: Any = "minilm", max_length: int = 256, max_chunks: int = 4,
+                batch_size: int = 32) -> np.ndarray:
+    """Frozen-encoder embeddings of ``texts`` (``model``: an alias, a folder, or a loaded zoo ``Base``), under the
+    inference precision policy the probe recipe uses."""
+    base = load_base(model, task="text-classification") if isinstance(model, str) else model
+    policy = precision.choose("auto", inference=True)
+    precision.apply(base.model, policy)
+    with policy.autocast():
+        emb = embed(base.model, base.tokenizer, list(texts), batch_size=batch_size, max_length=max_length,
+                    pooling=base.pooling or "mean", max_chunks=max_chunks)
+    return emb.float().numpy()
+
+
+def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed: int = 0, head_c: float = HEAD_C,
+                 max_length: int = 256, max_chunks: int = 4, embeddings: np.ndarray | None = None) -> dict:
+    """The suspect-label report on a single-label text ``Dataset``: JSON-ready, each suspect with its index in
+    ``ds``, a preview of its text, the given and suggested labels and the score. ``embeddings`` (one row per
+    example of ``ds``) skips the encoder (tests, or a caller that already embedded the texts)."""
+    if ds.modality != "text":
+        raise DataError(f"the label check reads texts with a text encoder; {ds.origin} holds {ds.modality} "
+                        "examples (not applicable)")
+    if ds.multi_label:
+        raise DataError("the label check is for single-label data; multi-label labels are not checked")
+    first: dict[str, int] = {}
+    for i, x in enumerate(ds.inputs):
+        first.setdefault(example_key("text", x), i)
+    keep = np.array(sorted(first.values()))
+    texts = [ds.inputs[i] for i in keep]
+    labels = [ds.labels[i] for i in keep]
+    started = time.perf_counter()
+    if embeddings is None:
+        emb = embed_texts(texts, model=model, max_length=max_length, max_chunks=max_chunks)
+    else:
+        emb = np.asarray(embeddings)[keep]
+    embed_seconds = time.perf_counter() - started
+    found = find_suspects(emb, labels, folds=folds, seed=seed, head_c=head_c)
+    for s in found["suspects"]:
+        s["index"] = int(keep[s["index"]])
+        flat = " ".join(ds.inputs[s["index"]].split())
+        s["text"] = flat if len(flat) <= PREVIEW else flat[:PREVIEW - 3] + "..."
+    return {
+        "method": (f"frozen {model if isinstance(model, str) else 'encoder'} embeddings, stratified "
+                   f"{found['folds']}-fold logistic regression (C={head_c}), out-of-fold predictions"),
+        "rule": "a suspect's out-of-fold prediction is another label; score = p(suggested) - p(given), "
+                "highest first",
+        "examples": len(ds), "checked": len(keep), "folds": found["folds"],
+        "out_of_fold_accuracy": found["out_of_fold_accuracy"], "count": len(found["suspects"]),
+        "fraction": round(len(found["suspects"]) / len(keep), 4), "suspects": found["suspects"],
+        "seconds": round(time.perf_counter() - started, 2), "embed_seconds": round(embed_seconds, 2),
+    }
