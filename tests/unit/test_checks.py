@@ -13,8 +13,9 @@ from graftune.data.checks import _jaccard, check_data, near_duplicate_pairs, shi
 from graftune.data.sources import Dataset
 from graftune.data.splits import make_splits
 
-WORDS = ("market bank share price profit goal match team player coach chip phone software data cloud robot "
-         "river mountain city road garden window kitchen summer winter music film actor stage crowd").split()
+WORDS = ["market", "bank", "share", "price", "profit", "goal", "match", "team", "player", "coach", "chip", "phone",
+         "software", "data", "cloud", "robot", "river", "mountain", "city", "road", "garden", "window", "kitchen",
+         "summer", "winter", "music", "film", "actor", "stage", "crowd"]
 
 
 def sentence(rng: random.Random, n: int = 30) -> str:

@@ -15,7 +15,7 @@ def flip(labels: list[str], fraction: float, seed: int) -> tuple[list[str], set[
     """Labels with ``fraction`` of them moved to another class (chosen at random), and the flipped indices."""
     rng = np.random.RandomState(seed)
     names = sorted(set(labels))
-    picked = rng.choice(len(labels), size=int(round(fraction * len(labels))), replace=False)
+    picked = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
     out = list(labels)
     for i in picked:
         out[i] = rng.choice([n for n in names if n != labels[i]])
