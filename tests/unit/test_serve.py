@@ -1,0 +1,337 @@
+"""graftune serve: predictions equal `graftune predict`, mixed-adapter batches run as one forward, bad requests get
+a one-line 4xx and never reach the model, promote/rollback switch without failing requests in flight.
+
+Tiny random BERT/Llama runs (seconds); servers are real uvicorn processes-in-a-thread on 127.0.0.1 and a free port,
+or FastAPI's TestClient; everything bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from graftune.cli import app as cli_app
+from graftune.config import RunConfig
+from graftune.evaluate import generate, load_run, predict
+from graftune.registry import Registry
+from graftune.serve import Limits, ModelStore, Settings, StaticSource, create_app
+from graftune.train import train
+from tests.train_helpers import bert_folder, llama_folder, one_line_error, pairs_jsonl, topic_csv, train_args
+
+TEXTS = ["goal match team player", "bank market share price profit", "chip phone software the data",
+         "the cup and the league", "a stock trade at the fund"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Runs on one tiny BERT: LoRA (two seeds), IA3, bottleneck, head-only, prompt (refused); a tiny Llama LoRA."""
+    root = tmp_path_factory.mktemp("serve")
+    bert, data = bert_folder(root / "bert"), topic_csv(root / "topics.csv")
+    out = {}
+    for name, extra in {"lora": {}, "lora2": {"seed": 1, "lr": 2e-2}, "ia3": {"method": "ia3"},
+                        "bottleneck": {"method": "bottleneck"}, "head": {"method": "head"},
+                        "prompt": {"method": "prompt"}}.items():
+        out[name] = root / name
+        train(RunConfig(**train_args(bert, data, out[name], epochs=1, val_size=0, **extra)), progress=False)
+    out["lm"] = root / "lm"
+    train(RunConfig(**train_args(llama_folder(root / "llama"), pairs_jsonl(root / "pairs.jsonl"), out["lm"],
+                                 epochs=1, max_new_tokens=4)), progress=False)
+    out["root"] = root
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app on a real uvicorn, 127.0.0.1 and a free port, in a thread; stopped on exit."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def same_predictions(got: list[dict], want: list[dict]) -> None:
+    """Labels equal; probabilities equal to the rounding of `graftune predict` (the server runs the adapter
+    unmerged, predict merged: float32 noise in the last digit at most)."""
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want):
+        assert g["probabilities"].keys() == w["probabilities"].keys()
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=3e-6)
+
+
+# --- predictions -------------------------------------------------------------------------------------------------
+def test_predictions_equal_graftune_predict(runs):
+    names = ["lora", "ia3", "bottleneck", "head", "prompt", "lm"]
+    store = ModelStore()
+    with TestClient(create_app(store, StaticSource({n: runs[n] for n in names}))) as client:
+        served = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+        # prompt tuning changes the sequence: refused at load (logged), the others served from ONE base per model
+        assert set(served) == {"lora", "ia3", "bottleneck", "head", "lm"}
+        assert len(store.slots) == 2 and len({served[n]["base"] for n in ("lora", "ia3", "bottleneck", "head")}) == 1
+        assert "prompt@1" in store.failed and "change the input sequence" in store.failed["prompt@1"]
+        for name in ("lora", "ia3", "bottleneck", "head"):
+            r = client.post("/v1/predict", json={"adapter": name, "inputs": TEXTS})
+            assert r.status_code == 200, r.text
+            same_predictions(r.json()["predictions"], predict(load_run(runs[name]), TEXTS))
+        prompts = ["goal match", "bank price"]
+        r = client.post("/v1/generate", json={"adapter": "lm", "inputs": prompts})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == generate(load_run(runs["lm"]), prompts)
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "adapters": 5, "bases": 2}
+
+
+def test_mixed_batch_from_two_adapters_is_one_forward(runs):
+    """Two requests for two adapters, sent together inside the window, run as ONE forward of the base, and each
+    gets its own adapter's predictions."""
+    store = ModelStore()
+    app = create_app(store, StaticSource({"lora": runs["lora"], "ia3": runs["ia3"]}),
+                     Settings(max_batch=32, max_wait_ms=300))
+    with LiveServer(app) as live:
+        base = next(iter(store.slots.values())).model.base
+        calls = []
+        handle = base.register_forward_hook(lambda m, a, o: calls.append(1))
+        barrier = threading.Barrier(2)
+        results = {}
+
+        def ask(name, texts):
+            barrier.wait()
+            results[name] = httpx.post(f"{live.url}/v1/predict", json={"adapter": name, "inputs": texts}, timeout=30)
+
+        threads = [threading.Thread(target=ask, args=("lora", TEXTS[:3])),
+                   threading.Thread(target=ask, args=("ia3", TEXTS[3:]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        handle.remove()
+        assert all(r.status_code == 200 for r in results.values()), {k: r.text for k, r in results.items()}
+        batches = list(app.state.batcher.history)
+        assert len(batches) == 1 and batches[0].requests == 2 and batches[0].rows == 5
+        assert batches[0].adapters == ("ia3", "lora")
+        assert len(calls) == 1  # one forward of the base for both adapters
+        same_predictions(results["lora"].json()["predictions"], predict(load_run(runs["lora"]), TEXTS[:3]))
+        same_predictions(results["ia3"].json()["predictions"], predict(load_run(runs["ia3"]), TEXTS[3:]))
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert 'graftune_batch_adapters_bucket{le="2.0"} 1.0' in metrics
+        assert 'graftune_requests_total{adapter="lora",endpoint="predict",status="200"} 1.0' in metrics
+        assert 'graftune_request_latency_seconds_count{adapter="ia3",endpoint="predict"} 1.0' in metrics
+
+
+def test_max_batch_one_serves_one_request_per_forward(runs):
+    app = create_app(ModelStore(), StaticSource({"lora": runs["lora"]}), Settings(max_batch=1, max_wait_ms=50))
+    with TestClient(app) as client:
+        out = []
+        threads = [threading.Thread(target=lambda t=t: out.append(client.post(
+            "/v1/predict", json={"adapter": "lora", "inputs": [t]}))) for t in TEXTS[:4]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in out] == [200] * 4
+        assert [b.requests for b in app.state.batcher.history] == [1, 1, 1, 1]
+
+
+# --- bad requests ------------------------------------------------------------------------------------------------
+def test_bad_requests_get_one_line_4xx_and_never_reach_the_model(runs):
+    limits = Limits(max_inputs=4, max_chars=50, max_body_bytes=2_000)
+    store = ModelStore()
+    app = create_app(store, StaticSource({"lora": runs["lora"], "lm": runs["lm"]}),
+                     Settings(limits=limits, api_key="s3cret"))
+    key = {"Authorization": "Bearer s3cret"}
+    cases = [
+        ({"adapter": "nope", "inputs": ["a"]}, 404, "unknown adapter 'nope'"),
+        ({"adapter": "lora", "inputs": "goal"}, 422, "inputs"),
+        ({"adapter": "lora", "inputs": ["goal", 3]}, 422, "inputs.1"),
+        ({"adapter": "lora", "inputs": []}, 422, "at least 1"),
+        ({"adapter": "lora", "inputs": ["  "]}, 422, "inputs[0] is empty"),
+        ({"adapter": "lora", "inputs": ["x" * 51]}, 422, "at most 50 characters"),
+        ({"adapter": "lora", "inputs": ["a"] * 5}, 422, "at most 4 items"),
+        ({"adapter": "lora"}, 422, "inputs: Field required"),
+        ({"adapter": "lora", "inputs": ["a"], "extra": 1}, 422, "extra"),
+        ({"adapter": "lm", "inputs": ["a"]}, 400, "use POST /v1/generate"),
+        ({"adapter": "lora", "inputs": ["y" * 40] * 4 + ["z" * 1900]}, 413, "larger than 2000 bytes"),
+    ]
+    with TestClient(app) as client:
+        for body, status, words in cases:
+            r = client.post("/v1/predict", json=body, headers=key)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert words in error and "\n" not in error, (body, error)
+        r = client.post("/v1/predict", content=b'{"adapter": "lora", "inputs": [',
+                        headers={**key, "content-type": "application/json"})
+        assert r.status_code == 422 and "JSON" in r.json()["error"]
+        r = client.post("/v1/predict", content=b"x" * 5000, headers={**key, "content-type": "application/json"})
+        assert r.status_code == 413
+        r = client.post("/v1/generate", json={"adapter": "lora", "inputs": ["a"]}, headers=key)
+        assert r.status_code == 400 and "classifier" in r.json()["error"]
+        r = client.post("/v1/generate", json={"adapter": "lm", "inputs": ["a"], "max_new_tokens": 10_000}, headers=key)
+        assert r.status_code == 422
+        assert list(app.state.batcher.history) == []  # nothing above reached the model
+        # the API key: missing or wrong -> 401, /health stays open
+        assert client.post("/v1/predict", json={"adapter": "lora", "inputs": ["a"]}).status_code == 401
+        wrong = client.get("/v1/adapters", headers={"X-API-Key": "s3creT"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/health").status_code == 200
+        # and the server still answers well-formed requests
+        r = client.post("/v1/predict", json={"adapter": "lora", "inputs": ["goal match"]}, headers={"X-API-Key":
+                                                                                                     "s3cret"})
+        assert r.status_code == 200 and len(app.state.batcher.history) == 1
+        errors = client.get("/metrics", headers=key).text
+        assert 'graftune_request_errors_total{adapter="_none",reason="unknown_adapter"} 1.0' in errors
+
+
+# --- following the registry --------------------------------------------------------------------------------------
+def test_promote_and_rollback_switch_without_failed_requests(runs, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.push(runs["lora"], "news")
+    reg.promote("news", 1)
+    reg.push(runs["lora2"], "news")
+    want = {1: predict(load_run(runs["lora"]), TEXTS[:2]), 2: predict(load_run(runs["lora2"]), TEXTS[:2])}
+    assert want[1] != want[2]
+    store = ModelStore()
+    app = create_app(store, reg, Settings(poll_s=0.05, max_wait_ms=2))
+    with LiveServer(app) as live:
+        stop, seen, failures = threading.Event(), [], []
+
+        def hammer():
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                while not stop.is_set():
+                    r = c.post("/v1/predict", json={"adapter": "news", "inputs": TEXTS[:2]})
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                        continue
+                    body = r.json()
+                    seen.append(int(body["version"]))
+                    same_predictions(body["predictions"], want[int(body["version"])])
+
+        def wait_for(version: int) -> float:
+            start = time.monotonic()
+            while httpx.get(f"{live.url}/v1/adapters").json()["adapters"][0]["version"] != str(version):
+                assert time.monotonic() - start < 20, f"version {version} not served within 20 s"
+                time.sleep(0.02)
+            return time.monotonic() - start
+
+        clients = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in clients:
+            t.start()
+        try:
+            time.sleep(0.3)
+            reg.promote("news", 2, force=True, reason="test: switch while serving")
+            assert wait_for(2) < 5
+            time.sleep(0.3)
+            reg.rollback("news")
+            assert wait_for(1) < 5
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(30)
+        assert failures == []
+        assert {1, 2} <= set(seen)
+        # old versions were dropped once their requests finished: one adapter left on the base
+        deadline = time.monotonic() + 5
+        while len(next(iter(store.slots.values())).model.info) != 1:
+            assert time.monotonic() < deadline, list(next(iter(store.slots.values())).model.info)
+            time.sleep(0.05)
+
+
+class HeldSource:
+    """The registry, with a generation the test moves by hand: the server notices a change only when told."""
+
+    def __init__(self, reg: Registry):
+        self.reg, self.gen = reg, 0
+        self.promoted, self.verify = reg.promoted, reg.verify
+
+    def generation(self) -> int:
+        return self.gen
+
+
+def test_a_changed_file_is_refused_and_the_old_version_keeps_serving(runs, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.push(runs["lora"], "news")
+    reg.promote("news", 1)
+    v2 = reg.push(runs["ia3"], "news")
+    source = HeldSource(reg)
+    store = ModelStore()
+    with TestClient(create_app(store, source, Settings(poll_s=0.05))) as client:
+        reg.promote("news", 2, force=True, reason="test")
+        tensors = v2.path / "adapter" / "adapter.safetensors"  # changed on disk after push and promote
+        tensors.chmod(0o644)
+        tensors.write_bytes(tensors.read_bytes()[:-4] + b"\0\0\0\0")
+        source.gen += 1
+        deadline = time.monotonic() + 10
+        while "news@2" not in store.failed:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "changed since push" in store.failed["news@2"]
+        r = client.post("/v1/predict", json={"adapter": "news", "inputs": TEXTS[:1]})
+        assert r.status_code == 200 and r.json()["version"] == "1"
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+def test_cli_refuses_bad_options_in_one_line(runs):
+    runner = CliRunner()
+    assert "--max-batch" in one_line_error(runner.invoke(cli_app, ["serve", "--run", f"a={runs['lora']}",
+                                                                   "--max-batch", "0"]))
+    assert "NAME=RUN_DIR" in one_line_error(runner.invoke(cli_app, ["serve", "--run", str(runs["lora"])]))
+    assert "not a run directory" in one_line_error(runner.invoke(cli_app, ["serve", "--run", "a=/nonexistent"]))
+
+
+@pytest.mark.slow
+def test_graftune_serve_command_answers_on_loopback(runs, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "graftune", "serve", "--run", f"news={runs['lora']}", "--port",
+                             str(port), "--drift-dir", str(tmp_path / "drift"), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"adapter": "news", "inputs": TEXTS}, timeout=30)
+        same_predictions(r.json()["predictions"], predict(load_run(runs["lora"]), TEXTS))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # shutdown flushed the drift summary of what it served
+    summary = json.loads((tmp_path / "drift" / "news" / "1.json").read_text())
+    assert summary["n"] == len(TEXTS)
+    assert torch.tensor(summary["emb_sum"]).shape == (32,)
