@@ -124,3 +124,51 @@ def test_every_from_pretrained_in_the_package_refuses_remote_code():
     assert calls, "no from_pretrained call found: the scan is broken"
     unsafe = [(name, call) for name, call in calls if "trust_remote_code=False" not in call]
     assert not unsafe, unsafe
+
+
+# --- 2. every method option is type-checked ----------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "message"), [
+    ("r=true", "r: got True (a boolean); use an integer"),
+    ("rslora=abc", "rslora: got 'abc' (a string); use true or false"),
+    ("alpha=abc", "alpha: got 'abc' (a string); use a number"),
+    ("dropout=[0.1]", "dropout: got [0.1] (a list); use a number"),
+    ("targets=[query, 3]", "targets.names: got ['query', 3] (a list); use a list of strings"),
+], ids=["bool-for-int", "string-for-bool", "string-for-float", "list-for-float", "int-in-names"])
+def test_train_refuses_a_method_option_of_the_wrong_type(tiny, tmp_path, option, message):
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, train_args(tiny, tmp_path / "run", "--method", "lora", "--set", option))
+    assert message in one_line_error(result)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("lora", {"r": True}, "r: got True (a boolean); use an integer"),
+    ("lora", {"r": 8.0}, "r: got 8.0 (a decimal number); use an integer"),
+    ("lora", {"dora": 1}, "dora: got 1 (an integer); use true or false"),
+    ("bottleneck", {"bottleneck_size": "8"}, "bottleneck_size: got '8' (a string); use an integer, or leave it unset"),
+    ("bottleneck", {"residual": "no"}, "residual: got 'no' (a string); use true or false"),
+    ("ia3", {"feedforward": 3}, "feedforward: got 3 (an integer); use a string"),
+    ("prefix", {"projection": "yes"}, "projection: got 'yes' (a string); use true or false"),
+    ("prompt", {"num_virtual_tokens": False}, "num_virtual_tokens: got False (a boolean); use an integer"),
+    ("topk", {"top_k_layers": "2"}, "top_k_layers: got '2' (a string); use an integer"),
+    ("lora", {"targets": 5}, "targets: got 5 (an integer); use a list of module names or a mapping"),
+    ("lora", {"targets": {"layers": [True]}}, "targets.layers: got [True] (a list); use a list of integers"),
+    ("lora", {"targets": {"bogus": 1}}, "targets: unknown key(s) bogus"),
+])
+def test_make_config_checks_each_field_against_its_annotation(method, options, message):
+    from graftune.core.method import make_config
+    from graftune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        make_config(method, **options)
+    assert message in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_make_config_keeps_accepting_what_each_annotation_allows():
+    from graftune.core.method import TargetSpec, make_config
+
+    cfg = make_config("lora", r=4, alpha=8, dropout=0, rslora=True, targets="query", top_k_layers=None)
+    assert (cfg.r, cfg.alpha, cfg.rslora, cfg.targets.names) == (4, 8, True, ("query",))  # an int is a number
+    assert make_config("lora", targets={"layers": range(2)}).targets.layers == (0, 1)
+    assert make_config("bottleneck", bottleneck_size=None, reduction_factor=8).reduction_factor == 8
+    assert isinstance(make_config("lora", targets=TargetSpec(names=("value",))).targets, TargetSpec)

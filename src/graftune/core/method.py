@@ -20,6 +20,9 @@ Sites. A method attaches to target modules at one of these *sites* (``Method.sit
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,8 +67,9 @@ class TargetSpec:
             value = getattr(self, f)
             if isinstance(value, (str, int)):
                 object.__setattr__(self, f, (value,))
-            else:
+            elif not isinstance(value, dict) and hasattr(value, "__iter__"):  # a list, a range of layers...
                 object.__setattr__(self, f, tuple(value))
+        check_field_types(self, prefix="targets.")
 
     def is_empty(self) -> bool:
         return not (self.names or self.regex or self.layers or self.types)
@@ -91,9 +95,13 @@ class MethodConfig:
 
     def __post_init__(self):
         if isinstance(self.targets, dict):
+            unknown = sorted(set(self.targets) - {f.name for f in dataclasses.fields(TargetSpec)})
+            check(not unknown, "targets", f"unknown key(s) {', '.join(map(str, unknown))}; use names, regex, "
+                                          "layers or types")
             object.__setattr__(self, "targets", TargetSpec(**self.targets))
         elif isinstance(self.targets, (list, tuple, str)):
             object.__setattr__(self, "targets", TargetSpec(names=self.targets))
+        check_field_types(self)  # before the range checks, which assume the types
         if self.top_k_layers is not None and self.top_k_layers < 1:
             raise ConfigError(f"top_k_layers={self.top_k_layers}: must be a positive number of layers, or unset")
         self.validate()
@@ -113,7 +121,8 @@ class MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for this method; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for this method; "
+                              f"known: {', '.join(sorted(known))}")
         return cls(**data)
 
 
@@ -121,6 +130,68 @@ def check(condition: bool, field: str, message: str) -> None:
     """Config validation helper: raise ConfigError naming ``field`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+# --- field types, checked from the annotations -------------------------------------------------------------------
+# Options arrive from YAML (``--set``, run.yaml) and JSON (adapter.json, PEFT configs), where ``true`` is a bool
+# and ``abc`` a string; Python would take True as the integer 1 and any non-empty string as true, so each field is
+# held to its annotation once, here, rather than in every method's validate().
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an integer is a number too (alpha=16)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, (tuple, list)) and all(_fits(v, item) for v in value)
+    if tp is Any:
+        return True
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _wanted(tp: Any) -> str:
+    """What a field of type ``tp`` takes, in a user's words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        named = [_wanted(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (", or leave it unset" if type(None) in args else "")
+    if origin in (tuple, list):
+        return f"a list of {_wanted(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if tp is TargetSpec:
+        return "a list of module names or a mapping of names, regex, layers, types"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a decimal number", str: "a string", list: "a list",
+            tuple: "a list", dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def check_field_types(config: Any, *, prefix: str = "") -> None:
+    """Raise ConfigError naming the first field of dataclass ``config`` whose value does not fit its annotation:
+    ints take integers but not booleans, floats take integers too, bools only true/false, ``X | None`` also
+    None, ``tuple[str, ...]`` a list of strings."""
+    for name, tp in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _fits(value, tp):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{prefix}{name}: got {shown!r} ({_kind(value)}); use {_wanted(tp)}")
 
 
 class Method:
