@@ -17,8 +17,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Graft small trainable modules onto frozen pre-trained models.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from graftune import __version__
+
+        typer.echo(f"graftune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root():
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
     """Graft small trainable modules onto frozen pre-trained models; train, compare and serve them on a CPU."""
     # transformers' per-model "Loading weights" bars are noise here (read when transformers is first imported)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -172,3 +172,11 @@ def test_make_config_keeps_accepting_what_each_annotation_allows():
     assert make_config("lora", targets={"layers": range(2)}).targets.layers == (0, 1)
     assert make_config("bottleneck", bottleneck_size=None, reduction_factor=8).reduction_factor == 8
     assert isinstance(make_config("lora", targets=TargetSpec(names=("value",))).targets, TargetSpec)
+
+
+# --- 3. --version ------------------------------------------------------------------------------------------------
+def test_version_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"graftune {graftune.__version__}\n"
+    proc = graftune_cli("--version")  # the installed entry point's path: before any command is parsed
+    assert proc.returncode == 0 and proc.stdout.strip() == f"graftune {graftune.__version__}"
