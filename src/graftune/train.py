@@ -115,6 +115,12 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         train_examples = task.encode(splits.train.inputs, splits.train.labels)
         lengths = [task.length(e) for e in train_examples]
 
+        if head is not None and cfg.head_init == "probe" and resume is None and transfer.get("init_head") != "loaded":
+            # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
+            # gradient steps refine the adapter instead of pushing random-head errors into it. Fitted before the cache is
+            # attached, so its features are computed the same way with and without the cache (a logistic fit turns
+            # rounding-level feature differences into visible weight differences)
+            init_head_from_probe(score_task, model, head, splits.train, policy=policy, seed=cfg.seed)
         # --- speed: the frozen lower layers once per example, torch.compile -------------------------------------
         val_examples = task.encode(splits.val.inputs) if len(splits.val) else []
         cache, cache_note = frozen_prefix_for_training(cfg.cache, model, run_task, head,
@@ -122,10 +128,6 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                                                        base_dropout=cfg.base_dropout, kind=kind,
                                                        max_mb=cfg.cache_max_mb)
         compile_note = _compile(model, run_task, head, train_examples, policy, cache) if cfg.compile else None
-        if head is not None and cfg.head_init == "probe" and resume is None and transfer.get("init_head") != "loaded":
-            # LP-FT: start the head at the logistic-regression fit on the starting features, so the first
-            # gradient steps refine the adapter instead of pushing random-head errors into it
-            init_head_from_probe(score_task, model, head, splits.train, policy=policy, seed=cfg.seed)
         adapter_params = model.trainable_parameters()
         head_params = list(head.parameters()) if head is not None else []
         # DistributedDataParallel over the adapter + head when launched as several processes; else a plain call
