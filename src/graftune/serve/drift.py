@@ -35,8 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
+from graftune.data.sources import load_data
+from graftune.data.splits import make_splits
 from graftune.errors import DataError, GraftuneError
+from graftune.evaluate import features_of, load_run
+from graftune.tasks.classification import probabilities
 
 log = logging.getLogger("graftune.serve")
 
@@ -184,11 +189,6 @@ class DriftTracker:
 def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
     """The summary of a run's training split (``split``: train, val or test), rebuilt from its run.yaml and data,
     with the embedding its served head reads and the head's predicted classes."""
-    from graftune.data.sources import load_data
-    from graftune.data.splits import make_splits
-    from graftune.evaluate import features_of, load_run
-    from graftune.tasks.classification import probabilities
-
     run = load_run(run_dir, expect="classifier")
     if run.fewshot is not None or run.head is None or run.kind != "classification":
         raise DataError(f"{run_dir}: drift needs a text classification run with an adapter or head (this is a "
@@ -218,8 +218,6 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
 # --- the test ------------------------------------------------------------------------------------------------
 def _welch(ref: Summary, new: Summary, key: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Welch's t statistic and two-sided p-value per component (dimensions, or one scalar)."""
-    from scipy import stats
-
     m1, v1 = ref.mean_var(key)
     m2, v2 = new.mean_var(key)
     a, b = v1 / ref.n, v2 / new.n
@@ -229,14 +227,16 @@ def _welch(ref: Summary, new: Summary, key: str | None) -> tuple[np.ndarray, np.
     denom = a * a / max(ref.n - 1, 1) + b * b / max(new.n - 1, 1)
     df = np.where(denom > 0, se2 * se2 / np.where(denom > 0, denom, 1.0), 1.0)
     p = np.where(ok, 2 * stats.t.sf(np.abs(t), np.maximum(df, 1.0)), 1.0)
+    # no spread on either side (every text equally long, no unknown tokens anywhere): any difference is certain
+    differ = np.abs(m2 - m1) > 1e-12
+    t = np.where(ok, t, np.where(differ, np.inf, 0.0))
+    p = np.where(ok, p, np.where(differ, 0.0, 1.0))
     return np.atleast_1d(t), np.atleast_1d(p)
 
 
 def compare(ref: Summary, new: Summary, *, alpha: float = 0.01) -> dict:
     """Is ``new`` (served) drawn from the distribution of ``ref`` (training)? See the module docstring for the
     tests and their false-alarm rate. Returns a JSON-able report; ``drift`` is True, False, or None (too few)."""
-    from scipy import stats
-
     if not 0 < alpha < 1:
         raise DataError(f"alpha: got {alpha}; use a false-alarm rate between 0 and 1, e.g. 0.01")
     report: dict[str, Any] = {"alpha": alpha, "served": new.n, "reference": ref.n, "checks": {}, "moved": []}
