@@ -8,6 +8,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import uvicorn
+from prometheus_client import disable_created_metrics
+
 from graftune.errors import ConfigError
 from graftune.registry import Registry, default_root
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
@@ -54,10 +58,6 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
           poll_s: float = 1.0, limits: Limits | None = None, threads: int | None = None,
           log_level: str = "info") -> None:
     """Run the server until interrupted (uvicorn, one process: the models live in it)."""
-    import torch
-    import uvicorn
-    from prometheus_client import disable_created_metrics
-
     if max_batch < 1:
         raise ConfigError(f"--max-batch: got {max_batch}; use 1 (one request per forward) or more")
     if max_wait_ms < 0:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftune.config import FEWSHOT_METHODS, build_config
+from graftune.config import build_config
 from graftune.core.method import get_method
 from graftune.core.model import AdapterModel
 from graftune.errors import GraftuneError
@@ -253,7 +253,7 @@ class ModelStore:
         if not (run_dir / "run.yaml").is_file():
             raise ServeError(f"{run_dir}: not a run directory (no run.yaml); push a `graftune train --out` directory")
         cfg = build_config(run_dir / "run.yaml")
-        if cfg.method in FEWSHOT_METHODS:
+        if (run_dir / "head").is_dir():  # probe / contrastive runs: a fitted head/ read by their own embedding path
             raise ServeError(f"a --method {cfg.method} run (whole-text embeddings + a fitted head, no shared-base "
                              "adapter) is not served yet; serve a LoRA, IA3 or bottleneck run, or use `graftune "
                              "predict`")
