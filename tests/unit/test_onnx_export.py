@@ -1,0 +1,165 @@
+"""`graftune export --format onnx` on tiny BERT runs: the graph gives PyTorch's logits, `predict`/`eval` of the
+export give the run's labels and metrics, int8 works and reports its accuracy change, and bad inputs give one line,
+exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.config import RunConfig
+from graftune.evaluate import load_run, logits_of
+from graftune.io import onnx_format
+from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxRun, file_sha256, is_onnx_export
+from graftune.train import train
+from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args, write_csv
+
+runner = CliRunner()
+# the last one is longer than the runs' max_length (32 tokens): truncation must match too
+TEXTS = ["goal team match", "bank market share price", "chip phone code", "the cup",
+         " ".join(["data cloud robot and the web"] * 12)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    bert, data = bert_folder(root / "bert"), topic_csv(root / "topics.csv")
+    for method in ("lora", "ia3", "head", "bottleneck"):
+        train(RunConfig(**train_args(bert, data, root / method, method=method, epochs=1, val_size=0)), progress=False)
+    write_csv(root / "other.csv", topic_rows(5, seed=7))
+    return root
+
+
+def _export(runs, method: str, out, *extra: str):
+    result = runner.invoke(app, ["export", str(runs / method), "--format", "onnx", "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _predict_json(target, texts) -> list[dict]:
+    result = runner.invoke(app, ["predict", str(target), *texts, "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "head"])
+def test_export_gives_pytorch_logits(runs, tmp_path, method):
+    out = tmp_path / "onnx"
+    result = _export(runs, method, out)
+    assert "ONNX model written" in result.stdout and "check: logits within" in result.stdout
+    assert is_onnx_export(out) and not is_onnx_export(runs / method)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["sha256"] == file_sha256(out / MODEL_FILE) and manifest["opset"] == onnx_format.OPSET
+    assert manifest["check"]["passed"] and manifest["check"]["max_abs_logit_diff"] <= onnx_format.TOLERANCE
+    assert manifest["source_run"] == str((runs / method).resolve()) and manifest["quantize"] == "none"
+    run = load_run(runs / method)  # as graftune eval loads it: merged where it merges
+    assert manifest["label_names"] == run.label_names and manifest["max_length"] == run.task.max_length
+    expected = logits_of(run.task, run.model, run.head, TEXTS).numpy()
+    onnx_run = OnnxRun.load(out)
+    for batch_size in (1, 2, 32):  # other batch sizes and sequence lengths than the trace's
+        got = onnx_run.logits(TEXTS, batch_size=batch_size)
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= onnx_format.TOLERANCE
+    assert onnx_run.encode(TEXTS) == [e["input_ids"] for e in run.task.encode(TEXTS)]
+
+
+def test_predict_and_eval_of_an_export_match_the_run(runs, tmp_path):
+    out = tmp_path / "onnx"
+    _export(runs, "lora", out)
+    rows, expected = _predict_json(out, TEXTS), _predict_json(runs / "lora", TEXTS)
+    assert [r["label"] for r in rows] == [r["label"] for r in expected]
+    for r, e in zip(rows, expected):
+        assert r["probabilities"] == pytest.approx(e["probabilities"], abs=1e-4)
+    text = runner.invoke(app, ["predict", str(out), TEXTS[0]])
+    assert text.exit_code == 0 and text.stdout.startswith(expected[0]["label"] + "\t"), text.output
+    for extra in ([], ["--data", str(runs / "other.csv")]):  # the source run's test split, then a file
+        scored = runner.invoke(app, ["eval", str(out), "--json", *extra])
+        ref = runner.invoke(app, ["eval", str(runs / "lora"), "--json", *extra])
+        assert scored.exit_code == 0 and ref.exit_code == 0, scored.output + ref.output
+        m, m_ref = json.loads(scored.stdout), json.loads(ref.stdout)
+        assert m["format"] == "onnx" and m["examples"] == m_ref["examples"] > 0
+        assert m["confusion_matrix"] == m_ref["confusion_matrix"] and m["accuracy"] == m_ref["accuracy"]
+    assert "confusion matrix" in runner.invoke(app, ["eval", str(out)]).stdout
+
+
+def test_int8_export_reports_the_accuracy_change(runs, tmp_path):
+    import onnx
+
+    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
+    _export(runs, "lora", fp32)
+    result = _export(runs, "lora", int8, "--quantize", "int8")
+    manifest = json.loads((int8 / MANIFEST_FILE).read_text())
+    q = manifest["int8"]
+    assert manifest["quantize"] == "int8" and manifest["sha256"] == file_sha256(int8 / MODEL_FILE)
+    assert f"({q['accuracy_change_points']:+.2f} points)" in result.stdout
+    m8 = json.loads(runner.invoke(app, ["eval", str(int8), "--json"]).stdout)
+    m32 = json.loads(runner.invoke(app, ["eval", str(fp32), "--json"]).stdout)
+    assert m8["quantize"] == "int8" and "quantize" not in m32
+    assert q["accuracy_int8"] == m8["accuracy"] and q["accuracy_fp32"] == m32["accuracy"]
+    assert q["test_examples"] == m8["examples"]
+    assert q["accuracy_change_points"] == pytest.approx(100 * (m8["accuracy"] - m32["accuracy"]), abs=0.01)
+    graph = onnx.load(str(int8 / MODEL_FILE)).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)
+    rows = [r["label"] for r in _predict_json(int8, TEXTS[:3])]
+    assert rows == [r["label"] for r in _predict_json(fp32, TEXTS[:3])]  # clear-cut texts keep their label
+
+
+def _nothing_written(parent, name) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp")]
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path):
+    out = tmp_path / "out"
+    for args, parts in [
+        (["export", str(tmp_path), "--format", "onnx", "--out", str(out)], ["not a run directory"]),
+        (["export", str(runs / "bottleneck"), "--format", "onnx", "--out", str(out)],
+         ["bottleneck", "lora", "ia3", "head"]),
+        (["export", str(runs / "lora"), "--format", "onnx", "--out", str(out), "--quantize", "int4"], ["int4"]),
+        (["export", str(runs / "lora"), "--format", "tflite", "--out", str(out)], ["peft and onnx"]),
+    ]:
+        text = one_line_error(runner.invoke(app, args))
+        assert all(p in text for p in parts), text
+        _nothing_written(tmp_path, "out")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):  # a user's folder is never replaced, --overwrite or not
+        text = one_line_error(runner.invoke(app, ["export", str(runs / "lora"), "--format", "onnx", "--out",
+                                                  str(mine), *extra]))
+        assert str(mine) in text
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_an_earlier_export_is_replaced_only_with_overwrite(runs, tmp_path):
+    out = tmp_path / "onnx"
+    _export(runs, "lora", out)
+    before = (out / MANIFEST_FILE).read_text()
+    text = one_line_error(runner.invoke(app, ["export", str(runs / "ia3"), "--format", "onnx", "--out", str(out)]))
+    assert "--overwrite" in text and (out / MANIFEST_FILE).read_text() == before
+    _export(runs, "ia3", out, "--overwrite")
+    assert json.loads((out / MANIFEST_FILE).read_text())["method"] == "ia3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no temp or old folders left
+
+
+def test_a_failed_check_refuses_the_export(runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_format, "TOLERANCE", -1.0)  # no graph can pass: the refusal path
+    result = runner.invoke(app, ["export", str(runs / "lora"), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "differ from PyTorch's" in last and "not exported" in last
+    _nothing_written(tmp_path, "o")
+
+
+def test_a_changed_model_file_is_refused(runs, tmp_path):
+    out = tmp_path / "onnx"
+    _export(runs, "lora", out)
+    with open(out / MODEL_FILE, "ab") as f:
+        f.write(b"\0")
+    text = one_line_error(runner.invoke(app, ["predict", str(out), "goal"]))
+    assert "sha256" in text
+    text = one_line_error(runner.invoke(app, ["predict", str(out)]))
+    assert "nothing to predict" in text
