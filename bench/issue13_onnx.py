@@ -52,8 +52,9 @@ def cpu_facts() -> dict:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                  .stdout.splitlines() if line.startswith("Model name")), platform.processor())
+    lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
+                 platform.processor())
     return {"model": model, "avx2": "avx2" in flags, "avx512": sorted(f for f in flags if f.startswith("avx512")),
             "amx": sorted(f for f in flags if f.startswith("amx")), "avx_vnni": "avx_vnni" in flags}
 
