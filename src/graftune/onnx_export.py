@@ -199,7 +199,7 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
                           opset=opset)
         try:
             task.tokenizer.save_pretrained(tmp)
-        except Exception as e:  # a tokenizer class that cannot save: say which, never a half-written export
+        except (OSError, ValueError, TypeError, NotImplementedError) as e:  # a tokenizer class that cannot save
             raise ArtifactError(f"{run_dir}: the base's tokenizer could not be saved ({e})") from None
         if not (tmp / fmt.TOKENIZER_FILE).is_file():
             raise ArtifactError(f"{run_dir}: the base's tokenizer has no {fmt.TOKENIZER_FILE} (a fast, "
@@ -254,10 +254,10 @@ def format_report(result: ExportResult) -> str:
     """The lines ``graftune export --format onnx`` prints."""
     m = result.manifest
     c = m["check"]
-    lines = [f"ONNX model written to {result.path}/ ({m['quantize']}, opset {m['opset']}, "
-             f"{(result.path / m['model_file']).stat().st_size / 1e6:.1f} MB)",
-             f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) on "
-             f"{c['texts']} test texts; tokenizer matched on {c['tokenizer_texts_matched']}"]
+    size = (result.path / m["model_file"]).stat().st_size / 1e6
+    lines = [f"ONNX model written to {result.path}/ ({m['quantize']}, opset {m['opset']}, {size:.1f} MB)",
+             (f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) on "
+              f"{c['texts']} test texts; tokenizer matched on {c['tokenizer_texts_matched']}")]
     if "int8" in m:
         q = m["int8"]
         lines.append(f"int8: accuracy {q['accuracy_int8']:.3f} vs float32 ONNX {q['accuracy_fp32']:.3f} "

@@ -201,7 +201,7 @@ class OnnxRun:
         self.manifest = manifest or {}
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # the Rust library raises a bare Exception on a malformed file
+        except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception on a malformed file)
             raise ArtifactError(f"{tokenizer_file}: not a readable tokenizer ({e}); export the run again") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
