@@ -13,7 +13,7 @@ import typer
 
 from graftune.errors import GraftuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Graft small trainable modules onto frozen pre-trained models.")
 
 
@@ -95,47 +95,51 @@ def train(
     method: str | None = typer.Option(None, help="Adaptation method (graftune methods), head, auto: picked by a "
                                       "quick comparison on your training examples, or contrastive: SetFit's pairs "
                                       "train LoRA, then a logistic regression (text), or probe: frozen "
-                                      "embeddings + logistic regression or class means (text). (default: lora)"),
-    sets: Annotated[list[str] | None, typer.Option("--set", help="A method option key=value (repeatable).")] = None,
-    task: str | None = typer.Option(None, help="classification, image or causal-lm (default: from the data)"),
+                                      "embeddings + logistic regression or class means (text).  [default: lora]"),
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                     help="A method option (repeatable).")] = None,
+    task: str | None = typer.Option(None, help="classification, image or causal-lm.  [default: from the data]"),
     shots: int | None = typer.Option(None, help="Training examples per class."),
-    seed: int | None = typer.Option(None, help="Seed for splits, shots, init, data order. (default: 0)"),
-    split_seed: int | None = typer.Option(None, help="Seed of the test/val split alone. (default: --seed)"),
-    epochs: int | None = typer.Option(None, help="Passes over the training data. (default: 10)"),
-    lr: float | None = typer.Option(None, help="Adapter learning rate. (default: 1e-3)"),
-    head_lr: float | None = typer.Option(None, help="Head learning rate. (default: lr)"),
-    batch_size: int | None = typer.Option(None, help="Examples per optimizer step. (default: 16)"),
-    grad_accum: int | None = typer.Option(None, help="Micro-batches per step. (default: 1)"),
-    max_length: int | None = typer.Option(None, help="Tokens per text. (default: 256)"),
+    seed: int | None = typer.Option(None, help="Seed for splits, shots, init, data order.  [default: 0]"),
+    split_seed: int | None = typer.Option(None, help="Seed of the test/val split alone.  [default: --seed]"),
+    epochs: int | None = typer.Option(None, help="Passes over the training data.  [default: 10]"),
+    lr: float | None = typer.Option(None, help="Adapter learning rate.  [default: 1e-3]"),
+    head_lr: float | None = typer.Option(None, help="Head learning rate.  [default: lr]"),
+    batch_size: int | None = typer.Option(None, help="Examples per optimizer step.  [default: 16]"),
+    grad_accum: int | None = typer.Option(None, help="Micro-batches per step.  [default: 1]"),
+    max_length: int | None = typer.Option(None, help="Tokens per text.  [default: 256]"),
     test: str | None = typer.Option(None, help="A separate test file."),
-    test_size: float | None = typer.Option(None, help="Test fraction (or count). (default: 0.2)"),
+    test_size: float | None = typer.Option(None, help="Test fraction (or count).  [default: 0.2]"),
     test_per_class: int | None = typer.Option(None, help="Exactly N test examples per class."),
-    val_size: float | None = typer.Option(None, help="Val fraction (or count); 0: no val. (default: 0.1)"),
-    text_column: str | None = typer.Option(None, help="(default: text)"),
-    label_column: str | None = typer.Option(None, help="(default: label)"),
-    prompt_column: str | None = typer.Option(None, help="(default: prompt)"),
-    response_column: str | None = typer.Option(None, help="(default: response)"),
-    weight_decay: float | None = typer.Option(None, help="(default: 0.01)"),
-    warmup: float | None = typer.Option(None, help="Warm-up fraction of the steps. (default: 0.1)"),
-    schedule: str | None = typer.Option(None, help="linear, cosine or constant. (default: linear)"),
-    dropout: float | None = typer.Option(None, help="Dropout before the head. (default: 0.1)"),
+    val_size: float | None = typer.Option(None, help="Val fraction (or count); 0: no val.  [default: 0.1]"),
+    text_column: str | None = typer.Option(None, help="The text column of --data and --test.  [default: text]"),
+    label_column: str | None = typer.Option(None, help="The label column (several labels per row: a list, or "
+                                            "joined by |).  [default: label]"),
+    prompt_column: str | None = typer.Option(None, help="The prompt column of causal-LM pairs.  [default: prompt]"),
+    response_column: str | None = typer.Option(None, help="The response column of causal-LM pairs.  "
+                                               "[default: response]"),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay of the adapter and the head.  "
+                                              "[default: 0.01]"),
+    warmup: float | None = typer.Option(None, help="Warm-up fraction of the steps.  [default: 0.1]"),
+    schedule: str | None = typer.Option(None, help="linear, cosine or constant.  [default: linear]"),
+    dropout: float | None = typer.Option(None, help="Dropout before the head.  [default: 0.1]"),
     head_init: str | None = typer.Option(None, help="probe (LP-FT: a logistic-regression start) or random. "
-                                         "(default: probe)"),
+                                         "[default: probe]"),
     base_dropout: bool | None = typer.Option(None, "--base-dropout/--no-base-dropout",
-                                             help="Run the frozen base in training mode. (default: off)"),
-    clip: float | None = typer.Option(None, help="Gradient-norm clipping; 0: off. (default: 1.0)"),
-    patience: int | None = typer.Option(None, help="Early-stopping patience in epochs; 0: off. (default: 5)"),
-    metric: str | None = typer.Option(None, help="Val metric: macro_f1, accuracy or loss. (default: macro_f1)"),
-    precision: str | None = typer.Option(None, help="auto, fp32, bf16 or fp16. (default: auto)"),
+                                             help="Run the frozen base in training mode.  [default: off]"),
+    clip: float | None = typer.Option(None, help="Gradient-norm clipping; 0: off.  [default: 1.0]"),
+    patience: int | None = typer.Option(None, help="Early-stopping patience in epochs; 0: off.  [default: 5]"),
+    metric: str | None = typer.Option(None, help="Val metric: macro_f1, accuracy or loss.  [default: macro_f1]"),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16 or fp16.  [default: auto]"),
     cache: str | None = typer.Option(None, help="Frozen-prefix cache: auto (when only the top layers train, e.g. "
-                                     "--set top_k_layers=2), on or off. (default: auto)"),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto: cuda if available)"),
+                                     "--set top_k_layers=2), on or off.  [default: auto]"),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N.  [default: auto: cuda if available]"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile",
-                                        help="torch.compile the layers run every step. (default: off)"),
-    max_new_tokens: int | None = typer.Option(None, help="Generation length for causal-LM tests. (default: 64)"),
+                                        help="torch.compile the layers run every step.  [default: off]"),
+    max_new_tokens: int | None = typer.Option(None, help="Generation length for causal-LM tests.  [default: 64]"),
     log_to: str | None = typer.Option(None, help="Also log to mlflow or tensorboard."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
-    budget: float | None = typer.Option(None, help="Seconds for --method auto's quick comparison. (default: 300)"),
+    budget: float | None = typer.Option(None, help="Seconds for --method auto's quick comparison.  [default: 300]"),
     init_from: str | None = typer.Option(None, help="Warm start: a run or adapter directory of the same method "
                                          "and shapes; its head too when the labels match."),
     stack_under: str | None = typer.Option(None, help="A run or adapter directory (a language adapter) applied "
@@ -211,15 +215,16 @@ def compare(
     seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),
     strategies: str | None = typer.Option(None, help="Comma-separated subset of linear-probe, prototypes, "
                                           "contrastive, lora-top2, ia3, lora, bottleneck, prefix, topk, full. "
-                                          "(default: all)"),
+                                          "[default: all]"),
     augment: str = typer.Option("both", help="off, on or both: runs without and/or with augmented training data."),
     budget: float | None = typer.Option(None, help="Wall-time bound in seconds; runs that would not fit are "
                                         "skipped and listed."),
     test: str | None = typer.Option(None, help="A separate test file (else a test set is carved once)."),
-    test_per_class: int | None = typer.Option(None, help="Test examples per class. (default: up to 100)"),
-    text_column: str = typer.Option("text"),
-    label_column: str = typer.Option("label"),
-    sets: Annotated[list[str] | None, typer.Option("--set", help="A training setting key=value for the adapter "
+    test_per_class: int | None = typer.Option(None, help="Test examples per class.  [default: up to 100]"),
+    text_column: str = typer.Option("text", help="The text column of --data and --test."),
+    label_column: str = typer.Option("label", help="The label column of --data and --test."),
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="A training setting for the adapter "
                                                    "strategies (epochs, lr, max_length, ...; repeatable).")] = None,
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
@@ -263,12 +268,12 @@ _QUANTIZE_HELP = ("none or int8: the base's Linear layers as int8 for faster CPU
 @user_errors
 def eval_(
     run_dir: str = typer.Argument(..., help="A run directory written by graftune train."),
-    data: str | None = typer.Option(None, help="Data to score (every example); default: the run's test split."),
-    text_column: str | None = typer.Option(None),
-    label_column: str | None = typer.Option(None),
-    prompt_column: str | None = typer.Option(None),
-    response_column: str | None = typer.Option(None),
-    batch_size: int = typer.Option(32, min=1),
+    data: str | None = typer.Option(None, help="Data to score (every example).  [default: the run's test split]"),
+    text_column: str | None = typer.Option(None, help="The text column of --data.  [default: the run's]"),
+    label_column: str | None = typer.Option(None, help="The label column of --data.  [default: the run's]"),
+    prompt_column: str | None = typer.Option(None, help="The prompt column of --data.  [default: the run's]"),
+    response_column: str | None = typer.Option(None, help="The response column of --data.  [default: the run's]"),
+    batch_size: int = typer.Option(32, min=1, help="Examples per forward pass."),
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
@@ -370,7 +375,8 @@ def _prediction_line(row: dict, text: str | None, as_json: bool) -> str:
 def generate(
     run_dir: Annotated[str, typer.Argument(help="A causal-LM run directory.")],
     prompts: Annotated[list[str], typer.Argument(help="Prompts to answer.")],
-    max_new_tokens: int | None = typer.Option(None, min=1, help="(default: the run's max_new_tokens)"),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Tokens to generate per answer.  "
+                                              "[default: the run's max_new_tokens]"),
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: prompt and answer."),
 ):
@@ -453,8 +459,8 @@ registry_app = typer.Typer(no_args_is_help=True, help="Versioned, hashed run dir
                            "promote; rollback; an audit log. `--registry DIR`, else $GRAFTUNE_REGISTRY, else a "
                            "folder in the user's data dir.")
 app.add_typer(registry_app, name="registry")
-RegistryDir = Annotated[str | None, typer.Option("--registry", help="The registry folder (default: "
-                                                 "$GRAFTUNE_REGISTRY, else the user's data dir).")]
+RegistryDir = Annotated[str | None, typer.Option("--registry", help="The registry folder.  [default: "
+                                                 "$GRAFTUNE_REGISTRY, else the user's data dir]")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Mlflow = Annotated[str | None, typer.Option("--mlflow", help="Also mirror to this MLflow tracking URI (needs mlflow "
                                             "installed).")]
@@ -533,8 +539,8 @@ def registry_show(ref: str = typer.Argument(..., help="NAME (its versions and lo
 @registry_app.command("promote")
 @user_errors
 def registry_promote(ref: str = typer.Argument(..., help="NAME@V to promote."),
-                     data: str | None = typer.Option(None, "--data", help="Held-out data to gate on (default: the "
-                                                     "candidate's test split recorded at push)."),
+                     data: str | None = typer.Option(None, "--data", help="Held-out data to gate on.  [default: the "
+                                                     "candidate's test split recorded at push]"),
                      force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses (needs "
                                                 "--reason; recorded)."),
                      reason: str | None = typer.Option(None, "--reason", help="Why (recorded in the audit log)."),
@@ -608,9 +614,10 @@ def registry_log(name: str | None = typer.Argument(None, help="Only this name's 
 @app.command()
 @user_errors
 def serve(
-    registry: str | None = typer.Option(None, "--registry", help="The registry whose promoted versions are served "
-                                        "(default: $GRAFTUNE_REGISTRY, else the user data folder)."),
-    runs: Annotated[list[str] | None, typer.Option("--run", help="NAME=RUN_DIR: also serve a run directory as it is "
+    registry: str | None = typer.Option(None, "--registry", help="The registry whose promoted versions are served.  "
+                                        "[default: $GRAFTUNE_REGISTRY, else the user data folder]"),
+    runs: Annotated[list[str] | None, typer.Option("--run", metavar="NAME=RUN_DIR",
+                                                   help="Also serve a run directory as it is "
                                                    "(repeatable; without --registry only these).")] = None,
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, help="Port."),
@@ -619,8 +626,8 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", envvar="GRAFTUNE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint "
                                        "but /health."),
-    drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written (default: "
-                                         "<registry>-drift next to the registry)."),
+    drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written.  [default: "
+                                         "<registry>-drift next to the registry]"),
     poll: float = typer.Option(1.0, help="Seconds between registry checks (promote/rollback are followed)."),
     max_inputs: int = typer.Option(64, help="Texts per request at most."),
     max_chars: int = typer.Option(20_000, help="Characters per text at most."),
@@ -641,12 +648,12 @@ def serve(
 @user_errors
 def drift(
     name: str = typer.Argument(..., help="The served name."),
-    registry: str | None = typer.Option(None, "--registry", help="The registry (default: $GRAFTUNE_REGISTRY, else "
-                                        "the user data folder)."),
-    version: int | None = typer.Option(None, help="The version (default: the promoted one)."),
+    registry: str | None = typer.Option(None, "--registry", help="The registry.  [default: $GRAFTUNE_REGISTRY, else "
+                                        "the user data folder]"),
+    version: int | None = typer.Option(None, help="The version.  [default: the promoted one]"),
     run: str | None = typer.Option(None, "--run", help="A run directory served with --run NAME=RUN_DIR instead of "
                                    "a registry version."),
-    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir (default: <registry>-drift)."),
+    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift]"),
     alpha: float = typer.Option(0.01, help="False-alarm rate of the whole test (Bonferroni over its checks)."),
     split: str = typer.Option("train", help="The reference: the version's train, val or test split."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
