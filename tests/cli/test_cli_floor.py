@@ -180,3 +180,54 @@ def test_version_prints_the_package_version():
     assert result.exit_code == 0 and result.stdout == f"graftune {graftune.__version__}\n"
     proc = graftune_cli("--version")  # the installed entry point's path: before any command is parsed
     assert proc.returncode == 0 and proc.stdout.strip() == f"graftune {graftune.__version__}"
+
+
+# --- 4. help: flags as flags, defaults one way, every option described ---------------------------------------------
+def command_paths() -> list[list[str]]:
+    """Every command and subcommand of the CLI (``[]`` is the root), found from the app itself."""
+    import typer
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def option_entries(help_text: str) -> list[tuple[str, str]]:
+    """``(flags, description)`` for each entry of the Options/Arguments sections of a click help page: the
+    description follows the flags after two spaces, or on the next, deeper-indented line when the flags are long."""
+    entries, section = [], None
+    lines = help_text.splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith(" "):
+            section = line.rstrip(":") if line.endswith(":") else None
+            continue
+        if section not in ("Options", "Arguments") or not re.match(r"  \S", line):
+            continue
+        flags, _, description = line.strip().partition("  ")
+        if not description.strip() and i + 1 < len(lines) and re.match(r"\s{4,}\S", lines[i + 1]):
+            description = lines[i + 1]
+        entries.append((flags, description.strip()))
+    return entries
+
+
+@pytest.mark.parametrize("path", command_paths(), ids=lambda p: " ".join(p) or "graftune")
+def test_help_shows_flags_as_flags_one_default_style_and_describes_every_option(path):
+    result = runner.invoke(app, [*path, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    entries = option_entries(text)
+    assert any(flags.startswith("--help") for flags, _ in entries), text  # the parser found the options
+    assert "<bool>" not in text, text
+    assert "(default" not in text, text  # one way: "[default: X]"
+    undescribed = [flags for flags, description in entries if not description or description.startswith("[")]
+    assert not undescribed, undescribed
+
+
+def test_train_help_lists_resume_as_a_bare_flag_and_set_as_key_value():
+    text = runner.invoke(app, ["train", "--help"], terminal_width=100).output
+    assert re.search(r"^  --resume\s{2,}Continue", text, re.M), text
+    assert re.search(r"^  --set KEY=VALUE\s{2,}", text, re.M), text
+    assert "[default: 10]" in text and "[default: text]" in text  # defaults train fills in, shown like typer's
