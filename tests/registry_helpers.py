@@ -1,0 +1,39 @@
+"""Run directories for the registry tests: a tiny BERT with the frozen-embedding probe (about a second each) on the
+topic data, one trained on the true labels and one on shuffled labels, both scored on the same clean test file.
+
+They are trained from inside their folder with RELATIVE paths (``model: bert``, ``data: train.csv``), as a user
+typing ``graftune train --model bert --data train.csv`` would, so a pushed version must resolve them to load."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from tests.train_helpers import bert_folder, topic_rows, write_csv
+
+
+def registry_runs(root: Path) -> dict:
+    """{"root", "bert", "train", "shuffled", "test", "good", "good2", "bad"}: files and run directories."""
+    from graftune.config import RunConfig
+    from graftune.train import train
+
+    bert_folder(root / "bert")
+    rows = topic_rows(40, seed=0)
+    write_csv(root / "train.csv", rows)
+    write_csv(root / "test.csv", topic_rows(30, seed=1))
+    labels = [r["label"] for r in rows]
+    random.Random(0).shuffle(labels)
+    write_csv(root / "shuffled.csv", [{"text": r["text"], "label": lab} for r, lab in zip(rows, labels)])
+    out = {"root": root, "bert": root / "bert", "train": root / "train.csv", "shuffled": root / "shuffled.csv",
+           "test": root / "test.csv"}
+    before = Path.cwd()
+    os.chdir(root)
+    try:
+        for run, data, seed in (("good", "train.csv", 0), ("good2", "train.csv", 1), ("bad", "shuffled.csv", 0)):
+            train(RunConfig(model="bert", data=data, test="test.csv", out=run, method="probe", seed=seed,
+                            max_length=32, precision="fp32"), progress=False)
+            out[run] = root / run
+    finally:
+        os.chdir(before)
+    return out

@@ -1,0 +1,318 @@
+"""The registry (``graftune.registry``): hashed immutable versions that are run directories, the regression gate on
+promote, rollback, delete, the audit log, and the faults: two pushes at once, a push killed midway, a file changed
+after push, test data gone or changed."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import stat
+import signal
+from pathlib import Path
+
+import pytest
+
+from graftune.errors import ArtifactError, ConfigError, DataError
+from graftune.evaluate import evaluate_run, load_run, predict
+from graftune.registry import Registry, default_root, paired_test, parse_ref
+from graftune.registry.store import TMP, VERSION_FILE
+from tests.registry_helpers import registry_runs
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return registry_runs(tmp_path_factory.mktemp("registry-runs"))
+
+
+@pytest.fixture
+def reg(tmp_path):
+    return Registry(tmp_path / "registry")
+
+
+def one_line(error: Exception) -> str:
+    text = str(error)
+    assert "\n" not in text and text, text
+    return text
+
+
+def writable(path: Path) -> None:
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+# --- versions -----------------------------------------------------------------------------------------------------
+def test_push_stores_a_run_directory_that_loads_from_anywhere(runs, reg, tmp_path, monkeypatch):
+    source = tmp_path / "copy-of-good"
+    shutil.copytree(runs["good"], source)
+    monkeypatch.chdir(runs["root"])  # where the run was trained: its relative paths resolve from here
+    v = reg.push(source, "news")
+    assert (v.name, v.version, v.ref) == ("news", 1, "news@1") and v.path == reg.root / "versions" / "news" / "1"
+    assert v.task == "classification" and v.method == "probe" and v.label_names == ["money", "sport", "tech"]
+    assert sorted(v.files) == ["data_card.json", "head/head.json", "head/head.safetensors", "metrics.json", "run.yaml"]
+    assert not (v.path / "log.jsonl").exists() and (source / "log.jsonl").is_file()
+    assert v.resolved_paths["data"] == ["train.csv", str(runs["train"])]
+    assert v.base_model == str(runs["bert"]) and v.source == str(source.resolve())
+    meta = json.loads((v.path / VERSION_FILE).read_text())
+    assert meta["who"] and meta["created"].endswith("Z") and meta["metrics"]["accuracy"] == v.metrics["accuracy"]
+    assert not os.access(v.path / "metrics.json", os.W_OK) or os.geteuid() == 0  # read-only (root ignores it)
+    assert not (v.path / "metrics.json").stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    # the stored copy is a run directory on its own: the source and the working directory may go (the original
+    # run directory, with its relative paths, loads only from where it was trained)
+    texts = ["goal match team", "bank share price"]
+    expected = predict(load_run(runs["good"]), texts)
+    shutil.rmtree(source)
+    monkeypatch.chdir(tmp_path)
+    assert predict(load_run(v.path), texts) == expected
+    assert evaluate_run(v.path)["accuracy"] == pytest.approx(v.metrics["accuracy"])
+    assert predict(reg.load("news", 1), texts) == predict(load_run(v.path), texts)
+
+
+def test_numbers_grow_and_are_never_reused(runs, reg):
+    assert [reg.push(runs["good"], "news").version for _ in range(2)] == [1, 2]
+    assert reg.push(runs["bad"], "other").version == 1  # per name
+    reg.delete("news", 2)
+    assert reg.push(runs["good"], "news").version == 3
+    assert [v.ref for v in reg.list()] == ["news@1", "news@3", "other@1"]
+    assert [v.ref for v in reg.list("news")] == ["news@1", "news@3"]
+    assert reg.show("news").version == 3 and not (reg.root / "versions" / "news" / "2").exists()
+    with pytest.raises(ArtifactError, match="no version news@2"):
+        reg.show("news", 2)
+
+
+def test_refuses_what_is_not_a_run_or_a_name(runs, reg, tmp_path):
+    with pytest.raises(ArtifactError, match="not a run directory"):
+        reg.push(tmp_path, "news")
+    for bad in ("", "a b", "news@2", "-x", "x" * 65):
+        with pytest.raises(ConfigError, match="registry name"):
+            reg.push(runs["good"], bad)
+    assert parse_ref("news@12") == ("news", 12) and parse_ref("news") == ("news", None)
+    for bad in ("news@", "news@x", "news@0"):
+        with pytest.raises(ConfigError, match="NAME@N"):
+            parse_ref(bad)
+    assert reg.list() == [] and list((reg.root / TMP).iterdir()) == []
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("GRAFTUNE_REGISTRY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr("graftune.registry.store.platformdirs", None)
+    assert default_root() == tmp_path / "xdg" / "graftune" / "registry"
+    monkeypatch.setenv("GRAFTUNE_REGISTRY", str(tmp_path / "env"))
+    assert default_root() == tmp_path / "env" and default_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+# --- faults -------------------------------------------------------------------------------------------------------
+# fork, not spawn: the children start at once with graftune already imported (a fresh interpreter spends ~10 s
+# importing torch on a busy 2-core machine); each is still its own process with its own SQLite connection
+FORK = multiprocessing.get_context("fork")
+
+
+def _push_in_process(root: str, run_dir: str, barrier) -> None:
+    barrier.wait(timeout=60)
+    Registry(Path(root)).push(run_dir, "news")
+
+
+def test_two_processes_pushing_at_once_both_land(runs, reg):
+    barrier = FORK.Barrier(2)
+    procs = [FORK.Process(target=_push_in_process, args=(str(reg.root), str(runs[r]), barrier)) for r in ("good", "bad")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    versions = reg.list("news")
+    assert [v.version for v in versions] == [1, 2]
+    assert {v.source for v in versions} == {str(runs["good"]), str(runs["bad"])}
+    for v in versions:
+        reg.verify(v)
+    assert [e["action"] for e in reg.log("news")] == ["push", "push"] and reg.generation() == 2
+
+
+def _killed_push(root: str, run_dir: str, where: str) -> None:
+    """Push, and SIGKILL this process midway: while copying the run's files, or after the finished version's
+    rename into place but before its row is committed."""
+    import graftune.registry.store as store
+
+    real_replace, real_hash, hashed = store.os.replace, store.sha256_file, []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if where == "after-rename":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def sha256_file(path):
+        hashed.append(path)
+        if where == "while-copying" and len(hashed) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_hash(path)
+
+    store.os.replace, store.sha256_file = replace, sha256_file
+    store.Registry(Path(root)).push(run_dir, "news")
+
+
+@pytest.mark.parametrize("where", ["while-copying", "after-rename"])
+def test_a_push_killed_midway_leaves_no_half_version(runs, reg, where):
+    child = FORK.Process(target=_killed_push, args=(str(reg.root), str(runs["good"]), where))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL
+    assert reg.list() == [] and reg.generation() == 0 and reg.log() == []
+    leftover = list((reg.root / TMP).iterdir()) + list((reg.root / "versions").rglob(VERSION_FILE))
+    assert len(leftover) == 1  # the killed push's folder: never listed
+    v = reg.push(runs["bad"], "news")  # the next push takes the number and replaces any orphan in its place
+    assert v.version == 1 and v.source == str(runs["bad"]) and reg.show("news", 1) == v
+
+
+def test_a_file_changed_after_push_is_refused_in_one_line(runs, reg):
+    v1 = reg.push(runs["good"], "news")
+    reg.promote("news", 1)
+    v2 = reg.push(runs["good2"], "news")
+    head = v2.path / "head" / "head.safetensors"
+    original = head.read_bytes()
+    writable(head)
+    head.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    for call in (lambda: reg.show("news", 2), lambda: reg.verify(v2), lambda: reg.load("news", 2),
+                 lambda: reg.promote("news", 2)):
+        with pytest.raises(ArtifactError, match=r"news@2: .*head\.safetensors changed since push"):
+            call()
+    assert reg.promoted_version("news") == 1
+    head.write_bytes(original)
+    reg.verify(v2)
+    (v2.path / "head" / "extra.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="extra.json was added after push") as e:
+        reg.show("news", 2)
+    one_line(e.value)
+    (v2.path / "head" / "extra.json").unlink()
+    (v1.path / "metrics.json").unlink()
+    with pytest.raises(ArtifactError, match="metrics.json is missing"):
+        reg.load("news")
+    meta = v2.path / VERSION_FILE
+    writable(meta)
+    meta.write_text(meta.read_text().replace('"probe"', '"lora"'))
+    with pytest.raises(ArtifactError, match="version.json changed since push"):
+        reg.show("news", 2)
+
+
+# --- promote, rollback, delete, audit -------------------------------------------------------------------------------
+def test_promote_rollback_delete_and_the_audit_log(runs, reg):
+    for run in ("good", "good2", "good"):
+        reg.push(runs[run], "news")
+    gen = reg.generation()
+    first = reg.promote("news", 1)
+    assert first.accepted and not first.gated and "first promotion" in first.message
+    assert reg.generation() == gen + 1 and reg.promoted()["news"].version == 1
+    same = reg.promote("news", 1)
+    assert same.accepted and "already" in same.message and reg.generation() == gen + 1
+    second = reg.promote("news", 2)
+    assert second.accepted and second.gated and second.examples == 90 and not second.refused
+    third = reg.promote("news", 3)
+    assert third.accepted and reg.promoted_version("news") == 3
+    with pytest.raises(ArtifactError, match="news@3 is the promoted version"):
+        reg.delete("news", 3)
+    reg.delete("news", 2)  # out of the history too: rollback skips it
+    assert reg.rollback("news").version == 1 and reg.promoted()["news"].version == 1
+    with pytest.raises(ArtifactError, match="only version of news ever promoted"):
+        reg.rollback("news")
+    with pytest.raises(ArtifactError, match="no promoted version"):
+        reg.rollback("other")
+    actions = [(e["action"], e["version"]) for e in reg.log("news")]
+    assert actions == [("push", 1), ("push", 2), ("push", 3), ("promote", 1), ("promote", 2), ("promote", 3),
+                       ("delete", 2), ("rollback", 1)]
+    rolled = reg.log("news")[-1]
+    assert rolled["detail"] == {"from": 3} and rolled["who"] and rolled["at"].endswith("Z")
+    gated = reg.log("news")[4]["detail"]
+    assert gated["gated"] and gated["examples"] == 90 and gated["candidate_score"] == second.candidate_score
+
+
+def test_the_gate_refuses_a_shuffled_label_candidate_and_accepts_a_better_one(runs, reg):
+    bad1 = reg.push(runs["bad"], "news")
+    reg.push(runs["good"], "news")
+    reg.push(runs["bad"], "news")
+    assert reg.promote("news", 1).accepted  # the first: no gate
+    better = reg.promote("news", 2)
+    assert better.accepted and better.gated and better.difference > 0.2 and not better.refused
+    assert better.candidate_score == pytest.approx(evaluate_run(reg.show("news", 2).path)["accuracy"])
+    assert better.incumbent_score == pytest.approx(bad1.metrics["accuracy"])
+    worse = reg.promote("news", 3)
+    assert not worse.accepted and worse.refused and worse.gated and worse.p_value < 0.05
+    assert worse.difference == pytest.approx(worse.candidate_score - worse.incumbent_score)
+    assert worse.difference < -worse.tolerance < 0
+    assert f"{worse.candidate_score:.3f}" in worse.message and f"{worse.incumbent_score:.3f}" in worse.message
+    assert f"{worse.difference * 100:+.1f} points" in worse.message and "refused" in worse.message
+    assert "\n" not in worse.message and reg.promoted_version("news") == 2
+    assert reg.log("news")[-1]["action"] == "refused" and reg.log("news")[-1]["detail"]["p_value"] == worse.p_value
+    with pytest.raises(ConfigError, match="--reason"):
+        reg.promote("news", 3, force=True)
+    forced = reg.promote("news", 3, force=True, reason="label audit: the old labels were wrong")
+    assert forced.accepted and forced.forced and forced.refused and reg.promoted_version("news") == 3
+    entry = reg.log("news")[-1]
+    assert entry["action"] == "promote" and entry["forced"] and entry["reason"].startswith("label audit")
+    assert entry["who"] and entry["at"]
+
+
+def test_the_gate_on_given_data_and_when_the_test_data_is_gone(runs, reg, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("train.csv", "test.csv", "shuffled.csv"):
+        shutil.copy(runs[f.split(".")[0]], data / f)
+    moved = {}
+    for run in ("good", "bad"):  # runs whose run.yaml points at files in `data`
+        moved[run] = tmp_path / run
+        shutil.copytree(runs[run], moved[run])
+        text = (moved[run] / "run.yaml").read_text()
+        (moved[run] / "run.yaml").write_text(text.replace("data: train.csv", f"data: {data / 'train.csv'}")
+                                             .replace("data: shuffled.csv", f"data: {data / 'shuffled.csv'}")
+                                             .replace("test: test.csv", f"test: {data / 'test.csv'}")
+                                             .replace("model: bert", f"model: {runs['bert']}"))
+    reg.push(moved["good"], "news")
+    reg.push(moved["bad"], "news")
+    reg.promote("news", 1)
+    rows = (data / "test.csv").read_text().splitlines()
+    (data / "test.csv").write_text("\n".join(rows[:-1]) + "\n")  # one example fewer: not the recorded split
+    with pytest.raises(DataError, match="differs from the one it was scored on") as e:
+        reg.promote("news", 2)
+    one_line(e.value)
+    (data / "test.csv").unlink()
+    with pytest.raises(DataError, match=r"news@2: its test data is not reachable here .*pass --data FILE") as e:
+        reg.promote("news", 2)
+    one_line(e.value)
+    result = reg.promote("news", 2, data=str(runs["test"]))
+    assert result.refused and not result.accepted and result.examples == 90 and "(--data)" in result.data
+    assert reg.promote("news", 2, force=True, reason="data gone").accepted  # the gate cannot run: forced, noted
+    assert "gate not run" in reg.log("news")[-1]["detail"]["notes"][0]
+
+
+# --- the rule ------------------------------------------------------------------------------------------------------
+def test_paired_test_numbers():
+    # 10 examples only the incumbent gets right, none only the candidate: p = 0.5 ** 10
+    cand = [True] * 80 + [False] * 10 + [False] * 10
+    inc = [True] * 80 + [True] * 10 + [False] * 10
+    out = paired_test(cand, inc)
+    assert out["discordant"] == (0, 10) and out["difference"] == pytest.approx(-0.1)
+    assert out["p_value"] == pytest.approx(0.5 ** 10) and out["refused"]
+    assert out["se"] == pytest.approx(((10 / 100 - 0.01) / 100) ** 0.5)
+    assert out["tolerance"] == pytest.approx(1.6448536 * out["se"], rel=1e-6)
+    assert not paired_test(inc, cand)["refused"] and paired_test(inc, cand)["p_value"] == pytest.approx(1.0)
+    assert not paired_test(inc, inc)["refused"]
+    with pytest.raises(DataError):
+        paired_test([], [])
+
+
+def test_paired_test_false_refusal_rate_and_power():
+    """Simulated: an equally good candidate (both 80 % right, independently) is refused at most alpha of the time;
+    a candidate 12 points worse on 300 examples is refused almost always."""
+    rng = random.Random(0)
+
+    def refusals(p_cand, p_inc, n, trials=1000, alpha=0.05):
+        count = 0
+        for _ in range(trials):
+            cand = [rng.random() < p_cand for _ in range(n)]
+            inc = [rng.random() < p_inc for _ in range(n)]
+            count += paired_test(cand, inc, alpha=alpha)["refused"]
+        return count / trials
+
+    same = refusals(0.8, 0.8, 200)
+    assert 0.005 < same <= 0.05 + 0.02  # 0.02: three Monte-Carlo standard errors at 1000 trials
+    assert refusals(0.8, 0.8, 200, alpha=0.01) <= 0.01 + 0.01
+    assert refusals(0.73, 0.85, 300, trials=300) > 0.9
