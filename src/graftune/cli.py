@@ -51,22 +51,34 @@ def user_errors(fn):
     return wrapper
 
 
+#: what `graftune train --method` takes besides the engine's adapter methods: whole training recipes
+_RECIPES = (
+    ("head", "the task head alone, on the frozen base"),
+    ("auto", "picked by a quick comparison on your training examples"),
+    ("contrastive", "SetFit: pairs train LoRA, then a logistic regression; single-label text"),
+    ("probe", "frozen whole-text embeddings + logistic regression or class means; single-label text"),
+)
+
+
 @app.command()
 @user_errors
-def methods(as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
-    """List every adaptation method with a one-line description."""
+def methods(as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects: the adapter "
+                                         "methods (\"kind\": \"method\") and train's recipes (\"kind\": "
+                                         "\"recipe\").")):
+    """List every adaptation method with a one-line description, and the training recipes train also takes."""
     from graftune import list_methods
 
     rows = list_methods()
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        recipes = [{"name": name, "description": text, "kind": "recipe"} for name, text in _RECIPES]
+        typer.echo(json.dumps([{**r, "kind": "method"} for r in rows] + recipes, indent=2))
         return
-    width = max(len(r["name"]) for r in rows)
+    width = max(len(name) for name in [r["name"] for r in rows] + [name for name, _ in _RECIPES])
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['description']}")
-    typer.echo("\n`graftune train --method` also takes: head (the task head alone), auto (picked by a quick "
-               "comparison), contrastive (SetFit: pairs train LoRA, then a logistic regression), probe (frozen "
-               "whole-text embeddings + logistic regression or class means).")
+    typer.echo("\nrecipes `graftune train --method` also takes:")
+    for name, text in _RECIPES:
+        typer.echo(f"{name:<{width}}  {text}")
 
 
 # --- train ------------------------------------------------------------------------------------------------------
