@@ -231,3 +231,18 @@ def test_train_help_lists_resume_as_a_bare_flag_and_set_as_key_value():
     assert re.search(r"^  --resume\s{2,}Continue", text, re.M), text
     assert re.search(r"^  --set KEY=VALUE\s{2,}", text, re.M), text
     assert "[default: 10]" in text and "[default: text]" in text  # defaults train fills in, shown like typer's
+
+
+# --- 5. methods --json lists the recipes too ---------------------------------------------------------------------
+def test_methods_json_lists_the_recipes_as_the_text_listing_does():
+    from graftune import all_methods
+
+    rows = json.loads(runner.invoke(app, ["methods", "--json"]).stdout)
+    kinds = {r["name"]: r["kind"] for r in rows}
+    assert {name for name, kind in kinds.items() if kind == "method"} == {m.name for m in all_methods()}
+    recipes = [r for r in rows if r["kind"] == "recipe"]
+    assert [r["name"] for r in recipes] == ["head", "auto", "contrastive", "probe"]
+    assert all(r["description"] and set(kinds.values()) == {"method", "recipe"} for r in recipes)
+    text = runner.invoke(app, ["methods"]).stdout
+    listed = [line.split(maxsplit=1) for line in text.split("\n\n")[1].splitlines()[1:]]
+    assert listed == [[r["name"], r["description"]] for r in recipes]  # the same rows in both listings
