@@ -187,6 +187,10 @@ def test_a_file_changed_after_push_is_refused_in_one_line(runs, reg):
     (v1.path / "metrics.json").unlink()
     with pytest.raises(ArtifactError, match="metrics.json is missing"):
         reg.load("news")
+    with pytest.raises(ArtifactError, match=r"metrics.json is missing .*--force --reason"):
+        reg.promote("news", 2)  # the damaged promoted version cannot be scored ...
+    forced = reg.promote("news", 2, force=True, reason="news@1 damaged")  # ... and does not block a good one
+    assert forced.accepted and forced.forced and not forced.gated and reg.promoted_version("news") == 2
     meta = v2.path / VERSION_FILE
     writable(meta)
     meta.write_text(meta.read_text().replace('"probe"', '"lora"'))

@@ -45,7 +45,8 @@ import yaml
 from graftune.config import build_config
 from graftune.data.sources import ALIASES as DATA_ALIASES
 from graftune.errors import ArtifactError, ConfigError, GraftuneError
-from graftune.evaluate import LoadedRun, load_run
+from graftune.run.loaded import LoadedRun
+from graftune.runs import load_run
 from graftune.registry.gate import (ALPHA, GateResult, correctness, data_file, metric_name, paired_test,
                                     recorded_test_split, unseen_labels)
 from graftune.zoo import list_models
@@ -399,8 +400,18 @@ class Registry:
             result = GateResult(name, version, accepted=True, gated=False, forced=False, reason=reason,
                                      message=f"{candidate.ref} promoted (the first promotion of {name}: no gate)")
         else:
-            result = self._gate(candidate, self.show(name, current), data=data, force=force, reason=reason,
-                                alpha=alpha)
+            try:
+                incumbent = self.show(name, current)
+            except ArtifactError as e:  # a damaged promoted version must not block promoting a good one
+                if not force:
+                    raise ArtifactError(f"{e} (--force --reason TEXT promotes {candidate.ref} without the gate)") \
+                        from None
+                incumbent = None
+                result = GateResult(name, version, accepted=True, gated=False, forced=True, reason=reason,
+                                    incumbent=current, notes=[f"gate not run: {e}"],
+                                    message=f"{candidate.ref} promoted with --force without the gate ({e})")
+            if incumbent is not None:
+                result = self._gate(candidate, incumbent, data=data, force=force, reason=reason, alpha=alpha)
         detail = {k: v for k, v in result.to_dict().items() if k not in ("name", "version", "reason", "forced")}
         with self._transaction() as db:
             row = db.execute("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
