@@ -11,12 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from graftune.cli import app
-from graftune.config import RunConfig
 from graftune.evaluate import load_run, logits_of
 from graftune.io import onnx_format
 from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxRun, file_sha256, is_onnx_export
-from graftune.train import train
-from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args, write_csv
+from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, write_csv
 
 runner = CliRunner()
 # the last one is longer than the runs' max_length (32 tokens): truncation must match too
@@ -28,8 +26,11 @@ TEXTS = ["goal team match", "bank market share price", "chip phone code", "the c
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     bert, data = bert_folder(root / "bert"), topic_csv(root / "topics.csv")
-    for method in ("lora", "ia3", "head", "bottleneck"):
-        train(RunConfig(**train_args(bert, data, root / method, method=method, epochs=1, val_size=0)), progress=False)
+    for method in ("lora", "ia3", "head", "bottleneck"):  # through the CLI: what a user's run directory is
+        result = runner.invoke(app, ["train", "--model", str(bert), "--data", str(data), "--method", method,
+                                     "--epochs", "1", "--batch-size", "8", "--lr", "5e-3", "--max-length", "32",
+                                     "--precision", "fp32", "--val-size", "0", "--quiet", "--out", str(root / method)])
+        assert result.exit_code == 0, result.output
     write_csv(root / "other.csv", topic_rows(5, seed=7))
     return root
 
@@ -163,3 +164,18 @@ def test_a_changed_model_file_is_refused(runs, tmp_path):
     assert "sha256" in text
     text = one_line_error(runner.invoke(app, ["predict", str(out)]))
     assert "nothing to predict" in text
+
+
+def test_a_bf16_base_is_exported_with_its_float32_weights(runs, tmp_path, monkeypatch):
+    """On CPUs with native bf16, load_run stores the frozen base in bf16; the export must carry the original
+    float32 weights, not bf16-rounded ones."""
+    import torch
+
+    from graftune.speed import precision
+
+    expected = logits_of(*(lambda r: (r.task, r.model, r.head))(load_run(runs / "lora")), TEXTS).numpy()
+    bf16 = precision.Precision("bf16", torch.bfloat16, torch.bfloat16, "cpu")
+    monkeypatch.setattr(precision, "choose", lambda *a, **k: bf16)
+    assert load_run(runs / "lora", merge=False).model.base.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    _export(runs, "lora", tmp_path / "onnx")
+    assert np.abs(OnnxRun.load(tmp_path / "onnx").logits(TEXTS) - expected).max() <= 1e-4
