@@ -173,7 +173,8 @@ def test_a_bf16_base_is_exported_with_its_float32_weights(runs, tmp_path, monkey
 
     from graftune.speed import precision
 
-    expected = logits_of(*(lambda r: (r.task, r.model, r.head))(load_run(runs / "lora")), TEXTS).numpy()
+    run = load_run(runs / "lora")
+    expected = logits_of(run.task, run.model, run.head, TEXTS).numpy()
     bf16 = precision.Precision("bf16", torch.bfloat16, torch.bfloat16, "cpu")
     monkeypatch.setattr(precision, "choose", lambda *a, **k: bf16)
     assert load_run(runs / "lora", merge=False).model.base.embeddings.word_embeddings.weight.dtype == torch.bfloat16
