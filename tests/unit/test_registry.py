@@ -320,3 +320,27 @@ def test_paired_test_false_refusal_rate_and_power():
     assert 0.005 < same <= 0.05 + 0.02  # 0.02: three Monte-Carlo standard errors at 1000 trials
     assert refusals(0.8, 0.8, 200, alpha=0.01) <= 0.01 + 0.01
     assert refusals(0.73, 0.85, 300, trials=300) > 0.9
+
+
+def test_the_gate_on_causal_lm_versions_scores_exact_answers(runs, reg, tmp_path):
+    """Causal-LM versions are compared on their greedy answers' exact match (as ``graftune eval`` scores them); a
+    causal-LM candidate cannot be gated against a classifier."""
+    from graftune.config import RunConfig
+    from graftune.train import train
+    from tests.train_helpers import llama_folder, pairs_jsonl
+
+    llama, pairs = llama_folder(tmp_path / "llama"), pairs_jsonl(tmp_path / "pairs.jsonl", n=30)
+    for run, seed in (("a", 0), ("b", 1)):
+        train(RunConfig(model=str(llama), data=str(pairs), out=str(tmp_path / run), method="lora", epochs=1, seed=seed,
+                        max_length=32, precision="fp32", max_new_tokens=4), progress=False)
+        reg.push(tmp_path / run, "lm")
+    assert reg.show("lm", 1).task == "causal-lm"
+    reg.promote("lm", 1)
+    result = reg.promote("lm", 2)
+    assert result.gated and result.metric == "exact_match" and result.examples == 6
+    assert result.candidate_score == pytest.approx(evaluate_run(reg.show("lm", 2).path)["exact_match"])
+    reg.push(runs["good"], "news")
+    reg.promote("news", 1)
+    reg.push(tmp_path / "a", "news")
+    with pytest.raises(ConfigError, match="news@2 is a causal-lm run and news@1 .* a classification run"):
+        reg.promote("news", 2)
