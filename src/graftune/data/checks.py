@@ -413,3 +413,64 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset) -> dict:
         out["empty_texts"] = {name: sum(not (_near_text(m, x) or "").strip() for x in part.inputs)
                               for name, part in parts.items()}
     return out
+
+
+# --- in plain words ----------------------------------------------------------------------------------------------
+def format_report(report: dict, *, top: int = 10) -> str:
+    """The report as a person reads it: what was found, then the problems to act on (or that none were found),
+    then the suspect labels when the report has them (``top`` at most)."""
+    m = report["modality"]
+    kind = {"text": "texts", "image": "images", "pairs": "prompt/response pairs"}[m]
+    lines = [f"{report['origin']}: {report['examples']:,} {kind}"
+             + (f", {len(report['label_names'])} classes" if report["label_names"] else "")]
+    dup = report["exact_duplicates"]
+    loose = dup.get("whitespace_equal_copies")
+    lines.append(f"exact duplicates: {dup['extra_copies']} extra copies of {dup['groups']} "
+                 + ("images" if m == "image" else "texts") + f" ({report['normalization']})"
+                 + (f"; {loose} of them equal up to whitespace" if loose is not None else ""))
+    near = report.get("near_duplicates")
+    if near:
+        lines.append(f"near-duplicates: {near['pairs']} pairs at Jaccard >= {near['threshold']} of character "
+                     f"{SHINGLE}-grams ({near['with_different_labels']} with different labels)"
+                     + (" [candidates capped: some pairs may be missing]" if near["capped"] else ""))
+    if "conflicting_labels" in report:
+        lines.append(f"same example, different labels: {report['conflicting_labels']['groups']}")
+    balance = report.get("class_balance")
+    if balance:
+        counts = ", ".join(f"{k} {v}" for k, v in balance["counts"].items())
+        ratio = "a class is empty" if balance["ratio"] is None else f"largest/smallest {balance['ratio']:.2f}"
+        lines.append(f"classes: {counts} ({ratio})")
+    lengths = report.get("lengths")
+    if lengths:
+        w = lengths["words"]
+        tokens = lengths.get("tokens")
+        lines.append(f"lengths: words median {w['median']:.0f}, 95% under {w['p95']:.0f}, longest {w['max']}; "
+                     f"{lengths['empty']['count']} empty, {lengths['long']['count']} over "
+                     f"{lengths['long']['threshold_words']} words"
+                     + (f", {tokens['over_max_length']} over {tokens['max_length']} tokens" if tokens else ""))
+    test = report.get("test")
+    if test:
+        near_count = test.get("near_overlap", {}).get("count")
+        lines.append(f"test set {test['origin']}: {test['examples']:,} examples, {test['exact_overlap']['count']} also "
+                     "in the data" + ("" if near_count is None else f", {near_count} more near-copies")
+                     + f", {test['conflicting_labels']['count']} under another label there")
+    for check, why in report["not_applicable"].items():
+        lines.append(f"not checked: {check.replace('_', ' ')}: {why}")
+    lines.append("")
+    if report["problems"]:
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in report["problems"]]
+    else:
+        lines.append("no problems found")
+    found = report.get("labels")
+    if found:
+        lines += ["", (f"suspect labels: {found['count']} of {found['checked']} examples ({found['method']}; "
+                  f"out-of-fold accuracy {found['out_of_fold_accuracy']:.3f})")]
+        if found["suspects"]:
+            lines.append(f"  {'index':>6}  {'given':<14} {'suggested':<14} {'score':>5}  text")
+            for s in found["suspects"][:top]:
+                lines.append(f"  {s['index']:>6}  {s['given'][:14]:<14} {s['suggested'][:14]:<14} {s['score']:>5.2f}  "
+                             f"{s['text'][:70]}")
+            if found["count"] > top:
+                lines.append(f"  ... {found['count'] - top} more (--json lists them all)")
+    return "\n".join(lines)
