@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from graftune.serve.batcher import BatchRecord, Batcher
+from graftune.serve.batcher import Batcher, BatchRecord
 from graftune.serve.drift import DriftTracker
 from graftune.serve.schemas import (
     AdaptersResponse,

@@ -1,0 +1,382 @@
+"""Issue 13: serving many adapters from one MiniLM, and drift watch. Run by hand, bounded in count and time:
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/issue13_serving_load.py --work /tmp/i13 --serving --memory --drift --peft
+
+--serving  `graftune serve` in a subprocess on 127.0.0.1 with 8 and 32 adapters; closed-loop concurrent clients
+           (httpx, asyncio) in this process, each request one text for a random adapter; mixed batching
+           (--max-batch 32 --max-wait-ms 5) against one request per forward (--max-batch 1); throughput, p50/p99,
+           and the latency of a lone request (one client, one request at a time).
+--memory   RSS of a store holding 1 and 32 adapters on one base, against base + 32 x adapter + 10%.
+--peft     in-process: one mixed 8-adapter batch through graftune's routing vs PEFT's `adapter_names=`.
+--drift    the server's own summaries (store.classify + DriftTracker.observe) of BBC articles the run did not
+           train on (held out) and of another data set (TREC questions, rotten-tomatoes snippets), against the
+           run's training split; the false-alarm rate over many random held-out streams.
+
+The adapters: ONE LoRA run trained on BBC (8 shots/class, 3 epochs, max length 128), then copied into N adapters,
+each with its LoRA tensors and head perturbed by seeded noise (5% of each tensor's std): N distinct adapters of
+the real shape and cost, made in seconds instead of N trainings. Serving cost does not depend on what the
+adapters learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# --- adapters ------------------------------------------------------------------------------------------------------
+def ensure_run(work: Path, seed: int = 0) -> Path:
+    out = work / f"run-seed{seed}"
+    if not (out / "run.yaml").is_file():
+        subprocess.run([PY, "-m", "graftune", "train", "--model", "minilm", "--data", "bbc-news", "--method", "lora",
+                        "--shots", "8", "--epochs", "3", "--max-length", "128", "--seed", str(seed), "--out", str(out),
+                        "--quiet"], check=True, timeout=1800)
+    return out
+
+
+def make_copies(run: Path, n: int, work: Path) -> dict[str, Path]:
+    """N adapters from one run: copy i has every adapter and head tensor perturbed by seeded noise (copy 0 is the
+    run itself)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for i in range(n):
+        dest = work / "copies" / f"a{i:02d}"
+        if not (dest / "run.yaml").is_file():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(run, tmp, ignore=shutil.ignore_patterns("log.jsonl", ".checkpoint*"))
+            file = tmp / "adapter" / "adapter.safetensors"
+            tensors = load_file(file)
+            g = torch.Generator().manual_seed(i)
+            if i:
+                tensors = {k: v + 0.05 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g)
+                           for k, v in tensors.items()}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, file, metadata={"format": "pt"})
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        out[f"a{i:02d}"] = dest
+    return out
+
+
+def adapter_bytes(run: Path) -> int:
+    return (run / "adapter" / "adapter.safetensors").stat().st_size
+
+
+# --- the server ----------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, runs: dict[str, Path], max_batch: int, max_wait_ms: float, work: Path, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [PY, "-m", "graftune", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
+                "--max-wait-ms", str(max_wait_ms), "--threads", str(threads), "--log-level", "warning",
+                "--drift-dir", str(work / "drift-bench"), "--max-inputs", "64"]
+        for name, path in runs.items():
+            args += ["--run", f"{name}={path}"]
+        self.n = len(runs)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read())
+            try:
+                h = httpx.get(f"{self.url}/health", timeout=2).json()
+                if h["adapters"] == self.n:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start in 300 s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+
+async def closed_loop(url: str, names: list[str], texts: list[str], clients: int, total: int, seconds: float,
+                      seed: int = 0) -> dict:
+    """``clients`` clients, each sending its next request when the last is answered, until ``total`` requests or
+    ``seconds``; one text per request, a random adapter each."""
+    import httpx
+
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        async def client():
+            nonlocal sent, errors
+            while sent < total and time.monotonic() < stop:
+                sent += 1
+                body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
+                t = time.perf_counter()
+                r = await c.post("/v1/predict", json=body)
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"requests": len(latencies), "errors": errors, "wall_s": wall, "rps": len(latencies) / wall,
+            **percentiles(latencies)}
+
+
+def percentiles(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    if not xs:
+        return {"p50_ms": None, "p99_ms": None}
+
+    def pick(q: float) -> float:
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+    return {"p50_ms": 1000 * pick(0.5), "p99_ms": 1000 * pick(0.99), "mean_ms": 1000 * statistics.fmean(xs)}
+
+
+def texts_for(kind: str, n: int = 400) -> list[str]:
+    from graftune.data.sources import load_data
+
+    ds = load_data("bbc-news")
+    rng = random.Random(0)
+    idx = rng.sample(range(len(ds.inputs)), n)
+    if kind == "short":  # titles: the first line of an article (~10 tokens)
+        return [ds.inputs[i].split("\n", 1)[0].strip() for i in idx]
+    return [ds.inputs[i] for i in idx]  # whole articles, truncated by the run to 128 tokens
+
+
+def serving(work: Path, args) -> list[dict]:
+    run = ensure_run(work)
+    copies = make_copies(run, 32, work)
+    rows = []
+    for kind in args.lengths:
+        texts = texts_for(kind)
+        for n in (8, 32):
+            names = [f"a{i:02d}" for i in range(n)]
+            for label, max_batch, wait in (("mixed batching", 32, 5.0), ("one request per forward", 1, 0.0)):
+                with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
+                    asyncio.run(closed_loop(srv.url, names, texts, 4, 20, 30))  # warm-up
+                    lone = asyncio.run(closed_loop(srv.url, names, texts, 1, args.lone, 60, seed=1))
+                    load = asyncio.run(closed_loop(srv.url, names, texts, args.clients, args.requests, args.seconds,
+                                                   seed=2))
+                    row = {"texts": kind, "adapters": n, "server": label, "clients": args.clients,
+                           "lone_p50_ms": lone["p50_ms"], "lone_p99_ms": lone["p99_ms"], **load,
+                           "rss_mb": srv.rss_mb()}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+_MEMORY = r"""
+import gc, json, sys, psutil
+from graftune.serve import ModelStore
+runs = json.loads(sys.argv[1])
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+store = ModelStore()
+names = sorted(runs)
+store.sync({names[0]: ("1", runs[names[0]])}); gc.collect(); one = rss()
+slot = next(iter(store.slots.values()))
+base_params = sum(p.numel() * p.element_size() for p in slot.model.base.parameters()) / 2**20
+store.sync({n: ("1", runs[n]) for n in names}); gc.collect(); many = rss()
+adapter_params = sum(p.numel() * p.element_size() for p in slot.model.adapters.parameters()) / 2**20
+heads = sum(p.numel() * p.element_size() for e in store.entries.values() for p in e.head.parameters()) / 2**20
+print(json.dumps({"rss_1_mb": one, "rss_32_mb": many, "base_params_mb": base_params, "bases": len(store.slots),
+                  "adapter_params_32_mb": adapter_params, "heads_32_mb": heads}))
+store.close()
+"""
+
+
+def memory(work: Path) -> dict:
+    run = ensure_run(work)
+    copies = make_copies(run, 32, work)
+    out = subprocess.run([PY, "-c", _MEMORY, json.dumps({k: str(v) for k, v in copies.items()})], check=True,
+                         capture_output=True, text=True, timeout=600)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    per = adapter_bytes(copies["a00"]) / 2**20
+    m["adapter_file_mb"] = per
+    # the budget: the process with its base and one adapter, plus 31 more adapters, plus 10%
+    m["budget_mb"] = (m["rss_1_mb"] + 31 * per) * 1.10
+    m["extra_31_mb"] = m["rss_32_mb"] - m["rss_1_mb"]
+    m["naive_32_processes_mb"] = 32 * m["rss_1_mb"]
+    print(json.dumps(m), flush=True)
+    return m
+
+
+# --- PEFT's adapter_names= -------------------------------------------------------------------------------------------
+def peft_compare(work: Path, batch: int = 32, repeats: int = 20) -> dict:
+    """One forward of a mixed batch (8 adapters, 4 rows each, BBC titles) through graftune's AdapterModel and
+    through PEFT's LoRA with ``adapter_names=``; the same base, rank 8 on query and value."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from graftune.core.model import AdapterModel
+    from graftune.zoo import load_base
+
+    texts = texts_for("short", batch)
+    base = load_base("minilm")
+    tok = AutoTokenizer.from_pretrained(base.source)
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    names = [f"a{i % 8}" for i in range(batch)]
+    g = AdapterModel(base.model)
+    for i in range(8):
+        g.add_adapter(f"a{i}", "lora", r=8, alpha=16, targets=["query", "value"])
+    for p in g.adapters.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    p_model = AutoModel.from_pretrained(base.source).eval()
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    pm = get_peft_model(p_model, cfg, adapter_name="a0")
+    for i in range(1, 8):
+        pm.add_adapter(f"a{i}", cfg)
+    pm.eval()
+
+    def timeit(fn):
+        with torch.inference_mode():
+            fn()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+        return 1000 * (time.perf_counter() - t) / repeats
+
+    out = {"batch": batch, "adapters": 8, "tokens": int(enc["input_ids"].shape[1]),
+           "graftune_mixed_ms": timeit(lambda: g(**enc, adapter_names=names)),
+           "peft_mixed_ms": timeit(lambda: pm(**enc, adapter_names=names)),
+           "base_alone_ms": timeit(lambda: base.model(**enc))}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+# --- drift ---------------------------------------------------------------------------------------------------------
+class RowRecorder:
+    """A store observer that keeps every row's features and stats, so many random streams can be summarized
+    from one pass (``Summary.add`` on a subset of rows is what the server's tracker does on those rows)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def observe(self, entry, features, texts, input_ids, predictions):
+        for i, p in enumerate(predictions):
+            self.rows.append((features[i].double().numpy(), texts[i], input_ids[i], p["label"]))
+
+
+def drift(work: Path, args) -> dict:
+    import numpy as np
+
+    from graftune.config import build_config
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+    from graftune.serve import ModelStore
+    from graftune.serve.drift import Summary, compare, reference_summary
+    from graftune.serve.store import Rows
+
+    results = {}
+    for train_seed in args.train_seeds:
+        run = ensure_run(work, train_seed)
+        cfg = build_config(run / "run.yaml")
+        splits = make_splits(load_data("bbc-news"), **cfg.split_args())
+        pools = {"bbc held out (test split)": list(splits.test.inputs),
+                 "trec questions": list(load_data("trec").inputs),
+                 "rotten-tomatoes snippets": list(load_data("rotten-tomatoes").inputs)}
+        rng = random.Random(train_seed)
+        pools = {k: rng.sample(v, min(len(v), args.pool)) for k, v in pools.items()}
+        ref = reference_summary(run)
+        store = ModelStore()
+        store.sync({"news": ("1", run)})
+        entry = store.acquire("news")
+        unk = entry.task.tokenizer.unk_token_id
+        for kind, texts in pools.items():
+            rec = RowRecorder()
+            store.observer = rec
+            for i in range(0, len(texts), 16):
+                store.submit(store.classify, [Rows(entry, texts[i:i + 16])]).result()
+            flags, moved_dims = [], []
+            for s in range(args.streams):
+                pick = np.random.default_rng(1000 * train_seed + s).choice(len(rec.rows), args.stream, replace=False)
+                summary = Summary()
+                chosen = [rec.rows[j] for j in pick]
+                summary.add(np.stack([r[0] for r in chosen]), [r[1] for r in chosen], [r[2] for r in chosen],
+                            [r[3] for r in chosen], unk)
+                report = compare(ref, summary, alpha=args.alpha)
+                flags.append(bool(report["drift"]))
+                moved_dims.append(report["checks"]["embedding"]["dims_moved"])
+            results.setdefault(kind, []).append({"train_seed": train_seed, "flagged": sum(flags),
+                                                 "streams": len(flags), "median_dims_moved":
+                                                 float(np.median(moved_dims))})
+            print(json.dumps({"train_seed": train_seed, "stream": kind, "flagged": sum(flags), "of": len(flags),
+                              "median_dims_moved": float(np.median(moved_dims)), "reference_n": ref.n}), flush=True)
+        store.release(entry)
+        store.close()
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/i13")
+    ap.add_argument("--serving", action="store_true")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--peft", action="store_true")
+    ap.add_argument("--drift", action="store_true")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=600, help="requests per load test at most")
+    ap.add_argument("--seconds", type=float, default=45, help="seconds per load test at most")
+    ap.add_argument("--lone", type=int, default=40, help="requests of the lone-request latency")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", nargs="+", default=["short", "long"])
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--streams", type=int, default=200, help="random served streams per pool and training seed")
+    ap.add_argument("--stream", type=int, default=200, help="inputs per served stream")
+    ap.add_argument("--pool", type=int, default=600, help="texts embedded per pool")
+    ap.add_argument("--alpha", type=float, default=0.01)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = {}
+    if args.serving:
+        out["serving"] = serving(work, args)
+    if args.memory:
+        out["memory"] = memory(work)
+    if args.peft:
+        out["peft"] = peft_compare(work)
+    if args.drift:
+        out["drift"] = drift(work, args)
+    (work / "results.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
