@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from graftune.config import RunConfig
-from graftune.train import train
+from graftune.runs import train
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv
 
 ROWS: list[dict] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from graftune.config import parse_sets
 from graftune.demo import DEMO, demo_config, probe_baseline
-from graftune.train import train
+from graftune.runs import train
 
 OUT = Path(__file__).parent / "out" / "issue3_bbc.jsonl"
 

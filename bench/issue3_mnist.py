@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from graftune.config import RunConfig, parse_sets
-from graftune.train import train
+from graftune.runs import train
 
 OUT = Path(__file__).parent / "out" / "issue3_mnist.jsonl"
 RECIPE = {"model": "efficientnet-lite0", "data": "mnist-5k", "method": "bottleneck", "options": {}, "shots": 16,
@@ -29,7 +29,7 @@ def probe(cfg: RunConfig) -> dict:
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.evaluate import linear_probe
+    from graftune.run.scoring import linear_probe
     from graftune.speed import precision
     from graftune.tasks import ZOO_TASK, build_task
     from graftune.zoo import load_base

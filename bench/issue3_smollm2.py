@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from graftune.config import RunConfig, parse_sets
-from graftune.train import train
+from graftune.runs import train
 
 OUT = Path(__file__).parent / "out" / "issue3_smollm2.json"
 RECIPE = {"model": "smollm2", "data": "json-answers", "method": "lora", "options": {"r": 8, "alpha": 16},
@@ -28,7 +28,7 @@ def before_training(cfg: RunConfig) -> dict:
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.evaluate import score_causal_lm
+    from graftune.run.scoring import score_causal_lm
     from graftune.speed import precision
     from graftune.tasks import build_task
     from graftune.zoo import load_base

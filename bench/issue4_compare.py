@@ -11,7 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from graftune.strategies.compare import STRATEGIES, augmentation_effect, recommend, run_compare, summarize
+from graftune.strategies.catalog import STRATEGIES
+from graftune.strategies.compare import run_compare
+from graftune.strategies.summary import augmentation_effect, recommend, summarize
 
 OUT = Path(__file__).parent / "out" / "issue4_compare"
 

@@ -1,4 +1,4 @@
-"""BBC News, 8 shots per class, MiniLM: the few-shot strategies of ``graftune.strategies.fewshot`` side by side on
+"""BBC News, 8 shots per class, MiniLM: the few-shot strategies of ``graftune.recipes.fewshot`` side by side on
 one split (seed 0: 40 training articles, 100 test articles per class = 500), accuracy and seconds.
 
 Strategies (``--only`` picks some):
@@ -32,7 +32,7 @@ import torch
 
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
-from graftune.strategies import fewshot as fs
+from graftune.recipes import fewshot as fs
 from graftune.zoo import load_base
 
 OUT = Path(__file__).parent / "out" / "issue4_fewshot.jsonl"

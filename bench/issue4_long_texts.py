@@ -28,7 +28,7 @@ import torch
 
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
-from graftune.strategies import fewshot as fs
+from graftune.recipes import fewshot as fs
 from graftune.zoo import load_base
 
 VARIANTS = {"256x1": (256, 1), "512x1": (512, 1), "256x4": (256, 4)}

@@ -38,7 +38,7 @@ from sklearn.metrics import f1_score
 
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
-from graftune.strategies import fewshot as fs
+from graftune.recipes import fewshot as fs
 from graftune.zoo import load_base
 
 OUT = Path(__file__).parent / "out" / "issue4_setfit.jsonl"

@@ -15,7 +15,7 @@ Sides:
   ``DataCollatorWithPadding``) and length-grouped batches (as ``Trainer(group_by_length=True)``);
 - ``peft-default`` (LoRA only, --default): the same loop in fp32, every batch padded to max_length, plain
   shuffle (what a typical PEFT tutorial script does);
-- ``graftune``: ``graftune.train.train(RunConfig(...))``, the product itself (precision auto, cache auto,
+- ``graftune``: ``graftune.runs.train(RunConfig(...))``, the product itself (precision auto, cache auto,
   length-bucketed batches, checkpoint each epoch, run directory written), with ``head_init: random`` and no val
   to match the PEFT loop;
 - ``graftune-topK``: the same with LoRA only in the top K layers (``top_k_layers=K``), where ``cache: auto``
@@ -171,7 +171,7 @@ def run_graftune(method: str, splits, epochs: int, max_len: int, *, top_k: int |
                  cache: str = "auto", tag: str = "") -> dict:
     """graftune's own train(): the product, as `graftune train` runs it."""
     from graftune.config import RunConfig
-    from graftune.train import train
+    from graftune.runs import train
 
     opts = dict(GRAFTUNE_OPTS[method])
     if top_k:

@@ -16,7 +16,7 @@ from tests.train_helpers import bert_folder, topic_rows, write_csv
 def registry_runs(root: Path) -> dict:
     """{"root", "bert", "train", "shuffled", "test", "good", "good2", "bad"}: files and run directories."""
     from graftune.config import RunConfig
-    from graftune.train import train
+    from graftune.runs import train
 
     bert_folder(root / "bert")
     rows = topic_rows(40, seed=0)

@@ -5,6 +5,8 @@ The public API is small and stable::
     from graftune import graft, AdapterModel, list_methods
 """
 
+# the package, not the registry, imports the built-in methods: each registers itself (``@register``) on import
+import graftune.methods  # noqa: F401
 from graftune.core.method import Method, MethodConfig, TargetSpec, all_methods, get_method, register
 from graftune.core.model import AdapterModel, graft
 from graftune.errors import GraftuneError

@@ -162,8 +162,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     from graftune.config import build_config
-    from graftune.train import partial_dir
-    from graftune.train import train as run_training
+    from graftune.run.rundir import resume_config
+    from graftune.runs import resolve
+    from graftune.runs import train as run_training
 
     flags = {"model": model, "data": data, "method": method, "task": task, "shots": shots, "seed": seed,
              "split_seed": split_seed,
@@ -179,14 +180,23 @@ def train(
              "log_to": log_to, "threads": threads, "auto_budget": budget, "init_from": init_from,
              "stack_under": stack_under}
     if resume and config is None:
-        config = str(partial_dir(out) / "run.yaml")  # the interrupted run's own config
+        config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
-    if cfg.method == "auto":
-        from graftune.strategies.compare import resolve_auto
-
-        cfg = resolve_auto(cfg, progress=not (quiet or as_json))
+    picked = cfg.method == "auto"
+    cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
+    if picked:
         typer.echo(f"--method auto picked {cfg.method}. {cfg.auto['reason']}", err=as_json)
-    metrics = run_training(cfg, progress=not quiet)
+    try:
+        metrics = run_training(cfg, progress=not quiet)
+    except KeyboardInterrupt:
+        from graftune.run.checkpoint import checkpoint_file
+        from graftune.run.rundir import partial_dir
+
+        if checkpoint_file(partial_dir(out)).is_file():
+            typer.echo(f"\ninterrupted; continue with: graftune train --resume --out {out}", err=True)
+        else:
+            typer.echo("\ninterrupted before the first checkpoint; nothing was written", err=True)
+        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":
         return  # one of several processes (torchrun): rank 0 reports
     if as_json:
@@ -209,8 +219,14 @@ def _summary(m: dict) -> str:
     shown = ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
     saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
-    return (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
+    line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
             f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; {', '.join(saved) or 'nothing saved'}")
+    if m.get("stopped_early"):
+        line += (f"\nearly stopping ended the run after epoch {m['epochs_run']} of {m['epochs']}; the best epoch on "
+                 f"val, {m['best_epoch']}, was restored")
+    elif m.get("best_epoch") and m.get("best_epoch") != m.get("epochs_run"):
+        line += f"\nthe best epoch on val, {m['best_epoch']} of {m['epochs_run']}, was restored"
+    return line
 
 
 # --- compare ------------------------------------------------------------------------------------------------------
@@ -244,7 +260,8 @@ def compare(
     report.html, print the summary and a recommendation."""
     from graftune.config import parse_sets
     from graftune.errors import ConfigError
-    from graftune.strategies.compare import format_summary, recommend, run_compare, summarize
+    from graftune.strategies.compare import run_compare
+    from graftune.strategies.summary import format_summary, recommend, summarize
 
     if augment not in _AUGMENT:
         raise ConfigError(f"--augment {augment!r}: use off, on or both")
@@ -336,50 +353,66 @@ def _metrics_text(m: dict) -> str:
 def predict(
     run_dir: str = typer.Argument(..., help="A classification run directory."),
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (image files for image runs).")] = None,
-    input_file: str | None = typer.Option(None, "--input", help="A .txt (one per line), .jsonl or .csv file."),
+    input_file: str | None = typer.Option(None, "--input", help="A .txt (one text per line; blank lines skipped), "
+                                          ".jsonl or .csv file; for image runs image files or a folder of them."),
     text_column: str = typer.Option("text", help="The text column of a .jsonl/.csv --input."),
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line: label and probabilities."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line: where the input came from "
+                                 "(arg N, or line N of --input) and its text, the label and the probabilities."),
 ):
-    """Classify texts with a trained run (or an ONNX export of one): the label and the probability of every class."""
-    from graftune.io.onnx_format import is_onnx_export
-
-    if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: run with onnxruntime
-        from graftune.onnx_export import predict_export
-
-        rows, shown = predict_export(run_dir, texts, input_file=input_file, text_column=text_column, quantize=quantize)
-        typer.echo("\n".join(_prediction_line(row, text, as_json) for row, text in zip(rows, shown)))
-        return
+    """Classify texts with a trained run (or an ONNX export of one): the label and the probability of every class.
+    Each output row starts with the input it answers: arg N (the N-th text given), line N of --input, or the
+    image file's name."""
+    from graftune.data.inputs import read_input_file
     from graftune.errors import DataError
-    from graftune.evaluate import load_run, read_image, read_inputs
-    from graftune.evaluate import predict as run_predict
+    from graftune.io.onnx_format import is_onnx_export
 
     if not texts and not input_file:
         raise DataError("nothing to predict: pass texts after RUN_DIR or --input FILE")
+    given = read_input_file(input_file, text_column=text_column) if input_file else None  # before any model loads
+    texts = list(texts or [])
+    if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: run with onnxruntime
+        from graftune.onnx_export import predict_export
+
+        if given is not None and given.images:
+            raise DataError(f"{input_file} holds images, but an ONNX export classifies text: {_TEXT_INPUTS}")
+        rows, _ = predict_export(run_dir, texts + (given.items if given else []), quantize=quantize)
+        _print_predictions(rows, [{"arg": i, "text": t} for i, t in enumerate(texts, 1)], given, as_json)
+        return
+    from graftune.evaluate import predict as run_predict
+    from graftune.evaluate import read_image
+    from graftune.runs import load_run
+
     run = load_run(run_dir, expect="classifier", quantize=quantize)
-    inputs = list(texts or [])
-    if run.kind == "image":
-        inputs = [read_image(t) for t in inputs]
-    if input_file:
-        inputs += read_inputs(input_file, kind=run.kind, text_column=text_column)
-    shown = list(texts or []) + ([] if not input_file else [None] * (len(inputs) - len(texts or [])))
-    for row, text in zip(run_predict(run, inputs), shown):
+    images = run.kind == "image"
+    if given is not None and given.images != images:
+        raise DataError(f"{input_file} holds images, but this run classifies text: {_TEXT_INPUTS}" if given.images
+                        else f"{input_file} is a text file, but this run classifies images: pass image files or a "
+                        "folder of them")
+    inputs = [read_image(t) for t in texts] if images else texts
+    sources = [{"arg": i, "file" if images else "text": t} for i, t in enumerate(texts, 1)]
+    _print_predictions(run_predict(run, inputs + (given.items if given else [])), sources, given, as_json)
+
+
+_TEXT_INPUTS = "pass a .txt (one text per line), .jsonl or .csv file"
+
+
+def _print_predictions(rows: list[dict], sources: list[dict], given, as_json: bool) -> None:
+    """One line per prediction, starting with the input it answers: the positional inputs' ``sources``, then
+    those of the ``--input`` file ``given`` (a ``data.inputs.Inputs``, or None; its skipped blank lines are
+    noted on stderr first)."""
+    if given is not None and given.note():
+        typer.echo(f"note: {given.note()}", err=True)
+    for row, source in zip(rows, sources + (given.sources if given else []), strict=True):
         if as_json:
-            typer.echo(json.dumps(row))
-        else:
-            label = row.get("label") or ",".join(row.get("labels", [])) or "-"
-            p = max(row["probabilities"].values())
-            preview = "" if not isinstance(text, str) else "  " + " ".join(text.split())[:70]
-            typer.echo(f"{label}\t{p:.3f}{preview}")
-
-
-def _prediction_line(row: dict, text: str | None, as_json: bool) -> str:
-    """One prediction as printed by ``predict``: JSON, or label, top probability and the text's start."""
-    if as_json:
-        return json.dumps(row)
-    label = row.get("label") or ",".join(row.get("labels", [])) or "-"
-    preview = "" if not isinstance(text, str) else "  " + " ".join(text.split())[:70]
-    return f"{label}\t{max(row['probabilities'].values()):.3f}{preview}"
+            typer.echo(json.dumps({**source, **row}))
+            continue
+        where = f"arg {source['arg']}" if "arg" in source else f"line {source['line']}" if "line" in source \
+            else source["file"]
+        label = row.get("label") or ",".join(row.get("labels", [])) or "-"
+        text = source.get("text")
+        preview = "" if text is None else "  " + " ".join(text.split())[:70]
+        typer.echo(f"{where}\t{label}\t{max(row['probabilities'].values()):.3f}{preview}")
 
 
 @app.command()
@@ -394,7 +427,7 @@ def generate(
 ):
     """Answer prompts with a causal-LM run (greedy decoding)."""
     from graftune.evaluate import generate as run_generate
-    from graftune.evaluate import load_run
+    from graftune.runs import load_run
 
     run = load_run(run_dir, expect="causal-lm", quantize=quantize)
     for prompt, answer in zip(prompts, run_generate(run, prompts, max_new_tokens=max_new_tokens)):
@@ -677,6 +710,74 @@ def drift(
     report = check_drift(name, registry=registry, run=run, version=version, drift_dir=drift_dir, alpha=alpha,
                          split=split)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2) if as_json else report["text"])
+
+
+# --- check and robustness: can the data and the model be trusted (data/checks.py, strategies/label_check.py,
+# strategies/robustness.py; docs/trust.md) -------------------------------------------------------------------------
+@app.command()
+@user_errors
+def check(
+    data: str = typer.Argument(..., help="Data to check: an alias (bbc-news) or a file/folder of labelled examples, "
+                               "read as it is (no duplicate dropped)."),
+    test: str | None = typer.Option(None, "--test", help="A test file to check against DATA: a test example that is "
+                                    "also a training example is a leak."),
+    labels: bool = typer.Option(False, "--labels", help="Also list suspect labels: out-of-fold predictions from the "
+                                "frozen --model's embeddings contradict them (text; embeds every text)."),
+    model: str = typer.Option("minilm", help="The frozen encoder of --labels (and its tokenizer's token counts)."),
+    text_column: str = typer.Option("text", help="The text column of DATA and --test."),
+    label_column: str = typer.Option("label", help="The label column of DATA and --test."),
+    top: int = typer.Option(10, min=0, help="Suspect labels shown (--json lists them all)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a problem is found (for scripts and CI)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+):
+    """Check data before training on it: exact and near-duplicate examples, the same example under different
+    labels, class imbalance, empty or very long texts, a test set that overlaps the data, and (--labels) suspect
+    labels. Reads only; writes nothing."""
+    from graftune.data.checks import format_report
+    from graftune.strategies.label_check import check_source
+
+    report = check_source(data, test=test, labels=labels, model=model, text_column=text_column,
+                          label_column=label_column)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report, top=top))
+    if strict and report["problems"]:
+        raise typer.Exit(1)
+
+
+@app.command("robustness")
+@user_errors
+def robustness_(
+    run_dir: str = typer.Argument(..., help="A text-classification run directory (graftune train --out)."),
+    data: str | None = typer.Option(None, help="Data to score (every example).  [default: the run's test split]"),
+    strengths: str = typer.Option("0.05,0.1,0.2", help="Perturbation strengths in (0, 1], comma-separated: the "
+                                  "fraction of characters or words touched."),
+    sample: int | None = typer.Option(None, min=1, help="Score at most N examples (seeded).  [default: all]"),
+    budget: int = typer.Option(10, min=0, help="Character edits the attack may make per text; 0: no attack."),
+    attack_sample: int = typer.Option(40, min=1, help="Texts attacked at most (correctly classified ones)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the perturbations, the sample and the attack."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+):
+    """Accuracy under character noise, word drops and swaps and case changes at several strengths, and a greedy
+    character-level attack's success rate within an edit budget; written into RUN_DIR/metrics.json under
+    `robustness`. Text classifiers only."""
+    from graftune.errors import ConfigError
+    from graftune.strategies.robustness import format_table
+    from graftune.strategies.robustness import robustness as run_robustness
+
+    try:
+        levels = [float(s) for s in strengths.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--strengths {strengths!r}: use numbers in (0, 1] separated by commas, "
+                          "e.g. 0.05,0.1,0.2") from None
+    progress = None if quiet or as_json else (lambda msg: typer.echo(msg, err=True))
+    result = run_robustness(run_dir, data=data, strengths=levels, sample=sample, budget=budget,
+                            attack_sample=attack_sample, seed=seed, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(format_table(result))
+    typer.echo(f"written to {os.path.join(run_dir, 'metrics.json')} (robustness)")
+# --- end of check and robustness --------------------------------------------------------------------------------
 
 
 def main():  # pragma: no cover - entry point for `python -m graftune`

@@ -16,11 +16,13 @@ from typing import Any
 
 import yaml
 
-from graftune.core.method import check
+from graftune.core.method import all_methods, check, make_config
 from graftune.errors import ConfigError
+from graftune.speed.precision import CHOICES
+from graftune.tasks import task_name
 
-#: methods ``train`` runs as few-shot recipes rather than adapters (``strategies/fewshot_run.py``)
-FEWSHOT_METHODS = ("contrastive", "probe")
+#: the method name of a run that trains the task head alone (no adapter)
+HEAD_ONLY = "head"
 
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("macro_f1", "accuracy", "loss")
@@ -40,7 +42,7 @@ class RunConfig:
         picked by a quick comparison on validation examples carved from the training examples,
         ``contrastive``: the SetFit recipe (pairs train a LoRA adapter, then a logistic regression), or ``probe``:
         the frozen base's whole-text embeddings + a logistic regression or nearest class mean (both single-label
-        text only; options and what does not apply: ``strategies/fewshot_run.py``).
+        text only; options and what does not apply: ``recipes/contrastive.py``, ``recipes/probe.py``).
     options: the method's options (``{"r": 8, "alpha": 16}``).
     task: ``classification``, ``image`` or ``causal-lm``; unset: from the data (text, image, pairs).
     text_column, label_column, prompt_column, response_column: column names in tabular data.
@@ -84,12 +86,12 @@ class RunConfig:
     max_new_tokens: generation length when evaluating causal-LM runs.
     log_to: also log to mlflow or tensorboard (if installed).
     threads: torch CPU threads (unset: torch's default).
-    auto_budget: seconds the quick comparison behind ``method: auto`` may take (``strategies/compare.py``).
+    auto_budget: seconds the quick comparison behind ``method: auto`` may take (``strategies/auto.py``).
     auto: set by ``method: auto``, not by hand: the method it picked, the validation evidence and the reason (a
         record kept in run.yaml and metrics.json; training reads only ``method`` and ``options``).
     init_from: warm start: a run directory or adapter directory whose adapter (same method, same shapes, same
         base) gives the new adapter its starting weights; its head too when the label names match
-        (``strategies/transfer.py``).
+        (``recipes/transfer.py``).
     stack_under: a run directory or adapter directory whose adapter (a language adapter, say) is loaded frozen
         and applied under the trained one; it is copied into the run, and eval/predict reload both.
     out: the run directory to write. resume: continue an interrupted run in ``out``. overwrite: replace ``out``.
@@ -176,8 +178,6 @@ class RunConfig:
         check(self.metric in METRICS, "metric", f"got {self.metric!r}; use one of {', '.join(METRICS)}")
         check(self.log_to is None or self.log_to in LOG_TO, "log_to",
               f"got {self.log_to!r}; use one of {', '.join(LOG_TO)}, or leave it unset")
-        from graftune.speed.precision import CHOICES
-
         check(self.precision in CHOICES, "precision", f"got {self.precision!r}; use one of {', '.join(CHOICES)}")
         check(self.cache in CACHE_CHOICES, "cache", f"got {self.cache!r}; use one of {', '.join(CACHE_CHOICES)}")
         check(self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb",
@@ -185,15 +185,11 @@ class RunConfig:
         check(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
               f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.task is not None:
-            from graftune.tasks import task_name
-
             object.__setattr__(self, "task", task_name(self.task))
-        if self.method in FEWSHOT_METHODS:  # few-shot recipes as runs: their own options (fewshot_run.py)
-            from graftune.strategies.fewshot_run import check_config
-
-            check_config(self)
-        elif self.method not in ("head", "auto"):  # auto: resolved by strategies.compare.resolve_auto
+        if self.method in {m.name for m in all_methods()}:  # an adapter method: its options, now
             _check_method(self.method, self.options)
+        # any other method is a recipe's (head, auto, contrastive, probe, ...): graftune.runs checks it and its
+        # options before anything is loaded
 
     # --- YAML ------------------------------------------------------------------------------------------------
     def to_dict(self, *, runtime: bool = False) -> dict:
@@ -248,13 +244,7 @@ def _check_types(cfg: RunConfig) -> None:
 
 
 def _check_method(method: str, options: dict) -> None:
-    """Unknown method or bad option values fail now, before any model or data is loaded."""
-    from graftune.core.method import all_methods, make_config
-
-    known = [m.name for m in all_methods()]
-    if method not in known:  # the engine's methods, plus the recipes only `train` runs
-        raise ConfigError(f"unknown method {method!r}; use an adapter method ({', '.join(known)}; see "
-                          "`graftune methods`), or head, auto, contrastive or probe")
+    """Bad option values of an adapter method fail now, before any model or data is loaded."""
     try:
         make_config(method, **options)
     except TypeError as e:

@@ -29,10 +29,10 @@ def probe_baseline(cfg: RunConfig) -> dict:
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.evaluate import linear_probe
+    from graftune.run.scoring import linear_probe
     from graftune.speed import precision
-    from graftune.strategies.fewshot import frozen_fit
-    from graftune.strategies.fewshot_run import score
+    from graftune.recipes.fewshot import frozen_fit
+    from graftune.recipes.fewshot_run import score
     from graftune.tasks import ZOO_TASK, build_task
     from graftune.zoo import load_base
 
@@ -60,7 +60,7 @@ def probe_baseline(cfg: RunConfig) -> dict:
 
 def run_demo(out: str | Path = "runs/demo-bbc", *, seed: int = 0, progress: bool = True) -> dict:
     """Train the demo run into ``out``, score the baseline; return both metric dicts and the total time."""
-    from graftune.train import train
+    from graftune.runs import train
 
     started = time.perf_counter()
     cfg = demo_config(out, seed=seed)

@@ -34,12 +34,16 @@ import torch
 from torch import nn
 
 from graftune import __version__
-from graftune.config import FEWSHOT_METHODS, RunConfig, build_config
+from graftune.config import HEAD_ONLY, RunConfig, build_config
 from graftune.core.method import all_methods, get_method
 from graftune.data.sources import Dataset, load_data
 from graftune.data.splits import make_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
-from graftune.evaluate import HEAD_ONLY, LoadedRun, load_run, logits_of, read_inputs
+from graftune.evaluate import read_inputs
+from graftune.recipes.fewshot_run import CONTRASTIVE, PROBE
+from graftune.run.loaded import LoadedRun
+from graftune.run.scoring import logits_of
+from graftune.runs import load_run
 from graftune.io import onnx_format as fmt
 from graftune.io.artifact import read_meta
 from graftune.tasks import ZOO_TASK
@@ -76,7 +80,7 @@ def _inspect(run_dir: Path) -> tuple[RunConfig, dict]:
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
                             "`graftune train --out`)")
     cfg = build_config(run_dir / "run.yaml")
-    if cfg.method in FEWSHOT_METHODS:
+    if cfg.method in (CONTRASTIVE, PROBE):
         raise _refuse(run_dir, f"a --method {cfg.method} run (its head is a scikit-learn model)")
     if not (run_dir / "adapter").is_dir():
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "

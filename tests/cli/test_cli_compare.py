@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from graftune.cli import app
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
-from graftune.strategies import compare
+from graftune.strategies import auto, catalog, summary
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,16 +113,16 @@ def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
     saved = yaml.safe_load((out / "run.yaml").read_text())
     record = saved["auto"]
     picked = saved["method"]
-    assert picked == record["method"] and picked in compare.AUTO_CANDIDATES
+    assert picked == record["method"] and picked in auto.AUTO_CANDIDATES
     # says which and why, with the evidence numbers of every candidate that ran; contrastive would not honour
     # --epochs, so it is left out and the reason says so
     assert f"--method auto picked {picked}." in result.stdout
-    assert set(record["candidates"]) == set(compare.AUTO_CANDIDATES) - {"contrastive"}
+    assert set(record["candidates"]) == set(auto.AUTO_CANDIDATES) - {"contrastive"}
     assert "contrastive (your --epochs would not apply to it)" in result.stdout
     for name, c in record["candidates"].items():
         assert f"{name} {c['macro_f1']:.3f}" in result.stdout
     best = max(c["macro_f1"] for c in record["candidates"].values())
-    assert record["candidates"][picked]["macro_f1"] >= best - compare.WITHIN - 1e-9
+    assert record["candidates"][picked]["macro_f1"] >= best - summary.WITHIN - 1e-9
     assert record["training_examples"] == 12 and record["validation_examples"] == 3
     # trained that method; metrics.json carries the record too
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
@@ -151,20 +151,20 @@ def test_auto_follows_the_measured_evidence(tiny, tmp_path, monkeypatch, scores,
         f1 = scores["contrastive"]
         return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
 
-    monkeypatch.setattr(compare, "_run_contrastive", scripted_contrastive)
+    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     args.pop("epochs", None)  # a loop setting would leave contrastive out (its own test below)
     cfg = RunConfig(**args)
-    resolved = compare.resolve_auto(cfg, progress=False, train_fn=Scripted(scores))
+    resolved = auto.resolve(cfg, progress=False, train_fn=Scripted(scores))
     assert resolved.method == expected and resolved.auto["method"] == expected
     assert resolved.auto["candidates"][expected]["macro_f1"] == pytest.approx(scores[expected])
     if expected == "contrastive":  # trained with its own defaults, as it was scored; the config is valid
         assert resolved.options == {} and resolved.lr == 5e-3
         return
-    assert resolved.options == compare.STRATEGIES[expected].options
+    assert resolved.options == catalog.STRATEGIES[expected].options
     # a learning rate set away from the default is the user's and is kept; the others are the scored ones
     assert resolved.lr == 5e-3
-    assert resolved.head_lr == compare.TRAIN_DEFAULTS["head_lr"]
+    assert resolved.head_lr == catalog.TRAIN_DEFAULTS["head_lr"]
 
 
 def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypatch):
@@ -173,9 +173,9 @@ def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypa
     def scripted_contrastive(strategy, model, splits, seed, settings):
         return {"accuracy": 1.0, "macro_f1": 1.0, "trainable_params": 100, "train_seconds": 0.0}
 
-    monkeypatch.setattr(compare, "_run_contrastive", scripted_contrastive)
-    real_features = compare._run_features
-    monkeypatch.setattr(compare, "_run_features",  # the probe candidate runs for real, but cannot tie at 1.0
+    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
+    real_features = catalog.run_features
+    monkeypatch.setattr(auto, "run_features",  # the probe candidate runs for real, but cannot tie at 1.0
                         lambda *a: {**real_features(*a), "accuracy": 0.5, "macro_f1": 0.5})
     out = tmp_path / "auto-c"
     result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
@@ -197,22 +197,22 @@ def test_auto_refuses_what_it_cannot_honour(tiny, tmp_path):
         RunConfig(**base, init_from=str(tmp_path))
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):  # before spending the budget
-        compare.resolve_auto(RunConfig(**{**base, "out": str(tmp_path / "taken")}), progress=False)
+        auto.resolve(RunConfig(**{**base, "out": str(tmp_path / "taken")}), progress=False)
 
 
 def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path, monkeypatch):
     """For text with no settings a probe run would ignore, auto's baseline candidate is `probe` (whole-text
     embeddings + logistic regression, compare's linear-probe), and a picked probe resolves to a valid probe
     config; with such a setting (--lr) it stays `head`."""
-    monkeypatch.setattr(compare, "_run_contrastive",
+    monkeypatch.setattr(auto, "run_contrastive",
                         lambda *a: {"accuracy": 0.1, "macro_f1": 0.1, "trainable_params": 100, "train_seconds": 0.0})
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     for key in ("epochs", "lr", "batch_size"):
         args.pop(key)
-    resolved = compare.resolve_auto(RunConfig(**args), progress=False,
+    resolved = auto.resolve(RunConfig(**args), progress=False,
                                     train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
     assert set(resolved.auto["candidates"]) == {"probe", "lora", "topk", "contrastive"}
     assert resolved.method == "probe" and resolved.options == {}
-    with_lr = compare.resolve_auto(RunConfig(**args, lr=5e-3), progress=False,
+    with_lr = auto.resolve(RunConfig(**args, lr=5e-3), progress=False,
                                    train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
     assert "head" in with_lr.auto["candidates"] and "probe" not in with_lr.auto["candidates"]

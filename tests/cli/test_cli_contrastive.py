@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from graftune.cli import app
-from graftune.train import partial_dir
+from graftune.run.rundir import partial_dir
 from tests.train_helpers import check_eval_and_predict, fewshot_cli_data, one_line_error, with_flags
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.config import RunConfig
-from graftune.train import train
+from graftune.runs import train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from graftune.cli import app
-from graftune.train import partial_dir
+from graftune.run.rundir import partial_dir
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv
 
 ROOT = Path(__file__).resolve().parents[2]

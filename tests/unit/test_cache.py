@@ -165,7 +165,7 @@ def test_training_under_a_tiny_cap_equals_training_without_the_cache(tmp_path):
     from safetensors.torch import load_file
 
     from graftune.config import RunConfig
-    from graftune.train import train
+    from graftune.runs import train
     from tests.train_helpers import bert_folder, topic_csv, train_args
 
     common = train_args(bert_folder(tmp_path / "bert"), topic_csv(tmp_path / "t.csv", n_per_class=12),

@@ -13,8 +13,10 @@ import pytest
 
 from graftune.data.card import fingerprint
 from graftune.errors import ConfigError
-from graftune.strategies import compare
-from graftune.strategies.compare import choose_method, recommend, run_compare, summarize
+from graftune.strategies import auto, catalog, compare
+from graftune.strategies.auto import choose_method
+from graftune.strategies.compare import run_compare
+from graftune.strategies.summary import recommend, summarize
 from tests.train_helpers import bert_folder, topic_csv
 
 ROW_KEYS = {"strategy", "shots", "seed", "augment", "accuracy", "macro_f1", "trainable_params", "train_seconds",
@@ -62,7 +64,7 @@ def test_identical_splits_schema_and_report(tiny, tmp_path):
     # train() got exactly those splits; augmented runs add examples, the test set is never augmented
     for cfg, splits in fake.calls:
         assert fingerprint(splits.test) == rows[0]["test_fingerprint"]
-        factor = 1 + compare.AUGMENT_COPIES if any(r["augment"] and r["train_examples"] == len(splits.train)
+        factor = 1 + catalog.AUGMENT_COPIES if any(r["augment"] and r["train_examples"] == len(splits.train)
                                                    for r in rows) else 1
         assert len(splits.train) == cfg.shots * 3 * factor
     # shots of seed 0 and seed 1 differ; 2 shots nest in 4 for one seed (same seeded order)
@@ -93,10 +95,10 @@ def test_budget_skips_runs_that_would_not_fit(tiny, tmp_path):
 def test_estimates_come_from_runs_done_so_far():
     # fixed + per-example cost; from another adapter strategy, the per-example part scales by the cost factor
     spent = {"lora": [(3.0, 0.5)], "linear-probe": [(0.0, 0.01)]}
-    assert compare._estimate(compare.STRATEGIES["full"], 10, spent) == pytest.approx(3.0 + 0.5 * 2.5 * 10)
-    assert compare._estimate(compare.STRATEGIES["lora"], 4, spent) == pytest.approx(5.0)
-    assert compare._estimate(compare.STRATEGIES["prototypes"], 4, {"linear-probe": [(0.0, 0.01)]}) is None
-    assert compare._estimate(compare.STRATEGIES["lora"], 4, {}) is None
+    assert compare._estimate(catalog.STRATEGIES["full"], 10, spent) == pytest.approx(3.0 + 0.5 * 2.5 * 10)
+    assert compare._estimate(catalog.STRATEGIES["lora"], 4, spent) == pytest.approx(5.0)
+    assert compare._estimate(catalog.STRATEGIES["prototypes"], 4, {"linear-probe": [(0.0, 0.01)]}) is None
+    assert compare._estimate(catalog.STRATEGIES["lora"], 4, {}) is None
 
 
 def test_unknown_strategy_is_a_config_error(tiny, tmp_path):
@@ -135,16 +137,16 @@ def test_summarize_means_and_stds():
 
 def test_choose_method_never_sees_the_test_set(tiny, monkeypatch):
     fake = FakeTrain()
-    real_contrastive = compare._run_contrastive
+    real_contrastive = catalog.run_contrastive
 
     def contrastive(strategy, model, splits, seed, settings):  # the real candidate, its splits recorded
         fake.calls.append((None, splits))
         return real_contrastive(strategy, model, splits, seed, settings)
 
-    monkeypatch.setattr(compare, "_run_contrastive", contrastive)
+    monkeypatch.setattr(auto, "run_contrastive", contrastive)
     method, reason = choose_method(tiny["bert"], tiny["csv"], budget_s=60, shots=8, seed=0, max_length=32,
                                    train_fn=fake)
-    assert method in compare.AUTO_CANDIDATES
+    assert method in auto.AUTO_CANDIDATES
     assert "validation part carved from the 24 training examples" in reason and "test set untouched" in reason
     assert "contrastive " in reason and any(c is None for c, _ in fake.calls)  # it ran, on the same carve
     from graftune.data.sources import load_data
@@ -173,7 +175,7 @@ def test_images_run_with_image_augmentation_and_skip_text_only_strategies(tmp_pa
     by = {(r["strategy"], r["augment"]): r for r in rows}
     assert by[("contrastive", False)]["skipped"].startswith("not applicable: text only")
     assert "accuracy" in by[("linear-probe", True)] and "accuracy" in by[("prototypes", False)]
-    assert by[("linear-probe", True)]["train_examples"] == 2 * 2 * (1 + compare.AUGMENT_COPIES)
+    assert by[("linear-probe", True)]["train_examples"] == 2 * 2 * (1 + catalog.AUGMENT_COPIES)
     augmented = next(s for c, s in fake.calls if len(s.train) > 4)
     assert all(torch.is_tensor(x) and x.shape == augmented.train.inputs[0].shape for x in augmented.train.inputs)
 
@@ -189,7 +191,7 @@ def test_real_train_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
 def test_lora_top2_trains_the_top_layers_from_the_cache(tmp_path):
     """The lora-top2 strategy really is LoRA in the top 2 layers with the frozen-prefix cache on (a 4-layer model,
     so the two differ), and it trains fewer parameters than lora."""
-    from graftune.train import train
+    from graftune.runs import train
 
     notes = {}
 
@@ -212,15 +214,15 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
     """compare's linear-probe/prototypes embed a text as fewshot.frozen_fit does (windows over a long text), while
     --method auto's head candidate keeps the truncated pooled features that `train --method head` learns from."""
     from graftune.data.sources import load_data
-    from graftune.evaluate import features_of
-    from graftune.strategies.fewshot import embed
+    from graftune.run.scoring import features_of
+    from graftune.recipes.fewshot import embed
     from tests.train_helpers import WORDS
 
     ds = load_data(tiny["csv"])
     long_text = " ".join(WORDS[i % len(WORDS)] for i in range(3 * 16))  # about 3 windows of 16 tokens
     texts = [long_text, ds.inputs[0]]
-    whole = compare._Frozen(tiny["bert"], ds, 16)
-    cut = compare._Frozen(tiny["bert"], ds, 16, windows=False)
+    whole = catalog.Frozen(tiny["bert"], ds, 16)
+    cut = catalog.Frozen(tiny["bert"], ds, 16, windows=False)
     got = whole.features(texts)
     with whole.policy.autocast():
         expected = embed(whole.model, whole.task.tokenizer, texts, max_length=16, pooling=whole.task.pooling).numpy()
@@ -234,9 +236,9 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
 def test_auto_treats_gaps_within_validation_noise_as_ties(tiny, monkeypatch):
     """With a handful of validation examples a few points are noise: a cheaper candidate within one standard error
     of the best is picked, and the reason says why. With a clear gap the best still wins."""
-    monkeypatch.setattr(compare, "_run_features", lambda *a: {"accuracy": 0.85, "macro_f1": 0.85,
+    monkeypatch.setattr(auto, "run_features", lambda *a: {"accuracy": 0.85, "macro_f1": 0.85,
                                                                "trainable_params": 99, "train_seconds": 0.0})
-    monkeypatch.setattr(compare, "_run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
+    monkeypatch.setattr(auto, "run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
                                                                  "trainable_params": 9, "train_seconds": 0.0})
 
     class Slow(FakeTrain):  # LoRA scores 0.9 (top-k 0.0), and both take longer than the features
@@ -245,11 +247,11 @@ def test_auto_treats_gaps_within_validation_noise_as_ties(tiny, monkeypatch):
             f1 = 0.9 if cfg.method == "lora" else 0.0
             return {"accuracy": f1, "macro_f1": f1, "trainable_params": 1000, "train_seconds": 0.3}
 
-    record = compare.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
     assert record["validation_examples"] == 6  # noise: sqrt(0.9 * 0.1 / 6) = 0.12 > the 0.05 gap
     assert record["method"] == "probe", record["reason"]
     assert "sampling noise of 6 validation examples" in record["reason"]
-    monkeypatch.setattr(compare, "_run_features", lambda *a: {"accuracy": 0.5, "macro_f1": 0.5,
+    monkeypatch.setattr(auto, "run_features", lambda *a: {"accuracy": 0.5, "macro_f1": 0.5,
                                                                "trainable_params": 99, "train_seconds": 0.0})
-    clear = compare.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
+    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
     assert clear["method"] == "lora" and "scored best" in clear["reason"]

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from graftune import runs
 from graftune.config import RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError
 from graftune.evaluate import evaluate_run, load_run, predict
-from graftune.strategies import fewshot_run as cr
-from graftune.train import partial_dir, train
+from graftune.recipes import contrastive as cr
+from graftune.run.rundir import partial_dir
+from graftune.runs import train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 #: two pairs per example; LoRA in the top layer only, so the layer below is cached during training
@@ -47,7 +49,7 @@ def refit(run_dir: Path):
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.strategies.fewshot import contrastive_fit
+    from graftune.recipes.fewshot import contrastive_fit
     from graftune.zoo import load_base
 
     cfg = build_config(run_dir / "run.yaml")
@@ -184,7 +186,7 @@ def test_a_damaged_head_is_one_clear_line(run, tmp_path, damage, message):
 def test_bad_configs_fail_before_anything_runs(tiny, tmp_path, change, message):
     args = {**contrastive_args(tiny, tmp_path / "out"), **change}
     with pytest.raises(ConfigError) as e:
-        RunConfig(**args)
+        runs.check(RunConfig(**args))  # the recipe's checks: before data or a model is loaded
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -15,7 +15,7 @@ def test_probe_baseline_is_compares_linear_probe_on_the_runs_splits(tmp_path):
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.strategies.fewshot import frozen_fit
+    from graftune.recipes.fewshot import frozen_fit
     from graftune.zoo import load_base
 
     bert, csv = bert_folder(tmp_path / "bert"), topic_csv(tmp_path / "t.csv", n_per_class=16)

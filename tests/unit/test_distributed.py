@@ -19,7 +19,7 @@ from graftune.config import RunConfig
 from graftune.errors import ConfigError
 from graftune.speed import distributed
 from graftune.speed.distributed import DistInfo
-from graftune.train import train
+from graftune.runs import train
 from tests.conftest import tiny_bert
 from tests.train_helpers import bert_folder, topic_csv
 

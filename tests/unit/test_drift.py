@@ -15,7 +15,7 @@ from graftune.config import RunConfig
 from graftune.serve import DriftTracker, ModelStore, StaticSource, create_app
 from graftune.serve.drift import MIN_ROWS, Summary, compare, read_summary
 from graftune.serve.server import check_drift
-from graftune.train import train
+from graftune.runs import train
 from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args
 
 

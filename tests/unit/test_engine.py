@@ -452,7 +452,7 @@ def test_names_that_shadow_module_attributes_are_refused_cleanly(name):
 
 
 def test_a_run_directory_named_like_a_module_attribute_still_names_its_adapter(tmp_path):
-    from graftune.train import adapter_name
+    from graftune.run.rundir import adapter_name
 
     assert adapter_name(tmp_path / "cpu") == "cpu-run"
     assert adapter_name(tmp_path / "bbc news") == "bbc-news"

@@ -9,7 +9,7 @@ import torch
 
 from graftune import AdapterModel
 from graftune.errors import ConfigError, DataError
-from graftune.strategies import fewshot as fs
+from graftune.recipes import fewshot as fs
 from tests.conftest import tiny_llama
 
 WORDS = [

@@ -38,6 +38,28 @@ def test_cpu_without_native_bf16_picks_fp32(monkeypatch):
     assert precision.choose("bf16").name == "bf16"  # asked for explicitly, it is still honoured
 
 
+EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+SAPPHIRE = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+@pytest.mark.parametrize("text, flags, native", [
+    (EPYC, ["avx2"], False),
+    (SAPPHIRE, ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], True),
+    ("flags: avx2 avx512f\n", ["avx2", "avx512f"], False),  # avx512 without bf16 is still emulated bf16
+], ids=["avx2-only", "amx", "avx512-no-bf16"])
+def test_cpu_features_from_cpuinfo_decide_bf16(text, flags, native, monkeypatch):
+    info = precision.read_cpuinfo(text)
+    assert info["flags"] == flags and info["native_bf16"] is native
+    monkeypatch.setattr(precision, "cpu_features", lambda: info)
+    assert precision.choose("auto").name == ("bf16" if native else "fp32")
+
+
+def test_this_machines_cpu_is_recorded_and_respected():
+    info = precision.cpu_features()
+    assert set(info) == {"model", "flags", "native_bf16"}
+    assert precision.choose("auto").name == ("bf16" if info["native_bf16"] else "fp32")
+
+
 @pytest.mark.parametrize(("bf16_ok", "name", "dtype"), [(True, "bf16", torch.bfloat16), (False, "fp16", torch.float16)])
 def test_cuda_policy_is_unchanged(monkeypatch, bf16_ok, name, dtype):
     """CUDA: autocast over the float32 base, fused attention, as before."""
@@ -226,7 +248,7 @@ def test_train_runs_end_to_end_under_the_bf16_policy(kind, tmp_path, monkeypatch
     tiny CNN (bf16 batch-norm statistics, LoRA on convolutions): no dtype mismatch, finite losses, a loadable run."""
     from graftune.config import RunConfig
     from graftune.evaluate import load_run
-    from graftune.train import train
+    from graftune.runs import train
     from tests.train_helpers import image_folder, llama_folder, pairs_jsonl, train_args, use_tiny_cnn
 
     calls = []

@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from graftune import runs
 from graftune.config import RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError
 from graftune.evaluate import evaluate_run, load_run, predict
-from graftune.strategies import fewshot_run as cr
-from graftune.train import partial_dir, train
+from graftune.recipes import fewshot_run
+from graftune.recipes import probe as cr
+from graftune.run.rundir import partial_dir
+from graftune.runs import train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 HEADS = ("logistic", "prototype")
@@ -53,7 +56,7 @@ def refit(run_dir: Path, head: str):
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
     from graftune.speed import precision
-    from graftune.strategies.fewshot import frozen_fit
+    from graftune.recipes.fewshot import frozen_fit
     from graftune.zoo import load_base
 
     cfg = build_config(run_dir / "run.yaml")
@@ -127,14 +130,14 @@ def test_the_run_scores_what_compare_scores(runs, tiny, head, strategy):
     """compare's own code path (``_Frozen`` + ``_run_features``) on the run's split gives the run's test metrics."""
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.strategies import compare
+    from graftune.strategies import catalog
 
     out, metrics = runs[head]
     cfg = build_config(out / "run.yaml")
     ds = load_data(cfg.data)
     splits = make_splits(ds, **cfg.split_args())
-    frozen = compare._Frozen(cfg.model, ds, cfg.max_length)
-    expected = compare._run_features(compare.STRATEGIES[strategy], frozen, splits, "test")
+    frozen = catalog.Frozen(cfg.model, ds, cfg.max_length)
+    expected = catalog.run_features(catalog.STRATEGIES[strategy], frozen, splits, "test")
     assert (metrics["accuracy"], metrics["macro_f1"]) == (expected["accuracy"], expected["macro_f1"])
     assert metrics["trainable_params"] == expected["trainable_params"]
 
@@ -221,7 +224,7 @@ def test_a_damaged_head_is_one_clear_line(runs, tmp_path, head, damage, message)
 def test_bad_configs_fail_before_anything_runs(tiny, tmp_path, change, message):
     args = {**probe_args(tiny, tmp_path / "out"), **change}
     with pytest.raises(ConfigError) as e:
-        RunConfig(**args)
+        runs.check(RunConfig(**args))  # the recipe's checks: before data or a model is loaded
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -234,5 +237,5 @@ def test_options_reach_frozen_fit(tiny, tmp_path):
                                                           "head_c": 1.0, "max_chunks": 4}
     # a LoRA config (epochs, lr, batch_size set): what a probe run would not honour, in the order it is reported
     lora = RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "o", patience=3))
-    assert cr.unused_settings(lora, "probe") == ["epochs", "lr", "batch_size", "patience"]
-    assert cr.unused_settings(lora) == ["epochs", "patience"]  # contrastive's (the default, for --method auto)
+    assert fewshot_run.unused_settings(lora, "probe") == ["epochs", "lr", "batch_size", "patience"]
+    assert fewshot_run.unused_settings(lora) == ["epochs", "patience"]  # contrastive's (the default, for --method auto)

@@ -23,9 +23,10 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from graftune import AdapterModel
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
-from graftune.evaluate import evaluate_run, generate, load_run, logits_of, predict
+from graftune.evaluate import evaluate_run, generate, load_run, predict
+from graftune.run.scoring import logits_of
 from graftune.speed.quantize import check_choice, is_quantized, quantize_int8
-from graftune.train import train
+from graftune.runs import train
 from tests.conftest import text_inputs, tiny_bert, tiny_llama
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, topic_rows, train_args
 

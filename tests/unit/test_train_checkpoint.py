@@ -4,7 +4,8 @@ runs only on CUDA; the save/restore round trip is checked here with a CPU GradSc
 
 import torch
 
-import graftune.train as t
+import graftune.recipes.adapter as t
+import graftune.run.checkpoint as ck
 from graftune import AdapterModel
 from graftune.config import RunConfig
 from tests.conftest import tiny_bert
@@ -38,11 +39,11 @@ def test_checkpoint_restores_the_loss_scale(tmp_path):
     scaler.update(new_scale=1024.0)  # as if overflows had backed the scale off
     saved = scaler.state_dict()
     assert saved["scale"] == 1024.0 and saved["_growth_tracker"] == 1
-    t._write_checkpoint(tmp_path, model, "a", head, optimizer, scheduler, _state(), None, cfg, scaler=scaler)
+    ck.write_checkpoint(tmp_path, model, "a", head, optimizer, scheduler, _state(), None, cfg, scaler=scaler)
 
     model, head, optimizer, scheduler, fresh = _run_parts(cfg, True)
     assert fresh.state_dict() != saved
-    t._restore(t._read_checkpoint(tmp_path), model, "a", head, optimizer, scheduler, _state(), scaler=fresh)
+    ck.restore(ck.read_checkpoint(tmp_path), model, "a", head, optimizer, scheduler, _state(), scaler=fresh)
     assert fresh.state_dict() == saved
 
 
@@ -50,12 +51,12 @@ def test_checkpoint_without_loss_scaling_leaves_the_scaler_alone(tmp_path):
     """fp32/bf16 runs (a disabled scaler) and checkpoints written before the scaler was saved restore as before."""
     cfg = RunConfig(model="m", data="d", method="lora")
     model, head, optimizer, scheduler, disabled = _run_parts(cfg, False)
-    t._write_checkpoint(tmp_path, model, "a", head, optimizer, scheduler, _state(), None, cfg, scaler=disabled)
-    ckpt = t._read_checkpoint(tmp_path)
+    ck.write_checkpoint(tmp_path, model, "a", head, optimizer, scheduler, _state(), None, cfg, scaler=disabled)
+    ckpt = ck.read_checkpoint(tmp_path)
     assert ckpt["scaler"] == {}
     model, head, optimizer, scheduler, enabled = _run_parts(cfg, True)
     default = enabled.state_dict()
-    t._restore(ckpt, model, "a", head, optimizer, scheduler, _state(), scaler=enabled)
+    ck.restore(ckpt, model, "a", head, optimizer, scheduler, _state(), scaler=enabled)
     del ckpt["scaler"]
-    t._restore(ckpt, model, "a", head, optimizer, scheduler, _state(), scaler=enabled)
+    ck.restore(ckpt, model, "a", head, optimizer, scheduler, _state(), scaler=enabled)
     assert enabled.state_dict() == default

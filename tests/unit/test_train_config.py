@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from graftune import runs
 from graftune.config import RunConfig, build_config, parse_sets
 from graftune.errors import ConfigError
 from graftune.speed import precision
@@ -52,12 +53,18 @@ def test_parse_sets_reads_yaml_values():
     ({"warmup": 1.5}, "warmup"),
     ({"log_to": "wandb"}, "log_to"),
     ({"options": {"r": -1}}, "r"),
-    ({"method": "nope"}, "nope"),
     ({"model": ""}, "model"),
 ])
 def test_bad_values_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         RunConfig(**{"model": "m", "data": "d", **changes})
+
+
+def test_an_unknown_method_names_both_kinds():
+    # methods that are not the engine's are recipes: the dispatch table refuses the rest before anything loads
+    with pytest.raises(ConfigError, match=r"unknown method 'nope'; use an adapter method \(.*lora.*\), or one of the "
+                                          r"recipes head, contrastive, probe"):
+        runs.check(RunConfig(model="m", data="d", method="nope"))
 
 
 def test_unknown_yaml_keys_and_bad_yaml(tmp_path):

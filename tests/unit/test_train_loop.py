@@ -13,7 +13,8 @@ from graftune import all_methods
 from graftune.config import RunConfig, build_config
 from graftune.errors import ConfigError, DataError
 from graftune.evaluate import evaluate_run, generate, load_run, predict
-from graftune.train import partial_dir, train
+from graftune.run.rundir import partial_dir
+from graftune.runs import train
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, train_args
 
 RUN_FILES = {"adapter", "run.yaml", "metrics.json", "log.jsonl", "data_card.json"}
@@ -206,10 +207,10 @@ def test_probe_head_init_reproduces_the_logistic_regression(labels, tiny):
 
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
-    from graftune.evaluate import features_of
+    from graftune.run.scoring import features_of
     from graftune.speed import precision
     from graftune.tasks import build_task
-    from graftune.train import init_head_from_probe
+    from graftune.recipes.adapter import init_head_from_probe
     from graftune.zoo import load_base
 
     ds = load_data(str(tiny["csv"]))

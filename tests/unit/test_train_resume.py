@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from graftune.cli import app
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
-from graftune.train import CHECKPOINT, CHECKPOINT_FILE, partial_dir, train
+from graftune.run.checkpoint import CHECKPOINT, CHECKPOINT_FILE
+from graftune.run.rundir import partial_dir
+from graftune.runs import train
 from tests.train_helpers import bert_folder, topic_csv, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +29,14 @@ TIMING = ("train_seconds", "train_cpu_seconds", "wall_seconds", "peak_rss_mb")
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-import graftune.train as t
+import graftune.recipes.adapter as t
 from graftune.config import RunConfig
-write = t._write_checkpoint
+write = t.write_checkpoint
 def announce_and_stall(*args, **kwargs):
     write(*args, **kwargs)
     print("CHECKPOINT", flush=True)
     time.sleep(120)
-t._write_checkpoint = announce_and_stall
+t.write_checkpoint = announce_and_stall
 t.train(RunConfig(**json.loads(sys.argv[1])), progress=False)
 """
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
-from graftune.train import train
+from graftune.speed.precision import cpu_features
+from graftune.runs import train
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, train_args
 
 
@@ -88,6 +89,7 @@ def test_cache_decisions(tiny, tmp_path):
     assert m["speed"]["cache"] == "off (an adapter sits in layer 0: nothing below it to cache)"
     assert m["speed"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # device: auto
     assert m["speed"]["processes"] == 1 and m["speed"]["compile"] is None
+    assert m["speed"]["cpu"] == cpu_features()  # which CPU made this run's timings (bf16 in hardware or not)
     with pytest.raises(ConfigError, match="cache: on, but .* layer 0"):
         train(RunConfig(**{**common, "out": str(tmp_path / "b")}, cache="on"), progress=False)
     m = train(RunConfig(**{**common, "out": str(tmp_path / "c")}, method="head", base_dropout=True), progress=False)

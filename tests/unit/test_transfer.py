@@ -22,8 +22,8 @@ from graftune.core.model import AdapterModel, target_name
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.evaluate import evaluate_run, load_run
 from graftune.io.artifact import HEAD_PREFIX, save_adapter
-from graftune.strategies import transfer
-from graftune.train import train
+from graftune.recipes import transfer
+from graftune.runs import train
 from graftune.zoo import load_base
 from tests.train_helpers import SPECIAL, train_args, write_csv
 

@@ -279,13 +279,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method (one import line per method file).
-    import graftune.methods  # noqa: F401
-
-
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -293,7 +287,6 @@ def get_method(name: str) -> Method:
 
 
 def all_methods() -> list[Method]:
-    _load_builtin_methods()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 

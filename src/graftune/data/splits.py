@@ -8,6 +8,9 @@ Rules:
   have none: both fall back to a seeded random split.
 - The test set is carved out first (`test_per_class`, or `test_size`), unless the caller brings one (`test`).
 - Without `shots`, val is split from what remains (`val_size`), stratified, and the rest is train.
+- Small data is not an error: a stratified carve (test or val) holds at least one example per class, and leaves
+  at least one per class. When the data is too small for that, val is left out (`Splits.notes` says so, and
+  training runs its fixed number of epochs); a test set that cannot be carved asks for `--test` in one line.
 - With `shots=K`, train is K examples per class from the remaining pool (`sample_shots`), and val comes from
   the pool's examples not taken as shots: the next `max(K, 8)` per class of the same seeded order (fewer
   where a class runs out). `val_size` then only switches val off when it is 0. A seeded order per class makes
@@ -20,9 +23,10 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
 from graftune.data.sources import Dataset
 from graftune.errors import DataError
@@ -40,6 +44,8 @@ class Splits:
     seed: int = 0
     shots: int | None = None
     shot_seed: int | None = None
+    #: plain-words notes on how the data was split (for example why there is no val part)
+    notes: list[str] = field(default_factory=list)
 
 
 def make_splits(
@@ -79,6 +85,7 @@ def make_splits(
     _check_int("shot_seed", shot_seed, minimum=0)
     stratified = _is_single_label(ds)
     everything = np.arange(len(ds))
+    notes: list[str] = []
 
     if test is not None:
         _check_compatible(ds, test)
@@ -97,14 +104,14 @@ def make_splits(
         pool = np.concatenate([ix[test_per_class:] for ix in order.values()])
     else:
         n_test = _size("test_size", test_size, len(ds))
-        pool, test_idx = _split(ds, everything, n_test, seed, stratified, "test_size")
+        pool, test_idx = _split(ds, everything, n_test, seed, stratified, "test_size", notes)
 
     if shots is not None:
         train_idx, rest = _shots_and_rest(ds, pool, shots, shot_seed)
         val_idx = np.array([], dtype=int) if _size("val_size", val_size, len(ds)) == 0 else rest
     else:
         n_val = _size("val_size", val_size, len(ds))
-        train_idx, val_idx = _split(ds, pool, n_val, seed, stratified, "val_size")
+        train_idx, val_idx = _split(ds, pool, n_val, seed, stratified, "val_size", notes)
 
     splits = Splits(
         train=ds.subset(np.sort(train_idx)),
@@ -113,6 +120,7 @@ def make_splits(
         seed=seed,
         shots=shots,
         shot_seed=shot_seed if shots is not None else None,
+        notes=notes,
     )
     check_labels(splits.train, splits.test)
     check_labels(splits.train, splits.val)
@@ -188,27 +196,50 @@ def _check_compatible(ds: Dataset, test: Dataset) -> None:
 
 
 def _split(
-    ds: Dataset, idx: np.ndarray, n_out: int, seed: int, stratified: bool, field: str
+    ds: Dataset, idx: np.ndarray, n_out: int, seed: int, stratified: bool, field: str, notes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, carved out) with `n_out` carved out of `idx`, stratified on the labels when `stratified`."""
+    """(kept, carved out) with about `n_out` carved out of `idx`, stratified on the labels when `stratified`:
+    then at least one example of every class is carved out and at least one kept. A val part too small for that
+    is left out (with a note); a test part asks for a separate test file."""
     if n_out == 0:
         return idx, np.array([], dtype=int)
+    what = "a test set" if field == "test_size" else "a validation part"
+    if stratified:
+        labels = [ds.labels[i] for i in idx]
+        counts = {c: labels.count(c) for c in dict.fromkeys(labels)}
+        if min(counts.values()) < 2 or len(idx) < 2 * len(counts):
+            small = {c: n for c, n in counts.items() if n < 2}
+            if field == "val_size":
+                notes.append(f"no validation part: {_listing(small) or 'the data'} too small to hold one example "
+                             "per class out; every training epoch runs (no early stopping)")
+                return idx, np.array([], dtype=int)
+            raise DataError(f"{ds.origin}: {_listing(small)} has too few examples to hold one out for {what}; add "
+                            "examples or pass a separate --test FILE")
+        return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
     if n_out >= len(idx):
         raise DataError(
             f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving none to train on; "
             f"lower {field}"
         )
-    from sklearn.model_selection import train_test_split
-
-    labels = [ds.labels[i] for i in idx] if stratified else None
-    try:
-        kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=labels)
-    except ValueError as e:
-        raise DataError(
-            f"{ds.origin}: cannot stratify {field}={n_out} over {len(set(labels or []))} classes ({e}); "
-            "add examples to the small classes or change the size"
-        ) from None
+    kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True)
     return np.asarray(kept), np.asarray(out)
+
+
+def _per_class_carve(ds: Dataset, idx: np.ndarray, n_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified carve of `n_out` examples from `idx` with every class on both sides: scikit-learn's
+    stratified split where it guarantees that (large enough classes), else each class's share rounded, at least
+    one carved and one kept per class, from a seeded per-class order."""
+    labels = [ds.labels[i] for i in idx]
+    counts = {c: labels.count(c) for c in dict.fromkeys(labels)}
+    if n_out <= len(idx) - len(counts):
+        kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=labels)
+        if {ds.labels[i] for i in out} == set(counts) == {ds.labels[i] for i in kept}:
+            return np.asarray(kept), np.asarray(out)
+    order = _order_per_class(ds, idx, seed)
+    share = {c: min(max(1, round(n_out * counts[c] / len(idx))), counts[c] - 1) for c in counts}
+    out = np.concatenate([order[c][:share[c]] for c in counts])
+    kept = np.concatenate([order[c][share[c]:] for c in counts])
+    return kept, out
 
 
 def _order_per_class(ds: Dataset, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:

@@ -14,10 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from torch import nn
 from graftune.core.method import get_method, make_config
 from graftune.core.model import AdapterInfo, AdapterModel
 from graftune.errors import ArtifactError, GraftuneError
+from graftune.io.atomic import write_dir_atomically
 
 FORMAT = "graftune-adapter"
 FORMAT_VERSION = 1
@@ -105,56 +102,6 @@ def check_fingerprint(saved: dict, current: dict, what: str) -> None:
 
 
 # --- atomic directory writes ---------------------------------------------------------------------------------
-def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None],
-                         markers: tuple[str, ...] = (META_FILE,)) -> Path:
-    """Build a directory with ``write(tmp_dir)`` next to ``path``, then rename it into place.
-
-    An existing ``path`` is replaced only if it is an empty directory or holds one of ``markers`` (an earlier
-    artifact): a user's unrelated folder is never deleted. If ``write`` fails, ``path`` is left as it was.
-    """
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or any((path / m).exists()
-                                                                             for m in markers))):
-        raise ArtifactError(f"{path} exists and is not an adapter directory; refusing to overwrite it "
-                            "(choose another output path or remove it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync(f)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync directories
-        pass
-    finally:
-        os.close(fd)
-
-
 # --- reading, with one-line errors --------------------------------------------------------------------------
 def read_json(file: Path) -> dict:
     if not file.is_file():
@@ -261,7 +208,7 @@ def save_adapter(model: AdapterModel, name: str, path: str | os.PathLike, *, hea
         meta["sizes"]["bytes"] = (tmp / TENSORS_FILE).stat().st_size
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-    return write_dir_atomically(path, write)
+    return write_dir_atomically(path, write, markers=(META_FILE,))
 
 
 def read_meta(path: str | os.PathLike) -> dict:

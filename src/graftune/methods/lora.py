@@ -147,6 +147,12 @@ class LoRA(Method):
         "cnn": TargetSpec(names=("_expand_conv", "_project_conv")),
         "*": TargetSpec(types=("Linear",)),
     }
+    #: every attention projection (queries, keys, values and the output), for recipes that adapt attention as a
+    #: whole (the contrastive recipe's default)
+    attention_presets: ClassVar[dict[str, TargetSpec]] = {
+        "bert": TargetSpec(names=("query", "key", "value", "attention.output.dense")),
+        "llama": TargetSpec(names=("q_proj", "k_proj", "v_proj", "o_proj")),
+    }
 
     def build(self, target, config, *, target_name):
         return LoraModule(target, config, target_name)

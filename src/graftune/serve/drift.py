@@ -40,7 +40,8 @@ from scipy import stats
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
 from graftune.errors import DataError, GraftuneError
-from graftune.evaluate import features_of, load_run
+from graftune.run.scoring import features_of
+from graftune.runs import load_run
 from graftune.tasks.classification import probabilities
 
 log = logging.getLogger("graftune.serve")
@@ -293,8 +294,8 @@ def render(name: str, version: str, report: dict) -> str:
                 f"reference: {report['reference']} training inputs)")
     verdict = ("recent inputs do NOT look like the training data" if report["drift"] else
                "recent inputs still look like the training data")
-    lines = [f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {report['served']} served inputs against "
-             f"{report['reference']} training inputs)"]
+    lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {report['served']} served inputs against "
+              f"{report['reference']} training inputs)")]
     c = report["checks"]
     e = c["embedding"]
     lines.append(f"  embedding: {e['dims_moved']} of {e['dims']} dimensions moved (largest |t| {e['max_abs_t']:.1f})"

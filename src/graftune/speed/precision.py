@@ -124,18 +124,38 @@ class MatmulAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists amx_bf16 or avx512_bf16 (bf16 matrix products in hardware)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+#: the CPU features that decide matrix-product speed: vector width, and bf16 in hardware (avx512_bf16, AMX)
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
+
+
+def read_cpuinfo(text: str) -> dict:
+    """The model name and the ``SPEED_FLAGS`` present, from the text of /proc/cpuinfo."""
+    model, flags = "", set()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"amx_bf16", "avx512_bf16"})
-    return False
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model or "unknown", "flags": [f for f in SPEED_FLAGS if f in flags],
+            "native_bf16": bool(flags & set(NATIVE_BF16))}
+
+
+@lru_cache(maxsize=1)
+def cpu_features() -> dict:
+    """This machine's CPU: model name, the speed-relevant flags present and whether bf16 runs in hardware
+    (recorded in every run's ``metrics.json`` ``speed``, so a timing says which CPU made it)."""
+    try:
+        return read_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return {"model": "unknown", "flags": [], "native_bf16": False}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has amx_bf16 or avx512_bf16 (bf16 matrix products in hardware). Without them a bf16
+    matmul is emulated, about 50x slower than float32: ``auto`` never picks bf16 there."""
+    return cpu_features()["native_bf16"]
 
 
 def choose(requested: str = "auto", device: str | torch.device = "cpu", *, inference: bool = False) -> Precision:

@@ -13,7 +13,7 @@ reference once parsed (``json_match_rate``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftune.tasks import pad
+from graftune.tasks.base import pad
 
 IGNORE = -100
 
@@ -106,8 +106,9 @@ class CausalLM:
     # --- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, model: nn.Module, prompts: Sequence[str], *, max_new_tokens: int = 64,
-                 batch_size: int = 8) -> list[str]:
-        """Greedy answers to ``prompts`` (batched, left-padded), with the prompt and the end token cut off."""
+                 batch_size: int = 8, on_batch: Callable[[int], Any] | None = None) -> list[str]:
+        """Greedy answers to ``prompts`` (batched, left-padded), with the prompt and the end token cut off.
+        ``on_batch(n)`` is called after each batch of ``n`` answers (a progress bar's ``update``)."""
         out: list[str] = [""] * len(prompts)
         encoded = [self.prompt_ids(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -120,6 +121,8 @@ class CausalLM:
                                  do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
             for row, i in enumerate(idx):
                 out[i] = self.tokenizer.decode(gen[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch(len(idx))
         return out
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftune.tasks import pad
+from graftune.tasks.base import pad
 
 POOLINGS = ("mean", "last", "cls")
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
+from graftune.strategies.summary import augmentation_effect, recommend, summarize
+
 TEMPLATE = Path(__file__).with_name("template.html")
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf")
@@ -16,7 +18,6 @@ _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 
 def render_report(rows: Sequence[dict], meta: dict) -> str:
     """The report page for the rows of ``results.json`` and its ``meta``."""
-    from graftune.strategies.compare import augmentation_effect, recommend, summarize
 
     summary = summarize(rows)
     lines = recommend(summary) or ["No run finished: nothing to recommend (see the skipped and failed runs)."]

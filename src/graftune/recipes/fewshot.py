@@ -39,10 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from graftune.core.model import AdapterModel
 from graftune.errors import ConfigError, DataError
+from graftune.methods.lora import LoRA
 from graftune.speed import precision as _precision
 from graftune.speed.cache import FrozenPrefixCache
 from graftune.tasks import pad
@@ -209,12 +211,12 @@ class PrototypeClassifier:
         return self.classes_[self.similarities(embeddings).argmax(axis=1)]
 
 
-def _make_head(head: str, head_c: float):
+def make_head(head: str, head_c: float):
+    """An unfitted head over embeddings: nearest class mean (``prototype``) or logistic regression (``logistic``,
+    inverse regularization ``head_c``)."""
     if head == "prototype":
         return PrototypeClassifier()
     if head == "logistic":
-        from sklearn.linear_model import LogisticRegression
-
         return LogisticRegression(C=head_c, max_iter=2000)
     raise ConfigError(f"head: got {head!r}; use one of {', '.join(HEADS)}")
 
@@ -280,7 +282,7 @@ def frozen_fit(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequenc
     emb = embed(module, tokenizer, texts, batch_size=batch_size, max_length=max_length, pooling=pooling,
                 max_chunks=max_chunks)
     t1 = time.perf_counter()
-    fitted = _make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
+    fitted = make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
     t2 = time.perf_counter()
     report = {"strategy": f"frozen+{head}", "examples": len(texts), "max_length": max_length,
               "max_chunks": max_chunks, "embed_seconds": t1 - t0, "head_seconds": t2 - t1, "seconds": t2 - t0}
@@ -448,7 +450,7 @@ def contrastive_fit(
                         ("embed_max_length", embed_max_length), ("embed_max_chunks", embed_max_chunks)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: got {value!r}; use a positive integer")
-    _make_head(head, head_c)  # validate before any training
+    make_head(head, head_c)  # validate before any training
     labels = list(labels)
     classes, y = np.unique(np.asarray(labels), return_inverse=True)
     pairs = sample_pairs(y, iterations, seed)  # raises on a single class
@@ -462,7 +464,7 @@ def contrastive_fit(
             am.add_adapter(name, "full")
             lr = 2e-5 if lr is None else lr
         else:
-            options = dict(method_options) if method_options is not None else _default_options(method, am.family)
+            options = dict(method_options) if method_options is not None else default_options(method, am.family)
             am.add_adapter(name, method, **options)
             lr = 1e-3 if lr is None else lr
         previous_active = am.active
@@ -532,7 +534,7 @@ def contrastive_fit(
 
     fitted = FewShotModel(am, tokenizer, None, embed_max_length, pooling, name, 32, max_chunks=embed_max_chunks)
     emb = fitted.embed(texts)
-    fitted.head = _make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
+    fitted.head = make_head(head, head_c).fit(emb.numpy(), np.asarray(labels))
     t2 = time.perf_counter()
     fitted.report = {
         "strategy": f"contrastive-{body}", "method": "full" if body == "full" else method, "adapter": name,
@@ -548,13 +550,13 @@ def contrastive_fit(
     return fitted
 
 
-def _default_options(method: str, family: str) -> dict:
-    """Fast defaults: LoRA on the attention projections of the top two layers only (the rest can be cached)."""
+def default_options(method: str, family: str) -> dict:
+    """Fast defaults: LoRA on every attention projection (LoRA's ``attention`` targets for the family) of the top
+    two layers only (the rest can be cached)."""
     if method != "lora":
         return {}
-    names = {"bert": ("query", "key", "value", "attention.output.dense"),
-             "llama": ("q_proj", "k_proj", "v_proj", "o_proj")}.get(family)
     options: dict = {"r": 8, "alpha": 16.0, "top_k_layers": 2}
-    if names:
-        options["targets"] = {"names": list(names)}
+    spec = LoRA.attention_presets.get(family)
+    if spec is not None:
+        options["targets"] = {"names": list(spec.names)}
     return options

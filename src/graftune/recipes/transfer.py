@@ -27,6 +27,8 @@ from pathlib import Path
 from torch import nn
 
 from graftune.errors import ArtifactError, ConfigError
+from graftune.io import artifact
+from graftune.io.artifact import META_FILE, TENSORS_FILE, load_adapter
 
 #: the folder of a run directory holding the frozen adapter applied under the trained one
 UNDER_DIR = "stack_under"
@@ -35,8 +37,6 @@ UNDER_NAME = "stack-under"
 
 def source_dir(path: str | Path, flag: str) -> Path:
     """The adapter directory of ``path``: a run directory's ``adapter/``, or ``path`` itself."""
-    from graftune.io.artifact import META_FILE
-
     p = Path(path)
     if (p / "adapter" / META_FILE).is_file():
         return p / "adapter"
@@ -56,8 +56,6 @@ def warm_start(model, name: str, source: str | Path, *, head: nn.Module | None =
                label_names: list[str] | None = None) -> dict:
     """Load the adapter saved at ``source`` into adapter ``name`` of ``model`` (already added), and its head
     into ``head`` when the label names match. Returns a record of what was loaded."""
-    from graftune.io import artifact
-
     folder = source_dir(source, "init_from")
     meta = artifact.read_meta(folder)
     info = model.info.get(name)
@@ -105,8 +103,6 @@ def warm_start(model, name: str, source: str | Path, *, head: nn.Module | None =
 def stack_under(model, name: str | None, source: str | Path) -> str:
     """Load the adapter at ``source`` frozen and activate it under adapter ``name`` (or alone for a head-only
     run). Returns the frozen adapter's name in ``model``."""
-    from graftune.io.artifact import load_adapter
-
     folder = source_dir(source, "stack_under")
     if folder.name == "adapter" and (folder.parent / UNDER_DIR).is_dir():
         raise ConfigError(f"stack_under {source}: that run has an adapter stacked under it already; stack one "
@@ -120,8 +116,6 @@ def stack_under(model, name: str | None, source: str | Path) -> str:
 def load_stack(model, run_dir: str | Path, task_name: str | None) -> list[str]:
     """For ``load_run``: load ``RUN_DIR/stack_under`` (if the run has one) under its name; return the names to
     activate before the task adapter."""
-    from graftune.io.artifact import load_adapter
-
     folder = Path(run_dir) / UNDER_DIR
     if not folder.is_dir():
         return []
@@ -135,8 +129,6 @@ def apply_transfer(cfg, model, name: str, head: nn.Module | None, label_names: l
     """What ``init_from`` and ``stack_under`` ask of a new run, after its adapter and head are built; the frozen
     adapter is copied into the run directory being written (``work``; None on the ranks of a data-parallel run
     that do not write). Returns a record for metrics.json (empty when neither is set)."""
-    from graftune.io.artifact import META_FILE, TENSORS_FILE
-
     record: dict = {}
     task = name if name in model.info else None
     if cfg.stack_under:

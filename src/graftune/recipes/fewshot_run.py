@@ -1,59 +1,55 @@
-"""``graftune train --method contrastive`` and ``--method probe``: the few-shot recipes of ``strategies/fewshot.py`` as
-saved runs.
-
-Both go through the same data path as every other ``train()`` run (``load_data``, ``make_splits`` with the config's
-shots, seeds and test/val carving, the same ``data_card.json`` and ``run.yaml``), fit a ``FewShotModel``, score the
-test split with it (its own ``embed`` and head, nothing re-implemented) and write the run directory:
-
-- ``contrastive`` (the SetFit recipe): ``contrastive_fit`` trains a LoRA adapter on pairs of training texts (same
-  class: cosine 1, other class: 0) and fits a scikit-learn logistic regression on the adapted, L2-normalized,
-  window-averaged embeddings. The run directory gets ``adapter/`` (``io.artifact.save_adapter``: the LoRA adapter,
-  no task head) and ``head/``.
-- ``probe`` (the frozen-encoder baseline of ``graftune compare``'s ``linear-probe`` and ``prototypes``):
-  ``frozen_fit`` embeds the training texts with the frozen base as ``compare`` does (the run's precision policy for
-  inference: frozen weights cast, embeddings under its autocast) and fits a logistic regression (``--set
-  head=logistic``, the default) or takes the class means (``head=prototype``). Nothing trains by gradient; there is
-  no adapter, so the run directory has ``head/`` and no ``adapter/``.
+"""What the two few-shot recipes (``recipes/contrastive.py`` and ``recipes/probe.py``) share: the refusals of
+settings they do not use, the run writer (the same data path as every run: ``load_data``, ``make_splits`` with the
+config's shots, seeds and test/val carving, the same ``data_card.json`` and ``run.yaml``), scoring with the fitted
+``FewShotModel`` (its own ``embed`` and head, nothing re-implemented), the head on disk and the reloading.
 
 ``head/`` holds ``head.safetensors`` (logistic: ``coef`` and ``intercept`` as fitted; prototype: ``prototypes``, the
 normalized class means; float32) and ``head.json`` (kind, classes, label names, ``C`` or ``temperature`` and the
 embedding settings: adapter name or null, pooling, normalize, max_length, max_chunks, batch_size, precision,
-autocast).
-
-``load_fewshot_run`` (called by ``evaluate.load_run`` for such runs) rebuilds the very same ``FewShotModel``: base,
-precision cast, adapter, embedding settings and a head whose fitted attributes are the saved ones, so ``eval`` and
-``predict`` give what the model in memory gave at training time (same device and precision). Everything is data
-(safetensors + JSON); nothing is pickled.
-
-Mapping of the run config: for ``contrastive``, ``lr``, ``batch_size`` (pairs per step), ``seed``, ``precision`` and
-``cache`` (``off``: no frozen-prefix cache) pass through to ``contrastive_fit``; ``max_length`` is the embedding
-length the head reads (``embed_max_length``), and pairs train on ``min(128, max_length)`` tokens, as ``graftune
-compare`` runs it. For ``probe``, ``max_length`` and ``precision`` pass through. ``--set`` takes ``OPTIONS``
-(contrastive) or ``PROBE_OPTIONS``. Settings of ``train()``'s own loop (``--epochs``, ``--patience``, ``--schedule``,
-...; for probe also ``--lr``, ``--batch-size``, ``--cache``) do not apply and are refused away from their defaults,
-as are warm starts and stacking.
+autocast). ``load`` rebuilds the very same ``FewShotModel`` (base, precision cast, adapter, embedding settings and
+a head whose fitted attributes are the saved ones), so ``eval`` and ``predict`` give what the model in memory gave
+at training time (same device and precision). Everything is data (safetensors + JSON); nothing is pickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sklearn
 import torch
+from safetensors.torch import save_file
+from sklearn.linear_model import LogisticRegression
 
-from graftune.config import FEWSHOT_METHODS
-from graftune.core.method import check
+from graftune.core.method import check as check_field
+from graftune.core.model import AdapterModel
+from graftune.data.card import data_card
+from graftune.data.sources import load_data
+from graftune.data.splits import make_splits
 from graftune.errors import ArtifactError, ConfigError, DataError
+from graftune.io import artifact
+from graftune.io.artifact import load_adapter, read_json, read_tensors
+from graftune.io.atomic import write_dir_atomically
+from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
+from graftune.run.loaded import LoadedRun
+from graftune.run.log import RunLog, brief
+from graftune.run.memory import PeakMemory
+from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_json
+from graftune.speed import distributed, precision
+from graftune.speed.device import resolve as resolve_device
+from graftune.speed.precision import cpu_features
+from graftune.tasks import ZOO_TASK, build_task
+from graftune.tasks.classification import classification_metrics
+from graftune.zoo import load_base
 
-#: the run-config methods this module trains and reloads
-CONTRASTIVE, PROBE = FEWSHOT_METHODS
+#: the run-config methods of the two few-shot recipes
+CONTRASTIVE, PROBE = "contrastive", "probe"
 HEAD_DIR = "head"
 HEAD_TENSORS = "head.safetensors"
 HEAD_META = "head.json"
@@ -62,16 +58,6 @@ HEAD_FORMAT = "graftune-fewshot-head"
 #: the frozen base (``adapter: null``, probe runs). A head is written with the lowest version that describes it.
 HEAD_FORMAT_VERSION = 2
 HEAD_KINDS = ("logistic", "prototype")
-#: ``--set`` options of contrastive: ``contrastive_fit``'s own keyword arguments ...
-FIT_OPTIONS = ("iterations", "epochs", "loss", "temperature", "head_c", "embed_max_chunks")
-#: ... and the options of its LoRA adapter (default: r=8, alpha=16, attention projections of the top 2 layers)
-LORA_OPTIONS = ("r", "alpha", "top_k_layers")
-OPTIONS = FIT_OPTIONS + LORA_OPTIONS
-#: ``--set`` options of probe: ``frozen_fit``'s head (``logistic`` or ``prototype``), its ``head_c`` (logistic only)
-#: and ``max_chunks`` (windows read per long text)
-PROBE_OPTIONS = ("head", "head_c", "max_chunks")
-#: tokens per text while training on pairs, at most (the head reads ``max_length``), as ``graftune compare`` does
-PAIR_MAX_LENGTH = 128
 
 #: what each method runs instead of train()'s epoch loop (for the refusals below)
 _INSTEAD = {CONTRASTIVE: "it trains on pairs, then fits a logistic regression",
@@ -104,52 +90,27 @@ def _unused(method: str) -> dict[str, str]:
 
 
 # --- config ---------------------------------------------------------------------------------------------------
-def check_config(cfg: Any) -> None:
-    """Called by ``RunConfig`` for ``method: contrastive`` or ``probe``: everything that can be refused before data or
-    a model is loaded (the task, settings that do not apply, the ``--set`` options and their values)."""
+def check(cfg: Any, allowed: Sequence[str]) -> None:
+    """The checks both recipes make before data or a model is loaded: the task, settings that do not apply, and
+    the ``--set`` option names (``allowed``); each recipe then checks its options' values."""
     method = cfg.method
-    check(cfg.task in (None, "classification"), "task",
-          f"got {cfg.task}; --method {method} trains text classifiers, use another --method for {cfg.task}")
+    check_field(cfg.task in (None, "classification"), "task",
+                f"got {cfg.task}; --method {method} trains text classifiers, use another --method for {cfg.task}")
     for name in unused_settings(cfg, method)[:1]:
-        check(False, name, _unused(method)[name])
-    allowed = OPTIONS if method == CONTRASTIVE else PROBE_OPTIONS
+        check_field(False, name, _unused(method)[name])
     unknown = sorted(set(cfg.options) - set(allowed))
     if unknown:
         raise ConfigError(f"options for {method}: unknown option(s) {', '.join(unknown)}; "
                           f"use {', '.join(allowed)} (--set key=value)")
-    (_check_contrastive_options if method == CONTRASTIVE else _check_probe_options)(cfg.options)
 
 
-def _check_positive(opts: dict, names: Sequence[str], *, integer: bool) -> None:
+def check_positive(opts: dict, names: Sequence[str], *, integer: bool) -> None:
+    """Each option of ``names`` that is set is a positive integer (``integer``) or a positive number."""
     for name in names:
         value = opts.get(name, 1)
         kinds = int if integer else (int, float)
-        check(isinstance(value, kinds) and not isinstance(value, bool) and value > 0, name,
-              f"got {value!r}; use a positive {'integer' if integer else 'number'}")
-
-
-def _check_contrastive_options(opts: dict) -> None:
-    from graftune.core.method import make_config
-    from graftune.strategies.fewshot import LOSSES
-
-    _check_positive(opts, ("iterations", "epochs", "embed_max_chunks"), integer=True)
-    _check_positive(opts, ("temperature", "head_c"), integer=False)
-    check(opts.get("loss", "cosine") in LOSSES, "loss", f"got {opts.get('loss')!r}; use one of {', '.join(LOSSES)}")
-    try:
-        make_config("lora", **{k: opts[k] for k in LORA_OPTIONS if k in opts})
-    except TypeError as e:
-        raise ConfigError(f"options for contrastive: {e}") from None
-
-
-def _check_probe_options(opts: dict) -> None:
-    from graftune.strategies.fewshot import HEADS
-
-    head = opts.get("head", "logistic")
-    check(head in HEADS, "head", f"got {head!r}; use one of {', '.join(HEADS)}")
-    check(head == "logistic" or "head_c" not in opts, "head_c",
-          "sets the logistic regression's inverse regularization; drop it with head=prototype")
-    _check_positive(opts, ("max_chunks",), integer=True)
-    _check_positive(opts, ("head_c",), integer=False)
+        check_field(isinstance(value, kinds) and not isinstance(value, bool) and value > 0, name,
+                    f"got {value!r}; use a positive {'integer' if integer else 'number'}")
 
 
 def unused_settings(cfg: Any, method: str = CONTRASTIVE) -> list[str]:
@@ -169,48 +130,19 @@ def check_data(ds: Any, method: str = CONTRASTIVE) -> None:
         raise DataError(f"{ds.origin}: multi-label data; --method {method} {how}, use another --method (lora, say)")
 
 
-def fit_arguments(cfg: Any, *, family: str | None, pooling: str | None, adapter_name: str = "fewshot") -> dict:
-    """The keyword arguments of ``contrastive_fit`` (besides model, tokenizer, texts, labels) that ``cfg`` asks
-    for, on a base of ``family`` with the zoo's ``pooling``."""
-    from graftune.strategies.fewshot import _default_options
-
-    opts = cfg.options
-    lora = {**_default_options("lora", family), **{k: opts[k] for k in LORA_OPTIONS if k in opts}}
-    return {"body": "adapter", "method": "lora", "method_options": lora, "lr": cfg.lr, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "max_length": min(PAIR_MAX_LENGTH, cfg.max_length), "embed_max_length": cfg.max_length,
-            "precision": cfg.precision, "cache": cfg.cache != "off", "pooling": pooling, "head": "logistic",
-            "adapter_name": adapter_name, **{k: opts[k] for k in FIT_OPTIONS if k in opts}}
 
 
-def probe_arguments(cfg: Any, *, pooling: str | None) -> dict:
-    """The keyword arguments of ``frozen_fit`` (besides model, tokenizer, texts, labels) that ``cfg`` asks for."""
-    from graftune.strategies.fewshot import DEFAULT_CHUNKS
-
-    opts = cfg.options
-    return {"head": opts.get("head", "logistic"), "max_length": cfg.max_length, "pooling": pooling,
-            "head_c": opts.get("head_c", 1.0), "max_chunks": opts.get("max_chunks", DEFAULT_CHUNKS)}
 
 
 # --- training ---------------------------------------------------------------------------------------------------
-def train_fewshot_run(cfg: Any, *, progress: bool = True, splits: Any = None) -> dict:
-    """``train(cfg)`` for ``method: contrastive`` or ``probe``: write the run directory ``cfg.out``, return its
-    metrics."""
-    from graftune.core.model import AdapterModel
-    from graftune.data.card import data_card
-    from graftune.data.sources import load_data
-    from graftune.data.splits import make_splits
-    from graftune.io import artifact
-    from graftune.speed import distributed
-    from graftune.speed import precision as _precision
-    from graftune.speed.device import resolve as resolve_device
-    from graftune.tasks import ZOO_TASK
-    from graftune.train import _brief, _finish_run_dir, _RunLog, _start_run_dir, adapter_name, peak_rss_mb
-    from graftune.zoo import load_base
-
+def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None) -> dict:
+    """Write the run directory ``cfg.out`` of a few-shot run, return its metrics. ``fit(cfg, model, base, splits,
+    log, progress, adapter_name, policy)`` is the recipe's own part: it returns the fitted ``FewShotModel`` and what
+    the run reports of it."""
     method = cfg.method
     if distributed.launched():
         raise ConfigError(f"method: {method} trains in one process; start it without torchrun / accelerate launch")
-    _start_run_dir(cfg, write=False)  # --out taken: say so before loading anything
+    start_run_dir(cfg, write=False)  # --out taken: say so before loading anything
     # --- data: the same loading and splits as every train() run; refused before a model or a file -------------
     columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
                "prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
@@ -221,32 +153,31 @@ def train_fewshot_run(cfg: Any, *, progress: bool = True, splits: Any = None) ->
         splits = make_splits(ds, test=user_test, **cfg.split_args())
     device = resolve_device(cfg.device)
     # contrastive_fit chooses the same policy for training; a probe only embeds (inference)
-    policy = _precision.choose(cfg.precision, device, inference=method == PROBE)
-    out, work = _start_run_dir(cfg)
+    policy = precision.choose(cfg.precision, device, inference=method == PROBE)
+    out, work = start_run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started, log = time.perf_counter(), None
+    memory = PeakMemory().__enter__()  # closed in ``finally``: the whole run, loading included
     try:
         base = load_base(cfg.model, task=ZOO_TASK["classification"])
         base.model.to(device)
         model = AdapterModel(base.model, family=base.family)
-        log = _RunLog(work / "log.jsonl", cfg, resumed=False)
+        log = RunLog(work / "log.jsonl", cfg, resumed=False)
         log.event("start", method=method, model=cfg.model, data=cfg.data, precision=policy.name,
                   train=len(splits.train), val=len(splits.val), test=len(splits.test))
         cpu0 = time.process_time()
-        if method == CONTRASTIVE:
-            fitted, fit = _fit_contrastive(cfg, model, base, splits, log, progress, adapter_name(out))
-        else:
-            fitted, fit = _fit_probe(cfg, model, base, splits, policy)
+        fitted, fit = fit(cfg, model, base, splits, log, progress, adapter_name(out), policy)
         train_cpu = time.process_time() - cpu0
-        speed = {"device": str(device), "processes": 1, "cache": fit["cache"], "compile": None}
+        speed = {"device": str(device), "processes": 1, "cache": fit["cache"], "compile": None,
+                 "cpu": cpu_features()}
         log.event("speed", **speed)
         val = score(fitted, splits.val.inputs, splits.val.labels, ds.label_names) if len(splits.val) else None
         if method == CONTRASTIVE:
-            log.event("epoch", epoch=fit["epochs"], last_loss=fit["last_loss"], val=_brief(val),
+            log.event("epoch", epoch=fit["epochs"], last_loss=fit["last_loss"], val=brief(val),
                       seconds=time.perf_counter() - started)
         else:
-            log.event("fit", head=fit["details"]["head"], val=_brief(val), seconds=time.perf_counter() - started)
+            log.event("fit", head=fit["details"]["head"], val=brief(val), seconds=time.perf_counter() - started)
 
         # --- test, write the run directory ------------------------------------------------------------------
         test = score(fitted, splits.test.inputs, splits.test.labels, ds.label_names)
@@ -266,19 +197,18 @@ def train_fewshot_run(cfg: Any, *, progress: bool = True, splits: Any = None) ->
             "total_params": sum(p.numel() for p in model.base.parameters()) + adapter_params + head_params,
             "adapter_bytes": adapter_bytes, "head_bytes": (work / HEAD_DIR / HEAD_TENSORS).stat().st_size,
             "train_seconds": round(fit["seconds"], 2), "train_cpu_seconds": round(train_cpu, 2),
-            "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(memory.peak, 1),
             # contrastive_fit has no early stopping (every epoch of pairs runs) and a probe has no epochs: no epoch
             # is picked on val
             "epochs_run": fit["epochs"], "best_epoch": None, "steps": fit["steps"],
             "precision": fit["precision"], "method": method, "task": "classification", "speed": speed,
-            "val": _brief(val), method: fit["details"],
+            "val": brief(val), method: fit["details"],
         }
         if cfg.auto:  # picked by --method auto: the record goes with the run, as for the other methods
             metrics["auto"] = cfg.auto
-        (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
-                                             encoding="utf-8")
-        log.event("end", test=_brief(test), train_seconds=fit["seconds"])
+        write_json(work / "metrics.json", metrics)
+        write_json(work / "data_card.json", data_card(splits, source=ds))
+        log.event("end", test=brief(test), train_seconds=fit["seconds"])
         log.close()
         log = None
     except BaseException:
@@ -286,61 +216,14 @@ def train_fewshot_run(cfg: Any, *, progress: bool = True, splits: Any = None) ->
             log.close()
         shutil.rmtree(work, ignore_errors=True)  # nothing to resume: a failed run leaves no trace
         raise
-    _finish_run_dir(work, out, cfg)
+    finally:
+        memory.__exit__(None, None, None)
+    finish_run_dir(work, out)
     return metrics
 
 
-def _fit_contrastive(cfg: Any, model: Any, base: Any, splits: Any, log: Any, progress: bool,
-                     name: str) -> tuple[Any, dict]:
-    """``contrastive_fit`` with a progress bar and a log line per step; returns the model and what the run
-    reports of it."""
-    from graftune.strategies.fewshot import contrastive_fit
-    from graftune.train import _progress
-
-    fit_args = fit_arguments(cfg, family=base.family, pooling=base.pooling, adapter_name=name)
-    epochs = fit_args.get("epochs", 1)  # contrastive_fit's default
-    bar = None
-
-    def on_step(info: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _progress(info["steps"], 0, progress)
-        per_epoch = info["steps"] // epochs
-        log.event("step", epoch=math.ceil(info["step"] / per_epoch), step=info["step"], loss=info["loss"],
-                  lr=info["lr"])
-        bar.update(1)
-        bar.set_postfix_str(f"loss {info['loss']:.4f}", refresh=False)
-
-    fitted = contrastive_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels, on_step=on_step,
-                             **fit_args)
-    if bar is not None:
-        bar.close()
-    report = fitted.report
-    details = {k: report[k] for k in ("pairs", "loss", "first_loss", "last_loss", "lr", "max_length",
-                                      "embed_max_length", "embed_max_chunks", "train_seconds", "head_seconds",
-                                      "texts_embedded_per_step")}
-    return fitted, {"epochs": epochs, "steps": report["steps"], "precision": report["precision"],
-                    "cache": report["cache"], "adapter_params": int(report["trainable_params"]),
-                    "seconds": report["seconds"], "last_loss": report["last_loss"], "details": details}
 
 
-def _fit_probe(cfg: Any, model: Any, base: Any, splits: Any, policy: Any) -> tuple[Any, dict]:
-    """``frozen_fit`` on the frozen base, embedding as ``compare._Frozen`` does: the frozen weights cast to the
-    inference policy's dtype, embeddings under its autocast (kept by the ``FewShotModel`` for every later embed)."""
-    from graftune.speed import precision as _precision
-    from graftune.strategies.fewshot import frozen_fit
-
-    args = probe_arguments(cfg, pooling=base.pooling)
-    _precision.apply(model.base, policy)
-    with policy.autocast():
-        fitted = frozen_fit(model, base.tokenizer, splits.train.inputs, splits.train.labels, **args)
-    fitted = dataclasses.replace(fitted, precision=policy)
-    report = fitted.report
-    details = {"head": args["head"], "head_c": args["head_c"] if args["head"] == "logistic" else None,
-               **{k: report[k] for k in ("examples", "max_length", "max_chunks", "embed_seconds", "head_seconds")}}
-    return fitted, {"epochs": 0, "steps": 0, "precision": policy.name, "adapter_params": 0,
-                    "cache": "off (nothing trains: each training text is embedded once)",
-                    "seconds": report["seconds"], "last_loss": None, "details": details}
 
 
 # --- scoring and predictions (the FewShotModel's own embed and head) ------------------------------------------
@@ -361,8 +244,6 @@ def _outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str]) -> t
 def score(fitted: Any, inputs: Sequence[str], labels: Sequence[str], label_names: Sequence[str]) -> dict:
     """The metrics a classification run reports (``classification_metrics``), plus ``loss``: the mean
     cross-entropy of the head's probabilities (-log p(true class), p clamped at 1e-12)."""
-    from graftune.tasks.classification import classification_metrics
-
     index = {n: i for i, n in enumerate(label_names)}
     pred, proba = _outputs(fitted, inputs, label_names)
     y = np.asarray([index[label] for label in labels])
@@ -384,18 +265,11 @@ def save_head(fitted: Any, path: Path, *, precision: str, label_names: Sequence[
     """``head.safetensors`` (logistic: ``coef``, ``intercept``; prototype: ``prototypes``; exactly the fitted
     values, in their dtype) and ``head.json`` (kind, classes, label names, ``C`` or ``temperature``, and how the
     embeddings it reads are made), written atomically."""
-    from safetensors.torch import save_file
-
-    from graftune.io.artifact import write_dir_atomically
-    from graftune.strategies.fewshot import PrototypeClassifier
-
     head = fitted.head
     if isinstance(head, PrototypeClassifier):
         kind, params = "prototype", {"temperature": float(head.temperature)}
         tensors = {"prototypes": head.prototypes_.detach().contiguous().clone()}
     else:
-        import sklearn
-
         # the fitted dtype is kept (float32: the embeddings' own): a float64 copy would predict slightly differently
         kind, params = "logistic", {"C": float(head.C), "sklearn_version": sklearn.__version__}
         tensors = {"coef": torch.from_numpy(np.ascontiguousarray(head.coef_)),
@@ -422,8 +296,6 @@ def load_head(path: Path, method: str = CONTRASTIVE) -> tuple[Any, dict]:
     """The saved head (a scikit-learn ``LogisticRegression`` or a ``fewshot.PrototypeClassifier`` with the saved
     fitted attributes) and ``head.json``; anything missing, corrupt or inconsistent is an ArtifactError naming the
     file."""
-    from graftune.io.artifact import read_json, read_tensors
-
     if not path.is_dir():
         raise ArtifactError(f"{path}: missing; a {method} run keeps its head there ({HEAD_META} + {HEAD_TENSORS}), "
                             "train the run again")
@@ -461,8 +333,6 @@ def load_head(path: Path, method: str = CONTRASTIVE) -> tuple[Any, dict]:
 
 
 def _logistic(path: Path, meta: dict, tensors: dict) -> Any:
-    from sklearn.linear_model import LogisticRegression
-
     classes = meta["classes"]
     coef, intercept = tensors.get("coef"), tensors.get("intercept")
     rows = 1 if len(classes) == 2 else len(classes)  # scikit-learn keeps one row for two classes
@@ -478,8 +348,6 @@ def _logistic(path: Path, meta: dict, tensors: dict) -> Any:
 
 
 def _prototypes(path: Path, meta: dict, tensors: dict) -> Any:
-    from graftune.strategies.fewshot import PrototypeClassifier
-
     rows = len(meta["classes"])
     prototypes = tensors.get("prototypes")
     if prototypes is None or prototypes.dim() != 2 or prototypes.shape[0] != rows \
@@ -492,18 +360,12 @@ def _prototypes(path: Path, meta: dict, tensors: dict) -> Any:
 
 
 # --- reloading a run -------------------------------------------------------------------------------------------------
-def load_fewshot_run(run_dir: Path, cfg: Any, meta: dict, *, quantize: str = "none") -> Any:
-    """For ``evaluate.load_run``: the run's ``FewShotModel`` rebuilt as at training time (base, precision cast,
-    adapter of a contrastive run, head, embedding settings), in a ``LoadedRun`` whose ``fewshot`` holds it. ``meta``:
-    the adapter's ``adapter.json`` (a probe run has none: the label names are in ``head.json``)."""
-    from graftune.core.model import AdapterModel
-    from graftune.evaluate import LoadedRun
-    from graftune.io.artifact import load_adapter
-    from graftune.speed import precision as _precision
-    from graftune.strategies.fewshot import FewShotModel
-    from graftune.tasks import ZOO_TASK, build_task
-    from graftune.zoo import load_base
-
+def load(run_dir: Path, cfg: Any, meta: dict, kind: str = "classification", *, merge: bool = True,
+         quantize: str = "none") -> LoadedRun:
+    """The run's ``FewShotModel`` rebuilt as at training time (base, precision cast, adapter of a contrastive run,
+    head, embedding settings), in a ``LoadedRun`` whose ``fewshot`` holds it. ``meta``: the adapter's
+    ``adapter.json`` (a probe run has none: the label names are in ``head.json``). ``merge`` does not apply: the
+    embeddings are read as they were trained."""
     method, run_dir = cfg.method, Path(run_dir)
     if quantize != "none":
         raise ConfigError(f"quantize {quantize}: a {method} run predicts from the float embeddings its head was "
@@ -518,8 +380,8 @@ def load_fewshot_run(run_dir: Path, cfg: Any, meta: dict, *, quantize: str = "no
         raise ArtifactError(f"{file}: label_names missing; the file is corrupt, train the run again")
     base = load_base(cfg.model, task=ZOO_TASK["classification"])
     model = AdapterModel(base.model, family=base.family)
-    policy = _precision.choose(cfg.precision, "cpu", inference=True)
-    _precision.apply(model.base, policy)  # before the adapter is added: it stays float32, as in training
+    policy = precision.choose(cfg.precision, "cpu", inference=True)
+    precision.apply(model.base, policy)  # before the adapter is added: it stays float32, as in training
     name = None
     if emb["adapter"] is not None:
         name = load_adapter(model, run_dir / "adapter").name

@@ -1,16 +1,16 @@
-"""The training loop, readable top to bottom: ``train(cfg)`` loads a base, the data and its splits, grafts one
-adapter (or none: ``--method head`` trains the head alone), trains the adapter and the task head with AdamW, and
-writes the run directory.
+"""The adapter training loop, readable top to bottom: ``train(cfg)`` loads a base, the data and its splits, grafts
+one adapter (or none: ``--method head`` trains the head alone), trains the adapter and the task head with AdamW,
+and writes the run directory; ``load(run_dir, cfg, meta)`` loads such a run back for prediction. The entry point
+``graftune.runs`` dispatches every adapter method and ``head`` here.
 
 What the loop does, in order, per epoch: length-bucketed batches in a seeded order (padding stays small), optional
 gradient accumulation, gradient clipping, one AdamW step (no weight decay on biases and norms) and one scheduler
 step (warm-up, then linear or cosine decay); then the val metric, the best epoch's weights kept in memory, early
-stopping, and a checkpoint. At the end the best weights are restored and scored on the test split.
+stopping, and a checkpoint (``run.checkpoint``). At the end the best weights are restored and scored on the test
+split.
 
-The run directory is built in ``.<name>.partial`` next to ``out`` and renamed into place when complete, so a run
-directory is never half-written. Inside the partial directory, ``.checkpoint/checkpoint.safetensors`` (tensors,
-with the JSON state in its metadata; never a pickle) is replaced atomically after every epoch; ``--resume``
-continues from it and ends with the same weights and metrics as an uninterrupted run with the same seed.
+The run directory is assembled by ``run.rundir`` (never half-written). ``--resume`` continues from the last
+checkpoint and ends with the same weights and metrics as an uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
@@ -18,34 +18,48 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
+from sklearn.linear_model import LogisticRegression
 from torch import nn
+from transformers import get_scheduler
 
-from graftune.config import FEWSHOT_METHODS, RunConfig, read_yaml
+from graftune.config import HEAD_ONLY, RunConfig
+from graftune.core.model import AdapterModel
+from graftune.data.card import data_card
+from graftune.data.sources import load_data
+from graftune.data.splits import make_splits
 from graftune.errors import ConfigError
-from graftune.evaluate import HEAD_ONLY, score_causal_lm, score_classification
+from graftune.io import artifact
+from graftune.io.artifact import load_adapter, read_head_state
+from graftune.io.atomic import write_dir_atomically
+from graftune.recipes.transfer import apply_transfer, load_stack
+from graftune.run.checkpoint import checkpoint_file, load_weights, read_checkpoint, restore, weights, write_checkpoint
+from graftune.run.loaded import LoadedRun
+from graftune.run.log import NullLog, RunLog, brief, postfix, progress_bar
+from graftune.run.memory import PeakMemory
+from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_json
+from graftune.run.scoring import features_of, score_split
 from graftune.speed import distributed, precision
+from graftune.speed import quantize as quantization
 from graftune.speed.cache import frozen_prefix_for_training
 from graftune.speed.compilation import compile_layers
 from graftune.speed.device import DeviceTask
 from graftune.speed.device import resolve as resolve_device
+from graftune.speed.precision import cpu_features
 from graftune.tasks import MODALITY_TASK, ZOO_TASK, batches, build_task
+from graftune.tasks.classification import encode_labels
+from graftune.zoo import load_base
 
-CHECKPOINT = ".checkpoint"
-CHECKPOINT_FILE = "checkpoint.safetensors"
 
-
-def partial_dir(out: str | Path) -> Path:
-    """Where a run is assembled (and checkpointed) before it is renamed to ``out``."""
-    out = Path(out)
-    return out.parent / f".{out.name}.partial"
+def check_config(cfg: RunConfig) -> None:
+    """Nothing beyond ``RunConfig``'s own checks: the adapter method and its options are validated there."""
 
 
 def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
@@ -53,32 +67,18 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
     ``splits``: ready-made ``data.splits.Splits`` of ``cfg.data`` used instead of splitting it here (the comparison
     harness, ``strategies/compare.py``, gives every strategy the very same splits, augmented train included)."""
-    from graftune.core.model import AdapterModel
-    from graftune.data.card import data_card
-    from graftune.data.sources import load_data
-    from graftune.data.splits import make_splits
-    from graftune.strategies.transfer import apply_transfer
-    from graftune.zoo import load_base
-
-    if cfg.method == "auto":  # pick the method by a quick comparison on the training examples first
-        from graftune.strategies.compare import resolve_auto
-
-        cfg = resolve_auto(cfg, progress=progress)
-    if cfg.method in FEWSHOT_METHODS:  # few-shot recipes (strategies/fewshot_run.py): same data path and run dir
-        from graftune.strategies.fewshot_run import train_fewshot_run
-
-        return train_fewshot_run(cfg, progress=progress, splits=splits)
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
     device = resolve_device(cfg.device, local_rank=distributed.local_rank(),
                             local_processes=distributed.local_world_size())
     info = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     main = info.rank == 0  # only rank 0 writes the run directory
-    out, work = _start_run_dir(cfg, write=main)
+    out, work = start_run_dir(cfg, write=main)
     distributed.barrier()  # the other ranks wait until rank 0 has prepared it
-    resume = _read_checkpoint(work) if cfg.resume else None
+    resume = read_checkpoint(work) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
+    memory = PeakMemory().__enter__()  # closed in ``finally``: the whole run, loading included
     try:
         # --- data: load, split (seeded), check -----------------------------------------------------------------
         columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
@@ -145,16 +145,17 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                                  "stopped": False}
         best_weights: dict[str, torch.Tensor] | None = None
         if resume is not None:
-            best_weights = _restore(resume, model, name, head, optimizer, scheduler, state, scaler=scaler)
-        log = _RunLog(work / "log.jsonl", cfg, resumed=resume is not None) if main else _NullLog()
+            best_weights = restore(resume, model, name, head, optimizer, scheduler, state, scaler=scaler)
+        log = RunLog(work / "log.jsonl", cfg, resumed=resume is not None) if main else NullLog()
         if resume is None:
             log.event("start", method=cfg.method, model=cfg.model, data=cfg.data, precision=policy.name,
                       train=len(splits.train), val=len(splits.val), test=len(splits.test), steps=total_steps)
-        speed = {"device": str(device), "processes": info.world_size, "cache": cache_note, "compile": compile_note}
+        speed = {"device": str(device), "processes": info.world_size, "cache": cache_note, "compile": compile_note,
+                 "cpu": cpu_features()}
         log.event("speed", **speed)
 
         # --- the loop ---------------------------------------------------------------------------------------------
-        bar = _progress(total_steps, state["step"], progress and main)
+        bar = progress_bar(total_steps, state["step"], progress and main)
         metric = "loss" if kind == "causal-lm" else cfg.metric
         loop_started, loop_cpu = time.perf_counter(), time.process_time()
         for epoch in range(state["epoch"], cfg.epochs):
@@ -200,10 +201,10 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                 epoch_loss, seen = epoch_loss + step_loss * len(idx), seen + len(idx)
                 log.event("step", epoch=epoch + 1, step=state["step"], loss=step_loss, lr=scheduler.get_last_lr()[0])
                 bar.update(1)
-                bar.set_postfix_str(_postfix(epoch, cfg.epochs, step_loss, state, metric), refresh=False)
+                bar.set_postfix_str(postfix(epoch, cfg.epochs, step_loss, state, metric), refresh=False)
 
             # --- validate, keep the best weights, maybe stop ---------------------------------------------------
-            val = (_score(kind, score_task, model, head, splits.val, cfg, policy, generate=False)
+            val = (score_split(kind, score_task, model, head, splits.val, cfg, policy, generate=False)
                    if len(splits.val) else None)
             val = distributed.broadcast(val, info)  # rank 0's score decides for every rank (best epoch, stopping)
             state["epoch"] = epoch + 1
@@ -211,14 +212,14 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                 score = -val["loss"] if metric == "loss" else val[metric]
                 if state["best"] is None or score > state["best"]:
                     state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-                    best_weights = _weights(model, name, head, cfg)
+                    best_weights = weights(model, name, head, cfg)
                 else:
                     state["bad_epochs"] += 1
             log.event("epoch", epoch=epoch + 1, train_loss=epoch_loss / max(seen, 1),
-                      val=_brief(val), seconds=time.perf_counter() - started)
+                      val=brief(val), seconds=time.perf_counter() - started)
             state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
             if main:
-                _write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg,
+                write_checkpoint(work, model, name, head, optimizer, scheduler, state, best_weights, cfg,
                                   scaler=scaler)
             if state["stopped"]:
                 log.event("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
@@ -227,7 +228,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
         # --- restore the best epoch, test, write the run directory ----------------------------------------------
         if best_weights is not None:
-            _load_weights(best_weights, model, name, head)
+            load_weights(best_weights, model, name, head)
         train_seconds = time.perf_counter() - loop_started
         train_cpu = time.process_time() - loop_cpu  # all threads: wall x cores when the machine is otherwise idle
         if cache is not None:
@@ -237,91 +238,80 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             cache.clear()
         if not main:
             return _end_processes(info, None)  # rank 0 tests and writes; the others take its metrics
-        test = _score(kind, score_task, model, head, splits.test, cfg, policy, generate=True)
+        test = score_split(kind, score_task, model, head, splits.test, cfg, policy, generate=True,
+                           show="testing" if progress else None)
         sizes = _sizes(model, name, head, cfg)
         extra = {"task": kind, "multi_label": ds.multi_label, "base_model": cfg.model, "pooling": base.pooling}
         adapter_bytes = _save_artifact(model, name, head, ds.label_names, extra, work / "adapter", cfg)
         metrics = {**{k: v for k, v in test.items() if k != "samples"}, **sizes, "adapter_bytes": adapter_bytes,
                    "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu, 2),
-                   "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(memory.peak, 1),
                    "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "steps": state["step"],
+                   "stopped_early": state["stopped"], "epochs": cfg.epochs,
                    "precision": policy.name, "method": cfg.method, "task": kind, "speed": speed}
         if "samples" in test:
             metrics["samples"] = test["samples"]
         metrics.update({k: v for k, v in (("auto", cfg.auto), ("transfer", transfer)) if v})
-        (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (work / "data_card.json").write_text(json.dumps(data_card(splits, source=ds), indent=2) + "\n",
-                                             encoding="utf-8")
-        log.event("end", test=_brief(test), train_seconds=train_seconds)
+        write_json(work / "metrics.json", metrics)
+        write_json(work / "data_card.json", data_card(splits, source=ds))
+        log.event("end", test=brief(test), train_seconds=train_seconds)
         log.close()
     except BaseException:
         # keep an interrupted run that has a checkpoint (--resume continues it); anything else leaves no trace
-        if main and not (work / CHECKPOINT / CHECKPOINT_FILE).exists():
+        if main and not checkpoint_file(work).exists():
             shutil.rmtree(work, ignore_errors=True)
         if info.owned:
             distributed.cleanup()
         raise
-    _finish_run_dir(work, out, cfg)
+    finally:
+        memory.__exit__(None, None, None)
+    finish_run_dir(work, out)
     return _end_processes(info, metrics)
 
 
 # --- the run directory ----------------------------------------------------------------------------------------
-def adapter_name(out: Path) -> str:
-    """The saved adapter's name: the run directory's name, reduced to what adapter names allow."""
-    name = re.sub(r"[^A-Za-z0-9_\-]", "-", out.name).strip("-")[:60]
-    if name and hasattr(nn.Module, name):  # a run directory called cpu/, train/, ...: not a usable key
-        name += "-run"
-    return name if name and name != "__base__" else "adapter"
 
 
-def _start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
-    """Check ``cfg.out`` (and, with --resume, the saved run); with ``write``, create the partial directory."""
-    if not cfg.out:
-        raise ConfigError("out: missing; pass --out RUN_DIR (the run directory to write)")
-    out = Path(cfg.out)
-    work = partial_dir(out)
-    if cfg.resume:
-        saved = work / "run.yaml"
-        if not (work / CHECKPOINT / CHECKPOINT_FILE).is_file() or not saved.is_file():
-            done = " (it is already complete)" if (out / "metrics.json").exists() else ""
-            raise ConfigError(f"--resume: no interrupted run to continue for {out}{done}; start it without --resume")
-        differ = {k: (v, getattr(cfg, k, None)) for k, v in read_yaml(saved).items() if getattr(cfg, k, None) != v}
-        if differ:
-            k, (was, now) = next(iter(differ.items()))
-            raise ConfigError(f"--resume continues the saved run config, but {k} differs (saved {was!r}, given "
-                              f"{now!r}); drop that flag or start a new run")
-        return out, work
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
-    if not write:
-        return out, work
-    if work.exists():
-        shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
-    work.mkdir(parents=True)
-    (work / "run.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    return out, work
 
 
-def _finish_run_dir(work: Path, out: Path, cfg: RunConfig) -> None:
-    shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)
+
+
+def load(run_dir: Path, cfg: RunConfig, meta: dict, kind: str, *, merge: bool = True,
+         quantize: str = "none") -> LoadedRun:
+    """A run of this recipe (``run.yaml`` + ``adapter/``) on its base model, in eval mode: the adapter (and a frozen
+    adapter stacked under it) loaded, merged into the weights where every active adapter can merge; with
+    ``quantize="int8"`` merged into float32 weights whose Linear layers then become dynamic int8."""
+    label_names = list(meta.get("label_names") or [])
+    multi_label = bool((meta.get("extra") or {}).get("multi_label", False))
+    base = load_base(cfg.model, task=ZOO_TASK[kind])
+    model = AdapterModel(base.model, family=base.family)
+    task = build_task(kind, base, label_names=label_names, multi_label=multi_label, max_length=cfg.max_length,
+                      dropout=cfg.dropout)
+    active = load_stack(model, run_dir, meta.get("name"))  # a frozen adapter stacked under the trained one
+    if meta["method"] != HEAD_ONLY:
+        active.append(load_adapter(model, run_dir / "adapter").name)
+    model.set_active(*active)
+    head = None
+    if kind != "causal-lm":
+        state, _ = read_head_state(run_dir / "adapter")
+        head = task.build_head()
+        head.load_state_dict(state)
+        head.eval()
+    # int8 layers take float32 only: the rest of an int8 model stays float32, without autocast
+    policy = precision.choose("fp32" if quantize == "int8" else cfg.precision, inference=True)
+    precision.apply(model.base, policy)
+    if merge and model.active and all(model.info[n].method.capabilities.mergeable for n in model.active):
+        model.merge(*model.active)
+    if quantize == "int8":
+        quantization.quantize_int8(model)
+    model.eval()
+    return LoadedRun(cfg, kind, task, model, head, label_names, multi_label, policy, meta, quantize)
 
 
 def _save_artifact(model, name: str, head: nn.Module | None, label_names: list[str], extra: dict, path: Path,
                    cfg: RunConfig) -> int:
     """adapter/ via io.artifact; a head-only run writes the same format with method ``head`` and no adapter
     tensors (``read_head_state`` reads it)."""
-    from safetensors.torch import save_file
-
-    from graftune.io import artifact
-
     if cfg.method != HEAD_ONLY:
         artifact.save_adapter(model, name, path, head=head, label_names=label_names, extra=extra)
     else:
@@ -336,7 +326,7 @@ def _save_artifact(model, name: str, head: nn.Module | None, label_names: list[s
             save_file(state, tmp / artifact.TENSORS_FILE)
             (tmp / artifact.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-        artifact.write_dir_atomically(path, write)
+        write_dir_atomically(path, write, markers=(artifact.META_FILE,))
     return (path / artifact.TENSORS_FILE).stat().st_size
 
 
@@ -349,24 +339,11 @@ def _sizes(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict:
     return {"trainable_params": adapter + head_n, "total_params": base_total + adapter + head_n}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MB."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def init_head_from_probe(task, model, head: nn.Module, train_ds, *, policy, seed: int = 0) -> None:
     """Set ``head.linear`` to a logistic regression fitted on the model's pooled features of ``train_ds``
     (Kumar et al. 2022, LP-FT, https://arxiv.org/abs/2202.10054). Multi-label: one binary fit per label."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    from graftune.evaluate import features_of
-    from graftune.tasks.classification import encode_labels
-
     x = features_of(task, model, train_ds.inputs, policy=policy).numpy()
     y = np.asarray(encode_labels(train_ds.labels, task.label_names, task.multi_label))
     weight = np.zeros((len(task.label_names), x.shape[1]), dtype=np.float64)
@@ -435,8 +412,6 @@ def _param_groups(adapter_params: list, head_params: list, cfg: RunConfig) -> li
 
 
 def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup * total_steps),
                          num_training_steps=total_steps)
@@ -447,186 +422,27 @@ def _micro_batches(idx: list[int], parts: int) -> list[list[int]]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
-def _score(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, generate: bool) -> dict:
-    if kind == "causal-lm":
-        return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size, 8), policy=policy,
-                               generate=generate, max_new_tokens=cfg.max_new_tokens)
-    return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
-                                policy=policy)
 
 
-def _brief(metrics: dict | None) -> dict | None:
-    """The scalar metrics only (for log lines)."""
-    if metrics is None:
-        return None
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # --- weights and checkpoints --------------------------------------------------------------------------------------
-def _weights(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """A copy of everything that trains: adapter tensors under ``adapter.``, head tensors under ``head.``."""
-    out = {}
-    if cfg.method != HEAD_ONLY:
-        out.update({f"adapter.{k}": v.clone() for k, v in model.adapter_state_dict(name).items()})
-    if head is not None:
-        out.update({f"head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
-    return out
 
 
-def _load_weights(weights: dict[str, torch.Tensor], model, name: str, head: nn.Module | None) -> None:
-    adapter = {k[len("adapter."):]: v for k, v in weights.items() if k.startswith("adapter.")}
-    if adapter:
-        model.load_adapter_state_dict(name, adapter)
-    if head is not None:
-        head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
 
 
-def _write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, state: dict,
-                      best: dict | None, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Everything needed to continue exactly: weights, optimizer moments, schedule, RNG, counters, best weights,
-    and fp16's loss scale (a resumed run would otherwise restart at 65536 and skip steps finding it again).
-    Tensors go to safetensors; the rest is JSON in the file's metadata. Written to a temporary file and renamed,
-    so a crash leaves the previous checkpoint intact."""
-    from safetensors.torch import save_file
-
-    tensors = {f"now.{k}": v.contiguous() for k, v in _weights(model, name, head, cfg).items()}
-    if best is not None:
-        tensors.update({f"best.{k}": v.contiguous() for k, v in best.items()})
-    opt = optimizer.state_dict()
-    opt_other: dict[str, dict] = {}
-    for pid, pstate in opt["state"].items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_other.setdefault(str(pid), {})[key] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"state": state, "param_groups": opt["param_groups"], "optim_other": opt_other,
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
-    folder = work / CHECKPOINT
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".{CHECKPOINT_FILE}.tmp"
-    save_file(tensors, tmp, metadata={"graftune": json.dumps(meta)})
-    os.replace(tmp, folder / CHECKPOINT_FILE)
 
 
-def _read_checkpoint(work: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    from graftune.errors import ArtifactError
-
-    file = work / CHECKPOINT / CHECKPOINT_FILE
-    try:
-        with safe_open(file, framework="pt") as f:
-            meta = json.loads(f.metadata()["graftune"])
-            meta["tensors"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise ArtifactError(f"{file}: unreadable checkpoint ({type(e).__name__}); start the run again without "
-                            "--resume") from None
-    return meta
 
 
-def _restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: dict,
-             scaler: torch.amp.GradScaler | None = None) -> dict | None:
-    """Put a checkpoint's weights, optimizer, schedule, loss scale, RNG and counters back; return its best
-    weights."""
-    tensors = ckpt["tensors"]
-    _load_weights({k[len("now."):]: v for k, v in tensors.items() if k.startswith("now.")}, model, name, head)
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, field = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[field] = value
-    for pid, other in ckpt["optim_other"].items():
-        opt_state.setdefault(int(pid), {}).update(other)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in ckpt["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):  # empty when the run has no loss scaling (not fp16)
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    state.update(ckpt["state"])
-    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-    return best or None
 
 
 # --- logging and progress -----------------------------------------------------------------------------------------
-class _RunLog:
-    """log.jsonl (one JSON object per event), and optionally MLflow or TensorBoard."""
-
-    def __init__(self, path: Path, cfg: RunConfig, *, resumed: bool):
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close(), open for the whole run)
-        self.tracker = _tracker(cfg, path.parent) if cfg.log_to else None
-        if resumed:
-            self.event("resume")
-
-    def event(self, kind: str, **fields) -> None:
-        self.file.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
-        self.file.flush()
-        if self.tracker is not None:
-            step = fields.get("step") or fields.get("epoch") or 0
-            scalars = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-            for group in ("val", "test"):
-                scalars.update({f"{group}_{k}": v for k, v in (fields.get(group) or {}).items()})
-            self.tracker(kind, scalars, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tracker is not None:
-            self.tracker("close", {}, 0)
 
 
-class _NullLog:
-    """The log of a rank other than 0: every event is dropped (rank 0 writes log.jsonl)."""
-
-    def event(self, kind: str, **fields) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
-def _tracker(cfg: RunConfig, folder: Path):
-    """A function (event, scalars, step) for MLflow or TensorBoard; a clear error if the package is missing."""
-    if cfg.log_to == "mlflow":
-        try:
-            import mlflow
-        except ImportError:
-            raise ConfigError("log_to: mlflow is not installed; pip install mlflow, or drop --log-to") from None
-        run = mlflow.start_run()
-        mlflow.log_params({k: str(v) for k, v in cfg.to_dict().items()})
-
-        def log_mlflow(kind, scalars, step):
-            if kind == "close":
-                mlflow.end_run()
-                return
-            mlflow.log_metrics({f"{kind}/{k}": float(v) for k, v in scalars.items()}, step=step)
-
-        log_mlflow.run = run
-        return log_mlflow
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("log_to: tensorboard is not installed; pip install tensorboard, or drop --log-to") from None
-    writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
-
-    def log_tensorboard(kind, scalars, step):
-        if kind == "close":
-            writer.close()
-            return
-        for k, v in scalars.items():
-            writer.add_scalar(f"{kind}/{k}", v, step)
-
-    return log_tensorboard
 
 
-def _progress(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
 
 
-def _postfix(epoch: int, epochs: int, loss: float, state: dict, metric: str) -> str:
-    best = state.get("best")
-    shown = "" if best is None else f" best {metric} {(-best if metric == 'loss' else best):.3f}"
-    return f"epoch {epoch + 1}/{epochs} loss {loss:.4f}{shown}"

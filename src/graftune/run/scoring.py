@@ -1,0 +1,143 @@
+"""Scoring a model in memory: logits and pooled features in input order, the classification and causal-LM
+metrics a run reports, and the frozen-encoder linear probe. Used by every recipe while it trains and by
+``graftune eval`` on a loaded run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from graftune.config import RunConfig
+from graftune.errors import DataError
+from graftune.run.log import progress_bar
+from graftune.speed import precision
+from graftune.tasks import Task, batches
+from graftune.tasks.causal_lm import generation_metrics
+from graftune.tasks.classification import (
+    classification_loss,
+    classification_metrics,
+    decide,
+    encode_labels,
+    probabilities,
+)
+
+#: inputs encoded at a time during evaluation: bounds the memory of encoded images (224 px: 0.6 MB each)
+_CHUNK = 256
+
+@torch.inference_mode()
+def logits_of(task: Task, model: nn.Module, head: nn.Module | None, inputs: Sequence[Any], *,
+              batch_size: int = 32, policy: precision.Precision | None = None, show: str | None = None) -> torch.Tensor:
+    """Float32 logits for ``inputs`` in their order (batched by length, padded per batch). ``show``: a progress
+    bar with that title (on stderr; it disappears when done)."""
+    model.eval()
+    if head is not None:
+        head.eval()
+    autocast = policy.autocast if policy is not None else _no_autocast
+    parts: list[torch.Tensor] = []
+    bar = progress_bar(len(inputs), 0, show is not None, unit="example", desc=show)
+    for start in range(0, len(inputs), _CHUNK):
+        examples = task.encode(inputs[start:start + _CHUNK])
+        out: list[torch.Tensor | None] = [None] * len(examples)
+        lengths = [task.length(e) for e in examples]
+        for idx in batches(examples, lengths, batch_size):
+            with autocast():
+                logits = task.forward(model, head, task.collate([examples[i] for i in idx])).float()
+            for row, i in enumerate(idx):
+                out[i] = logits[row]
+            bar.update(len(idx))
+        parts.extend(out)
+    bar.close()
+    return torch.stack(parts) if parts else torch.zeros(0)
+
+def score_classification(task: Task, model: nn.Module, head: nn.Module, inputs: Sequence[Any],
+                         labels: Sequence[Any], *, batch_size: int = 32,
+                         policy: precision.Precision | None = None, show: str | None = None) -> dict:
+    """accuracy, macro-F1, per-class P/R/F1, confusion matrix and mean loss of ``head(model(inputs))``."""
+    logits = logits_of(task, model, head, inputs, batch_size=batch_size, policy=policy, show=show)
+    y = encode_labels(labels, task.label_names, task.multi_label)
+    target = torch.tensor(y, dtype=torch.float32 if task.multi_label else torch.long)
+    pred = decide(probabilities(logits, task.multi_label), task.multi_label)
+    metrics = classification_metrics(target.long().numpy(), pred.numpy(), task.label_names, task.multi_label)
+    metrics["loss"] = float(classification_loss(logits, target, task.multi_label))
+    return metrics
+
+@torch.inference_mode()
+def score_causal_lm(task: Task, model: nn.Module, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
+                    policy: precision.Precision | None = None, generate: bool = True,
+                    max_new_tokens: int = 64, show: str | None = None) -> dict:
+    """Perplexity of the responses given the prompts; with ``generate``, also greedy answers scored by
+    ``generation_metrics`` (exact match, JSON validity when the references are JSON). ``show``: progress bars
+    with that title (scoring, then generation: the slow part of a causal-LM evaluation)."""
+    model.eval()
+    autocast = policy.autocast if policy is not None else _no_autocast
+    examples = task.encode(pairs)
+    total, count = 0.0, 0
+    bar = progress_bar(len(examples), 0, show is not None, unit="example", desc=show and f"{show}: perplexity")
+    for idx in batches(examples, [task.length(e) for e in examples], batch_size):
+        batch = task.collate([examples[i] for i in idx])
+        with autocast():
+            logits = task.forward(model, None, batch)
+        loss_sum, n = task.token_loss(logits, batch)
+        total, count = total + float(loss_sum), count + int(n)
+        bar.update(len(idx))
+    bar.close()
+    loss = total / max(count, 1)
+    metrics: dict[str, Any] = {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "tokens": count}
+    if generate and pairs:
+        bar = progress_bar(len(pairs), 0, show is not None, unit="answer", desc=show and f"{show}: generating")
+        with autocast():
+            answers = task.generate(model, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, on_batch=bar.update)
+        bar.close()
+        metrics.update(generation_metrics(answers, [r for _, r in pairs]))
+        metrics["samples"] = [{"prompt": p, "reference": r, "generated": a}
+                              for (p, r), a in list(zip(pairs, answers))[:5]]
+    return metrics
+
+def linear_probe(task: Task, model: nn.Module, train_inputs: Sequence[Any], train_labels: Sequence[Any],
+                 test_inputs: Sequence[Any], test_labels: Sequence[Any], *, batch_size: int = 32,
+                 policy: precision.Precision | None = None, seed: int = 0) -> dict:
+    """The frozen-encoder baseline: pooled features of the frozen base + scikit-learn logistic regression."""
+    if task.multi_label:
+        raise DataError("the linear-probe baseline handles single-label data only")
+    x_train = features_of(task, model, train_inputs, batch_size=batch_size, policy=policy).numpy()
+    x_test = features_of(task, model, test_inputs, batch_size=batch_size, policy=policy).numpy()
+    clf = LogisticRegression(max_iter=2000, random_state=seed)
+    clf.fit(x_train, encode_labels(train_labels, task.label_names, False))
+    pred = clf.predict(x_test)
+    return classification_metrics(encode_labels(test_labels, task.label_names, False), pred, task.label_names)
+
+def features_of(task: Task, model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32,
+                policy: precision.Precision | None = None) -> torch.Tensor:
+    """The pooled float32 features the head reads, for ``inputs`` in their order."""
+    return logits_of(_FeatureTask(task), model, None, inputs, batch_size=batch_size, policy=policy)
+
+class _FeatureTask:
+    """A task whose "logits" are the pooled features (for the linear probe)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def forward(self, model, head, batch):
+        return self.task.features(model, batch)
+
+def _no_autocast():
+    return contextlib.nullcontext()
+
+
+def score_split(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, generate: bool,
+                show: str | None = None) -> dict:
+    """The metrics of a run's model on one split (val while training, test at the end), as the run reports them."""
+    if kind == "causal-lm":
+        return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size, 8), policy=policy,
+                               generate=generate, max_new_tokens=cfg.max_new_tokens, show=show)
+    return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
+                                policy=policy, show=show)

@@ -1,0 +1,114 @@
+"""The entry points of a run: ``train(cfg)`` and ``load_run(run_dir)``, through ONE dispatch table from a config's
+``method`` to its recipe.
+
+A recipe is a module with ``check_config(cfg)`` (everything refusable before data or a model is loaded),
+``train(cfg, *, progress, splits)`` (writes the run directory, returns its metrics) and ``load(run_dir, cfg, meta,
+kind, *, merge, quantize)`` (the run back, ready to predict). Every adapter method of the engine (``graftune
+methods``) and ``head`` train with the adapter loop (``recipes/adapter.py``); the other recipes are rows of
+``RECIPES``. ``auto`` is a row too: it resolves the config to another method first (``strategies/auto.py``).
+
+Adding a recipe: one file under ``recipes/`` with those three functions, and one row here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from graftune.config import HEAD_ONLY, RunConfig, build_config
+from graftune.core.method import all_methods
+from graftune.data.sources import ALIASES
+from graftune.errors import ArtifactError, ConfigError, DataError
+from graftune.io.artifact import read_meta
+from graftune.recipes import adapter, contrastive, probe
+from graftune.run.loaded import LoadedRun
+from graftune.run.rundir import RUN_FILE
+from graftune.speed import quantize as quantization
+from graftune.strategies import auto
+from graftune.zoo import list_models
+
+#: method -> recipe module, for the methods that are not the engine's adapter methods
+RECIPES: dict[str, ModuleType] = {
+    HEAD_ONLY: adapter,
+    contrastive.METHOD: contrastive,
+    probe.METHOD: probe,
+}
+#: ``method: auto`` picks one of the others, then trains it (``strategies/auto.py``)
+AUTO = "auto"
+
+
+def recipe_names() -> list[str]:
+    """The methods that are recipes rather than adapter methods, as ``graftune methods`` lists them."""
+    return [*RECIPES, AUTO]
+
+
+def recipe_for(method: str) -> ModuleType:
+    """The recipe that trains and loads ``method``; a one-line error naming both kinds when it is unknown."""
+    if method in RECIPES:
+        return RECIPES[method]
+    adapters = [m.name for m in all_methods()]
+    if method in adapters:
+        return adapter
+    raise ConfigError(f"unknown method {method!r}; use an adapter method ({', '.join(adapters)}; see `graftune "
+                      f"methods`), or one of the recipes {', '.join(recipe_names())}")
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Everything refusable before data or a model is loaded, for ``cfg``'s recipe; returns ``cfg`` with its local
+    data paths made absolute (so ``run.yaml`` can be evaluated from any working directory)."""
+    if cfg.method != AUTO:
+        recipe_for(cfg.method).check_config(cfg)
+    return _absolute_paths(cfg)
+
+
+def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
+    """``cfg`` checked; for ``method: auto`` the config of the method auto picked (with its record in ``auto``)."""
+    cfg = check(cfg)
+    if cfg.method == AUTO:
+        cfg = check(auto.resolve(cfg, progress=progress))
+    return cfg
+
+
+def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
+    """Train as ``cfg`` says with its recipe, write the run directory ``cfg.out``, return its metrics (also in
+    metrics.json). ``splits``: ready-made ``data.splits.Splits`` used instead of splitting ``cfg.data`` here."""
+    cfg = resolve(cfg, progress=progress)
+    return recipe_for(cfg.method).train(cfg, progress=progress, splits=splits)
+
+
+def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None,
+             quantize: str | None = None) -> LoadedRun:
+    """Load ``RUN_DIR`` (``run.yaml`` + what its recipe saved) onto its base model, in eval mode. ``expect``
+    (``classifier`` or ``causal-lm``) fails before any model is loaded when the run is of the other kind.
+    ``quantize="int8"``: merge the adapters into the float32 weights and make the base's Linear layers dynamic
+    int8 (``speed/quantize.py``; refused for adapters that cannot be merged). Only the model in memory changes,
+    never the run directory."""
+    quantize = quantization.check_choice(quantize)
+    if quantize != "none" and not merge:
+        raise ConfigError(f"quantize {quantize} needs the adapters merged: drop merge=False")
+    run_dir = Path(run_dir)
+    cfg = build_config(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else None
+    no_adapter = cfg is not None and cfg.method == probe.METHOD  # the frozen base + a fitted head: no adapter/
+    if cfg is None or not (no_adapter or (run_dir / "adapter").is_dir()):
+        raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
+                            "`graftune train --out`)")
+    meta = {"extra": {"task": "classification"}} if no_adapter else read_meta(run_dir / "adapter")
+    kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
+    if expect == "causal-lm" and kind != "causal-lm":
+        raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
+                        "runs)")
+    if expect == "classifier" and kind == "causal-lm":
+        raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
+    return recipe_for(cfg.method).load(run_dir, cfg, meta, kind, merge=merge, quantize=quantize)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local files and folders the config names (model, data, test, warm starts), as absolute paths; aliases
+    stay."""
+    changes = {}
+    aliases = set(ALIASES) | {m.alias for m in list_models()}
+    for name in ("model", "data", "test", "init_from", "stack_under"):
+        value = getattr(cfg, name)
+        if value and value not in aliases and Path(value).exists() and not Path(value).is_absolute():
+            changes[name] = str(Path(value).resolve())
+    return cfg.replace(**changes) if changes else cfg
