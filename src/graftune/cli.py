@@ -221,6 +221,8 @@ def _summary(m: dict) -> str:
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
     line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
             f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; {', '.join(saved) or 'nothing saved'}")
+    for note in m.get("notes", []):
+        line += f"\nnote: {note}"
     if m.get("stopped_early"):
         line += (f"\nearly stopping ended the run after epoch {m['epochs_run']} of {m['epochs']}; the best epoch on "
                  f"val, {m['best_epoch']}, was restored")

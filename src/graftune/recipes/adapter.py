@@ -251,7 +251,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                    "precision": policy.name, "method": cfg.method, "task": kind, "speed": speed}
         if "samples" in test:
             metrics["samples"] = test["samples"]
-        metrics.update({k: v for k, v in (("auto", cfg.auto), ("transfer", transfer)) if v})
+        metrics.update({k: v for k, v in (("auto", cfg.auto), ("transfer", transfer), ("notes", splits.notes)) if v})
         write_json(work / "metrics.json", metrics)
         write_json(work / "data_card.json", data_card(splits, source=ds))
         log.event("end", test=brief(test), train_seconds=train_seconds)

@@ -206,6 +206,8 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
         }
         if cfg.auto:  # picked by --method auto: the record goes with the run, as for the other methods
             metrics["auto"] = cfg.auto
+        if splits.notes:
+            metrics["notes"] = splits.notes
         write_json(work / "metrics.json", metrics)
         write_json(work / "data_card.json", data_card(splits, source=ds))
         log.event("end", test=brief(test), train_seconds=fit["seconds"])
