@@ -148,6 +148,7 @@ def check_eval_and_predict(run_dir: Path, texts: list[str]) -> list[dict]:
     result = runner.invoke(app, ["predict", str(run_dir), *texts, "--json"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r.pop("arg"), r.pop("text")) for r in rows] == list(enumerate(texts, 1))  # which input each answers
     assert rows == predict(load_run(run_dir), texts)
     labels = set(json.loads((run_dir / "metrics.json").read_text())["per_class"])
     assert all(set(r["probabilities"]) == labels for r in rows)

@@ -246,3 +246,104 @@ def test_methods_json_lists_the_recipes_as_the_text_listing_does():
     text = runner.invoke(app, ["methods"]).stdout
     listed = [line.split(maxsplit=1) for line in text.split("\n\n")[1].splitlines()[1:]]
     assert listed == [[r["name"], r["description"]] for r in recipes]  # the same rows in both listings
+
+
+# --- 6. predict --input: each row says which input it answers; the file is checked first --------------------------
+@pytest.fixture(scope="module")
+def run_dir(tiny):
+    out = tiny["root"] / "run"
+    result = runner.invoke(app, train_args(tiny, out, "--method", "lora", "--set", "r=2"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def orphan_run(tiny):
+    """A run whose base model folder is gone: any model load fails, so an error about the input file proves the
+    file was checked before the model was loaded."""
+    import shutil
+
+    model = bert_folder(tiny["root"] / "gone-bert")
+    out = tiny["root"] / "orphan"
+    result = runner.invoke(app, train_args(tiny, out, "--method", "lora", "--set", "r=2", model=model))
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(model)
+    return out
+
+
+def predict_json(*args: str) -> tuple[list[dict], str]:
+    result = runner.invoke(app, ["predict", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_predict_txt_rows_carry_their_line_and_blank_lines_are_noted(run_dir, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("goal match team\n\nchip phone app\n   \r\nbank share price\n")
+    rows, err = predict_json(str(run_dir), "cup final", "--input", str(path))
+    assert [(r.get("arg"), r.get("line"), r["text"]) for r in rows] == [
+        (1, None, "cup final"), (None, 1, "goal match team"), (None, 3, "chip phone app"),
+        (None, 5, "bank share price")]
+    assert all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
+    assert err.strip() == "note: skipped 2 blank lines: 2, 4"
+    text = runner.invoke(app, ["predict", str(run_dir), "cup final", "--input", str(path)])
+    lines = text.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["arg 1", "line 1", "line 3", "line 5"]
+    assert [line.split("\t")[1] for line in lines] == [r["label"] for r in rows]  # the same predictions
+    assert lines[3].endswith("bank share price")
+
+
+def test_predict_csv_and_jsonl_rows_carry_the_line_their_record_starts_on(run_dir, tmp_path):
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text('id,text\n1,goal match\n2,"chip\nphone app"\n3,\n4,bank price\n')
+    rows, err = predict_json(str(run_dir), "--input", str(csv_path))
+    assert [(r["line"], r["text"]) for r in rows] == [(2, "goal match"), (3, "chip\nphone app"), (6, "bank price")]
+    assert err.strip() == "note: skipped 1 blank line: 5"
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text('{"body": "goal match"}\n\n{"body": "chip phone"}\n')
+    rows, err = predict_json(str(run_dir), "--input", str(jsonl), "--text-column", "body")
+    assert [(r["line"], r["text"]) for r in rows] == [(1, "goal match"), (3, "chip phone")]
+    assert "skipped 1 blank line: 2" in err
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("missing.txt", None, "missing.txt: no such file"),
+    ("empty.txt", "", "empty.txt: no text in it"),
+    ("blank.txt", "\n  \n", "blank.txt: no text in it"),
+    ("in.csv", "id,body\n1,goal\n", "in.csv: no 'text' column (columns: id, body); use --text-column NAME"),
+    ("in.jsonl", '{"text": "goal"}\n{"body": "x"}\n', "in.jsonl line 2: no 'text' field (fields: body)"),
+    ("bad.jsonl", '{"text": "goal"}\n{oops\n', "bad.jsonl line 2: not valid JSON"),
+    ("latin1.txt", "caf\xe9\n".encode("latin-1"), "latin1.txt: not UTF-8 text"),
+    ("folder", "dir", "folder/a.txt: not a readable image"),  # a folder is read as images
+], ids=["missing", "empty", "only-blank", "csv-column", "jsonl-field", "jsonl-syntax", "not-utf8", "folder"])
+def test_predict_checks_the_input_file_before_loading_the_model(orphan_run, tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "dir":
+        path.mkdir()
+        (path / "a.txt").write_text("goal\n")
+    elif content is not None:
+        path.write_text(content)
+    before, run_before = snapshot(tmp_path), snapshot(orphan_run)
+    text = one_line_error(runner.invoke(app, ["predict", str(orphan_run), "--input", str(path)]))
+    assert message in text and "gone-bert" not in text, text
+    assert snapshot(tmp_path) == before and snapshot(orphan_run) == run_before
+
+
+def test_the_orphan_run_really_needs_its_model(orphan_run, tmp_path):
+    """The other half of the check above: with a valid file, the (missing) model is what fails."""
+    path = tmp_path / "ok.txt"
+    path.write_text("goal\n")
+    assert "gone-bert" in one_line_error(runner.invoke(app, ["predict", str(orphan_run), "--input", str(path)]))
+
+
+def test_read_input_file_gives_image_files_by_name(tmp_path):
+    from graftune.data.inputs import read_input_file
+    from tests.train_helpers import image_folder
+
+    folder = image_folder(tmp_path / "imgs", n_per_class=2)
+    got = read_input_file(folder / "dark")
+    assert got.images and [s["file"] for s in got.sources] == ["0.png", "1.png"]
+    assert got.items[0].shape[0] == 3 and got.note() is None
+    assert read_input_file(folder / "light" / "1.png").sources == [{"file": str(folder / "light" / "1.png")}]
