@@ -29,10 +29,10 @@ def probe_baseline(cfg: RunConfig) -> dict:
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.run.scoring import linear_probe
-    from graftune.speed import precision
     from graftune.recipes.fewshot import frozen_fit
     from graftune.recipes.fewshot_run import score
+    from graftune.run.scoring import linear_probe
+    from graftune.speed import precision
     from graftune.tasks import ZOO_TASK, build_task
     from graftune.zoo import load_base
 

@@ -40,12 +40,12 @@ from graftune.data.sources import Dataset, load_data
 from graftune.data.splits import make_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
 from graftune.evaluate import read_inputs
+from graftune.io import onnx_format as fmt
+from graftune.io.artifact import read_meta
 from graftune.recipes.fewshot_run import CONTRASTIVE, PROBE
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import logits_of
 from graftune.runs import load_run
-from graftune.io import onnx_format as fmt
-from graftune.io.artifact import read_meta
 from graftune.tasks import ZOO_TASK
 from graftune.zoo import load_base
 

@@ -75,6 +75,7 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None],
         raise
     return path
 
+
 def fsync(path: Path) -> None:
     """Flush a file (or a directory entry) to disk where the file system allows it."""
     try:

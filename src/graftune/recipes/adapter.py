@@ -339,8 +339,6 @@ def _sizes(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict:
     return {"trainable_params": adapter + head_n, "total_params": base_total + adapter + head_n}
 
 
-
-
 def init_head_from_probe(task, model, head: nn.Module, train_ds, *, policy, seed: int = 0) -> None:
     """Set ``head.linear`` to a logistic regression fitted on the model's pooled features of ``train_ds``
     (Kumar et al. 2022, LP-FT, https://arxiv.org/abs/2202.10054). Multi-label: one binary fit per label."""

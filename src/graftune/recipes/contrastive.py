@@ -36,6 +36,7 @@ OPTIONS = FIT_OPTIONS + LORA_OPTIONS
 #: tokens per text while training on pairs, at most (the head reads ``max_length``), as ``graftune compare`` does
 PAIR_MAX_LENGTH = 128
 
+
 def _check_contrastive_options(opts: dict) -> None:
     check_positive(opts, ("iterations", "epochs", "embed_max_chunks"), integer=True)
     check_positive(opts, ("temperature", "head_c"), integer=False)
@@ -44,6 +45,7 @@ def _check_contrastive_options(opts: dict) -> None:
         make_config("lora", **{k: opts[k] for k in LORA_OPTIONS if k in opts})
     except TypeError as e:
         raise ConfigError(f"options for contrastive: {e}") from None
+
 
 def fit_arguments(cfg: Any, *, family: str | None, pooling: str | None, adapter_name: str = "fewshot") -> dict:
     """The keyword arguments of ``contrastive_fit`` (besides model, tokenizer, texts, labels) that ``cfg`` asks
@@ -54,6 +56,7 @@ def fit_arguments(cfg: Any, *, family: str | None, pooling: str | None, adapter_
             "seed": cfg.seed, "max_length": min(PAIR_MAX_LENGTH, cfg.max_length), "embed_max_length": cfg.max_length,
             "precision": cfg.precision, "cache": cfg.cache != "off", "pooling": pooling, "head": "logistic",
             "adapter_name": adapter_name, **{k: opts[k] for k in FIT_OPTIONS if k in opts}}
+
 
 def _fit(cfg: Any, model: Any, base: Any, splits: Any, log: Any, progress: bool, name: str,
          policy: Any) -> tuple[Any, dict]:

@@ -25,6 +25,7 @@ METHOD = fewshot_run.PROBE
 #: and ``max_chunks`` (windows read per long text)
 PROBE_OPTIONS = ("head", "head_c", "max_chunks")
 
+
 def _check_probe_options(opts: dict) -> None:
     head = opts.get("head", "logistic")
     check(head in HEADS, "head", f"got {head!r}; use one of {', '.join(HEADS)}")
@@ -33,11 +34,13 @@ def _check_probe_options(opts: dict) -> None:
     check_positive(opts, ("max_chunks",), integer=True)
     check_positive(opts, ("head_c",), integer=False)
 
+
 def probe_arguments(cfg: Any, *, pooling: str | None) -> dict:
     """The keyword arguments of ``frozen_fit`` (besides model, tokenizer, texts, labels) that ``cfg`` asks for."""
     opts = cfg.options
     return {"head": opts.get("head", "logistic"), "max_length": cfg.max_length, "pooling": pooling,
             "head_c": opts.get("head_c", 1.0), "max_chunks": opts.get("max_chunks", DEFAULT_CHUNKS)}
+
 
 def _fit(cfg: Any, model: Any, base: Any, splits: Any, log: Any, progress: bool, name: str,
          policy: Any) -> tuple[Any, dict]:

@@ -45,10 +45,18 @@ import yaml
 from graftune.config import build_config
 from graftune.data.sources import ALIASES as DATA_ALIASES
 from graftune.errors import ArtifactError, ConfigError, GraftuneError
+from graftune.registry.gate import (
+    ALPHA,
+    GateResult,
+    correctness,
+    data_file,
+    metric_name,
+    paired_test,
+    recorded_test_split,
+    unseen_labels,
+)
 from graftune.run.loaded import LoadedRun
 from graftune.runs import load_run
-from graftune.registry.gate import (ALPHA, GateResult, correctness, data_file, metric_name, paired_test,
-                                    recorded_test_split, unseen_labels)
 from graftune.zoo import list_models
 
 try:  # the user's data folder, the platform's way, when platformdirs is there; XDG otherwise

@@ -35,12 +35,14 @@ def weights(model, name: str, head: nn.Module | None, cfg: RunConfig) -> dict[st
         out.update({f"head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
     return out
 
+
 def load_weights(weights: dict[str, torch.Tensor], model, name: str, head: nn.Module | None) -> None:
     adapter = {k[len("adapter."):]: v for k, v in weights.items() if k.startswith("adapter.")}
     if adapter:
         model.load_adapter_state_dict(name, adapter)
     if head is not None:
         head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
+
 
 def write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, state: dict,
                       best: dict | None, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -65,6 +67,7 @@ def write_checkpoint(work: Path, model, name: str, head, optimizer, scheduler, s
     write_file_atomically(checkpoint_file(work),
                           lambda tmp: save_file(tensors, tmp, metadata={"graftune": json.dumps(meta)}))
 
+
 def read_checkpoint(work: Path) -> dict:
     file = checkpoint_file(work)
     try:
@@ -75,6 +78,7 @@ def read_checkpoint(work: Path) -> dict:
         raise ArtifactError(f"{file}: unreadable checkpoint ({type(e).__name__}); start the run again without "
                             "--resume") from None
     return meta
+
 
 def restore(ckpt: dict, model, name: str, head, optimizer, scheduler, state: dict,
              scaler: torch.amp.GradScaler | None = None) -> dict | None:

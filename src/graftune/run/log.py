@@ -37,6 +37,7 @@ class RunLog:
         if self.tracker is not None:
             self.tracker("close", {}, 0)
 
+
 class NullLog:
     """The log of a rank other than 0: every event is dropped (rank 0 writes log.jsonl)."""
 
@@ -45,6 +46,7 @@ class NullLog:
 
     def close(self) -> None:
         pass
+
 
 def tracker(cfg: RunConfig, folder: Path):
     """A function (event, scalars, step) for MLflow or TensorBoard; a clear error if the package is missing."""
@@ -79,6 +81,7 @@ def tracker(cfg: RunConfig, folder: Path):
 
     return log_tensorboard
 
+
 def progress_bar(total: int, done: int, enabled: bool, *, unit: str = "step", desc: str | None = None):
     """A tqdm bar on stderr (a no-op object when not ``enabled``); it disappears when closed."""
     return tqdm(total=total, initial=done, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True,
@@ -89,6 +92,7 @@ def postfix(epoch: int, epochs: int, loss: float, state: dict, metric: str) -> s
     best = state.get("best")
     shown = "" if best is None else f" best {metric} {(-best if metric == 'loss' else best):.3f}"
     return f"epoch {epoch + 1}/{epochs} loss {loss:.4f}{shown}"
+
 
 def brief(metrics: dict | None) -> dict | None:
     """The scalar metrics only (for log lines)."""

@@ -32,6 +32,7 @@ class PeakMemory:
         if self.peak <= 0:
             self.peak = lifetime_peak_mb()
 
+
 def rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:

@@ -29,6 +29,7 @@ from graftune.tasks.classification import (
 #: inputs encoded at a time during evaluation: bounds the memory of encoded images (224 px: 0.6 MB each)
 _CHUNK = 256
 
+
 @torch.inference_mode()
 def logits_of(task: Task, model: nn.Module, head: nn.Module | None, inputs: Sequence[Any], *,
               batch_size: int = 32, policy: precision.Precision | None = None, show: str | None = None) -> torch.Tensor:
@@ -54,6 +55,7 @@ def logits_of(task: Task, model: nn.Module, head: nn.Module | None, inputs: Sequ
     bar.close()
     return torch.stack(parts) if parts else torch.zeros(0)
 
+
 def score_classification(task: Task, model: nn.Module, head: nn.Module, inputs: Sequence[Any],
                          labels: Sequence[Any], *, batch_size: int = 32,
                          policy: precision.Precision | None = None, show: str | None = None) -> dict:
@@ -65,6 +67,7 @@ def score_classification(task: Task, model: nn.Module, head: nn.Module, inputs: 
     metrics = classification_metrics(target.long().numpy(), pred.numpy(), task.label_names, task.multi_label)
     metrics["loss"] = float(classification_loss(logits, target, task.multi_label))
     return metrics
+
 
 @torch.inference_mode()
 def score_causal_lm(task: Task, model: nn.Module, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
@@ -99,6 +102,7 @@ def score_causal_lm(task: Task, model: nn.Module, pairs: Sequence[tuple[str, str
                               for (p, r), a in list(zip(pairs, answers))[:5]]
     return metrics
 
+
 def linear_probe(task: Task, model: nn.Module, train_inputs: Sequence[Any], train_labels: Sequence[Any],
                  test_inputs: Sequence[Any], test_labels: Sequence[Any], *, batch_size: int = 32,
                  policy: precision.Precision | None = None, seed: int = 0) -> dict:
@@ -112,10 +116,12 @@ def linear_probe(task: Task, model: nn.Module, train_inputs: Sequence[Any], trai
     pred = clf.predict(x_test)
     return classification_metrics(encode_labels(test_labels, task.label_names, False), pred, task.label_names)
 
+
 def features_of(task: Task, model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32,
                 policy: precision.Precision | None = None) -> torch.Tensor:
     """The pooled float32 features the head reads, for ``inputs`` in their order."""
     return logits_of(_FeatureTask(task), model, None, inputs, batch_size=batch_size, policy=policy)
+
 
 class _FeatureTask:
     """A task whose "logits" are the pooled features (for the linear probe)."""
@@ -128,6 +134,7 @@ class _FeatureTask:
 
     def forward(self, model, head, batch):
         return self.task.features(model, batch)
+
 
 def _no_autocast():
     return contextlib.nullcontext()

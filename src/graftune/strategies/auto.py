@@ -41,6 +41,7 @@ AUTO_CANDIDATES = ("head", "lora", "topk", "contrastive")
 #: articles) it took about 3x LoRA's 3 epochs per example (bench/RESULTS.md)
 AUTO_COST = {"contrastive": 3.0}
 
+
 def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
                   text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
                   test_per_class: int | None = None, test: Any = None, max_length: int = 256,
@@ -53,6 +54,7 @@ def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int 
                        max_length=max_length, candidates=candidates, train_fn=train_fn, split_args=split_args,
                        progress=progress)
     return record["method"], record["reason"]
+
 
 def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
               text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
@@ -162,6 +164,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             "validation_examples": len(val_part),
             "candidates": {n: {k: s[k] for k in keep} for n, s in scores.items()}, "skipped": skipped}
 
+
 def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
     """``method: auto`` -> the config to train: the method ``auto_pick`` chose on ``cfg``'s own training examples
     (same data, seed, shots, split settings, test file and max_length), with the options and learning rates it was
@@ -192,6 +195,7 @@ def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
                 changes[key] = scored[key]
     record["applied"] = {k: v for k, v in changes.items() if k != "method"}
     return cfg.replace(**changes, auto=record)
+
 
 def carve_val(train, seed: int):
     """A stratified quarter of ``train`` (at least one example per class, and at least one left to train on)."""

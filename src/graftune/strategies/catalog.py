@@ -81,8 +81,8 @@ TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3, "head_lr": 1e-2, "batch_size": 16, "
 
 AUGMENT_COPIES = 4  # new examples per training example when augmenting
 
-def load_compare_data(data: Any, test: Any, text_column: str, label_column: str):
 
+def load_compare_data(data: Any, test: Any, text_column: str, label_column: str):
     ds = data if isinstance(data, Dataset) else load_data(str(data), text_column=text_column,
                                                           label_column=label_column)
     if ds.modality not in ("text", "image") or ds.multi_label:
@@ -94,6 +94,7 @@ def load_compare_data(data: Any, test: Any, text_column: str, label_column: str)
                                                                      label_column=label_column, task=ds.modality)
     return ds, user_test
 
+
 def test_per_class_for(ds, shots: Sequence[int]) -> int:
     """Test examples per class: up to 100, leaving every class at least max(shots) for training."""
     smallest = min(ds.counts().values())
@@ -103,10 +104,12 @@ def test_per_class_for(ds, shots: Sequence[int]) -> int:
                         "plus a test set; lower --shots or pass --test")
     return n
 
+
 def make_compare_splits(ds, *, shots: int, seed: int, test_per_class: int | None, user_test=None):
     """The splits of one (shots, seed): the test set does not depend on ``seed`` or ``shots``."""
     return make_splits(ds, seed=0, shot_seed=seed, shots=shots, val_size=0, test=user_test,
                        test_per_class=None if user_test is not None else test_per_class)
+
 
 def augment_train(train, *, seed: int):
     """The training examples plus AUGMENT_COPIES new ones each (EDA for text; crops and small rotations for
@@ -126,6 +129,7 @@ def augment_train(train, *, seed: int):
         labels += list(train.labels)
     return train.__class__(**{**train.__dict__, "inputs": inputs, "labels": labels})
 
+
 class Frozen:
     """The frozen base, its task and a cache of test features: shared by the ``features`` strategies.
 
@@ -135,7 +139,6 @@ class Frozen:
     the task head of ``train --method head`` reads: the pooled first ``max_length`` tokens."""
 
     def __init__(self, model: str, ds, max_length: int, *, windows: bool = True):
-
         started = time.perf_counter()
         kind = MODALITY_TASK[ds.modality]
         base = load_base(model, task=ZOO_TASK[kind])
@@ -150,7 +153,6 @@ class Frozen:
         self.setup_seconds = time.perf_counter() - started
 
     def features(self, inputs) -> np.ndarray:
-
         if not self.windows:
             return features_of(self.task, self.model, inputs, policy=self.policy).numpy()
         with self.policy.autocast():
@@ -164,8 +166,8 @@ class Frozen:
             self.setup_seconds += time.perf_counter() - started
         return self._test[key]
 
-def run_features(strategy: Strategy, frozen: Frozen, splits, test_key: str) -> dict:
 
+def run_features(strategy: Strategy, frozen: Frozen, splits, test_key: str) -> dict:
     names = frozen.task.label_names
     started = time.perf_counter()
     x = frozen.features(splits.train.inputs)
@@ -180,8 +182,8 @@ def run_features(strategy: Strategy, frozen: Frozen, splits, test_key: str) -> d
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": trainable,
             "train_seconds": round(seconds, 2)}
 
-def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings: dict) -> dict:
 
+def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings: dict) -> dict:
     if splits.train.modality != "text":
         raise NotApplicable("text only (contrastive pairs of sentence embeddings)")
     base = load_base(model, task="text-classification")  # a fresh base: the adapter and bf16 cast stay in it
@@ -193,9 +195,9 @@ def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings:
             "trainable_params": int(fitted.report["trainable_params"]),
             "train_seconds": round(fitted.report["seconds"], 2)}
 
+
 def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int, settings: dict, work: Path,
                columns: dict, train_fn: Callable) -> dict:
-
     merged = {**TRAIN_DEFAULTS, **strategy.settings, **settings}
     cfg = RunConfig(model=model, data=data_spec, method=strategy.method, options=dict(strategy.options),
                     seed=seed, shots=splits.shots, out=str(work), overwrite=True, **columns, **merged)
@@ -205,6 +207,7 @@ def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int,
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": int(m["trainable_params"]),
             "train_seconds": m["train_seconds"], "run_test_fingerprint": test_fp}
 
+
 class NotApplicable(Exception):
     pass
 
@@ -212,6 +215,7 @@ class NotApplicable(Exception):
 _NOT_SETTINGS = ("model", "data", "method", "options", "seed", "shots", "out", "resume", "overwrite", "text_column",
                  "label_column", "test", "test_size", "test_per_class", "val_size", "split_seed", "task", "auto",
                  "auto_budget", "init_from", "stack_under")
+
 
 def check_settings(settings: dict | None) -> dict:
     """The train() settings of a comparison (``--set epochs=3``), checked now rather than in every run."""
