@@ -347,3 +347,29 @@ def test_read_input_file_gives_image_files_by_name(tmp_path):
     assert got.images and [s["file"] for s in got.sources] == ["0.png", "1.png"]
     assert got.items[0].shape[0] == 3 and got.note() is None
     assert read_input_file(folder / "light" / "1.png").sources == [{"file": str(folder / "light" / "1.png")}]
+
+
+# --- 7. eval RUN from any working directory ----------------------------------------------------------------------
+def test_eval_of_a_run_trained_with_relative_paths_works_from_another_directory(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    here = tmp_path / "project"
+    (here / "data").mkdir(parents=True)
+    shutil.copy(tiny["csv"], here / "data" / "train.csv")
+    test_rows = tiny["root"] / "test.csv"
+    topic_csv(test_rows, n_per_class=4, seed=1)
+    shutil.copy(test_rows, here / "data" / "test.csv")
+    monkeypatch.chdir(here)
+    result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", "data/train.csv", "--test",
+                                 "data/test.csv", "--out", "runs/a", "--epochs", "1", "--batch-size", "8",
+                                 "--max-length", "32", "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["eval", str(here / "runs" / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    trained = json.loads((here / "runs" / "a" / "metrics.json").read_text())
+    assert scored["examples"] == trained["examples"] == 12 and scored["accuracy"] == trained["accuracy"]
+    assert list(elsewhere.iterdir()) == []  # eval writes nothing where it is run
