@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from graftune.core.method import check as check_option
 from graftune.core.method import make_config
 from graftune.errors import ConfigError
 from graftune.recipes import fewshot_run
@@ -40,7 +41,8 @@ PAIR_MAX_LENGTH = 128
 def _check_contrastive_options(opts: dict) -> None:
     check_positive(opts, ("iterations", "epochs", "embed_max_chunks"), integer=True)
     check_positive(opts, ("temperature", "head_c"), integer=False)
-    check(opts.get("loss", "cosine") in LOSSES, "loss", f"got {opts.get('loss')!r}; use one of {', '.join(LOSSES)}")
+    check_option(opts.get("loss", "cosine") in LOSSES, "loss",
+                 f"got {opts.get('loss')!r}; use one of {', '.join(LOSSES)}")
     try:
         make_config("lora", **{k: opts[k] for k in LORA_OPTIONS if k in opts})
     except TypeError as e:

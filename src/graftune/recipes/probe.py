@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from graftune.core.method import check as check_option
 from graftune.recipes import fewshot_run
 from graftune.recipes.fewshot import DEFAULT_CHUNKS, HEADS, frozen_fit
 from graftune.recipes.fewshot_run import check, check_positive
@@ -28,9 +29,9 @@ PROBE_OPTIONS = ("head", "head_c", "max_chunks")
 
 def _check_probe_options(opts: dict) -> None:
     head = opts.get("head", "logistic")
-    check(head in HEADS, "head", f"got {head!r}; use one of {', '.join(HEADS)}")
-    check(head == "logistic" or "head_c" not in opts, "head_c",
-          "sets the logistic regression's inverse regularization; drop it with head=prototype")
+    check_option(head in HEADS, "head", f"got {head!r}; use one of {', '.join(HEADS)}")
+    check_option(head == "logistic" or "head_c" not in opts, "head_c",
+                 "sets the logistic regression's inverse regularization; drop it with head=prototype")
     check_positive(opts, ("max_chunks",), integer=True)
     check_positive(opts, ("head_c",), integer=False)
 
