@@ -96,6 +96,21 @@ def part_a() -> dict:
     out["overlap"] = {"train": len(train), "test": len(test), "planted_exact": 50, "planted_near": 20,
                       "exact_overlap": t["exact_overlap"]["count"], "near_overlap": t["near_overlap"]["count"],
                       "problems": pair["test"]["problems"], "seconds": round(pair_seconds, 1)}
+    # which test articles have a near-copy in train, planted or already in BBC (the clean split's own leak)
+    from graftune.data.checks import near_duplicate_pairs, normalize_text
+
+    texts = [normalize_text(r["text"]) for r in train] + [normalize_text(r["text"]) for r in test]
+    clean_test = [normalize_text(t) for t in splits.test.inputs]
+    cross = {b - len(train) for a, b, _ in near_duplicate_pairs(texts)[0] if a < len(train) <= b}
+    natural = {b - len(train) for a, b, _ in near_duplicate_pairs(texts[:len(train)] + clean_test)[0]
+               if a < len(train) <= b}
+    train_set = set(texts[:len(train)])
+    exact_clean = sum(t in train_set for t in clean_test)
+    out["overlap"].update({"planted_near_found": len(cross & set(range(50, 70))),
+                           "planted_exact_found_as_near": len(cross & set(range(50))),
+                           "clean_split_exact_overlap": exact_clean,
+                           "clean_split_near_overlap": len(natural - {i for i, t in enumerate(clean_test)
+                                                                      if t in train_set})})
     return out
 
 

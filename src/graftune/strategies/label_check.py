@@ -1,6 +1,6 @@
 """Suspect labels: training examples whose given label the rest of the data contradicts (noise or poisoning).
 
-Every text is embedded once with a frozen sentence encoder (``strategies.fewshot.embed``: mean-pooled, L2-
+Every text is embedded once with a frozen sentence encoder (``recipes.fewshot.embed``: mean-pooled, L2-
 normalized, long texts read in up to 4 windows). A logistic regression is then fit k times, each time on all
 folds but one of a stratified k-fold split, and predicts the held-out fold: every example gets probabilities
 from a model that never saw it (out-of-fold). An example is a **suspect** when that out-of-fold prediction is
@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from graftune.data.checks import example_key
-from graftune.data.sources import Dataset
+from graftune.data.checks import check_data, example_key
+from graftune.data.sources import Dataset, load_data
 from graftune.errors import DataError
 from graftune.speed import precision
-from graftune.strategies.fewshot import embed
+from graftune.recipes.fewshot import embed
 from graftune.zoo import load_base
 
 FOLDS = 5
@@ -132,3 +132,33 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
         "fraction": round(len(found["suspects"]) / len(keep), 4), "suspects": found["suspects"],
         "seconds": round(time.perf_counter() - started, 2), "embed_seconds": round(embed_seconds, 2),
     }
+
+
+# --- what `graftune check` runs --------------------------------------------------------------------------------
+def check_source(data: str, *, test: str | None = None, labels: bool = False, model: str = "minilm",
+                 text_column: str = "text", label_column: str = "label", folds: int = FOLDS, seed: int = 0,
+                 max_length: int = 256) -> dict:
+    """``data.checks.check_data`` on ``data`` as the file holds it (no duplicate dropped), against ``test`` when
+    given; with ``labels``, the suspect-label report under ``labels`` and the token counts of ``model``'s
+    tokenizer (texts over ``max_length`` tokens). Reads only; writes nothing."""
+    columns = {"text_column": text_column, "label_column": label_column}
+    ds = load_data(data, dedup=False, **columns)
+    user_test = load_data(test, dedup=False, task=ds.modality, **columns) if test else None
+    if not labels:
+        return check_data(ds, user_test)
+    if ds.modality != "text":
+        raise DataError(f"--labels reads texts with a text encoder; {data} holds {ds.modality} examples "
+                        "(not applicable): drop --labels")
+    base = load_base(model, task="text-classification")
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in base.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    report = check_data(ds, user_test, count_tokens=count_tokens, max_tokens=max_length)
+    report["labels"] = check_labels(ds, model=base, folds=folds, seed=seed, max_length=max_length)
+    report["labels"]["method"] = report["labels"]["method"].replace("frozen encoder", f"frozen {model}")
+    if report["labels"]["count"]:
+        found = report["labels"]
+        report["problems"].append(f"{found['count']} suspect labels ({found['fraction']:.1%} of the checked "
+                                  "examples): the rest of the data says otherwise; review them, highest score first")
+    return report
