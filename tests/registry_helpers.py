@@ -1,8 +1,9 @@
 """Run directories for the registry tests: a tiny BERT with the frozen-embedding probe (about a second each) on the
 topic data, one trained on the true labels and one on shuffled labels, both scored on the same clean test file.
 
-They are trained from inside their folder with RELATIVE paths (``model: bert``, ``data: train.csv``), as a user
-typing ``graftune train --model bert --data train.csv`` would, so a pushed version must resolve them to load."""
+They are trained from inside their folder with relative paths (``model: bert``, ``data: train.csv``), as a user
+typing ``graftune train --model bert --data train.csv`` would (run.yaml records them absolute; the registry tests
+that need relative ones write them back)."""
 
 from __future__ import annotations
 

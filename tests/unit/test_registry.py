@@ -9,17 +9,19 @@ import multiprocessing
 import os
 import random
 import shutil
-import stat
 import signal
+import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.evaluate import evaluate_run, load_run, predict
 from graftune.registry import Registry, default_root, paired_test, parse_ref
 from graftune.registry.store import TMP, VERSION_FILE
 from tests.registry_helpers import registry_runs
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -41,10 +43,20 @@ def writable(path: Path) -> None:
     path.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
+def set_paths(run_dir: Path, **fields: str) -> None:
+    """Point ``run_dir``'s run.yaml at other paths (relative ones: as a run written before run.yaml stored them
+    absolute, or a hand-edited config)."""
+    file = run_dir / "run.yaml"
+    cfg = yaml.safe_load(file.read_text())
+    cfg.update(fields)
+    file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
 # --- versions -----------------------------------------------------------------------------------------------------
 def test_push_stores_a_run_directory_that_loads_from_anywhere(runs, reg, tmp_path, monkeypatch):
     source = tmp_path / "copy-of-good"
     shutil.copytree(runs["good"], source)
+    set_paths(source, model="bert", data="train.csv", test="test.csv")
     monkeypatch.chdir(runs["root"])  # where the run was trained: its relative paths resolve from here
     v = reg.push(source, "news")
     assert (v.name, v.version, v.ref) == ("news", 1, "news@1") and v.path == reg.root / "versions" / "news" / "1"
@@ -52,15 +64,16 @@ def test_push_stores_a_run_directory_that_loads_from_anywhere(runs, reg, tmp_pat
     assert sorted(v.files) == ["data_card.json", "head/head.json", "head/head.safetensors", "metrics.json", "run.yaml"]
     assert not (v.path / "log.jsonl").exists() and (source / "log.jsonl").is_file()
     assert v.resolved_paths["data"] == ["train.csv", str(runs["train"])]
+    assert v.resolved_paths["test"] == ["test.csv", str(runs["test"])]
     assert v.base_model == str(runs["bert"]) and v.source == str(source.resolve())
     meta = json.loads((v.path / VERSION_FILE).read_text())
     assert meta["who"] and meta["created"].endswith("Z") and meta["metrics"]["accuracy"] == v.metrics["accuracy"]
     assert not os.access(v.path / "metrics.json", os.W_OK) or os.geteuid() == 0  # read-only (root ignores it)
     assert not (v.path / "metrics.json").stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-    # the stored copy is a run directory on its own: the source and the working directory may go (the original
-    # run directory, with its relative paths, loads only from where it was trained)
+    # the stored copy is a run directory on its own: the source and the working directory may go (the source,
+    # with its relative paths, loads only from where it was trained)
     texts = ["goal match team", "bank share price"]
-    expected = predict(load_run(runs["good"]), texts)
+    expected = predict(load_run(source), texts)
     shutil.rmtree(source)
     monkeypatch.chdir(tmp_path)
     assert predict(load_run(v.path), texts) == expected
@@ -132,7 +145,7 @@ def test_two_processes_pushing_at_once_both_land(runs, reg):
 def _killed_push(root: str, run_dir: str, where: str) -> None:
     """Push, and SIGKILL this process midway: while copying the run's files, or after the finished version's
     rename into place but before its row is committed."""
-    import graftune.registry.store as store
+    from graftune.registry import store
 
     real_replace, real_hash, hashed = store.os.replace, store.sha256_file, []
 
@@ -261,14 +274,10 @@ def test_the_gate_on_given_data_and_when_the_test_data_is_gone(runs, reg, tmp_pa
     for f in ("train.csv", "test.csv", "shuffled.csv"):
         shutil.copy(runs[f.split(".")[0]], data / f)
     moved = {}
-    for run in ("good", "bad"):  # runs whose run.yaml points at files in `data`
+    for run, train_file in (("good", "train.csv"), ("bad", "shuffled.csv")):  # runs reading their data from `data`
         moved[run] = tmp_path / run
         shutil.copytree(runs[run], moved[run])
-        text = (moved[run] / "run.yaml").read_text()
-        (moved[run] / "run.yaml").write_text(text.replace("data: train.csv", f"data: {data / 'train.csv'}")
-                                             .replace("data: shuffled.csv", f"data: {data / 'shuffled.csv'}")
-                                             .replace("test: test.csv", f"test: {data / 'test.csv'}")
-                                             .replace("model: bert", f"model: {runs['bert']}"))
+        set_paths(moved[run], data=str(data / train_file), test=str(data / "test.csv"))
     reg.push(moved["good"], "news")
     reg.push(moved["bad"], "news")
     reg.promote("news", 1)
@@ -326,7 +335,7 @@ def test_the_gate_on_causal_lm_versions_scores_exact_answers(runs, reg, tmp_path
     """Causal-LM versions are compared on their greedy answers' exact match (as ``graftune eval`` scores them); a
     causal-LM candidate cannot be gated against a classifier."""
     from graftune.config import RunConfig
-    from graftune.train import train
+    from graftune.runs import train
     from tests.train_helpers import llama_folder, pairs_jsonl
 
     llama, pairs = llama_folder(tmp_path / "llama"), pairs_jsonl(tmp_path / "pairs.jsonl", n=30)

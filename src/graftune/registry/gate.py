@@ -36,6 +36,7 @@ from graftune.data.card import fingerprint
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
 from graftune.errors import DataError, GraftuneError
+from graftune.evaluate import generate, load_run, predict
 
 #: the gate's one-sided significance level: its false-refusal rate for a candidate exactly as good
 ALPHA = 0.05
@@ -141,8 +142,6 @@ def data_file(path: str, cfg, kind: str) -> HeldOut:
 def correctness(run_dir: Path, held: HeldOut) -> list[bool]:
     """Per example of ``held``: is the run in ``run_dir`` right? The model is freed before returning, so the two
     versions are never in memory together."""
-    from graftune.evaluate import generate, load_run, predict
-
     run = load_run(run_dir)
     try:
         if held.kind == "causal-lm":

@@ -39,9 +39,7 @@ def mirror_version(uri: str | None, v: Version) -> str | None:
     found = _find(client, v)
     if found is not None:
         return found
-    try:
-        client.get_registered_model(v.name)
-    except Exception:  # mlflow raises its RestException / MlflowException for a missing model
+    if not client.search_registered_models(f"name = '{v.name}'"):
         client.create_registered_model(v.name)
     with mlflow.start_run(run_name=v.ref) as run:
         mlflow.log_params({"graftune_ref": v.ref, "method": v.method, "task": v.task, "base_model": v.base_model})
@@ -64,11 +62,7 @@ def mirror_alias(uri: str | None, v: Version) -> None:
 
 
 def _find(client, v: Version) -> str | None:
-    try:
-        versions = client.search_model_versions(f"name = '{v.name}'")
-    except Exception:  # no such registered model yet
-        return None
-    for mv in versions:
+    for mv in client.search_model_versions(f"name = '{v.name}'"):
         if (mv.tags or {}).get(TAG) == str(v.version):
             return str(mv.version)
     return None

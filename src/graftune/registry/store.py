@@ -129,7 +129,7 @@ def now() -> str:
 def who() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no user name in this environment (a container without one): still record something
+    except (OSError, KeyError):  # no user name here (a container without a passwd entry): still record something
         return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 

@@ -40,8 +40,8 @@ def version_details(v: Version, *, promoted: bool) -> list[str]:
         f"  run         {headline(v)}",
         f"  base        {v.base_model}" + (f" (fingerprint {fp[:12]})" if fp else ""),
         f"  labels      {', '.join(v.label_names) or '-'}",
-        f"  data        {card.get('origin')} (sha256 {str(card.get('sha256'))[:12]}), "
-        f"test split {card.get('test_examples')} examples",
+        (f"  data        {card.get('origin')} (sha256 {str(card.get('sha256'))[:12]}), "
+         f"test split {card.get('test_examples')} examples"),
         f"  source      {v.source}",
         f"  files       {len(v.files)} (sha256 verified)",
     ]
