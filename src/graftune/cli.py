@@ -564,15 +564,17 @@ def registry_show(ref: str = typer.Argument(..., help="NAME (its versions and lo
 
     reg = _registry(registry)
     name, number = parse_ref(ref)
-    v = reg.show(name, number)
     promoted = reg.promoted_version(name)
-    if number is None:
+    if number is None:  # the overview re-hashes nothing, so it still shows a name whose latest version is damaged
+        if not reg.list(name):
+            reg.show(name)  # raises the one-line "no versions of NAME"
         if as_json:
             typer.echo(dumps({"name": name, "promoted": promoted, "versions": [x.to_dict() for x in reg.list(name)],
                               "log": reg.log(name)}))
         else:
             typer.echo("\n".join(show_name(reg, name)))
         return
+    v = reg.show(name, number)
     log = [e for e in reg.log(name) if e["version"] == number]
     if as_json:
         typer.echo(dumps(v.to_dict() | {"promoted": promoted == number, "log": log}))
