@@ -83,3 +83,4 @@ def test_env_registry_and_one_line_errors(runs, tmp_path, monkeypatch):
     text = one_line_error(runner.invoke(app, ["registry", "show", "news@1"]))
     assert "head.json changed since push" in text
     assert "head.json changed since push" in one_line_error(runner.invoke(app, ["registry", "promote", "news@1"]))
+    assert "push      news@1" in ok("show", "news")  # the overview and log still show a damaged name
