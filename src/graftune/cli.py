@@ -257,6 +257,8 @@ def compare(
                                                    help="A training setting for the adapter "
                                                    "strategies (epochs, lr, max_length, ...; repeatable).")] = None,
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier comparison's "
+                                   "folder (or empty); any other folder or file is refused."),
 ):
     """Compare adaptation strategies on identical splits (shots x seeds x augmentation); write results.json and
     report.html, print the summary and a recommendation."""
@@ -271,7 +273,7 @@ def compare(
     rows = run_compare(model, data, shots=_int_list(shots, "--shots"), seeds=seeds, strategies=names,
                        augment=_AUGMENT[augment], budget_s=budget, out_dir=out, text_column=text_column,
                        label_column=label_column, test=test, test_per_class=test_per_class,
-                       settings=parse_sets(sets), progress=not quiet)
+                       settings=parse_sets(sets), progress=not quiet, overwrite=overwrite)
     summary = summarize(rows)
     typer.echo(format_summary(summary, rows))
     typer.echo("")
@@ -490,14 +492,16 @@ def export(
 @app.command()
 @user_errors
 def demo(
-    out: str = typer.Option("runs/demo-bbc", "--out", help="Where to keep the demo's run directory."),
+    out: str = typer.Option("runs/demo", "--out", help="Where to keep the demo's run directory."),
     seed: int = typer.Option(0, min=0, help="Seed of the split and the training."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
-    """The main job: LoRA on MiniLM with 16 BBC News articles per class vs the frozen-encoder baseline."""
+    """The main job: --method auto on 8 TREC questions per class, its evidence and pick, against the frozen
+    baseline."""
     from graftune.demo import format_table, run_demo
 
-    typer.echo("Fine-tuning MiniLM (LoRA r=8) on 16 BBC News articles per class; scoring 500 held-out articles...")
+    typer.echo("MiniLM on TREC question types, 8 labelled questions per class: --method auto picks how to adapt it, "
+               "then the pick is scored on 300 held-out questions next to the frozen-encoder baseline...")
     typer.echo(format_table(run_demo(out, seed=seed, progress=not quiet)))
 
 

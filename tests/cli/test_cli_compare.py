@@ -113,17 +113,18 @@ def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
     saved = yaml.safe_load((out / "run.yaml").read_text())
     record = saved["auto"]
     picked = saved["method"]
-    assert picked == record["method"] and picked in auto.AUTO_CANDIDATES
+    assert picked == record["method"] and picked in ("head", "lora")
     # says which and why, with the evidence numbers of every candidate that ran; contrastive would not honour
-    # --epochs, so it is left out and the reason says so
+    # --epochs, nor would a probe run: so the frozen baseline is the task head, prototypes and contrastive are
+    # left out, and the reason says so
     assert f"--method auto picked {picked}." in result.stdout
-    assert set(record["candidates"]) == set(auto.AUTO_CANDIDATES) - {"contrastive"}
+    assert set(record["candidates"]) == {"head", "lora"}
     assert "contrastive (your --epochs would not apply to it)" in result.stdout
     for name, c in record["candidates"].items():
         assert f"{name} {c['macro_f1']:.3f}" in result.stdout
     best = max(c["macro_f1"] for c in record["candidates"].values())
     assert record["candidates"][picked]["macro_f1"] >= best - summary.WITHIN - 1e-9
-    assert record["training_examples"] == 12 and record["validation_examples"] == 3
+    assert record["training_examples"] == 12 and record["validation_examples"] == 3  # 4 folds of 12
     # trained that method; metrics.json carries the record too
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["method"] == picked
@@ -143,15 +144,20 @@ class Scripted:
         return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
 
 
-@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "topk": 0.2, "contrastive": 0.3}, "lora"),
-                                              ({"lora": 0.2, "topk": 0.99, "contrastive": 0.3}, "topk"),
-                                              ({"lora": 0.2, "topk": 0.3, "contrastive": 0.99}, "contrastive")])
+def low_frozen_scores(x, labels, fit, val, label_names, head):
+    """The frozen candidates' folds, scripted low: the trained candidates' evidence decides."""
+    return {"accuracy": 0.2, "macro_f1": 0.2, "trainable_params": 0 if head == "prototype" else 99, "seconds": 0.0}
+
+
+@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "contrastive": 0.3}, "lora"),
+                                              ({"lora": 0.2, "contrastive": 0.99}, "contrastive")])
 def test_auto_follows_the_measured_evidence(tiny, tmp_path, monkeypatch, scores, expected):
     def scripted_contrastive(strategy, model, splits, seed, settings):
         f1 = scores["contrastive"]
         return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
 
     monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
+    monkeypatch.setattr(auto, "fit_head", low_frozen_scores)
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     args.pop("epochs", None)  # a loop setting would leave contrastive out (its own test below)
     cfg = RunConfig(**args)
@@ -174,9 +180,7 @@ def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypa
         return {"accuracy": 1.0, "macro_f1": 1.0, "trainable_params": 100, "train_seconds": 0.0}
 
     monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
-    real_features = catalog.run_features
-    monkeypatch.setattr(auto, "run_features",  # the probe candidate runs for real, but cannot tie at 1.0
-                        lambda *a: {**real_features(*a), "accuracy": 0.5, "macro_f1": 0.5})
+    monkeypatch.setattr(auto, "fit_head", low_frozen_scores)  # the frozen candidates cannot tie at 1.0
     out = tmp_path / "auto-c"
     result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
                                  "--method", "auto", "--budget", "120", "--shots", "4", "--max-length", "32",
@@ -209,10 +213,10 @@ def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     for key in ("epochs", "lr", "batch_size"):
         args.pop(key)
-    resolved = auto.resolve(RunConfig(**args), progress=False,
-                                    train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
-    assert set(resolved.auto["candidates"]) == {"probe", "lora", "topk", "contrastive"}
-    assert resolved.method == "probe" and resolved.options == {}
-    with_lr = auto.resolve(RunConfig(**args, lr=5e-3), progress=False,
-                                   train_fn=Scripted({"lora": 0.0, "topk": 0.0}))
+    resolved = auto.resolve(RunConfig(**args), progress=False, train_fn=Scripted({"lora": 0.0}))
+    assert set(resolved.auto["candidates"]) == {"probe", "prototypes", "lora", "contrastive"}
+    # a picked probe or prototypes is a valid probe run config (prototypes: the class-mean head)
+    assert resolved.method == "probe" and resolved.options in ({}, {"head": "prototype"})
+    with_lr = auto.resolve(RunConfig(**args, lr=5e-3), progress=False, train_fn=Scripted({"lora": 0.0}))
     assert "head" in with_lr.auto["candidates"] and "probe" not in with_lr.auto["candidates"]
+    assert "prototypes (a probe run would not honour your settings)" in with_lr.auto["reason"]

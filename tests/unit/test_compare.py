@@ -146,9 +146,9 @@ def test_choose_method_never_sees_the_test_set(tiny, monkeypatch):
     monkeypatch.setattr(auto, "run_contrastive", contrastive)
     method, reason = choose_method(tiny["bert"], tiny["csv"], budget_s=60, shots=8, seed=0, max_length=32,
                                    train_fn=fake)
-    assert method in auto.AUTO_CANDIDATES
-    assert "validation part carved from the 24 training examples" in reason and "test set untouched" in reason
-    assert "contrastive " in reason and any(c is None for c, _ in fake.calls)  # it ran, on the same carve
+    assert method in ("probe", "prototypes", "lora", "contrastive")
+    assert "cross-validation on the 24 training examples" in reason and "test set untouched" in reason
+    assert "contrastive " in reason and any(c is None for c, _ in fake.calls)  # it ran, on the same folds
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
 
@@ -233,25 +233,52 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
     assert np.abs(got[0] - unit).max() > 1e-3  # the windows changed the long text's embedding
 
 
-def test_auto_treats_gaps_within_validation_noise_as_ties(tiny, monkeypatch):
-    """With a handful of validation examples a few points are noise: a cheaper candidate within one standard error
-    of the best is picked, and the reason says why. With a clear gap the best still wins."""
-    monkeypatch.setattr(auto, "run_features", lambda *a: {"accuracy": 0.85, "macro_f1": 0.85,
-                                                               "trainable_params": 99, "train_seconds": 0.0})
+class Folds:
+    """A scripted head fit: per-fold macro-F1 drawn from ``scores`` in turn (the frozen candidates' evidence)."""
+
+    def __init__(self, scores, params=99):
+        self.scores, self.params, self.calls = list(scores), params, 0
+
+    def __call__(self, x, labels, fit, val, label_names, head):
+        f1 = self.scores[self.calls % len(self.scores)]
+        self.calls += 1
+        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 0 if head == "prototype" else self.params,
+                "seconds": 0.0}
+
+
+class Slow(FakeTrain):  # LoRA's folds score around 0.9 (spread 0.85-0.95) and take longer than the features
+    def __call__(self, cfg, *, progress=True, splits=None):
+        time.sleep(0.2)
+        self.calls.append((cfg, splits))
+        f1 = (0.95, 0.85, 0.90)[(len(self.calls) - 1) % 3] if cfg.method == "lora" else 0.0
+        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 1000, "train_seconds": 0.2}
+
+
+def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
+    """A gap smaller than one standard error of the paired per-fold differences is a tie, and the candidate with
+    fewer trained parameters wins it; with a clear gap the best wins. Trained candidates run on fewer folds than
+    the cheap ones (successive halving), and the test set is never read."""
     monkeypatch.setattr(auto, "run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
                                                                  "trainable_params": 9, "train_seconds": 0.0})
-
-    class Slow(FakeTrain):  # LoRA scores 0.9 (top-k 0.0), and both take longer than the features
-        def __call__(self, cfg, *, progress=True, splits=None):
-            time.sleep(0.3)
-            f1 = 0.9 if cfg.method == "lora" else 0.0
-            return {"accuracy": f1, "macro_f1": f1, "trainable_params": 1000, "train_seconds": 0.3}
-
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
-    assert record["validation_examples"] == 6  # noise: sqrt(0.9 * 0.1 / 6) = 0.12 > the 0.05 gap
+    # probe: 0.80-0.96 across folds (mean 0.88, 2 points behind LoRA, well within the spread)
+    monkeypatch.setattr(auto, "fit_head", Folds([0.96, 0.80, 0.88]))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "lora", "contrastive"))
+    assert record["folds"] == 5 and record["validation_examples"] == 5
+    assert record["candidates"]["probe"]["folds"] == 10 and record["candidates"]["lora"]["folds"] == 3
+    assert record["candidates"]["contrastive"]["folds"] == 1  # halved away after the first fold
     assert record["method"] == "probe", record["reason"]
-    assert "sampling noise of 6 validation examples" in record["reason"]
-    monkeypatch.setattr(auto, "run_features", lambda *a: {"accuracy": 0.5, "macro_f1": 0.5,
-                                                               "trainable_params": 99, "train_seconds": 0.0})
-    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow())
-    assert clear["method"] == "lora" and "scored best" in clear["reason"]
+    assert "within the fold-to-fold spread of the best (lora" in record["reason"]
+    assert "trains fewer parameters (99 vs 1,000)" in record["reason"]
+    monkeypatch.setattr(auto, "fit_head", Folds([0.50, 0.52, 0.48]))
+    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+                           candidates=("head", "lora"))
+    assert clear["method"] == "lora" and "lora scored best" in clear["reason"]
+
+
+def test_auto_prefers_the_smaller_of_tied_frozen_candidates(tiny, monkeypatch):
+    monkeypatch.setattr(auto, "fit_head", Folds([0.9, 0.92, 0.88]))  # probe and prototypes score the same
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "prototypes"))
+    assert record["method"] == "prototypes"  # class means: nothing trained
+    assert record["candidates"]["prototypes"]["trainable_params"] == 0

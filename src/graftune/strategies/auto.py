@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.model_selection import RepeatedStratifiedKFold
 
 from graftune.config import RunConfig
 from graftune.data.splits import Splits, make_splits
 from graftune.errors import ConfigError, DataError
 from graftune.recipes import adapter
+from graftune.recipes.fewshot import make_head
 from graftune.recipes.fewshot_run import unused_settings
 from graftune.run.rundir import check_out
 from graftune.strategies.catalog import (
@@ -29,140 +31,236 @@ from graftune.strategies.catalog import (
     Frozen,
     load_compare_data,
     run_contrastive,
-    run_features,
     run_train,
 )
 from graftune.strategies.summary import WITHIN
+from graftune.tasks.classification import classification_metrics
 
-AUTO_CANDIDATES = ("head", "lora", "topk", "contrastive")
-
-#: time per training example relative to the first adapter candidate (LoRA, 3 epochs), to estimate a candidate
+#: the candidates by modality: ``head`` is the frozen baseline (text: ``probe``, the whole-text embeddings + a
+#: logistic regression; images: the task head on pooled features), ``prototypes`` its nearest-class-mean variant
+AUTO_CANDIDATES = {"text": ("head", "prototypes", "lora", "contrastive"), "image": ("head", "lora", "topk")}
+#: candidates scored on frozen embeddings computed once: every fold of every repeat costs a head fit only
+CHEAP = ("head", "prototypes")
+#: cheap candidates: repeated stratified k-fold over the training examples (at most FOLDS folds, REPEATS times)
+FOLDS, REPEATS = 5, 2
+#: trained candidates, successive halving: every one runs on the first RUNGS[0] folds of the first repeat, the
+#: better half (at least one, and none clearly worse than the best) goes on to RUNGS[1] folds
+RUNGS = (1, 3)
+#: time per training example relative to the first trained candidate (LoRA, 3 epochs), to estimate a candidate
 #: before it runs: contrastive trains 20 pairs per example on the top 2 layers; on BBC News (MiniLM, 40-80
 #: articles) it took about 3x LoRA's 3 epochs per example (bench/RESULTS.md)
 AUTO_COST = {"contrastive": 3.0}
 
 
-def choose_method(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
-                  text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
-                  test_per_class: int | None = None, test: Any = None, max_length: int = 256,
-                  candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
-                  split_args: dict | None = None, progress: bool = False) -> tuple[str, str]:
-    """Pick a ``train --method`` for this model and data from a quick comparison, within ``budget_s``.
-    Returns ``(method, reason)``; ``auto_pick`` (same arguments) returns the whole record."""
-    record = auto_pick(model, data, budget_s=budget_s, shots=shots, seed=seed, text_column=text_column,
-                       label_column=label_column, test_size=test_size, test_per_class=test_per_class, test=test,
-                       max_length=max_length, candidates=candidates, train_fn=train_fn, split_args=split_args,
-                       progress=progress)
+def choose_method(model: str, data: Any, **kwargs) -> tuple[str, str]:
+    """Pick a ``train --method`` for this model and data from a quick comparison (``auto_pick``'s arguments).
+    Returns ``(method, reason)``; ``auto_pick`` returns the whole record."""
+    record = auto_pick(model, data, **kwargs)
     return record["method"], record["reason"]
 
 
 def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | None = None, seed: int = 0,
               text_column: str = "text", label_column: str = "label", test_size: float = 0.2,
               test_per_class: int | None = None, test: Any = None, max_length: int = 256,
-              candidates: Sequence[str] = AUTO_CANDIDATES, train_fn: Callable | None = None,
+              candidates: Sequence[str] | None = None, train_fn: Callable | None = None,
               split_args: dict | None = None, settings: dict | None = None, progress: bool = False,
               not_for_contrastive: Sequence[str] = (), not_for_probe: Sequence[str] = ()) -> dict:
-    """The quick comparison behind ``--method auto``, as a record: ``method``, ``reason`` (plain words with the
-    numbers), ``candidates`` (per candidate: validation macro-F1, accuracy, seconds, trainable parameters),
-    ``skipped``, the example counts and the budget. ``settings``: train() settings for the adapter candidates
-    (precision, batch_size, ...); they train 3 epochs.
+    """The quick comparison behind ``--method auto``, as a record: ``method`` (a ``train --method``), ``options``,
+    ``reason`` (plain words with the numbers), ``candidates`` (per candidate: mean and spread of the macro-F1 over
+    its folds, accuracy, folds, seconds, trainable parameters), ``skipped``, the example counts and the budget.
 
-    The training examples are the ones ``train`` would use (``split_args``: ``RunConfig.split_args()``, else the
-    same seed, shots and test carving); a validation part (a quarter, at least one per class) is carved from them,
-    every candidate trains on the rest and is scored on it; the test set is never looked at. ``head`` is scored as
-    its LP-FT start (the logistic-regression probe), the adapter candidates with 3 epochs, ``contrastive`` as
-    ``graftune compare`` runs it (text only). A candidate estimated not to fit in the budget left is skipped (the
-    first adapter candidate is the measurement). The best macro-F1 wins; within 1 point, or within one standard
-    error of the validation part's F1 when that is larger, the candidate with the fewest trained parameters wins
-    (then the faster): a timing difference of a few seconds is noise, a smaller model is not.
-    ``not_for_contrastive``: run settings the contrastive run would not honour (``--epochs`` ...): when given, that
-    candidate is skipped and the reason says why. For text, the ``head`` candidate is ``probe`` (the frozen
-    base's whole-text embeddings + logistic regression, compare's ``linear-probe``, trained as ``train --method
-    probe``) unless ``not_for_probe`` names settings a probe run would not honour; then it is ``head`` (the task
-    head on the first ``max_length`` tokens, scored as its logistic-regression start).
+    Only the training examples are read (those ``train`` would use: ``split_args`` is ``RunConfig.split_args()``);
+    the test set is never looked at. They are cut into stratified folds (k = up to ``FOLDS``, at most the smallest
+    class's size). The cheap candidates (``CHEAP``: heads on frozen embeddings, computed once for every training
+    example) are scored on every fold of ``REPEATS`` repeats. The trained candidates (LoRA with a head for 3 epochs,
+    the contrastive recipe, top-k for images) are costly: successive halving runs each on the first fold, and the
+    better ones on more (``RUNGS``), as the budget allows (a candidate estimated not to fit is skipped, the first
+    trained one being the measurement).
+
+    The rule: the best mean macro-F1 is the reference; a candidate is tied with it when the mean of their paired
+    differences over the folds both ran is within one standard error of those differences (or within 1 point, or
+    within the sampling noise of one validation fold when only one fold is shared). Among the tied, the fewest
+    trained parameters win, then the faster: a few seconds of timing are noise, a smaller model is not.
+    ``not_for_contrastive`` / ``not_for_probe``: run settings those recipes would not honour; contrastive is then
+    skipped, and the text baseline is ``head`` (the task head on the first ``max_length`` tokens) instead of
+    ``probe``.
     """
     train_fn = train_fn or adapter.train
-    unknown = [c for c in candidates if c != "head" and c not in STRATEGIES]
-    if unknown or not candidates:
-        raise ConfigError(f"auto candidates: unknown {', '.join(unknown) or '(none given)'}; use head or some of "
-                          f"{', '.join(n for n, s in STRATEGIES.items() if s.kind == 'train')}")
     ds, user_test = load_compare_data(data, test, text_column, label_column)
+    names = list(candidates or AUTO_CANDIDATES["text" if ds.modality == "text" else "image"])
+    unknown = [c for c in names if c not in CHEAP and c not in STRATEGIES]
+    if unknown or not names:
+        raise ConfigError(f"auto candidates: unknown {', '.join(unknown) or '(none given)'}; use some of head, "
+                          f"prototypes, {', '.join(n for n, s in STRATEGIES.items() if s.kind != 'features')}")
     args = dict(split_args) if split_args else {"seed": seed, "test_size": test_size, "shots": shots,
                                                  "test_per_class": test_per_class}
-    full = make_splits(ds, test=user_test, **{**args, "val_size": 0})
-    fit_part, val_part = carve_val(full.train, seed)
-    inner = Splits(train=fit_part, val=val_part.subset([]), test=val_part, seed=seed, shots=args.get("shots"))
-    say = print if progress else (lambda *a, **k: None)
+    train = make_splits(ds, test=user_test, **{**args, "val_size": 0}).train
+    labels = np.asarray(train.labels)
+    smallest = min(np.unique(labels, return_counts=True)[1])
+    if smallest < 2:
+        raise DataError("--method auto compares methods on held-out training examples and needs at least 2 per "
+                        "class; add examples, or pick a --method (probe is the safe choice for so few)")
+    k = int(min(FOLDS, smallest))
+    folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=REPEATS, random_state=seed)
+                 .split(np.zeros(len(labels)), labels))
+    say = print if progress else (lambda *a, **kw: None)
     started = time.perf_counter()
     scores: dict[str, dict] = {}
     skipped: list[str] = []
+    text = ds.modality == "text"
+    baseline = "probe" if text and not not_for_probe else "head"
+
+    # --- cheap: frozen embeddings once, a head fit per fold ------------------------------------------------------
+    cheap = [n for n in names if n in CHEAP and (n == "head" or baseline == "probe")]
+    skipped += [f"{n} (a probe run would not honour your settings)" for n in names if n in CHEAP and n not in cheap]
+    if cheap:
+        t0 = time.perf_counter()
+        frozen = Frozen(model, ds, max_length, windows=baseline == "probe")
+        x = frozen.features(train.inputs)
+        embed_seconds = time.perf_counter() - t0
+        for name in cheap:
+            t1 = time.perf_counter()
+            runs = [fit_head(x, labels, fit, val, train.label_names, "prototype" if name == "prototypes" else
+                             "logistic") for fit, val in folds]
+            method = baseline if name == "head" else "prototypes"
+            scores[method] = _summarize_runs(method, runs, embed_seconds + time.perf_counter() - t1)
+            say(f"[auto] {method}: macro-F1 {scores[method]['macro_f1']:.3f} +- {scores[method]['macro_f1_std']:.3f} "
+                f"over {len(runs)} folds ({scores[method]['seconds']:.0f} s)")
+
+    # --- costly: successive halving over the first repeat's folds -------------------------------------------------
+    costly = [n for n in names if n not in CHEAP]
+    if "contrastive" in costly and (not text or not_for_contrastive):
+        why = ("text only" if not text else
+               f"your {', '.join('--' + n.replace('_', '-') for n in not_for_contrastive)} would not apply to it")
+        skipped.append(f"contrastive ({why})")
+        say(f"[auto] contrastive: skipped, {why}")
+        costly.remove("contrastive")
     settings = {**(settings or {}), "max_length": max_length, "epochs": 3}
+    runs_of: dict[str, list[dict]] = {n: [] for n in costly}
+    per_example: list[float] = []  # seconds per training example of the trained candidates' fold runs
+    fit_size = len(folds[0][0])
+    data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
     with tempfile.TemporaryDirectory(prefix="graftune-auto-") as scratch:
-        for name in candidates:
-            left = budget_s - (time.perf_counter() - started)
-            per_example = [s["seconds"] / max(len(fit_part), 1) for s in scores.values()
-                           if s["method"] not in ("head", "probe")]
-            if name == "contrastive" and (ds.modality != "text" or not_for_contrastive):
-                why = ("text only" if ds.modality != "text" else
-                       f"your {', '.join('--' + n.replace('_', '-') for n in not_for_contrastive)} would not apply "
-                       "to it")
-                skipped.append(f"contrastive ({why})")
-                say(f"[auto] contrastive: skipped, {why}")
-                continue
-            cost = AUTO_COST.get(name) or STRATEGIES["linear-probe" if name == "head" else name].cost
-            est = statistics.mean(per_example) * len(fit_part) * cost if per_example else 0.0
-            if left <= 0 or est > left:
-                skipped.append(f"{name} (for the {budget_s:g} s budget: est. {est:.0f} s, {max(left, 0):.0f} s left)")
-                say(f"[auto] {name}: skipped, est. {est:.0f} s with {max(left, 0):.0f} s of the budget left")
-                continue
-            t0 = time.perf_counter()
-            if name == "head":
-                probe = ds.modality == "text" and not not_for_probe
-                name = "probe" if probe else "head"
-                # what `train --method probe` fits (whole texts), or what `train --method head` trains on
-                frozen = Frozen(model, ds, max_length, windows=probe)
-                result = run_features(STRATEGIES["linear-probe"], frozen, inner, "val")
-            elif name == "contrastive":  # what `train --method contrastive` trains, with its defaults
-                result = run_contrastive(STRATEGIES[name], model, inner, seed, settings)
-            else:
-                result = run_train(STRATEGIES[name], model, str(data) if not hasattr(data, "inputs") else ds.origin,
-                                    inner, seed, settings, Path(scratch) / name,
-                                    {"text_column": text_column, "label_column": label_column}, train_fn)
-            result.pop("run_test_fingerprint", None)
-            scores[name] = {**result, "method": name, "seconds": round(time.perf_counter() - t0, 2)}
-            say(f"[auto] {name}: validation macro-F1 {result['macro_f1']:.3f}, accuracy {result['accuracy']:.3f} "
-                f"({scores[name]['seconds']:.0f} s)")
+        for rung in RUNGS:
+            for name in list(costly):
+                while len(runs_of[name]) < min(rung, k):
+                    i = len(runs_of[name])
+                    left = budget_s - (time.perf_counter() - started)
+                    cost = AUTO_COST.get(name) or STRATEGIES[name].cost
+                    est = statistics.mean(per_example) * fit_size * cost if per_example else 0.0
+                    if left <= 0 or est > left:
+                        if not runs_of[name]:
+                            skipped.append(f"{name} (for the {budget_s:g} s budget: est. {est:.0f} s, "
+                                           f"{max(left, 0):.0f} s left)")
+                            say(f"[auto] {name}: skipped, est. {est:.0f} s with {max(left, 0):.0f} s of the budget "
+                                "left")
+                        break
+                    fit, val = folds[i]
+                    inner = Splits(train=train.subset(list(fit)), val=train.subset([]), test=train.subset(list(val)),
+                                   seed=seed, shots=args.get("shots"))
+                    t0 = time.perf_counter()
+                    if name == "contrastive":  # what `train --method contrastive` trains, with its defaults
+                        result = run_contrastive(STRATEGIES[name], model, inner, seed, settings)
+                    else:
+                        result = run_train(STRATEGIES[name], model, data_spec, inner, seed, settings,
+                                           Path(scratch) / f"{name}-{i}",
+                                           {"text_column": text_column, "label_column": label_column}, train_fn)
+                    seconds = time.perf_counter() - t0
+                    per_example.append(seconds / max(len(fit), 1) / (AUTO_COST.get(name) or STRATEGIES[name].cost))
+                    runs_of[name].append({**result, "fold": i, "seconds": seconds})
+                    say(f"[auto] {name}: fold {i + 1} macro-F1 {result['macro_f1']:.3f} ({seconds:.0f} s)")
+            done = [n for n in costly if runs_of[n]]
+            for name in done:
+                scores[name] = _summarize_runs(name, runs_of[name], sum(r["seconds"] for r in runs_of[name]))
+            if rung == RUNGS[-1]:
+                break
+            # the better half goes on (at least one), and none that is already clearly behind the best
+            ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
+            keep = ranked[:max(1, math.ceil(len(ranked) / 2))]
+            best_now = max(scores.values(), key=lambda s: s["macro_f1"])
+            costly = [n for n in keep if not _clearly_worse(scores[n], best_now, len(folds[0][1]))]
     if not scores:
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
+
     best = max(scores.values(), key=lambda s: s["macro_f1"])
-    # a tie is a gap within 1 point or within the sampling noise of the validation part (one standard error of a
-    # proportion measured on that many examples), whichever is larger: on 10 examples that is about 10 points,
-    # and then the cheapest of the tied candidates is the honest choice
-    noise = math.sqrt(max(best["macro_f1"] * (1 - best["macro_f1"]), 0.0) / max(len(val_part), 1))
-    tie = max(WITHIN, noise)
-    close = [s for s in scores.values() if best["macro_f1"] - s["macro_f1"] <= tie + 1e-9]
+    val_size = len(folds[0][1])
+    close = [s for s in scores.values() if not _beaten(s, best, val_size)]
     pick = min(close, key=lambda s: (s["trainable_params"], s["seconds"]))
-    listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} ({s['seconds']:.0f} s)" for s in scores.values())
-    reason = (f"On a validation part carved from the {len(full.train)} training examples ({len(val_part)} held out, "
+    listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_std']:.3f} ({s['folds']} fold"
+                        f"{'s' if s['folds'] > 1 else ''}, {s['seconds']:.0f} s)" for s in scores.values())
+    reason = (f"By {k}-fold cross-validation on the {len(train)} training examples ({val_size} held out per fold, "
               f"the test set untouched), macro-F1 was: {listing}. ")
     if pick is best:
         reason += f"{pick['method']} scored best"
-    elif tie > WITHIN:
-        reason += (f"{pick['method']} is within {100 * tie:.0f} points of the best ({best['method']}), the "
-                   f"sampling noise of {len(val_part)} validation examples, and trains fewer parameters "
-                   f"({pick['trainable_params']:,} vs {best['trainable_params']:,}), so it is chosen")
+        others = [s for s in close if s is not best]
+        if others:
+            reason += (f"; {', '.join(s['method'] for s in others)} tied with it within the fold-to-fold spread, "
+                       "but train more parameters")
     else:
-        reason += (f"{pick['method']} is within {100 * WITHIN:.0f} point of the best ({best['method']}) and trains "
-                   f"fewer parameters ({pick['trainable_params']:,} vs {best['trainable_params']:,}), so it is chosen")
-    reason += (f". With only {len(val_part)} validation examples, differences of a few points are noise."
-               if len(val_part) < 50 else ".")
+        reason += (f"{pick['method']} is within the fold-to-fold spread of the best ({best['method']}, "
+                   f"{100 * (best['macro_f1'] - pick['macro_f1']):.1f} points ahead) and trains fewer parameters "
+                   f"({pick['trainable_params']:,} vs {best['trainable_params']:,}), so it is chosen")
+    reason += "."
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
-    keep = ("macro_f1", "accuracy", "seconds", "trainable_params")
+    keep_keys = ("macro_f1", "macro_f1_std", "accuracy", "folds", "seconds", "trainable_params")
     return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
-            "seconds": round(time.perf_counter() - started, 2), "training_examples": len(full.train),
-            "validation_examples": len(val_part),
-            "candidates": {n: {k: s[k] for k in keep} for n, s in scores.items()}, "skipped": skipped}
+            "seconds": round(time.perf_counter() - started, 2), "training_examples": len(train),
+            "validation_examples": val_size, "folds": k, "repeats": REPEATS,
+            "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped}
+
+
+def fit_head(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, val: np.ndarray, label_names: Sequence[str],
+             head: str) -> dict:
+    """A head of ``recipes.fewshot`` fitted on the embeddings ``x[fit]`` and scored on ``x[val]``."""
+    t0 = time.perf_counter()
+    clf = make_head(head, 1.0).fit(x[fit], labels[fit])
+    m = classification_metrics(np.asarray([list(label_names).index(c) for c in labels[val]]),
+                               np.asarray([list(label_names).index(c) for c in clf.predict(x[val])]),
+                               list(label_names))
+    # class means are computed, not trained (as compare counts them)
+    params = int(clf.coef_.size + clf.intercept_.size) if hasattr(clf, "coef_") else 0
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": params,
+            "seconds": time.perf_counter() - t0}
+
+
+def _summarize_runs(method: str, runs: list[dict], seconds: float) -> dict:
+    f1 = [r["macro_f1"] for r in runs]
+    return {"method": method, "macro_f1": statistics.mean(f1),
+            "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+            "accuracy": statistics.mean(r["accuracy"] for r in runs), "folds": len(runs),
+            "trainable_params": int(max(r["trainable_params"] for r in runs)), "seconds": round(seconds, 2),
+            "per_fold": f1}
+
+
+def _gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
+    """The best's lead over ``candidate`` on the folds both ran (paired), and its noise: the standard error of the
+    per-fold differences, or with one shared fold the sampling noise of a proportion on one validation fold."""
+    n = min(len(candidate["per_fold"]), len(best["per_fold"]))
+    diffs = [b - c for b, c in zip(best["per_fold"][:n], candidate["per_fold"][:n])]
+    lead = statistics.mean(diffs)
+    if n > 1:
+        noise = statistics.stdev(diffs) / math.sqrt(n)
+    else:
+        p = best["macro_f1"]
+        noise = math.sqrt(max(p * (1 - p), 0.0) / max(val_size, 1))
+    return lead, noise
+
+
+def _beaten(candidate: dict, best: dict, val_size: int) -> bool:
+    """Behind the best by more than one standard error of the paired differences (and more than 1 point)."""
+    if candidate is best:
+        return False
+    lead, noise = _gap(candidate, best, val_size)
+    return lead > max(WITHIN, noise) + 1e-9
+
+
+def _clearly_worse(candidate: dict, best: dict, val_size: int) -> bool:
+    """Behind by more than two standard errors: successive halving stops spending budget on it."""
+    if candidate is best:
+        return False
+    lead, noise = _gap(candidate, best, val_size)
+    return lead > max(WITHIN, 2 * noise) + 1e-9
 
 
 def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
@@ -185,7 +283,9 @@ def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
                        not_for_probe=unused_settings(cfg, method="probe"))
     method = record["method"]
     changes: dict[str, Any] = {"method": method, "options": {}}
-    if method not in ("head", "probe", "contrastive"):  # those: their own defaults, as they were scored
+    if method == "prototypes":  # the probe recipe with class means for a head
+        changes.update(method="probe", options={"head": "prototype"})
+    elif method not in ("head", "probe", "contrastive"):  # those: their own defaults, as they were scored
         strategy = STRATEGIES[method]
         changes["options"] = dict(strategy.options)
         scored = {**TRAIN_DEFAULTS, **strategy.settings}
@@ -195,22 +295,3 @@ def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
                 changes[key] = scored[key]
     record["applied"] = {k: v for k, v in changes.items() if k != "method"}
     return cfg.replace(**changes, auto=record)
-
-
-def carve_val(train, seed: int):
-    """A stratified quarter of ``train`` (at least one example per class, and at least one left to train on)."""
-    rng = np.random.RandomState(seed + 7919)
-    by_class: dict[str, list[int]] = {}
-    for i, label in enumerate(train.labels):
-        by_class.setdefault(label, []).append(i)
-    short = [c for c, ix in by_class.items() if len(ix) < 2]
-    if short:
-        raise DataError(f"--method auto needs at least 2 training examples per class; {', '.join(short)} "
-                        "has fewer; raise --shots or pick a --method")
-    fit, val = [], []
-    for ix in by_class.values():
-        ix = list(rng.permutation(ix))
-        n_val = max(1, math.floor(len(ix) / 4))
-        val += ix[:n_val]
-        fit += ix[n_val:]
-    return train.subset(sorted(fit)), train.subset(sorted(val))
