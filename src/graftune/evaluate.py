@@ -39,7 +39,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         test = load_data(cfg.test, task=run.kind, **_columns(cfg)) if cfg.test else None
         ds = make_splits(ds, test=test, **cfg.split_args()).test
     else:
-        ds = load_data(data, task=run.kind, **columns)
+        ds = load_data(data, task=run.kind, min_classes=1, **columns)  # scoring is not training: one class will do
     quantized = {"quantize": run.quantize} if run.quantize != "none" else {}
     if run.kind == "causal-lm":
         return score_causal_lm(run.task, run.model, ds.inputs, batch_size=min(batch_size, 8), policy=run.policy,

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from graftune.cli import app
 from graftune.run.checkpoint import checkpoint_file
 from graftune.run.rundir import partial_dir
-from tests.train_helpers import COMMON, TOPICS, bert_folder, one_line_error, topic_csv, topic_rows, write_csv
+from tests.train_helpers import COMMON, TOPICS, bert_folder, one_line_error, topic_csv, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -137,12 +137,14 @@ def class_rows(n_classes: int, per_class: int, seed: int = 0) -> list[dict]:
     mixed with common words), ``per_class`` examples each."""
     topic_words = [w for ws in TOPICS.values() for w in ws]
     rng = random.Random(seed)
-    rows = []
+    rows, seen = [], set()
     for k in range(n_classes):
-        own = topic_words[k::n_classes] if n_classes <= len(topic_words) else [topic_words[k % len(topic_words)]]
-        for _ in range(per_class):
+        own = topic_words[k::n_classes]
+        while len(rows) < (k + 1) * per_class:  # distinct texts: loading drops duplicates
             words = [rng.choice(own) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(rng.randint(3, 8))]
-            rows.append({"text": " ".join(words), "label": f"class{k:02d}"})
+            if " ".join(words) not in seen:
+                seen.add(" ".join(words))
+                rows.append({"text": " ".join(words), "label": f"class{k:02d}"})
     rng.shuffle(rows)
     return rows
 
@@ -164,9 +166,10 @@ def test_eight_per_class_with_a_test_file_trains_with_the_defaults(tiny, tmp_pat
     assert "test: accuracy" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["examples"] == 2 * n_classes and len(metrics["per_class"]) == n_classes
-    card = json.loads((out / "data_card.json").read_text())
-    sizes = json.dumps(card)
-    assert card and sizes  # the card is written
+    splits = json.loads((out / "data_card.json").read_text())["splits"]
+    names = {f"class{k:02d}" for k in range(n_classes)}
+    assert set(splits["val"]["counts"]) == set(splits["train"]["counts"]) == names  # every class on both sides
+    assert splits["train"]["examples"] + splits["val"]["examples"] == 8 * n_classes
     assert metrics.get("notes", []) == []  # 8 per class leaves one per class for val: no note
 
 
@@ -197,3 +200,157 @@ def test_method_auto_with_eight_per_class(tiny, tmp_path):
     no_sklearn_wording(result.output)
     assert "--method auto picked" in result.stdout and "test: accuracy" in result.stdout
     assert json.loads((out / "metrics.json").read_text())["method"] != "auto"
+
+
+# --- 3. eval on a file with some of the run's classes, and from another working directory ----------------------
+@pytest.fixture(scope="module")
+def relative_run(tiny, tmp_path_factory):
+    """A run trained from its data's folder with relative paths (model, data, test), as a new user types them."""
+    root = tmp_path_factory.mktemp("relative")
+    write_csv(root / "train.csv", class_rows(3, 12))
+    write_csv(root / "test.csv", class_rows(3, 4, seed=1))
+    os.symlink(tiny["bert"], root / "bert")
+    here = Path.cwd()
+    os.chdir(root)
+    try:
+        result = runner.invoke(app, ["train", "--model", "bert", "--data", "train.csv", "--test", "test.csv",
+                                     "--out", "runs/first", "--epochs", "2", "--batch-size", "8", "--max-length",
+                                     "32", "--precision", "fp32", "--quiet", "--set", "r=2"])
+    finally:
+        os.chdir(here)
+    assert result.exit_code == 0, result.output
+    return root / "runs" / "first"
+
+
+def test_run_yaml_holds_absolute_local_paths(relative_run):
+    saved = (relative_run / "run.yaml").read_text()
+    root = relative_run.parent.parent
+    for name in ("model", "data", "test"):
+        line = next(line for line in saved.splitlines() if line.startswith(f"{name}:"))
+        assert Path(line.split(":", 1)[1].strip().strip("'\"")).is_absolute(), line
+    assert str(root / "train.csv") in saved and str(root / "test.csv") in saved
+
+
+def test_eval_works_from_another_working_directory(relative_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", str(relative_run), "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    metrics = json.loads((relative_run / "metrics.json").read_text())
+    assert scored["accuracy"] == metrics["accuracy"] and scored["per_class"] == metrics["per_class"]
+    assert list(tmp_path.iterdir()) == []  # eval writes nothing where it runs
+    result = runner.invoke(app, ["eval", os.path.relpath(relative_run, tmp_path)])  # a relative RUN too
+    assert result.exit_code == 0 and "macro-F1" in result.stdout, result.output
+
+
+@pytest.mark.parametrize("kept", [["class00", "class02"], ["class01"]], ids=["two-of-three", "one-of-three"])
+def test_eval_scores_a_file_with_some_of_the_runs_classes(relative_run, tmp_path, kept):
+    rows = [r for r in class_rows(3, 5, seed=2) if r["label"] in kept]
+    data = write_csv(tmp_path / "some.csv", rows)
+    before = snapshot(relative_run)
+    result = runner.invoke(app, ["eval", str(relative_run), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output and "ill-defined" not in result.output, result.output
+    scored = json.loads(result.stdout)
+    assert set(scored["per_class"]) == {"class00", "class01", "class02"}  # the run's label set
+    for name, row in scored["per_class"].items():
+        assert row["support"] == (5 if name in kept else 0), (name, row)
+    assert len(scored["confusion_matrix"]) == 3 and sum(map(sum, scored["confusion_matrix"])) == len(rows)
+    assert 0.0 <= scored["accuracy"] <= 1.0 and 0.0 <= scored["macro_f1"] <= 1.0
+    text = runner.invoke(app, ["eval", str(relative_run), "--data", str(data)])
+    assert text.exit_code == 0 and "macro-F1" in text.stdout and "Warning" not in text.output, text.output
+    assert snapshot(relative_run) == before
+
+
+def test_eval_refuses_a_file_with_a_class_the_run_never_saw(relative_run, tmp_path):
+    data = write_csv(tmp_path / "new.csv", [{"text": "goal match", "label": "class00"},
+                                            {"text": "bank price", "label": "weather"}])
+    text = one_line_error(runner.invoke(app, ["eval", str(relative_run), "--data", str(data)]))
+    assert "weather" in text, text
+
+
+# --- 4. --resume with nothing to resume ----------------------------------------------------------------------------
+def test_resume_with_nothing_to_resume_says_so_in_plain_words(tiny, tmp_path):
+    out = tmp_path / "never"
+    text = one_line_error(runner.invoke(app, train_args(tiny, out, "--resume")))
+    assert f"there is no interrupted run to continue in {out}" in text and "--config" not in text, text
+    text = one_line_error(runner.invoke(app, ["train", "--out", str(out), "--resume"]))  # the bare form
+    assert f"there is no interrupted run to continue in {out}" in text and "--config" not in text, text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_on_a_complete_run_says_it_is_complete(tiny, tmp_path):
+    out = tmp_path / "done"
+    assert runner.invoke(app, train_args(tiny, out)).exit_code == 0
+    before = snapshot(tmp_path)
+    for args in (["train", "--out", str(out), "--resume"], train_args(tiny, out, "--resume")):
+        text = one_line_error(runner.invoke(app, args))
+        assert "no interrupted run" in text and "complete" in text and "--config" not in text, text
+    assert snapshot(tmp_path) == before
+
+
+# --- 5. the summary says when early stopping ended the run --------------------------------------------------------
+def test_summary_says_early_stopping_ended_the_run_and_which_epoch_was_restored(tiny, tmp_path):
+    out = tmp_path / "stopped"
+    args = train_args(tiny, out, "--epochs", "6", "--patience", "1", "--lr", "3", "--head-lr", "3", "--metric",
+                      "loss", "--warmup", "0", "--schedule", "constant")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"], metrics  # a lr this high makes val loss worse within a few epochs
+    assert metrics["epochs_run"] < 6 and metrics["best_epoch"] < metrics["epochs_run"]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("early stopping"))
+    assert line == (f"early stopping ended the run after epoch {metrics['epochs_run']} of 6; the best epoch on val, "
+                    f"{metrics['best_epoch']}, was restored"), line
+
+
+def test_summary_has_no_early_stopping_line_when_every_epoch_ran(tiny, tmp_path):
+    result = runner.invoke(app, train_args(tiny, tmp_path / "all", "--epochs", "2", "--patience", "0"))
+    assert result.exit_code == 0, result.output
+    assert not json.loads((tmp_path / "all" / "metrics.json").read_text()).get("stopped_early")
+    assert "early stopping" not in result.stdout
+
+
+# --- 7. scoring after training shows a progress bar ------------------------------------------------------------------
+def test_scoring_after_training_shows_a_testing_bar_unless_quiet(tiny, tmp_path):
+    args = train_args(tiny, tmp_path / "loud")
+    args.remove("--quiet")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "testing" in result.stderr, result.stderr
+    quiet = runner.invoke(app, train_args(tiny, tmp_path / "quiet"))
+    assert quiet.exit_code == 0 and "testing" not in quiet.stderr, quiet.stderr
+
+
+# --- 6. Ctrl-C during train ------------------------------------------------------------------------------------------
+def test_ctrl_c_during_train_prints_the_resume_command_and_resume_finishes(tiny, tmp_path):
+    out = tmp_path / "slow"
+    data = topic_csv(tmp_path / "many.csv", n_per_class=60)
+    args = ["train", "--model", str(tiny["bert"]), "--data", str(data), "--out", str(out), "--epochs", "40",
+            "--batch-size", "4", "--max-length", "32", "--precision", "fp32", "--patience", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "graftune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    checkpoint = checkpoint_file(partial_dir(out))
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.is_file() and proc.poll() is None, "no checkpoint while training"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, stdout, stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"interrupted; continue with: graftune train --resume --out {out}"], stderr
+    assert not out.exists() and checkpoint.is_file()
+
+    resumed = subprocess.run([sys.executable, "-m", "graftune", "train", "--resume", "--out", str(out), "--epochs",
+                              "41", "--quiet"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+                             check=False)
+    assert resumed.returncode == 2 and "epochs differs" in resumed.stderr, resumed.stderr  # only the saved run
+    resumed = subprocess.run([sys.executable, "-m", "graftune", "train", "--resume", "--out", str(out), "--quiet"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 40 and not partial_dir(out).exists()

@@ -325,6 +325,7 @@ def load_data(
     task: str | None = None,
     multi_label: bool | None = None,
     dedup: bool = True,
+    min_classes: int = 2,
 ) -> Dataset:
     """Load a built-in alias or a local file/folder into a `Dataset`.
 
@@ -339,6 +340,8 @@ def load_data(
             exists and no text column, text otherwise).
         multi_label: see the module docstring; None detects it from the label cells.
         dedup: drop exact duplicates, keeping the first (see the module docstring).
+        min_classes: the fewest classes a labelled file may hold: 2 to train on, 1 to score a run on (scoring
+            is not training: a file of one class is a valid test of a classifier).
     """
     modality = _modality_for_task(task)
     columns_map = {
@@ -387,7 +390,7 @@ def load_data(
         else:
             ds = _read_class_folder(path, name=spec, modality=modality)
         ds.origin = spec
-        return _finish(ds, dedup=dedup)
+        return _finish(ds, dedup=dedup, min_classes=min_classes)
 
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
@@ -421,7 +424,7 @@ def load_data(
         base=path.parent,
     )
     ds.origin, ds.sha256 = spec, hashlib.sha256(data).hexdigest()
-    return _finish(ds, dedup=dedup)
+    return _finish(ds, dedup=dedup, min_classes=min_classes)
 
 
 def _modality_for_task(task: str | None) -> str | None:
@@ -794,7 +797,7 @@ def _dedup_key(modality: str, x: Any):
     return hashlib.sha256(x.numpy().tobytes() + str(tuple(x.shape)).encode()).digest()
 
 
-def _finish(ds: Dataset, *, dedup: bool) -> Dataset:
+def _finish(ds: Dataset, *, dedup: bool, min_classes: int = 2) -> Dataset:
     if dedup:
         seen, keep = set(), []
         for i, x in enumerate(ds.inputs):
@@ -806,7 +809,7 @@ def _finish(ds: Dataset, *, dedup: bool) -> Dataset:
             ds = replace(ds.subset(keep), duplicates_removed=ds.duplicates_removed + len(ds) - len(keep))
     if ds.modality != "pairs":
         present = sorted({n for lab in ds.labels for n in (lab if ds.multi_label else (lab,))})
-        if len(present) < 2:
+        if len(present) < min_classes or not present:
             only = f"1 class ('{present[0]}')" if present else "no labels"
             raise DataError(f"{ds.origin}: only {only}; classification needs at least 2 classes. Check --label-column")
     return ds
