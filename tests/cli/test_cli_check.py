@@ -39,7 +39,7 @@ def test_check_reports_duplicates_and_conflicts_in_plain_words_and_writes_nothin
     assert f"{files['dirty']}: 38 texts, 3 classes" in out
     assert "exact duplicates: 2 extra copies of 2 texts" in out and "1 of them equal up to whitespace" in out
     assert "same example, different labels: 1" in out and "problems:" in out
-    assert "texts appear under different labels" in out
+    assert "1 text appears under different labels" in out
     assert listing(files["root"]) == before
 
 

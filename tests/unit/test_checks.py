@@ -88,7 +88,7 @@ def test_balance_empty_and_long_texts_and_token_counts():
     assert lengths["long"]["count"] == 1 and lengths["long"]["examples"][0] == {"index": 42, "words": 1200}
     assert lengths["tokens"]["over_max_length"] == 1 and lengths["words"]["max"] == 1200
     problems = " ".join(report["problems"])
-    assert "class imbalance: 'small' (5)" in problems and "2 empty texts" in problems and "1 texts have more" in problems
+    assert "class imbalance: 'small' (5)" in problems and "2 empty texts" in problems and "1 text has more" in problems
 
 
 def test_a_clean_dataset_has_no_problems():

@@ -315,7 +315,7 @@ def _test_report(ds: Dataset, test: Dataset, keys: list[str], groups: dict, near
                         "also in the training data; their accuracy measures memory, not generalization. Remove "
                         "them from the test file")
     if clash:
-        problems.append(f"{len(clash)} test examples are training texts filed under another label")
+        problems.append(f"{_n(len(clash), 'test example is a training text', 'test examples are training texts')} filed under another label")
     if m != "image":
         exact_set = set(exact)
         train_first = {k: ix[0] for k, ix in groups.items()}
@@ -340,6 +340,10 @@ def _test_report(ds: Dataset, test: Dataset, keys: list[str], groups: dict, near
     return out
 
 
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def _problems(report: dict) -> list[str]:
     """Plain sentences for what a user should act on, from the counts."""
     out = []
@@ -350,13 +354,13 @@ def _problems(report: dict) -> list[str]:
     elif dup["extra_copies"]:
         loose = dup.get("whitespace_equal_copies", 0)
         rest = dup["extra_copies"] - loose
-        out.append(f"{dup['extra_copies']} exact duplicates ({dup['groups']} texts appear more than once): {loose} "
+        out.append(f"{dup['extra_copies']} exact duplicates ({_n(dup['groups'], 'text appears', 'texts appear')} more than once): {loose} "
                    "equal up to whitespace, which graftune drops when loading (keeping the first)"
                    + (f", {rest} differing only in case, which it keeps" if rest else "")
                    + "; deduplicate the file so your counts are what trains")
     conflict = report.get("conflicting_labels", {})
     if conflict.get("groups"):
-        out.append(f"{conflict['groups']} texts appear under different labels; loading keeps the first copy's label: "
+        out.append(f"{_n(conflict['groups'], 'text appears', 'texts appear')} under different labels; loading keeps the first copy's label: "
                    "decide which label is right")
     near = report.get("near_duplicates", {})
     if near.get("pairs"):
@@ -371,13 +375,13 @@ def _problems(report: dict) -> list[str]:
     lengths = report.get("lengths")
     if lengths:
         if lengths["empty"]["count"]:
-            out.append(f"{lengths['empty']['count']} empty texts: fill them in or remove them")
+            out.append(f"{_n(lengths['empty']['count'], 'empty text', 'empty texts')}: fill them in or remove them")
         if lengths["long"]["count"]:
-            out.append(f"{lengths['long']['count']} texts have more than {lengths['long']['threshold_words']} words; "
+            out.append(f"{_n(lengths['long']['count'], 'text has', 'texts have')} more than {lengths['long']['threshold_words']} words; "
                        "an encoder reads only their beginning")
         tokens = lengths.get("tokens")
         if tokens and tokens["over_max_length"]:
-            out.append(f"{tokens['over_max_length']} texts exceed {tokens['max_length']} tokens (truncated, or read "
+            out.append(f"{_n(tokens['over_max_length'], 'text exceeds', 'texts exceed')} {tokens['max_length']} tokens (truncated, or read "
                        "in windows by the few-shot recipes)")
     return out
 
