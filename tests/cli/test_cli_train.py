@@ -142,7 +142,7 @@ def test_existing_out_and_missing_run_dir(run_dir, tiny, tmp_path):
     for cmd in (["eval", str(tmp_path / "none")], ["predict", str(tmp_path / "none"), "x"],
                 ["generate", str(run_dir), "hi"], ["predict", str(run_dir)],
                 ["predict", str(run_dir), "--input", str(tmp_path / "missing.txt")],
-                ["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]):
+                ["export", str(run_dir), "--format", "tflite", "--out", str(tmp_path / "x")]):
         result = runner.invoke(app, cmd)
         assert result.exit_code != 0 and "Traceback" not in result.output, cmd
         assert len(result.output.strip().splitlines()) == 1, (cmd, repr(result.output))
