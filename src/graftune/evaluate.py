@@ -12,7 +12,7 @@ from typing import Any
 
 from graftune.config import RunConfig
 from graftune.data.inputs import read_image, read_input_file  # noqa: F401 (read_image: re-exported)
-from graftune.data.sources import load_data
+from graftune.data.sources import ALIASES, load_data
 from graftune.data.splits import make_splits
 from graftune.errors import DataError
 from graftune.recipes.fewshot_run import predict_rows, score
@@ -35,6 +35,11 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
                "prompt_column": prompt_column or cfg.prompt_column,
                "response_column": response_column or cfg.response_column}
     if data is None:
+        for name in ("data", "test"):  # run.yaml from before paths were recorded absolute, or edited by hand
+            value = getattr(cfg, name)
+            if value and not Path(value).is_absolute() and not Path(value).exists() and value not in ALIASES:
+                raise DataError(f"run.yaml names {name} {value} relative to the folder the run was trained in: run "
+                                "eval from there, or pass --data FILE")
         ds = load_data(cfg.data, task=run.kind, **_columns(cfg))
         test = load_data(cfg.test, task=run.kind, **_columns(cfg)) if cfg.test else None
         ds = make_splits(ds, test=test, **cfg.split_args()).test
