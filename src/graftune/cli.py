@@ -761,6 +761,7 @@ def robustness_(
     sample: int | None = typer.Option(None, min=1, help="Score at most N examples (seeded).  [default: all]"),
     budget: int = typer.Option(10, min=0, help="Character edits the attack may make per text; 0: no attack."),
     attack_sample: int = typer.Option(40, min=1, help="Texts attacked at most (correctly classified ones)."),
+    scan_words: int = typer.Option(64, min=1, help="Words the attack ranks by importance (one query each)."),
     seed: int = typer.Option(0, min=0, help="Seed of the perturbations, the sample and the attack."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
@@ -779,7 +780,7 @@ def robustness_(
                           "e.g. 0.05,0.1,0.2") from None
     progress = None if quiet or as_json else (lambda msg: typer.echo(msg, err=True))
     result = run_robustness(run_dir, data=data, strengths=levels, sample=sample, budget=budget,
-                            attack_sample=attack_sample, seed=seed, progress=progress)
+                            attack_sample=attack_sample, scan_words=scan_words, seed=seed, progress=progress)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
