@@ -76,6 +76,10 @@ def test_compare_budget_skips_and_says_so(tiny, tmp_path):
     ("missing data", ["--data", "nope/missing.csv"], "no such file"),
     ("unknown setting", ["--set", "rank=4"], "settings: rank cannot be set"),
     ("bad setting value", ["--set", "epochs=0"], "epochs"),
+    ("zero budget", ["--budget", "0"], "--budget 0: use a positive number of seconds"),
+    ("negative budget", ["--budget", "-5"], "--budget -5: use a positive number of seconds"),
+    ("too few examples for the shots and the test set", ["--test-per-class", "20", "--shots", "8"],
+     "fewer than shots=8 training examples"),
 ])
 def test_compare_bad_input_is_one_line(tiny, tmp_path, case, changes, message):
     out = tmp_path / "bad"
@@ -91,6 +95,57 @@ def test_compare_bad_input_is_one_line(tiny, tmp_path, case, changes, message):
     assert text.startswith("error: ") and len(text.splitlines()) == 1 and "Traceback" not in text, text
     assert message in text, text
     assert not out.exists()
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_compare_refuses_an_existing_folder_and_overwrite_replaces_only_a_comparison(tiny, tmp_path, monkeypatch):
+    args = ["--shots", "2", "--strategies", "prototypes", "--augment", "off", "--quiet"]
+    # a folder that exists: refused without --overwrite, nothing touched
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    result = runner.invoke(app, compare_args(tiny, taken, *args))
+    assert result.exit_code == 2 and "already exists; choose another --out or pass --overwrite" in result.output
+    # --overwrite never replaces a folder compare did not write: a train run directory, any other folder
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.yaml").write_text("model: x\n")
+    plain_file = tmp_path / "file.txt"
+    plain_file.write_text("keep")
+    before = _tree(tmp_path)
+    for out, message in ((taken, "is not a graftune comparison folder"), (run_dir, "is not a graftune comparison"),
+                         (plain_file, "is a file, not a folder")):
+        result = runner.invoke(app, compare_args(tiny, out, *args, "--overwrite"))
+        assert result.exit_code == 2, result.output
+        text = result.output.strip()
+        assert text.startswith("error: ") and len(text.splitlines()) == 1 and message in text, text
+    # nor the current directory or a folder above it
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path)):
+        result = runner.invoke(app, compare_args(tiny, out, *args, "--overwrite"))
+        assert result.exit_code == 2 and "cannot be the comparison folder" in result.output, result.output
+    monkeypatch.chdir(tmp_path)
+    assert _tree(tmp_path) == {**before, "a": None, "a/b": None}  # nothing written, nothing deleted
+
+    # an earlier comparison is replaced with --overwrite (and only then); an empty folder is fine too
+    cmp = tmp_path / "cmp"
+    assert runner.invoke(app, compare_args(tiny, cmp, *args)).exit_code == 0
+    first = json.loads((cmp / "results.json").read_text())
+    assert runner.invoke(app, compare_args(tiny, cmp, *args)).exit_code == 2
+    result = runner.invoke(app, compare_args(tiny, cmp, "--shots", "4", *args[2:], "--overwrite"))
+    assert result.exit_code == 0, result.output
+    second = json.loads((cmp / "results.json").read_text())
+    assert [r["shots"] for r in first["rows"]] == [2] and [r["shots"] for r in second["rows"]] == [4]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.invoke(app, compare_args(tiny, empty, *args, "--overwrite")).exit_code == 0
+    assert (empty / "report.html").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no assembly left behind
 
 
 def test_compare_bad_input_in_a_real_process(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from graftune.data.card import fingerprint
-from graftune.errors import ConfigError
+from graftune.errors import ConfigError, DataError
 from graftune.strategies import auto, catalog, compare
 from graftune.strategies.auto import choose_method
 from graftune.strategies.compare import run_compare
@@ -99,6 +99,42 @@ def test_estimates_come_from_runs_done_so_far():
     assert compare._estimate(catalog.STRATEGIES["lora"], 4, spent) == pytest.approx(5.0)
     assert compare._estimate(catalog.STRATEGIES["prototypes"], 4, {"linear-probe": [(0.0, 0.01)]}) is None
     assert compare._estimate(catalog.STRATEGIES["lora"], 4, {}) is None
+
+
+def test_a_comparison_that_fails_midway_leaves_nothing_and_keeps_the_earlier_one(tiny, tmp_path):
+    """The folder is assembled aside and renamed into place at the end: a comparison interrupted after some runs
+    (Ctrl-C in the second run here) leaves no folder, no scratch run and no parent folder it created; with
+    --overwrite, the earlier comparison is still there, unchanged."""
+    class Interrupted(FakeTrain):
+        def __call__(self, cfg, *, progress=True, splits=None):
+            if self.calls:
+                raise KeyboardInterrupt
+            return super().__call__(cfg, progress=progress, splits=splits)
+
+    common = {"shots": (2,), "seeds": 2, "strategies": ["lora"], "augment": (False,), "progress": False,
+              "settings": {"max_length": 32}}
+    out = tmp_path / "new" / "deeper" / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny["bert"], tiny["csv"], out_dir=out, train_fn=Interrupted(), **common)
+    assert list(tmp_path.iterdir()) == []
+    done = tmp_path / "done"
+    run_compare(tiny["bert"], tiny["csv"], out_dir=done, train_fn=FakeTrain(), **common)
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    assert set(before) == {"results.json", "report.html"}
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny["bert"], tiny["csv"], out_dir=done, train_fn=Interrupted(), overwrite=True, **common)
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["done"]
+
+
+def test_bad_budget_and_bad_data_leave_no_folder(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    for budget in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--budget .*: use a positive number of seconds"):
+            run_compare(tiny["bert"], tiny["csv"], shots=(2,), budget_s=budget, out_dir=out)
+    with pytest.raises(DataError, match="fewer than shots=8"):  # the splits are made before the folder
+        run_compare(tiny["bert"], tiny["csv"], shots=(2, 8), test_per_class=20, out_dir=out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_strategy_is_a_config_error(tiny, tmp_path):

@@ -14,9 +14,12 @@ into the table and the recommendation.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from graftune.errors import ConfigError
 from graftune.io.atomic import write_file_atomically
 from graftune.recipes import adapter
 from graftune.run.memory import PeakMemory
+from graftune.run.rundir import check_out, finish_run_dir
 from graftune.strategies.catalog import (
     AUGMENT_COPIES,
     STRATEGIES,
@@ -50,8 +54,15 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
                 strategies: Sequence[str] | None = None, augment: Sequence[bool] = (False, True),
                 budget_s: float | None = None, out_dir: str | Path, text_column: str = "text",
                 label_column: str = "label", test: Any = None, test_per_class: int | None = None,
-                settings: dict | None = None, progress: bool = True, train_fn: Callable | None = None) -> list[dict]:
+                settings: dict | None = None, progress: bool = True, train_fn: Callable | None = None,
+                overwrite: bool = False) -> list[dict]:
     """Compare strategies on identical splits; write ``out_dir/results.json`` and ``out_dir/report.html``.
+
+    Every check (names, shots, seeds, budget, settings, the data, every split, ``out_dir``) comes before anything is
+    written, so a refused comparison leaves no folder behind. The folder is assembled next to ``out_dir`` (as a run
+    directory is) and renamed into place when complete; a comparison that fails midway removes its assembly.
+    ``overwrite`` replaces an existing comparison folder (one holding results.json) or an empty folder, nothing
+    else.
 
     Args:
         model: a zoo alias or model folder. data: a data alias, file or folder (or a loaded ``Dataset``).
@@ -61,6 +72,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
         test: a separate test file (else ``test_per_class`` per class is carved once, the same for every run).
         settings: train() settings for the ``train`` strategies (epochs, lr, max_length, ...).
         train_fn: the training function (tests pass a fake); default the adapter loop, ``recipes.adapter.train``.
+        overwrite: replace ``out_dir`` if it is a comparison folder (or empty); otherwise an existing one is refused.
     Returns the rows written to results.json.
     """
     train_fn = train_fn or adapter.train
@@ -75,15 +87,59 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("seeds: use at least one seed")
+    if budget_s is not None and not budget_s > 0:  # also refuses NaN
+        raise ConfigError(f"--budget {budget_s:g}: use a positive number of seconds, e.g. --budget 600")
     augment = list(dict.fromkeys(bool(a) for a in augment)) or [False]
     settings = check_settings(settings)
-    out_dir = Path(out_dir)
+    out_dir = check_out(out_dir, overwrite=overwrite, what="comparison folder", is_ours=is_comparison)
     columns = {"text_column": text_column, "label_column": label_column}
 
     started = time.perf_counter()
     ds, user_test = load_compare_data(data, test, text_column, label_column)
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no folder behind
     per_class = test_per_class or (None if user_test is not None else test_per_class_for(ds, shots))
+    # every split now (cheap, no model): data too small for a shot count is refused before anything is written
+    all_splits = {(seed, k): make_compare_splits(ds, shots=k, seed=seed, test_per_class=per_class,
+                                                 user_test=user_test) for seed in seed_list for k in shots}
+    work_dir, created = _start_assembly(out_dir)
+    try:
+        rows, meta = _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, settings, budget_s,
+                              columns, train_fn, progress, work_dir, started)
+        write_file_atomically(work_dir / "report.html", render_report(rows, meta))
+        finish_run_dir(work_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the scratch runs and partial results go with it
+        _remove_empty(created)
+        raise
+    return rows
+
+
+def is_comparison(path: Path) -> bool:
+    """A folder ``graftune compare`` wrote (what ``--overwrite`` may replace)."""
+    return (Path(path) / "results.json").is_file()
+
+
+def _start_assembly(out_dir: Path) -> tuple[Path, list[Path]]:
+    """The hidden folder next to ``out_dir`` the comparison is assembled in, and the parent folders created for it
+    (removed again if the comparison fails)."""
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a name of its own (not a train run's .NAME.partial, which may hold a run to --resume)
+    work = out_dir.parent / f".{out_dir.name}.compare-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    return work, created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first; only what this comparison created, and only if still empty
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
+
+
+def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, settings, budget_s, columns, train_fn,
+             progress, out_dir: Path, started: float) -> tuple[list[dict], dict]:
+    """Every (seed, shots, augment, strategy) run into ``out_dir`` (results.json rewritten after each)."""
     data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
     frozen: Frozen | None = None
     rows: list[dict] = []
@@ -95,7 +151,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
         # seeds outermost: under a budget, every shot count gets one seed before any gets a second
         for seed in seed_list:
             for k in shots:
-                splits = make_compare_splits(ds, shots=k, seed=seed, test_per_class=per_class, user_test=user_test)
+                splits = all_splits[(seed, k)]
                 test_fp = fingerprint(splits.test)
                 base_train_fp = fingerprint(splits.train)
                 for aug in augment:
@@ -155,13 +211,12 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
                             f"({wall:.0f} s)")
                         _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started)
     meta = _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started)
+    return rows, meta
 
-    write_file_atomically(out_dir / "report.html", render_report(rows, meta))
-    return rows
 
 def _replace_train(splits, train):
-
     return replace(splits, train=train)
+
 
 def _estimate(strategy: Strategy, n_train: int, spent: dict[str, list[tuple[float, float]]]) -> float | None:
     """Seconds for one run: fixed + per-example x n_train, from its own runs, else from the other adapter
@@ -178,6 +233,7 @@ def _estimate(strategy: Strategy, n_train: int, spent: dict[str, list[tuple[floa
     fixed = statistics.mean(f for _, f, _ in others)
     per_cost = statistics.mean(e / cost for cost, _, e in others)
     return fixed + per_cost * strategy.cost * n_train
+
 
 def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str | None, budget_s, seconds) -> dict:
     meta = {"model": model, "data": ds.origin, "modality": ds.modality, "classes": len(ds.label_names),
