@@ -82,7 +82,7 @@ def format_table(result: dict) -> str:
     n = picked.get("examples", 0)
     lines.append(f"on {n} held-out questions (seed {result['config']['seed']}):")
     lines.append(f"{'':<44} {'accuracy':>9} {'macro-F1':>9} {'trained params':>15}")
-    rows = [(f"auto's pick ({result['config']['method']})", picked), ("frozen MiniLM + logistic regression", probe)]
+    rows = [(f"auto's pick ({record['method']})", picked), ("frozen MiniLM + logistic regression", probe)]
     lines += [f"{name:<44} {m['accuracy']:>9.3f} {m['macro_f1']:>9.3f} {m['trainable_params']:>15,}"
               for name, m in rows]
     gap = picked["accuracy"] - probe["accuracy"]
