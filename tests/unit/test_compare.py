@@ -81,6 +81,39 @@ def test_identical_splits_schema_and_report(tiny, tmp_path):
     assert not list(out.glob(".*.tmp")) and not list(out.glob("compare-*"))
 
 
+def test_results_and_report_state_the_settings_really_used(tiny, tmp_path):
+    """--set epochs=2 is what results.json and the report say (not the default 10), per strategy with its own
+    learning rate; every setting recorded for a train strategy is the one its runs got; augmentation is described
+    only when augmented runs exist."""
+    fake = FakeTrain()
+    out = tmp_path / "cmp"
+    run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["prototypes", "lora", "ia3"],
+                augment=(False,), out_dir=out, train_fn=fake, settings={"max_length": 32, "epochs": 2},
+                progress=False)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["user_settings"] == {"max_length": 32, "epochs": 2}
+    assert meta["settings"]["lora"]["epochs"] == 2 and meta["settings"]["ia3"]["epochs"] == 2
+    assert meta["settings"]["lora"]["lr"] == catalog.TRAIN_DEFAULTS["lr"]
+    assert meta["settings"]["ia3"]["lr"] == catalog.STRATEGIES["ia3"].settings["lr"] != catalog.TRAIN_DEFAULTS["lr"]
+    assert meta["settings"]["prototypes"] == {"max_length": 32}
+    by_method = {cfg.method: cfg for cfg, _ in fake.calls}
+    for name in ("lora", "ia3"):
+        for key, value in meta["settings"][name].items():
+            assert getattr(by_method[name], key) == value, (name, key)
+    page = (out / "report.html").read_text()
+    note = page[page.index("How this was measured"):]
+    assert "epochs=2" in note and "epochs=10" not in note
+    assert "ia3 with lr=0.01" in note and "lr=0.002" in note and "Given with --set: max_length=32, epochs=2" in note
+    assert "Augmentation added" not in page and "No run used augmentation" in note
+    assert meta["augment"] == [False] and meta["augment_copies"] == 0
+
+    both = tmp_path / "both"
+    run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["prototypes"], augment=(False, True),
+                out_dir=both, train_fn=fake, settings={"max_length": 32}, progress=False)
+    page = (both / "report.html").read_text()
+    assert f"Augmentation added {catalog.AUGMENT_COPIES} new examples per training example" in page
+
+
 def test_budget_skips_runs_that_would_not_fit(tiny, tmp_path):
     fake = FakeTrain(seconds=0.6)
     rows = run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=3, strategies=["lora"], augment=(False,),

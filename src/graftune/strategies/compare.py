@@ -209,8 +209,10 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         rows.append(row)
                         say(f"[compare] {name} shots={k} seed={seed} aug={aug}: accuracy {row['accuracy']:.3f} "
                             f"({wall:.0f} s)")
-                        _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started)
-    meta = _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started)
+                        _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started,
+                                       names, settings, augment)
+    meta = _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started, names,
+                          settings, augment)
     return rows, meta
 
 
@@ -235,11 +237,27 @@ def _estimate(strategy: Strategy, n_train: int, spent: dict[str, list[tuple[floa
     return fixed + per_cost * strategy.cost * n_train
 
 
-def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str | None, budget_s, seconds) -> dict:
+def effective_settings(strategy: Strategy, settings: dict) -> dict:
+    """The settings a strategy's runs really used: for a ``train`` strategy TRAIN_DEFAULTS, then the strategy's
+    own, then the user's (as ``catalog.run_train`` merges them); the other kinds read only ``max_length`` (the
+    contrastive recipe keeps its own SetFit defaults for everything else)."""
+    if strategy.kind == "train":
+        return {**TRAIN_DEFAULTS, **strategy.settings, **settings}
+    return {"max_length": settings.get("max_length", TRAIN_DEFAULTS["max_length"])}
+
+
+def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str | None, budget_s, seconds,
+                   names: Sequence[str], settings: dict, augment: Sequence[bool]) -> dict:
+    """results.json: the rows and what they were measured with (``settings``: each strategy's effective
+    settings; ``user_settings``: what --set gave)."""
     meta = {"model": model, "data": ds.origin, "modality": ds.modality, "classes": len(ds.label_names),
-            "examples": len(ds), "data_sha256": ds.sha256, "test_fingerprint": test_fp, "budget_s": budget_s,
+            "examples": len(ds), "data_sha256": ds.sha256, "test_fingerprint": test_fp,
+            "test_examples": max((r["test_examples"] for r in rows), default=None), "budget_s": budget_s,
             "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "train_defaults": TRAIN_DEFAULTS, "augment_copies": AUGMENT_COPIES,
-            "strategies": {n: s.description for n, s in STRATEGIES.items()}}
+            "user_settings": dict(settings),
+            "settings": {n: effective_settings(STRATEGIES[n], settings) for n in names},
+            "train_defaults": TRAIN_DEFAULTS, "augment": list(augment),
+            "augment_copies": AUGMENT_COPIES if any(augment) else 0,
+            "strategies": {n: STRATEGIES[n].description for n in names}}
     write_file_atomically(out_dir / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return meta

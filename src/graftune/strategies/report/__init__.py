@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
+from graftune.strategies.catalog import STRATEGIES
 from graftune.strategies.summary import augmentation_effect, recommend, summarize
 
 TEMPLATE = Path(__file__).with_name("template.html")
@@ -39,7 +40,7 @@ def render_report(rows: Sequence[dict], meta: dict) -> str:
         plot_params=_plot(summary, "trainable_params", log=True, xlabel="trainable parameters"),
         plot_time=_plot(summary, "train_seconds", log=True, xlabel="training seconds"),
         augmentation=_augmentation(augmentation_effect(summary)), skipped=_skipped(rows),
-        method_note=html.escape(_method_note(meta)))
+        method_note=html.escape(_method_note(meta, rows)))
 
 
 def _table(summary: Sequence[dict]) -> str:
@@ -88,15 +89,49 @@ def _skipped(rows: Sequence[dict]) -> str:
             + items + "</table>")
 
 
-def _method_note(meta: dict) -> str:
-    d = meta.get("train_defaults", {})
-    return (f"Every run of one (shots, seed) saw the same training examples and every run the same test set. Adapter "
-            f"strategies were trained with graftune train ({', '.join(f'{k}={v}' for k, v in d.items())}; "
-            "per-strategy learning rates: IA3 1e-2, top-k 1e-4, full 5e-5), with the head started at the "
-            f"logistic-regression fit (LP-FT). Augmentation added {meta.get('augment_copies')} new examples per "
-            "training example (EDA for text: random swap, delete, insert; crops and small rotations for images). "
-            "Training time excludes model loading and scoring the test set; peak RSS is the process's resident "
-            "memory during the run (the base model included).")
+def _method_note(meta: dict, rows: Sequence[dict]) -> str:
+    """How the runs were made, from what results.json recorded: the settings each strategy really used (defaults,
+    its own, the user's --set), and augmentation only when augmented runs exist."""
+    settings: dict[str, dict] = meta.get("settings") or {}
+    test_n = meta.get("test_examples")
+    parts = ["Every run of one (shots, seed) saw the same training examples and every run the same test set"
+             + (f" ({test_n} examples)." if test_n else ".")]
+    trained = {n: v for n, v in settings.items() if STRATEGIES.get(n) and STRATEGIES[n].kind == "train"}
+    if trained:
+        common = {k: v for k, v in next(iter(trained.values())).items()
+                  if all(other.get(k) == v for other in trained.values())}
+        own = {n: {k: v for k, v in v.items() if k not in common} for n, v in trained.items()}
+        text = (f"{_names(trained)} {'was' if len(trained) == 1 else 'were'} trained with graftune train "
+                f"({_kv(common)})")
+        if any(own.values()):
+            text += ", and " + "; ".join(f"{n} with {_kv(o)}" for n, o in own.items() if o)
+        parts.append(text + "; the head started at the logistic-regression fit (LP-FT).")
+    contrastive = [n for n in settings if STRATEGIES.get(n) and STRATEGIES[n].kind == "contrastive"]
+    if contrastive:
+        parts.append(f"{_names(contrastive)} used the SetFit recipe's own defaults with "
+                     f"{_kv(settings[contrastive[0]])}.")
+    frozen = [n for n in settings if STRATEGIES.get(n) and STRATEGIES[n].kind == "features"]
+    if frozen:
+        parts.append(f"{_names(frozen)} read the frozen encoder ({_kv(settings[frozen[0]])} per window).")
+    if meta.get("user_settings"):
+        parts.append(f"Given with --set: {_kv(meta['user_settings'])}.")
+    if any(r.get("augment") for r in rows):
+        parts.append(f"Augmentation added {meta.get('augment_copies')} new examples per training example (EDA for "
+                     "text: random swap, delete, insert; crops and small rotations for images).")
+    else:
+        parts.append("No run used augmentation.")
+    parts.append("Training time excludes model loading and scoring the test set; peak RSS is the process's resident "
+                 "memory during the run (the base model included).")
+    return " ".join(parts)
+
+
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _names(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 # --- inline SVG -------------------------------------------------------------------------------------------------
