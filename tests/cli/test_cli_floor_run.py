@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from graftune.cli import app
 from graftune.run.checkpoint import checkpoint_file
 from graftune.run.rundir import partial_dir
-from tests.train_helpers import COMMON, TOPICS, bert_folder, one_line_error, topic_csv, write_csv
+from tests.train_helpers import COMMON, TOPICS, bert_folder, one_line_error, topic_csv, topic_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -173,16 +173,18 @@ def test_eight_per_class_with_a_test_file_trains_with_the_defaults(tiny, tmp_pat
     assert metrics.get("notes", []) == []  # 8 per class leaves one per class for val: no note
 
 
-@pytest.mark.parametrize(("per_class", "note"), [(8, False), (3, False), (2, True)])
-def test_a_small_file_without_a_test_file_trains_and_notes_a_missing_val_part(tiny, tmp_path, per_class, note):
-    data = write_csv(tmp_path / "train.csv", class_rows(3, per_class))
+@pytest.mark.parametrize(("n_classes", "per_class", "note"), [(3, 8, False), (3, 3, False), (3, 2, True),
+                                                              (17, 2, True)])
+def test_a_small_file_without_a_test_file_trains_and_notes_a_missing_val_part(tiny, tmp_path, n_classes, per_class,
+                                                                              note):
+    data = write_csv(tmp_path / "train.csv", class_rows(n_classes, per_class))
     out = tmp_path / "run"
     result = runner.invoke(app, small_args(tiny, data, out, "--quiet"))
     assert result.exit_code == 0, result.output
     no_sklearn_wording(result.output)
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["per_class"]) == 3
+    assert len(metrics["per_class"]) == n_classes
     if note:
         assert any("no validation part" in line for line in notes), result.stdout
         assert any("no validation part" in n for n in metrics["notes"])
@@ -190,6 +192,7 @@ def test_a_small_file_without_a_test_file_trains_and_notes_a_missing_val_part(ti
         assert not any("no validation part" in line for line in notes), result.stdout
 
 
+@pytest.mark.slow
 def test_method_auto_with_eight_per_class(tiny, tmp_path):
     data = write_csv(tmp_path / "train.csv", class_rows(3, 8))
     test = write_csv(tmp_path / "test.csv", class_rows(3, 2, seed=1))
@@ -262,6 +265,34 @@ def test_eval_scores_a_file_with_some_of_the_runs_classes(relative_run, tmp_path
     assert snapshot(relative_run) == before
 
 
+@pytest.fixture(scope="module")
+def fewshot_runs(tiny):
+    """A probe and a contrastive run on the topic csv (sport, money, tech): they score through their own head."""
+    runs = {}
+    for recipe in ("probe", "contrastive"):
+        out = tiny["root"] / f"fewshot-{recipe}"
+        result = runner.invoke(app, recipe_args(tiny, out, recipe))
+        assert result.exit_code == 0, result.output
+        runs[recipe] = out
+    return runs
+
+
+@pytest.mark.parametrize("recipe", ["probe", "contrastive"])
+@pytest.mark.parametrize("kept", [["money", "tech"], ["sport"]], ids=["two-of-three", "one-of-three"])
+def test_eval_of_a_fewshot_run_scores_a_file_with_some_of_its_classes(fewshot_runs, tmp_path, recipe, kept):
+    rows = [r for r in topic_rows(4, seed=3) if r["label"] in kept]
+    data = write_csv(tmp_path / "some.csv", rows)
+    before = snapshot(fewshot_runs[recipe])
+    result = runner.invoke(app, ["eval", str(fewshot_runs[recipe]), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output, result.output
+    scored = json.loads(result.stdout)
+    assert {name: row["support"] for name, row in scored["per_class"].items()} == {
+        name: (4 if name in kept else 0) for name in ("money", "sport", "tech")}
+    assert sum(map(sum, scored["confusion_matrix"])) == len(rows)
+    assert snapshot(fewshot_runs[recipe]) == before
+
+
 def test_eval_refuses_a_file_with_a_class_the_run_never_saw(relative_run, tmp_path):
     data = write_csv(tmp_path / "new.csv", [{"text": "goal match", "label": "class00"},
                                             {"text": "bank price", "label": "weather"}])
@@ -323,6 +354,7 @@ def test_scoring_after_training_shows_a_testing_bar_unless_quiet(tiny, tmp_path)
 
 
 # --- 6. Ctrl-C during train ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_during_train_prints_the_resume_command_and_resume_finishes(tiny, tmp_path):
     """A real SIGINT to a real process (the CLI's handler, not a simulated exception), sent once the first epoch's
     checkpoint exists; the checks after it run in-process (a fresh interpreter costs tens of seconds here)."""
