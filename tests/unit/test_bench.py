@@ -1,0 +1,242 @@
+"""``graftune bench`` (strategies/bench.py) on a tiny random BERT and synthetic 3-topic csvs: the job list, one job
+from its spec alone (the same splits for every strategy, auto choosing on the training examples only and trained on
+the same splits), regret computed from the rows, the outputs written atomically, one-line errors for bad input, and
+Ray tasks giving the same rows as a local run. The frozen-encoder strategies and auto run for real on the tiny
+model; the adapter strategies through a fake train() where only the plumbing is under test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.data.sources import ALIASES
+from graftune.errors import ConfigError, DataError
+from graftune.strategies import bench
+from graftune.strategies.bench import (
+    AUTO,
+    TIMING_KEYS,
+    JobSpec,
+    check_inputs,
+    describe_data,
+    plan_jobs,
+    run_bench,
+    run_job,
+    run_jobs,
+    summarize_bench,
+)
+from tests.train_helpers import bert_folder, topic_csv
+
+SETTINGS = {"max_length": 32, "epochs": 1, "batch_size": 8, "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-bench")
+    return {"bert": str(bert_folder(root / "bert")), "a": str(topic_csv(root / "a.csv", n_per_class=14)),
+            "b": str(topic_csv(root / "b.csv", n_per_class=14, seed=1))}
+
+
+class FakeTrain:
+    """Stands in for the adapter loop: records the config and splits; accuracy depends on method and seed only."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, *, progress=True, splits=None):
+        self.calls.append((cfg, splits))
+        acc = {"lora": 0.9}.get(cfg.method, 0.7) - 0.01 * cfg.seed
+        return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable_params": 1000, "train_seconds": 0.01}
+
+
+def _models(tiny):
+    return {"text": tiny["bert"], "image": tiny["bert"]}
+
+
+def test_defaults_are_the_builtin_classification_sets():
+    assert all(name in ALIASES for name in bench.DEFAULT_DATA)
+    assert "digits" in bench.DEFAULT_DATA and "json-answers" not in bench.DEFAULT_DATA
+
+
+def test_job_list_covers_every_combination_once_cheap_first(tiny):
+    sets = describe_data([tiny["a"], tiny["b"]], [2, 4])
+    assert sets[tiny["a"]]["test_per_class"] == 14 - 4  # leaves the largest shot count for training
+    jobs = plan_jobs(sets, shots=[2, 4], seeds=[0, 1, 2], strategies=["lora", "linear-probe", "prototypes"],
+                     models=_models(tiny), settings=SETTINGS)
+    assert len(jobs) == 2 * 2 * 3 * 4
+    keys = [(j.data, j.strategy, j.shots, j.seed) for j in jobs]
+    assert len(set(keys)) == len(keys)
+    # within one split: the frozen baselines, then auto, then the trained strategies
+    assert [j.strategy for j in jobs[:4]] == ["linear-probe", "prototypes", AUTO, "lora"]
+    assert {j.test_per_class for j in jobs if j.data == tiny["a"]} == {10}
+    no_auto = plan_jobs(sets, shots=[2], seeds=[0], strategies=["linear-probe"], with_auto=False)
+    assert [j.strategy for j in no_auto] == ["linear-probe", "linear-probe"]
+    assert no_auto[0].model == bench.DEFAULT_MODELS["text"]
+
+
+def test_jobs_share_splits_and_auto_never_sees_the_test_set(tiny, monkeypatch):
+    seen = []
+    real = bench.auto.auto_pick
+
+    def spy(*args, **kwargs):
+        record = real(*args, **kwargs)
+        seen.append(kwargs["split_args"])
+        return record
+
+    monkeypatch.setattr(bench.auto, "auto_pick", spy)
+    fake = FakeTrain()
+    common = {"data": tiny["a"], "shots": 4, "seed": 1, "model": tiny["bert"], "test_per_class": 6,
+              "settings": SETTINGS}
+    rows = {s: run_job(JobSpec(strategy=s, **common, auto_budget=60), train_fn=fake)
+            for s in ("linear-probe", "prototypes", "lora", AUTO)}
+    for name, row in rows.items():
+        assert "accuracy" in row, (name, row)
+    assert len({r["train_fingerprint"] for r in rows.values()}) == 1
+    assert len({r["test_fingerprint"] for r in rows.values()}) == 1
+    assert rows["lora"]["train_examples"] == 4 * 3 and rows["lora"]["test_examples"] == 6 * 3
+    # auto cross-validated on exactly the job's training examples (the bench's split arguments), then trained its
+    # pick on the same splits: the run's data card fingerprints the same test set (checked inside run_job)
+    assert seen[-1]["shot_seed"] == 1 and seen[-1]["seed"] == 0 and seen[-1]["test_per_class"] == 6
+    assert rows[AUTO]["auto_training_examples"] == 4 * 3
+    assert rows[AUTO]["pick"] in ("probe", "prototypes", "head", "lora", "contrastive")
+    assert rows[AUTO]["reason"]
+    cfg, splits = fake.calls[0]
+    assert cfg.method == "lora" and len(splits.train) == 12
+
+
+def test_not_applicable_and_failing_jobs_give_rows_not_crashes(tiny):
+    class Boom:
+        def __call__(self, cfg, **kw):
+            raise RuntimeError("out of memory\nsecond line")
+
+    spec = JobSpec(data=tiny["a"], strategy="lora", shots=2, seed=0, model=tiny["bert"], test_per_class=6,
+                   settings=SETTINGS)
+    row = run_job(spec, train_fn=Boom())
+    assert row["error"] == "RuntimeError: out of memory" and "accuracy" not in row
+
+
+def _row(data, strategy, seed, acc, shots=8, **extra):
+    return {"data": data, "strategy": strategy, "shots": shots, "seed": seed, "accuracy": acc, "macro_f1": acc,
+            "train_seconds": 1.0, "wall_seconds": 2.0 + seed, "trainable_params": 10, **extra}
+
+
+def test_regret_is_best_mean_minus_autos_on_the_same_seeds():
+    rows = [_row("x", "linear-probe", s, a) for s, a in enumerate((0.70, 0.72, 0.74))]
+    rows += [_row("x", "lora", s, a) for s, a in enumerate((0.80, 0.84, 0.82))]
+    rows += [_row("x", AUTO, s, a, pick="lora") for s, a in enumerate((0.80, 0.80, 0.78))]
+    # contrastive is best on the one seed it finished but missing the others: left out of "best"
+    rows += [_row("x", "contrastive", 0, 0.99), {"data": "x", "strategy": "contrastive", "shots": 8, "seed": 1,
+                                                 "skipped": "would exceed the budget"}]
+    rows += [_row("y", "linear-probe", 0, 0.9), _row("y", AUTO, 0, 0.92, pick="probe")]
+    summary = summarize_bench(rows)
+    by = {s["data"]: s for s in summary["sets"]}
+    x = by["x"]
+    assert x["best"] == "lora" and x["seeds"] == [0, 1, 2] and x["incomplete"] == ["contrastive"]
+    assert x["regret"] == pytest.approx(0.82 - 0.7933333, abs=1e-6)
+    assert x["auto_minus_probe"] == pytest.approx(0.7933333 - 0.72, abs=1e-6)
+    assert x["auto_picks"] == {"lora": 3} and x["auto_seconds"] == pytest.approx(3.0)
+    assert by["y"]["regret"] == 0.0  # auto above the best other strategy: no regret
+    assert summary["overall"]["max_regret"] == pytest.approx(x["regret"])
+    assert summary["overall"]["sets_within_1_point"] == 1
+    assert summary["not_finished"][0]["skipped"] == "would exceed the budget"
+    md = bench.format_markdown(summary, {"command": "graftune bench --data x", "date": "today", "machine": "cpu"})
+    assert "| x | 8 | 3 | lora | 82.0 ± 2.0 | 72.0 ± 2.0 | 79.3 ± 1.2 | lora ×3 | 2.7 | +7.3 | 3 | 3 |" in md
+
+
+def test_budget_skips_jobs_that_would_not_fit(tiny):
+    fake = FakeTrain()
+    sets = describe_data([tiny["a"]], [2])
+    jobs = plan_jobs(sets, shots=[2], seeds=[0, 1, 2], strategies=["linear-probe"], models=_models(tiny),
+                     settings=SETTINGS, with_auto=False)
+    rows = run_jobs(jobs, budget_s=1e-6, train_fn=fake)
+    assert "accuracy" in rows[0]  # the first is the measurement
+    assert all("budget" in r["skipped"] for r in rows[1:])
+
+
+def test_cli_writes_the_three_files_atomically(tiny, tmp_path, monkeypatch):
+    written = []
+    real = bench.write_file_atomically
+
+    def spy(path, text, *a, **k):
+        written.append(path.name)
+        return real(path, text, *a, **k)
+
+    monkeypatch.setattr(bench, "write_file_atomically", spy)
+    out = tmp_path / "b"
+    args = ["bench", "--data", f"{tiny['a']},{tiny['b']}", "--shots", "2", "--seeds", "2", "--strategies",
+            "linear-probe,prototypes", "--model", tiny["bert"], "--auto-budget", "30", "--out", str(out), "--quiet"]
+    for kv in ("max_length=32", "epochs=1", "batch_size=8", "precision=fp32"):
+        args += ["--set", kv]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["bench.html", "bench.json", "bench.md"]
+    assert set(written) == {"bench.json", "bench.html", "bench.md"} and written.count("bench.json") > 1
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["finished"] is True and len(saved["rows"]) == 2 * 2 * 3
+    assert all("accuracy" in r for r in saved["rows"]), saved["rows"]
+    page = (out / "bench.html").read_text()
+    for part in ('id="sets"', 'id="plot-accuracy"', 'id="plot-regret"', 'id="plot-time"', "<svg", 'id="strategies"'):
+        assert part in page
+    assert "<script" not in page
+    assert "| data set | shots |" in result.output and "regret" in result.output
+    # a second run into the same folder is refused without --overwrite, and replaces it with it
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategies", "lora,nope"], "--strategies: unknown nope"),
+    (["--shots", "0"], "--shots"),
+    (["--seeds", "0"], "--seeds 0"),
+    (["--budget", "-5"], "--budget -5"),
+    (["--data", "no-such-data.csv"], "no-such-data.csv"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, extra, message):
+    out = tmp_path / "never"
+    args = ["bench", "--data", tiny["a"], "--shots", "2", "--seeds", "1", "--model", tiny["bert"], "--out", str(out)]
+    result = CliRunner().invoke(app, args + extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_too_few_examples_for_the_shots_is_refused(tiny):
+    with pytest.raises(DataError, match="lower --shots"):
+        describe_data([tiny["a"]], [14])
+    with pytest.raises(ConfigError, match="--data"):
+        check_inputs([], shots=[8], seeds=1, strategies=["lora"])
+
+
+def test_ray_without_ray_installed_is_a_one_line_error(tiny, tmp_path, monkeypatch):
+    real = bench.importlib.import_module
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(bench.importlib, "import_module", no_ray)
+    result = CliRunner().invoke(app, ["bench", "--data", tiny["a"], "--shots", "2", "--seeds", "1", "--model",
+                                      tiny["bert"], "--out", str(tmp_path / "r"), "--ray", "local"])
+    assert result.exit_code == 2 and "pip install ray" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def _reproducible(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install ray, or the project's ray extra)")
+def test_ray_local_gives_the_same_rows_as_a_local_run(tiny):
+    sets = describe_data([tiny["a"], tiny["b"]], [2])
+    jobs = plan_jobs(sets, shots=[2], seeds=[0, 1], strategies=["linear-probe", "prototypes", "lora"],
+                     models=_models(tiny), settings=SETTINGS, auto_budget=60)
+    local = run_jobs(jobs)
+    remote = run_jobs(jobs, ray_address="local")
+    assert all("accuracy" in r for r in local), [r for r in local if "accuracy" not in r]
+    assert [_reproducible(r) for r in remote] == [_reproducible(r) for r in local]
