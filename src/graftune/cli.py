@@ -282,6 +282,56 @@ def compare(
     typer.echo(f"\nresults: {os.path.join(out, 'results.json')}\nreport:  {os.path.join(out, 'report.html')}")
 
 
+@app.command()
+@user_errors
+def bench(
+    data: str = typer.Option("bbc-news,trec,rotten-tomatoes,sms-spam,digits", help="Comma-separated data sets: "
+                             "aliases or files of labelled examples."),
+    out: str = typer.Option("bench-results", "--out", help="The folder for bench.json, bench.html and bench.md."),
+    shots: str = typer.Option("8,16", help="Training examples per class, comma-separated."),
+    seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),
+    strategies: str = typer.Option("linear-probe,prototypes,contrastive,lora", help="Comma-separated strategies "
+                                   "of graftune compare, or all."),
+    no_auto: bool = typer.Option(False, "--no-auto", help="Leave out --method auto (it runs by default, judged by "
+                                 "its regret)."),
+    auto_budget: float = typer.Option(300.0, help="auto's selection budget in seconds (train --method auto's "
+                                      "default)."),
+    budget: float | None = typer.Option(None, help="Seconds per data set; jobs that would not fit are skipped and "
+                                        "listed."),
+    model: str = typer.Option("minilm", help="Base model for text data sets."),
+    image_model: str = typer.Option("efficientnet-lite0", help="Base model for image data sets."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks: local (a Ray "
+                                   "instance on this machine), ray://HOST:10001 or a cluster address (docs/bench.md)."),
+    text_column: str = typer.Option("text", help="The text column of data files."),
+    label_column: str = typer.Option("label", help="The label column of data files."),
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="A training setting for the adapter strategies and auto "
+                                                   "(epochs, lr, max_length, ...; repeatable).")] = None,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if an earlier bench wrote it (or it is "
+                                   "empty)."),
+):
+    """Run the comparison on several data sets (shots x seeds, each (data set, strategy, shots, seed) an
+    independent job, locally or on Ray) with --method auto judged by its regret; write bench.json, bench.html
+    and bench.md (docs/bench.md)."""
+    from graftune.config import parse_sets
+    from graftune.strategies.bench import run_bench
+
+    summary = run_bench([d.strip() for d in data.split(",")], out_dir=out, shots=_int_list(shots, "--shots"),
+                        seeds=seeds, strategies=[n.strip() for n in strategies.split(",") if n.strip()],
+                        with_auto=not no_auto, auto_budget=auto_budget, budget_s=budget,
+                        models={"text": model, "image": image_model}, settings=parse_sets(sets), ray_address=ray,
+                        text_column=text_column, label_column=label_column, overwrite=overwrite, progress=not quiet,
+                        command="graftune " + " ".join(sys.argv[1:]))
+    with open(os.path.join(out, "bench.md"), encoding="utf-8") as f:
+        typer.echo(f.read())
+    o = summary["overall"]
+    if o["mean_regret"] is not None:
+        typer.echo(f"auto's mean regret: {100 * o['mean_regret']:.1f} points")
+    typer.echo(f"results: {os.path.join(out, 'bench.json')}\nreport:  {os.path.join(out, 'bench.html')}\n"
+               f"table:   {os.path.join(out, 'bench.md')}")
+
+
 def _int_list(value: str, flag: str) -> list[int]:
     """'8,16,64' -> [8, 16, 64]; anything else is a one-line error."""
     from graftune.errors import ConfigError
