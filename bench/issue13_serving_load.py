@@ -8,6 +8,7 @@
            and the latency of a lone request (one client, one request at a time).
 --memory   RSS of a store holding 1 and 32 adapters on one base, against base + 32 x adapter + 10%.
 --peft     in-process: one mixed 8-adapter batch through graftune's routing vs PEFT's `adapter_names=`.
+--switch   `graftune serve --registry` under load while the registry promotes v2 and rolls back to v1.
 --drift    the server's own summaries (store.classify + DriftTracker.observe) of BBC articles the run did not
            train on (held out) and of another data set (TREC questions, rotten-tomatoes snippets), against the
            run's training split; the false-alarm rate over many random held-out streams.
@@ -94,7 +95,8 @@ class Server:
         for name, path in runs.items():
             args += ["--run", f"{name}={path}"]
         self.n = len(runs)
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = work / f"server-{self.port}.log"  # a file, not a pipe: a full pipe would block the server
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
 
     def __enter__(self):
         import httpx
@@ -102,7 +104,7 @@ class Server:
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
+                raise RuntimeError(self.log.read_text()[-3000:])
             try:
                 h = httpx.get(f"{self.url}/health", timeout=2).json()
                 if h["adapters"] == self.n:
@@ -116,6 +118,14 @@ class Server:
     def __exit__(self, *exc):
         self.proc.terminate()
         self.proc.wait(60)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used (all its threads): on a shared, overloaded machine, requests per CPU
+        second measure the work per request where wall-clock throughput measures the neighbours too."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
 
     def rss_mb(self) -> float:
         import psutil
@@ -156,6 +166,21 @@ async def closed_loop(url: str, names: list[str], texts: list[str], clients: int
             **percentiles(latencies)}
 
 
+def batch_stats(url: str) -> dict:
+    """Mean rows and adapters per forward since the server started, from its /metrics histograms."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    vals = {}
+    for line in text.splitlines():
+        for key in ("graftune_batch_rows_sum", "graftune_batch_rows_count", "graftune_batch_adapters_sum"):
+            if line.startswith(key + " "):
+                vals[key] = float(line.split()[-1])
+    n = max(vals.get("graftune_batch_rows_count", 0.0), 1.0)
+    return {"forwards": int(n), "mean_rows_per_forward": vals.get("graftune_batch_rows_sum", 0.0) / n,
+            "mean_adapters_per_forward": vals.get("graftune_batch_adapters_sum", 0.0) / n}
+
+
 def percentiles(xs: list[float]) -> dict:
     xs = sorted(xs)
     if not xs:
@@ -184,20 +209,103 @@ def serving(work: Path, args) -> list[dict]:
     rows = []
     for kind in args.lengths:
         texts = texts_for(kind)
-        for n in (8, 32):
+        for n in args.adapters:
             names = [f"a{i:02d}" for i in range(n)]
             for label, max_batch, wait in (("mixed batching", 32, 5.0), ("one request per forward", 1, 0.0)):
                 with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
                     asyncio.run(closed_loop(srv.url, names, texts, 4, 20, 30))  # warm-up
                     lone = asyncio.run(closed_loop(srv.url, names, texts, 1, args.lone, 60, seed=1))
+                    cpu = srv.cpu_s()
                     load = asyncio.run(closed_loop(srv.url, names, texts, args.clients, args.requests, args.seconds,
                                                    seed=2))
+                    cpu = srv.cpu_s() - cpu
+                    batches = batch_stats(srv.url)
                     row = {"texts": kind, "adapters": n, "server": label, "clients": args.clients,
                            "lone_p50_ms": lone["p50_ms"], "lone_p99_ms": lone["p99_ms"], **load,
-                           "rss_mb": srv.rss_mb()}
+                           "server_cpu_s": cpu, "requests_per_cpu_s": load["requests"] / max(cpu, 1e-9),
+                           **batches, "rss_mb": srv.rss_mb(), "loadavg_1min": os.getloadavg()[0]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
+
+
+# --- promote and rollback under load -------------------------------------------------------------------------------
+def switch_under_load(work: Path, args) -> dict:
+    """A registry with two versions of one name (training seeds 0 and 1); `graftune serve --registry` under a
+    closed-loop load while this process promotes v2 and rolls back to v1; every answer's version is counted."""
+    import threading
+
+    import httpx
+
+    from graftune.registry import Registry
+
+    root = work / "registry-switch"
+    shutil.rmtree(root, ignore_errors=True)
+    reg = Registry(root)
+    reg.push(ensure_run(work, 0), "news")
+    reg.promote("news", 1)
+    reg.push(ensure_run(work, 1), "news")
+    port = free_port()
+    log = (work / "server-switch.log").open("w")
+    proc = subprocess.Popen([PY, "-m", "graftune", "serve", "--registry", str(root), "--port", str(port), "--threads",
+                             str(args.threads), "--log-level", "warning", "--poll", "0.5"], stdout=subprocess.DEVNULL,
+                            stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    texts = texts_for("short")
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json()["adapters"] == 1:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.5)
+        stop, versions, failures, lock = threading.Event(), {}, [], threading.Lock()
+
+        def client(seed):
+            rng = random.Random(seed)
+            with httpx.Client(base_url=url, timeout=120) as c:
+                while not stop.is_set():
+                    r = c.post("/v1/predict", json={"adapter": "news", "inputs": [rng.choice(texts)]})
+                    with lock:
+                        if r.status_code == 200:
+                            v = r.json()["version"]
+                            versions[v] = versions.get(v, 0) + 1
+                        else:
+                            failures.append(r.status_code)
+
+        def serving_version():
+            return httpx.get(f"{url}/v1/adapters", timeout=30).json()["adapters"][0]["version"]
+
+        def wait_for(v):
+            t = time.monotonic()
+            while serving_version() != v:
+                assert time.monotonic() - t < 120, f"version {v} not served within 120 s"
+                time.sleep(0.1)
+            return time.monotonic() - t
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        reg.promote("news", 2, force=True, reason="bench: switch under load")
+        to_v2 = wait_for("2")
+        time.sleep(5)
+        reg.rollback("news")
+        to_v1 = wait_for("1")
+        time.sleep(5)
+        stop.set()
+        for t in threads:
+            t.join(120)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    out = {"answers_by_version": versions, "failed": len(failures), "promote_seen_after_s": to_v2,
+           "rollback_seen_after_s": to_v1, "clients": 8}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 # --- memory --------------------------------------------------------------------------------------------------------
@@ -350,12 +458,14 @@ def main():
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--drift", action="store_true")
+    ap.add_argument("--switch", action="store_true", help="promote and rollback under load")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=600, help="requests per load test at most")
     ap.add_argument("--seconds", type=float, default=45, help="seconds per load test at most")
     ap.add_argument("--lone", type=int, default=40, help="requests of the lone-request latency")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", nargs="+", default=["short", "long"])
+    ap.add_argument("--adapters", type=int, nargs="+", default=[8, 32], help="served adapter counts (at most 32)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--streams", type=int, default=200, help="random served streams per pool and training seed")
     ap.add_argument("--stream", type=int, default=200, help="inputs per served stream")
@@ -372,6 +482,8 @@ def main():
         out["memory"] = memory(work)
     if args.peft:
         out["peft"] = peft_compare(work)
+    if args.switch:
+        out["switch"] = switch_under_load(work, args)
     if args.drift:
         out["drift"] = drift(work, args)
     (work / "results.json").write_text(json.dumps(out, indent=2))
