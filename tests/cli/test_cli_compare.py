@@ -53,6 +53,14 @@ def test_compare_prints_progress_summary_recommendation_and_paths(tiny, tmp_path
     ia3 = next(r for r in saved["rows"] if (r["strategy"], r["shots"], r["augment"]) == ("ia3", 4, False))
     assert any(line.split()[:2] == ["4", "ia3"] and f"{ia3['accuracy']:.3f}" in line for line in text.splitlines())
     assert "With 2 examples per class" in text and "With 4 examples per class" in text
+    # every accuracy claim carries the test set's size, and says it rests on one seed (--seeds 1)
+    n_test = saved["rows"][0]["test_examples"]
+    assert f"accuracy and macro-F1 on {n_test} test examples: one example is {100 / n_test:.1f} points" in text
+    claims = [line for line in text.splitlines() if line.startswith("With ")]
+    assert len(claims) == 2
+    for line in claims:
+        assert f"of {n_test} test examples" in line or f"on {n_test} test examples" in line, line
+        assert ", on a single seed" in line, line
     assert f"results: {out / 'results.json'}" in text and f"report:  {out / 'report.html'}" in text
     assert (out / "report.html").is_file()
 

@@ -175,16 +175,20 @@ def test_unknown_strategy_is_a_config_error(tiny, tmp_path):
         run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["nope"], out_dir=tmp_path)
 
 
-def _s(name, k, acc, std, sec, params, aug=False, runs=3):
+def _s(name, k, acc, std, sec, params, aug=False, runs=3, test_examples=300):
     return {"strategy": name, "augment": aug, "shots": k, "runs": runs, "accuracy": acc, "accuracy_std": std,
-            "macro_f1": acc, "macro_f1_std": std, "train_seconds": sec, "trainable_params": params, "peak_rss_mb": 1}
+            "macro_f1": acc, "macro_f1_std": std, "train_seconds": sec, "trainable_params": params, "peak_rss_mb": 1,
+            "test_examples": test_examples}
 
 
 def test_recommendation_prefers_the_cheap_baseline_within_a_point():
     text = recommend([_s("linear-probe", 8, 0.92, 0.02, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
     assert text.startswith("With 8 examples per class, linear-probe (0.920 +- 0.020, 1 s")
-    assert "within 1 point of the best, lora (0.930 +- 0.010, 120 s" in text
-    assert "not needed" in text and "within one standard deviation" in text and "at 120x less training time" in text
+    assert ("within 1 point of the best (on 300 test examples: one point is 3 examples), lora (0.930 +- 0.010, 120 s"
+            in text), text
+    assert "not needed" in text and "at 120x less training time" in text
+    assert "The gap of 1.0 points (3 of 300 test examples) is within one standard deviation over 3 seeds" in text
+    assert "single seed" not in text
     # about the same time: the saving is named in parameters, not as "1x less training time"
     same = recommend([_s("prototypes", 8, 0.92, 0.01, 1, 0), _s("linear-probe", 8, 0.925, 0.01, 1.2, 1925)])[0]
     assert "at about the same training time with fewer trained parameters (0 vs 1,925)" in same, same
@@ -192,7 +196,26 @@ def test_recommendation_prefers_the_cheap_baseline_within_a_point():
     noisy = recommend([_s("linear-probe", 8, 0.943, 0.01, 2.4, 1925), _s("prototypes", 8, 0.934, 0.01, 2.6, 0)])[0]
     assert noisy.startswith("With 8 examples per class, prototypes (0.934"), noisy
     clear = recommend([_s("linear-probe", 8, 0.80, 0.01, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
-    assert "lora (0.930" in clear and "most accurate" in clear and "13.0 points ahead" in clear
+    assert "lora (0.930" in clear and "most accurate" in clear and "13.0 points (39 of 300 test examples) ahead" in clear
+
+
+def test_every_gap_names_the_test_set_size_and_a_single_seed():
+    """A point of accuracy is a few test examples (or one example several points): each gap says how many, and a
+    claim resting on one seed says so in the sentence itself."""
+    one = recommend([_s("linear-probe", 8, 0.92, 0.0, 1, 3000, runs=1, test_examples=60),
+                     _s("lora", 8, 0.925, 0.0, 120, 80000, runs=1, test_examples=60)])[0]
+    assert "within 1 point of the best, on a single seed (on 60 test examples: one example is 1.7 points)" in one
+    assert "within one standard deviation" not in one  # no spread on one seed: not claimed
+    mixed = recommend([_s("linear-probe", 8, 0.80, 0.01, 1, 3000, runs=1), _s("lora", 8, 0.93, 0.01, 120, 80000)])
+    assert ("13.0 points (39 of 300 test examples) ahead of linear-probe (0.800, 1 seed, 1 s, 3,000 trained "
+            "parameters), on a single seed for linear-probe.") in mixed[0], mixed
+    for text in one, mixed[0]:
+        assert "One of these ran on a single seed only" in text
+    # no size known (rows from an older results.json): no made-up count
+    old = recommend([_s("lora", 8, 0.93, 0.01, 1, 1, test_examples=None), _s("ia3", 8, 0.5, 0.01, 1, 1)])[0]
+    assert "43.0 points (129 of 300 test examples) ahead" in old
+    assert "43.0 points ahead" in recommend([_s("lora", 8, 0.93, 0.01, 1, 1, test_examples=None),
+                                             _s("ia3", 8, 0.5, 0.01, 1, 1, test_examples=None)])[0]
 
 
 def test_summarize_means_and_stds():
@@ -201,7 +224,9 @@ def test_summarize_means_and_stds():
     rows.append({"strategy": "full", "augment": False, "shots": 8, "seed": 0, "skipped": "would exceed budget"})
     (s,) = summarize(rows)
     assert s["accuracy"] == pytest.approx(0.85) and s["accuracy_std"] == pytest.approx(0.0707, abs=1e-3)
-    assert s["runs"] == 2
+    assert s["runs"] == 2 and s["test_examples"] is None  # rows without the size: unknown, not 0
+    rows = [{**r, "test_examples": 90} for r in rows]
+    assert summarize(rows)[0]["test_examples"] == 90
 
 
 def test_choose_method_never_sees_the_test_set(tiny, monkeypatch):
@@ -283,8 +308,8 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
     """compare's linear-probe/prototypes embed a text as fewshot.frozen_fit does (windows over a long text), while
     --method auto's head candidate keeps the truncated pooled features that `train --method head` learns from."""
     from graftune.data.sources import load_data
-    from graftune.run.scoring import features_of
     from graftune.recipes.fewshot import embed
+    from graftune.run.scoring import features_of
     from tests.train_helpers import WORDS
 
     ds = load_data(tiny["csv"])

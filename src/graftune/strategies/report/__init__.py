@@ -10,7 +10,7 @@ from pathlib import Path
 from string import Template
 
 from graftune.strategies.catalog import STRATEGIES
-from graftune.strategies.summary import augmentation_effect, recommend, summarize
+from graftune.strategies.summary import augmentation_effect, point_note, recommend, summarize
 
 TEMPLATE = Path(__file__).with_name("template.html")
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -30,16 +30,18 @@ def render_report(rows: Sequence[dict], meta: dict) -> str:
     if budget_note:
         recommendation += f'<p class="skipped">{html.escape(budget_note.strip())}</p>'
     title = html.escape(f"{meta.get('model')} on {meta.get('data')}")
+    n_test = meta.get("test_examples") or max((r.get("test_examples") or 0 for r in rows), default=0)
     meta_line = html.escape(
-        f"{meta.get('examples')} examples, {meta.get('classes')} classes ({meta.get('modality')}); test set "
-        f"fingerprint {str(meta.get('test_fingerprint'))[:12]} (identical for every run); {meta.get('date')}; "
-        f"{meta.get('seconds')} s in all")
+        f"{meta.get('examples')} examples, {meta.get('classes')} classes ({meta.get('modality')}); test set of "
+        f"{n_test} examples, fingerprint {str(meta.get('test_fingerprint'))[:12]} (identical for every run); "
+        f"{meta.get('date')}; {meta.get('seconds')} s in all")
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         title=title, meta_line=meta_line, recommendation=recommendation, table=_table(summary),
+        test_note=html.escape(point_note(n_test, ", ")),
         plot_shots=_plot(summary, "shots", log=False, xlabel="examples per class"),
         plot_params=_plot(summary, "trainable_params", log=True, xlabel="trainable parameters"),
         plot_time=_plot(summary, "train_seconds", log=True, xlabel="training seconds"),
-        augmentation=_augmentation(augmentation_effect(summary)), skipped=_skipped(rows),
+        augmentation=_augmentation(augmentation_effect(summary), n_test), skipped=_skipped(rows),
         method_note=html.escape(_method_note(meta, rows)))
 
 
@@ -64,7 +66,7 @@ def _name(s: dict) -> str:
     return s["strategy"] + (" + aug" if s["augment"] else "")
 
 
-def _augmentation(effects: Sequence[dict]) -> str:
+def _augmentation(effects: Sequence[dict], n_test: int | None) -> str:
     if not effects:
         return "<p>Not measured (run with augment on and off).</p>"
     rows = []
@@ -72,8 +74,9 @@ def _augmentation(effects: Sequence[dict]) -> str:
         verdict = ("within noise" if abs(e["delta"]) <= e["noise"] else "helps" if e["delta"] > 0 else "hurts")
         rows.append(f"<tr><td>{html.escape(e['strategy'])}</td><td>{e['shots']}</td>"
                     f"<td>{100 * e['delta']:+.1f}</td><td>{100 * e['noise']:.1f}</td><td>{verdict}</td></tr>")
+    note = f"<p><small>Points of accuracy {html.escape(point_note(n_test))}.</small></p>" if n_test else ""
     return ('<table id="augmentation"><tr><th>strategy</th><th>shots</th><th>accuracy change, points</th>'
-            "<th>larger std, points</th><th>verdict</th></tr>" + "".join(rows) + "</table>")
+            "<th>larger std, points</th><th>verdict</th></tr>" + "".join(rows) + "</table>" + note)
 
 
 def _skipped(rows: Sequence[dict]) -> str:
