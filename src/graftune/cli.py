@@ -51,15 +51,6 @@ def user_errors(fn):
     return wrapper
 
 
-#: what `graftune train --method` takes besides the engine's adapter methods: whole training recipes
-_RECIPES = (
-    ("head", "the task head alone, on the frozen base"),
-    ("auto", "picked by a quick comparison on your training examples"),
-    ("contrastive", "SetFit: pairs train LoRA, then a logistic regression; single-label text"),
-    ("probe", "frozen whole-text embeddings + logistic regression or class means; single-label text"),
-)
-
-
 @app.command()
 @user_errors
 def methods(as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects: the adapter "
@@ -67,17 +58,18 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print a JSON lis
                                          "\"recipe\").")):
     """List every adaptation method with a one-line description, and the training recipes train also takes."""
     from graftune import list_methods
+    from graftune.runs import recipe_rows
 
-    rows = list_methods()
+    rows, recipe_list = list_methods(), recipe_rows()
     if as_json:
-        recipes = [{"name": name, "description": text, "kind": "recipe"} for name, text in _RECIPES]
+        recipes = [{"name": name, "description": text, "kind": "recipe"} for name, text in recipe_list]
         typer.echo(json.dumps([{**r, "kind": "method"} for r in rows] + recipes, indent=2))
         return
-    width = max(len(name) for name in [r["name"] for r in rows] + [name for name, _ in _RECIPES])
+    width = max(len(name) for name in [r["name"] for r in rows] + [name for name, _ in recipe_list])
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['description']}")
     typer.echo("\nrecipes `graftune train --method` also takes:")
-    for name, text in _RECIPES:
+    for name, text in recipe_list:
         typer.echo(f"{name:<{width}}  {text}")
 
 
@@ -785,6 +777,8 @@ def check(
     text_column: str = typer.Option("text", help="The text column of DATA and --test."),
     label_column: str = typer.Option("label", help="The label column of DATA and --test."),
     top: int = typer.Option(10, min=0, help="Suspect labels shown (--json lists them all)."),
+    min_score: float = typer.Option(0.0, min=0.0, max=1.0, help="List only suspects scoring at least this "
+                                    "(p(suggested) - p(given)); 0: every disagreement."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when a problem is found (for scripts and CI)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
 ):
@@ -795,7 +789,7 @@ def check(
     from graftune.strategies.label_check import check_source
 
     report = check_source(data, test=test, labels=labels, model=model, text_column=text_column,
-                          label_column=label_column)
+                          label_column=label_column, min_score=min_score)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report, top=top))
     if strict and report["problems"]:
         raise typer.Exit(1)

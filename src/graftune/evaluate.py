@@ -17,7 +17,13 @@ from graftune.data.splits import make_splits
 from graftune.errors import DataError
 from graftune.recipes.fewshot_run import predict_rows, score
 from graftune.run.loaded import LoadedRun
-from graftune.run.scoring import logits_of, score_causal_lm, score_classification
+from graftune.run.scoring import (
+    logits_of,
+    probability_rows,
+    score_causal_lm,
+    score_classification,
+    score_probabilities,
+)
 from graftune.runs import load_run
 from graftune.tasks.classification import probabilities
 
@@ -53,6 +59,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
+    if run.predictor is not None:
+        return score_probabilities(run.predictor.predict_proba(list(ds.inputs)), ds.labels, run.label_names)
     if run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
         return score(run.fewshot, ds.inputs, ds.labels, run.label_names)
     return score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
@@ -68,6 +76,8 @@ def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> l
     """One dict per input: ``label`` (or ``labels`` for multi-label) and ``probabilities`` per class."""
     if run.kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
+    if run.predictor is not None:
+        return probability_rows(run.predictor.predict_proba(list(inputs)), run.label_names)
     if run.fewshot is not None:
         return predict_rows(run.fewshot, list(inputs), run.label_names)
     logits = logits_of(run.task, run.model, run.head, list(inputs), batch_size=batch_size, policy=run.policy)

@@ -20,7 +20,7 @@ from graftune.core.method import all_methods
 from graftune.data.sources import ALIASES
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.io.artifact import read_meta
-from graftune.recipes import adapter, contrastive, probe
+from graftune.recipes import adapter, contrastive, in_context_run, probe
 from graftune.run.loaded import LoadedRun
 from graftune.run.rundir import RUN_FILE
 from graftune.speed import quantize as quantization
@@ -32,6 +32,7 @@ RECIPES: dict[str, ModuleType] = {
     HEAD_ONLY: adapter,
     contrastive.METHOD: contrastive,
     probe.METHOD: probe,
+    in_context_run.METHOD: in_context_run,
 }
 #: ``method: auto`` picks one of the others, then trains it (``strategies/auto.py``)
 AUTO = "auto"
@@ -40,6 +41,12 @@ AUTO = "auto"
 def recipe_names() -> list[str]:
     """The methods that are recipes rather than adapter methods, as ``graftune methods`` lists them."""
     return [*RECIPES, AUTO]
+
+
+def recipe_rows() -> list[tuple[str, str]]:
+    """(name, one-line description) of every recipe, for ``graftune methods``."""
+    return [*((name, module.DESCRIPTION) for name, module in RECIPES.items()),
+            (AUTO, "picked by cross-validation on your training examples among the recipes above and LoRA")]
 
 
 def recipe_for(method: str) -> ModuleType:
@@ -88,18 +95,19 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
         raise ConfigError(f"quantize {quantize} needs the adapters merged: drop merge=False")
     run_dir = Path(run_dir)
     cfg = build_config(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else None
-    no_adapter = cfg is not None and cfg.method == probe.METHOD  # the frozen base + a fitted head: no adapter/
-    if cfg is None or not (no_adapter or (run_dir / "adapter").is_dir()):
+    recipe = recipe_for(cfg.method) if cfg is not None and cfg.method != AUTO else None
+    has_adapter = getattr(recipe, "HAS_ADAPTER", True)  # probe and in-context runs save no adapter/
+    if recipe is None or (has_adapter and not (run_dir / "adapter").is_dir()):
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
                             "`graftune train --out`)")
-    meta = {"extra": {"task": "classification"}} if no_adapter else read_meta(run_dir / "adapter")
+    meta = read_meta(run_dir / "adapter") if has_adapter else {"extra": {"task": "classification"}}
     kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
     if expect == "causal-lm" and kind != "causal-lm":
         raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
                         "runs)")
     if expect == "classifier" and kind == "causal-lm":
         raise DataError("this run is a causal-LM run: use `graftune generate RUN_DIR \"prompt\"`")
-    return recipe_for(cfg.method).load(run_dir, cfg, meta, kind, merge=merge, quantize=quantize)
+    return recipe.load(run_dir, cfg, meta, kind, merge=merge, quantize=quantize)
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

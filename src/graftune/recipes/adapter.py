@@ -57,6 +57,9 @@ from graftune.tasks import MODALITY_TASK, ZOO_TASK, batches, build_task
 from graftune.tasks.classification import encode_labels
 from graftune.zoo import load_base
 
+#: what ``graftune methods`` says of ``--method head``, the one recipe of this loop that is not an adapter method
+DESCRIPTION = "the task head alone, on the frozen base"
+
 
 def check_config(cfg: RunConfig) -> None:
     """Nothing beyond ``RunConfig``'s own checks: the adapter method and its options are validated there."""

@@ -25,6 +25,7 @@ from graftune.recipes.fewshot_run import CONTRASTIVE, check, check_positive
 from graftune.run.log import progress_bar
 
 METHOD = CONTRASTIVE
+DESCRIPTION = "SetFit: pairs train LoRA, then a logistic regression; single-label text"
 
 #: ``--set`` options of contrastive: ``contrastive_fit``'s own keyword arguments ...
 FIT_OPTIONS = ("iterations", "epochs", "loss", "temperature", "head_c", "embed_max_chunks")

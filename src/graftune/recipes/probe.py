@@ -21,6 +21,9 @@ from graftune.recipes.fewshot_run import check, check_positive
 from graftune.speed import precision
 
 METHOD = fewshot_run.PROBE
+DESCRIPTION = "frozen whole-text embeddings + logistic regression or class means; single-label text"
+#: no adapter/ folder: the frozen base and a fitted head/
+HAS_ADAPTER = False
 
 #: ``--set`` options of probe: ``frozen_fit``'s head (``logistic`` or ``prototype``), its ``head_c`` (logistic only)
 #: and ``max_chunks`` (windows read per long text)

@@ -30,3 +30,6 @@ class LoadedRun:
     #: a ``--method contrastive`` or ``probe`` run: its ``recipes.fewshot.FewShotModel`` (embeddings + a head),
     #: which scores and predicts instead of ``task``/``head``
     fewshot: Any = None
+    #: a run that predicts by itself (``--method in-context``): ``predictor.predict_proba(texts)`` gives one column
+    #: per label name, used instead of ``task``/``head``
+    predictor: Any = None

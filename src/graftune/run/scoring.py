@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
@@ -138,6 +139,24 @@ class _FeatureTask:
 
 def _no_autocast():
     return contextlib.nullcontext()
+
+
+def score_probabilities(proba: np.ndarray, labels: Sequence[str], label_names: Sequence[str]) -> dict:
+    """The metrics a classification run reports (``classification_metrics``) from probabilities with one column
+    per label name (the prediction is the most probable), plus ``loss``: the mean cross-entropy -log p(true class),
+    p clamped at 1e-12."""
+    index = {n: i for i, n in enumerate(label_names)}
+    y = np.asarray([index[label] for label in labels])
+    metrics = classification_metrics(y, proba.argmax(axis=1), list(label_names))
+    p_true = np.clip(proba[np.arange(len(y)), y], 1e-12, None)
+    metrics["loss"] = float(-np.log(p_true).mean()) if len(y) else 0.0
+    return metrics
+
+
+def probability_rows(proba: np.ndarray, label_names: Sequence[str]) -> list[dict]:
+    """``graftune predict``'s rows from probabilities with one column per label name."""
+    return [{"label": label_names[int(row.argmax())],
+             "probabilities": {n: round(float(v), 6) for n, v in zip(label_names, row)}} for row in proba]
 
 
 def score_split(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, generate: bool,
