@@ -44,7 +44,7 @@ from graftune.run.checkpoint import checkpoint_file, load_weights, read_checkpoi
 from graftune.run.loaded import LoadedRun
 from graftune.run.log import NullLog, RunLog, brief, postfix, progress_bar
 from graftune.run.memory import PeakMemory
-from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_json
+from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_run_files
 from graftune.run.scoring import features_of, score_split
 from graftune.speed import distributed, precision
 from graftune.speed import quantize as quantization
@@ -254,9 +254,9 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
                    "precision": policy.name, "method": cfg.method, "task": kind, "speed": speed}
         if "samples" in test:
             metrics["samples"] = test["samples"]
-        metrics.update({k: v for k, v in (("auto", cfg.auto), ("transfer", transfer), ("notes", splits.notes)) if v})
-        write_json(work / "metrics.json", metrics)
-        write_json(work / "data_card.json", data_card(splits, source=ds))
+        if transfer:
+            metrics["transfer"] = transfer
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
         log.event("end", test=brief(test), train_seconds=train_seconds)
         log.close()
     except BaseException:

@@ -40,7 +40,7 @@ from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
 from graftune.run.loaded import LoadedRun
 from graftune.run.log import RunLog, brief
 from graftune.run.memory import PeakMemory
-from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_json
+from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_run_files
 from graftune.speed import distributed, precision
 from graftune.speed.device import resolve as resolve_device
 from graftune.speed.precision import cpu_features
@@ -204,12 +204,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
             "precision": fit["precision"], "method": method, "task": "classification", "speed": speed,
             "val": brief(val), method: fit["details"],
         }
-        if cfg.auto:  # picked by --method auto: the record goes with the run, as for the other methods
-            metrics["auto"] = cfg.auto
-        if splits.notes:
-            metrics["notes"] = splits.notes
-        write_json(work / "metrics.json", metrics)
-        write_json(work / "data_card.json", data_card(splits, source=ds))
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
         log.event("end", test=brief(test), train_seconds=fit["seconds"])
         log.close()
         log = None

@@ -30,7 +30,7 @@ from graftune.recipes.fewshot_run import check_data
 from graftune.run.loaded import LoadedRun
 from graftune.run.log import RunLog, progress_bar
 from graftune.run.memory import PeakMemory
-from graftune.run.rundir import finish_run_dir, start_run_dir, write_json
+from graftune.run.rundir import finish_run_dir, start_run_dir, write_run_files
 from graftune.run.scoring import score_probabilities
 from graftune.speed import precision
 from graftune.speed.precision import cpu_features
@@ -107,12 +107,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
                    METHOD: {"examples_in_prompt": len(fitted.examples), "prefix_tokens": fitted.cost.get("prefix_tokens"),
                             "test_seconds": round(scoring, 2),
                             "seconds_per_text": round(scoring / max(len(splits.test), 1), 4)}}
-        if cfg.auto:
-            metrics["auto"] = cfg.auto
-        if splits.notes:
-            metrics["notes"] = splits.notes
-        write_json(work / "metrics.json", metrics)
-        write_json(work / "data_card.json", data_card(splits, source=ds))
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
         log.event("end", test={k: v for k, v in test.items() if isinstance(v, float)}, train_seconds=fit_seconds)
         log.close()
         log = None

@@ -118,3 +118,11 @@ def finish_run_dir(work: Path, out: Path) -> None:
 def write_json(path: Path, data: dict) -> None:
     """A run's JSON file (metrics.json, data_card.json, ...), written atomically."""
     write_file_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_run_files(work: Path, cfg: RunConfig, metrics: dict, splits, card: dict) -> None:
+    """``metrics.json`` (with auto's record and the split notes, when there are any) and ``data_card.json``, as every
+    recipe writes them."""
+    metrics.update({k: v for k, v in (("auto", cfg.auto), ("notes", splits.notes)) if v})
+    write_json(work / "metrics.json", metrics)
+    write_json(work / "data_card.json", card)
