@@ -201,6 +201,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
             # contrastive_fit has no early stopping (every epoch of pairs runs) and a probe has no epochs: no epoch
             # is picked on val
             "epochs_run": fit["epochs"], "best_epoch": None, "steps": fit["steps"],
+            "stopped_early": False, "epochs": fit["epochs"],
             "precision": fit["precision"], "method": method, "task": "classification", "speed": speed,
             "val": brief(val), method: fit["details"],
         }

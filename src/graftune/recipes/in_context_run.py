@@ -101,6 +101,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
         metrics = {**test, "trainable_params": 0, "total_params": params, "adapter_bytes": 0,
                    "train_seconds": round(fit_seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2),
                    "peak_rss_mb": round(memory.peak, 1), "epochs_run": 0, "best_epoch": None, "steps": 0,
+                   "stopped_early": False, "epochs": 0,
                    "precision": "fp32", "method": METHOD, "task": "classification",
                    "speed": {"device": "cpu", "processes": 1, "cache": "the prompt's key/value cache, computed once",
                              "compile": None, "cpu": cpu_features()},
