@@ -236,8 +236,9 @@ def compare(
     shots: str = typer.Option("8,16,64", help="Training examples per class, comma-separated."),
     seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),
     strategies: str | None = typer.Option(None, help="Comma-separated subset of linear-probe, prototypes, "
-                                          "contrastive, lora-top2, ia3, lora, bottleneck, prefix, topk, full. "
-                                          "[default: all]"),
+                                          "contrastive, lora-top2, ia3, lora, bottleneck, prefix, topk, full, "
+                                          "in-context (SmolLM2 prompted with labelled examples; only when named). "
+                                          "[default: all but in-context]"),
     augment: str = typer.Option("both", help="off, on or both: runs without and/or with augmented training data."),
     budget: float | None = typer.Option(None, help="Wall-time bound in seconds; runs that would not fit are "
                                         "skipped and listed."),

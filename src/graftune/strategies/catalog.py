@@ -31,10 +31,11 @@ from graftune.data.augment.text import eda
 from graftune.data.sources import Dataset, load_data
 from graftune.data.splits import make_splits
 from graftune.errors import ConfigError, DataError
+from graftune.recipes import in_context
 from graftune.recipes.contrastive import PAIR_MAX_LENGTH
 from graftune.recipes.fewshot import DEFAULT_CHUNKS, contrastive_fit, embed, make_head
 from graftune.recipes.fewshot_run import score
-from graftune.run.scoring import features_of
+from graftune.run.scoring import features_of, score_probabilities
 from graftune.speed import precision
 from graftune.tasks import MODALITY_TASK, ZOO_TASK, build_task
 from graftune.tasks.classification import classification_metrics, encode_labels
@@ -43,10 +44,12 @@ from graftune.zoo import load_base
 
 @dataclass(frozen=True)
 class Strategy:
-    """One way to adapt: how it runs (``features``, ``contrastive`` or ``train``), the method and its settings.
+    """One way to adapt: how it runs (``features``, ``contrastive``, ``in-context`` or ``train``), the method and
+    its settings.
 
     ``cost`` is a rough cost per training example relative to LoRA, used only to estimate a strategy's time
-    before it has run once (afterwards its own measured time is used)."""
+    before it has run once (afterwards its own measured time is used). ``default``: part of a comparison that names
+    no ``--strategies`` (the in-context baseline loads a second model, SmolLM2: asked for by name)."""
 
     name: str
     kind: str
@@ -55,6 +58,7 @@ class Strategy:
     settings: dict = field(default_factory=dict)
     cost: float = 1.0
     description: str = ""
+    default: bool = True
 
 #: cheapest first: under a budget the baselines always run
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
@@ -73,7 +77,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("topk", "train", "topk", {"top_k_layers": 2}, settings={"lr": 1e-4}, cost=1.2,
              description="fine-tune the top 2 layers"),
     Strategy("full", "train", "full", settings={"lr": 5e-5}, cost=2.5, description="full fine-tuning"),
+    Strategy("in-context", "in-context", description="SmolLM2 with 8 labelled examples per class in its prompt, "
+             "labels scored (nothing trained; as a run: train --method in-context --model smollm2)", cost=1.0,
+             default=False),
 )}
+#: the decoder the in-context strategy prompts, whatever encoder the comparison adapts
+IN_CONTEXT_MODEL = "smollm2"
 
 #: train() settings shared by every ``train`` strategy (each may override some); ``settings=`` overrides these
 TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3, "head_lr": 1e-2, "batch_size": 16, "val_size": 0, "patience": 0,
@@ -194,6 +203,23 @@ def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings:
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "trainable_params": int(fitted.report["trainable_params"]),
             "train_seconds": round(fitted.report["seconds"], 2)}
+
+
+def run_in_context(strategy: Strategy, splits, seed: int, settings: dict) -> dict:
+    """The in-context baseline on the run's splits: k=8 examples per class from the training examples in
+    SmolLM2's prompt, the test set scored by constrained label scoring."""
+    if splits.train.modality != "text":
+        raise NotApplicable("text only (labelled examples in a language model's prompt)")
+    started = time.perf_counter()
+    fitted = in_context.fit(splits.train.inputs, splits.train.labels, splits.train.label_names, seed=seed,
+                            model=IN_CONTEXT_MODEL, max_text_tokens=settings.get("max_length", 256))
+    fit_seconds = time.perf_counter() - started
+    t0 = time.perf_counter()
+    m = score_probabilities(fitted.predict_proba(list(splits.test.inputs)), splits.test.labels,
+                            splits.train.label_names)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": 0,
+            "train_seconds": round(fit_seconds, 2),
+            "seconds_per_text": round((time.perf_counter() - t0) / max(len(splits.test), 1), 4)}
 
 
 def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int, settings: dict, work: Path,

@@ -44,6 +44,7 @@ from graftune.strategies.catalog import (
     make_compare_splits,
     run_contrastive,
     run_features,
+    run_in_context,
     run_train,
     test_per_class_for,
 )
@@ -76,7 +77,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     Returns the rows written to results.json.
     """
     train_fn = train_fn or adapter.train
-    names = list(STRATEGIES) if strategies is None else list(strategies)
+    names = [n for n, s in STRATEGIES.items() if s.default] if strategies is None else list(strategies)
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or not names:
         raise ConfigError(f"strategies: unknown {', '.join(unknown) or '(none given)'}; use some of "
@@ -183,6 +184,8 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                                     result = run_features(strategy, frozen, run_splits, test_fp)
                                 elif strategy.kind == "contrastive":
                                     result = run_contrastive(strategy, model, run_splits, seed, settings)
+                                elif strategy.kind == "in-context":
+                                    result = run_in_context(strategy, run_splits, seed, settings)
                                 else:
                                     work = Path(scratch) / f"{name}-{k}-{seed}-{int(aug)}"
                                     result = run_train(strategy, model, data_spec, run_splits, seed, settings,
