@@ -192,6 +192,19 @@ def test_a_small_file_without_a_test_file_trains_and_notes_a_missing_val_part(ti
         assert not any("no validation part" in line for line in notes), result.stdout
 
 
+@pytest.mark.parametrize("method", ["head", "lora"])
+def test_one_training_example_per_class_trains_with_the_frozen_prefix_cache(tiny, tmp_path, method):
+    """3 per class without --test leaves one per class each for train, val and test: fewer training examples than
+    the cache's check batch, which once mixed labelled train and unlabelled val examples in one batch (what
+    --method auto picks, head, crashed there)."""
+    data = write_csv(tmp_path / "train.csv", class_rows(3, 3))
+    out = tmp_path / "run"
+    result = runner.invoke(app, small_args(tiny, data, out, "--method", method, "--cache", "auto", "--quiet"))
+    assert result.exit_code == 0, result.output
+    splits = json.loads((out / "data_card.json").read_text())["splits"]
+    assert splits["train"]["examples"] == splits["val"]["examples"] == 3
+
+
 @pytest.mark.slow
 def test_method_auto_with_eight_per_class(tiny, tmp_path):
     data = write_csv(tmp_path / "train.csv", class_rows(3, 8))

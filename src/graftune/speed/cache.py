@@ -377,7 +377,9 @@ def frozen_prefix_for_training(mode: str, model: AdapterModel, task, head: nn.Mo
             head.eval()
         try:
             with policy.autocast():
-                ok, detail = cache.verify(lambda b: task.forward(model, head, b), task.collate(examples[:4]),
+                # a few examples of ONE set: train's are labelled and val's are not, and a batch cannot mix them
+                sample = next(group for group in example_sets if group)[:4]
+                ok, detail = cache.verify(lambda b: task.forward(model, head, b), task.collate(sample),
                                           rtol=2e-2 if policy.autocast_dtype is not None else 1e-4)
         finally:
             for m, was in modes:
