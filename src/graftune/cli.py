@@ -175,17 +175,19 @@ def train(
         config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
     picked = cfg.method == "auto"
-    cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
-    if picked:
-        typer.echo(f"--method auto picked {cfg.method}. {cfg.auto['reason']}", err=as_json)
-    try:
+    try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
+        cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
+        if picked:
+            typer.echo(f"--method auto picked {cfg.method}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
     except KeyboardInterrupt:
+        import shlex
+
         from graftune.run.checkpoint import checkpoint_file
         from graftune.run.rundir import partial_dir
 
         if checkpoint_file(partial_dir(out)).is_file():
-            typer.echo(f"\ninterrupted; continue with: graftune train --resume --out {out}", err=True)
+            typer.echo(f"\ninterrupted; continue with: graftune train --resume --out {shlex.quote(out)}", err=True)
         else:
             typer.echo("\ninterrupted before the first checkpoint; nothing was written", err=True)
         raise typer.Exit(130) from None

@@ -402,3 +402,37 @@ def test_ctrl_c_during_train_prints_the_resume_command_and_resume_finishes(tiny,
     assert not partial_dir(out).exists()
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert "resume" in events  # it continued the interrupted run rather than starting afresh
+
+
+def test_ctrl_c_during_auto_s_comparison_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    from graftune.strategies import auto
+
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(auto, "resolve", interrupted)
+    result = runner.invoke(app, train_args(tiny, tmp_path / "auto", "--method", "auto", "--budget", "30"))
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip() == "interrupted before the first checkpoint; nothing was written", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_resume_command_quotes_an_out_with_spaces(tiny, tmp_path, monkeypatch):
+    """The printed command is pasted into a shell: a folder name with a space must stay one argument."""
+    import shlex
+
+    from graftune import runs
+
+    out = tmp_path / "my runs" / "first try"
+
+    def interrupted_after_a_checkpoint(cfg, **kwargs):
+        checkpoint_file(partial_dir(out)).parent.mkdir(parents=True)
+        checkpoint_file(partial_dir(out)).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train", interrupted_after_a_checkpoint)
+    result = runner.invoke(app, train_args(tiny, out))
+    assert result.exit_code == 130, result.output
+    line = result.stderr.strip()
+    assert line == f"interrupted; continue with: graftune train --resume --out {shlex.quote(str(out))}", line
+    assert shlex.split(line.split(": ", 1)[1])[-1] == str(out)
