@@ -23,7 +23,6 @@ from graftune.strategies.bench import (
     check_inputs,
     describe_data,
     plan_jobs,
-    run_bench,
     run_job,
     run_jobs,
     summarize_bench,
@@ -226,6 +225,15 @@ def test_ray_without_ray_installed_is_a_one_line_error(tiny, tmp_path, monkeypat
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
+def test_an_unreachable_cluster_is_a_one_line_error(monkeypatch):
+    class FakeRay:
+        def init(self, **kwargs):
+            raise ConnectionError(f"Could not find any running Ray instance at {kwargs['address']}.\nmore")
+
+    with pytest.raises(bench.RayStartError, match=r"^--ray head-node:6379: could not connect .*Could not find"):
+        bench.start_ray(FakeRay(), "head-node:6379")
+
+
 def _reproducible(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
@@ -237,6 +245,9 @@ def test_ray_local_gives_the_same_rows_as_a_local_run(tiny):
     jobs = plan_jobs(sets, shots=[2], seeds=[0, 1], strategies=["linear-probe", "prototypes", "lora"],
                      models=_models(tiny), settings=SETTINGS, auto_budget=60)
     local = run_jobs(jobs)
-    remote = run_jobs(jobs, ray_address="local")
+    try:
+        remote = run_jobs(jobs, ray_address="local")
+    except bench.RayStartError as e:  # Ray's raylet gives up after 30 s when the machine is overloaded
+        pytest.skip(f"Ray could not start here: {e}")
     assert all("accuracy" in r for r in local), [r for r in local if "accuracy" not in r]
     assert [_reproducible(r) for r in remote] == [_reproducible(r) for r in local]

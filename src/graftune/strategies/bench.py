@@ -34,6 +34,7 @@ from typing import Any
 
 from graftune.config import RunConfig
 from graftune.data.card import fingerprint
+from graftune.data.sources import ALIASES
 from graftune.errors import ConfigError
 from graftune.io.atomic import write_file_atomically
 from graftune.recipes import adapter, contrastive, probe
@@ -245,6 +246,25 @@ def import_ray():
                           "'graftune[ray]'), or drop --ray to run the jobs here") from None
 
 
+class RayStartError(ConfigError):
+    """Ray did not start (``--ray local``) or could not be reached (an address)."""
+
+
+def start_ray(ray, address: str) -> None:
+    """``ray.init`` for ``--ray ADDRESS``; a failure is one line naming the address and what to check."""
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:  # noqa: BLE001 (Ray raises many kinds: connection, timeout, version mismatch)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = ("a local Ray instance did not start" if address == "local" else
+                 f"could not connect to the Ray cluster at {address}")
+        raise RayStartError(f"--ray {address}: {where} ({first[:200]}); check `ray status` there, or drop --ray to "
+                            "run the jobs here") from None
+
+
 def run_jobs(jobs: Sequence[JobSpec], *, ray_address: str | None = None, budget_s: float | None = None,
              train_fn: Callable | None = None, on_row: Callable[[list[dict | None]], None] | None = None,
              say: Callable[[str], None] = lambda s: None) -> list[dict]:
@@ -302,10 +322,7 @@ def run_jobs(jobs: Sequence[JobSpec], *, ray_address: str | None = None, budget_
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        if ray_address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        else:
-            ray.init(address=ray_address, log_to_driver=False, logging_level="ERROR")
+        start_ray(ray, ray_address)
     try:
         task = ray.remote(num_cpus=1)(run_job)
         limit = len(jobs) if budget_s is None else max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -510,6 +527,8 @@ def run_bench(data: Sequence[str] = DEFAULT_DATA, *, out_dir: str | Path, shots:
             raise ConfigError("--ray: give local or a cluster address, e.g. --ray local or --ray ray://HOST:10001")
         import_ray()
     out_dir = check_out(out_dir, overwrite=overwrite, what="bench folder", is_ours=is_bench)
+    # local files as absolute paths: a Ray worker's working directory is not this one
+    data = [d if d in ALIASES or not Path(d).exists() else str(Path(d).resolve()) for d in data]
     datasets = describe_data(data, shots, text_column=text_column, label_column=label_column)
     jobs = plan_jobs(datasets, shots=shots, seeds=seed_list, strategies=names, models=models, settings=settings,
                      with_auto=with_auto, auto_budget=auto_budget, text_column=text_column,
