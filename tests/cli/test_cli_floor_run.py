@@ -436,3 +436,43 @@ def test_the_resume_command_quotes_an_out_with_spaces(tiny, tmp_path, monkeypatc
     line = result.stderr.strip()
     assert line == f"interrupted; continue with: graftune train --resume --out {shlex.quote(str(out))}", line
     assert shlex.split(line.split(": ", 1)[1])[-1] == str(out)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "symlink"])
+def test_something_else_where_the_run_is_assembled_is_refused_not_deleted(tiny, tmp_path, kind):
+    out = tmp_path / "run"
+    work = partial_dir(out)
+    if kind == "file":
+        work.write_text("a user's file")
+    elif kind == "folder":
+        work.mkdir()
+        (work / "diary.txt").write_text("a user's folder")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "keep.txt").write_text("x")
+        work.symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    text = one_line_error(runner.invoke(app, train_args(tiny, out)))
+    assert "is in the way" in text and "nothing was changed" in text, text
+    assert snapshot(tmp_path) == before
+
+
+def test_an_abandoned_interrupted_run_is_replaced_by_a_fresh_start(tiny, tmp_path):
+    out = tmp_path / "run"
+    work = partial_dir(out)
+    work.mkdir()
+    (work / "run.yaml").write_text("epochs: 99\n")
+    result = runner.invoke(app, train_args(tiny, out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and "epochs: 1" in (out / "run.yaml").read_text()
+
+
+def test_a_refused_overwrite_of_a_run_leaves_the_earlier_run_intact(tiny, tmp_path):
+    """--overwrite replaces the earlier run only once the new one is complete: a run that fails on its data
+    leaves the earlier run as it was."""
+    out = tmp_path / "run"
+    assert runner.invoke(app, train_args(tiny, out)).exit_code == 0
+    before = snapshot(tmp_path)
+    text = one_line_error(runner.invoke(app, train_args(tiny, out, "--overwrite", "--label-column", "topic")))
+    assert "label column 'topic'" in text, text
+    assert snapshot(tmp_path) == before

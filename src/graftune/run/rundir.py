@@ -96,7 +96,10 @@ def start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
     work = partial_dir(out)
     if not write:
         return out, work
-    if work.exists():
+    if work.is_symlink() or work.exists():
+        if work.is_symlink() or not work.is_dir() or (any(work.iterdir()) and not is_run_dir(work)):
+            raise ConfigError(f"{work} is in the way (graftune assembles the run there, and it is not an "
+                              "interrupted graftune run); move it or choose another --out (nothing was changed)")
         shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
     work.mkdir(parents=True)
     write_file_atomically(work / RUN_FILE, cfg.to_yaml())
