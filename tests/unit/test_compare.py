@@ -6,6 +6,7 @@ test_train_loop.py); the frozen-encoder strategies run for real on the tiny mode
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -376,3 +377,103 @@ def test_auto_prefers_the_smaller_of_tied_frozen_candidates(tiny, monkeypatch):
                             candidates=("head", "prototypes"))
     assert record["method"] == "prototypes"  # class means: nothing trained
     assert record["candidates"]["prototypes"]["trainable_params"] == 0
+
+
+def _fake_rows():
+    """Rows as a real comparison writes them: long strategy names, augmented variants, means + std above 1.0,
+    a strategy with no trained parameters and sub-second training."""
+    rows = []
+    base = {"linear-probe": (0.80, 0.4, 1925), "prototypes": (0.78, 0.2, 0), "contrastive": (0.93, 300, 150000),
+            "lora-top2": (0.85, 40, 80000)}
+    for k in (8, 16, 64):
+        for seed in range(3):
+            for aug in (False, True):
+                for i, (name, (acc, sec, params)) in enumerate(base.items()):
+                    a = min(1.0, acc + 0.02 * k.bit_length() + 0.03 * ((seed * 7 + i) % 3 - 1))
+                    rows.append({"strategy": name, "shots": k, "seed": seed, "augment": aug, "test_examples": 500,
+                                 "accuracy": a, "macro_f1": a, "trainable_params": params,
+                                 "train_seconds": sec * k / 8 * (5 if aug else 1), "peak_rss_mb": 900})
+    return rows
+
+
+def _text_width(text: str, size: float) -> float:
+    """The rendered width of ``text`` in the browser's sans-serif (DejaVu Sans where installed), measured."""
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        font = ImageFont.load_default(size=size)
+    return font.getlength(text)
+
+
+def test_report_plots_have_even_ticks_and_nothing_clipped():
+    """Parse every plot of a report: accuracy ticks evenly spaced in a round step within [0, 1], log ticks at
+    consecutive powers of 10, shot ticks at the shot counts; every marker, error bar and line inside the plot
+    area; every legend label (measured in a real font) inside the svg and clear of the next column."""
+    import xml.etree.ElementTree as ET
+
+    from graftune.strategies import report
+
+    rows = _fake_rows()
+    page = report.render_report(rows, {"model": "m", "data": "d", "test_examples": 500, "settings": {}})
+    svgs = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", page, flags=re.S)]
+    assert len(svgs) == 3
+    ns = "{http://www.w3.org/2000/svg}"
+    for i, svg in enumerate(svgs):
+        width, height = float(svg.get("width")), float(svg.get("height"))
+        area = svg.find(f"{ns}rect[@class='plot-area']")
+        x0, y0 = float(area.get("x")), float(area.get("y"))
+        x1, y1 = x0 + float(area.get("width")), y0 + float(area.get("height"))
+
+        def inside(x, y, r=0.0):
+            return x0 <= x - r and x + r <= x1 and y0 <= y - r and y + r <= y1
+
+        yticks = [float(t.text) for t in svg.iter(f"{ns}text") if t.get("class") == "ytick"]
+        steps = {round(b - a, 6) for a, b in zip(yticks, yticks[1:])}
+        assert len(yticks) >= 2 and len(steps) == 1 and steps.pop() in report.ACCURACY_STEPS, yticks
+        assert all(0 <= v <= 1 for v in yticks)
+        xticks = [t for t in svg.iter(f"{ns}text") if t.get("class") == "xtick"]
+        if i == 0:  # shots: one tick per shot count
+            assert [t.text for t in xticks] == ["8", "16", "64"]
+        else:  # log axes: powers of 10, one decade apart
+            exps = [float(t.get("data-value")) for t in xticks]
+            assert len(exps) >= 2 and all(b - a == 1 for a, b in zip(exps, exps[1:])) and exps == [
+                round(e) for e in exps], exps
+        for t in xticks:
+            assert x0 - 1 <= float(t.get("x")) <= x1 + 1
+        # the markers and error bars of the data (the legend's markers sit below the plot area)
+        legend = {id(c) for g in svg.iter(f"{ns}g") for c in g.iter()}
+        circles = [c for c in svg.iter(f"{ns}circle") if id(c) not in legend]
+        assert len(circles) == len({(r["strategy"], r["shots"], r["augment"]) for r in rows})
+        for c in circles:
+            assert inside(float(c.get("cx")), float(c.get("cy")), float(c.get("r"))), c.attrib
+        bars = [line for line in svg.iter(f"{ns}line") if line.get("class") == "errorbar"]
+        assert len(bars) == len(circles)
+        for b in bars:
+            assert inside(float(b.get("x1")), float(b.get("y1"))) and inside(float(b.get("x2")), float(b.get("y2")))
+        for poly in svg.iter(f"{ns}polyline"):
+            for pt in poly.get("points").split():
+                assert inside(*map(float, pt.split(",")))
+        labels = [g.find(f"{ns}text") for g in svg.iter(f"{ns}g") if g.get("class") == "legend"]
+        assert {t.text for t in labels} == {f"{n}{' + aug' if a else ''}" for n in
+                                            ("linear-probe", "prototypes", "contrastive", "lora-top2")
+                                            for a in (False, True)}
+        size = float(svg.get("font-size"))
+        for t in labels:
+            end = float(t.get("x")) + _text_width(t.text, size)
+            assert end <= width and float(t.get("y")) <= height, (t.text, end, width)
+            right = [float(o.get("x")) for o in labels if o.get("y") == t.get("y") and float(o.get("x")) >
+                     float(t.get("x"))]
+            assert not right or end < min(right) - 20, (t.text, end, right)  # 20: the next swatch
+
+
+def test_axes_hold_extreme_values():
+    """One point, a perfect score, zero accuracy: the axis still has round ticks and holds the marker."""
+    from graftune.strategies.report import _accuracy_axis, _x_axis
+
+    for lows, highs in (([1.0], [1.0]), ([0.0], [0.0]), ([0.42], [0.43]), ([0.2], [1.05])):
+        lo, hi, ticks = _accuracy_axis(lows, highs)
+        assert lo < min(lows) and hi > max(highs) and len(ticks) >= 2, (lows, ticks)
+    lo, hi, ticks = _x_axis([3.0], "trainable_params", [1000])
+    assert lo < 3.0 < hi and len(ticks) >= 2

@@ -38,11 +38,11 @@ def render_report(rows: Sequence[dict], meta: dict) -> str:
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         title=title, meta_line=meta_line, recommendation=recommendation, table=_table(summary),
         test_note=html.escape(point_note(n_test, ", ")),
-        plot_shots=_plot(summary, "shots", log=False, xlabel="examples per class"),
+        plot_shots=_plot(summary, "shots", log=True, xlabel="examples per class"),
         plot_params=_plot(summary, "trainable_params", log=True, xlabel="trainable parameters"),
         plot_time=_plot(summary, "train_seconds", log=True, xlabel="training seconds"),
         augmentation=_augmentation(augmentation_effect(summary), n_test), skipped=_skipped(rows),
-        method_note=html.escape(_method_note(meta, rows)))
+        method_note=html.escape(_method_note(meta, rows)).replace("--set", "<code>--set</code>"))
 
 
 def _table(summary: Sequence[dict]) -> str:
@@ -138,68 +138,163 @@ def _names(names) -> str:
 
 
 # --- inline SVG -------------------------------------------------------------------------------------------------
-def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: int = 340,
-          height: int = 260) -> str:
-    """Mean accuracy (with +-std bars) against ``xkey``, one colour per strategy; lines join shot counts."""
+#: the plot's geometry: margins around the plot area, legend rows below it (pixels, at FONT px text)
+FONT = 11
+_LEFT, _RIGHT, _TOP, _BOTTOM = 46, 14, 10, 38
+_LEGEND_ROW = 16
+_CHAR = 0.62 * FONT  # a generous average glyph width of a sans-serif font (the legend is sized from it)
+ACCURACY_STEPS = (0.05, 0.1, 0.2)
+
+
+def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: int = 520,
+          height: int = 300) -> str:
+    """Mean accuracy (with +-std bars) against ``xkey``, one colour per strategy (augmented: dashed line, hollow
+    marker); lines join shot counts. The axis ranges hold every mean +- std with a margin, so nothing is clipped;
+    ticks fall on round values (accuracy in steps of 0.05, 0.1 or 0.2; a log axis at powers of 10; shots at the
+    shot counts); the legend sits below the plot, its columns as wide as the longest label. ``height`` is the plot
+    part; the legend adds rows below it."""
     points = [s for s in summary if s.get(xkey) is not None]
     if not points:
-        return '<svg xmlns="http://www.w3.org/2000/svg" width="340" height="40"><text x="4" y="20">no data</text></svg>'
-    left, right, top, bottom = 48, 110, 12, 40
-    xs = [_x(s[xkey], log) for s in points]
-    lo_y = min(s["accuracy"] - s["accuracy_std"] for s in points)
-    hi_y = max(s["accuracy"] + s["accuracy_std"] for s in points)
-    lo_y, hi_y = max(0.0, math.floor(lo_y * 20) / 20), min(1.0, math.ceil(hi_y * 20) / 20)
-    if hi_y - lo_y < 0.05:
-        lo_y, hi_y = max(0.0, hi_y - 0.05), max(hi_y, 0.05)
-    lo_x, hi_x = min(xs), max(xs)
-    if hi_x - lo_x < 1e-9:
-        lo_x, hi_x = lo_x - 1, hi_x + 1
-    pw, ph = width - left - right, height - top - bottom
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="4" y="20">no data'
+                "</text></svg>")
+    pw, ph = width - _LEFT - _RIGHT, height - _TOP - _BOTTOM
+    lo_y, hi_y, yticks = _accuracy_axis([s["accuracy"] - s["accuracy_std"] for s in points],
+                                        [s["accuracy"] + s["accuracy_std"] for s in points])
+    shots_axis = xkey == "shots"
+    xs = [_x(s[xkey], xkey) for s in points]
+    lo_x, hi_x, xticks = _x_axis(xs, xkey, [s[xkey] for s in points]) if (log or shots_axis) else \
+        _linear_axis(xs)
 
     def px(v: float) -> float:
-        return left + (v - lo_x) / (hi_x - lo_x) * pw
+        return _LEFT + (v - lo_x) / (hi_x - lo_x) * pw
 
     def py(v: float) -> float:
-        return top + (1 - (v - lo_y) / (hi_y - lo_y)) * ph
+        return _TOP + (1 - (v - lo_y) / (hi_y - lo_y)) * ph
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10">',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
-    for i in range(5):
-        v = lo_y + (hi_y - lo_y) * i / 4
-        parts.append(f'<text x="{left - 4}" y="{py(v) + 3:.1f}" text-anchor="end">{v:.2f}</text>')
-    for v, text in _xticks(lo_x, hi_x, log, [s[xkey] for s in points]):
-        parts.append(f'<text x="{px(v):.1f}" y="{top + ph + 12}" text-anchor="middle">{text}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    parts.append(f'<text x="12" y="{top + ph / 2}" transform="rotate(-90 12 {top + ph / 2})" '
-                 'text-anchor="middle">accuracy</text>')
     series: dict[str, list[dict]] = {}
     for s in points:
         series.setdefault(_name(s), []).append(s)
+    strategies = list(dict.fromkeys(s["strategy"] for s in points))
+    item_w = 34 + _CHAR * max(len(n) for n in series)
+    columns = max(1, int(width - 8) // int(item_w + 12))
+    legend_rows = math.ceil(len(series) / columns)
+    total_h = height + 6 + legend_rows * _LEGEND_ROW
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" font-size="{FONT}" '
+             f'font-family="system-ui, sans-serif" viewBox="0 0 {width} {total_h}">',
+             f'<rect class="plot-area" x="{_LEFT}" y="{_TOP}" width="{pw}" height="{ph}" fill="none" '
+             'stroke="#999"/>']
+    for v in yticks:
+        y = py(v)
+        parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + pw}" y2="{y:.1f}" stroke="#eee"/>'
+                     f'<text class="ytick" x="{_LEFT - 5}" y="{y + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for v, text in xticks:
+        x = px(v)
+        parts.append(f'<line x1="{x:.1f}" y1="{_TOP + ph}" x2="{x:.1f}" y2="{_TOP + ph + 4}" stroke="#999"/>'
+                     f'<text class="xtick" data-value="{v:.6g}" x="{x:.1f}" y="{_TOP + ph + 16}" '
+                     f'text-anchor="middle">{text}</text>')
+    parts.append(f'<text x="{_LEFT + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="12" y="{_TOP + ph / 2}" transform="rotate(-90 12 {_TOP + ph / 2})" '
+                 'text-anchor="middle">accuracy</text>')
     for i, (name, ss) in enumerate(series.items()):
-        colour = _COLOURS[i % len(_COLOURS)]
+        colour = _COLOURS[strategies.index(ss[0]["strategy"]) % len(_COLOURS)]
+        aug = ss[0]["augment"]
+        dash = ' stroke-dasharray="5 3"' if aug else ""
+        fill = "#fff" if aug else colour
         ss = sorted(ss, key=lambda s: s["shots"])
-        coords = [(px(_x(s[xkey], log)), py(s["accuracy"])) for s in ss]
-        if len(coords) > 1:
+        coords = [(px(_x(s[xkey], xkey)), py(s["accuracy"])) for s in ss]
+        if len({round(x, 1) for x, _ in coords}) > 1:  # same x for every shot count (parameters): no line
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-            dash = ' stroke-dasharray="4 2"' if ss[0]["augment"] else ""
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}"{dash}/>')
         for s, (x, y) in zip(ss, coords):
             y0, y1 = py(s["accuracy"] - s["accuracy_std"]), py(s["accuracy"] + s["accuracy_std"])
-            parts.append(f'<line x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" stroke="{colour}"/>')
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"><title>'
-                         f'{html.escape(name)}, {s["shots"]} shots: {s["accuracy"]:.3f}</title></circle>')
-        parts.append(f'<rect x="{width - right + 6}" y="{top + i * 13}" width="8" height="8" fill="{colour}"/>'
-                     f'<text x="{width - right + 18}" y="{top + i * 13 + 8}">{html.escape(name)}</text>')
+            parts.append(f'<line class="errorbar" x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" '
+                         f'stroke="{colour}"/>')
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{fill}" stroke="{colour}" '
+                         f'stroke-width="1.5"><title>{html.escape(name)}, {s["shots"]} shots: '
+                         f'{s["accuracy"]:.3f} (x: {s[xkey]:,})</title></circle>')
+        lx = 8 + (i % columns) * (item_w + 12)
+        ly = height + 6 + (i // columns) * _LEGEND_ROW + 8
+        parts.append(f'<g class="legend"><line x1="{lx}" y1="{ly}" x2="{lx + 22}" y2="{ly}" stroke="{colour}"'
+                     f'{dash} stroke-width="1.5"/><circle cx="{lx + 11}" cy="{ly}" r="3.5" fill="{fill}" '
+                     f'stroke="{colour}" stroke-width="1.5"/><text x="{lx + 28}" y="{ly + 4}" '
+                     f'data-width="{_CHAR * len(name):.1f}">{html.escape(name)}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _x(value: float, log: bool) -> float:
-    return math.log10(max(value, 1)) if log else float(value)
+def _accuracy_axis(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float, list[float]]:
+    """(lowest, highest, ticks) of the accuracy axis: the range holds every mean +- std with a margin of 4 % of
+    the span (at least 0.1 wide); ticks are the multiples of the smallest step of ACCURACY_STEPS giving at most 6
+    intervals, within the range and within [0, 1]."""
+    lo, hi = min(lows), max(highs)
+    if hi - lo < 0.1:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 0.05, mid + 0.05
+    margin = 0.04 * (hi - lo)
+    lo, hi = lo - margin, hi + margin
+    step = next((st for st in ACCURACY_STEPS if (hi - lo) / st <= 6), ACCURACY_STEPS[-1])
+    first = math.ceil(round(max(lo, 0.0) / step, 9))
+    last = math.floor(round(min(hi, 1.0) / step, 9))
+    ticks = [round(i * step, 10) for i in range(first, last + 1)]
+    return lo, hi, ticks
 
 
-def _xticks(lo: float, hi: float, log: bool, raw: Sequence[float]) -> list[tuple[float, str]]:
-    if not log:
-        return [(float(v), f"{v:g}") for v in sorted(set(raw))]
-    ticks = range(math.floor(lo), math.ceil(hi) + 1)
-    return [(float(t), f"1e{t}" if t > 3 else f"{10 ** t:g}") for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
+def _x(value: float, xkey: str) -> float:
+    """The x coordinate: log10 of trained parameters (0 is drawn at 1) and of seconds (from 0.01 s), log2 of shots
+    (the counts double: 8, 16, 32, 64 fall evenly)."""
+    if xkey == "shots":
+        return math.log2(max(value, 1))
+    if xkey == "trainable_params":
+        return math.log10(max(value, 1))
+    if xkey == "train_seconds":
+        return math.log10(max(value, 0.01))
+    return float(value)
+
+
+def _pad(lo: float, hi: float, fraction: float = 0.06, least: float = 0.15) -> tuple[float, float]:
+    """The range widened on both sides, so a marker on the extreme value is inside the plot area."""
+    pad = max(fraction * (hi - lo), least)
+    return lo - pad, hi + pad
+
+
+def _x_axis(xs: Sequence[float], xkey: str, raw: Sequence[float]) -> tuple[float, float, list[tuple[float, str]]]:
+    """A log axis: shots get a tick at each shot count; the others at the powers of 10 in the range (the range
+    widened to hold at least two of them)."""
+    lo, hi = min(xs), max(xs)
+    if xkey == "shots":
+        lo, hi = _pad(lo, hi, least=0.4)
+        counts = sorted({int(v) for v in raw})
+        ticks = [(math.log2(max(v, 1)), f"{v:g}") for v in counts]
+        return lo, hi, _thin(ticks, (hi - lo) / 12)
+    lo, hi = _pad(lo, hi)
+    if math.floor(hi) - math.ceil(lo) < 1:  # fewer than two powers of 10 inside: widen to the decades around
+        lo, hi = min(lo, math.floor(min(xs)) - 0.1), max(hi, math.ceil(max(xs)) + 0.1)
+        if math.floor(hi) - math.ceil(lo) < 1:
+            hi = math.ceil(lo) + 1.1
+    return lo, hi, [(float(t), _power_label(t)) for t in range(math.ceil(lo), math.floor(hi) + 1)]
+
+
+def _linear_axis(xs: Sequence[float]) -> tuple[float, float, list[tuple[float, str]]]:
+    lo, hi = _pad(min(xs), max(xs), least=0.5)
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9) / 2))
+    return lo, hi, [(i * step, f"{i * step:g}") for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def _thin(ticks: list[tuple[float, str]], gap: float) -> list[tuple[float, str]]:
+    """Ticks closer than ``gap`` to the previous kept one are dropped (their labels would overlap)."""
+    kept: list[tuple[float, str]] = []
+    for t in ticks:
+        if not kept or t[0] - kept[-1][0] >= gap:
+            kept.append(t)
+    return kept
+
+
+def _power_label(exponent: int) -> str:
+    """10**exponent in words a reader scans: 0.01, 0.1, 1, 10, 100, 1k, 10k, 100k, 1M, 10M, ..."""
+    if exponent < 0:
+        return f"{10 ** exponent:.{-exponent}f}"
+    value = 10 ** exponent
+    for div, unit in ((10 ** 9, "G"), (10 ** 6, "M"), (10 ** 3, "k")):
+        if value >= div:
+            return f"{value // div}{unit}"
+    return str(value)
