@@ -5,7 +5,8 @@
     train/test pair built to overlap (a deduplicated split, with 50 training articles copied into the test file
     and 20 more copied with a few characters changed) must be flagged and counted.
 (b) the label check (``strategies.label_check``): 10% of the labels flipped at random (to another class), over
-    3 seeds, on bbc-news and trec (all deduplicated examples), and on 8-shot-per-class draws; recall (flips
+    3 seeds, on bbc-news and trec (the deduplicated examples, or ``--per-class N`` of each class; ``--max-chunks``
+    windows of 256 tokens per text), and on 10 draws of 8 shots per class; recall (flips
     found) and false-positive rate (clean examples flagged). The embeddings are computed once per data set
     (MiniLM, as ``graftune check --labels`` computes them) and shared by the seeds: only the labels change.
 (c) ``graftune robustness`` on a BBC LoRA run and a BBC probe run (16 shots per class, 100 test articles per
@@ -96,7 +97,13 @@ def part_a() -> dict:
     out["overlap"] = {"train": len(train), "test": len(test), "planted_exact": 50, "planted_near": 20,
                       "exact_overlap": t["exact_overlap"]["count"], "near_overlap": t["near_overlap"]["count"],
                       "problems": pair["test"]["problems"], "seconds": round(pair_seconds, 1)}
-    # which test articles have a near-copy in train, planted or already in BBC (the clean split's own leak)
+    out["overlap"].update(overlap_detail(train, test, splits))
+    return out
+
+
+def overlap_detail(train: list[dict], test: list[dict], splits) -> dict:
+    """Which test articles have a near-copy in train: the planted ones (test rows 50-69), and, on the clean split
+    before planting, those BBC itself puts on both sides (its near-duplicate articles)."""
     from graftune.data.checks import near_duplicate_pairs, normalize_text
 
     texts = [normalize_text(r["text"]) for r in train] + [normalize_text(r["text"]) for r in test]
@@ -105,13 +112,20 @@ def part_a() -> dict:
     natural = {b - len(train) for a, b, _ in near_duplicate_pairs(texts[:len(train)] + clean_test)[0]
                if a < len(train) <= b}
     train_set = set(texts[:len(train)])
-    exact_clean = sum(t in train_set for t in clean_test)
-    out["overlap"].update({"planted_near_found": len(cross & set(range(50, 70))),
-                           "planted_exact_found_as_near": len(cross & set(range(50))),
-                           "clean_split_exact_overlap": exact_clean,
-                           "clean_split_near_overlap": len(natural - {i for i, t in enumerate(clean_test)
-                                                                      if t in train_set})})
-    return out
+    exact_clean = {i for i, t in enumerate(clean_test) if t in train_set}
+    return {"planted_near_found": len(cross & set(range(50, 70))), "clean_split_exact_overlap": len(exact_clean),
+            "clean_split_near_overlap": len(natural - exact_clean)}
+
+
+def part_a2() -> dict:
+    """overlap_detail on the files part a wrote (no second `graftune check`)."""
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+
+    splits = make_splits(load_data("bbc-news"), seed=0, test_per_class=100, val_size=0)
+    read = [list(csv.DictReader((OUT / name).open(encoding="utf-8"))) for name in ("bbc_train.csv",
+                                                                                   "bbc_test_overlap.csv")]
+    return overlap_detail(read[0], read[1], splits)
 
 
 # --- (b) -------------------------------------------------------------------------------------------------------
@@ -124,7 +138,9 @@ def flip(labels: list[str], fraction: float, rng: np.random.RandomState) -> tupl
     return out, {int(i) for i in picked}
 
 
-def embeddings_of(name: str) -> tuple[np.ndarray, list[str], float]:
+def embeddings_of(name: str, per_class: int | None, max_chunks: int) -> tuple[np.ndarray, list[str], float]:
+    """MiniLM embeddings of the distinct texts of ``name`` (what check_labels checks: one copy per normalized
+    text), all of them or the first ``per_class`` of each class in a seeded order; cached in bench/out."""
     from graftune.data.checks import example_key
     from graftune.data.sources import load_data
     from graftune.strategies.label_check import embed_texts
@@ -133,13 +149,17 @@ def embeddings_of(name: str) -> tuple[np.ndarray, list[str], float]:
     first = {}
     for i, x in enumerate(ds.inputs):
         first.setdefault(example_key("text", x), i)
-    keep = sorted(first.values())  # what check_labels checks: one copy per normalized text
-    cache = OUT / f"emb_{name}.npy"
+    keep = sorted(first.values())
+    if per_class:
+        rng = np.random.RandomState(0)
+        keep = sorted(i for c in sorted(set(ds.labels))
+                      for i in rng.permutation([j for j in keep if ds.labels[j] == c])[:per_class])
+    cache = OUT / f"emb_{name}_{per_class or 'all'}_{max_chunks}.npy"
     started = time.perf_counter()
     if cache.exists():
         emb = np.load(cache)
     else:
-        emb = embed_texts([ds.inputs[i] for i in keep], model="minilm")
+        emb = embed_texts([ds.inputs[i] for i in keep], model="minilm", max_chunks=max_chunks)
         np.save(cache, emb)
     return emb, [ds.labels[i] for i in keep], time.perf_counter() - started
 
@@ -159,13 +179,23 @@ def score(emb: np.ndarray, clean: list[str], seed: int) -> dict:
             "false_positive_rate": len(flagged - flipped) / (len(clean) - len(flipped)),
             "precision": len(flagged & flipped) / max(len(flagged), 1),
             "precision_at_flips": len(top & flipped) / len(flipped),
-            "suggested_right": right / max(len(flagged & flipped), 1), "seconds": round(seconds, 2)}
+            "suggested_right": right / max(len(flagged & flipped), 1), "seconds": round(seconds, 2),
+            "by_min_score": {str(t): at_min_score(found["suspects"], flipped, len(clean), t) for t in MIN_SCORES}}
 
 
-def part_b(names: list[str], seeds: int = 3, shot_draws: int = 10) -> dict:
+MIN_SCORES = (0.0, 0.2, 0.4, 0.6)
+
+
+def at_min_score(suspects: list[dict], flipped: set[int], n: int, threshold: float) -> dict:
+    """Recall and false-positive rate when only suspects scoring at least ``threshold`` are kept."""
+    kept = {s["index"] for s in suspects if s["score"] >= threshold}
+    return {"recall": len(kept & flipped) / len(flipped), "false_positive_rate": len(kept - flipped) / (n - len(flipped))}
+
+
+def part_b(names: list[str], per_class: int | None, max_chunks: int, seeds: int = 3, shot_draws: int = 10) -> dict:
     out = {}
     for name in names:
-        emb, clean, embed_seconds = embeddings_of(name)
+        emb, clean, embed_seconds = embeddings_of(name, per_class, max_chunks)
         full = [score(emb, clean, seed) for seed in range(seeds)]
         shots = []
         for seed in range(shot_draws):  # 8 per class, drawn per seed; 10% of them flipped
@@ -173,7 +203,8 @@ def part_b(names: list[str], seeds: int = 3, shot_draws: int = 10) -> dict:
             idx = np.concatenate([rng.choice(np.flatnonzero(np.asarray(clean) == c), 8, replace=False)
                                   for c in sorted(set(clean))])
             shots.append(score(emb[idx], [clean[i] for i in idx], seed))
-        out[name] = {"embed_seconds": round(embed_seconds, 1), "full": full, "shots8": shots}
+        out[name] = {"embed_seconds": round(embed_seconds, 1), "per_class": per_class, "max_chunks": max_chunks,
+                     "full": full, "shots8": shots}
     return out
 
 
@@ -191,6 +222,16 @@ def summary_b(result: dict) -> str:
             lines.append(f"| {name} ({label}) | {rows[0]['examples']} | {rows[0]['flipped']} | {ms('recall')} | "
                          f"{ms('false_positive_rate')} | {ms('precision')} | {ms('precision_at_flips')} | "
                          f"{len(rows)} |")
+    lines += ["", "| data | " + " | ".join(f"score >= {t}: recall / FPR" for t in MIN_SCORES) + " |",
+              "|---|" + "---|" * len(MIN_SCORES)]
+    for name, r in result.items():
+        for key, label in (("full", "all"), ("shots8", "8/class")):
+            cells = []
+            for t in MIN_SCORES:
+                rec = np.mean([x["by_min_score"][str(t)]["recall"] for x in r[key]])
+                fpr = np.mean([x["by_min_score"][str(t)]["false_positive_rate"] for x in r[key]])
+                cells.append(f"{rec:.3f} / {fpr:.3f}")
+            lines.append(f"| {name} ({label}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -224,21 +265,27 @@ def summary_c(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["a", "b", "c"], required=True)
+    parser.add_argument("--part", choices=["a", "a2", "b", "c"], required=True)
     parser.add_argument("--data", default="bbc-news,trec", help="(b) data sets, comma-separated")
+    parser.add_argument("--per-class", type=int, default=None, help="(b) at most N distinct texts per class")
+    parser.add_argument("--max-chunks", type=int, default=4, help="(b) 256-token windows read per text")
     parser.add_argument("--runs", default="", help="(c) LORA_DIR,PROBE_DIR")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.part == "a":
         result = part_a()
         print(json.dumps(result, indent=2))
+    elif args.part == "a2":
+        result = part_a2()
+        print(json.dumps(result, indent=2))
     elif args.part == "b":
-        result = part_b(args.data.split(","))
+        result = part_b(args.data.split(","), args.per_class, args.max_chunks)
         print(summary_b(result))
     else:
         result = part_c(args.runs.split(","))
         print(summary_c(result))
-    (OUT / f"part_{args.part}.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = f"part_b_{args.data.replace(',', '_')}" if args.part == "b" else f"part_{args.part}"
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

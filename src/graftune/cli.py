@@ -242,8 +242,8 @@ def compare(
                                           "in-context (SmolLM2 prompted with labelled examples; only when named). "
                                           "[default: all but in-context]"),
     augment: str = typer.Option("both", help="off, on or both: runs without and/or with augmented training data."),
-    budget: float | None = typer.Option(None, help="Wall-time bound in seconds; runs that would not fit are "
-                                        "skipped and listed."),
+    budget: float | None = typer.Option(None, help="Wall-time bound in seconds (positive); runs that would not fit "
+                                        "are skipped and listed."),
     test: str | None = typer.Option(None, help="A separate test file (else a test set is carved once)."),
     test_per_class: int | None = typer.Option(None, help="Test examples per class.  [default: up to 100]"),
     text_column: str = typer.Option("text", help="The text column of --data and --test."),
@@ -295,8 +295,9 @@ def bench(
                                         "listed."),
     model: str = typer.Option("minilm", help="Base model for text data sets."),
     image_model: str = typer.Option("efficientnet-lite0", help="Base model for image data sets."),
-    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks: local (a Ray "
-                                   "instance on this machine), ray://HOST:10001 or a cluster address (docs/bench.md)."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks: local (a "
+                                   "Ray instance on this machine), ray://HOST:10001 or a cluster address "
+                                   "(docs/bench.md)."),
     text_column: str = typer.Option("text", help="The text column of data files."),
     label_column: str = typer.Option("label", help="The label column of data files."),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",

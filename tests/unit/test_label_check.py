@@ -46,6 +46,9 @@ def test_finds_most_planted_flips_on_separable_embeddings(seed):
                for s in found["suspects"])
     scores = [s["score"] for s in found["suspects"]]
     assert scores == sorted(scores, reverse=True)
+    strict = find_suspects(x, noisy, seed=seed, min_score=0.5)["suspects"]
+    assert strict == found["suspects"][:len(strict)]  # the same ranking, cut at the threshold (scores are rounded)
+    assert all(s["score"] >= 0.5 for s in strict) and all(s["score"] <= 0.5 for s in found["suspects"][len(strict):])
 
 
 def test_out_of_fold_probabilities_never_see_their_own_example():

@@ -5,7 +5,9 @@ normalized, long texts read in up to 4 windows). A logistic regression is then f
 folds but one of a stratified k-fold split, and predicts the held-out fold: every example gets probabilities
 from a model that never saw it (out-of-fold). An example is a **suspect** when that out-of-fold prediction is
 another label than the one it was given; its **score** is p(suggested) - p(given), in (0, 1], and suspects are
-listed highest score first, so a user reads the most contradicted ones first. This is the simplest member of
+listed highest score first, so a user reads the most contradicted ones first; ``min_score`` keeps only those
+scoring at least that (default 0: every disagreement; on TREC 0.2 halved the false positives for 4 points of
+recall, bench/RESULTS.md). This is the simplest member of
 the confident-learning family (Northcutt, Jiang & Chuang 2021, https://arxiv.org/abs/1911.00068): it flags more
 than cleanlab's per-class thresholds would, which suits a short list a person reviews by hand.
 
@@ -30,8 +32,8 @@ import numpy as np
 from graftune.data.checks import check_data, example_key
 from graftune.data.sources import Dataset, load_data
 from graftune.errors import DataError
-from graftune.speed import precision
 from graftune.recipes.fewshot import embed
+from graftune.speed import precision
 from graftune.zoo import load_base
 
 FOLDS = 5
@@ -64,17 +66,18 @@ def out_of_fold_probabilities(embeddings: np.ndarray, labels: Sequence[str], *, 
 
 
 def find_suspects(embeddings: np.ndarray, labels: Sequence[str], *, folds: int = FOLDS, seed: int = 0,
-                  head_c: float = HEAD_C) -> dict:
+                  head_c: float = HEAD_C, min_score: float = 0.0) -> dict:
     """Suspects among ``labels`` given their examples' ``embeddings`` (rule in the module docstring): a dict with
     ``suspects`` (index, given, suggested, score, given_probability; highest score first), the folds used and
-    the out-of-fold accuracy against the given labels."""
+    the out-of-fold accuracy against the given labels. ``min_score`` keeps only suspects scoring at least that
+    (0: every disagreement)."""
     probs, classes, k = out_of_fold_probabilities(np.asarray(embeddings, dtype=np.float64), labels, folds=folds,
                                                   seed=seed, head_c=head_c)
     given = np.searchsorted(classes, np.asarray(labels))
     predicted = probs.argmax(axis=1)
     rows = np.arange(len(given))
     score = probs[rows, predicted] - probs[rows, given]
-    flagged = np.flatnonzero(predicted != given)
+    flagged = np.flatnonzero((predicted != given) & (score >= min_score))
     flagged = flagged[np.argsort(-score[flagged], kind="stable")]
     return {"folds": k, "out_of_fold_accuracy": round(float((predicted == given).mean()), 4),
             "suspects": [{"index": int(i), "given": classes[given[i]], "suggested": classes[predicted[i]],
@@ -96,7 +99,8 @@ def embed_texts(texts: Sequence[str], *, model: Any = "minilm", max_length: int 
 
 
 def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed: int = 0, head_c: float = HEAD_C,
-                 max_length: int = 256, max_chunks: int = 4, embeddings: np.ndarray | None = None) -> dict:
+                 max_length: int = 256, max_chunks: int = 4, embeddings: np.ndarray | None = None,
+                 min_score: float = 0.0) -> dict:
     """The suspect-label report on a single-label text ``Dataset``: JSON-ready, each suspect with its index in
     ``ds``, a preview of its text, the given and suggested labels and the score. ``embeddings`` (one row per
     example of ``ds``) skips the encoder (tests, or a caller that already embedded the texts)."""
@@ -117,7 +121,7 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
     else:
         emb = np.asarray(embeddings)[keep]
     embed_seconds = time.perf_counter() - started
-    found = find_suspects(emb, labels, folds=folds, seed=seed, head_c=head_c)
+    found = find_suspects(emb, labels, folds=folds, seed=seed, head_c=head_c, min_score=min_score)
     for s in found["suspects"]:
         s["index"] = int(keep[s["index"]])
         flat = " ".join(ds.inputs[s["index"]].split())
@@ -126,7 +130,7 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
         "method": (f"frozen {model if isinstance(model, str) else 'encoder'} embeddings, stratified "
                    f"{found['folds']}-fold logistic regression (C={head_c}), out-of-fold predictions"),
         "rule": "a suspect's out-of-fold prediction is another label; score = p(suggested) - p(given), "
-                "highest first",
+                f"highest first; kept from score {min_score}",
         "examples": len(ds), "checked": len(keep), "folds": found["folds"],
         "out_of_fold_accuracy": found["out_of_fold_accuracy"], "count": len(found["suspects"]),
         "fraction": round(len(found["suspects"]) / len(keep), 4), "suspects": found["suspects"],
@@ -137,7 +141,7 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
 # --- what `graftune check` runs --------------------------------------------------------------------------------
 def check_source(data: str, *, test: str | None = None, labels: bool = False, model: str = "minilm",
                  text_column: str = "text", label_column: str = "label", folds: int = FOLDS, seed: int = 0,
-                 max_length: int = 256) -> dict:
+                 max_length: int = 256, min_score: float = 0.0) -> dict:
     """``data.checks.check_data`` on ``data`` as the file holds it (no duplicate dropped), against ``test`` when
     given; with ``labels``, the suspect-label report under ``labels`` and the token counts of ``model``'s
     tokenizer (texts over ``max_length`` tokens). Reads only; writes nothing."""
@@ -155,7 +159,8 @@ def check_source(data: str, *, test: str | None = None, labels: bool = False, mo
         return [len(ids) for ids in base.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     report = check_data(ds, user_test, count_tokens=count_tokens, max_tokens=max_length)
-    report["labels"] = check_labels(ds, model=base, folds=folds, seed=seed, max_length=max_length)
+    report["labels"] = check_labels(ds, model=base, folds=folds, seed=seed, max_length=max_length,
+                                    min_score=min_score)
     report["labels"]["method"] = report["labels"]["method"].replace("frozen encoder", f"frozen {model}")
     if report["labels"]["count"]:
         found = report["labels"]
