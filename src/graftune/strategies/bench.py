@@ -218,7 +218,8 @@ def _run_auto(spec: JobSpec, splits, columns: dict, train_fn: Callable | None) -
     never reads the test set; the pick is then trained through its recipe on the given splits."""
     with tempfile.TemporaryDirectory(prefix="graftune-bench-auto-") as scratch:
         cfg = RunConfig(model=spec.model, data=spec.data, method=AUTO, seed=spec.seed, split_seed=0,
-                        shots=spec.shots, test_per_class=spec.test_per_class, val_size=0, out=str(Path(scratch) / "run"),
+                        shots=spec.shots, test_per_class=spec.test_per_class, val_size=0,
+                        out=str(Path(scratch) / "run"),
                         auto_budget=spec.auto_budget, **columns, **spec.settings)
         picked = auto.resolve(cfg, progress=False, train_fn=train_fn)
         recipe = _PICK_RECIPES.get(picked.method, adapter)
@@ -349,7 +350,7 @@ def run_jobs(jobs: Sequence[JobSpec], *, ray_address: str | None = None, budget_
     return rows  # type: ignore[return-value]
 
 
-# --- the summary ------------------------------------------------------------------------------------------------------
+# --- the summary ----------------------------------------------------------------------------------------------
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

@@ -16,7 +16,7 @@ AUTO_COLOUR = "#000000"
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>graftune bench</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1100px}}table{{border-collapse:collapse;margin:.6em 0}}
-td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child,th:first-child,.name{{text-align:left}}
 .note{{color:#555}}.skipped{{color:#a33}}</style></head><body>
 <h1>graftune bench</h1>
 <p class="note">{meta_line}</p>
@@ -49,7 +49,8 @@ def render_bench(summary: dict, meta: dict) -> str:
     names = list(dict.fromkeys(e["strategy"] for e in entries))
     acc = {(f"{e['data']} @{e['shots']}", e["strategy"]): (e["accuracy"], e["accuracy_std"]) for e in entries}
     secs = {(f"{e['data']} @{e['shots']}", e["strategy"]): (e["wall_seconds"], 0.0) for e in entries}
-    regret = {(f"{s['data']} @{s['shots']}", "auto"): (100 * s["regret"], 0.0) for s in sets if s["regret"] is not None}
+    regret = {(f"{s['data']} @{s['shots']}", "auto"): (100 * s["regret"], 0.0) for s in sets
+              if s["regret"] is not None}
     meta_line = html.escape(f"{meta.get('command')}; {meta.get('date')}; {meta.get('machine')}; {meta.get('jobs')} "
                             f"jobs, {meta.get('seconds')} s in all" + (f"; Ray: {meta['ray']}" if meta.get("ray")
                                                                        else ""))
@@ -86,9 +87,11 @@ def _sets_table(sets: Sequence[dict]) -> str:
         picks = ", ".join(f"{n} &times;{c}" for n, c in (s.get("auto_picks") or {}).items()) or "-"
         body.append(
             f"<tr><td>{html.escape(s['data'])}</td><td>{s['shots']}</td><td>{len(s['seeds'])}</td>"
-            f"<td>{html.escape(s['best'] or '-')}</td><td>{_cell(s['best_accuracy'], s.get('best_std'))}</td>"
+            f"<td class=\"name\">{html.escape(s['best'] or '-')}</td>"
+            f"<td>{_cell(s['best_accuracy'], s.get('best_std'))}</td>"
             f"<td>{_cell(s['probe_accuracy'], s.get('probe_std'))}</td>"
-            f"<td>{_cell(s['auto_accuracy'], s.get('auto_std'))}</td><td>{picks}</td><td>{_cell(s['regret'])}</td>"
+            f"<td>{_cell(s['auto_accuracy'], s.get('auto_std'))}</td><td class=\"name\">{picks}</td>"
+            f"<td>{_cell(s['regret'])}</td>"
             f"<td>{_cell(s['auto_minus_probe'], signed=True)}</td>"
             f"<td>{_cell(s.get('auto_seconds'), scale=1.0)}</td><td>{_cell(s.get('best_seconds'), scale=1.0)}</td>"
             "</tr>")
@@ -101,7 +104,8 @@ def _strategies_table(entries: Sequence[dict]) -> str:
     head = ("<tr><th>data set</th><th>shots</th><th>strategy</th><th>seeds</th><th>accuracy %</th>"
             "<th>macro-F1 %</th><th>trained params</th><th>train s</th><th>job s</th></tr>")
     body = "".join(
-        f"<tr><td>{html.escape(e['data'])}</td><td>{e['shots']}</td><td>{html.escape(e['strategy'])}</td>"
+        f"<tr><td>{html.escape(e['data'])}</td><td>{e['shots']}</td>"
+        f"<td class=\"name\">{html.escape(e['strategy'])}</td>"
         f"<td>{e['runs']}</td><td>{_cell(e['accuracy'], e['accuracy_std'])}</td><td>{_cell(e['macro_f1'])}</td>"
         f"<td>{e['trainable_params']:,}</td><td>{e['train_seconds']:.1f}</td><td>{e['wall_seconds']:.1f}</td></tr>"
         for e in entries)
@@ -127,11 +131,13 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
     axis starts (None: just below the smallest bar, so close accuracies stay apart)."""
     present = [(v, s) for (g, n), (v, s) in values.items() if g in groups and n in series and v is not None]
     if not groups or not series or not present:
-        return '<svg xmlns="http://www.w3.org/2000/svg" width="340" height="40"><text x="4" y="20">no data</text></svg>'
+        return ('<svg xmlns="http://www.w3.org/2000/svg" width="340" height="40"><text x="4" y="20">no data</text>'
+                "</svg>")
     left, right, top, bottom, legend = 52, 12, 12, 48, 16 * len(series)
-    bar, gap = 12, 14
-    width = left + right + len(groups) * (bar * len(series) + gap)
-    width = max(width, 340)
+    bar = 12
+    # wide enough for its label (about 6 px a character at this font size)
+    group_w = max(bar * len(series) + 14, 6 * max(len(g) for g in groups) + 10)
+    width = max(left + right + len(groups) * group_w, 340)
     ph = height - top - bottom
 
     def tr(v: float) -> float:
@@ -164,7 +170,7 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
     colours = {n: AUTO_COLOUR if n == "auto" else PALETTE[i % len(PALETTE)] for i, n in enumerate(series)}
     base = py(10 ** lo_y) if log else py(lo_y)
     for gi, g in enumerate(groups):
-        x0 = left + gap / 2 + gi * (bar * len(series) + gap)
+        x0 = left + gi * group_w + (group_w - bar * len(series)) / 2
         for si, n in enumerate(series):
             if (g, n) not in values or values[(g, n)][0] is None:
                 continue
