@@ -5,6 +5,7 @@ test_train_loop.py); the frozen-encoder strategies run for real on the tiny mode
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -104,7 +105,7 @@ def test_results_and_report_state_the_settings_really_used(tiny, tmp_path):
     page = (out / "report.html").read_text()
     note = page[page.index("How this was measured"):]
     assert "epochs=2" in note and "epochs=10" not in note
-    assert "ia3 with lr=0.01" in note and "lr=0.002" in note and "Given with --set: max_length=32, epochs=2" in note
+    assert "ia3 with lr=0.01" in note and "lr=0.002" in note and "Given with <code>--set</code>: max_length=32, epochs=2" in note
     assert "Augmentation added" not in page and "No run used augmentation" in note
     assert meta["augment"] == [False] and meta["augment_copies"] == 0
 
@@ -417,7 +418,7 @@ def test_report_plots_have_even_ticks_and_nothing_clipped():
 
     rows = _fake_rows()
     page = report.render_report(rows, {"model": "m", "data": "d", "test_examples": 500, "settings": {}})
-    svgs = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", page, flags=re.S)]
+    svgs = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", page, flags=re.DOTALL)]
     assert len(svgs) == 3
     ns = "{http://www.w3.org/2000/svg}"
     for i, svg in enumerate(svgs):
@@ -426,11 +427,11 @@ def test_report_plots_have_even_ticks_and_nothing_clipped():
         x0, y0 = float(area.get("x")), float(area.get("y"))
         x1, y1 = x0 + float(area.get("width")), y0 + float(area.get("height"))
 
-        def inside(x, y, r=0.0):
-            return x0 <= x - r and x + r <= x1 and y0 <= y - r and y + r <= y1
+        def inside(x, y, r=0.0, box=(x0, y0, x1, y1)):
+            return box[0] <= x - r and x + r <= box[2] and box[1] <= y - r and y + r <= box[3]
 
         yticks = [float(t.text) for t in svg.iter(f"{ns}text") if t.get("class") == "ytick"]
-        steps = {round(b - a, 6) for a, b in zip(yticks, yticks[1:])}
+        steps = {round(b - a, 6) for a, b in itertools.pairwise(yticks)}
         assert len(yticks) >= 2 and len(steps) == 1 and steps.pop() in report.ACCURACY_STEPS, yticks
         assert all(0 <= v <= 1 for v in yticks)
         xticks = [t for t in svg.iter(f"{ns}text") if t.get("class") == "xtick"]
@@ -438,7 +439,7 @@ def test_report_plots_have_even_ticks_and_nothing_clipped():
             assert [t.text for t in xticks] == ["8", "16", "64"]
         else:  # log axes: powers of 10, one decade apart
             exps = [float(t.get("data-value")) for t in xticks]
-            assert len(exps) >= 2 and all(b - a == 1 for a, b in zip(exps, exps[1:])) and exps == [
+            assert len(exps) >= 2 and all(b - a == 1 for a, b in itertools.pairwise(exps)) and exps == [
                 round(e) for e in exps], exps
         for t in xticks:
             assert x0 - 1 <= float(t.get("x")) <= x1 + 1

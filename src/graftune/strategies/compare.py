@@ -242,8 +242,8 @@ def _estimate(strategy: Strategy, n_train: int, spent: dict[str, list[tuple[floa
 
 def effective_settings(strategy: Strategy, settings: dict) -> dict:
     """The settings a strategy's runs really used: for a ``train`` strategy TRAIN_DEFAULTS, then the strategy's
-    own, then the user's (as ``catalog.run_train`` merges them); the other kinds read only ``max_length`` (the
-    contrastive recipe keeps its own SetFit defaults for everything else)."""
+    own, then the user's (as ``catalog.run_train`` merges them); the other kinds (features, contrastive,
+    in-context) read only ``max_length`` (the contrastive recipe keeps its own SetFit defaults for the rest)."""
     if strategy.kind == "train":
         return {**TRAIN_DEFAULTS, **strategy.settings, **settings}
     return {"max_length": settings.get("max_length", TRAIN_DEFAULTS["max_length"])}

@@ -116,6 +116,9 @@ def _method_note(meta: dict, rows: Sequence[dict]) -> str:
     frozen = [n for n in settings if STRATEGIES.get(n) and STRATEGIES[n].kind == "features"]
     if frozen:
         parts.append(f"{_names(frozen)} read the frozen encoder ({_kv(settings[frozen[0]])} per window).")
+    for n in settings:  # any other kind (in-context, ...): what it is, with the settings it read
+        if STRATEGIES.get(n) and STRATEGIES[n].kind not in ("train", "contrastive", "features"):
+            parts.append(f"{n}: {STRATEGIES[n].description} ({_kv(settings[n])}).")
     if meta.get("user_settings"):
         parts.append(f"Given with --set: {_kv(meta['user_settings'])}.")
     if any(r.get("augment") for r in rows):
@@ -179,10 +182,10 @@ def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: 
     columns = max(1, int(width - 8) // int(item_w + 12))
     legend_rows = math.ceil(len(series) / columns)
     total_h = height + 6 + legend_rows * _LEGEND_ROW
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" font-size="{FONT}" '
-             f'font-family="system-ui, sans-serif" viewBox="0 0 {width} {total_h}">',
-             f'<rect class="plot-area" x="{_LEFT}" y="{_TOP}" width="{pw}" height="{ph}" fill="none" '
-             'stroke="#999"/>']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" font-size="{FONT}" '
+              f'font-family="system-ui, sans-serif" viewBox="0 0 {width} {total_h}">'),
+             (f'<rect class="plot-area" x="{_LEFT}" y="{_TOP}" width="{pw}" height="{ph}" fill="none" '
+              'stroke="#999"/>')]
     for v in yticks:
         y = py(v)
         parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + pw}" y2="{y:.1f}" stroke="#eee"/>'
