@@ -116,9 +116,9 @@ def _method_note(meta: dict, rows: Sequence[dict]) -> str:
     frozen = [n for n in settings if STRATEGIES.get(n) and STRATEGIES[n].kind == "features"]
     if frozen:
         parts.append(f"{_names(frozen)} read the frozen encoder ({_kv(settings[frozen[0]])} per window).")
-    for n in settings:  # any other kind (in-context, ...): what it is, with the settings it read
+    for n, used in settings.items():  # any other kind (in-context, ...): what it is, with the settings it read
         if STRATEGIES.get(n) and STRATEGIES[n].kind not in ("train", "contrastive", "features"):
-            parts.append(f"{n}: {STRATEGIES[n].description} ({_kv(settings[n])}).")
+            parts.append(f"{n}: {STRATEGIES[n].description} ({_kv(used)}).")
     if meta.get("user_settings"):
         parts.append(f"Given with --set: {_kv(meta['user_settings'])}.")
     if any(r.get("augment") for r in rows):
