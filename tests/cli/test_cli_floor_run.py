@@ -83,15 +83,16 @@ def test_overwrite_refuses_an_unrelated_folder_and_a_file(tiny, tmp_path, recipe
         assert snapshot(tmp_path) == before and plain.read_text() == "a user's file"
 
 
+@pytest.mark.parametrize("flags", [["--overwrite"], []], ids=["overwrite", "plain"])
 @pytest.mark.parametrize("out", [".", "..", "./", "../.."])
-def test_overwrite_refuses_the_current_directory_and_its_parents(tiny, tmp_path, monkeypatch, out):
+def test_overwrite_refuses_the_current_directory_and_its_parents(tiny, tmp_path, monkeypatch, out, flags):
     here = tmp_path / "a" / "b" / "c"
     here.mkdir(parents=True)
     (here / "mine.txt").write_text("x")
     (tmp_path / "a" / "other.txt").write_text("y")
     monkeypatch.chdir(here)
     before = snapshot(tmp_path)
-    text = one_line_error(runner.invoke(app, train_args(tiny, out, "--overwrite")))
+    text = one_line_error(runner.invoke(app, train_args(tiny, out, *flags)))
     assert "the current directory (or a folder above it) cannot be the run directory" in text, text
     assert snapshot(tmp_path) == before  # no ..partial, no ...partial
 
@@ -475,4 +476,12 @@ def test_a_refused_overwrite_of_a_run_leaves_the_earlier_run_intact(tiny, tmp_pa
     before = snapshot(tmp_path)
     text = one_line_error(runner.invoke(app, train_args(tiny, out, "--overwrite", "--label-column", "topic")))
     assert "label column 'topic'" in text, text
+    assert snapshot(tmp_path) == before
+
+
+def test_an_out_inside_a_file_is_one_line(tiny, tmp_path):
+    (tmp_path / "report.txt").write_text("a user's file")
+    before = snapshot(tmp_path)
+    text = one_line_error(runner.invoke(app, train_args(tiny, tmp_path / "report.txt" / "run")))
+    assert "cannot create the run directory there" in text, text
     assert snapshot(tmp_path) == before

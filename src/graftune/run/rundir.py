@@ -101,7 +101,11 @@ def start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
             raise ConfigError(f"{work} is in the way (graftune assembles the run there, and it is not an "
                               "interrupted graftune run); move it or choose another --out (nothing was changed)")
         shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
-    work.mkdir(parents=True)
+    try:
+        work.mkdir(parents=True)
+    except OSError as e:  # a parent that is a file, no permission, a read-only disk
+        raise ConfigError(f"--out {cfg.out}: cannot create the run directory there ({e.strerror}); choose another "
+                          "--out") from None
     write_file_atomically(work / RUN_FILE, cfg.to_yaml())
     return out, work
 
