@@ -7,6 +7,7 @@
            (--max-batch 32 --max-wait-ms 5) against one request per forward (--max-batch 1); throughput, p50/p99,
            and the latency of a lone request (one client, one request at a time).
 --memory   RSS of a store holding 1 and 32 adapters on one base, against base + 32 x adapter + 10%.
+--forward  in-process: CPU time of one mixed 16-request forward vs 16 one-request forwards (no HTTP).
 --peft     in-process: one mixed 8-adapter batch through graftune's routing vs PEFT's `adapter_names=`.
 --switch   `graftune serve --registry` under load while the registry promotes v2 and rolls back to v1.
 --drift    the server's own summaries (store.classify + DriftTracker.observe) of BBC articles the run did not
@@ -344,6 +345,36 @@ def memory(work: Path) -> dict:
     return m
 
 
+# --- the forward alone ---------------------------------------------------------------------------------------------
+def forward_cpu(work: Path, rows: int = 16, repeats: int = 3) -> dict:
+    """In-process, no HTTP: CPU time of ONE mixed forward of ``rows`` single-text requests over 8 adapters
+    (store.classify, as the batcher calls it) against ``rows`` one-request forwards. CPU time, not wall time: on a
+    shared machine it measures the work, not the neighbours."""
+    from graftune.serve import ModelStore
+    from graftune.serve.store import Rows
+
+    copies = make_copies(ensure_run(work), 8, work)
+    texts = texts_for("short", rows)
+    store = ModelStore()
+    store.sync({k: ("1", v) for k, v in copies.items()})
+    entries = [store.acquire(k) for k in sorted(copies)]
+    batch = [Rows(entries[i % 8], [texts[i]]) for i in range(rows)]
+
+    def cpu_ms(fn):
+        fn()
+        t = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.process_time() - t) / repeats
+
+    out = {"rows": rows, "adapters": 8, "mixed_one_forward_cpu_ms": cpu_ms(lambda: store.classify(batch)),
+           "one_request_per_forward_cpu_ms": cpu_ms(lambda: [store.classify([b]) for b in batch])}
+    out["ratio"] = out["one_request_per_forward_cpu_ms"] / out["mixed_one_forward_cpu_ms"]
+    store.close()
+    print(json.dumps(out), flush=True)
+    return out
+
+
 # --- PEFT's adapter_names= -------------------------------------------------------------------------------------------
 def peft_compare(work: Path, batch: int = 32, repeats: int = 20) -> dict:
     """One forward of a mixed batch (8 adapters, 4 rows each, BBC titles) through graftune's AdapterModel and
@@ -457,6 +488,7 @@ def main():
     ap.add_argument("--serving", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--peft", action="store_true")
+    ap.add_argument("--forward", action="store_true", help="CPU time of one mixed forward vs one per request")
     ap.add_argument("--drift", action="store_true")
     ap.add_argument("--switch", action="store_true", help="promote and rollback under load")
     ap.add_argument("--clients", type=int, default=16)
@@ -480,6 +512,8 @@ def main():
         out["serving"] = serving(work, args)
     if args.memory:
         out["memory"] = memory(work)
+    if args.forward:
+        out["forward"] = forward_cpu(work)
     if args.peft:
         out["peft"] = peft_compare(work)
     if args.switch:
