@@ -12,8 +12,14 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.errors import DataError
-from graftune.strategies.robustness import (PERTURBATIONS, format_table, greedy_attack, group_metrics, perturb,
-                                            robustness)
+from graftune.strategies.robustness import (
+    PERTURBATIONS,
+    format_table,
+    greedy_attack,
+    group_metrics,
+    perturb,
+    robustness,
+)
 from tests.train_helpers import fewshot_cli_data, topic_rows
 
 TEXT = "the quick brown fox jumps over the lazy dog while the market share price rose again today"
