@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from graftune.cli import app as cli_app
 from graftune.config import RunConfig
+from graftune.runs import train
 from graftune.serve import DriftTracker, ModelStore, StaticSource, create_app
 from graftune.serve.drift import MIN_ROWS, Summary, compare, read_summary
 from graftune.serve.server import check_drift
-from graftune.runs import train
 from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args
 
 

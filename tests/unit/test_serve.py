@@ -25,8 +25,8 @@ from graftune.cli import app as cli_app
 from graftune.config import RunConfig
 from graftune.evaluate import generate, load_run, predict
 from graftune.registry import Registry
-from graftune.serve import Limits, ModelStore, Settings, StaticSource, create_app
 from graftune.runs import train
+from graftune.serve import Limits, ModelStore, Settings, StaticSource, create_app
 from tests.train_helpers import bert_folder, llama_folder, one_line_error, pairs_jsonl, topic_csv, train_args
 
 TEXTS = ["goal match team player", "bank market share price profit", "chip phone software the data",
