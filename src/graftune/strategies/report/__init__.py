@@ -270,10 +270,15 @@ def _x_axis(xs: Sequence[float], xkey: str, raw: Sequence[float]) -> tuple[float
         ticks = [(math.log2(max(v, 1)), f"{v:g}") for v in counts]
         return lo, hi, _thin(ticks, (hi - lo) / 12)
     lo, hi = _pad(lo, hi)
-    if math.floor(hi) - math.ceil(lo) < 1:  # fewer than two powers of 10 inside: widen to the decades around
-        lo, hi = min(lo, math.floor(min(xs)) - 0.1), max(hi, math.ceil(max(xs)) + 0.1)
-        if math.floor(hi) - math.ceil(lo) < 1:
-            hi = math.ceil(lo) + 1.1
+    inside = math.floor(hi) - math.ceil(lo) + 1  # powers of 10 in the range
+    if inside == 0:  # both neighbouring decades
+        lo, hi = math.floor(lo) - 0.1, math.ceil(hi) + 0.1
+    elif inside == 1:  # the nearer of the decades on either side
+        below, above = math.ceil(lo) - 1, math.floor(hi) + 1
+        if lo - below <= above - hi:
+            lo = below - 0.1
+        else:
+            hi = above + 0.1
     return lo, hi, [(float(t), _power_label(t)) for t in range(math.ceil(lo), math.floor(hi) + 1)]
 
 
