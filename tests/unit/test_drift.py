@@ -4,6 +4,7 @@ from another data set is flagged while a held-out slice of the training data is 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from typer.testing import CliRunner
 
 from graftune.cli import app as cli_app
 from graftune.config import RunConfig
+from graftune.registry import Registry
 from graftune.runs import train
 from graftune.serve import DriftTracker, ModelStore, StaticSource, create_app
 from graftune.serve.drift import MIN_ROWS, Summary, compare, read_summary
-from graftune.serve.server import check_drift
+from graftune.serve.server import check_drift, drift_folder
 from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args
 
 
@@ -117,3 +119,20 @@ def test_drift_command(served):
         "drift", "nobody", "--run", str(served["run"]), "--drift-dir", str(served["drift"])]))
     assert "--split" in one_line_error(runner.invoke(cli_app, ["drift", "held", "--run", str(served["run"]),
                                                                "--split", "nope"]))
+
+
+def test_drift_of_a_registry_name_reads_the_folder_next_to_the_registry(served, tmp_path):
+    """`graftune drift NAME --registry DIR`: the promoted version, its summary in `<registry>-drift/`."""
+    reg = Registry(tmp_path / "registry")
+    runner = CliRunner()
+    assert "no promoted version" in one_line_error(runner.invoke(cli_app, ["drift", "news", "--registry",
+                                                                           str(reg.root)]))
+    reg.push(served["run"], "news")
+    reg.promote("news", 1)
+    folder = drift_folder(reg.root)
+    assert folder == tmp_path / "registry-drift"
+    (folder / "news").mkdir(parents=True)
+    shutil.copy(served["drift"] / "other" / "1.json", folder / "news" / "1.json")  # what a server would have written
+    result = runner.invoke(cli_app, ["drift", "news", "--registry", str(reg.root)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("news (version 1): recent inputs do NOT look like the training data")
