@@ -356,8 +356,9 @@ def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
     the cheap ones (successive halving), and the test set is never read."""
     monkeypatch.setattr(auto, "run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
                                                                  "trainable_params": 9, "train_seconds": 0.0})
-    # probe: 0.80-0.96 across folds (mean 0.88, 2 points behind LoRA, well within the spread)
-    monkeypatch.setattr(auto, "fit_head", Folds([0.96, 0.80, 0.88]))
+    # probe: 0.80-0.96 across folds, behind LoRA on average but by less than the spread of the paired differences
+    # on the three folds both ran (0.00, +0.05, -0.02)
+    monkeypatch.setattr(auto, "fit_head", Folds([0.95, 0.80, 0.92]))
     record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "lora", "contrastive"))
     assert record["folds"] == 5 and record["validation_examples"] == 5

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graftune import runs
+from graftune import runs as entry
 from graftune.config import RunConfig, build_config
 from graftune.errors import ArtifactError, ConfigError
 from graftune.evaluate import evaluate_run, load_run, predict
@@ -186,7 +186,7 @@ def test_a_damaged_head_is_one_clear_line(run, tmp_path, damage, message):
 def test_bad_configs_fail_before_anything_runs(tiny, tmp_path, change, message):
     args = {**contrastive_args(tiny, tmp_path / "out"), **change}
     with pytest.raises(ConfigError) as e:
-        runs.check(RunConfig(**args))  # the recipe's checks: before data or a model is loaded
+        entry.check(RunConfig(**args))  # the recipe's checks: before data or a model is loaded
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -102,7 +102,7 @@ def test_pairs_are_inferred_from_prompt_and_response_columns(tmp_path):
 
 
 def test_builtin_aliases_are_listed():
-    assert set(ALIASES) == {"bbc-news", "json-answers", "mnist-5k"}
+    assert set(ALIASES) == {"bbc-news", "json-answers", "mnist-5k", "trec", "rotten-tomatoes", "sms-spam", "digits"}
 
 
 def test_json_answers_is_shipped_and_regenerates_byte_for_byte():
@@ -154,7 +154,7 @@ def test_multi_label_switch(tmp_path):
 def test_missing_file_and_unknown_alias(tmp_path):
     assert "no such file" in data_error(load_data, str(tmp_path / "nope.csv"))
     message = data_error(load_data, "bbc")
-    assert "unknown data alias 'bbc'" in message and "bbc-news, json-answers, mnist-5k" in message
+    assert "unknown data alias 'bbc'" in message and "bbc-news, digits, json-answers, mnist-5k" in message
 
 
 def test_unsupported_suffix_and_unknown_task(tmp_path):
@@ -481,9 +481,23 @@ def test_bad_split_arguments():
     assert "either" in data_error(make_splits, ds, test=ds, test_per_class=2)
 
 
-def test_stratify_impossible_is_a_data_error():
+def test_a_class_of_one_cannot_be_tested_and_says_so_in_plain_words():
     ds = text_dataset({"a": 10, "b": 1})
-    assert "cannot stratify" in data_error(make_splits, ds, test_size=0.2)
+    message = data_error(make_splits, ds, test_size=0.2)
+    assert "b (1) has too few examples to hold one out for a test set" in message and "--test" in message
+    assert "test_size =" not in message and "should be" not in message  # scikit-learn's wording never reaches users
+
+
+def test_small_data_splits_hold_every_class_on_both_sides():
+    for classes in (3, 6, 17):
+        ds = text_dataset({f"c{i}": 8 for i in range(classes)})
+        s = make_splits(ds, seed=0)  # the defaults: test 0.2, val 0.1
+        for part in (s.train, s.val, s.test):
+            assert set(part.labels) == set(ds.label_names), (classes, part)
+        assert s.notes == []
+    tiny = make_splits(text_dataset({"a": 2, "b": 2, "c": 2}), seed=0)
+    assert len(tiny.val) == 0 and "no validation part" in tiny.notes[0]
+    assert set(tiny.train.labels) == set(tiny.test.labels) == {"a", "b", "c"}
 
 
 def test_user_test_set_is_used_as_is():

@@ -104,6 +104,11 @@ def make_splits(
         pool = np.concatenate([ix[test_per_class:] for ix in order.values()])
     else:
         n_test = _size("test_size", test_size, len(ds))
+        if n_test == 0:
+            if not test_size:
+                raise DataError(f"{ds.origin}: test_size 0 leaves no test set to score the run on; pass a separate "
+                                "--test FILE or a test_size above 0")
+            n_test = 1  # a fraction of a few examples rounds to none: carve the least there is (one per class)
         pool, test_idx = _split(ds, everything, n_test, seed, stratified, "test_size", notes)
 
     if shots is not None:
@@ -215,6 +220,12 @@ def _split(
                 return idx, np.array([], dtype=int)
             raise DataError(f"{ds.origin}: {_listing(small)} has too few examples to hold one out for {what}; add "
                             "examples or pass a separate --test FILE")
+        if n_out > len(idx) - len(counts):
+            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, which leaves "
+                            f"some class nothing to train on; lower {field}")
+        if n_out > len(idx) - len(counts):
+            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving too few "
+                            f"to train on (one per class at least); lower {field}")
         return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
     if n_out >= len(idx):
         raise DataError(
