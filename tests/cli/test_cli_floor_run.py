@@ -485,3 +485,20 @@ def test_an_out_inside_a_file_is_one_line(tiny, tmp_path):
     text = one_line_error(runner.invoke(app, train_args(tiny, tmp_path / "report.txt" / "run")))
     assert "cannot create the run directory there" in text, text
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("case", "shape", "flags", "message"), [
+    ("one per class", (2, 1), [], "too few examples to hold one out for a test set; add examples or pass a separate"),
+    ("test_size 0", (3, 8), ["--test-size", "0"], "test_size 0 leaves no test set"),
+    ("test_size all", (3, 8), ["--test-size", "24"], "test_size asks for 24 of the 24 examples left"),
+    ("val_size all", (3, 8), ["--val-size", "19"], "val_size asks for 19 of the 19 examples left"),
+], ids=["one-per-class", "test-size-0", "test-size-all", "val-size-all"])
+def test_splits_that_cannot_be_made_are_one_line_and_write_nothing(tiny, tmp_path, case, shape, flags, message):
+    """Data too small for any test set, and sizes that leave nothing to train on: one line naming the fix (once a
+    test set rounded to nothing and training crashed scoring it; once a count was silently shrunk)."""
+    data = write_csv(tmp_path / "train.csv", class_rows(*shape))  # two examples: 20% of them rounds to none
+    before = snapshot(tmp_path)
+    text = one_line_error(runner.invoke(app, small_args(tiny, data, tmp_path / "run", "--quiet", *flags)))
+    assert message in text, text
+    no_sklearn_wording(text)
+    assert snapshot(tmp_path) == before
