@@ -347,7 +347,7 @@ class Slow(FakeTrain):  # LoRA's folds score around 0.9 (spread 0.85-0.95) and t
         time.sleep(0.2)
         self.calls.append((cfg, splits))
         f1 = (0.95, 0.85, 0.90)[(len(self.calls) - 1) % 3] if cfg.method == "lora" else 0.0
-        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 1000, "train_seconds": 0.2}
+        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100_000, "train_seconds": 0.2}
 
 
 def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
@@ -366,19 +366,31 @@ def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
     assert record["candidates"]["contrastive"]["folds"] == 1  # halved away after the first fold
     assert record["method"] == "probe", record["reason"]
     assert "within the fold-to-fold spread of the best (lora" in record["reason"]
-    assert "trains fewer parameters (99 vs 1,000)" in record["reason"]
+    assert "trains fewer parameters (99 vs 100,000)" in record["reason"]
     monkeypatch.setattr(auto, "fit_head", Folds([0.50, 0.52, 0.48]))
     clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
                            candidates=("head", "lora"))
     assert clear["method"] == "lora" and "lora scored best" in clear["reason"]
 
 
-def test_auto_prefers_the_smaller_of_tied_frozen_candidates(tiny, monkeypatch):
-    monkeypatch.setattr(auto, "fit_head", Folds([0.9, 0.92, 0.88]))  # probe and prototypes score the same
+def test_equally_small_tied_candidates_are_decided_by_the_better_mean(tiny, monkeypatch):
+    # probe folds 0.90, 0.92, 0.88, ...; prototypes (the next call) shifted by one: a tie, and both are small (a
+    # logistic regression of 99 parameters and class means of none), so the better mean wins, not the zero
+    monkeypatch.setattr(auto, "fit_head", Folds([0.90, 0.92, 0.88, 0.89, 0.91, 0.90, 0.92, 0.88, 0.89, 0.91, 0.89]))
     record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "prototypes"))
-    assert record["method"] == "prototypes"  # class means: nothing trained
+    means = {n: c["macro_f1"] for n, c in record["candidates"].items()}
+    assert record["method"] == max(means, key=means.get)
     assert record["candidates"]["prototypes"]["trainable_params"] == 0
+
+
+def test_a_gap_beyond_the_tie_cap_is_never_a_tie(tiny, monkeypatch):
+    # LoRA gets one fold (the budget's way) and leads by 10 points: one fold's noise would excuse that, the cap not
+    monkeypatch.setattr(auto, "fit_head", Folds([0.80]))
+    monkeypatch.setattr(auto, "RUNGS", (1,))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "lora"))
+    assert record["candidates"]["lora"]["folds"] == 1 and record["method"] == "lora", record["reason"]
 
 
 def _fake_rows():

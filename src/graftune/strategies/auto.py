@@ -46,6 +46,10 @@ FOLDS, REPEATS = 5, 2
 #: trained candidates, successive halving: every one runs on the first RUNGS[0] folds of the first repeat, the
 #: better half (at least one, and none clearly worse than the best) goes on to RUNGS[1] folds
 RUNGS = (1, 3)
+#: the largest gap a tie can excuse, whatever the noise (see ``_beaten``)
+TIE_CAP = 0.03
+#: tied candidates this close in size (a factor, or both under SMALL trained parameters) are equally small
+SAME_SIZE, SMALL = 10, 10_000
 #: time per training example relative to the first trained candidate (LoRA, 3 epochs), to estimate a candidate
 #: before it runs: contrastive trains 20 pairs per example on the top 2 layers; on BBC News (MiniLM, 40-80
 #: articles) it took about 3x LoRA's 3 epochs per example (bench/RESULTS.md)
@@ -79,8 +83,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
 
     The rule: the best mean macro-F1 is the reference; a candidate is tied with it when the mean of their paired
     differences over the folds both ran is within one standard error of those differences (or within 1 point, or
-    within the sampling noise of one validation fold when only one fold is shared). Among the tied, the fewest
-    trained parameters win, then the faster: a few seconds of timing are noise, a smaller model is not.
+    within the sampling noise of one validation fold when only one fold is shared), and never when it is more than
+    ``TIE_CAP`` behind. Among the tied, the smallest (fewest trained parameters, up to a factor ``SAME_SIZE``; all
+    under ``SMALL`` count as equally small) wins, the better mean deciding between equally small ones: a few seconds
+    of timing are noise, a smaller model is not, and class means are not "smaller" than a logistic regression.
     ``not_for_contrastive`` / ``not_for_probe``: run settings those recipes would not honour; contrastive is then
     skipped, and the text baseline is ``head`` (the task head on the first ``max_length`` tokens) instead of
     ``probe``.
@@ -185,7 +191,11 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     best = max(scores.values(), key=lambda s: s["macro_f1"])
     val_size = len(folds[0][1])
     close = [s for s in scores.values() if not _beaten(s, best, val_size)]
-    pick = min(close, key=lambda s: (s["trainable_params"], s["seconds"]))
+    # among the tied, the smallest wins; models within SAME_SIZE of the smallest (or all under SMALL parameters:
+    # a logistic regression and class means alike) count as equally small, and the better mean decides among them
+    smallest = min(s["trainable_params"] for s in close)
+    small = [s for s in close if s["trainable_params"] <= max(SAME_SIZE * smallest, SMALL)]
+    pick = max(small, key=lambda s: (s["macro_f1"], -s["trainable_params"], -s["seconds"]))
     listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_std']:.3f} ({s['folds']} fold"
                         f"{'s' if s['folds'] > 1 else ''}, {s['seconds']:.0f} s)" for s in scores.values())
     reason = (f"By {k}-fold cross-validation on the {len(train)} training examples ({val_size} held out per fold, "
@@ -194,8 +204,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         reason += f"{pick['method']} scored best"
         others = [s for s in close if s is not best]
         if others:
-            reason += (f"; {', '.join(s['method'] for s in others)} tied with it within the fold-to-fold spread, "
-                       "but train more parameters")
+            reason += f"; {', '.join(s['method'] for s in others)} tied with it within the fold-to-fold spread"
     else:
         reason += (f"{pick['method']} is within the fold-to-fold spread of the best ({best['method']}, "
                    f"{100 * (best['macro_f1'] - pick['macro_f1']):.1f} points ahead) and trains fewer parameters "
@@ -248,11 +257,13 @@ def _gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
 
 
 def _beaten(candidate: dict, best: dict, val_size: int) -> bool:
-    """Behind the best by more than one standard error of the paired differences (and more than 1 point)."""
+    """Behind the best by more than one standard error of the paired differences (and more than 1 point), or by
+    more than ``TIE_CAP`` whatever the noise: a larger gap is too much expected accuracy to give up for a smaller
+    model (with one fold of ten examples the noise alone would excuse 15 points)."""
     if candidate is best:
         return False
     lead, noise = _gap(candidate, best, val_size)
-    return lead > max(WITHIN, noise) + 1e-9
+    return lead > min(max(WITHIN, noise), TIE_CAP) + 1e-9
 
 
 def _clearly_worse(candidate: dict, best: dict, val_size: int) -> bool:
