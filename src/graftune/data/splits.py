@@ -221,9 +221,6 @@ def _split(
             raise DataError(f"{ds.origin}: {_listing(small)} has too few examples to hold one out for {what}; add "
                             "examples or pass a separate --test FILE")
         if n_out > len(idx) - len(counts):
-            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, which leaves "
-                            f"some class nothing to train on; lower {field}")
-        if n_out > len(idx) - len(counts):
             raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving too few "
                             f"to train on (one per class at least); lower {field}")
         return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
