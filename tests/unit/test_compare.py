@@ -18,7 +18,7 @@ from graftune.errors import ConfigError, DataError
 from graftune.strategies import auto, catalog, compare
 from graftune.strategies.auto import choose_method
 from graftune.strategies.compare import run_compare
-from graftune.strategies.summary import recommend, summarize
+from graftune.strategies.summary import augmentation_effect, recommend, summarize
 from tests.train_helpers import bert_folder, topic_csv
 
 ROW_KEYS = {"strategy", "shots", "seed", "augment", "accuracy", "macro_f1", "trainable_params", "train_seconds",
@@ -213,6 +213,17 @@ def test_every_gap_names_the_test_set_size_and_a_single_seed():
             "parameters), on a single seed for linear-probe.") in mixed[0], mixed
     for text in one, mixed[0]:
         assert "One of these ran on a single seed only" in text
+    assert "on 100 test examples: one point is one example" in recommend(
+        [_s("lora", 8, 0.92, 0.0, 1, 1, test_examples=100), _s("prototypes", 8, 0.915, 0.0, 1, 0, test_examples=100)])[0]
+    # the augmentation table gives no verdict on one seed (no spread to judge it by)
+    from graftune.strategies import report
+
+    effects = augmentation_effect([_s("lora", 8, 0.92, 0.0, 1, 1, runs=1), _s("lora", 8, 0.95, 0.0, 1, 1, aug=True,
+                                                                              runs=1)])
+    table = report._augmentation(effects, 300)
+    assert "a single seed: spread unknown" in table and "helps" not in table
+    three = augmentation_effect([_s("lora", 8, 0.92, 0.01, 1, 1), _s("lora", 8, 0.95, 0.01, 1, 1, aug=True)])
+    assert "helps" in report._augmentation(three, 300)
     # no size known (rows from an older results.json): no made-up count
     old = recommend([_s("lora", 8, 0.93, 0.01, 1, 1, test_examples=None), _s("ia3", 8, 0.5, 0.01, 1, 1)])[0]
     assert "43.0 points (129 of 300 test examples) ahead" in old

@@ -127,7 +127,9 @@ def point_note(n: int | None, before: str = "", after: str = "") -> str:
     ("one example is 1.7 points" below 100); empty when the size is unknown."""
     if not n:
         return ""
-    if n >= 100:
+    if n == 100:
+        return f"{before}on {n} test examples: one point is one example{after}"
+    if n > 100:
         return f"{before}on {n} test examples: one point is {n / 100:.3g} examples{after}"
     return f"{before}on {n} test examples: one example is {100 / n:.1f} points{after}"
 
@@ -169,5 +171,6 @@ def augmentation_effect(summary: Sequence[dict]) -> list[dict]:
         plain = by.get((name, k, False))
         if aug and plain is not None:
             out.append({"strategy": name, "shots": k, "delta": s["accuracy"] - plain["accuracy"],
-                        "noise": max(s["accuracy_std"], plain["accuracy_std"])})
+                        "noise": max(s["accuracy_std"], plain["accuracy_std"]),
+                        "runs": min(s["runs"], plain["runs"])})
     return sorted(out, key=lambda d: (d["shots"], list(STRATEGIES).index(d["strategy"])))

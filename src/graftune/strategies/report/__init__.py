@@ -71,9 +71,13 @@ def _augmentation(effects: Sequence[dict], n_test: int | None) -> str:
         return "<p>Not measured (run with augment on and off).</p>"
     rows = []
     for e in effects:
-        verdict = ("within noise" if abs(e["delta"]) <= e["noise"] else "helps" if e["delta"] > 0 else "hurts")
+        if e.get("runs", 2) < 2:  # no spread on one seed: no verdict either
+            verdict, noise = "a single seed: spread unknown", "&ndash;"
+        else:
+            verdict = ("within noise" if abs(e["delta"]) <= e["noise"] else "helps" if e["delta"] > 0 else "hurts")
+            noise = f"{100 * e['noise']:.1f}"
         rows.append(f"<tr><td>{html.escape(e['strategy'])}</td><td>{e['shots']}</td>"
-                    f"<td>{100 * e['delta']:+.1f}</td><td>{100 * e['noise']:.1f}</td><td>{verdict}</td></tr>")
+                    f"<td>{100 * e['delta']:+.1f}</td><td>{noise}</td><td>{verdict}</td></tr>")
     note = f"<p><small>Points of accuracy {html.escape(point_note(n_test))}.</small></p>" if n_test else ""
     return ('<table id="augmentation"><tr><th>strategy</th><th>shots</th><th>accuracy change, points</th>'
             "<th>larger std, points</th><th>verdict</th></tr>" + "".join(rows) + "</table>" + note)
