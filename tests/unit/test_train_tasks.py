@@ -143,3 +143,13 @@ def test_generation_metrics_json_rates():
     m = generation_metrics(preds, refs)
     assert m["json_valid_rate"] == 0.5 and m["json_match_rate"] == 0.5 and m["exact_match"] == 0.0
     assert "json_valid_rate" not in generation_metrics(["a"], ["plain text"])
+
+
+def test_macro_f1_counts_only_the_classes_that_occur():
+    from graftune.tasks.classification import classification_metrics
+
+    names = ["a", "b", "c"]
+    perfect_on_two = classification_metrics([0, 0, 1], [0, 0, 1], names)
+    assert perfect_on_two["macro_f1"] == 1.0 and perfect_on_two["per_class"]["c"]["support"] == 0
+    wrong_class = classification_metrics([0, 0], [0, 2], names)  # c was predicted: it counts, with F1 0
+    assert wrong_class["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)

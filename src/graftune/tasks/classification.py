@@ -79,8 +79,8 @@ def decide(probs: torch.Tensor, multi_label: bool, threshold: float = 0.5) -> to
 
 
 def classification_metrics(y_true, y_pred, label_names: Sequence[str], multi_label: bool = False) -> dict:
-    """accuracy (exact-set accuracy for multi-label), macro-F1, per-class precision/recall/F1/support, and the
-    confusion matrix (rows: true class, columns: predicted; per label 2x2 [[tn, fp], [fn, tp]] for multi-label)."""
+    """accuracy (exact-set accuracy for multi-label), macro-F1 (single-label: over the classes that occur in the truth
+    or the predictions), per-class precision/recall/F1/support, and the confusion matrix (rows: true class, columns: predicted; per label 2x2 [[tn, fp], [fn, tp]] for multi-label)."""
     import numpy as np
     from sklearn.metrics import (
         accuracy_score,
@@ -99,7 +99,10 @@ def classification_metrics(y_true, y_pred, label_names: Sequence[str], multi_lab
     else:
         p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
         confusion = confusion_matrix(y_true, y_pred, labels=labels).tolist()
-        macro = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        # over the classes that occur (in the truth or the predictions): a class absent from both has no F1, and
+        # counting it as 0 would cap a perfect score on a file holding some of the classes
+        present = sorted(set(y_true.tolist()) | set(y_pred.tolist())) or labels
+        macro = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(macro),
