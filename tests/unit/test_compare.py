@@ -370,7 +370,7 @@ def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
     # probe: 0.80-0.96 across folds, behind LoRA on average but by less than the spread of the paired differences
     # on the three folds both ran (0.00, +0.05, -0.02)
     monkeypatch.setattr(auto, "fit_head", Folds([0.95, 0.80, 0.92]))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "lora", "contrastive"))
     assert record["folds"] == 5 and record["validation_examples"] == 5
     assert record["candidates"]["probe"]["folds"] == 10 and record["candidates"]["lora"]["folds"] == 3
@@ -379,7 +379,7 @@ def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
     assert "within the fold-to-fold spread of the best (lora" in record["reason"]
     assert "trains fewer parameters (99 vs 100,000)" in record["reason"]
     monkeypatch.setattr(auto, "fit_head", Folds([0.50, 0.52, 0.48]))
-    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                            candidates=("head", "lora"))
     assert clear["method"] == "lora" and "lora scored best" in clear["reason"]
 
@@ -388,7 +388,7 @@ def test_equally_small_tied_candidates_are_decided_by_the_better_mean(tiny, monk
     # probe folds 0.90, 0.92, 0.88, ...; prototypes (the next call) shifted by one: a tie, and both are small (a
     # logistic regression of 99 parameters and class means of none), so the better mean wins, not the zero
     monkeypatch.setattr(auto, "fit_head", Folds([0.90, 0.92, 0.88, 0.89, 0.91, 0.90, 0.92, 0.88, 0.89, 0.91, 0.89]))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "prototypes"))
     means = {n: c["macro_f1"] for n, c in record["candidates"].items()}
     assert record["method"] == max(means, key=means.get)
@@ -399,7 +399,7 @@ def test_a_gap_beyond_the_tie_cap_is_never_a_tie(tiny, monkeypatch):
     # LoRA gets one fold (the budget's way) and leads by 10 points: one fold's noise would excuse that, the cap not
     monkeypatch.setattr(auto, "fit_head", Folds([0.80]))
     monkeypatch.setattr(auto, "RUNGS", (1,))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=60, shots=8, max_length=32, train_fn=Slow(),
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "lora"))
     assert record["candidates"]["lora"]["folds"] == 1 and record["method"] == "lora", record["reason"]
 
