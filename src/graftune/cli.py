@@ -217,6 +217,8 @@ def _summary(m: dict) -> str:
             f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; {', '.join(saved) or 'nothing saved'}")
     for note in m.get("notes", []):
         line += f"\nnote: {note}"
+    for warning in m.get("warnings", []):
+        line += f"\nWARNING: {warning}"
     if m.get("stopped_early"):
         line += (f"\nearly stopping ended the run after epoch {m['epochs_run']} of {m['epochs']}; the best epoch on "
                  f"val, {m['best_epoch']}, was restored")

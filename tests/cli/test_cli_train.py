@@ -155,3 +155,20 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_test_file_that_overlaps_training_is_flagged_loudly(tiny, tmp_path):
+    # the test file repeats three of the training texts: the run still trains, and its summary says so in capitals
+    import csv
+
+    rows = list(csv.DictReader(open(tiny["csv"], encoding="utf-8")))
+    test = tmp_path / "test.csv"
+    with test.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows[:3] + [{"text": "chip phone software data", "label": rows[0]["label"]}])
+    out = tmp_path / "leaky"
+    result = runner.invoke(app, base_args(tiny, out, "--test", str(test)))
+    assert result.exit_code == 0, result.output
+    assert "WARNING: the test set shares 3 exact" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["warnings"][0].startswith("the test set shares 3 exact")

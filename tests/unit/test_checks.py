@@ -159,3 +159,12 @@ def test_split_checks_count_duplicates_and_label_clashes_inside_splits():
     assert out["duplicates"]["train"] == 1 and out["conflicting_labels"] == 1
     assert out["empty_texts"] == {"train": 0, "val": 0, "test": 1}
     assert np.isclose(out["train_imbalance_ratio"], 2.0)
+
+
+def test_split_warnings_say_loudly_when_the_test_set_overlaps_training():
+    from graftune.data.checks import split_warnings
+
+    assert split_warnings({"overlap": {"train_test": 0}, "near_overlap_train_test": 0, "conflicting_labels": 0}) == []
+    loud = split_warnings({"overlap": {"train_test": 3}, "near_overlap_train_test": 1, "conflicting_labels": 2})
+    assert "shares 3 exact and 1 near-duplicate example(s) with training" in loud[0]
+    assert "2 text(s) appear with different labels" in loud[1]

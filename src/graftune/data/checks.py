@@ -419,6 +419,21 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset) -> dict:
     return out
 
 
+def split_warnings(checks: dict) -> list[str]:
+    """What in ``split_checks``' counts a person must hear about at once, in plain words: a test set that shares
+    examples with training (its accuracy is not honest), and texts given different labels."""
+    out = []
+    shared = checks.get("overlap", {}).get("train_test", 0)
+    near = checks.get("near_overlap_train_test", 0)
+    if shared or near:
+        out.append(f"the test set shares {shared} exact and {near} near-duplicate example(s) with training: its "
+                   "accuracy overstates the model; run `graftune check DATA --test TEST` and remove them")
+    if checks.get("conflicting_labels"):
+        out.append(f"{checks['conflicting_labels']} text(s) appear with different labels; `graftune check DATA` "
+                   "lists them")
+    return out
+
+
 # --- in plain words ----------------------------------------------------------------------------------------------
 def format_report(report: dict, *, top: int = 10) -> str:
     """The report as a person reads it: what was found, then the problems to act on (or that none were found),

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from graftune.config import RunConfig, read_yaml
+from graftune.data.checks import split_warnings
 from graftune.errors import ConfigError
 from graftune.io.atomic import write_file_atomically
 from graftune.run.checkpoint import CHECKPOINT, checkpoint_file
@@ -128,8 +129,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_run_files(work: Path, cfg: RunConfig, metrics: dict, splits, card: dict) -> None:
-    """``metrics.json`` (with auto's record and the split notes, when there are any) and ``data_card.json``, as every
-    recipe writes them."""
-    metrics.update({k: v for k, v in (("auto", cfg.auto), ("notes", splits.notes)) if v})
+    """``metrics.json`` (with auto's record, the split notes and the data checks' warnings, when there are any) and
+    ``data_card.json``, as every recipe writes them."""
+    warnings = split_warnings(card.get("checks", {}))
+    metrics.update({k: v for k, v in (("auto", cfg.auto), ("notes", splits.notes), ("warnings", warnings)) if v})
     write_json(work / "metrics.json", metrics)
     write_json(work / "data_card.json", card)
