@@ -21,8 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/graftune demo
 
+# one worker per core, one torch thread per worker (two workers sharing two cores would otherwise oversubscribe them)
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n auto
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

@@ -241,7 +241,10 @@ def test_methods_json_lists_the_recipes_as_the_text_listing_does():
     kinds = {r["name"]: r["kind"] for r in rows}
     assert {name for name, kind in kinds.items() if kind == "method"} == {m.name for m in all_methods()}
     recipes = [r for r in rows if r["kind"] == "recipe"]
-    assert [r["name"] for r in recipes] == ["head", "auto", "contrastive", "probe"]
+    from graftune.runs import recipe_names
+
+    assert [r["name"] for r in recipes] == recipe_names()  # the dispatch table's rows, auto last
+    assert set(recipe_names()) == {"head", "auto", "contrastive", "probe", "in-context"}
     assert all(r["description"] and set(kinds.values()) == {"method", "recipe"} for r in recipes)
     text = runner.invoke(app, ["methods"]).stdout
     listed = [line.split(maxsplit=1) for line in text.split("\n\n")[1].splitlines()[1:]]
