@@ -102,10 +102,13 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                                                  "test_per_class": test_per_class}
     train = make_splits(ds, test=user_test, **{**args, "val_size": 0}).train
     labels = np.asarray(train.labels)
-    smallest = min(np.unique(labels, return_counts=True)[1])
+    names_, counts = np.unique(labels, return_counts=True)
+    smallest = min(counts)
     if smallest < 2:
-        raise DataError("--method auto compares methods on held-out training examples and needs at least 2 per "
-                        "class; add examples, or pick a --method (probe is the safe choice for so few)")
+        short = ", ".join(f"{n} ({c})" for n, c in zip(names_, counts) if c < 2)
+        raise DataError(f"--method auto compares methods on held-out training examples and needs at least 2 per class "
+                        f"once the test set is set aside; {short} has fewer; add examples, pass --test FILE, or pick a "
+                        "--method (probe is the safe choice for so few)")
     k = int(min(FOLDS, smallest))
     folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=REPEATS, random_state=seed)
                  .split(np.zeros(len(labels)), labels))
