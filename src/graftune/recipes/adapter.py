@@ -294,12 +294,7 @@ def load(run_dir: Path, cfg: RunConfig, meta: dict, kind: str, *, merge: bool = 
     if meta["method"] != HEAD_ONLY:
         active.append(load_adapter(model, run_dir / "adapter").name)
     model.set_active(*active)
-    head = None
-    if kind != "causal-lm":
-        state, _ = read_head_state(run_dir / "adapter")
-        head = task.build_head()
-        head.load_state_dict(state)
-        head.eval()
+    head = None if kind == "causal-lm" else load_head(task, run_dir)
     # int8 layers take float32 only: the rest of an int8 model stays float32, without autocast
     policy = precision.choose("fp32" if quantize == "int8" else cfg.precision, inference=True)
     precision.apply(model.base, policy)
@@ -309,6 +304,14 @@ def load(run_dir: Path, cfg: RunConfig, meta: dict, kind: str, *, merge: bool = 
         quantization.quantize_int8(model)
     model.eval()
     return LoadedRun(cfg, kind, task, model, head, label_names, multi_label, policy, meta, quantize)
+
+
+def load_head(task, run_dir: Path) -> nn.Module:
+    """The trained task head of a run (its tensors in ``adapter/``), built by ``task`` and in eval mode."""
+    state, _ = read_head_state(Path(run_dir) / "adapter")
+    head = task.build_head()
+    head.load_state_dict(state)
+    return head.eval()
 
 
 def _save_artifact(model, name: str, head: nn.Module | None, label_names: list[str], extra: dict, path: Path,

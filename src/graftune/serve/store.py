@@ -30,7 +30,8 @@ from graftune.config import build_config
 from graftune.core.method import get_method
 from graftune.core.model import AdapterModel
 from graftune.errors import GraftuneError
-from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_head_state, read_meta
+from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_meta
+from graftune.recipes.adapter import load_head
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, build_task
 from graftune.tasks.classification import base_hidden, pool, probabilities
@@ -286,12 +287,7 @@ class ModelStore:
         multi_label = bool((meta.get("extra") or {}).get("multi_label", False))
         task = build_task(kind, slot.base_info, label_names=label_names, multi_label=multi_label,
                           max_length=cfg.max_length, dropout=cfg.dropout)
-        head = None
-        if kind != "causal-lm":
-            state, _ = read_head_state(run_dir / "adapter")
-            head = task.build_head()
-            head.load_state_dict(state)
-            head.eval()
+        head = None if kind == "causal-lm" else load_head(task, run_dir)
         return {"name": name, "version": version, "run_dir": run_dir, "kind": kind, "method": method, "slot": slot,
                 "task": task, "head": head, "label_names": label_names, "multi_label": multi_label,
                 "max_new_tokens": cfg.max_new_tokens}
