@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from scipy import stats
 from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
 from graftune.errors import DataError, GraftuneError
+from graftune.io.atomic import write_file_atomically
 from graftune.run.scoring import features_of
 from graftune.runs import load_run
 from graftune.tasks.classification import probabilities
@@ -120,18 +119,8 @@ class Summary:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees half a file (``io.atomic``: temporary file beside ``path``, fsync, rename)."""
+    write_file_atomically(path, json.dumps(data))
 
 
 def read_summary(path: Path) -> Summary:

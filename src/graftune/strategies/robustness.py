@@ -28,11 +28,9 @@ reports; nothing calls it yet.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import string
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
 from graftune.errors import DataError
 from graftune.evaluate import load_run, predict
+from graftune.io.atomic import write_file_atomically
 
 PERTURBATIONS = ("char_noise", "word_drop", "word_swap", "case")
 STRENGTHS = (0.05, 0.1, 0.2)
@@ -253,14 +252,7 @@ def write_metrics(run_dir: Path, result: dict) -> None:
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     metrics["robustness"] = result
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def format_table(result: dict) -> str:
