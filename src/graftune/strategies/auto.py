@@ -82,8 +82,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     trained one being the measurement).
 
     The rule: the best mean macro-F1 is the reference; a candidate is tied with it when the mean of their paired
-    differences over the folds both ran is within one standard error of those differences (or within 1 point, or
-    within the sampling noise of one validation fold when only one fold is shared), and never when it is more than
+    differences is within one standard error of those differences when both ran the same folds, or the gap of the
+    means within their combined standard error otherwise (or within 1 point), and never when it is more than
     ``TIE_CAP`` behind. Among the tied, the smallest (fewest trained parameters, up to a factor ``SAME_SIZE``; all
     under ``SMALL`` count as equally small) wins, the better mean deciding between equally small ones: a few seconds
     of timing are noise, a smaller model is not, and class means are not "smaller" than a logistic regression.
@@ -183,9 +183,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                 scores[name] = _summarize_runs(name, runs_of[name], sum(r["seconds"] for r in runs_of[name]))
             if rung == RUNGS[-1]:
                 break
-            # the better half goes on (at least one), and none that is already clearly behind the best
+            # the better half goes on (at least two: one fold is too little to drop a candidate on rank alone), and
+            # none that is already clearly behind the best
             ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
-            keep = ranked[:max(1, math.ceil(len(ranked) / 2))]
+            keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
             best_now = max(scores.values(), key=lambda s: s["macro_f1"])
             costly = [n for n in keep if not _clearly_worse(scores[n], best_now, len(folds[0][1]))]
     if not scores:
@@ -246,17 +247,22 @@ def _summarize_runs(method: str, runs: list[dict], seconds: float) -> dict:
 
 
 def _gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
-    """The best's lead over ``candidate`` on the folds both ran (paired), and its noise: the standard error of the
-    per-fold differences, or with one shared fold the sampling noise of a proportion on one validation fold."""
-    n = min(len(candidate["per_fold"]), len(best["per_fold"]))
-    diffs = [b - c for b, c in zip(best["per_fold"][:n], candidate["per_fold"][:n])]
-    lead = statistics.mean(diffs)
-    if n > 1:
-        noise = statistics.stdev(diffs) / math.sqrt(n)
-    else:
-        p = best["macro_f1"]
-        noise = math.sqrt(max(p * (1 - p), 0.0) / max(val_size, 1))
-    return lead, noise
+    """The best's lead over ``candidate`` and its noise. On the same folds (both ran as many): paired, the standard
+    error of the per-fold differences. Otherwise the difference of the means, with the two means' standard errors
+    combined (a mean over one fold: the sampling noise of a proportion on one validation fold), so that a cheap
+    candidate's ten folds are not cut to the one a costly candidate ran."""
+    a, b = candidate["per_fold"], best["per_fold"]
+    if len(a) == len(b) > 1:
+        diffs = [y - x for x, y in zip(a, b)]
+        return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+    def standard_error(s: dict) -> float:
+        folds = s["per_fold"]
+        if len(folds) > 1:
+            return statistics.stdev(folds) / math.sqrt(len(folds))
+        return math.sqrt(max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / max(val_size, 1))
+
+    return best["macro_f1"] - candidate["macro_f1"], math.hypot(standard_error(best), standard_error(candidate))
 
 
 def _beaten(candidate: dict, best: dict, val_size: int) -> bool:
