@@ -13,9 +13,9 @@ at training time (same device and precision). Everything is data (safetensors + 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +40,7 @@ from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
 from graftune.run.loaded import LoadedRun
 from graftune.run.log import RunLog, brief
 from graftune.run.memory import PeakMemory
-from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_run_files
+from graftune.run.rundir import adapter_name, assembled_run, start_run_dir, write_run_files
 from graftune.speed import distributed, precision
 from graftune.speed.device import resolve as resolve_device
 from graftune.speed.precision import cpu_features
@@ -154,16 +154,15 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
     device = resolve_device(cfg.device)
     # contrastive_fit chooses the same policy for training; a probe only embeds (inference)
     policy = precision.choose(cfg.precision, device, inference=method == PROBE)
-    out, work = start_run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started, log = time.perf_counter(), None
-    memory = PeakMemory().__enter__()  # closed in ``finally``: the whole run, loading included
-    try:
+    started = time.perf_counter()
+    # the whole run is measured, loading included; the log is closed (and a failed run removed) on the way out
+    with assembled_run(cfg) as (out, work), PeakMemory() as memory, \
+            contextlib.closing(RunLog(work / "log.jsonl", cfg, resumed=False)) as log:
         base = load_base(cfg.model, task=ZOO_TASK["classification"])
         base.model.to(device)
         model = AdapterModel(base.model, family=base.family)
-        log = RunLog(work / "log.jsonl", cfg, resumed=False)
         log.event("start", method=method, model=cfg.model, data=cfg.data, precision=policy.name,
                   train=len(splits.train), val=len(splits.val), test=len(splits.test))
         cpu0 = time.process_time()
@@ -207,16 +206,6 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
         }
         write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
         log.event("end", test=brief(test), train_seconds=fit["seconds"])
-        log.close()
-        log = None
-    except BaseException:
-        if log is not None:
-            log.close()
-        shutil.rmtree(work, ignore_errors=True)  # nothing to resume: a failed run leaves no trace
-        raise
-    finally:
-        memory.__exit__(None, None, None)
-    finish_run_dir(work, out)
     return metrics
 
 

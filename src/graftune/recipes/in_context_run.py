@@ -12,8 +12,8 @@ settings of the adapter loop do not apply and are refused away from their defaul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 import time
 from typing import Any
 
@@ -30,7 +30,7 @@ from graftune.recipes.fewshot_run import check_data
 from graftune.run.loaded import LoadedRun
 from graftune.run.log import RunLog, progress_bar
 from graftune.run.memory import PeakMemory
-from graftune.run.rundir import finish_run_dir, start_run_dir, write_run_files
+from graftune.run.rundir import assembled_run, start_run_dir, write_run_files
 from graftune.run.scoring import score_probabilities
 from graftune.speed import precision
 from graftune.speed.precision import cpu_features
@@ -81,11 +81,10 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
     if splits is None:
         user_test = load_data(cfg.test, task=ds.modality, **columns) if cfg.test else None
         splits = make_splits(ds, test=user_test, **cfg.split_args())
-    out, work = start_run_dir(cfg)
-    started, log = time.perf_counter(), None
-    memory = PeakMemory().__enter__()  # closed in ``finally``: the whole run, loading included
-    try:
-        log = RunLog(work / "log.jsonl", cfg, resumed=False)
+    started = time.perf_counter()
+    # the whole run is measured, loading included; the log is closed (and a failed run removed) on the way out
+    with assembled_run(cfg) as (_, work), PeakMemory() as memory, \
+            contextlib.closing(RunLog(work / "log.jsonl", cfg, resumed=False)) as log:
         log.event("start", method=METHOD, model=cfg.model, data=cfg.data, train=len(splits.train),
                   val=len(splits.val), test=len(splits.test))
         t0 = time.perf_counter()
@@ -110,16 +109,6 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
                             "seconds_per_text": round(scoring / max(len(splits.test), 1), 4)}}
         write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
         log.event("end", test={k: v for k, v in test.items() if isinstance(v, float)}, train_seconds=fit_seconds)
-        log.close()
-        log = None
-    except BaseException:
-        if log is not None:
-            log.close()
-        shutil.rmtree(work, ignore_errors=True)  # nothing to resume: a failed run leaves no trace
-        raise
-    finally:
-        memory.__exit__(None, None, None)
-    finish_run_dir(work, out)
     return metrics
 
 

@@ -8,11 +8,13 @@ and nothing is deleted. Every file a run writes goes through ``io.atomic``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -109,6 +111,19 @@ def start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
                           "--out") from None
     write_file_atomically(work / RUN_FILE, cfg.to_yaml())
     return out, work
+
+
+@contextlib.contextmanager
+def assembled_run(cfg: RunConfig) -> Iterator[tuple[Path, Path]]:
+    """``with assembled_run(cfg) as (out, work):`` for a recipe that writes no checkpoints: the run is built in
+    ``work``; an exception (Ctrl-C included) removes it, leaving no trace; success puts it in place at ``out``."""
+    out, work = start_run_dir(cfg)
+    try:
+        yield out, work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finish_run_dir(work, out)
 
 
 def finish_run_dir(work: Path, out: Path) -> None:
