@@ -21,9 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/graftune demo
 
-# one worker per core, one torch thread per worker (two workers sharing two cores would otherwise oversubscribe them)
+# one worker per core, one torch thread per worker (two workers sharing two cores would otherwise oversubscribe them);
+# loadgroup: tests marked xdist_group run on one worker, one after the other (the multi-process launches)
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n auto
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
