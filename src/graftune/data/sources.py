@@ -18,6 +18,10 @@ Exact duplicates are removed when loading (`dedup=True`), keeping the first in s
 with whitespace normalized, images by pixels, pairs by both sides. A duplicate left in would land in the few
 shots and the test set at once (BBC News ships 100 of them).
 
+A `group_column` (tabular sources only) fills `groups`: one string per example, travelling with it through
+`subset` (so through dedup and splits), for per-group metrics (`run.scoring.group_metrics`); a blank cell is the
+group "(blank)". Built-in aliases and class folders have no columns, so no groups.
+
 `sha256` is over the bytes read: one file, or, for a folder, every file read in sorted relative-path order,
 each preceded by its relative path (a renamed class changes the data, so it changes the hash).
 """
@@ -69,6 +73,8 @@ class Dataset:
     license: str | None = None
     sha256: str = ""
     duplicates_removed: int = 0
+    #: one group name per example (``load_data(group_column=...)``), or None
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -77,7 +83,8 @@ class Dataset:
         """The examples at `idx`, in that order; label names and provenance are kept (a head stays the same)."""
         idx = [int(i) for i in idx]
         labels = [self.labels[i] for i in idx] if self.labels else []
-        return replace(self, inputs=[self.inputs[i] for i in idx], labels=labels)
+        groups = [self.groups[i] for i in idx] if self.groups is not None else None
+        return replace(self, inputs=[self.inputs[i] for i in idx], labels=labels, groups=groups)
 
     def counts(self) -> dict[str, int]:
         """Examples per label name (zeros included); multi-label counts the examples carrying each name."""
@@ -311,6 +318,7 @@ _COLUMN_FLAGS = {
     "prompt": "--prompt-column",
     "response": "--response-column",
     "image": "--image-column",
+    "group": "--group-column",
 }
 
 
@@ -326,6 +334,7 @@ def load_data(
     multi_label: bool | None = None,
     dedup: bool = True,
     min_classes: int = 2,
+    group_column: str | None = None,
 ) -> Dataset:
     """Load a built-in alias or a local file/folder into a `Dataset`.
 
@@ -342,6 +351,7 @@ def load_data(
         dedup: drop exact duplicates, keeping the first (see the module docstring).
         min_classes: the fewest classes a labelled file may hold: 2 to train on, 1 to score a run on (scoring
             is not training: a file of one class is a valid test of a classifier).
+        group_column: a column whose value names each example's group (``Dataset.groups``); None: no groups.
     """
     modality = _modality_for_task(task)
     columns_map = {
@@ -350,8 +360,12 @@ def load_data(
         "prompt": prompt_column,
         "response": response_column,
         "image": image_column,
+        "group": group_column,
     }
     if spec in ALIASES:
+        if group_column is not None:
+            raise DataError(f"{spec} is a built-in alias: it has no columns, so no group column '{group_column}'; "
+                            f"write its examples to a .csv or .jsonl file with a '{group_column}' column")
         ds = ALIASES[spec][1](dedup)
         if modality is not None and ds.modality != modality:
             raise DataError(f"{spec} is {ds.modality} data but the task wants {modality} data; pick another --data")
@@ -388,6 +402,10 @@ def load_data(
             )
             ds.sha256 = digest
         else:
+            if group_column is not None:
+                raise DataError(f"{spec}: a folder of class subfolders has no columns, so no group column "
+                                f"'{group_column}'; list the examples in a .csv or .jsonl file with a "
+                                f"'{group_column}' column")
             ds = _read_class_folder(path, name=spec, modality=modality)
         ds.origin = spec
         return _finish(ds, dedup=dedup, min_classes=min_classes)
@@ -654,13 +672,24 @@ def _from_records(
         if value is None:
             raise DataError(f"{name} {loc}: no value in column '{col[role]}'; fill it in or remove the row")
         inputs.append(str(value) if role == "text" else _decode_image_value(value, f"{name} {loc}", base))
+    groups = _groups(rows, columns, name, col.get("group"))
     names, is_sequence = _class_names(features, col["label"])
     labels, multi = _parse_labels([row.get(col["label"]) for row in rows], locs, name, names, multi_label)
     multi = multi or (is_sequence and multi_label is not False)
     if multi:
         labels = [lab if isinstance(lab, list) else [lab] for lab in labels]
     label_names = sorted({n for lab in labels for n in (lab if multi else (lab,))} | set(names or []))
-    return Dataset(modality=modality, inputs=inputs, labels=labels, label_names=label_names, multi_label=multi)
+    return Dataset(modality=modality, inputs=inputs, labels=labels, label_names=label_names, multi_label=multi,
+                   groups=groups)
+
+
+def _groups(rows: list[dict], columns: list[str], name: str, column: str | None) -> list[str] | None:
+    """Each row's group name (a blank cell: "(blank)"), or None without a group column."""
+    if column is None:
+        return None
+    if column not in columns:
+        raise _missing_column(name, "group", column, columns)
+    return [str(row.get(column) if row.get(column) is not None else "").strip() or "(blank)" for row in rows]
 
 
 def _parse_labels(
