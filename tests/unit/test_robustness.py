@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.errors import DataError
+from graftune.run.scoring import format_groups, group_metrics
 from graftune.strategies.robustness import (
     PERTURBATIONS,
     format_table,
     greedy_attack,
-    group_metrics,
     perturb,
     robustness,
 )
@@ -88,6 +88,12 @@ def test_group_metrics_names_the_largest_gap():
     assert out["groups"]["x"] == {"examples": 3, "accuracy": 1.0, "macro_f1": 1.0}
     assert out["groups"]["y"]["accuracy"] == 0.0
     assert out["accuracy_gap"] == {"gap": 1.0, "best": "x", "worst": "y"}
+    # three examples a group is thin, and the result says so rather than hiding it
+    assert out["notes"] == [f"group '{g}' has 3 examples: one example moves its accuracy by 33 points" for g in "xy"]
+    assert group_metrics(labels, preds, ["x"] * 6, ["a", "b"], min_examples=2)["notes"] == [
+        "one group only ('x'): no gap to measure"]
+    table = format_groups(out)
+    assert "largest gap: accuracy 1.000 (best x, worst y)" in table and table.count("note: ") == 2
     with pytest.raises(DataError, match="one each"):
         group_metrics(labels, preds[:2], labels, ["a", "b"])
 

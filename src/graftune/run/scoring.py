@@ -167,3 +167,53 @@ def score_split(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, gen
                                generate=generate, max_new_tokens=cfg.max_new_tokens, show=show)
     return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
                                 policy=policy, show=show)
+
+
+# --- per-group metrics (eval and compare --group-column) ------------------------------------------------------------
+#: a group with fewer examples than this is noted: one example moves its accuracy by more than 10 points
+MIN_GROUP_EXAMPLES = 10
+
+
+def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[Any], label_names: Sequence[str], *,
+                  min_examples: int = MIN_GROUP_EXAMPLES) -> dict:
+    """Accuracy and macro-F1 (over ``label_names``) for each group, and the largest gap between groups of each:
+    a model that is right for one group and wrong for another carries a bias the overall score hides.
+
+    ``notes`` says, in words, where the numbers are thin: a group with fewer than ``min_examples`` examples, or a
+    single group (no gap to measure)."""
+    from sklearn.metrics import f1_score
+
+    if not len(labels) == len(preds) == len(groups):
+        raise DataError(f"got {len(labels)} labels, {len(preds)} predictions and {len(groups)} groups; pass one each")
+    y, p, g = np.asarray(labels), np.asarray(preds), np.asarray([str(x) for x in groups])
+    per = {}
+    for name in sorted(set(g.tolist())):
+        m = g == name
+        per[name] = {"examples": int(m.sum()), "accuracy": round(float((y[m] == p[m]).mean()), 4),
+                     "macro_f1": round(float(f1_score(y[m], p[m], labels=list(label_names), average="macro",
+                                                      zero_division=0)), 4)}
+
+    def gap(key: str) -> dict:
+        hi = max(per, key=lambda n: per[n][key])
+        lo = min(per, key=lambda n: per[n][key])
+        return {"gap": round(per[hi][key] - per[lo][key], 4), "best": hi, "worst": lo}
+
+    notes = [f"group {n!r} has {v['examples']} example{'s' if v['examples'] > 1 else ''}: one example moves its "
+             f"accuracy by {100 / v['examples']:.0f} points" for n, v in per.items() if v["examples"] < min_examples]
+    if len(per) == 1:
+        notes.append(f"one group only ({next(iter(per))!r}): no gap to measure")
+    return {"groups": per, "accuracy_gap": gap("accuracy") if per else None,
+            "macro_f1_gap": gap("macro_f1") if per else None, "notes": notes}
+
+
+def format_groups(result: dict) -> str:
+    """``group_metrics``'s result as a table, the largest gaps in one line, then the notes."""
+    per = result["groups"]
+    width = max([12, *(len(n) for n in per)])
+    lines = [f"{'group':<{width}} {'examples':>8} {'accuracy':>8} {'macro-F1':>8}"]
+    lines += [f"{n:<{width}} {v['examples']:>8} {v['accuracy']:>8.3f} {v['macro_f1']:>8.3f}" for n, v in per.items()]
+    acc, f1 = result["accuracy_gap"], result["macro_f1_gap"]
+    lines.append(f"largest gap: accuracy {acc['gap']:.3f} (best {acc['best']}, worst {acc['worst']}); macro-F1 "
+                 f"{f1['gap']:.3f} (best {f1['best']}, worst {f1['worst']})")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)

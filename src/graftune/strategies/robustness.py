@@ -20,9 +20,6 @@ or ``data``:
 The result goes into the run's metrics.json under ``robustness`` (temp file + ``os.replace``: never half
 written). Text classifiers only: image runs and causal-LM runs are refused with the reason (the
 perturbations are edits of text; a causal-LM run has no label to flip).
-
-``group_metrics`` (accuracy and macro-F1 per group, and the largest gap) is a pure function for per-group
-reports; nothing calls it yet.
 """
 
 from __future__ import annotations
@@ -184,18 +181,8 @@ def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Seque
                attack_sample: int = ATTACK_SAMPLE, scan_words: int = SCAN_WORDS, seed: int = 0,
                batch_size: int = 32, write: bool = True, progress: Callable[[str], None] | None = None) -> dict:
     """Perturbation curves and the greedy attack on ``run_dir``'s test split (or ``data``); written into its
-    metrics.json under ``robustness`` unless ``write=False``.
-
-    Args:
-        sample: score at most this many test examples (the first of a seeded shuffle); None: all of them.
-        budget: character edits the attack may make per text. attack_sample: texts attacked at most (among
-            those the model gets right, in the same seeded order). scan_words: words ranked by importance.
-    """
-    unknown = sorted(set(perturbations) - set(PERTURB))
-    if unknown:
-        raise DataError(f"unknown perturbation {unknown[0]!r}: use {', '.join(PERTURBATIONS)}")
-    if any(not 0 < s <= 1 for s in strengths):
-        raise DataError(f"strengths {list(strengths)}: each must be in (0, 1]")
+    metrics.json under ``robustness`` unless ``write=False``. The arguments are :func:`measure`'s."""
+    check_options(strengths, perturbations)
     run = load_run(run_dir, expect="classifier")
     if run.kind != "classification":
         raise DataError(f"{run_dir} is an {run.kind} run: the robustness checks edit text, so they apply to text "
@@ -207,17 +194,48 @@ def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Seque
     unseen = sorted(set(ds.labels) - set(run.label_names))
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}")
-    order = np.random.RandomState(seed).permutation(len(ds))
+    result = measure(lambda batch: predict(run, batch, batch_size=batch_size), ds.inputs, ds.labels,
+                     strengths=strengths, perturbations=perturbations, sample=sample, budget=budget,
+                     attack_sample=attack_sample, scan_words=scan_words, seed=seed, progress=progress)
+    result = {"data": data or "the run's test split", **result, "seconds": round(time.perf_counter() - started, 1)}
+    if write:
+        write_metrics(Path(run_dir), result)
+    return result
+
+
+def check_options(strengths: Sequence[float], perturbations: Sequence[str]) -> None:
+    """Refuse unknown perturbations and strengths outside (0, 1] (before any model loads)."""
+    unknown = sorted(set(perturbations) - set(PERTURB))
+    if unknown:
+        raise DataError(f"unknown perturbation {unknown[0]!r}: use {', '.join(PERTURBATIONS)}")
+    if any(not 0 < s <= 1 for s in strengths):
+        raise DataError(f"strengths {list(strengths)}: each must be in (0, 1]")
+
+
+def measure(predict_fn: Callable[[list[str]], list[dict]], texts: Sequence[str], labels: Sequence[str], *,
+            strengths: Sequence[float] = STRENGTHS, perturbations: Sequence[str] = PERTURBATIONS,
+            sample: int | None = None, budget: int = BUDGET, attack_sample: int = ATTACK_SAMPLE,
+            scan_words: int = SCAN_WORDS, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Perturbation curves and the greedy attack on any black box: ``predict_fn(texts)`` gives one row per text
+    with its ``label`` and ``probabilities`` per class (``evaluate.predict``'s rows). ``graftune robustness``
+    calls it on a run; ``graftune compare --robustness`` on each strategy's model.
+
+    Args:
+        sample: score at most this many of ``texts`` (the first of a seeded shuffle); None: all of them.
+        budget: character edits the attack may make per text. attack_sample: texts attacked at most (among
+            those the model gets right, in the same seeded order). scan_words: words ranked by importance.
+    """
+    order = np.random.RandomState(seed).permutation(len(texts))
     order = order[:sample] if sample else order
-    texts, labels = [ds.inputs[i] for i in order], [ds.labels[i] for i in order]
+    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     queries = [0]
 
-    def predict_fn(batch: list[str]) -> list[dict]:
+    def counted(batch: list[str]) -> list[dict]:
         queries[0] += len(batch)
-        return predict(run, batch, batch_size=batch_size) if batch else []
+        return predict_fn(batch) if batch else []
 
     def predicted(batch: list[str]) -> list[str]:
-        return [r["label"] for r in predict_fn(batch)]
+        return [r["label"] for r in counted(batch)]
 
     def accuracy(batch: list[str]) -> float:
         return round(float(np.mean([p == y for p, y in zip(predicted(batch), labels)])), 4)
@@ -233,18 +251,14 @@ def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Seque
             curves[name][str(s)] = accuracy(perturb(texts, name, s, seed=seed))
             say(f"{name} {s}: {curves[name][str(s)]:.3f}")
     right = [k for k in range(len(texts)) if clean_pred[k] == labels[k]][:attack_sample]
-    attack = greedy_attack([texts[k] for k in right], [labels[k] for k in right], predict_fn, budget=budget,
+    attack = greedy_attack([texts[k] for k in right], [labels[k] for k in right], counted, budget=budget,
                            scan_words=scan_words, seed=seed) if budget > 0 and right else None
     if attack is not None:
         attack.update({"budget": budget, "scan_words": scan_words,
                        "sample": f"the first {len(right)} correctly classified test examples (seeded order)"})
         say(f"attack: {attack['success_rate']:.3f} of {attack['attacked']} texts flipped within {budget} edits")
-    result = {"data": data or "the run's test split", "examples": len(texts), "seed": seed,
-              "clean_accuracy": clean, "strengths": [float(s) for s in strengths], "accuracy": curves,
-              "attack": attack, "queries": queries[0], "seconds": round(time.perf_counter() - started, 1)}
-    if write:
-        write_metrics(Path(run_dir), result)
-    return result
+    return {"examples": len(texts), "seed": seed, "clean_accuracy": clean, "strengths": [float(s) for s in strengths],
+            "accuracy": curves, "attack": attack, "queries": queries[0]}
 
 
 def write_metrics(run_dir: Path, result: dict) -> None:
@@ -271,28 +285,3 @@ def format_table(result: dict) -> str:
                      f"within {attack['budget']} character edits (mean {attack['mean_edits_when_successful']} edits "
                      f"when it worked; {attack['queries']} queries)")
     return "\n".join(lines)
-
-
-# --- per-group metrics -------------------------------------------------------------------------------------------
-def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[Any],
-                  label_names: Sequence[str]) -> dict:
-    """Accuracy and macro-F1 (over ``label_names``) for each group, and the largest gap between groups of each:
-    a model that is right for one group and wrong for another carries a bias the overall score hides."""
-    from sklearn.metrics import f1_score
-
-    if not len(labels) == len(preds) == len(groups):
-        raise DataError(f"got {len(labels)} labels, {len(preds)} predictions and {len(groups)} groups; pass one each")
-    y, p, g = np.asarray(labels), np.asarray(preds), np.asarray([str(x) for x in groups])
-    per = {}
-    for name in sorted(set(g.tolist())):
-        m = g == name
-        per[name] = {"examples": int(m.sum()), "accuracy": round(float((y[m] == p[m]).mean()), 4),
-                     "macro_f1": round(float(f1_score(y[m], p[m], labels=list(label_names), average="macro",
-                                                      zero_division=0)), 4)}
-
-    def gap(key: str) -> dict:
-        hi = max(per, key=lambda n: per[n][key])
-        lo = min(per, key=lambda n: per[n][key])
-        return {"gap": round(per[hi][key] - per[lo][key], 4), "best": hi, "worst": lo}
-
-    return {"groups": per, "accuracy_gap": gap("accuracy"), "macro_f1_gap": gap("macro_f1")}
