@@ -229,6 +229,9 @@ def _summary(m: dict) -> str:
 
 # --- compare ------------------------------------------------------------------------------------------------------
 _AUGMENT = {"off": (False,), "on": (True,), "both": (False, True)}
+_GROUP_HELP = ("A column of the scored file naming each example's group: accuracy and macro-F1 per group and the "
+               "largest gap (bias). Read from CSV/JSONL/Parquet files; built-in aliases and class folders have no "
+               "columns.")
 
 
 @app.command()
@@ -253,15 +256,25 @@ def compare(
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                    help="A training setting for the adapter "
                                                    "strategies (epochs, lr, max_length, ...; repeatable).")] = None,
+    group_column: str | None = typer.Option(None, help=_GROUP_HELP + " Per run of the adapter strategies (the "
+                                            "test examples' groups: from --test, else from --data)."),
+    robustness: bool = typer.Option(False, "--robustness", help="Also measure each run's accuracy under character "
+                                    "noise, word drops and swaps and case changes, and a greedy character attack's "
+                                    "success rate (graftune robustness; text, adapter strategies)."),
+    robustness_sample: int = typer.Option(100, help="Test examples --robustness scores (seeded, the same for every "
+                                          "run)."),
+    attack_sample: int = typer.Option(20, help="Texts --robustness attacks at most per run (correctly classified "
+                                      "ones of the sample)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier comparison's "
                                    "folder (or empty); any other folder or file is refused."),
 ):
     """Compare adaptation strategies on identical splits (shots x seeds x augmentation); write results.json and
-    report.html, print the summary and a recommendation."""
+    report.html, print the summary and a recommendation. With --group-column and --robustness, also per-group gaps
+    and robustness per run."""
     from graftune.config import parse_sets
     from graftune.errors import ConfigError
-    from graftune.strategies.compare import run_compare
+    from graftune.strategies.compare import TrustOptions, run_compare
     from graftune.strategies.summary import format_summary, recommend, summarize
 
     if augment not in _AUGMENT:
@@ -270,7 +283,9 @@ def compare(
     rows = run_compare(model, data, shots=_int_list(shots, "--shots"), seeds=seeds, strategies=names,
                        augment=_AUGMENT[augment], budget_s=budget, out_dir=out, text_column=text_column,
                        label_column=label_column, test=test, test_per_class=test_per_class,
-                       settings=parse_sets(sets), progress=not quiet, overwrite=overwrite)
+                       settings=parse_sets(sets), progress=not quiet, overwrite=overwrite,
+                       trust=TrustOptions(group_column=group_column, robustness=robustness, sample=robustness_sample,
+                                          attack_sample=attack_sample))
     summary = summarize(rows)
     typer.echo(format_summary(summary, rows))
     typer.echo("")
@@ -356,14 +371,19 @@ def eval_(
     response_column: str | None = typer.Option(None, help="The response column of --data.  [default: the run's]"),
     batch_size: int = typer.Option(32, min=1, help="Examples per forward pass."),
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
+    group_column: str | None = typer.Option(None, help=_GROUP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Score a run: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (classification),
-    or perplexity, exact match and JSON validity (causal LM)."""
+    or perplexity, exact match and JSON validity (causal LM); with --group-column, per group too."""
     from graftune.evaluate import evaluate_run
     from graftune.io.onnx_format import is_onnx_export
 
     if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: scored with onnxruntime
+        if group_column is not None:
+            from graftune.errors import ConfigError
+
+            raise ConfigError("--group-column: not for an ONNX export; eval the run directory it was exported from")
         from graftune.onnx_export import evaluate_export
 
         m = evaluate_export(run_dir, data=data, text_column=text_column, label_column=label_column,
@@ -372,11 +392,15 @@ def eval_(
         return
     m = evaluate_run(run_dir, data=data, text_column=text_column, label_column=label_column,
                      prompt_column=prompt_column, response_column=response_column, batch_size=batch_size,
-                     quantize=quantize)
+                     quantize=quantize, group_column=group_column)
     if as_json:
         typer.echo(json.dumps(m, indent=2))
         return
     typer.echo(_metrics_text(m))
+    if "groups" in m:
+        from graftune.run.scoring import format_groups
+
+        typer.echo(f"\nper group ({m['groups']['column']})\n" + format_groups(m["groups"]))
 
 
 def _metrics_text(m: dict) -> str:

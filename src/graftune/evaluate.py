@@ -18,6 +18,7 @@ from graftune.errors import DataError
 from graftune.recipes.fewshot_run import predict_rows, score
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import (
+    group_metrics,
     logits_of,
     probability_rows,
     score_causal_lm,
@@ -31,12 +32,19 @@ from graftune.tasks.classification import probabilities
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, prompt_column: str | None = None,
                  response_column: str | None = None, batch_size: int = 32, generate: bool = True,
-                 quantize: str | None = None) -> dict:
+                 quantize: str | None = None, group_column: str | None = None) -> dict:
     """Metrics of a run on ``data`` (every example), or, without ``data``, on the run's own test split (rebuilt
     from run.yaml: same data, seed and split settings). ``quantize="int8"``: see :func:`load_run`; the metrics
-    then say ``"quantize": "int8"``."""
+    then say ``"quantize": "int8"``.
+
+    ``group_column``: a column of the scored file (``data``, or the run's test file, or its data file when the
+    test split was carved from it: each test example keeps its group through the split); the metrics then hold
+    ``groups``, ``run.scoring.group_metrics`` of the predictions (a second pass over the examples)."""
     run = load_run(run_dir, quantize=quantize)
     cfg = run.cfg
+    if group_column is not None and (run.kind == "causal-lm" or run.multi_label):
+        raise DataError(f"--group-column: per-group accuracy needs one label per example; this is a "
+                        f"{'causal-LM' if run.kind == 'causal-lm' else 'multi-label'} run (not applicable)")
     columns = {"text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column,
                "prompt_column": prompt_column or cfg.prompt_column,
                "response_column": response_column or cfg.response_column}
@@ -46,11 +54,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
             if value and not Path(value).is_absolute() and not Path(value).exists() and value not in ALIASES:
                 raise DataError(f"run.yaml names {name} {value} relative to the folder the run was trained in: run "
                                 "eval from there, or pass --data FILE")
-        ds = load_data(cfg.data, task=run.kind, **_columns(cfg))
-        test = load_data(cfg.test, task=run.kind, **_columns(cfg)) if cfg.test else None
+        # the groups are read from the file the test examples come from
+        ds = load_data(cfg.data, task=run.kind, group_column=None if cfg.test else group_column, **_columns(cfg))
+        test = load_data(cfg.test, task=run.kind, group_column=group_column, **_columns(cfg)) if cfg.test else None
         ds = make_splits(ds, test=test, **cfg.split_args()).test
-    else:
-        ds = load_data(data, task=run.kind, min_classes=1, **columns)  # scoring is not training: one class will do
+    else:  # scoring is not training: one class will do
+        ds = load_data(data, task=run.kind, min_classes=1, group_column=group_column, **columns)
     quantized = {"quantize": run.quantize} if run.quantize != "none" else {}
     if run.kind == "causal-lm":
         return score_causal_lm(run.task, run.model, ds.inputs, batch_size=min(batch_size, 8), policy=run.policy,
@@ -60,11 +69,17 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
     if run.predictor is not None:
-        return score_probabilities(run.predictor.predict_proba(list(ds.inputs)), ds.labels, run.label_names)
-    if run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
-        return score(run.fewshot, ds.inputs, ds.labels, run.label_names)
-    return score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
-                                policy=run.policy) | quantized
+        metrics = score_probabilities(run.predictor.predict_proba(list(ds.inputs)), ds.labels, run.label_names)
+    elif run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
+        metrics = score(run.fewshot, ds.inputs, ds.labels, run.label_names)
+    else:
+        metrics = score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
+                                       policy=run.policy) | quantized
+    if group_column is not None:
+        preds = [row["label"] for row in predict(run, ds.inputs, batch_size=batch_size)]
+        metrics["groups"] = {"column": group_column,
+                             **group_metrics(ds.labels, preds, ds.groups, run.label_names)}
+    return metrics
 
 
 def _columns(cfg: RunConfig) -> dict:
