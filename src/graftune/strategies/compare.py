@@ -9,6 +9,13 @@ run its cost is estimated from the runs done so far (seconds per training exampl
 other strategies scaled by a rough cost factor), and a run that would not fit in the time left is skipped with a
 row saying so. The results go to ``results.json`` and ``report.html``; ``strategies/summary.py`` turns the rows
 into the table and the recommendation.
+
+``TrustOptions`` asks for more than accuracy on each finished run (docs/trust.md): accuracy and macro-F1 per group
+of a group column and the largest gap (``run.scoring.group_metrics``), and the perturbation curves and greedy
+attack of ``strategies.robustness.measure`` on a seeded sample of the test set (the same texts for every run).
+Both need the run's model after it is scored: a ``train`` strategy's run is loaded back from its scratch folder;
+the other kinds (features, contrastive, in-context) keep no model compare can reach, and ``meta["trust"]`` names
+them as not measured.
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from graftune.data.card import fingerprint
-from graftune.errors import ConfigError
+from graftune.data.sources import Dataset, load_data
+from graftune.errors import ConfigError, DataError, GraftuneError
+from graftune.evaluate import load_run, predict
 from graftune.io.atomic import write_file_atomically
 from graftune.recipes import adapter
 from graftune.run.memory import PeakMemory
 from graftune.run.rundir import check_out, finish_run_dir
+from graftune.run.scoring import group_metrics
 from graftune.strategies.catalog import (
     AUGMENT_COPIES,
     STRATEGIES,
@@ -49,6 +59,44 @@ from graftune.strategies.catalog import (
     test_per_class_for,
 )
 from graftune.strategies.report import render_report
+from graftune.strategies.robustness import BUDGET, STRENGTHS, measure
+
+
+@dataclass(frozen=True)
+class TrustOptions:
+    """What a comparison measures beyond accuracy on each finished run (module docstring).
+
+    Args:
+        group_column: a column of the data file (of the ``test`` file when one is given: the file the test
+            examples come from) naming each example's group; None: no per-group metrics.
+        robustness: measure accuracy under noise and the greedy attack's success rate on every run.
+        sample: test examples the robustness curves score (a seeded sample, the same for every run).
+        attack_sample: texts the attack tries at most (correctly classified ones among the sample).
+    """
+
+    group_column: str | None = None
+    robustness: bool = False
+    sample: int = 100
+    attack_sample: int = 20
+
+    def __post_init__(self):
+        if self.sample < 1 or self.attack_sample < 1:
+            raise ConfigError(f"robustness sample {self.sample}, attack sample {self.attack_sample}: use positive "
+                              "counts, e.g. --robustness-sample 100 --attack-sample 20")
+
+    @property
+    def wanted(self) -> bool:
+        return self.group_column is not None or self.robustness
+
+    def describe(self, names: Sequence[str]) -> dict:
+        """What results.json records: the options, and the strategies measured and not (with why)."""
+        out: dict[str, Any] = {"group_column": self.group_column}
+        if self.robustness:
+            out["robustness"] = {"sample": self.sample, "attack_sample": self.attack_sample, "budget": BUDGET,
+                                 "strengths": list(STRENGTHS), "seed": 0}
+        out["not_measured"] = {n: f"a {STRATEGIES[n].kind} strategy: compare keeps no model of it to load back "
+                                  "(only train strategies' runs are)" for n in names if STRATEGIES[n].kind != "train"}
+        return out
 
 
 def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), seeds: int | Sequence[int] = 3,
@@ -56,7 +104,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
                 budget_s: float | None = None, out_dir: str | Path, text_column: str = "text",
                 label_column: str = "label", test: Any = None, test_per_class: int | None = None,
                 settings: dict | None = None, progress: bool = True, train_fn: Callable | None = None,
-                overwrite: bool = False) -> list[dict]:
+                overwrite: bool = False, trust: TrustOptions | None = None) -> list[dict]:
     """Compare strategies on identical splits; write ``out_dir/results.json`` and ``out_dir/report.html``.
 
     Every check (names, shots, seeds, budget, settings, the data, every split, ``out_dir``) comes before anything is
@@ -74,6 +122,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
         settings: train() settings for the ``train`` strategies (epochs, lr, max_length, ...).
         train_fn: the training function (tests pass a fake); default the adapter loop, ``recipes.adapter.train``.
         overwrite: replace ``out_dir`` if it is a comparison folder (or empty); otherwise an existing one is refused.
+        trust: per-group metrics and robustness per run (``TrustOptions``); None: neither.
     Returns the rows written to results.json.
     """
     train_fn = train_fn or adapter.train
@@ -95,16 +144,23 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     out_dir = check_out(out_dir, overwrite=overwrite, what="comparison folder", is_ours=is_comparison)
     columns = {"text_column": text_column, "label_column": label_column}
 
+    trust = trust if trust is not None and trust.wanted else None
     started = time.perf_counter()
+    if trust is not None and trust.group_column is not None:
+        data, test = _load_with_groups(data, test, columns, trust.group_column)
     ds, user_test = load_compare_data(data, test, text_column, label_column)
+    if trust is not None and trust.robustness and ds.modality != "text":
+        raise ConfigError(f"--robustness: the perturbations and the attack edit text; not applicable to "
+                          f"{ds.modality} data (drop --robustness)")
     per_class = test_per_class or (None if user_test is not None else test_per_class_for(ds, shots))
     # every split now (cheap, no model): data too small for a shot count is refused before anything is written
-    all_splits = {(seed, k): make_compare_splits(ds, shots=k, seed=seed, test_per_class=per_class,
-                                                 user_test=user_test) for seed in seed_list for k in shots}
+    all_splits = {(seed, k): _groups_on_test_only(make_compare_splits(ds, shots=k, seed=seed,
+                                                                      test_per_class=per_class, user_test=user_test))
+                  for seed in seed_list for k in shots}
     work_dir, created = _start_assembly(out_dir)
     try:
         rows, meta = _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, settings, budget_s,
-                              columns, train_fn, progress, work_dir, started)
+                              columns, train_fn, progress, work_dir, started, trust)
         write_file_atomically(work_dir / "report.html", render_report(rows, meta))
         finish_run_dir(work_dir, out_dir)
     except BaseException:
@@ -112,6 +168,50 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
         _remove_empty(created)
         raise
     return rows
+
+
+def _load_with_groups(data: Any, test: Any, columns: dict, group_column: str) -> tuple[Any, Any]:
+    """``data`` and ``test`` with the group column read from the file the test examples come from: ``test`` when
+    given, else ``data`` (its carved test split keeps each example's group: ``Dataset.subset`` carries them)."""
+    if test is not None:
+        test = test if isinstance(test, Dataset) else load_data(str(test), group_column=group_column, **columns)
+        source = test
+    else:
+        data = data if isinstance(data, Dataset) else load_data(str(data), group_column=group_column, **columns)
+        source = data
+    if source.groups is None:
+        raise DataError(f"{source.origin}: loaded without its group column; load it with "
+                        f"load_data(..., group_column={group_column!r})")
+    return data, test
+
+
+def _groups_on_test_only(splits):
+    """Only the test examples' groups are read; the training part drops them (augmentation adds examples without
+    one)."""
+    return replace(splits, train=replace(splits.train, groups=None), val=replace(splits.val, groups=None))
+
+
+def _trust_of(strategy: Strategy, work: Path, test, trust: TrustOptions) -> dict:
+    """Per-group metrics and robustness of one finished run of a ``train`` strategy, its run in ``work`` loaded
+    back (the other kinds: nothing; ``TrustOptions.describe`` says so)."""
+    if strategy.kind != "train":
+        return {}
+    started = time.perf_counter()
+    try:
+        run = load_run(work)
+    except GraftuneError as e:  # e.g. a training function that wrote no run
+        return {"trust_error": f"not measured: {str(e).splitlines()[0]}"[:300]}
+    out: dict[str, Any] = {}
+    if trust.group_column is not None:
+        preds = [r["label"] for r in predict(run, test.inputs)]
+        out["groups"] = {"column": trust.group_column, **group_metrics(test.labels, preds, test.groups,
+                                                                       run.label_names)}
+    if trust.robustness:
+        # seed 0 for every run: the same sampled texts, the same perturbations and attack edits
+        out["robustness"] = measure(lambda batch: predict(run, batch), test.inputs, test.labels, sample=trust.sample,
+                                    attack_sample=trust.attack_sample, budget=BUDGET, seed=0)
+    out["trust_seconds"] = round(time.perf_counter() - started, 2)
+    return out
 
 
 def is_comparison(path: Path) -> bool:
@@ -139,7 +239,7 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, settings, budget_s, columns, train_fn,
-             progress, out_dir: Path, started: float) -> tuple[list[dict], dict]:
+             progress, out_dir: Path, started: float, trust: TrustOptions | None) -> tuple[list[dict], dict]:
     """Every (seed, shots, augment, strategy) run into ``out_dir`` (results.json rewritten after each)."""
     data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
     frozen: Frozen | None = None
@@ -176,6 +276,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                                 continue
                         t0 = time.perf_counter()
                         setup0 = frozen.setup_seconds if frozen is not None else 0.0
+                        work = Path(scratch) / f"{name}-{k}-{seed}-{int(aug)}"
                         try:
                             with PeakMemory() as rss:
                                 if strategy.kind == "features":
@@ -187,7 +288,6 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                                 elif strategy.kind == "in-context":
                                     result = run_in_context(strategy, run_splits, seed, settings)
                                 else:
-                                    work = Path(scratch) / f"{name}-{k}-{seed}-{int(aug)}"
                                     result = run_train(strategy, model, data_spec, run_splits, seed, settings,
                                                         work, columns, train_fn)
                         except NotApplicable as e:
@@ -209,14 +309,30 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         per_example = result["train_seconds"] / max(len(run_splits.train), 1)
                         fixed = max(wall - setup - result["train_seconds"], 0.0)
                         spent.setdefault(name, []).append((fixed, per_example))
+                        if trust is not None:  # after the timing: measuring the model is not training it
+                            row.update(_trust_of(strategy, work, splits.test, trust))
                         rows.append(row)
                         say(f"[compare] {name} shots={k} seed={seed} aug={aug}: accuracy {row['accuracy']:.3f} "
-                            f"({wall:.0f} s)")
+                            f"({wall:.0f} s){_trust_line(row)}")
                         _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started,
-                                       names, settings, augment)
+                                       names, settings, augment, trust)
     meta = _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started, names,
-                          settings, augment)
+                          settings, augment, trust)
     return rows, meta
+
+
+def _trust_line(row: dict) -> str:
+    """The progress line's tail: the largest group gap and the attack's success rate, when measured."""
+    parts = []
+    if row.get("groups"):
+        gap = row["groups"]["accuracy_gap"]
+        parts.append(f"group gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})")
+    if row.get("robustness"):
+        attack = row["robustness"]["attack"]
+        parts.append("attack " + (f"{attack['success_rate']:.2f}" if attack else "not run"))
+    if row.get("trust_error"):
+        parts.append(row["trust_error"])
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _replace_train(splits, train):
@@ -250,7 +366,7 @@ def effective_settings(strategy: Strategy, settings: dict) -> dict:
 
 
 def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str | None, budget_s, seconds,
-                   names: Sequence[str], settings: dict, augment: Sequence[bool]) -> dict:
+                   names: Sequence[str], settings: dict, augment: Sequence[bool], trust: TrustOptions | None) -> dict:
     """results.json: the rows and what they were measured with (``settings``: each strategy's effective
     settings; ``user_settings``: what --set gave)."""
     meta = {"model": model, "data": ds.origin, "modality": ds.modality, "classes": len(ds.label_names),
@@ -262,5 +378,7 @@ def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str
             "train_defaults": TRAIN_DEFAULTS, "augment": list(augment),
             "augment_copies": AUGMENT_COPIES if any(augment) else 0,
             "strategies": {n: STRATEGIES[n].description for n in names}}
+    if trust is not None:
+        meta["trust"] = trust.describe(names)
     write_file_atomically(out_dir / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return meta

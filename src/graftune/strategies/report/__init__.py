@@ -42,6 +42,7 @@ def render_report(rows: Sequence[dict], meta: dict) -> str:
         plot_params=_plot(summary, "trainable_params", log=True, xlabel="trainable parameters"),
         plot_time=_plot(summary, "train_seconds", log=True, xlabel="training seconds"),
         augmentation=_augmentation(augmentation_effect(summary), n_test), skipped=_skipped(rows),
+        trust=_trust(rows, meta),
         method_note=html.escape(_method_note(meta, rows)).replace("--set", "<code>--set</code>"))
 
 
@@ -81,6 +82,107 @@ def _augmentation(effects: Sequence[dict], n_test: int | None) -> str:
     note = f"<p><small>Points of accuracy {html.escape(point_note(n_test))}.</small></p>" if n_test else ""
     return ('<table id="augmentation"><tr><th>strategy</th><th>shots</th><th>accuracy change, points</th>'
             "<th>larger std, points</th><th>verdict</th></tr>" + "".join(rows) + "</table>" + note)
+
+
+# --- per-group gaps and robustness (compare --group-column, --robustness) ---------------------------------------
+def _trust(rows: Sequence[dict], meta: dict) -> str:
+    """The per-group table and the robustness table and plots, when the comparison measured them; empty when not."""
+    trust = meta.get("trust")
+    if not trust:
+        return ""
+    parts = []
+    skipped = trust.get("not_measured") or {}
+    note = (f"<p><small>Not measured for {html.escape(_names(skipped))}: {html.escape(next(iter(skipped.values())))}"
+            ".</small></p>") if skipped else ""
+    if trust.get("group_column"):
+        parts.append(f"<h2>Accuracy per group ({html.escape(trust['group_column'])})</h2>" + _groups_table(rows)
+                     + note)
+    if trust.get("robustness"):
+        parts.append("<h2>Robustness: accuracy under noise and a greedy character attack</h2>"
+                     + _robustness_table(rows, trust["robustness"]) + note)
+    return "\n".join(parts)
+
+
+def _mean_by_run(rows: Sequence[dict], key: str) -> dict[tuple, list[dict]]:
+    """The rows holding ``key``, by (strategy, augment, shots), in the summary table's order."""
+    out: dict[tuple, list[dict]] = {}
+    order = list(STRATEGIES)
+    for r in sorted((r for r in rows if r.get(key)), key=lambda r: (
+            r["shots"], order.index(r["strategy"]) if r["strategy"] in order else 99, r["augment"])):
+        out.setdefault((r["strategy"], r["augment"], r["shots"]), []).append(r[key])
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _groups_table(rows: Sequence[dict]) -> str:
+    """Strategy x group accuracy (mean over seeds), then the largest gaps of accuracy and macro-F1 between the
+    groups' means."""
+    runs = _mean_by_run(rows, "groups")
+    if not runs:
+        return "<p>No run was measured.</p>"
+    sizes = {g: v["examples"] for results in runs.values() for res in results for g, v in res["groups"].items()}
+    head = ("<tr><th>strategy</th><th>shots</th><th>seeds</th>"
+            + "".join(f"<th>{html.escape(g)} (n={n})</th>" for g, n in sizes.items())
+            + "<th>accuracy gap (best &rarr; worst)</th><th>macro-F1 gap</th></tr>")
+    body = []
+    for (name, aug, k), results in runs.items():
+        cells, gaps = [], {}
+        for key in ("accuracy", "macro_f1"):
+            means = {g: _mean([r["groups"][g][key] for r in results if g in r["groups"]]) for g in sizes}
+            best, worst = max(means, key=means.get), min(means, key=means.get)
+            gaps[key] = f"{means[best] - means[worst]:.3f} ({html.escape(best)} &rarr; {html.escape(worst)})"
+            if key == "accuracy":
+                cells = [f"<td>{means[g]:.3f}</td>" for g in sizes]
+        body.append(f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td><td>{len(results)}</td>"
+                    + "".join(cells) + f"<td>{gaps['accuracy']}</td><td>{gaps['macro_f1']}</td></tr>")
+    notes = sorted({n for results in runs.values() for res in results for n in res.get("notes", [])})
+    small = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return (f'<table id="groups">{head}{"".join(body)}</table>'
+            "<p><small>Accuracy per group, mean over seeds; a gap is between the groups' means.</small></p>"
+            + (f"<ul><small>{small}</small></ul>" if small else ""))
+
+
+def _robustness_table(rows: Sequence[dict], how: dict) -> str:
+    """Clean accuracy, accuracy under each perturbation and strength, and the attack's success rate, per strategy
+    (means over seeds); then one plot per perturbation: accuracy against strength (0: clean) at the largest shot
+    count."""
+    runs = _mean_by_run(rows, "robustness")
+    if not runs:
+        return "<p>No run was measured.</p>"
+    first = next(iter(runs.values()))[0]
+    strengths = [str(s) for s in first["strengths"]]
+    names = list(first["accuracy"])
+    head = ("<tr><th>strategy</th><th>shots</th><th>seeds</th><th>clean</th>"
+            + "".join(f"<th>{html.escape(p)} {s}</th>" for p in names for s in strengths)
+            + f"<th>attack success (&le; {how['budget']} edits)</th><th>mean edits</th></tr>")
+    body, points = [], {p: [] for p in names}
+    top = max(k for _, _, k in runs)
+    for (name, aug, k), results in runs.items():
+        clean = _mean([r["clean_accuracy"] for r in results])
+        curves = {p: {s: _mean([r["accuracy"][p][s] for r in results]) for s in strengths} for p in names}
+        attacks = [r["attack"] for r in results if r["attack"]]
+        success = f"{_mean([a['success_rate'] for a in attacks]):.3f}" if attacks else "not run"
+        edits = [a["mean_edits_when_successful"] for a in attacks if a["mean_edits_when_successful"] is not None]
+        body.append(f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td><td>{len(results)}</td>"
+                    f"<td>{clean:.3f}</td>" + "".join(f"<td>{curves[p][s]:.3f}</td>" for p in names for s in strengths)
+                    + f"<td>{success}</td><td>{f'{_mean(edits):.1f}' if edits else '&ndash;'}</td></tr>")
+        if k == top:
+            for p in names:
+                points[p] += [{"strategy": name, "augment": aug, "shots": k, "strength": float(s), "accuracy": a,
+                               "accuracy_std": 0.0} for s, a in [("0", clean), *curves[p].items()]]
+    plots = "".join(f'<figure id="plot-{p}">'
+                    + _plot(points[p], "strength", log=False, xlabel=f"{p} strength", width=360, height=240,
+                            x_least=0.02)
+                    + f"<figcaption>Accuracy under {html.escape(p)} ({top} shots; 0: clean)</figcaption></figure>"
+                    for p in names)
+    return (f'<table id="robustness">{head}{"".join(body)}</table>'
+            f"<p><small>On a seeded sample of {how['sample']} test examples (the same for every run, seed "
+            f"{how['seed']}); the attack on up to {how['attack_sample']} of them that the run classifies right, one "
+            "character edit per word, most important word first (graftune robustness, docs/trust.md). Means over "
+            f"seeds.</small></p><div class=\"plots\">{plots}</div>")
 
 
 def _skipped(rows: Sequence[dict]) -> str:
@@ -154,12 +256,12 @@ ACCURACY_STEPS = (0.05, 0.1, 0.2)
 
 
 def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: int = 520,
-          height: int = 300) -> str:
+          height: int = 300, x_least: float = 0.5) -> str:
     """Mean accuracy (with +-std bars) against ``xkey``, one colour per strategy (augmented: dashed line, hollow
     marker); lines join shot counts. The axis ranges hold every mean +- std with a margin, so nothing is clipped;
     ticks fall on round values (accuracy in steps of 0.05, 0.1 or 0.2; a log axis at powers of 10; shots at the
     shot counts); the legend sits below the plot, its columns as wide as the longest label. ``height`` is the plot
-    part; the legend adds rows below it."""
+    part; the legend adds rows below it. ``x_least``: the least padding of a linear x axis on either side."""
     points = [s for s in summary if s.get(xkey) is not None]
     if not points:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="4" y="20">no data'
@@ -170,7 +272,7 @@ def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: 
     shots_axis = xkey == "shots"
     xs = [_x(s[xkey], xkey) for s in points]
     lo_x, hi_x, xticks = _x_axis(xs, xkey, [s[xkey] for s in points]) if (log or shots_axis) else \
-        _linear_axis(xs)
+        _linear_axis(xs, least=x_least)
 
     def px(v: float) -> float:
         return _LEFT + (v - lo_x) / (hi_x - lo_x) * pw
@@ -286,8 +388,8 @@ def _x_axis(xs: Sequence[float], xkey: str, raw: Sequence[float]) -> tuple[float
     return lo, hi, [(float(t), _power_label(t)) for t in range(math.ceil(lo), math.floor(hi) + 1)]
 
 
-def _linear_axis(xs: Sequence[float]) -> tuple[float, float, list[tuple[float, str]]]:
-    lo, hi = _pad(min(xs), max(xs), least=0.5)
+def _linear_axis(xs: Sequence[float], least: float = 0.5) -> tuple[float, float, list[tuple[float, str]]]:
+    lo, hi = _pad(min(xs), max(xs), least=least)
     step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9) / 2))
     return lo, hi, [(i * step, f"{i * step:g}") for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 

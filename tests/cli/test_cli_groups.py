@@ -1,0 +1,131 @@
+"""Trust after training, per group and under noise: ``eval --group-column`` and ``compare --group-column
+--robustness`` on a tiny BERT and a topic csv with a region column (the groups travel with the examples through the
+splits; the per-group numbers add up to the overall ones); bad input is one line and exit 2; where a check does not
+apply to images, it says so in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.data.sources import load_data
+from graftune.data.splits import make_splits
+from graftune.strategies.robustness import PERTURBATIONS
+from tests.train_helpers import bert_folder, image_folder, one_line_error, topic_rows, write_csv
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-groups")
+    rows = topic_rows(12, seed=3)
+    for i, r in enumerate(rows):
+        r["region"] = "north" if i % 2 else "south"
+    rows[0]["region"] = "west"  # a group of one example: noted, not an error
+    bert = bert_folder(root / "bert")
+    csv = write_csv(root / "regions.csv", rows)
+    run = root / "run"
+    trained = runner.invoke(app, ["train", "--model", str(bert), "--data", str(csv), "--out", str(run), "--method",
+                                  "probe", "--shots", "4", "--max-length", "32", "--precision", "fp32", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    return {"root": root, "bert": str(bert), "csv": str(csv), "run": str(run), "rows": rows,
+            "images": str(image_folder(root / "images", n_per_class=4))}
+
+
+def weighted_accuracy(groups: dict) -> float:
+    total = sum(g["examples"] for g in groups.values())
+    return sum(g["accuracy"] * g["examples"] for g in groups.values()) / total
+
+
+def test_groups_travel_with_their_examples_through_dedup_and_splits(tiny):
+    first = {}
+    for r in tiny["rows"]:  # loading keeps the first of equal texts, with its group
+        first.setdefault(" ".join(r["text"].split()), r["region"])
+    ds = load_data(tiny["csv"], group_column="region")
+    test = make_splits(ds, seed=1, test_size=0.3).test
+    assert len(test.groups) == len(test) > 0
+    assert [first[" ".join(t.split())] for t in test.inputs] == test.groups
+
+
+def test_eval_group_column_on_the_runs_test_split_and_on_a_file(tiny):
+    result = runner.invoke(app, ["eval", tiny["run"], "--group-column", "region", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    groups = m["groups"]
+    assert groups["column"] == "region" and set(groups["groups"]) <= {"north", "south", "west"}
+    assert sum(g["examples"] for g in groups["groups"].values()) == m["examples"]
+    assert weighted_accuracy(groups["groups"]) == pytest.approx(m["accuracy"], abs=1e-3)
+    gap = groups["accuracy_gap"]
+    assert gap["gap"] == pytest.approx(groups["groups"][gap["best"]]["accuracy"]
+                                       - groups["groups"][gap["worst"]]["accuracy"])
+    text = runner.invoke(app, ["eval", tiny["run"], "--data", tiny["csv"], "--group-column", "region"])
+    assert text.exit_code == 0, text.output
+    out = text.stdout
+    assert "per group (region)" in out and "largest gap: accuracy" in out
+    assert "note: group 'west' has 1 example: one example moves its accuracy by 100 points" in out
+    assert next(line for line in out.splitlines() if line.startswith("west")).split()[1] == "1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{run}", "--group-column", "country"],
+     "no group column 'country'; columns found: text, label, region. Use --group-column NAME"),
+    (["compare", "--model", "{bert}", "--data", "trec", "--out", "{root}/c1", "--group-column", "region"],
+     "trec is a built-in alias: it has no columns, so no group column 'region'"),
+    (["compare", "--model", "{bert}", "--data", "{images}", "--out", "{root}/c2", "--group-column", "region"],
+     "a folder of class subfolders has no columns, so no group column 'region'"),
+    (["compare", "--model", "{bert}", "--data", "{images}", "--out", "{root}/c3", "--robustness"],
+     "--robustness: the perturbations and the attack edit text; not applicable to image data"),
+    (["compare", "--model", "{bert}", "--data", "{csv}", "--out", "{root}/c4", "--robustness",
+      "--robustness-sample", "0"], "robustness sample 0"),
+], ids=["missing-column", "alias", "class-folder", "robustness-images", "bad-sample"])
+def test_bad_input_is_one_line(tiny, args, message):
+    args = [a.format(**tiny) for a in args]
+    assert message in one_line_error(runner.invoke(app, args))
+    assert not any(p.name.startswith("c") and p.is_dir() for p in tiny["root"].iterdir())  # nothing written
+
+
+def test_robustness_refuses_an_image_run_in_one_line(tmp_path, monkeypatch):
+    from graftune.config import RunConfig
+    from graftune.runs import train
+    from tests.train_helpers import use_tiny_cnn
+
+    use_tiny_cnn(monkeypatch)
+    image_folder(tmp_path / "imgs", n_per_class=6)
+    out = tmp_path / "img"
+    train(RunConfig(model="tiny-cnn", data=str(tmp_path / "imgs"), method="lora", out=str(out), epochs=1,
+                    batch_size=4, precision="fp32", val_size=0, test_size=0.3), progress=False)
+    refused = one_line_error(runner.invoke(app, ["robustness", str(out)]))
+    assert "is an image run" in refused and "not applicable to image" in refused
+
+
+def test_compare_with_groups_and_robustness_fills_results_and_report(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
+                                 "--seeds", "1", "--shots", "3", "--strategies", "linear-probe,lora", "--augment",
+                                 "off", "--set", "max_length=32", "--set", "epochs=1", "--set", "precision=fp32",
+                                 "--group-column", "region", "--robustness", "--robustness-sample", "12",
+                                 "--attack-sample", "3"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    probe, lora = saved["rows"]
+    assert "lora shots=3 seed=0 aug=False: accuracy" in result.stdout and "group gap" in result.stdout
+    # the lora run was loaded back and scored again: its groups add up to the accuracy compare measured
+    groups = lora["groups"]["groups"]
+    assert sum(g["examples"] for g in groups.values()) == lora["test_examples"]
+    assert weighted_accuracy(groups) == pytest.approx(lora["accuracy"], abs=1e-3)
+    robust = lora["robustness"]
+    assert robust["examples"] == 12 and set(robust["accuracy"]) == set(PERTURBATIONS)
+    assert robust["attack"] is None or robust["attack"]["attacked"] <= 3
+    # the features strategy keeps no model to load back: not measured, and results.json says why
+    assert "groups" not in probe and "robustness" not in probe
+    trust = saved["meta"]["trust"]
+    assert trust["group_column"] == "region" and trust["robustness"]["sample"] == 12
+    assert "linear-probe" in trust["not_measured"] and "lora" not in trust["not_measured"]
+    page = (out / "report.html").read_text()
+    assert 'id="groups"' in page and "north (n=" in page and "accuracy gap" in page
+    assert 'id="robustness"' in page and 'id="plot-char_noise"' in page and "attack success" in page
+    assert "Not measured for linear-probe" in page
