@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,13 @@ def cleanup() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # A gloo worker thread drops its finished work (the last broadcast's tensors) only once it holds the GIL;
+        # the process group's destructor joins those threads while the main thread holds the GIL (a pybind
+        # dealloc), so a worker still waiting to drop a work deadlocks the process (seen: a torchrun rank hung in
+        # ~ProcessGroupGloo after the final metrics broadcast). A barrier and a short sleep, both without the
+        # GIL, let every worker finish first.
+        dist.barrier()
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
