@@ -92,6 +92,9 @@ def test_group_metrics_names_the_largest_gap():
     assert out["notes"] == [f"group '{g}' has 3 examples: one example moves its accuracy by 33 points" for g in "xy"]
     assert group_metrics(labels, preds, ["x"] * 6, ["a", "b"], min_examples=2)["notes"] == [
         "one group only ('x'): no gap to measure"]
+    # a group holding one class is scored on that class alone: all right is macro-F1 1, not 1/2
+    one_class = group_metrics(["a", "a", "b"], ["a", "a", "a"], ["x", "x", "y"], ["a", "b"])["groups"]
+    assert one_class["x"]["macro_f1"] == 1.0 and one_class["y"]["macro_f1"] == 0.0
     table = format_groups(out)
     assert "largest gap: accuracy 1.000 (best x, worst y)" in table and table.count("note: ") == 2
     with pytest.raises(DataError, match="one each"):

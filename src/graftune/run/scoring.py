@@ -176,8 +176,10 @@ MIN_GROUP_EXAMPLES = 10
 
 def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[Any], label_names: Sequence[str], *,
                   min_examples: int = MIN_GROUP_EXAMPLES) -> dict:
-    """Accuracy and macro-F1 (over ``label_names``) for each group, and the largest gap between groups of each:
-    a model that is right for one group and wrong for another carries a bias the overall score hides.
+    """Accuracy and macro-F1 for each group, and the largest gap between groups of each: a model that is right for
+    one group and wrong for another carries a bias the overall score hides. A group's macro-F1 averages the classes
+    its examples hold (a class absent from a group, say "who" questions and the NUM class, would count as F1 0 and
+    sink the mean); ``label_names`` fixes their order.
 
     ``notes`` says, in words, where the numbers are thin: a group with fewer than ``min_examples`` examples, or a
     single group (no gap to measure)."""
@@ -189,8 +191,9 @@ def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[
     per = {}
     for name in sorted(set(g.tolist())):
         m = g == name
+        present = [n for n in label_names if n in set(y[m].tolist())]
         per[name] = {"examples": int(m.sum()), "accuracy": round(float((y[m] == p[m]).mean()), 4),
-                     "macro_f1": round(float(f1_score(y[m], p[m], labels=list(label_names), average="macro",
+                     "macro_f1": round(float(f1_score(y[m], p[m], labels=present, average="macro",
                                                       zero_division=0)), 4)}
 
     def gap(key: str) -> dict:
