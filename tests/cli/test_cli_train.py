@@ -161,7 +161,8 @@ def test_a_test_file_that_overlaps_training_is_flagged_loudly(tiny, tmp_path):
     # the test file repeats three of the training texts: the run still trains, and its summary says so in capitals
     import csv
 
-    rows = list(csv.DictReader(open(tiny["csv"], encoding="utf-8")))
+    with open(tiny["csv"], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     test = tmp_path / "test.csv"
     with test.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["text", "label"])

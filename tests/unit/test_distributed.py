@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
+from graftune.runs import train
 from graftune.speed import distributed
 from graftune.speed.distributed import DistInfo
-from graftune.runs import train
 from tests.conftest import tiny_bert
 from tests.train_helpers import bert_folder, topic_csv
 

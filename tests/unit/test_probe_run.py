@@ -55,8 +55,8 @@ def refit(run_dir: Path, head: str):
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
-    from graftune.speed import precision
     from graftune.recipes.fewshot import frozen_fit
+    from graftune.speed import precision
     from graftune.zoo import load_base
 
     cfg = build_config(run_dir / "run.yaml")

@@ -25,8 +25,8 @@ from graftune.config import RunConfig
 from graftune.errors import ConfigError
 from graftune.evaluate import evaluate_run, generate, load_run, predict
 from graftune.run.scoring import logits_of
-from graftune.speed.quantize import check_choice, is_quantized, quantize_int8
 from graftune.runs import train
+from graftune.speed.quantize import check_choice, is_quantized, quantize_int8
 from tests.conftest import text_inputs, tiny_bert, tiny_llama
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, topic_rows, train_args
 

@@ -207,10 +207,10 @@ def test_probe_head_init_reproduces_the_logistic_regression(labels, tiny):
 
     from graftune.core.model import AdapterModel
     from graftune.data.sources import load_data
+    from graftune.recipes.adapter import init_head_from_probe
     from graftune.run.scoring import features_of
     from graftune.speed import precision
     from graftune.tasks import build_task
-    from graftune.recipes.adapter import init_head_from_probe
     from graftune.zoo import load_base
 
     ds = load_data(str(tiny["csv"]))

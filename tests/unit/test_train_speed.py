@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
-from graftune.speed.precision import cpu_features
 from graftune.runs import train
+from graftune.speed.precision import cpu_features
 from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv, train_args
 
 
