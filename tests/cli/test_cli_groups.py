@@ -120,12 +120,12 @@ def test_compare_with_groups_and_robustness_fills_results_and_report(tiny, tmp_p
     robust = lora["robustness"]
     assert robust["examples"] == 12 and set(robust["accuracy"]) == set(PERTURBATIONS)
     assert robust["attack"] is None or robust["attack"]["attacked"] <= 3
-    # the features strategy keeps no model to load back: not measured, and results.json says why
-    assert "groups" not in probe and "robustness" not in probe
+    # the features strategy is measured through the model its runner hands back, on the same sampled texts
+    assert weighted_accuracy(probe["groups"]["groups"]) == pytest.approx(probe["accuracy"], abs=1e-3)
+    assert probe["robustness"]["examples"] == 12 and "trust_error" not in probe
     trust = saved["meta"]["trust"]
     assert trust["group_column"] == "region" and trust["robustness"]["sample"] == 12
-    assert "linear-probe" in trust["not_measured"] and "lora" not in trust["not_measured"]
     page = (out / "report.html").read_text()
     assert 'id="groups"' in page and "north (n=" in page and "accuracy gap" in page
     assert 'id="robustness"' in page and 'id="plot-char_noise"' in page and "attack success" in page
-    assert "Not measured for linear-probe" in page
+    assert "Not measured for" not in page

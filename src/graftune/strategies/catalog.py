@@ -34,8 +34,8 @@ from graftune.errors import ConfigError, DataError
 from graftune.recipes import in_context
 from graftune.recipes.contrastive import PAIR_MAX_LENGTH
 from graftune.recipes.fewshot import DEFAULT_CHUNKS, contrastive_fit, embed, make_head
-from graftune.recipes.fewshot_run import score
-from graftune.run.scoring import features_of, score_probabilities
+from graftune.recipes.fewshot_run import predict_rows, score
+from graftune.run.scoring import features_of, probability_rows, score_probabilities
 from graftune.speed import precision
 from graftune.tasks import MODALITY_TASK, ZOO_TASK, build_task
 from graftune.tasks.classification import classification_metrics, encode_labels
@@ -189,8 +189,14 @@ def run_features(strategy: Strategy, frozen: Frozen, splits, test_key: str) -> d
     seconds = time.perf_counter() - started
     pred = clf.predict(frozen.test_features(splits.test, test_key))
     m = classification_metrics(np.asarray(encode_labels(splits.test.labels, names, False)), pred, names)
+
+    def predict(texts):
+        proba = np.zeros((len(texts), len(names)))
+        proba[:, clf.classes_] = clf.predict_proba(frozen.features(texts))
+        return probability_rows(proba, names)
+
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": trainable,
-            "train_seconds": round(seconds, 2)}
+            "train_seconds": round(seconds, 2), "predict": predict}
 
 
 def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings: dict) -> dict:
@@ -203,7 +209,8 @@ def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings:
     m = score(fitted, splits.test.inputs, splits.test.labels, splits.test.label_names)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "trainable_params": int(fitted.report["trainable_params"]),
-            "train_seconds": round(fitted.report["seconds"], 2)}
+            "train_seconds": round(fitted.report["seconds"], 2),
+            "predict": lambda texts: predict_rows(fitted, list(texts), splits.test.label_names)}
 
 
 def run_in_context(strategy: Strategy, splits, seed: int, settings: dict) -> dict:
@@ -222,7 +229,8 @@ def run_in_context(strategy: Strategy, splits, seed: int, settings: dict) -> dic
                             splits.train.label_names)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": 0,
             "train_seconds": round(fit_seconds, 2),
-            "seconds_per_text": round((time.perf_counter() - t0) / max(len(splits.test), 1), 4)}
+            "seconds_per_text": round((time.perf_counter() - t0) / max(len(splits.test), 1), 4),
+            "predict": lambda texts: probability_rows(fitted.predict_proba(list(texts)), splits.train.label_names)}
 
 
 def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int, settings: dict, work: Path,

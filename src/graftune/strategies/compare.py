@@ -13,13 +13,14 @@ into the table and the recommendation.
 ``TrustOptions`` asks for more than accuracy on each finished run (docs/trust.md): accuracy and macro-F1 per group
 of a group column and the largest gap (``run.scoring.group_metrics``), and the perturbation curves and greedy
 attack of ``strategies.robustness.measure`` on a seeded sample of the test set (the same texts for every run).
-Both need the run's model after it is scored: a ``train`` strategy's run is loaded back from its scratch folder;
-the other kinds (features, contrastive, in-context) keep no model compare can reach, and ``meta["trust"]`` names
-them as not measured.
+Both need the run's model after it is scored: the features, contrastive and in-context runners hand back a
+``predict`` function over their fitted model; a ``train`` strategy's run is loaded back from its scratch folder.
+Every strategy is measured the same way, on the same sampled texts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -94,8 +95,6 @@ class TrustOptions:
         if self.robustness:
             out["robustness"] = {"sample": self.sample, "attack_sample": self.attack_sample, "budget": BUDGET,
                                  "strengths": list(STRENGTHS), "seed": 0}
-        out["not_measured"] = {n: f"a {STRATEGIES[n].kind} strategy: compare keeps no model of it to load back "
-                                  "(only train strategies' runs are)" for n in names if STRATEGIES[n].kind != "train"}
         return out
 
 
@@ -191,24 +190,27 @@ def _groups_on_test_only(splits):
     return replace(splits, train=replace(splits.train, groups=None), val=replace(splits.val, groups=None))
 
 
-def _trust_of(strategy: Strategy, work: Path, test, trust: TrustOptions) -> dict:
-    """Per-group metrics and robustness of one finished run of a ``train`` strategy, its run in ``work`` loaded
-    back (the other kinds: nothing; ``TrustOptions.describe`` says so)."""
-    if strategy.kind != "train":
-        return {}
+def _trust_of(strategy: Strategy, work: Path, test, trust: TrustOptions, predict_fn: Callable | None) -> dict:
+    """Per-group metrics and robustness of one finished run: through ``predict_fn`` (rows with ``label`` and
+    ``probabilities``: what the features, contrastive and in-context runners hand back), or for a ``train``
+    strategy through its run in ``work``, loaded back."""
     started = time.perf_counter()
-    try:
-        run = load_run(work)
-    except GraftuneError as e:  # e.g. a training function that wrote no run
-        return {"trust_error": f"not measured: {str(e).splitlines()[0]}"[:300]}
+    if predict_fn is None:
+        if strategy.kind != "train":
+            return {"trust_error": f"not measured: a {strategy.kind} strategy that handed back no model"}
+        try:
+            run = load_run(work)
+        except GraftuneError as e:  # e.g. a training function that wrote no run
+            return {"trust_error": f"not measured: {str(e).splitlines()[0]}"[:300]}
+        predict_fn = functools.partial(predict, run)
     out: dict[str, Any] = {}
     if trust.group_column is not None:
-        preds = [r["label"] for r in predict(run, test.inputs)]
+        preds = [r["label"] for r in predict_fn(list(test.inputs))]
         out["groups"] = {"column": trust.group_column, **group_metrics(test.labels, preds, test.groups,
-                                                                       run.label_names)}
+                                                                       test.label_names)}
     if trust.robustness:
         # seed 0 for every run: the same sampled texts, the same perturbations and attack edits
-        out["robustness"] = measure(lambda batch: predict(run, batch), test.inputs, test.labels, sample=trust.sample,
+        out["robustness"] = measure(predict_fn, test.inputs, test.labels, sample=trust.sample,
                                     attack_sample=trust.attack_sample, budget=BUDGET, seed=0)
     out["trust_seconds"] = round(time.perf_counter() - started, 2)
     return out
@@ -301,6 +303,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                             continue
                         wall = time.perf_counter() - t0
                         fp = result.pop("run_test_fingerprint", None)
+                        predict_fn = result.pop("predict", None)  # the strategy's model, where it has one
                         if fp is not None and fp != test_fp:
                             raise RuntimeError(f"{name}: the run's test set differs from the comparison's (bug)")
                         row.update(result, wall_seconds=round(wall, 2), peak_rss_mb=round(rss.peak, 1))
@@ -310,7 +313,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         fixed = max(wall - setup - result["train_seconds"], 0.0)
                         spent.setdefault(name, []).append((fixed, per_example))
                         if trust is not None:  # after the timing: measuring the model is not training it
-                            row.update(_trust_of(strategy, work, splits.test, trust))
+                            row.update(_trust_of(strategy, work, splits.test, trust, predict_fn))
                         rows.append(row)
                         say(f"[compare] {name} shots={k} seed={seed} aug={aug}: accuracy {row['accuracy']:.3f} "
                             f"({wall:.0f} s){_trust_line(row)}")

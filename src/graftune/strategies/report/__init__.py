@@ -91,9 +91,9 @@ def _trust(rows: Sequence[dict], meta: dict) -> str:
     if not trust:
         return ""
     parts = []
-    skipped = trust.get("not_measured") or {}
-    note = (f"<p><small>Not measured for {html.escape(_names(skipped))}: {html.escape(next(iter(skipped.values())))}"
-            ".</small></p>") if skipped else ""
+    failed = sorted({r["strategy"] for r in rows if r.get("trust_error")})
+    note = (f"<p><small>Not measured for {html.escape(', '.join(failed))} (results.json says why, per run)."
+            "</small></p>") if failed else ""
     if trust.get("group_column"):
         parts.append(f"<h2>Accuracy per group ({html.escape(trust['group_column'])})</h2>" + _groups_table(rows)
                      + note)
