@@ -175,6 +175,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                                            Path(scratch) / f"{name}-{i}",
                                            {"text_column": text_column, "label_column": label_column}, train_fn)
                     seconds = time.perf_counter() - t0
+                    result.pop("predict", None)  # the fold's model: not kept
                     per_example.append(seconds / max(len(fit), 1) / (AUTO_COST.get(name) or STRATEGIES[name].cost))
                     runs_of[name].append({**result, "fold": i, "seconds": seconds})
                     say(f"[auto] {name}: fold {i + 1} macro-F1 {result['macro_f1']:.3f} ({seconds:.0f} s)")
@@ -192,14 +193,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     if not scores:
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
 
-    best = max(scores.values(), key=lambda s: s["macro_f1"])
     val_size = len(folds[0][1])
-    close = [s for s in scores.values() if not _beaten(s, best, val_size)]
-    # among the tied, the smallest wins; models within SAME_SIZE of the smallest (or all under SMALL parameters:
-    # a logistic regression and class means alike) count as equally small, and the better mean decides among them
-    smallest = min(s["trainable_params"] for s in close)
-    small = [s for s in close if s["trainable_params"] <= max(SAME_SIZE * smallest, SMALL)]
-    pick = max(small, key=lambda s: (s["macro_f1"], -s["trainable_params"], -s["seconds"]))
+    pick, best, close = decide(scores, val_size)
     listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_std']:.3f} ({s['folds']} fold"
                         f"{'s' if s['folds'] > 1 else ''}, {s['seconds']:.0f} s)" for s in scores.values())
     reason = (f"By {k}-fold cross-validation on the {len(train)} training examples ({val_size} held out per fold, "
@@ -221,6 +216,19 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             "seconds": round(time.perf_counter() - started, 2), "training_examples": len(train),
             "validation_examples": val_size, "folds": k, "repeats": REPEATS,
             "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped}
+
+
+def decide(scores: dict[str, dict], val_size: int) -> tuple[dict, dict, list[dict]]:
+    """The rule, on the candidates' summaries (``_summarize_runs``): returns (pick, best, the candidates tied with
+    the best). The best mean macro-F1 is the reference; the tied are those ``_beaten`` does not exclude; among
+    them the smallest wins (models within ``SAME_SIZE`` of the smallest, or all under ``SMALL`` trained
+    parameters, count as equally small, and the better mean decides among those)."""
+    best = max(scores.values(), key=lambda s: s["macro_f1"])
+    close = [s for s in scores.values() if not _beaten(s, best, val_size)]
+    smallest = min(s["trainable_params"] for s in close)
+    small = [s for s in close if s["trainable_params"] <= max(SAME_SIZE * smallest, SMALL)]
+    pick = max(small, key=lambda s: (s["macro_f1"], -s["trainable_params"], -s["seconds"]))
+    return pick, best, close
 
 
 def fit_head(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, val: np.ndarray, label_names: Sequence[str],
@@ -247,14 +255,16 @@ def _summarize_runs(method: str, runs: list[dict], seconds: float) -> dict:
 
 
 def _gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
-    """The best's lead over ``candidate`` and its noise. On the same folds (both ran as many): paired, the standard
-    error of the per-fold differences. Otherwise the difference of the means, with the two means' standard errors
-    combined (a mean over one fold: the sampling noise of a proportion on one validation fold), so that a cheap
-    candidate's ten folds are not cut to the one a costly candidate ran."""
+    """The best's lead over ``candidate`` and its noise. Every candidate's folds start with the first repeat's, in
+    order, so the first ``n`` folds of two candidates held out the very same examples: with ``n >= 2`` shared folds
+    the lead is the mean of the paired per-fold differences and the noise their standard error (the folds' own
+    difficulty cancels out). With one shared fold, the difference of the means, with the two means' standard
+    errors combined (a mean over one fold: the sampling noise of a proportion on one validation fold)."""
     a, b = candidate["per_fold"], best["per_fold"]
-    if len(a) == len(b) > 1:
-        diffs = [y - x for x, y in zip(a, b)]
-        return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    n = min(len(a), len(b))
+    if n > 1:
+        diffs = [y - x for x, y in zip(a[:n], b[:n])]
+        return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(n)
 
     def standard_error(s: dict) -> float:
         folds = s["per_fold"]

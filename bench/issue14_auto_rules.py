@@ -1,0 +1,215 @@
+"""Which selection rule should ``--method auto`` use? Score every candidate on every fold AND on the test set, once,
+then replay several rules offline on the same numbers and report each rule's regret (issue 14).
+
+Per (data set, seed), on the bench's splits (``catalog.make_compare_splits``: the test set carved with seed 0, the
+shots with the seed):
+- the cross-validation auto runs (``RepeatedStratifiedKFold`` over the training examples, the same folds and seed as
+  ``strategies.auto``): the cheap candidates (probe, prototypes) on every fold of both repeats, the trained ones
+  (LoRA with a head for 3 epochs, the contrastive recipe) on every fold of the first repeat;
+- every candidate trained on all training examples as auto's pick would be trained, and scored on the test set.
+
+A rule sees only the fold scores (and, to mimic successive halving, only the folds it would have paid for) and
+picks a candidate; its regret on a split is the best candidate's test accuracy minus its pick's.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python bench/issue14_auto_rules.py --data trec,sms-spam \
+        --seeds 0,1,2 --out bench/out/auto-rules          # runs (slow: the trained candidates on every fold)
+    PYTHONPATH=src .venv/bin/python bench/issue14_auto_rules.py --replay bench/out/auto-rules   # rules only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import RepeatedStratifiedKFold
+
+from graftune.data.splits import Splits
+from graftune.recipes import adapter
+from graftune.strategies import auto
+from graftune.strategies.catalog import (
+    STRATEGIES,
+    Frozen,
+    load_compare_data,
+    make_compare_splits,
+    run_contrastive,
+    run_features,
+    run_train,
+    test_per_class_for,
+)
+
+TRAINED = ("lora", "contrastive")
+
+
+# --- measuring --------------------------------------------------------------------------------------------------------
+def measure(data: str, seed: int, shots: int, model: str = "minilm") -> dict:
+    ds, _ = load_compare_data(data, None, "text", "label")
+    splits = make_compare_splits(ds, shots=shots, seed=seed, test_per_class=test_per_class_for(ds, [8, 16]))
+    train = splits.train
+    labels = np.asarray(train.labels)
+    k = int(min(auto.FOLDS, min(np.unique(labels, return_counts=True)[1])))
+    folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=auto.REPEATS, random_state=seed)
+                 .split(np.zeros(len(labels)), labels))
+    out = {"data": data, "seed": seed, "shots": shots, "train": len(train), "test": len(splits.test), "k": k,
+           "cv": {}, "test_scores": {}, "seconds": {}}
+    frozen = Frozen(model, ds, 256)
+    x = frozen.features(train.inputs)
+    for name, head in (("probe", "logistic"), ("prototypes", "prototype")):
+        out["cv"][name] = [auto.fit_head(x, labels, f, v, train.label_names, head)["macro_f1"] for f, v in folds]
+        strategy = STRATEGIES["linear-probe" if name == "probe" else "prototypes"]
+        out["test_scores"][name] = run_features(strategy, frozen, splits, "test")["accuracy"]
+    settings = {"max_length": 256}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in TRAINED:
+            t0 = time.perf_counter()
+            scores = []
+            for i, (fit, val) in enumerate(folds[:k]):  # the first repeat, as successive halving runs it
+                inner = Splits(train=train.subset(list(fit)), val=train.subset([]), test=train.subset(list(val)),
+                               seed=seed, shots=shots)
+                scores.append(_run(name, model, data, inner, seed, {**settings, "epochs": 3},
+                                   Path(scratch) / f"{name}-{i}")["macro_f1"])
+            out["cv"][name] = scores
+            out["seconds"][f"{name}_per_fold"] = round((time.perf_counter() - t0) / k, 1)
+            t0 = time.perf_counter()
+            # the final run as auto's pick trains it: the adapter loop with compare's settings (10 epochs)
+            out["test_scores"][name] = _run(name, model, data, splits, seed, settings,
+                                            Path(scratch) / f"{name}-final")["accuracy"]
+            out["seconds"][f"{name}_final"] = round(time.perf_counter() - t0, 1)
+            print(f"  {data} seed {seed} {name}: cv {statistics.mean(scores):.3f} test "
+                  f"{out['test_scores'][name]:.3f}", flush=True)
+    return out
+
+
+def _run(name, model, data, splits, seed, settings, work):
+    if name == "contrastive":
+        return run_contrastive(STRATEGIES[name], model, splits, seed, settings)
+    return run_train(STRATEGIES[name], model, data, splits, seed, settings, work, {"text_column": "text",
+                                                                                  "label_column": "label"},
+                     adapter.train)
+
+
+# --- rules ------------------------------------------------------------------------------------------------------------
+PARAMS = {"probe": 2_000, "prototypes": 0, "lora": 150_000, "contrastive": 50_000}
+
+
+def _summary(name: str, folds: list[float]) -> dict:
+    return {"method": name, "macro_f1": statistics.mean(folds), "per_fold": folds,
+            "macro_f1_std": statistics.stdev(folds) if len(folds) > 1 else 0.0, "trainable_params": PARAMS[name],
+            "seconds": 0.0, "folds": len(folds), "accuracy": statistics.mean(folds)}
+
+
+def _unpaired_gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
+    """auto's gap before session 6: paired only when both ran as many folds, else the means' combined noise."""
+    a, b = candidate["per_fold"], best["per_fold"]
+    if len(a) == len(b) > 1:
+        diffs = [y - x for x, y in zip(a, b)]
+        return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+    def se(s):
+        f = s["per_fold"]
+        return statistics.stdev(f) / math.sqrt(len(f)) if len(f) > 1 else math.sqrt(
+            max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / max(val_size, 1))
+
+    return best["macro_f1"] - candidate["macro_f1"], math.hypot(se(best), se(candidate))
+
+
+def rule_auto(cv: dict, k: int, trained_folds: int, paired: bool = True, val_size: int = 10,
+              candidates=("probe", "prototypes", "lora", "contrastive")) -> str:
+    """auto's rule (``auto.decide``) with the trained candidates seen on their first ``trained_folds`` folds."""
+    scores = {n: _summary(n, f if n not in TRAINED else f[:trained_folds]) for n, f in cv.items() if n in candidates}
+    if paired:
+        return auto.decide(scores, val_size)[0]["method"]
+    shipped = auto._gap
+    auto._gap = _unpaired_gap
+    try:
+        return auto.decide(scores, val_size)[0]["method"]
+    finally:
+        auto._gap = shipped
+
+
+def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:
+    """The best mean over the folds every candidate ran (paired: the same validation examples)."""
+    return max(cv, key=lambda c: statistics.mean(cv[c][:trained_folds]))
+
+
+def rule_probe_unless_beaten(cv: dict, k: int, trained_folds: int, z: float = 1.0) -> str:
+    """The probe unless another candidate beats it by more than ``z`` standard errors of the paired per-fold
+    differences (on the folds both ran); then the best mean."""
+    n = trained_folds
+    best = max(cv, key=lambda c: statistics.mean(cv[c][:n]))
+    if best == "probe":
+        return best
+    diffs = [a - b for a, b in zip(cv[best][:n], cv["probe"][:n])]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
+    return best if statistics.mean(diffs) > z * se else "probe"
+
+
+RULES = {
+    "shipped: unpaired, trained 3 folds": lambda cv, k: rule_auto(cv, k, 3, paired=False),
+    "shipped: unpaired, trained 1 fold": lambda cv, k: rule_auto(cv, k, 1, paired=False),
+    "paired on shared folds, trained 3 folds": lambda cv, k: rule_auto(cv, k, 3),
+    "paired on shared folds, trained all folds": lambda cv, k: rule_auto(cv, k, k),
+    "paired, all folds, no lora": lambda cv, k: rule_auto(cv, k, k, candidates=("probe", "prototypes",
+                                                                                "contrastive")),
+    "paired, all folds, probe + contrastive": lambda cv, k: rule_auto(cv, k, k, candidates=("probe", "contrastive")),
+    "best mean, 3 shared folds": lambda cv, k: rule_best_mean(cv, k, 3),
+    "best mean, all folds shared": lambda cv, k: rule_best_mean(cv, k, k),
+    "probe unless beaten 1 SE, all folds": lambda cv, k: rule_probe_unless_beaten(cv, k, k),
+    "always probe": lambda cv, k: "probe",
+    "always contrastive": lambda cv, k: "contrastive",
+    "always lora": lambda cv, k: "lora",
+}
+
+
+def replay(records: list[dict]) -> str:
+    lines = ["| rule | " + " | ".join(sorted({r["data"] for r in records})) + " | mean regret | worst | vs probe |",
+             "|---|" + "---|" * (len({r["data"] for r in records}) + 3)]
+    by_data = sorted({r["data"] for r in records})
+    for name, rule in RULES.items():
+        regrets: dict[str, list[float]] = {d: [] for d in by_data}
+        gains = []
+        for r in records:
+            pick = rule(r["cv"], r["k"])
+            best = max(r["test_scores"].values())
+            regrets[r["data"]].append(100 * (best - r["test_scores"][pick]))
+            gains.append(100 * (r["test_scores"][pick] - r["test_scores"]["probe"]))
+        per = [statistics.mean(v) for v in regrets.values()]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in per) +
+                     f" | {statistics.mean(per):.1f} | {max(per):.1f} | {statistics.mean(gains):+.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="trec,sms-spam,rotten-tomatoes,bbc-news")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--out", default="bench/out/auto-rules")
+    p.add_argument("--replay", help="a folder of records: print the rules' regrets only")
+    a = p.parse_args()
+    if a.replay:
+        records = [json.loads(f.read_text()) for f in sorted(Path(a.replay).glob("*.json"))]
+        print(replay(records))
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for data in a.data.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            path = out / f"{data}-{a.shots}-{seed}.json"
+            if path.exists():
+                continue
+            t0 = time.perf_counter()
+            record = measure(data, seed, a.shots)
+            record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+            path.write_text(json.dumps(record, indent=1))
+            print(f"{data} seed {seed}: {record['test_scores']} in {record['seconds']['total']:.0f} s", flush=True)
+    print(replay([json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]))
+
+
+if __name__ == "__main__":
+    main()
