@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import statistics
 import time
 
 import numpy as np
@@ -502,3 +503,32 @@ def test_axes_hold_extreme_values():
         assert lo < min(lows) and hi > max(highs) and len(ticks) >= 2, (lows, ticks)
     lo, hi, ticks = _x_axis([3.0], "trainable_params", [1000])
     assert lo < 3.0 < hi and len(ticks) >= 2
+
+
+def _scored(method: str, folds: list[float], params: int) -> dict:
+    return {"method": method, "per_fold": folds, "macro_f1": statistics.mean(folds),
+            "macro_f1_std": statistics.stdev(folds), "trainable_params": params, "seconds": 0.0, "folds": len(folds)}
+
+
+def test_a_gap_steady_on_the_shared_folds_is_no_tie_whatever_the_folds_spread():
+    """Fold difficulty varies a lot (0.3 to 0.9), the lead does not: LoRA is 2 points ahead of the probe on each of
+    the five folds both ran. Paired on those folds, that is far beyond the noise (unpaired, the spread of the
+    folds would have excused it), even though the probe also ran five more folds."""
+    probe = [0.30, 0.90, 0.50, 0.70, 0.40, 0.60, 0.80, 0.35, 0.55, 0.65]
+    lora = [p + 0.02 + 0.001 * i for i, p in enumerate(probe[:5])]
+    pick, _, close = auto.decide({"probe": _scored("probe", probe, 2_000),
+                                     "lora": _scored("lora", lora, 150_000)}, val_size=10)
+    assert pick["method"] == "lora" and [c["method"] for c in close] == ["lora"]
+    # the same lead with a fold-to-fold swing of +-10 points is within the noise: a tie, the smaller one wins
+    noisy = [p + (0.12 if i % 2 else -0.08) for i, p in enumerate(probe[:5])]
+    pick, _, close = auto.decide({"probe": _scored("probe", probe, 2_000),
+                                  "lora": _scored("lora", noisy, 150_000)}, val_size=10)
+    assert pick["method"] == "probe" and len(close) == 2
+
+
+def test_an_exact_tie_goes_to_the_logistic_probe_not_the_class_means():
+    # sms-spam at 8 shots: 16 examples, ~3 per validation fold; both heads score the same on every fold
+    folds = [0.73, 1.0, 1.0, 1.0, 1.0, 1.0, 0.67, 1.0, 1.0, 1.0]
+    pick, _, _ = auto.decide({"prototypes": _scored("prototypes", folds, 0),
+                              "probe": _scored("probe", folds, 770)}, val_size=3)
+    assert pick["method"] == "probe"

@@ -46,6 +46,9 @@ FOLDS, REPEATS = 5, 2
 #: trained candidates, successive halving: every one runs on the first RUNGS[0] folds of the first repeat, the
 #: better half (at least one, and none clearly worse than the best) goes on to RUNGS[1] folds
 RUNGS = (1, 3)
+#: exact ties between equally small candidates (the same mean over the same folds: a few validation examples per
+#: fold can make every candidate score 1.0) go to the earlier of this order, the logistic probe before class means
+PREFERENCE = ("probe", "head", "contrastive", "lora", "topk", "prototypes")
 #: the largest gap a tie can excuse, whatever the noise (see ``_beaten``)
 TIE_CAP = 0.03
 #: tied candidates this close in size (a factor, or both under SMALL trained parameters) are equally small
@@ -222,13 +225,18 @@ def decide(scores: dict[str, dict], val_size: int) -> tuple[dict, dict, list[dic
     """The rule, on the candidates' summaries (``_summarize_runs``): returns (pick, best, the candidates tied with
     the best). The best mean macro-F1 is the reference; the tied are those ``_beaten`` does not exclude; among
     them the smallest wins (models within ``SAME_SIZE`` of the smallest, or all under ``SMALL`` trained
-    parameters, count as equally small, and the better mean decides among those)."""
+    parameters, count as equally small, and the better mean decides among those; an exact tie goes to the
+    earlier in ``PREFERENCE``)."""
     best = max(scores.values(), key=lambda s: s["macro_f1"])
     close = [s for s in scores.values() if not _beaten(s, best, val_size)]
     smallest = min(s["trainable_params"] for s in close)
     small = [s for s in close if s["trainable_params"] <= max(SAME_SIZE * smallest, SMALL)]
-    pick = max(small, key=lambda s: (s["macro_f1"], -s["trainable_params"], -s["seconds"]))
+    pick = max(small, key=lambda s: (s["macro_f1"], -_rank(s["method"])))
     return pick, best, close
+
+
+def _rank(method: str) -> int:
+    return PREFERENCE.index(method) if method in PREFERENCE else len(PREFERENCE)
 
 
 def fit_head(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, val: np.ndarray, label_names: Sequence[str],
