@@ -128,4 +128,62 @@ def test_compare_with_groups_and_robustness_fills_results_and_report(tiny, tmp_p
     page = (out / "report.html").read_text()
     assert 'id="groups"' in page and "north (n=" in page and "accuracy gap" in page
     assert 'id="robustness"' in page and 'id="plot-char_noise"' in page and "attack success" in page
+    assert 'id="attack"' in page and "budget 10 edits per text" in page
     assert "Not measured for" not in page
+
+
+def _robust(clean: float, noise: float, flipped: int, success_at: dict) -> dict:
+    """A row's ``robustness`` as ``measure`` writes it: word_swap and case flat, char_noise and word_drop falling,
+    20 texts attacked."""
+    curves = {"char_noise": {"0.05": clean, "0.1": clean - noise / 2, "0.2": clean - noise},
+              "word_drop": {"0.05": clean, "0.1": clean, "0.2": clean - noise / 5},
+              **{p: {"0.05": clean, "0.1": clean, "0.2": clean} for p in ("word_swap", "case")}}
+    rate = {str(b): success_at.get(b, 0.0) for b in range(1, 11)}
+    return {"examples": 100, "seed": 0, "clean_accuracy": clean, "strengths": [0.05, 0.1, 0.2], "accuracy": curves,
+            "attack": {"attacked": 20, "success_rate": flipped / 20, "success_at": rate,
+                       "mean_edits_when_successful": 4.0 if flipped else None, "budget": 10}}
+
+
+def test_report_shows_every_strategy_side_by_side_and_says_what_the_attack_is():
+    """The robustness part of report.html (from BBC's run, issue 15): two tables of at most 11 columns (they fit the
+    page), every strategy in both and in every plot's legend; strategies with equal values (lora and contrastive:
+    clean 0.94, case flat) drawn at distinct x, so none hides another; the attack and its budget said in words, with
+    the counts (flipped of attacked) and the sampling noise of one text."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    from graftune.strategies.report import render_report
+
+    base = {"shots": 8, "seed": 0, "augment": False, "test_examples": 500, "macro_f1": 0.9, "trainable_params": 1,
+            "train_seconds": 1.0, "peak_rss_mb": 900}
+    rows = [{**base, "strategy": "linear-probe", "accuracy": 0.93, "robustness": _robust(0.93, 0.15, 2, {10: 0.1})},
+            {**base, "strategy": "contrastive", "accuracy": 0.96, "robustness": _robust(0.94, 0.08, 0, {})},
+            {**base, "strategy": "lora", "accuracy": 0.9,
+             "robustness": _robust(0.94, 0.13, 2, {b: 0.05 if b < 7 else 0.1 for b in range(1, 11)})}]
+    how = {"sample": 100, "attack_sample": 20, "budget": 10, "strengths": [0.05, 0.1, 0.2], "seed": 0}
+    page = render_report(rows, {"model": "minilm", "data": "bbc-news", "test_examples": 500, "settings": {},
+                                "trust": {"group_column": None, "robustness": how}})
+    for table in ("robustness", "attack"):
+        html = re.search(rf'<table id="{table}">.*?</table>', page, flags=re.DOTALL).group(0)
+        first = re.search(r"<tr>.*?</tr>", html, flags=re.DOTALL).group(0)
+        assert first.count("<th>") <= 11, table
+        names = re.findall(r"<tr><td>([^<]+)</td>", html)
+        assert names == ["linear-probe", "contrastive", "lora"], (table, names)
+    assert "<td>20</td><td>2</td>" in page and "<td>20</td><td>0</td>" in page  # texts attacked, flipped
+    assert "budget 10 edits per text" in page and "until the predicted label changes or 10 edits are spent" in page
+    assert "One text is 1.0 points" in page and "One text is 5.0 points" in page
+    assert "Under word_swap and case every run scored its clean accuracy at every strength (case: an uncased" in page
+    ns = "{http://www.w3.org/2000/svg}"
+    figures = dict(re.findall(r'<figure id="plot-([a-z_]+)">(<svg.*?</svg>)', page, flags=re.DOTALL))
+    assert set(figures) == {"shots", "params", "time", *PERTURBATIONS, "attack"}
+    for name in (*PERTURBATIONS, "attack"):
+        svg = ET.fromstring(figures[name])
+        legend = [t.text for g in svg.iter(f"{ns}g") if g.get("class") == "legend" for t in g.iter(f"{ns}text")]
+        assert legend == ["linear-probe", "contrastive", "lora"], (name, legend)
+        area = svg.find(f"{ns}rect[@class='plot-area']")
+        x0, y0 = float(area.get("x")), float(area.get("y"))
+        x1, y1 = x0 + float(area.get("width")), y0 + float(area.get("height"))
+        in_legend = {id(c) for g in svg.iter(f"{ns}g") for c in g.iter()}
+        marks = [(float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(f"{ns}circle") if id(c) not in in_legend]
+        assert len(marks) == len(set(marks)) == 3 * (4 if name != "attack" else 11), name  # no marker hidden
+        assert all(x0 + 3.5 <= x <= x1 - 3.5 and y0 + 3.5 <= y <= y1 - 3.5 for x, y in marks), name

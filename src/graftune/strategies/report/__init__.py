@@ -99,6 +99,7 @@ def _trust(rows: Sequence[dict], meta: dict) -> str:
                      + note)
     if trust.get("robustness"):
         parts.append("<h2>Robustness: accuracy under noise and a greedy character attack</h2>"
+                     "<h3>Accuracy under noise</h3>"
                      + _robustness_table(rows, trust["robustness"]) + note)
     return "\n".join(parts)
 
@@ -140,49 +141,99 @@ def _groups_table(rows: Sequence[dict]) -> str:
                     + "".join(cells) + f"<td>{gaps['accuracy']}</td><td>{gaps['macro_f1']}</td></tr>")
     notes = sorted({n for results in runs.values() for res in results for n in res.get("notes", [])})
     small = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return (f'<table id="groups">{head}{"".join(body)}</table>'
+    return (f'<div class="wide"><table id="groups">{head}{"".join(body)}</table></div>'
             "<p><small>Accuracy per group, mean over seeds; a gap is between the groups' means.</small></p>"
             + (f"<ul><small>{small}</small></ul>" if small else ""))
 
 
 def _robustness_table(rows: Sequence[dict], how: dict) -> str:
-    """Clean accuracy, accuracy under each perturbation and strength, and the attack's success rate, per strategy
-    (means over seeds); then one plot per perturbation: accuracy against strength (0: clean) at the largest shot
-    count."""
+    """Two tables, strategies side by side in rows (means over seeds; counts summed): the clean accuracy and the
+    accuracy under each perturbation (one cell holds its strengths), with one plot per perturbation of accuracy
+    against strength (0: clean); then the attack's texts flipped of texts attacked, its success rate within 1, 2,
+    5 and the budget's edits and the mean edits, with a plot of the success rate within k edits. The plots are at
+    the largest shot count and dodge their markers, so that strategies with equal values stay visible."""
     runs = _mean_by_run(rows, "robustness")
     if not runs:
         return "<p>No run was measured.</p>"
     first = next(iter(runs.values()))[0]
     strengths = [str(s) for s in first["strengths"]]
     names = list(first["accuracy"])
-    head = ("<tr><th>strategy</th><th>shots</th><th>seeds</th><th>clean</th>"
-            + "".join(f"<th>{html.escape(p)} {s}</th>" for p in names for s in strengths)
-            + f"<th>attack success (&le; {how['budget']} edits)</th><th>mean edits</th></tr>")
-    body, points = [], {p: [] for p in names}
+    budget = how["budget"]
+    steps = [k for k in (1, 2, 5) if k < budget] + [budget]
     top = max(k for _, _, k in runs)
+    noise_body, attack_body, points, attack_points = [], [], {p: [] for p in names}, []
     for (name, aug, k), results in runs.items():
+        start = (f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td>"
+                 f"<td>{len(results)}</td>")
         clean = _mean([r["clean_accuracy"] for r in results])
         curves = {p: {s: _mean([r["accuracy"][p][s] for r in results]) for s in strengths} for p in names}
+        noise_body.append(start + f"<td>{clean:.3f}</td>" + "".join(
+            f"<td>{' / '.join(f'{curves[p][s]:.3f}' for s in strengths)}</td>" for p in names) + "</tr>")
         attacks = [r["attack"] for r in results if r["attack"]]
-        success = f"{_mean([a['success_rate'] for a in attacks]):.3f}" if attacks else "not run"
-        edits = [a["mean_edits_when_successful"] for a in attacks if a["mean_edits_when_successful"] is not None]
-        body.append(f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td><td>{len(results)}</td>"
-                    f"<td>{clean:.3f}</td>" + "".join(f"<td>{curves[p][s]:.3f}</td>" for p in names for s in strengths)
-                    + f"<td>{success}</td><td>{f'{_mean(edits):.1f}' if edits else '&ndash;'}</td></tr>")
+        if attacks:
+            attacked = sum(a["attacked"] for a in attacks)
+            flipped = sum(round(a["success_rate"] * a["attacked"]) for a in attacks)
+            rate = {b: _mean([a["success_at"].get(str(b), a["success_rate"]) for a in attacks])
+                    for b in range(1, budget + 1)}
+            edits = [a["mean_edits_when_successful"] for a in attacks if a["mean_edits_when_successful"] is not None]
+            attack_body.append(start + f"<td>{attacked}</td><td>{flipped}</td>"
+                               + "".join(f"<td>{rate[b]:.3f}</td>" for b in steps)
+                               + f"<td>{f'{_mean(edits):.1f}' if edits else '&ndash;'}</td></tr>")
+        else:
+            attack_body.append(start + f'<td>0</td><td colspan="{len(steps) + 2}">not run: the run classified no '
+                               "sampled text right</td></tr>")
+            rate = {}
         if k == top:
             for p in names:
                 points[p] += [{"strategy": name, "augment": aug, "shots": k, "strength": float(s), "accuracy": a,
                                "accuracy_std": 0.0} for s, a in [("0", clean), *curves[p].items()]]
-    plots = "".join(f'<figure id="plot-{p}">'
-                    + _plot(points[p], "strength", log=False, xlabel=f"{p} strength", width=360, height=240,
-                            x_least=0.02)
-                    + f"<figcaption>Accuracy under {html.escape(p)} ({top} shots; 0: clean)</figcaption></figure>"
-                    for p in names)
-    return (f'<table id="robustness">{head}{"".join(body)}</table>'
-            f"<p><small>On a seeded sample of {how['sample']} test examples (the same for every run, seed "
-            f"{how['seed']}); the attack on up to {how['attack_sample']} of them that the run classifies right, one "
-            "character edit per word, most important word first (graftune robustness, docs/trust.md). Means over "
-            f"seeds.</small></p><div class=\"plots\">{plots}</div>")
+            if rate:
+                attack_points += [{"strategy": name, "augment": aug, "shots": k, "edits": b, "accuracy": v,
+                                   "accuracy_std": 0.0} for b, v in [(0, 0.0), *rate.items()]]
+    n = max(r["examples"] for results in runs.values() for r in results)  # the sample, or the test set if smaller
+    m = max((r["attack"]["attacked"] for results in runs.values() for r in results if r["attack"]),
+            default=how["attack_sample"])
+    flat = [p for p in names if all(r["accuracy"][p][s] == r["clean_accuracy"] for results in runs.values()
+                                    for r in results for s in strengths)]
+    flat_note = (f" Under {_names(flat)} every run scored its clean accuracy at every strength"
+                 + (" (case: an uncased tokenizer, as MiniLM's, reads both cases alike)." if "case" in flat else ".")
+                 if flat else "")
+    noise = ('<div class="wide"><table id="robustness"><tr><th>strategy</th><th>shots</th><th>seeds</th>'
+             "<th>clean</th>" + "".join(f"<th>{html.escape(p)}<br><small>{' / '.join(strengths)}</small></th>"
+                                        for p in names)
+             + f'</tr>{"".join(noise_body)}</table></div>'
+             f"<p><small>Accuracy on one seeded sample of {n} test examples, the same for every run (seed "
+             f"{how['seed']}): clean, then under each perturbation at strengths {', '.join(strengths)}. char_noise: "
+             "that share of the characters deleted, substituted or preceded by an inserted letter; word_drop: that "
+             "share of the words dropped; word_swap: that share of neighbouring words swapped; case: that share of "
+             f"the words upper- or lower-cased.{flat_note} One text is {100 / n:.1f} points; means over seeds."
+             "</small></p>")
+    noise += '<div class="plots">' + "".join(
+        f'<figure id="plot-{p}">' + _plot(points[p], "strength", log=False, xlabel=f"{p} strength", width=360,
+                                          height=240, x_least=0.02, dodge=4)
+        + f"<figcaption>Accuracy under {html.escape(p)} ({top} shots; 0: clean)</figcaption></figure>"
+        for p in names) + "</div>"
+    attack = ('<div class="wide"><table id="attack"><tr><th>strategy</th><th>shots</th><th>seeds</th>'
+              "<th>texts attacked</th><th>flipped</th>"
+              + "".join(f"<th>success rate<br><small>within {b} edit{'s' if b > 1 else ''}</small></th>"
+                        for b in steps)
+              + f'<th>mean edits<br><small>when flipped</small></th></tr>{"".join(attack_body)}</table></div>'
+              f"<p><small>The attack (greedy, black box, one character edit per word, budget {budget} edits per "
+              f"text): on the first (at most {how['attack_sample']}) texts of the sample that the run classifies "
+              "right, the words are ranked by how much deleting each lowers the probability of the true label; "
+              "then, most important word first, the one character swap, deletion, substitution or insertion in the "
+              "word that lowers that probability most is made, until the predicted label changes or "
+              f"{budget} edits are spent. The attack success rate is the share of the attacked texts whose label "
+              "changed: "
+              f"lower is more robust. One text is {100 / m:.1f} points of it; means over seeds, counts summed "
+              "(graftune robustness, docs/trust.md).</small></p>")
+    if attack_points:
+        attack += ('<div class="plots"><figure id="plot-attack">'
+                   + _plot(attack_points, "edits", log=False, xlabel="character edits allowed", width=360,
+                           height=240, ylabel="attack success rate", dodge=4)
+                   + f"<figcaption>Share of the attacked texts flipped within k edits ({top} shots)</figcaption>"
+                     "</figure></div>")
+    return (noise + f"<h3>A greedy character attack, {budget} edits per text at most</h3>" + attack)
 
 
 def _skipped(rows: Sequence[dict]) -> str:
@@ -256,12 +307,15 @@ ACCURACY_STEPS = (0.05, 0.1, 0.2)
 
 
 def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: int = 520,
-          height: int = 300, x_least: float = 0.5) -> str:
+          height: int = 300, x_least: float = 0.5, ylabel: str = "accuracy", dodge: float = 0.0) -> str:
     """Mean accuracy (with +-std bars) against ``xkey``, one colour per strategy (augmented: dashed line, hollow
     marker); lines join shot counts. The axis ranges hold every mean +- std with a margin, so nothing is clipped;
     ticks fall on round values (accuracy in steps of 0.05, 0.1 or 0.2; a log axis at powers of 10; shots at the
     shot counts); the legend sits below the plot, its columns as wide as the longest label. ``height`` is the plot
-    part; the legend adds rows below it. ``x_least``: the least padding of a linear x axis on either side."""
+    part; the legend adds rows below it. ``x_least``: the least padding of a linear x axis on either side.
+    ``ylabel``: the y axis's title (the values are read from ``accuracy`` whatever they are). ``dodge``: pixels
+    between the series' markers at one x (centred on the true x), so that series with equal values stay visible
+    side by side instead of the last one drawn hiding the others."""
     points = [s for s in summary if s.get(xkey) is not None]
     if not points:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="4" y="20">no data'
@@ -303,14 +357,15 @@ def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: 
                      f'text-anchor="middle">{text}</text>')
     parts.append(f'<text x="{_LEFT + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
     parts.append(f'<text x="12" y="{_TOP + ph / 2}" transform="rotate(-90 12 {_TOP + ph / 2})" '
-                 'text-anchor="middle">accuracy</text>')
+                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
     for i, (name, ss) in enumerate(series.items()):
         colour = _COLOURS[strategies.index(ss[0]["strategy"]) % len(_COLOURS)]
         aug = ss[0]["augment"]
         dash = ' stroke-dasharray="5 3"' if aug else ""
         fill = "#fff" if aug else colour
         ss = sorted(ss, key=lambda s: s["shots"])
-        coords = [(px(_x(s[xkey], xkey)), py(s["accuracy"])) for s in ss]
+        shift = dodge * (i - (len(series) - 1) / 2)
+        coords = [(px(_x(s[xkey], xkey)) + shift, py(s["accuracy"])) for s in ss]
         if len({round(x, 1) for x, _ in coords}) > 1:  # same x for every shot count (parameters): no line
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}"{dash}/>')
