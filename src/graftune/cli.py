@@ -256,11 +256,11 @@ def compare(
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                    help="A training setting for the adapter "
                                                    "strategies (epochs, lr, max_length, ...; repeatable).")] = None,
-    group_column: str | None = typer.Option(None, help=_GROUP_HELP + " Per run of the adapter strategies (the "
+    group_column: str | None = typer.Option(None, help=_GROUP_HELP + " Per run of every strategy (the "
                                             "test examples' groups: from --test, else from --data)."),
     robustness: bool = typer.Option(False, "--robustness", help="Also measure each run's accuracy under character "
                                     "noise, word drops and swaps and case changes, and a greedy character attack's "
-                                    "success rate (graftune robustness; text, adapter strategies)."),
+                                    "success rate (graftune robustness; text data, every strategy)."),
     robustness_sample: int = typer.Option(100, help="Test examples --robustness scores (seeded, the same for every "
                                           "run)."),
     attack_sample: int = typer.Option(20, help="Texts --robustness attacks at most per run (correctly classified "
