@@ -44,8 +44,9 @@ CHEAP = ("head", "prototypes")
 #: cheap candidates: repeated stratified k-fold over the training examples (at most FOLDS folds, REPEATS times)
 FOLDS, REPEATS = 5, 2
 #: trained candidates, successive halving: every one runs on the first RUNGS[0] folds of the first repeat; those
-#: not clearly worse than the best (at least two) go on to RUNGS[1] folds, as the budget allows
-RUNGS = (1, FOLDS)
+#: not clearly worse than the best (at least two) go on to the next rung's folds, as the budget allows; the
+#: comparison stops early once one trained candidate is left, best, and every other candidate clearly behind it
+RUNGS = (1, 3, FOLDS)
 #: which candidate wins a tie (a gap within the noise of the cross-validation): the earliest in this order. It is
 #: the order of the strategies' test accuracy over the built-in text data sets at 8 shots (bench/RESULTS.md,
 #: "Session 6": the contrastive recipe was the most accurate on every split of trec, sms-spam and rotten-tomatoes,
@@ -192,6 +193,11 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
             best_now = max(scores.values(), key=lambda s: s["macro_f1"])
             costly = [n for n in keep if not _clearly_worse(scores[n], best_now, len(folds[0][1]))]
+            if len(costly) == 1 and scores[costly[0]] is best_now and all(
+                    _clearly_worse(s, best_now, len(folds[0][1])) for s in scores.values() if s is not best_now):
+                say(f"[auto] {costly[0]} is ahead of every other candidate by more than two standard errors: "
+                    "no more folds needed")
+                break
     if not scores:
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
 
