@@ -1,7 +1,8 @@
 """The HTTP layer: an app factory over a :class:`~graftune.serve.store.ModelStore` and a source of promoted
 versions (a registry). Route functions validate nothing themselves (the request models do) and run no model code
-(the store does, on its worker thread, fed by the :class:`~graftune.serve.batcher.Batcher`). Startup (first load,
-the batcher, the registry poller) and shutdown (drain, last drift flush) live in the lifespan.
+(the store does, on its worker thread, fed by two :class:`~graftune.serve.batcher.Batcher` queues: one for
+classification forwards, one for generations). Startup (first load, the batchers, the registry poller) and shutdown
+(drain, last drift flush) live in the lifespan.
 """
 
 import asyncio
@@ -9,7 +10,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,18 +124,24 @@ class Metrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.inputs = Counter("graftune_inputs", "Texts classified or prompts answered, by adapter", ["adapter"],
                               registry=self.registry)
-        self.batch_rows = Histogram("graftune_batch_rows", "Rows per forward", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.batch_requests = Histogram("graftune_batch_requests", "Requests per forward", registry=self.registry,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.batch_adapters = Histogram("graftune_batch_adapters", "Distinct adapters per forward",
-                                        registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
+        # a predict batch is one forward; a generate batch is one batched generation (a forward per new token)
+        self.batches = {"predict": self._batch_series("graftune_batch", "forward"),
+                        "generate": self._batch_series("graftune_generate_batch", "batched generation")}
         self.adapters = Gauge("graftune_adapters_served", "Adapters served", registry=self.registry)
 
-    def on_batch(self, record: BatchRecord) -> None:
-        self.batch_rows.observe(record.rows)
-        self.batch_requests.observe(record.requests)
-        self.batch_adapters.observe(len(record.adapters))
+    def _batch_series(self, prefix: str, what: str) -> tuple[Histogram, Histogram, Histogram]:
+        return (Histogram(f"{prefix}_rows", f"Rows per {what}", registry=self.registry,
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+                Histogram(f"{prefix}_requests", f"Requests per {what}", registry=self.registry,
+                          buckets=(1, 2, 4, 8, 16, 32, 64)),
+                Histogram(f"{prefix}_adapters", f"Distinct adapters per {what}", registry=self.registry,
+                          buckets=(1, 2, 4, 8, 16, 32)))
+
+    def on_batch(self, endpoint: str, record: BatchRecord) -> None:
+        rows, requests, adapters = self.batches[endpoint]
+        rows.observe(record.rows)
+        requests.observe(record.requests)
+        adapters.observe(len(record.adapters))
 
 
 class BodyLimit:
@@ -197,8 +204,13 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
     ``tracker`` (optional) is the store's drift observer, flushed periodically and at shutdown."""
     settings = settings or Settings()
     metrics = Metrics()
-    batcher = Batcher(store.submit, store.classify, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                      on_batch=metrics.on_batch)
+    # one window for classification forwards, one for generations: the same mechanism, two queues (a batch is
+    # one kind of forward), both run on the store's one worker thread
+    def window(endpoint: str, run: Callable[[list[Rows]], list]) -> Batcher:
+        return Batcher(store.submit, run, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                       on_batch=functools.partial(metrics.on_batch, endpoint))
+
+    batcher, generator = window("predict", store.classify), window("generate", store.generate)
     PredictRequest, GenerateRequest = request_models(settings.limits)
     state: dict[str, Any] = {"generation": object()}
 
@@ -232,6 +244,7 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
         metrics.adapters.set(len(store.names()))
         log.info("serving %d adapter(s); %d refused", len(store.names()), len(report["failed"]))
         await batcher.start()
+        await generator.start()
         poller = asyncio.create_task(follow(), name="graftune-follow")
         try:
             yield
@@ -242,13 +255,15 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
             except asyncio.CancelledError:
                 pass
             await batcher.stop()
+            await generator.stop()
             if tracker is not None:
                 await asyncio.to_thread(tracker.flush)
             await asyncio.to_thread(store.close)
 
     app = FastAPI(title="graftune", summary="Many adapters on one base, mixed-adapter batches", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
-    app.state.store, app.state.batcher, app.state.metrics, app.state.settings = store, batcher, metrics, settings
+    app.state.store, app.state.batcher, app.state.generator = store, batcher, generator
+    app.state.metrics, app.state.settings = metrics, settings
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -310,8 +325,7 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
             if entry.kind != "causal-lm":
                 raise ServeError(f"{entry.name} is a classifier; use POST /v1/predict")
             metrics.inputs.labels(entry.name).inc(len(body.inputs))
-            return await asyncio.wrap_future(store.submit(store.generate, entry, list(body.inputs),
-                                                          body.max_new_tokens))
+            return await generator(Rows(entry, list(body.inputs), body.max_new_tokens), len(body.inputs))
 
         entry, outputs = await run(body.adapter, "generate", call)
         return {"adapter": entry.name, "version": entry.version, "outputs": outputs}

@@ -43,7 +43,8 @@ class BatchRecord:
 class Batcher:
     """Args:
     run: ``run(list_of_rows) -> list_of_results`` on the model's thread, given as ``submit(fn, arg) -> Future``
-        (``ModelStore.submit``) and ``fn`` (``ModelStore.classify``).
+        (``ModelStore.submit``) and ``fn`` (``ModelStore.classify``, or ``ModelStore.generate`` for a generation
+        queue: a batch is then one batched generation).
     max_batch: rows per forward at most (a larger single request still runs, alone).
     max_wait_ms: how long the first request of a batch waits for company.
     on_batch: called with each :class:`BatchRecord` (metrics).

@@ -4,6 +4,8 @@ A served name points at an :class:`Entry` (one version of one run: its adapter u
 label names). Many entries share one :class:`Slot` (a base model wrapped in an ``AdapterModel``), so 32 adapters on
 MiniLM cost one MiniLM plus 32 small adapters, and a batch whose rows use different adapters runs as ONE forward
 (``AdapterModel.routed(adapter_names)``: the engine's batched routing), each row then read by its own adapter's head.
+Generation works the same way: prompts for any mix of causal-LM adapters on one base run as ONE batched greedy
+generation (``AdapterModel.generate(adapter_names=...)``), each row routed to its own adapter at every decoding step.
 
 Threading: everything that runs or changes a model runs on the store's single worker thread (``submit``), so a
 forward never sees an adapter being attached or deleted halfway. Following a promote or rollback loads the new
@@ -93,10 +95,12 @@ class Entry:
 
 @dataclass
 class Rows:
-    """One request's share of a batch: its entry and its inputs (texts)."""
+    """One request's share of a batch: its entry, its inputs (texts or prompts) and, for generation, the most tokens
+    its answers may have (None: the run's own ``max_new_tokens``)."""
 
     entry: Entry
     inputs: list[str]
+    max_new_tokens: int | None = None
 
 
 class ModelStore:
@@ -152,10 +156,7 @@ class ModelStore:
         """Predictions for every request of ``batch``: ONE forward per base, whatever the mix of adapters. Runs on
         the worker thread (the batcher submits it)."""
         out: list[list[dict] | None] = [None] * len(batch)
-        by_slot: dict[str, list[int]] = {}
-        for i, rows in enumerate(batch):
-            by_slot.setdefault(rows.entry.slot.key, []).append(i)
-        for idx in by_slot.values():
+        for idx in _by_slot(batch):
             slot = batch[idx[0]].entry.slot
             examples, names, owner = [], [], []
             for i in idx:
@@ -181,15 +182,30 @@ class ModelStore:
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def generate(self, entry: Entry, prompts: list[str], max_new_tokens: int | None) -> list[str]:
-        """Greedy answers of a causal-LM entry: one request per forward (its adapter activated for the call)."""
-        model = entry.slot.model
-        model.set_active(*([entry.key] if entry.key else []))
-        try:
-            with entry.slot.policy.autocast():
-                return entry.task.generate(model, prompts, max_new_tokens=max_new_tokens or entry.max_new_tokens)
-        finally:
-            model.set_active()
+    def generate(self, batch: Sequence[Rows]) -> list[list[str]]:
+        """Greedy answers for every request of ``batch`` (causal-LM entries): ONE batched generation per base,
+        whatever the mix of adapters. Prompts are left-padded, each row is routed to its own adapter at every
+        decoding step and stops at its own end token or its request's ``max_new_tokens``; the answers are those of
+        each request generated alone. Runs on the worker thread (the batcher submits it)."""
+        out: list[list[str] | None] = [None] * len(batch)
+        for idx in _by_slot(batch):
+            slot, task = batch[idx[0]].entry.slot, batch[idx[0]].entry.task  # one base: one tokenizer, pad and end
+            prompts, names, limits = [], [], []
+            for i in idx:
+                entry = batch[i].entry
+                for text in batch[i].inputs:
+                    prompts.append(entry.task.prompt_ids(text))
+                    names.append(entry.key)
+                    limits.append(batch[i].max_new_tokens or entry.max_new_tokens)
+            with slot.policy.autocast():
+                answers = task.generate_ids(slot.model, prompts, max_new_tokens=limits, adapter_names=names,
+                                            batch_size=len(prompts))
+            start = 0
+            for i in idx:
+                n = len(batch[i].inputs)
+                out[i] = [batch[i].entry.task.decode(a) for a in answers[start:start + n]]
+                start += n
+        return out  # type: ignore[return-value]
 
     # --- following the registry --------------------------------------------------------------------------------
     def sync(self, wanted: Mapping[str, tuple]) -> dict:
@@ -304,6 +320,14 @@ class ModelStore:
         self.slots.setdefault(slot.key, slot)
         return Entry(plan["name"], plan["version"], plan["run_dir"], plan["kind"], plan["method"], key, slot,
                      plan["task"], plan["head"], plan["label_names"], plan["multi_label"], plan["max_new_tokens"])
+
+
+def _by_slot(batch: Sequence[Rows]) -> list[list[int]]:
+    """The batch's request indices grouped by base (one forward each), in order of arrival."""
+    groups: dict[str, list[int]] = {}
+    for i, rows in enumerate(batch):
+        groups.setdefault(rows.entry.slot.key, []).append(i)
+    return list(groups.values())
 
 
 def _features(model: AdapterModel, inputs: dict, pooling: str) -> torch.Tensor:

@@ -105,26 +105,56 @@ class CausalLM:
 
     # --- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, model: nn.Module, prompts: Sequence[str], *, max_new_tokens: int = 64,
-                 batch_size: int = 8, on_batch: Callable[[int], Any] | None = None) -> list[str]:
+    def generate(self, model: nn.Module, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int] = 64,
+                 batch_size: int = 8, on_batch: Callable[[int], Any] | None = None,
+                 adapter_names: Sequence[str | None] | None = None) -> list[str]:
         """Greedy answers to ``prompts`` (batched, left-padded), with the prompt and the end token cut off.
-        ``on_batch(n)`` is called after each batch of ``n`` answers (a progress bar's ``update``)."""
-        out: list[str] = [""] * len(prompts)
-        encoded = [self.prompt_ids(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        for start in range(0, len(order), batch_size):
+        ``on_batch(n)`` is called after each batch of ``n`` answers (a progress bar's ``update``). See
+        :meth:`generate_ids` for ``max_new_tokens`` per prompt and ``adapter_names``."""
+        answers = self.generate_ids(model, [self.prompt_ids(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, on_batch=on_batch, adapter_names=adapter_names)
+        return [self.decode(a) for a in answers]
+
+    @torch.inference_mode()
+    def generate_ids(self, model: nn.Module, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int | Sequence[int] = 64, batch_size: int = 8,
+                     on_batch: Callable[[int], Any] | None = None,
+                     adapter_names: Sequence[str | None] | None = None) -> list[list[int]]:
+        """Greedy answer tokens to tokenized prompts, each ending before its first end token.
+
+        Args:
+            max_new_tokens: one limit, or one per prompt. A batch generates up to its largest limit and each answer
+                is cut at its own: greedy decoding of a row does not depend on the rows beside it, so the cut answer
+                is the one that row would get alone.
+            adapter_names: one per prompt (None for the base), for an ``AdapterModel``: every batch then runs as ONE
+                mixed-adapter generation, each row routed to its own adapter at every decoding step (the engine's
+                batched routing). None: the model's active adapters for every row.
+        """
+        n = len(prompts)
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != n or (adapter_names is not None and len(adapter_names) != n):
+            raise ValueError("max_new_tokens and adapter_names need one value per prompt")
+        out: list[list[int]] = [[] for _ in range(n)]
+        order = sorted(range(n), key=lambda i: -len(prompts[i]))
+        for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            ids = [encoded[i] for i in idx]
+            ids = [prompts[i] for i in idx]
             input_ids = pad(ids, self.pad_id, left=True)
             mask = pad([[1] * len(s) for s in ids], 0, left=True)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+            per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(limits[i] for i in idx),
+                                 do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id, **per_row)
+            new = gen[:, input_ids.shape[1]:].tolist()
             for row, i in enumerate(idx):
-                out[i] = self.tokenizer.decode(gen[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+                answer = new[row][:limits[i]]
+                # after its end token a row holds padding until the whole batch is done: cut it there
+                out[i] = answer[:answer.index(self.eos_id)] if self.eos_id in answer else answer
             if on_batch is not None:
                 on_batch(len(idx))
         return out
 
+    def decode(self, answer: Sequence[int]) -> str:
+        return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 def _as_json(text: str) -> tuple[bool, Any]:
     try:
