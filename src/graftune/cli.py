@@ -297,8 +297,8 @@ def compare(
 @app.command()
 @user_errors
 def bench(
-    data: str = typer.Option("bbc-news,trec,rotten-tomatoes,sms-spam,digits", help="Comma-separated data sets: "
-                             "aliases or files of labelled examples."),
+    data: str = typer.Option("bbc-news,trec,rotten-tomatoes,sms-spam,convention-2012,digits",
+                             help="Comma-separated data sets: aliases or files of labelled examples."),
     out: str = typer.Option("bench-results", "--out", help="The folder for bench.json, bench.html and bench.md."),
     shots: str = typer.Option("8,16", help="Training examples per class, comma-separated."),
     seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),

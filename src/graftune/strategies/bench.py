@@ -55,7 +55,7 @@ from graftune.strategies.catalog import (
 from graftune.strategies.report.bench import render_bench
 
 #: the built-in classification aliases (``data.sources.ALIASES``): the text sets and the image set
-DEFAULT_DATA = ("bbc-news", "trec", "rotten-tomatoes", "sms-spam", "digits")
+DEFAULT_DATA = ("bbc-news", "trec", "rotten-tomatoes", "sms-spam", "convention-2012", "digits")
 DEFAULT_SHOTS = (8, 16)
 DEFAULT_SEEDS = 3
 #: the frozen baselines, the strongest fine-tuning recipes of compare; ``all`` runs every strategy of the catalog
