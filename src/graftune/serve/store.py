@@ -185,8 +185,9 @@ class ModelStore:
     def generate(self, batch: Sequence[Rows]) -> list[list[str]]:
         """Greedy answers for every request of ``batch`` (causal-LM entries): ONE batched generation per base,
         whatever the mix of adapters. Prompts are left-padded, each row is routed to its own adapter at every
-        decoding step and stops at its own end token or its request's ``max_new_tokens``; the answers are those of
-        each request generated alone. Runs on the worker thread (the batcher submits it)."""
+        decoding step and stops at its own end token or its request's ``max_new_tokens``; in fp32 the answers are
+        those of each request generated alone (in bf16 rounding depends on the batch's shape: an answer can turn at
+        a near-tie). Runs on the worker thread (the batcher submits it)."""
         out: list[list[str] | None] = [None] * len(batch)
         for idx in _by_slot(batch):
             slot, task = batch[idx[0]].entry.slot, batch[idx[0]].entry.task  # one base: one tokenizer, pad and end

@@ -124,8 +124,8 @@ class CausalLM:
 
         Args:
             max_new_tokens: one limit, or one per prompt. A batch generates up to its largest limit and each answer
-                is cut at its own: greedy decoding of a row does not depend on the rows beside it, so the cut answer
-                is the one that row would get alone.
+                is cut at its own: greedy decoding of a row does not depend on the rows beside it (up to rounding,
+                which in bf16 can turn a near-tie), so the cut answer is the one that row would get alone.
             adapter_names: one per prompt (None for the base), for an ``AdapterModel``: every batch then runs as ONE
                 mixed-adapter generation, each row routed to its own adapter at every decoding step (the engine's
                 batched routing). None: the model's active adapters for every row.
