@@ -214,9 +214,11 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             reason += (f"; {', '.join(others)} tied with it (within the noise of the folds), and ties go to "
                        f"{pick['method']}, the candidate most often best across data sets")
     else:
-        reason += (f"{best['method']} scored best, but only {100 * (best['macro_f1'] - pick['macro_f1']):.1f} "
-                   f"points ahead of {pick['method']}: within the noise of the folds, so a tie, and ties go to "
-                   f"{pick['method']}, the candidate most often best across data sets")
+        lead = 100 * (best["macro_f1"] - pick["macro_f1"])
+        reason += (f"{best['method']} and {pick['method']} scored the same" if lead < 0.05 else
+                   f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within the "
+                   "noise of the folds, so a tie")
+        reason += f", and ties go to {pick['method']}, the candidate most often best across data sets"
     reason += "."
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
