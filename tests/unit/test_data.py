@@ -102,7 +102,8 @@ def test_pairs_are_inferred_from_prompt_and_response_columns(tmp_path):
 
 
 def test_builtin_aliases_are_listed():
-    assert set(ALIASES) == {"bbc-news", "json-answers", "mnist-5k", "trec", "rotten-tomatoes", "sms-spam", "digits"}
+    assert set(ALIASES) == {"bbc-news", "json-answers", "mnist-5k", "trec", "rotten-tomatoes", "sms-spam",
+                            "convention-2012", "digits"}
 
 
 def test_json_answers_is_shipped_and_regenerates_byte_for_byte():
@@ -154,7 +155,7 @@ def test_multi_label_switch(tmp_path):
 def test_missing_file_and_unknown_alias(tmp_path):
     assert "no such file" in data_error(load_data, str(tmp_path / "nope.csv"))
     message = data_error(load_data, "bbc")
-    assert "unknown data alias 'bbc'" in message and "bbc-news, digits, json-answers, mnist-5k" in message
+    assert "unknown data alias 'bbc'" in message and "bbc-news, convention-2012, digits, json-answers" in message
 
 
 def test_unsupported_suffix_and_unknown_task(tmp_path):
