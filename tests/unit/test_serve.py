@@ -57,6 +57,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def post_together(client, path: str, bodies: list[dict], timeout: float = 60) -> list:
+    """POST every body at once, one thread each (requests that arrive within one batching window); the responses
+    in the order they came back."""
+    out: list = []
+    threads = [threading.Thread(target=lambda b=b: out.append(client.post(path, json=b))) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
 class LiveServer:
     """The app on a real uvicorn, 127.0.0.1 and a free port, in a thread; stopped on exit."""
 
@@ -151,13 +163,7 @@ def test_mixed_batch_from_two_adapters_is_one_forward(runs):
 def test_max_batch_one_serves_one_request_per_forward(runs):
     app = create_app(ModelStore(), StaticSource({"lora": runs["lora"]}), Settings(max_batch=1, max_wait_ms=50))
     with TestClient(app) as client:
-        out = []
-        threads = [threading.Thread(target=lambda t=t: out.append(client.post(
-            "/v1/predict", json={"adapter": "lora", "inputs": [t]}))) for t in TEXTS[:4]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        out = post_together(client, "/v1/predict", [{"adapter": "lora", "inputs": [t]} for t in TEXTS[:4]])
         assert [r.status_code for r in out] == [200] * 4
         assert [b.requests for b in app.state.batcher.history] == [1, 1, 1, 1]
 

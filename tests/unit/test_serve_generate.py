@@ -26,7 +26,7 @@ from graftune.serve import Limits, ModelStore, Settings, StaticSource, create_ap
 from graftune.serve.store import Rows
 from graftune.tasks.causal_lm import CausalLM
 from tests.train_helpers import WORDS, llama_folder, pairs_jsonl, train_args
-from tests.unit.test_serve import LiveServer
+from tests.unit.test_serve import LiveServer, post_together
 
 PROMPTS = ["goal match team player", "bank", "chip phone software the data and the cup", "a stock trade"]
 
@@ -147,13 +147,8 @@ def test_max_batch_one_generates_one_request_at_a_time(runs):
     app = create_app(ModelStore(), StaticSource({"lm": runs["lm"], "lm2": runs["lm2"]}),
                      Settings(max_batch=1, max_wait_ms=50))
     with TestClient(app) as client:
-        out = []
-        threads = [threading.Thread(target=lambda n=n: out.append(client.post(
-            "/v1/generate", json={"adapter": n, "inputs": PROMPTS[:1]}))) for n in ("lm", "lm2", "lm", "lm2")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        out = post_together(client, "/v1/generate", [{"adapter": n, "inputs": PROMPTS[:1]}
+                                                     for n in ("lm", "lm2", "lm", "lm2")])
         assert [r.status_code for r in out] == [200] * 4
         assert [b.requests for b in app.state.generator.history] == [1, 1, 1, 1]
 
