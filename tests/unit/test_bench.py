@@ -255,3 +255,26 @@ def test_ray_local_gives_the_same_rows_as_a_local_run(tiny):
         pytest.skip(f"Ray could not start here: {e}")
     assert all("accuracy" in r for r in local), [r for r in local if "accuracy" not in r]
     assert [_reproducible(r) for r in remote] == [_reproducible(r) for r in local]
+
+
+def test_bench_charts_have_round_ticks_and_a_zero_regret_is_written():
+    import itertools
+    import re
+
+    from graftune.strategies.report.bench import bar_chart
+
+    def ticks(svg):
+        return re.findall(r'class="ytick">([^<]+)<', svg)
+
+    acc = bar_chart(["a", "b"], ["probe", "auto"], {("a", "probe"): (0.562, 0.037), ("a", "auto"): (0.786, 0.015),
+                                                    ("b", "probe"): (0.932, 0.015), ("b", "auto"): (0.953, 0.008)},
+                    ylabel="accuracy", lo=None)
+    values = [float(t) for t in ticks(acc)]
+    steps = {round(b - a, 6) for a, b in itertools.pairwise(values)}
+    assert len(values) >= 3 and len(steps) == 1 and steps.pop() in (0.05, 0.1, 0.2), values
+    times = bar_chart(["a"], ["probe", "auto"], {("a", "probe"): (0.4, 0.0), ("a", "auto"): (184.5, 0.0)},
+                      ylabel="seconds", log=True)
+    assert ticks(times) == ["0.1", "1", "10", "100", "1k"]
+    regret = bar_chart(["a", "b"], ["auto"], {("a", "auto"): (0.0, 0.0), ("b", "auto"): (1.9, 0.0)},
+                       ylabel="points", lo=0.0)
+    assert ">0.0</text>" in regret and ">1.9</text>" in regret and ticks(regret)[0] == "0"

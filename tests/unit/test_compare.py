@@ -511,10 +511,10 @@ def test_report_plots_have_even_ticks_and_nothing_clipped():
 
 def test_axes_hold_extreme_values():
     """One point, a perfect score, zero accuracy: the axis still has round ticks and holds the marker."""
-    from graftune.strategies.report import _accuracy_axis, _x_axis
+    from graftune.strategies.report import _x_axis, accuracy_axis
 
     for lows, highs in (([1.0], [1.0]), ([0.0], [0.0]), ([0.42], [0.43]), ([0.2], [1.05])):
-        lo, hi, ticks = _accuracy_axis(lows, highs)
+        lo, hi, ticks = accuracy_axis(lows, highs)
         assert lo < min(lows) and hi > max(highs) and len(ticks) >= 2, (lows, ticks)
     lo, hi, ticks = _x_axis([3.0], "trainable_params", [1000])
     assert lo < 3.0 < hi and len(ticks) >= 2

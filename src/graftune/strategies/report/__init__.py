@@ -321,7 +321,7 @@ def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: 
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="4" y="20">no data'
                 "</text></svg>")
     pw, ph = width - _LEFT - _RIGHT, height - _TOP - _BOTTOM
-    lo_y, hi_y, yticks = _accuracy_axis([s["accuracy"] - s["accuracy_std"] for s in points],
+    lo_y, hi_y, yticks = accuracy_axis([s["accuracy"] - s["accuracy_std"] for s in points],
                                         [s["accuracy"] + s["accuracy_std"] for s in points])
     shots_axis = xkey == "shots"
     xs = [_x(s[xkey], xkey) for s in points]
@@ -386,7 +386,7 @@ def _plot(summary: Sequence[dict], xkey: str, *, log: bool, xlabel: str, width: 
     return "".join(parts)
 
 
-def _accuracy_axis(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float, list[float]]:
+def accuracy_axis(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float, list[float]]:
     """(lowest, highest, ticks) of the accuracy axis: the range holds every mean +- std with a margin of 4 % of
     the span (at least 0.1 wide); ticks are the multiples of the smallest step of ACCURACY_STEPS giving at most 6
     intervals, within the range and within [0, 1]."""
@@ -440,7 +440,7 @@ def _x_axis(xs: Sequence[float], xkey: str, raw: Sequence[float]) -> tuple[float
             lo = below - 0.1
         else:
             hi = above + 0.1
-    return lo, hi, [(float(t), _power_label(t)) for t in range(math.ceil(lo), math.floor(hi) + 1)]
+    return lo, hi, [(float(t), power_label(t)) for t in range(math.ceil(lo), math.floor(hi) + 1)]
 
 
 def _linear_axis(xs: Sequence[float], least: float = 0.5) -> tuple[float, float, list[tuple[float, str]]]:
@@ -458,7 +458,7 @@ def _thin(ticks: list[tuple[float, str]], gap: float) -> list[tuple[float, str]]
     return kept
 
 
-def _power_label(exponent: int) -> str:
+def power_label(exponent: int) -> str:
     """10**exponent in words a reader scans: 0.01, 0.1, 1, 10, 100, 1k, 10k, 100k, 1M, 10M, ..."""
     if exponent < 0:
         return f"{10 ** exponent:.{-exponent}f}"

@@ -8,6 +8,8 @@ import html
 import math
 from collections.abc import Sequence
 
+from graftune.strategies.report import accuracy_axis, power_label
+
 #: one colour per strategy, in the order they first appear (auto is drawn last, in black)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -145,26 +147,29 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
 
     highs = [tr(v + s) for v, s in present]
     lows = [tr(max(v - s, 1e-3) if log else v - s) for v, s in present]
-    hi_y = max(highs)
-    lo_y = min(lows) if (lo is None or log) else lo
-    if lo is None:
-        lo_y = max(0.0, math.floor(lo_y * 20) / 20 - 0.05)
-        hi_y = min(1.0, math.ceil(hi_y * 20) / 20) if hi_y <= 1 else hi_y
+    # round ticks, as the compare report draws them: powers of ten (times), accuracy steps of 0.05 / 0.1 / 0.2,
+    # or 1-2-5 steps for other values (points)
     if log:
-        lo_y, hi_y = math.floor(lo_y), math.ceil(hi_y)
-    if hi_y - lo_y < 1e-9:
-        hi_y = lo_y + 1.0
+        lo_y, hi_y = math.floor(min(lows)), max(math.ceil(max(highs)), math.floor(min(lows)) + 1)
+        ticks = [(float(t), power_label(t)) for t in range(lo_y, hi_y + 1)]
+    elif lo is None and max(highs) <= 1:
+        lo_y, hi_y, steps = accuracy_axis(lows, highs)
+        ticks = [(t, f"{t:.2f}") for t in steps]
+    else:
+        lo_y = min(lows) if lo is None else lo
+        top_v = max(max(highs), lo_y + 1.0)
+        step = next(m * 10 ** e for e in range(-2, 6) for m in (1, 2, 5) if (top_v - lo_y) / (m * 10 ** e) <= 5)
+        hi_y = lo_y + step * math.ceil(round((top_v - lo_y) / step, 9))
+        ticks = [(lo_y + i * step, f"{lo_y + i * step:g}") for i in range(round((hi_y - lo_y) / step) + 1)]
 
     def py(v: float) -> float:
         return top + (1 - (min(max(tr(v), lo_y), hi_y) - lo_y) / (hi_y - lo_y)) * ph
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + legend}" font-size="10">',
              f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{ph}" fill="none" stroke="#999"/>']
-    for i in range(5):
-        t = lo_y + (hi_y - lo_y) * i / 4
-        y = top + (1 - i / 4) * ph
-        text = f"{10 ** t:.3g}" if log else f"{t:.2f}" if hi_y <= 1 else f"{t:.1f}"
-        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{text}</text>')
+    for t, text in ticks:
+        y = top + (1 - (t - lo_y) / (hi_y - lo_y)) * ph
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end" class="ytick">{text}</text>')
     parts.append(f'<text x="12" y="{top + ph / 2}" transform="rotate(-90 12 {top + ph / 2})" '
                  f'text-anchor="middle">{html.escape(ylabel)}</text>')
     colours = {n: AUTO_COLOUR if n == "auto" else PALETTE[i % len(PALETTE)] for i, n in enumerate(series)}
@@ -182,6 +187,9 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
             if s:
                 parts.append(f'<line x1="{x + bar / 2 - 1:.1f}" y1="{py(v - s):.1f}" x2="{x + bar / 2 - 1:.1f}" '
                              f'y2="{py(v + s):.1f}" stroke="#333"/>')
+            if len(series) == 1:  # one bar a group: its value written on it (a regret of 0 has no height)
+                parts.append(f'<text x="{x + bar / 2 - 1:.1f}" y="{min(y, base) - 3:.1f}" text-anchor="middle">'
+                             f"{v:.1f}</text>")
         parts.append(f'<text x="{x0 + bar * len(series) / 2:.1f}" y="{top + ph + 14}" text-anchor="middle">'
                      f"{html.escape(g)}</text>")
     for si, n in enumerate(series):
