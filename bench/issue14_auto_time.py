@@ -10,7 +10,9 @@ carved with seed 0, 8 shots per class drawn with the seed).
 
 Wall seconds, load average and accuracies; the order of the two alternates per data set.
 
-    PYTHONPATH=src:bench OMP_NUM_THREADS=2 .venv/bin/python bench/issue14_auto_time.py --data trec,bbc-news
+    PYTHONPATH=src:bench OMP_NUM_THREADS=1 .venv/bin/python bench/issue14_auto_time.py --data trec,bbc-news
+
+(one thread per process: two processes of two threads each on two cores made every time 5-7x longer)
 """
 
 from __future__ import annotations
