@@ -177,24 +177,26 @@ MIN_GROUP_EXAMPLES = 10
 def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[Any], label_names: Sequence[str], *,
                   min_examples: int = MIN_GROUP_EXAMPLES) -> dict:
     """Accuracy and macro-F1 for each group, and the largest gap between groups of each: a model that is right for
-    one group and wrong for another carries a bias the overall score hides. A group's macro-F1 averages the classes
-    its examples hold (a class absent from a group, say "who" questions and the NUM class, would count as F1 0 and
-    sink the mean); ``label_names`` fixes their order.
+    one group and wrong for another carries a bias the overall score hides. Each group is scored by
+    ``classification_metrics``, whose macro-F1 averages the classes that occur in the group (truth or predictions):
+    a class absent from a group, say "who" questions and the NUM class, does not count as F1 0.
 
     ``notes`` says, in words, where the numbers are thin: a group with fewer than ``min_examples`` examples, or a
     single group (no gap to measure)."""
-    from sklearn.metrics import f1_score
-
     if not len(labels) == len(preds) == len(groups):
         raise DataError(f"got {len(labels)} labels, {len(preds)} predictions and {len(groups)} groups; pass one each")
-    y, p, g = np.asarray(labels), np.asarray(preds), np.asarray([str(x) for x in groups])
+    index = {n: i for i, n in enumerate(label_names)}
+    unknown = sorted({str(v) for v in (*labels, *preds)} - set(index))
+    if unknown:
+        raise DataError(f"labels {', '.join(unknown[:3])} are not among {', '.join(label_names)}")
+    y, p = np.asarray([index[v] for v in labels]), np.asarray([index[v] for v in preds])
+    g = np.asarray([str(x) for x in groups])
     per = {}
     for name in sorted(set(g.tolist())):
         m = g == name
-        present = [n for n in label_names if n in set(y[m].tolist())]
-        per[name] = {"examples": int(m.sum()), "accuracy": round(float((y[m] == p[m]).mean()), 4),
-                     "macro_f1": round(float(f1_score(y[m], p[m], labels=present, average="macro",
-                                                      zero_division=0)), 4)}
+        scored = classification_metrics(y[m], p[m], label_names)
+        per[name] = {"examples": int(m.sum()), "accuracy": round(scored["accuracy"], 4),
+                     "macro_f1": round(scored["macro_f1"], 4)}
 
     def gap(key: str) -> dict:
         hi = max(per, key=lambda n: per[n][key])

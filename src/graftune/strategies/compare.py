@@ -89,8 +89,8 @@ class TrustOptions:
     def wanted(self) -> bool:
         return self.group_column is not None or self.robustness
 
-    def describe(self, names: Sequence[str]) -> dict:
-        """What results.json records: the options, and the strategies measured and not (with why)."""
+    def describe(self) -> dict:
+        """What results.json records of the options."""
         out: dict[str, Any] = {"group_column": self.group_column}
         if self.robustness:
             out["robustness"] = {"sample": self.sample, "attack_sample": self.attack_sample, "budget": BUDGET,
@@ -382,6 +382,6 @@ def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str
             "augment_copies": AUGMENT_COPIES if any(augment) else 0,
             "strategies": {n: STRATEGIES[n].description for n in names}}
     if trust is not None:
-        meta["trust"] = trust.describe(names)
+        meta["trust"] = trust.describe()
     write_file_atomically(out_dir / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return meta
