@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from string import Template
@@ -114,10 +115,6 @@ def _mean_by_run(rows: Sequence[dict], key: str) -> dict[tuple, list[dict]]:
     return out
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _groups_table(rows: Sequence[dict]) -> str:
     """Strategy x group accuracy (mean over seeds), then the largest gaps of accuracy and macro-F1 between the
     groups' means."""
@@ -132,7 +129,7 @@ def _groups_table(rows: Sequence[dict]) -> str:
     for (name, aug, k), results in runs.items():
         cells, gaps = [], {}
         for key in ("accuracy", "macro_f1"):
-            means = {g: _mean([r["groups"][g][key] for r in results if g in r["groups"]]) for g in sizes}
+            means = {g: statistics.mean([r["groups"][g][key] for r in results if g in r["groups"]]) for g in sizes}
             best, worst = max(means, key=means.get), min(means, key=means.get)
             gaps[key] = f"{means[best] - means[worst]:.3f} ({html.escape(best)} &rarr; {html.escape(worst)})"
             if key == "accuracy":
@@ -165,20 +162,20 @@ def _robustness_table(rows: Sequence[dict], how: dict) -> str:
     for (name, aug, k), results in runs.items():
         start = (f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td>"
                  f"<td>{len(results)}</td>")
-        clean = _mean([r["clean_accuracy"] for r in results])
-        curves = {p: {s: _mean([r["accuracy"][p][s] for r in results]) for s in strengths} for p in names}
+        clean = statistics.mean([r["clean_accuracy"] for r in results])
+        curves = {p: {s: statistics.mean([r["accuracy"][p][s] for r in results]) for s in strengths} for p in names}
         noise_body.append(start + f"<td>{clean:.3f}</td>" + "".join(
             f"<td>{' / '.join(f'{curves[p][s]:.3f}' for s in strengths)}</td>" for p in names) + "</tr>")
         attacks = [r["attack"] for r in results if r["attack"]]
         if attacks:
             attacked = sum(a["attacked"] for a in attacks)
             flipped = sum(round(a["success_rate"] * a["attacked"]) for a in attacks)
-            rate = {b: _mean([a["success_at"].get(str(b), a["success_rate"]) for a in attacks])
+            rate = {b: statistics.mean([a["success_at"].get(str(b), a["success_rate"]) for a in attacks])
                     for b in range(1, budget + 1)}
             edits = [a["mean_edits_when_successful"] for a in attacks if a["mean_edits_when_successful"] is not None]
             attack_body.append(start + f"<td>{attacked}</td><td>{flipped}</td>"
                                + "".join(f"<td>{rate[b]:.3f}</td>" for b in steps)
-                               + f"<td>{f'{_mean(edits):.1f}' if edits else '&ndash;'}</td></tr>")
+                               + f"<td>{f'{statistics.mean(edits):.1f}' if edits else '&ndash;'}</td></tr>")
         else:
             attack_body.append(start + f'<td>0</td><td colspan="{len(steps) + 2}">not run: the run classified no '
                                "sampled text right</td></tr>")
