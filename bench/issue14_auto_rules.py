@@ -19,6 +19,7 @@ picks a candidate; its regret on a split is the best candidate's test accuracy m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -30,6 +31,7 @@ import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from graftune.data.splits import Splits
+from graftune.evaluate import load_run, predict
 from graftune.recipes import adapter
 from graftune.strategies import auto
 from graftune.strategies.catalog import (
@@ -47,7 +49,7 @@ TRAINED = ("lora", "contrastive")
 
 
 # --- measuring --------------------------------------------------------------------------------------------------------
-def measure(data: str, seed: int, shots: int, model: str = "minilm") -> dict:
+def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict | None = None) -> dict:
     ds, _ = load_compare_data(data, None, "text", "label")
     splits = make_compare_splits(ds, shots=shots, seed=seed, test_per_class=test_per_class_for(ds, [8, 16]))
     train = splits.train
@@ -56,26 +58,36 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm") -> dict:
     folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=auto.REPEATS, random_state=seed)
                  .split(np.zeros(len(labels)), labels))
     out = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots, "train": len(train),
-           "test": len(splits.test), "k": k,
-           "cv": {}, "test_scores": {}, "seconds": {}}
+           "test": len(splits.test), "k": k, "labels": [str(v) for v in labels],
+           "cv": {}, "oof": {}, "test_scores": {}, "seconds": {}}
     frozen = Frozen(model, ds, 256)
     x = frozen.features(train.inputs)
     for name, head in (("probe", "logistic"), ("prototypes", "prototype")):
-        out["cv"][name] = [auto.fit_head(x, labels, f, v, train.label_names, head)["macro_f1"] for f, v in folds]
+        runs = [auto.fit_head(x, labels, f, v, train.label_names, head) for f, v in folds]
+        out["cv"][name] = [r["macro_f1"] for r in runs]
+        out["oof"][name] = [[[int(i) for i in v], r["pred"]] for (f, v), r in zip(folds, runs)]
         strategy = STRATEGIES["linear-probe" if name == "probe" else "prototypes"]
         out["test_scores"][name] = run_features(strategy, frozen, splits, "test")["accuracy"]
     settings = {"max_length": 256}
     with tempfile.TemporaryDirectory() as scratch:
         for name in TRAINED:
             t0 = time.perf_counter()
-            scores = []
+            scores, oof = [], []
             for i, (fit, val) in enumerate(folds[:k]):  # the first repeat, as successive halving runs it
                 inner = Splits(train=train.subset(list(fit)), val=train.subset([]), test=train.subset(list(val)),
                                seed=seed, shots=shots)
-                scores.append(_run(name, model, data, inner, seed, {**settings, "epochs": 3},
-                                   Path(scratch) / f"{name}-{i}")["macro_f1"])
-            out["cv"][name] = scores
+                work = Path(scratch) / f"{name}-{i}"
+                result = _run(name, model, data, inner, seed, {**settings, "epochs": 3}, work)
+                scores.append(result["macro_f1"])
+                predict_fn = result.get("predict") or functools.partial(predict, load_run(work))
+                oof.append([[int(j) for j in val], [r["label"] for r in predict_fn(list(inner.test.inputs))]])
+            out["cv"][name], out["oof"][name] = scores, oof
             out["seconds"][f"{name}_per_fold"] = round((time.perf_counter() - t0) / k, 1)
+            if reuse is not None:  # the same splits' test scores, measured before: the final runs are not repeated
+                out["test_scores"][name] = reuse["test_scores"][name]
+                print(f"  {data} seed {seed} {name}: cv {statistics.mean(scores):.3f} (was "
+                      f"{statistics.mean(reuse['cv'][name]):.3f})", flush=True)
+                continue
             t0 = time.perf_counter()
             # the final run as auto's pick trains it: the adapter loop with compare's settings (10 epochs)
             out["test_scores"][name] = _run(name, model, data, splits, seed, settings,
@@ -130,12 +142,44 @@ def rule_session5(cv: dict, k: int, trained_folds: int = 3, val_size: int = 10) 
     return max(small, key=lambda s: (s["macro_f1"], -s["trainable_params"]))["method"]
 
 
-def rule_auto(cv: dict, k: int, trained_folds: int, val_size: int = 10,
-              candidates=("probe", "prototypes", "lora", "contrastive")) -> str:
-    """auto's rule as shipped (``auto.decide``) with the trained candidates seen on their first ``trained_folds``
-    folds (the budget may buy fewer than all)."""
-    scores = {n: _summary(n, f if n not in TRAINED else f[:trained_folds]) for n, f in cv.items() if n in candidates}
-    return auto.decide(scores, val_size)[0]["method"]
+def rule_session6(cv: dict, k: int, trained_folds: int, val_size: int = 10) -> str:
+    """auto's rule in session 6: per-fold macro-F1, the gap paired on the shared folds (with one shared fold the
+    means with their standard errors combined), a tie within one standard error or 1 point, ties to the
+    preference order."""
+    scores = {n: _summary(n, f if n not in TRAINED else f[:trained_folds]) for n, f in cv.items()}
+
+    def gap(c, b):
+        x, y = c["per_fold"], b["per_fold"]
+        n = min(len(x), len(y))
+        if n > 1:
+            d = [q - p for p, q in zip(x[:n], y[:n])]
+            return statistics.mean(d), statistics.stdev(d) / math.sqrt(n)
+
+        def se(s):
+            f = s["per_fold"]
+            return statistics.stdev(f) / math.sqrt(len(f)) if len(f) > 1 else math.sqrt(
+                max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / val_size)
+
+        return b["macro_f1"] - c["macro_f1"], math.hypot(se(b), se(c))
+
+    best = max(scores.values(), key=lambda s: s["macro_f1"])
+    close = [s for s in scores.values() if s is best or gap(s, best)[0] <= max(0.01, gap(s, best)[1]) + 1e-9]
+    return min(close, key=lambda s: (auto.PREFERENCE.index(s["method"]), -s["macro_f1"]))["method"]
+
+
+def rule_auto(record: dict, trained_folds: int, candidates=("probe", "prototypes", "lora", "contrastive")) -> str:
+    """auto's rule as shipped (``auto.decide``: macro-F1 of the held-out predictions pooled over the folds, gaps
+    paired example by example) with the trained candidates seen on their first ``trained_folds`` folds (the budget
+    may buy fewer than all)."""
+    names = sorted(set(record["labels"]))
+    truth = np.asarray([names.index(c) for c in record["labels"]])
+    k = record["k"]
+    scores = {}
+    for name in candidates:
+        folds = record["oof"][name][:trained_folds if name in TRAINED else k]
+        runs = [{"val": val, "predicted": pred, "trainable_params": PARAMS[name]} for val, pred in folds]
+        scores[name] = auto.summarize_runs(name, runs, 0.0, truth, names)
+    return auto.decide(scores, truth)[0]["method"]
 
 
 def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:
@@ -144,16 +188,17 @@ def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:
 
 
 RULES = {
-    "session 5 (ties to the smallest, 3-point cap), trained 3 folds": lambda cv, k: rule_session5(cv, k, 3),
-    "session 5, trained 1 fold": lambda cv, k: rule_session5(cv, k, 1),
-    "best mean on the shared folds, trained all folds": lambda cv, k: rule_best_mean(cv, k, k),
-    "**session 6 (auto.decide), trained all folds**": lambda cv, k: rule_auto(cv, k, k),
-    "session 6, trained 3 folds (a smaller budget)": lambda cv, k: rule_auto(cv, k, 3),
-    "session 6, trained 1 fold": lambda cv, k: rule_auto(cv, k, 1),
-    "session 6 without lora and prototypes": lambda cv, k: rule_auto(cv, k, k, candidates=("probe", "contrastive")),
-    "always probe": lambda cv, k: "probe",
-    "always contrastive": lambda cv, k: "contrastive",
-    "always lora": lambda cv, k: "lora",
+    "session 5 (ties to the smallest, 3-point cap), trained 3 folds": lambda r: rule_session5(r["cv"], r["k"], 3),
+    "best mean on the shared folds, trained all folds": lambda r: rule_best_mean(r["cv"], r["k"], r["k"]),
+    "session 6 (per-fold macro-F1), trained all folds": lambda r: rule_session6(r["cv"], r["k"], r["k"]),
+    "session 6, trained 3 folds": lambda r: rule_session6(r["cv"], r["k"], 3),
+    "**session 7 (auto.decide: pooled, paired per example), trained all folds**": lambda r: rule_auto(r, r["k"]),
+    "session 7, trained 3 folds": lambda r: rule_auto(r, 3),
+    "session 7, trained 1 fold": lambda r: rule_auto(r, 1),
+    "session 7 without lora and prototypes": lambda r: rule_auto(r, r["k"], candidates=("probe", "contrastive")),
+    "always probe": lambda r: "probe",
+    "always contrastive": lambda r: "contrastive",
+    "always lora": lambda r: "lora",
 }
 
 
@@ -165,7 +210,7 @@ def replay(records: list[dict]) -> str:
         regrets: dict[str, list[float]] = {d: [] for d in by_data}
         gains = []
         for r in records:
-            pick = rule(r["cv"], r["k"])
+            pick = rule(r)
             best = max(r["test_scores"].values())
             regrets[r["data"]].append(100 * (best - r["test_scores"][pick]))
             gains.append(100 * (r["test_scores"][pick] - r["test_scores"]["probe"]))
@@ -182,6 +227,8 @@ def main():
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--out", default="bench/out/auto-rules")
     p.add_argument("--replay", help="a folder of records: print the rules' regrets only")
+    p.add_argument("--reuse", help="a folder of earlier records of the same splits: their test scores are taken, "
+                   "and only the cross-validation runs again")
     a = p.parse_args()
     if a.replay:
         records = [json.loads(f.read_text()) for f in sorted(Path(a.replay).glob("*.json"))]
@@ -195,7 +242,8 @@ def main():
             if path.exists():
                 continue
             t0 = time.perf_counter()
-            record = measure(data, seed, a.shots)
+            old = Path(a.reuse or "-") / path.name
+            record = measure(data, seed, a.shots, reuse=json.loads(old.read_text()) if old.is_file() else None)
             record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
             path.write_text(json.dumps(record, indent=1))
             print(f"{data} seed {seed}: {record['test_scores']} in {record['seconds']['total']:.0f} s", flush=True)

@@ -189,3 +189,14 @@ def with_flags(args: list[str], flags: list[str], places: dict) -> list[str]:
         else:
             args += [flag, value]
     return args
+
+
+def scripted_predictions(labels: list[str], label_names: list[str], right: float, *, shift: int = 0) -> list[str]:
+    """A fake model's labels for ``labels``: right on ``round(right * n)`` of them, counted from position ``shift``
+    (wrapping round: two fakes with different shifts are right on different examples), the next class on the
+    others."""
+    names = list(label_names)
+    n = len(labels)
+    m = int(right * n + 0.5)
+    return [lab if (i - shift) % n < m else names[(names.index(lab) + 1) % len(names)]
+            for i, lab in enumerate(labels)]

@@ -76,8 +76,8 @@ def format_table(result: dict) -> str:
     lines = [(f"--method auto on {record['training_examples']} training questions ({record['folds']}-fold "
               "cross-validation, the test set untouched):")]
     for name, c in record["candidates"].items():
-        lines.append(f"  {name:<12} macro-F1 {c['macro_f1']:.3f} +- {c['macro_f1_std']:.3f} over {c['folds']} "
-                     f"fold(s), {c['trainable_params']:,} trained parameters, {c['seconds']:.0f} s")
+        lines.append(f"  {name:<12} macro-F1 {c['macro_f1']:.3f} +- {c['macro_f1_se']:.3f} on {c['held_out']} held-out "
+                     f"({c['folds']} fold(s)), {c['trainable_params']:,} trained parameters, {c['seconds']:.0f} s")
     lines += [f"picked {record['method']}: {record['reason']}", ""]
     n = picked.get("examples", 0)
     lines.append(f"on {n} held-out questions (seed {result['config']['seed']}):")

@@ -39,7 +39,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
 
     ``group_column``: a column of the scored file (``data``, or the run's test file, or its data file when the
     test split was carved from it: each test example keeps its group through the split); the metrics then hold
-    ``groups``, ``run.scoring.group_metrics`` of the predictions (a second pass over the examples)."""
+    ``groups``, ``run.scoring.group_metrics`` of the predictions (kept from the same pass)."""
     run = load_run(run_dir, quantize=quantize)
     cfg = run.cfg
     if group_column is not None and (run.kind == "causal-lm" or run.multi_label):
@@ -68,17 +68,18 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}; "
                         f"it knows {', '.join(run.label_names)}")
+    keep = group_column is not None  # the per-example predictions, for the per-group metrics
     if run.predictor is not None:
-        metrics = score_probabilities(run.predictor.predict_proba(list(ds.inputs)), ds.labels, run.label_names)
+        metrics = score_probabilities(run.predictor.predict_proba(list(ds.inputs)), ds.labels, run.label_names,
+                                      predictions=keep)
     elif run.fewshot is not None:  # contrastive/probe: at the saved embedding batch size (padding as in training)
-        metrics = score(run.fewshot, ds.inputs, ds.labels, run.label_names)
+        metrics = score(run.fewshot, ds.inputs, ds.labels, run.label_names, predictions=keep)
     else:
         metrics = score_classification(run.task, run.model, run.head, ds.inputs, ds.labels, batch_size=batch_size,
-                                       policy=run.policy) | quantized
-    if group_column is not None:
-        preds = [row["label"] for row in predict(run, ds.inputs, batch_size=batch_size)]
-        metrics["groups"] = {"column": group_column,
-                             **group_metrics(ds.labels, preds, ds.groups, run.label_names)}
+                                       policy=run.policy, predictions=keep) | quantized
+    if keep:
+        metrics["groups"] = {"column": group_column, **group_metrics(ds.labels, metrics.pop("predicted"), ds.groups,
+                                                                     run.label_names)}
     return metrics
 
 

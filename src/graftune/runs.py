@@ -77,10 +77,12 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
 
 
 def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
-    """Train as ``cfg`` says with its recipe, write the run directory ``cfg.out``, return its metrics (also in
-    metrics.json). ``splits``: ready-made ``data.splits.Splits`` used instead of splitting ``cfg.data`` here."""
+    """Train as ``cfg`` says with its recipe, write the run directory ``cfg.out``, return its metrics (as in
+    metrics.json: a recipe's per-example ``predicted`` is left out). ``splits``: ready-made ``data.splits.Splits``
+    used instead of splitting ``cfg.data`` here."""
     cfg = resolve(cfg, progress=progress)
-    return recipe_for(cfg.method).train(cfg, progress=progress, splits=splits)
+    metrics = recipe_for(cfg.method).train(cfg, progress=progress, splits=splits)
+    return {k: v for k, v in metrics.items() if k != "predicted"}
 
 
 def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None,

@@ -17,7 +17,7 @@ from graftune.cli import app
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
 from graftune.strategies import auto, catalog, summary
-from tests.train_helpers import bert_folder, topic_csv, train_args
+from tests.train_helpers import bert_folder, scripted_predictions, topic_csv, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -197,36 +197,42 @@ def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
 
 
 class Scripted:
-    """A fake train(): the validation macro-F1 of each method is given; nothing else decides."""
+    """A fake train(): the share of held-out examples each method gets right is given; nothing else decides."""
 
     def __init__(self, scores):
         self.scores = scores
 
     def __call__(self, cfg, *, progress=True, splits=None):
-        f1 = self.scores[cfg.method]
-        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
+        rate = self.scores[cfg.method]
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 100, "train_seconds": 0.0,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate)}
+
+
+def scripted_contrastive(rate):
+    """A fake contrastive candidate, right on the share ``rate`` of its held-out examples."""
+    def run(strategy, model, splits, seed, settings):
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 100, "train_seconds": 0.0,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate)}
+    return run
 
 
 def low_frozen_scores(x, labels, fit, val, label_names, head):
-    """The frozen candidates' folds, scripted low: the trained candidates' evidence decides."""
-    return {"accuracy": 0.2, "macro_f1": 0.2, "trainable_params": 0 if head == "prototype" else 99, "seconds": 0.0}
+    """The frozen candidates' folds, scripted low (right on none): the trained candidates' evidence decides."""
+    return {"accuracy": 0.0, "macro_f1": 0.0, "trainable_params": 0 if head == "prototype" else 99, "seconds": 0.0,
+            "predicted": scripted_predictions(list(labels[val]), label_names, 0.0)}
 
 
-@pytest.mark.parametrize("scores, expected", [({"lora": 0.99, "contrastive": 0.3}, "lora"),
-                                              ({"lora": 0.2, "contrastive": 0.99}, "contrastive")])
+@pytest.mark.parametrize("scores, expected", [({"lora": 1.0, "contrastive": 0.0}, "lora"),
+                                              ({"lora": 0.0, "contrastive": 1.0}, "contrastive")])
 def test_auto_follows_the_measured_evidence(tiny, tmp_path, monkeypatch, scores, expected):
-    def scripted_contrastive(strategy, model, splits, seed, settings):
-        f1 = scores["contrastive"]
-        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100, "train_seconds": 0.0}
-
-    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
+    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive(scores["contrastive"]))
     monkeypatch.setattr(auto, "fit_head", low_frozen_scores)
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     args.pop("epochs", None)  # a loop setting would leave contrastive out (its own test below)
     cfg = RunConfig(**args)
     resolved = auto.resolve(cfg, progress=False, train_fn=Scripted(scores))
     assert resolved.method == expected and resolved.auto["method"] == expected
-    assert resolved.auto["candidates"][expected]["macro_f1"] == pytest.approx(scores[expected])
+    assert resolved.auto["candidates"][expected]["accuracy"] == pytest.approx(scores[expected])
     if expected == "contrastive":  # trained with its own defaults, as it was scored; the config is valid
         assert resolved.options == {} and resolved.lr == 5e-3
         return
@@ -239,10 +245,7 @@ def test_auto_follows_the_measured_evidence(tiny, tmp_path, monkeypatch, scores,
 def test_auto_can_pick_and_train_contrastive_end_to_end(tiny, tmp_path, monkeypatch):
     """When contrastive scores best, `train --method auto` trains a real contrastive run (head/ saved, the auto
     record in metrics.json), with no loop settings of its own."""
-    def scripted_contrastive(strategy, model, splits, seed, settings):
-        return {"accuracy": 1.0, "macro_f1": 1.0, "trainable_params": 100, "train_seconds": 0.0}
-
-    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive)
+    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive(1.0))
     monkeypatch.setattr(auto, "fit_head", low_frozen_scores)  # the frozen candidates cannot tie at 1.0
     out = tmp_path / "auto-c"
     result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
@@ -271,8 +274,7 @@ def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path
     """For text with no settings a probe run would ignore, auto's baseline candidate is `probe` (whole-text
     embeddings + logistic regression, compare's linear-probe), and a picked probe resolves to a valid probe
     config; with such a setting (--lr) it stays `head`."""
-    monkeypatch.setattr(auto, "run_contrastive",
-                        lambda *a: {"accuracy": 0.1, "macro_f1": 0.1, "trainable_params": 100, "train_seconds": 0.0})
+    monkeypatch.setattr(auto, "run_contrastive", scripted_contrastive(0.0))
     args = train_args(tiny["bert"], tiny["csv"], tmp_path / "r", method="auto", shots=8)
     for key in ("epochs", "lr", "batch_size"):
         args.pop(key)

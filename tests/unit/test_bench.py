@@ -27,7 +27,7 @@ from graftune.strategies.bench import (
     run_jobs,
     summarize_bench,
 )
-from tests.train_helpers import bert_folder, topic_csv
+from tests.train_helpers import bert_folder, scripted_predictions, topic_csv
 
 SETTINGS = {"max_length": 32, "epochs": 1, "batch_size": 8, "precision": "fp32"}
 
@@ -48,7 +48,8 @@ class FakeTrain:
     def __call__(self, cfg, *, progress=True, splits=None):
         self.calls.append((cfg, splits))
         acc = {"lora": 0.9}.get(cfg.method, 0.7) - 0.01 * cfg.seed
-        return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable_params": 1000, "train_seconds": 0.01}
+        return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable_params": 1000, "train_seconds": 0.01,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, acc)}
 
 
 def _models(tiny):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import statistics
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from graftune.strategies import auto, catalog, compare
 from graftune.strategies.auto import choose_method
 from graftune.strategies.compare import run_compare
 from graftune.strategies.summary import augmentation_effect, recommend, summarize
-from tests.train_helpers import bert_folder, topic_csv
+from tests.train_helpers import bert_folder, scripted_predictions, topic_csv
 
 ROW_KEYS = {"strategy", "shots", "seed", "augment", "accuracy", "macro_f1", "trainable_params", "train_seconds",
             "peak_rss_mb", "test_fingerprint", "train_fingerprint"}
@@ -44,7 +43,8 @@ class FakeTrain:
         time.sleep(self.seconds)
         acc = {"lora": 0.9, "full": 0.95}.get(cfg.method, 0.8) - 0.01 * cfg.seed
         return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable_params": 1000 if cfg.method != "full" else 10**6,
-                "train_seconds": self.seconds}
+                "train_seconds": self.seconds,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, acc)}
 
 
 def test_identical_splits_schema_and_report(tiny, tmp_path):
@@ -342,82 +342,73 @@ def test_feature_baselines_read_whole_texts_and_auto_reads_what_head_training_re
 
 
 class Folds:
-    """A scripted head fit: per-fold macro-F1 drawn from ``scores`` in turn (the frozen candidates' evidence)."""
+    """A scripted head fit (the frozen candidates' evidence): on each fold in turn, right on the share ``rates[i]``
+    of the held-out examples, from position ``shift`` on."""
 
-    def __init__(self, scores, params=99):
-        self.scores, self.params, self.calls = list(scores), params, 0
+    def __init__(self, rates, params=99, shift=0):
+        self.rates, self.params, self.shift, self.calls = list(rates), params, shift, 0
 
     def __call__(self, x, labels, fit, val, label_names, head):
-        f1 = self.scores[self.calls % len(self.scores)]
+        rate = self.rates[self.calls % len(self.rates)]
         self.calls += 1
-        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 0 if head == "prototype" else self.params,
-                "seconds": 0.0}
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 0 if head == "prototype" else self.params,
+                "seconds": 0.0, "predicted": scripted_predictions(list(labels[val]), label_names, rate,
+                                                                  shift=self.shift)}
 
 
-class Slow(FakeTrain):  # LoRA's folds score around 0.9 (spread 0.85-0.95) and take longer than the features
+class Slow(FakeTrain):  # LoRA right on the share `rate` of each fold (from `shift` on), slower than the features
+    def __init__(self, rate=0.8, shift=1):
+        super().__init__()
+        self.rate, self.shift = rate, shift
+
     def __call__(self, cfg, *, progress=True, splits=None):
         time.sleep(0.2)
         self.calls.append((cfg, splits))
-        f1 = (0.95, 0.85, 0.90)[(len(self.calls) - 1) % 3] if cfg.method == "lora" else 0.0
-        return {"accuracy": f1, "macro_f1": f1, "trainable_params": 100_000, "train_seconds": 0.2}
+        rate = self.rate if cfg.method == "lora" else 0.0
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 100_000, "train_seconds": 0.2,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate, shift=self.shift)}
 
 
-def test_auto_treats_gaps_within_the_fold_spread_as_ties(tiny, monkeypatch):
-    """A gap smaller than one standard error of the paired per-fold differences is a tie, and the tie goes to the
-    candidate earlier in auto.PREFERENCE; with a clear gap the best wins. Trained candidates run on fewer folds
-    than the cheap ones (successive halving: one clearly behind stops after the first fold), and the test set is
-    never read."""
-    monkeypatch.setattr(auto, "run_contrastive", lambda *a: {"accuracy": 0.1, "macro_f1": 0.1,
-                                                                 "trainable_params": 9, "train_seconds": 0.0})
-    # probe: 0.80-0.95 across folds, behind LoRA on average but by less than the spread of the paired differences
-    # on the five folds both ran (0.00, +0.05, -0.02, +0.05, -0.03)
-    monkeypatch.setattr(auto, "fit_head", Folds([0.95, 0.80, 0.92, 0.90, 0.88]))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
-                            candidates=("head", "lora", "contrastive"))
+def _contrastive(rate, calls=None):
+    """A scripted contrastive candidate: right on the share ``rate`` of its held-out examples."""
+    def run(strategy, model, splits, seed, settings):
+        if calls is not None:
+            calls.append(1)
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 50_000, "train_seconds": 0.0,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate)}
+    return run
+
+
+def test_auto_treats_gaps_within_the_noise_as_ties(tiny, monkeypatch):
+    """Two candidates right on as many held-out examples, but not the same ones, are tied, and the tie goes to the
+    candidate earlier in auto.PREFERENCE; a clear gap, paired example by example, picks the better one. A trained
+    candidate far behind stops after its first fold (successive halving), and the test set is never read."""
+    monkeypatch.setattr(auto, "run_contrastive", _contrastive(0.0))
+    monkeypatch.setattr(auto, "fit_head", Folds([0.8]))  # the probe: right on 4 of 5 per fold; LoRA as often
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32,
+                            train_fn=Slow(0.8, shift=1), candidates=("head", "lora", "contrastive"))
     assert record["folds"] == 5 and record["validation_examples"] == 5
-    assert record["candidates"]["probe"]["folds"] == 10 and record["candidates"]["lora"]["folds"] == 5
+    assert record["candidates"]["probe"]["folds"] == 5 == record["candidates"]["lora"]["folds"]
+    assert record["candidates"]["probe"]["held_out"] == 24 == record["candidates"]["lora"]["held_out"]
     assert record["candidates"]["contrastive"]["folds"] == 1  # halved away after the first fold
+    assert record["candidates"]["probe"]["accuracy"] == record["candidates"]["lora"]["accuracy"]
     assert record["method"] == "probe", record["reason"]
-    assert "lora scored best, but only 1.0 points ahead of probe: within the noise" in record["reason"]
-    monkeypatch.setattr(auto, "fit_head", Folds([0.50, 0.52, 0.48]))
-    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
-                           candidates=("head", "lora"))
+    assert "ties go to probe" in record["reason"] and "the test set untouched" in record["reason"]
+    monkeypatch.setattr(auto, "fit_head", Folds([0.4]))
+    clear = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32,
+                           train_fn=Slow(1.0), candidates=("head", "lora"))
     assert clear["method"] == "lora" and "lora scored best" in clear["reason"]
 
 
-def test_a_tie_goes_to_the_contrastive_recipe_even_behind_on_the_mean():
-    """Across the built-in data sets the contrastive recipe was the most accurate (auto.PREFERENCE); 5 points
-    behind the probe with a fold-to-fold swing of 20 it keeps the pick, 5 points behind on every fold it does not."""
-    probe = [0.60, 0.40, 0.80, 0.50, 0.70]
-    swing = [0.75, 0.15, 0.85, 0.45, 0.55]  # -5 points on average, +-20 from fold to fold
-    pick, best, _ = auto.decide({"probe": _scored("probe", probe, 2_000),
-                                 "contrastive": _scored("contrastive", swing, 50_000)}, val_size=5)
-    assert best["method"] == "probe" and pick["method"] == "contrastive"
-    steady = [p - 0.05 for p in probe]
-    pick, _, _ = auto.decide({"probe": _scored("probe", probe, 2_000),
-                              "contrastive": _scored("contrastive", steady, 50_000)}, val_size=5)
-    assert pick["method"] == "probe"
-
-
-def test_equally_small_tied_candidates_are_decided_by_the_better_mean(tiny, monkeypatch):
-    # probe folds 0.90, 0.92, 0.88, ...; prototypes (the next call) shifted by one: a tie, and both are small (a
-    # logistic regression of 99 parameters and class means of none), so the better mean wins, not the zero
-    monkeypatch.setattr(auto, "fit_head", Folds([0.90, 0.92, 0.88, 0.89, 0.91, 0.90, 0.92, 0.88, 0.89, 0.91, 0.89]))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
-                            candidates=("head", "prototypes"))
-    means = {n: c["macro_f1"] for n, c in record["candidates"].items()}
-    assert record["method"] == max(means, key=means.get)
-    assert record["candidates"]["prototypes"]["trainable_params"] == 0
-
-
-def test_one_fold_against_ten_is_judged_by_the_means_and_their_noise(tiny, monkeypatch):
-    # LoRA gets one fold (the budget's way) and leads by 15 points; the probe's ten folds agree (no spread), and
-    # LoRA's one fold of 5 examples has a standard error of sqrt(0.95 * 0.05 / 5) = 10 points: a clear lead
-    monkeypatch.setattr(auto, "fit_head", Folds([0.80]))
+def test_one_fold_against_five_is_judged_on_the_examples_both_predicted(tiny, monkeypatch):
+    """LoRA gets one fold (the budget's way) and is right on all its 5 examples, where the probe is right on 1:
+    on those 5 shared examples the lead is far beyond the noise."""
+    monkeypatch.setattr(auto, "fit_head", Folds([0.2]))
     monkeypatch.setattr(auto, "RUNGS", (1,))
-    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(1.0),
                             candidates=("head", "lora"))
-    assert record["candidates"]["lora"]["folds"] == 1 and record["method"] == "lora", record["reason"]
+    assert record["candidates"]["lora"]["folds"] == 1 and record["candidates"]["lora"]["held_out"] == 5
+    assert record["method"] == "lora", record["reason"]
 
 
 def _fake_rows():
@@ -520,47 +511,74 @@ def test_axes_hold_extreme_values():
     assert lo < 3.0 < hi and len(ticks) >= 2
 
 
-def _scored(method: str, folds: list[float], params: int) -> dict:
-    return {"method": method, "per_fold": folds, "macro_f1": statistics.mean(folds),
-            "macro_f1_std": statistics.stdev(folds), "trainable_params": params, "seconds": 0.0, "folds": len(folds)}
+def _evidence(truth: np.ndarray, right: np.ndarray, method: str, params: int = 1_000) -> dict:
+    """A candidate's summary as auto.summarize_runs makes it: right where ``right`` is true (else the next class),
+    every example held out once."""
+    pred = np.where(right, truth, (truth + 1) % 2)
+    names = ["a", "b"]
+    runs = [{"val": np.arange(len(truth)), "predicted": [names[i] for i in pred], "trainable_params": params}]
+    return auto.summarize_runs(method, runs, 0.0, truth, names)
 
 
-def test_a_gap_steady_on_the_shared_folds_is_no_tie_whatever_the_folds_spread():
-    """Fold difficulty varies a lot (0.3 to 0.9), the lead does not: LoRA is 2 points ahead of the probe on each of
-    the five folds both ran. Paired on those folds, that is far beyond the noise (unpaired, the spread of the
-    folds would have excused it), even though the probe also ran five more folds."""
-    probe = [0.30, 0.90, 0.50, 0.70, 0.40, 0.60, 0.80, 0.35, 0.55, 0.65]
-    lora = [p + 0.02 + 0.001 * i for i, p in enumerate(probe[:5])]
-    pick, _, close = auto.decide({"probe": _scored("probe", probe, 2_000),
-                                     "lora": _scored("lora", lora, 150_000)}, val_size=10)
+TRUTH = np.arange(100) % 2  # 100 held-out examples of two classes
+
+
+def test_a_tie_goes_to_the_contrastive_recipe_even_behind():
+    """Across the built-in data sets the contrastive recipe was the most accurate (auto.PREFERENCE): 2 examples in
+    100 behind the probe, but right and wrong on other examples (10 go one way, 8 the other), it keeps the pick;
+    wrong on 10 of the probe's right ones and right on no other, it does not."""
+    probe = np.arange(100) < 60
+    swing = (np.arange(100) >= 10) & (np.arange(100) < 68)  # loses 0-9, wins 60-67: 58 right
+    pick, best, close = auto.decide({"probe": _evidence(TRUTH, probe, "probe"),
+                                     "contrastive": _evidence(TRUTH, swing, "contrastive")}, TRUTH)
+    assert best["method"] == "probe" and pick["method"] == "contrastive" and len(close) == 2
+    steady = probe & (np.arange(100) >= 10)  # 50 right, all of them also right for the probe
+    pick, _, close = auto.decide({"probe": _evidence(TRUTH, probe, "probe"),
+                                  "contrastive": _evidence(TRUTH, steady, "contrastive")}, TRUTH)
+    assert pick["method"] == "probe" and [c["method"] for c in close] == ["probe"]
+
+
+def test_a_gap_steady_on_the_same_examples_is_no_tie():
+    """LoRA is right on every example the probe gets right and on 10 more: paired example by example, a 10-point
+    lead is far beyond its noise (unpaired, two accuracies of 0.6 and 0.7 on 100 examples each would be within
+    about 7 points of each other by chance). The same 2-point lead made of 12 examples won and 10 lost is a tie."""
+    probe = np.arange(100) < 60
+    pick, _, close = auto.decide({"probe": _evidence(TRUTH, probe, "probe"),
+                                  "lora": _evidence(TRUTH, np.arange(100) < 70, "lora")}, TRUTH)
     assert pick["method"] == "lora" and [c["method"] for c in close] == ["lora"]
-    # the same lead with a fold-to-fold swing of +-10 points is within the noise: a tie, the smaller one wins
-    noisy = [p + (0.12 if i % 2 else -0.08) for i, p in enumerate(probe[:5])]
-    pick, _, close = auto.decide({"probe": _scored("probe", probe, 2_000),
-                                  "lora": _scored("lora", noisy, 150_000)}, val_size=10)
+    noisy = (np.arange(100) >= 10) & (np.arange(100) < 72)
+    pick, _, close = auto.decide({"probe": _evidence(TRUTH, probe, "probe"),
+                                  "lora": _evidence(TRUTH, noisy, "lora")}, TRUTH)
     assert pick["method"] == "probe" and len(close) == 2
 
 
 def test_an_exact_tie_goes_to_the_logistic_probe_not_the_class_means():
-    # sms-spam at 8 shots: 16 examples, ~3 per validation fold; both heads score the same on every fold
-    folds = [0.73, 1.0, 1.0, 1.0, 1.0, 1.0, 0.67, 1.0, 1.0, 1.0]
-    pick, _, _ = auto.decide({"prototypes": _scored("prototypes", folds, 0),
-                              "probe": _scored("probe", folds, 770)}, val_size=3)
+    same = np.arange(100) < 75
+    pick, _, _ = auto.decide({"prototypes": _evidence(TRUTH, same, "prototypes", 0),
+                              "probe": _evidence(TRUTH, same, "probe", 770)}, TRUTH)
     assert pick["method"] == "probe"
 
 
+def test_macro_f1_in_numpy_is_classification_metrics_own():
+    """auto's batched macro-F1 (for the bootstrap) follows the project's convention: the classes in the truth or
+    the predictions, for any number of resamples at once."""
+    from graftune.tasks.classification import classification_metrics
+
+    rng = np.random.default_rng(0)
+    for n, k in ((3, 2), (16, 2), (48, 6), (120, 20)):
+        y = rng.integers(0, k, size=(4, n))
+        p = np.where(rng.random((4, n)) < 0.6, y, rng.integers(0, k, size=(4, n)))
+        expected = [classification_metrics(y[i], p[i], [str(c) for c in range(k)])["macro_f1"] for i in range(4)]
+        assert auto.macro_f1(y, p) == pytest.approx(expected)
+
+
 def test_auto_stops_comparing_once_the_pick_is_settled(tiny, monkeypatch):
-    """The contrastive recipe scores 0.95 on its first fold, the probe 0.48-0.52 on all ten: 45 points, far beyond
-    two standard errors of one fold of 5 examples; more folds would not change the pick, so none are run."""
+    """The contrastive recipe is right on all 5 examples of its first fold, the probe on 1 of them: far beyond two
+    standard errors; more folds would not change the pick, so none are run."""
     calls = []
-
-    def contrastive(*a):
-        calls.append(1)
-        return {"accuracy": 0.95, "macro_f1": 0.95, "trainable_params": 50_000, "train_seconds": 0.0}
-
-    monkeypatch.setattr(auto, "run_contrastive", contrastive)
-    monkeypatch.setattr(auto, "fit_head", Folds([0.50, 0.52, 0.48]))
+    monkeypatch.setattr(auto, "run_contrastive", _contrastive(1.0, calls))
+    monkeypatch.setattr(auto, "fit_head", Folds([0.2]))
     record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "contrastive"))
     assert record["method"] == "contrastive" and len(calls) == 1 == record["candidates"]["contrastive"]["folds"]
-    # a close race runs on: LoRA 0.85-0.95 against a probe at 0.80-0.95 gets all five folds (the tie test above)
+    # a close race runs on: LoRA as often right as the probe gets all five folds (the tie test above)

@@ -37,15 +37,15 @@ def test_the_demo_table_shows_autos_evidence_pick_and_the_baseline():
     from graftune.demo import format_table
 
     record = {"training_examples": 48, "folds": 5, "method": "contrastive", "reason": "contrastive scored best.",
-              "candidates": {"probe": {"macro_f1": 0.71, "macro_f1_std": 0.05, "folds": 10, "trainable_params": 2310,
-                                       "seconds": 2.0},
-                             "contrastive": {"macro_f1": 0.84, "macro_f1_std": 0.04, "folds": 3,
+              "candidates": {"probe": {"macro_f1": 0.71, "macro_f1_se": 0.05, "folds": 5, "held_out": 48,
+                                       "trainable_params": 2310, "seconds": 2.0},
+                             "contrastive": {"macro_f1": 0.84, "macro_f1_se": 0.04, "folds": 3, "held_out": 29,
                                              "trainable_params": 40000, "seconds": 60.0}}}
     result = {"picked": {"accuracy": 0.86, "macro_f1": 0.85, "trainable_params": 40000, "examples": 300},
               "probe": {"accuracy": 0.72, "macro_f1": 0.70, "trainable_params": 2310}, "auto": record,
               "seconds": 150.0, "run_dir": "runs/demo", "config": {"seed": 0, "method": "contrastive"}}
     text = format_table(result)
-    assert "5-fold cross-validation" in text and "probe        macro-F1 0.710 +- 0.050 over 10 fold(s)" in text
+    assert "5-fold cross-validation" in text and "probe        macro-F1 0.710 +- 0.050 on 48 held-out (5 fold(s))" in text
     assert "picked contrastive: contrastive scored best." in text
     assert "+14.0 points: ahead of the frozen baseline (one standard error: 2.6 points)" in text
     tie = format_table({**result, "picked": {**result["picked"], "accuracy": 0.73}})

@@ -66,7 +66,9 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
-    """Train as ``cfg`` says, write the run directory ``cfg.out``, return its metrics (also in metrics.json).
+    """Train as ``cfg`` says, write the run directory ``cfg.out``, return its metrics (also in metrics.json); a
+    single-label classifier's also hold ``predicted``, the label predicted for each test example in order (not
+    written: callers that score held-out examples, like ``--method auto``'s folds, pair them example by example).
 
     ``splits``: ready-made ``data.splits.Splits`` of ``cfg.data`` used instead of splitting it here (the comparison
     harness, ``strategies/compare.py``, gives every strategy the very same splits, augmented train included)."""
@@ -242,11 +244,12 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         if not main:
             return _end_processes(info, None)  # rank 0 tests and writes; the others take its metrics
         test = score_split(kind, score_task, model, head, splits.test, cfg, policy, generate=True,
-                           show="testing" if progress else None)
+                           show="testing" if progress else None, predictions=True)
         sizes = _sizes(model, name, head, cfg)
         extra = {"task": kind, "multi_label": ds.multi_label, "base_model": cfg.model, "pooling": base.pooling}
         adapter_bytes = _save_artifact(model, name, head, ds.label_names, extra, work / "adapter", cfg)
-        metrics = {**{k: v for k, v in test.items() if k != "samples"}, **sizes, "adapter_bytes": adapter_bytes,
+        metrics = {**{k: v for k, v in test.items() if k not in ("samples", "predicted")}, **sizes,
+                   "adapter_bytes": adapter_bytes,
                    "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu, 2),
                    "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(memory.peak, 1),
                    "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "steps": state["step"],
@@ -257,6 +260,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         if transfer:
             metrics["transfer"] = transfer
         write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
+        if "predicted" in test:  # returned, not written: what a caller scoring held-out examples needs (auto)
+            metrics = {**metrics, "predicted": test["predicted"]}
         log.event("end", test=brief(test), train_seconds=train_seconds)
         log.close()
     except BaseException:

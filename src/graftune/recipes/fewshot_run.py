@@ -228,15 +228,19 @@ def _outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str]) -> t
     return labels, out
 
 
-def score(fitted: Any, inputs: Sequence[str], labels: Sequence[str], label_names: Sequence[str]) -> dict:
+def score(fitted: Any, inputs: Sequence[str], labels: Sequence[str], label_names: Sequence[str], *,
+          predictions: bool = False) -> dict:
     """The metrics a classification run reports (``classification_metrics``), plus ``loss``: the mean
-    cross-entropy of the head's probabilities (-log p(true class), p clamped at 1e-12)."""
+    cross-entropy of the head's probabilities (-log p(true class), p clamped at 1e-12); with ``predictions`` also
+    ``predicted``, the label predicted for each input (as ``run.scoring.score_classification``)."""
     index = {n: i for i, n in enumerate(label_names)}
     pred, proba = _outputs(fitted, inputs, label_names)
     y = np.asarray([index[label] for label in labels])
     metrics = classification_metrics(y, np.asarray([index[p] for p in pred]), list(label_names))
     p_true = np.clip(proba[np.arange(len(y)), y], 1e-12, None)
     metrics["loss"] = float(-np.log(p_true).mean())
+    if predictions:
+        metrics["predicted"] = [str(p) for p in pred]
     return metrics
 
 

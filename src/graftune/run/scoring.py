@@ -59,14 +59,18 @@ def logits_of(task: Task, model: nn.Module, head: nn.Module | None, inputs: Sequ
 
 def score_classification(task: Task, model: nn.Module, head: nn.Module, inputs: Sequence[Any],
                          labels: Sequence[Any], *, batch_size: int = 32,
-                         policy: precision.Precision | None = None, show: str | None = None) -> dict:
-    """accuracy, macro-F1, per-class P/R/F1, confusion matrix and mean loss of ``head(model(inputs))``."""
+                         policy: precision.Precision | None = None, show: str | None = None,
+                         predictions: bool = False) -> dict:
+    """accuracy, macro-F1, per-class P/R/F1, confusion matrix and mean loss of ``head(model(inputs))``; with
+    ``predictions`` (single-label) also ``predicted``: the label name predicted for each input, in order."""
     logits = logits_of(task, model, head, inputs, batch_size=batch_size, policy=policy, show=show)
     y = encode_labels(labels, task.label_names, task.multi_label)
     target = torch.tensor(y, dtype=torch.float32 if task.multi_label else torch.long)
     pred = decide(probabilities(logits, task.multi_label), task.multi_label)
     metrics = classification_metrics(target.long().numpy(), pred.numpy(), task.label_names, task.multi_label)
     metrics["loss"] = float(classification_loss(logits, target, task.multi_label))
+    if predictions and not task.multi_label:
+        metrics["predicted"] = [task.label_names[int(i)] for i in pred]
     return metrics
 
 
@@ -141,15 +145,19 @@ def _no_autocast():
     return contextlib.nullcontext()
 
 
-def score_probabilities(proba: np.ndarray, labels: Sequence[str], label_names: Sequence[str]) -> dict:
+def score_probabilities(proba: np.ndarray, labels: Sequence[str], label_names: Sequence[str], *,
+                        predictions: bool = False) -> dict:
     """The metrics a classification run reports (``classification_metrics``) from probabilities with one column
     per label name (the prediction is the most probable), plus ``loss``: the mean cross-entropy -log p(true class),
-    p clamped at 1e-12."""
+    p clamped at 1e-12; ``predictions``: see ``score_classification``."""
     index = {n: i for i, n in enumerate(label_names)}
     y = np.asarray([index[label] for label in labels])
-    metrics = classification_metrics(y, proba.argmax(axis=1), list(label_names))
+    pred = proba.argmax(axis=1)
+    metrics = classification_metrics(y, pred, list(label_names))
     p_true = np.clip(proba[np.arange(len(y)), y], 1e-12, None)
     metrics["loss"] = float(-np.log(p_true).mean()) if len(y) else 0.0
+    if predictions:
+        metrics["predicted"] = [label_names[int(i)] for i in pred]
     return metrics
 
 
@@ -160,13 +168,14 @@ def probability_rows(proba: np.ndarray, label_names: Sequence[str]) -> list[dict
 
 
 def score_split(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, generate: bool,
-                show: str | None = None) -> dict:
-    """The metrics of a run's model on one split (val while training, test at the end), as the run reports them."""
+                show: str | None = None, predictions: bool = False) -> dict:
+    """The metrics of a run's model on one split (val while training, test at the end), as the run reports them
+    (``predictions``: see ``score_classification``)."""
     if kind == "causal-lm":
         return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size, 8), policy=policy,
                                generate=generate, max_new_tokens=cfg.max_new_tokens, show=show)
     return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
-                                policy=policy, show=show)
+                                policy=policy, show=show, predictions=predictions)
 
 
 # --- per-group metrics (eval and compare --group-column) ------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold
+from scipy.stats import bootstrap
+from sklearn.model_selection import StratifiedKFold
 
 from graftune.config import RunConfig
 from graftune.data.splits import Splits, make_splits
@@ -41,12 +42,16 @@ from graftune.tasks.classification import classification_metrics
 AUTO_CANDIDATES = {"text": ("head", "prototypes", "lora", "contrastive"), "image": ("head", "lora", "topk")}
 #: candidates scored on frozen embeddings computed once: every fold of every repeat costs a head fit only
 CHEAP = ("head", "prototypes")
-#: cheap candidates: repeated stratified k-fold over the training examples (at most FOLDS folds, REPEATS times)
-FOLDS, REPEATS = 5, 2
-#: trained candidates, successive halving: every one runs on the first RUNGS[0] folds of the first repeat; those
-#: not clearly worse than the best (at least two) go on to the next rung's folds, as the budget allows; the
-#: comparison stops early once one trained candidate is left, best, and every other candidate clearly behind it
+#: the training examples are cut into at most FOLDS stratified folds: every candidate predicts each example of a
+#: fold it runs with a model fitted on the other folds, and candidates are compared on those predictions, paired
+#: example by example
+FOLDS = 5
+#: trained candidates, successive halving: every one runs on the first RUNGS[0] folds; those not clearly worse
+#: than the best (at least two) go on to the next rung's folds, as the budget allows; the comparison stops early
+#: once one trained candidate is left, best, and every other candidate clearly behind it
 RUNGS = (1, 3, FOLDS)
+#: resamples of the paired bootstrap that puts a standard error on a gap in macro-F1 (``_gap``)
+RESAMPLES = 1000
 #: which candidate wins a tie (a gap within the noise of the cross-validation): the earliest in this order. It is
 #: the order of the strategies' test accuracy over the built-in text data sets at 8 shots (bench/RESULTS.md,
 #: "Session 6": the contrastive recipe was the most accurate on every split of trec, sms-spam and rotten-tomatoes,
@@ -74,22 +79,24 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
               split_args: dict | None = None, settings: dict | None = None, progress: bool = False,
               not_for_contrastive: Sequence[str] = (), not_for_probe: Sequence[str] = ()) -> dict:
     """The quick comparison behind ``--method auto``, as a record: ``method`` (a ``train --method``), ``options``,
-    ``reason`` (plain words with the numbers), ``candidates`` (per candidate: mean and spread of the macro-F1 over
-    its folds, accuracy, folds, seconds, trainable parameters), ``skipped``, the example counts and the budget.
+    ``reason`` (plain words with the numbers), ``candidates`` (per candidate: macro-F1 and accuracy over its
+    held-out predictions with the macro-F1's standard error, folds, held-out examples, seconds, trainable
+    parameters), ``skipped``, the example counts and the budget.
 
     Only the training examples are read (those ``train`` would use: ``split_args`` is ``RunConfig.split_args()``);
     the test set is never looked at. They are cut into stratified folds (k = up to ``FOLDS``, at most the smallest
-    class's size). The cheap candidates (``CHEAP``: heads on frozen embeddings, computed once for every training
-    example) are scored on every fold of ``REPEATS`` repeats. The trained candidates (LoRA with a head for 3 epochs,
-    the contrastive recipe, top-k for images) are costly: successive halving runs each on the first fold, and the
-    better ones on more (``RUNGS``), as the budget allows (a candidate estimated not to fit is skipped, the first
-    trained one being the measurement).
+    class's size); on a fold a candidate is fitted on the other folds and predicts the fold's examples. The cheap
+    candidates (``CHEAP``: heads on frozen embeddings, computed once for every training example) run every fold.
+    The trained candidates (LoRA with a head for 3 epochs, the contrastive recipe, top-k for images) are costly:
+    successive halving runs each on the first fold, and the better ones on more (``RUNGS``), as the budget allows
+    (a candidate estimated not to fit is skipped, the first trained one being the measurement).
 
-    The rule (``decide``): the best mean macro-F1 is the reference; a candidate is tied with it when the mean of
-    their paired differences, on the folds both ran, is within one standard error of those differences (with one
-    shared fold: the gap of the means within their combined standard error), or within 1 point. Among the tied,
-    the earliest in ``PREFERENCE`` wins: the strategies' order across data sets, which the cross-validation
-    overrules only with a gap larger than its own noise.
+    The rule (``decide``): a candidate's score is the macro-F1 of its held-out predictions pooled over its folds
+    (with few examples a fold's own macro-F1 is nearly random: 3 examples give 0, 0.33, 0.67 or 1). The best score
+    is the reference; a candidate is tied with it when, on the examples both predicted, the best's lead is within
+    one standard error (a paired bootstrap over those examples) or within 1 point. Among the tied, the earliest in
+    ``PREFERENCE`` wins: the strategies' order across data sets, which the cross-validation overrules only with a
+    gap larger than its own noise.
     ``not_for_contrastive`` / ``not_for_probe``: run settings those recipes would not honour; contrastive is then
     skipped, and the text baseline is ``head`` (the task head on the first ``max_length`` tokens) instead of
     ``probe``.
@@ -113,8 +120,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                         f"once the test set is set aside; {short} has fewer; add examples, pass --test FILE, or pick a "
                         "--method (probe is the safe choice for so few)")
     k = int(min(FOLDS, smallest))
-    folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=REPEATS, random_state=seed)
-                 .split(np.zeros(len(labels)), labels))
+    folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+    truth = np.asarray([train.label_names.index(c) for c in labels])
     say = print if progress else (lambda *a, **kw: None)
     started = time.perf_counter()
     scores: dict[str, dict] = {}
@@ -132,11 +139,12 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         embed_seconds = time.perf_counter() - t0
         for name in cheap:
             t1 = time.perf_counter()
-            runs = [fit_head(x, labels, fit, val, train.label_names, "prototype" if name == "prototypes" else
-                             "logistic") for fit, val in folds]
+            runs = [{**fit_head(x, labels, fit, val, train.label_names, "prototype" if name == "prototypes" else
+                                "logistic"), "val": val} for fit, val in folds]
             method = baseline if name == "head" else "prototypes"
-            scores[method] = _summarize_runs(method, runs, embed_seconds + time.perf_counter() - t1)
-            say(f"[auto] {method}: macro-F1 {scores[method]['macro_f1']:.3f} +- {scores[method]['macro_f1_std']:.3f} "
+            scores[method] = summarize_runs(method, runs, embed_seconds + time.perf_counter() - t1, truth,
+                                             train.label_names)
+            say(f"[auto] {method}: macro-F1 {scores[method]['macro_f1']:.3f} +- {scores[method]['macro_f1_se']:.3f} "
                 f"over {len(runs)} folds ({scores[method]['seconds']:.0f} s)")
 
     # --- costly: successive halving over the first repeat's folds -------------------------------------------------
@@ -180,11 +188,12 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                     seconds = time.perf_counter() - t0
                     result.pop("predict", None)  # the fold's model: not kept
                     per_example.append(seconds / max(len(fit), 1) / (AUTO_COST.get(name) or STRATEGIES[name].cost))
-                    runs_of[name].append({**result, "fold": i, "seconds": seconds})
+                    runs_of[name].append({**result, "fold": i, "seconds": seconds, "val": val})
                     say(f"[auto] {name}: fold {i + 1} macro-F1 {result['macro_f1']:.3f} ({seconds:.0f} s)")
             done = [n for n in costly if runs_of[n]]
             for name in done:
-                scores[name] = _summarize_runs(name, runs_of[name], sum(r["seconds"] for r in runs_of[name]))
+                scores[name] = summarize_runs(name, runs_of[name], sum(r["seconds"] for r in runs_of[name]), truth,
+                                               train.label_names)
             if rung == RUNGS[-1]:
                 break
             # the better half goes on (at least two: one fold is too little to drop a candidate on rank alone), and
@@ -192,9 +201,9 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
             keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
             best_now = max(scores.values(), key=lambda s: s["macro_f1"])
-            costly = [n for n in keep if not _clearly_worse(scores[n], best_now, len(folds[0][1]))]
+            costly = [n for n in keep if not _clearly_worse(scores[n], best_now, truth)]
             if len(costly) == 1 and scores[costly[0]] is best_now and all(
-                    _clearly_worse(s, best_now, len(folds[0][1])) for s in scores.values() if s is not best_now):
+                    _clearly_worse(s, best_now, truth) for s in scores.values() if s is not best_now):
                 say(f"[auto] {costly[0]} is ahead of every other candidate by more than two standard errors: "
                     "no more folds needed")
                 break
@@ -202,11 +211,12 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
 
     val_size = len(folds[0][1])
-    pick, best, close = decide(scores, val_size)
-    listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_std']:.3f} ({s['folds']} fold"
-                        f"{'s' if s['folds'] > 1 else ''}, {s['seconds']:.0f} s)" for s in scores.values())
-    reason = (f"By {k}-fold cross-validation on the {len(train)} training examples ({val_size} held out per fold, "
-              f"the test set untouched), macro-F1 was: {listing}. ")
+    pick, best, close = decide(scores, truth)
+    listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_se']:.3f} ({s['held_out']} examples, "
+                        f"{s['seconds']:.0f} s)" for s in scores.values())
+    reason = (f"By {k}-fold cross-validation on the {len(train)} training examples (each predicted by a model fitted "
+              f"on the other folds; {val_size} per fold; the test set untouched), the macro-F1 of the held-out "
+              f"predictions, with its standard error, was: {listing}. ")
     others = [s["method"] for s in close if s is not pick]
     if pick is best:
         reason += f"{pick['method']} scored best"
@@ -222,19 +232,20 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     reason += "."
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
-    keep_keys = ("macro_f1", "macro_f1_std", "accuracy", "folds", "seconds", "trainable_params")
+    keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
     return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
             "seconds": round(time.perf_counter() - started, 2), "training_examples": len(train),
-            "validation_examples": val_size, "folds": k, "repeats": REPEATS,
+            "validation_examples": val_size, "folds": k,
             "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped}
 
 
-def decide(scores: dict[str, dict], val_size: int) -> tuple[dict, dict, list[dict]]:
-    """The rule, on the candidates' summaries (``_summarize_runs``): returns (pick, best, the candidates tied with
-    the best). The best mean macro-F1 is the reference; a candidate is tied with it when ``_beaten`` says its gap
-    is within the noise; the pick is the tied candidate earliest in ``PREFERENCE`` (the better mean among equals)."""
+def decide(scores: dict[str, dict], truth: np.ndarray) -> tuple[dict, dict, list[dict]]:
+    """The rule, on the candidates' summaries (``summarize_runs``) and the training examples' true classes:
+    returns (pick, best, the candidates tied with the best). The best macro-F1 is the reference; a candidate is tied
+    with it when ``_beaten`` says its gap is within the noise; the pick is the tied candidate earliest in
+    ``PREFERENCE`` (the better score among equals)."""
     best = max(scores.values(), key=lambda s: s["macro_f1"])
-    close = [s for s in scores.values() if not _beaten(s, best, val_size)]
+    close = [s for s in scores.values() if not _beaten(s, best, truth)]
     pick = min(close, key=lambda s: (_rank(s["method"]), -s["macro_f1"]))
     return pick, best, close
 
@@ -245,62 +256,87 @@ def _rank(method: str) -> int:
 
 def fit_head(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, val: np.ndarray, label_names: Sequence[str],
              head: str) -> dict:
-    """A head of ``recipes.fewshot`` fitted on the embeddings ``x[fit]`` and scored on ``x[val]``."""
+    """A head of ``recipes.fewshot`` fitted on the embeddings ``x[fit]`` and scored on ``x[val]``; ``predicted``:
+    its label for each of ``val``."""
     t0 = time.perf_counter()
     clf = make_head(head, 1.0).fit(x[fit], labels[fit])
+    pred = clf.predict(x[val])
     m = classification_metrics(np.asarray([list(label_names).index(c) for c in labels[val]]),
-                               np.asarray([list(label_names).index(c) for c in clf.predict(x[val])]),
-                               list(label_names))
+                               np.asarray([list(label_names).index(c) for c in pred]), list(label_names))
     # class means are computed, not trained (as compare counts them)
     params = int(clf.coef_.size + clf.intercept_.size) if hasattr(clf, "coef_") else 0
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": params,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "predicted": [str(p) for p in pred]}
 
 
-def _summarize_runs(method: str, runs: list[dict], seconds: float) -> dict:
-    f1 = [r["macro_f1"] for r in runs]
-    return {"method": method, "macro_f1": statistics.mean(f1),
-            "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
-            "accuracy": statistics.mean(r["accuracy"] for r in runs), "folds": len(runs),
+def macro_f1(truth: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Macro-F1 of class indices along ``axis`` (any leading axes: many resamples at once), over the classes that
+    occur in the truth or the predictions: ``classification_metrics``'s convention, in numpy so that a bootstrap
+    computes a thousand of them in one call (scikit-learn's ``f1_score`` takes one sample at a time)."""
+    truth, pred = np.moveaxis(np.asarray(truth), axis, -1), np.moveaxis(np.asarray(pred), axis, -1)
+    total = np.zeros(truth.shape[:-1])
+    present = np.zeros(truth.shape[:-1])
+    for c in np.union1d(truth, pred):
+        t, p = truth == c, pred == c
+        both = t.sum(-1) + p.sum(-1)
+        total += np.where(both > 0, 2 * (t & p).sum(-1) / np.maximum(both, 1), 0.0)
+        present += both > 0
+    return total / np.maximum(present, 1)
+
+
+def summarize_runs(method: str, runs: list[dict], seconds: float, truth: np.ndarray,
+                    label_names: Sequence[str]) -> dict:
+    """One candidate's evidence: ``oof``, its predicted class index for every training example a fold of it held
+    out (-1 for the others), and the macro-F1 and accuracy of those predictions pooled, with the macro-F1's
+    bootstrap standard error."""
+    oof = np.full(len(truth), -1)
+    for r in runs:
+        oof[np.asarray(r["val"])] = [list(label_names).index(p) for p in r["predicted"]]
+    held = oof >= 0
+    y, p = truth[held], oof[held]
+    return {"method": method, "macro_f1": float(macro_f1(y, p)), "macro_f1_se": _standard_error(macro_f1, y, p),
+            "accuracy": float((y == p).mean()), "folds": len(runs), "held_out": int(held.sum()),
             "trainable_params": int(max(r["trainable_params"] for r in runs)), "seconds": round(seconds, 2),
-            "per_fold": f1}
+            "oof": oof}
 
 
-def _gap(candidate: dict, best: dict, val_size: int) -> tuple[float, float]:
-    """The best's lead over ``candidate`` and its noise. Every candidate's folds start with the first repeat's, in
-    order, so the first ``n`` folds of two candidates held out the very same examples: with ``n >= 2`` shared folds
-    the lead is the mean of the paired per-fold differences and the noise their standard error (the folds' own
-    difficulty cancels out). With one shared fold, the difference of the means, with the two means' standard
-    errors combined (a mean over one fold: the sampling noise of a proportion on one validation fold)."""
-    a, b = candidate["per_fold"], best["per_fold"]
-    n = min(len(a), len(b))
-    if n > 1:
-        diffs = [y - x for x, y in zip(a[:n], b[:n])]
-        return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(n)
-
-    def standard_error(s: dict) -> float:
-        folds = s["per_fold"]
-        if len(folds) > 1:
-            return statistics.stdev(folds) / math.sqrt(len(folds))
-        return math.sqrt(max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / max(val_size, 1))
-
-    return best["macro_f1"] - candidate["macro_f1"], math.hypot(standard_error(best), standard_error(candidate))
+def _standard_error(statistic: Callable, *samples: np.ndarray) -> float:
+    """The standard error of ``statistic`` over examples (``samples`` aligned: resampled together), by the
+    bootstrap: ``RESAMPLES`` resamples, seeded; infinite under 2 examples."""
+    if len(samples[0]) < 2:
+        return math.inf
+    return float(bootstrap(samples, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
+                           method="percentile", random_state=0).standard_error)
 
 
-def _beaten(candidate: dict, best: dict, val_size: int) -> bool:
-    """Behind the best by more than one standard error of the paired per-fold differences (``_gap``), and by more
-    than 1 point: a gap the cross-validation cannot tell from noise is a tie."""
+def _difference(truth: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return macro_f1(truth, b, axis) - macro_f1(truth, a, axis)
+
+
+def _gap(candidate: dict, best: dict, truth: np.ndarray) -> tuple[float, float]:
+    """The best's lead over ``candidate`` in macro-F1 and its noise, on the training examples both predicted
+    held out (the same folds: every candidate's folds start with the first, in order): the lead is the difference
+    of the two macro-F1 there, the noise its standard error by a paired bootstrap over those examples (an example
+    both get right or both get wrong moves neither)."""
+    shared = (candidate["oof"] >= 0) & (best["oof"] >= 0)
+    y, a, b = truth[shared], candidate["oof"][shared], best["oof"][shared]
+    return float(_difference(y, a, b)), _standard_error(_difference, y, a, b)
+
+
+def _beaten(candidate: dict, best: dict, truth: np.ndarray) -> bool:
+    """Behind the best by more than one standard error of the paired gap (``_gap``), and by more than 1 point: a
+    gap the cross-validation cannot tell from noise is a tie."""
     if candidate is best:
         return False
-    lead, noise = _gap(candidate, best, val_size)
+    lead, noise = _gap(candidate, best, truth)
     return lead > max(WITHIN, noise) + 1e-9
 
 
-def _clearly_worse(candidate: dict, best: dict, val_size: int) -> bool:
+def _clearly_worse(candidate: dict, best: dict, truth: np.ndarray) -> bool:
     """Behind by more than two standard errors: successive halving stops spending budget on it."""
     if candidate is best:
         return False
-    lead, noise = _gap(candidate, best, val_size)
+    lead, noise = _gap(candidate, best, truth)
     return lead > max(WITHIN, 2 * noise) + 1e-9
 
 

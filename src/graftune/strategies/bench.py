@@ -207,6 +207,7 @@ def run_job(spec: JobSpec, train_fn: Callable | None = None) -> dict:
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     fp = result.pop("run_test_fingerprint", None)
     result.pop("predict", None)  # a row is data (it may travel back from a Ray worker): the model stays here
+    result.pop("predicted", None)
     if fp is not None and fp != test_fp:
         return {**row, "error": "the run's test set differs from the bench's (bug)"}
     return {**row, **result, "wall_seconds": round(time.perf_counter() - started, 2)}

@@ -196,7 +196,7 @@ def run_features(strategy: Strategy, frozen: Frozen, splits, test_key: str) -> d
         return probability_rows(proba, names)
 
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": trainable,
-            "train_seconds": round(seconds, 2), "predict": predict}
+            "train_seconds": round(seconds, 2), "predict": predict, "predicted": [names[int(i)] for i in pred]}
 
 
 def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings: dict) -> dict:
@@ -206,8 +206,8 @@ def run_contrastive(strategy: Strategy, model: str, splits, seed: int, settings:
     fitted = contrastive_fit(base, None, splits.train.inputs, splits.train.labels, method=strategy.method,
                              seed=seed, embed_max_length=settings.get("max_length", 256),
                              max_length=min(PAIR_MAX_LENGTH, settings.get("max_length", 256)))
-    m = score(fitted, splits.test.inputs, splits.test.labels, splits.test.label_names)
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+    m = score(fitted, splits.test.inputs, splits.test.labels, splits.test.label_names, predictions=True)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "predicted": m["predicted"],
             "trainable_params": int(fitted.report["trainable_params"]),
             "train_seconds": round(fitted.report["seconds"], 2),
             "predict": lambda texts: predict_rows(fitted, list(texts), splits.test.label_names)}
@@ -226,8 +226,8 @@ def run_in_context(strategy: Strategy, splits, seed: int, settings: dict) -> dic
     fit_seconds = time.perf_counter() - started
     t0 = time.perf_counter()
     m = score_probabilities(fitted.predict_proba(list(splits.test.inputs)), splits.test.labels,
-                            splits.train.label_names)
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": 0,
+                            splits.train.label_names, predictions=True)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": 0, "predicted": m["predicted"],
             "train_seconds": round(fit_seconds, 2),
             "seconds_per_text": round((time.perf_counter() - t0) / max(len(splits.test), 1), 4),
             "predict": lambda texts: probability_rows(fitted.predict_proba(list(texts)), splits.train.label_names)}
@@ -242,7 +242,7 @@ def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int,
     card = work / "data_card.json"
     test_fp = json.loads(card.read_text())["splits"]["test"]["fingerprint"] if card.is_file() else None
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": int(m["trainable_params"]),
-            "train_seconds": m["train_seconds"], "run_test_fingerprint": test_fp}
+            "train_seconds": m["train_seconds"], "run_test_fingerprint": test_fp, "predicted": m.get("predicted")}
 
 
 class NotApplicable(Exception):

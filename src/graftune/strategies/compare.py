@@ -190,25 +190,28 @@ def _groups_on_test_only(splits):
     return replace(splits, train=replace(splits.train, groups=None), val=replace(splits.val, groups=None))
 
 
-def _trust_of(strategy: Strategy, work: Path, test, trust: TrustOptions, predict_fn: Callable | None) -> dict:
-    """Per-group metrics and robustness of one finished run: through ``predict_fn`` (rows with ``label`` and
+def _trust_of(strategy: Strategy, work: Path, test, trust: TrustOptions, predict_fn: Callable | None,
+              predicted: list[str] | None) -> dict:
+    """Per-group metrics and robustness of one finished run. Groups: from ``predicted``, the run's own label for
+    each test example (every runner hands it back). Robustness: through ``predict_fn`` (rows with ``label`` and
     ``probabilities``: what the features, contrastive and in-context runners hand back), or for a ``train``
     strategy through its run in ``work``, loaded back."""
     started = time.perf_counter()
-    if predict_fn is None:
-        if strategy.kind != "train":
-            return {"trust_error": f"not measured: a {strategy.kind} strategy that handed back no model"}
-        try:
-            run = load_run(work)
-        except GraftuneError as e:  # e.g. a training function that wrote no run
-            return {"trust_error": f"not measured: {str(e).splitlines()[0]}"[:300]}
-        predict_fn = functools.partial(predict, run)
     out: dict[str, Any] = {}
     if trust.group_column is not None:
-        preds = [r["label"] for r in predict_fn(list(test.inputs))]
-        out["groups"] = {"column": trust.group_column, **group_metrics(test.labels, preds, test.groups,
+        if predicted is None:
+            return {"trust_error": "not measured: the run handed back no predictions"}
+        out["groups"] = {"column": trust.group_column, **group_metrics(test.labels, predicted, test.groups,
                                                                        test.label_names)}
     if trust.robustness:
+        if predict_fn is None:
+            if strategy.kind != "train":
+                return {"trust_error": f"not measured: a {strategy.kind} strategy that handed back no model"}
+            try:
+                run = load_run(work)
+            except GraftuneError as e:  # e.g. a training function that wrote no run
+                return {"trust_error": f"not measured: {str(e).splitlines()[0]}"[:300]}
+            predict_fn = functools.partial(predict, run)
         # seed 0 for every run: the same sampled texts, the same perturbations and attack edits
         out["robustness"] = measure(predict_fn, test.inputs, test.labels, sample=trust.sample,
                                     attack_sample=trust.attack_sample, budget=BUDGET, seed=0)
@@ -304,6 +307,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         wall = time.perf_counter() - t0
                         fp = result.pop("run_test_fingerprint", None)
                         predict_fn = result.pop("predict", None)  # the strategy's model, where it has one
+                        predicted = result.pop("predicted", None)  # its label per test example
                         if fp is not None and fp != test_fp:
                             raise RuntimeError(f"{name}: the run's test set differs from the comparison's (bug)")
                         row.update(result, wall_seconds=round(wall, 2), peak_rss_mb=round(rss.peak, 1))
@@ -313,7 +317,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         fixed = max(wall - setup - result["train_seconds"], 0.0)
                         spent.setdefault(name, []).append((fixed, per_example))
                         if trust is not None:  # after the timing: measuring the model is not training it
-                            row.update(_trust_of(strategy, work, splits.test, trust, predict_fn))
+                            row.update(_trust_of(strategy, work, splits.test, trust, predict_fn, predicted))
                         rows.append(row)
                         say(f"[compare] {name} shots={k} seed={seed} aug={aug}: accuracy {row['accuracy']:.3f} "
                             f"({wall:.0f} s){_trust_line(row)}")
