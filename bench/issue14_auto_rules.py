@@ -167,6 +167,16 @@ def rule_session6(cv: dict, k: int, trained_folds: int, val_size: int = 10) -> s
     return min(close, key=lambda s: (auto.PREFERENCE.index(s["method"]), -s["macro_f1"]))["method"]
 
 
+def rule_z(record: dict, z: float, trained_folds: int | None = None) -> str:
+    """``rule_auto`` with a gap of more than ``z`` standard errors needed to overrule the preference order."""
+    kept = auto.TIE_Z
+    auto.TIE_Z = z
+    try:
+        return rule_auto(record, trained_folds or record["k"])
+    finally:
+        auto.TIE_Z = kept
+
+
 def rule_auto(record: dict, trained_folds: int, candidates=("probe", "prototypes", "lora", "contrastive")) -> str:
     """auto's rule as shipped (``auto.decide``: macro-F1 of the held-out predictions pooled over the folds, gaps
     paired example by example) with the trained candidates seen on their first ``trained_folds`` folds (the budget
@@ -192,10 +202,14 @@ RULES = {
     "best mean on the shared folds, trained all folds": lambda r: rule_best_mean(r["cv"], r["k"], r["k"]),
     "session 6 (per-fold macro-F1), trained all folds": lambda r: rule_session6(r["cv"], r["k"], r["k"]),
     "session 6, trained 3 folds": lambda r: rule_session6(r["cv"], r["k"], 3),
-    "**session 7 (auto.decide: pooled, paired per example), trained all folds**": lambda r: rule_auto(r, r["k"]),
+    "**session 7 (auto.decide: pooled, paired per example, z = 2), trained all folds**":
+        lambda r: rule_auto(r, r["k"]),
     "session 7, trained 3 folds": lambda r: rule_auto(r, 3),
     "session 7, trained 1 fold": lambda r: rule_auto(r, 1),
     "session 7 without lora and prototypes": lambda r: rule_auto(r, r["k"], candidates=("probe", "contrastive")),
+    "session 7 with z = 1": lambda r: rule_z(r, 1.0),
+    "session 7 with z = 1.65": lambda r: rule_z(r, 1.65),
+    "session 7 with z = 2.5": lambda r: rule_z(r, 2.5),
     "always probe": lambda r: "probe",
     "always contrastive": lambda r: "contrastive",
     "always lora": lambda r: "lora",
