@@ -19,7 +19,7 @@ from graftune.strategies import auto, catalog, compare
 from graftune.strategies.auto import choose_method
 from graftune.strategies.compare import run_compare
 from graftune.strategies.summary import augmentation_effect, recommend, summarize
-from tests.train_helpers import bert_folder, scripted_predictions, topic_csv
+from tests.train_helpers import bert_folder, scripted_predictions, topic_csv, train_args
 
 ROW_KEYS = {"strategy", "shots", "seed", "augment", "accuracy", "macro_f1", "trainable_params", "train_seconds",
             "peak_rss_mb", "test_fingerprint", "train_fingerprint"}
@@ -294,6 +294,25 @@ def test_real_train_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
                        progress=False)
     assert [r["strategy"] for r in rows] == ["ia3", "prefix"]
     assert all("accuracy" in r and r["trainable_params"] > 0 for r in rows), rows
+
+
+def test_the_adapter_loop_hands_back_its_test_predictions_without_writing_them(tiny, tmp_path):
+    """auto pairs candidates example by example on the adapter loop's own test predictions: returned in order (they
+    reproduce the accuracy), kept out of metrics.json and out of what `graftune train` returns."""
+    from graftune.config import RunConfig
+    from graftune.data.sources import load_data
+    from graftune.data.splits import make_splits
+    from graftune.recipes import adapter
+    from graftune.runs import train
+
+    cfg = RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "r", epochs=1, max_length=32))
+    splits = make_splits(load_data(tiny["csv"]), seed=0, val_size=0, shots=4)
+    metrics = adapter.train(cfg, progress=False, splits=splits)
+    assert len(metrics["predicted"]) == len(splits.test)
+    right = [p == y for p, y in zip(metrics["predicted"], splits.test.labels)]
+    assert sum(right) / len(right) == pytest.approx(metrics["accuracy"])
+    assert "predicted" not in json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "predicted" not in train(cfg.replace(out=str(tmp_path / "r2")), progress=False, splits=splits)
 
 
 def test_lora_top2_trains_the_top_layers_from_the_cache(tmp_path):

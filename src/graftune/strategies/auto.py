@@ -40,7 +40,7 @@ from graftune.tasks.classification import classification_metrics
 #: the candidates by modality: ``head`` is the frozen baseline (text: ``probe``, the whole-text embeddings + a
 #: logistic regression; images: the task head on pooled features), ``prototypes`` its nearest-class-mean variant
 AUTO_CANDIDATES = {"text": ("head", "prototypes", "lora", "contrastive"), "image": ("head", "lora", "topk")}
-#: candidates scored on frozen embeddings computed once: every fold of every repeat costs a head fit only
+#: candidates scored on frozen embeddings computed once: every fold costs a head fit only
 CHEAP = ("head", "prototypes")
 #: the training examples are cut into at most FOLDS stratified folds: every candidate predicts each example of a
 #: fold it runs with a model fitted on the other folds, and candidates are compared on those predictions, paired
@@ -152,7 +152,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             say(f"[auto] {method}: macro-F1 {scores[method]['macro_f1']:.3f} +- {scores[method]['macro_f1_se']:.3f} "
                 f"over {len(runs)} folds ({scores[method]['seconds']:.0f} s)")
 
-    # --- costly: successive halving over the first repeat's folds -------------------------------------------------
+    # --- costly: successive halving over the folds -----------------------------------------------------------------
     costly = [n for n in names if n not in CHEAP]
     if "contrastive" in costly and (not text or not_for_contrastive):
         why = ("text only" if not text else
