@@ -755,6 +755,9 @@ def serve(
                                        "but /health."),
     drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written.  [default: "
                                          "<registry>-drift next to the registry]"),
+    drift_bucket: str = typer.Option("1h", help="Width of a drift summary's time bucket (30m, 1h, ...): the finest "
+                                     "`graftune drift --since` can cut."),
+    drift_keep: str = typer.Option("7d", help="Drift buckets older than this are deleted."),
     poll: float = typer.Option(1.0, help="Seconds between registry checks (promote/rollback are followed)."),
     max_inputs: int = typer.Option(64, help="Texts per request at most."),
     max_chars: int = typer.Option(20_000, help="Characters per text at most."),
@@ -768,7 +771,8 @@ def serve(
 
     run_server(registry=registry, runs=runs or [], host=host, port=port, max_batch=max_batch,
                max_wait_ms=max_wait_ms, api_key=api_key, drift_dir=drift_dir, poll_s=poll,
-               limits=Limits(max_inputs=max_inputs, max_chars=max_chars), threads=threads, log_level=log_level)
+               limits=Limits(max_inputs=max_inputs, max_chars=max_chars), threads=threads, log_level=log_level,
+               drift_bucket=drift_bucket, drift_keep=drift_keep)
 
 
 @app.command()
@@ -783,14 +787,20 @@ def drift(
     drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift]"),
     alpha: float = typer.Option(0.01, help="False-alarm rate of the whole test (Bonferroni over its checks)."),
     split: str = typer.Option("train", help="The reference: the version's train, val or test split."),
+    since: str | None = typer.Option(None, "--since", help="Judge the inputs served in the last DURATION (30m, 6h, "
+                                     "7d; whole buckets of the server's --drift-bucket).  [default: 24h]"),
+    last: int | None = typer.Option(None, "--last", help="Judge the newest buckets holding at least N inputs, "
+                                    "however old."),
+    everything: bool = typer.Option(False, "--all", help="Judge every input kept (the server keeps --drift-keep)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Do recent inputs of a served adapter still look like its training data? Embedding, text length,
-    unknown-token rate and predicted-class shares, each tested at a stated false-alarm rate."""
+    unknown-token rate and predicted-class shares of the last 24 hours (--since, --last, --all), each tested at a
+    stated false-alarm rate."""
     from graftune.serve.server import check_drift
 
     report = check_drift(name, registry=registry, run=run, version=version, drift_dir=drift_dir, alpha=alpha,
-                         split=split)
+                         split=split, since=since, last=last, everything=everything)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2) if as_json else report["text"])
 
 

@@ -1,13 +1,17 @@
-"""Drift watch: running summaries are exact, the test's false-alarm rate is what it states, and end to end a stream
-from another data set is flagged while a held-out slice of the training data is not."""
+"""Drift watch: running summaries are exact and merge exactly, the test's false-alarm rate is what it states, end to
+end a stream from another data set is flagged while a held-out slice of the training data is not, and the window of
+recent buckets catches a shift that the all-time summary dilutes, with bounded retention."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -16,7 +20,7 @@ from graftune.config import RunConfig
 from graftune.registry import Registry
 from graftune.runs import train
 from graftune.serve import DriftTracker, ModelStore, StaticSource, create_app
-from graftune.serve.drift import MIN_ROWS, Summary, compare, read_summary
+from graftune.serve.drift import MIN_ROWS, Summary, Window, compare, parse_duration, read_summary, read_window
 from graftune.serve.server import check_drift, drift_folder
 from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, train_args
 
@@ -39,6 +43,31 @@ def test_running_sums_give_the_exact_mean_and_variance():
     assert s.mean_var("unk_rate")[0] == pytest.approx(0.5) and s.mean_var("chars")[0] == pytest.approx(3)
     back = Summary.from_dict(json.loads(json.dumps(s.to_dict())))
     assert np.allclose(back.mean_var()[1], var) and back.labels == {"a": 57} and back.n == 57
+
+
+def test_merged_summaries_are_the_summary_of_all_their_inputs():
+    """Chan's pairwise update: buckets merged in any grouping give the mean and variance of the inputs together,
+    also far from zero (where sums of squares lose digits)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(1e4, 0.01, (300, 5))
+    parts = [summary_of(x[i:j], ["a"] * (j - i)) for i, j in ((0, 7), (7, 150), (150, 151), (151, 300))]
+    whole = Summary.merged(parts)
+    mean, var = whole.mean_var()
+    assert whole.n == 300 and whole.labels == {"a": 300}
+    assert np.allclose(mean, x.mean(0), rtol=0, atol=1e-9) and np.allclose(var, x.var(0, ddof=1), rtol=1e-6)
+    again = Summary.merged([Summary.merged(parts[2:]), Summary.merged(parts[:2])])
+    assert np.allclose(again.mean_var()[1], var, rtol=1e-9)
+
+
+def test_a_summary_of_the_older_sums_format_is_read_exactly():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.5, 2.0, (40, 3))
+    old = {"format": "graftune-drift-summary", "dim": 3, "n": 40, "emb_sum": x.sum(0).tolist(),
+           "emb_sq": (x * x).sum(0).tolist(), "scalars": {"chars": [400.0, 4000.0], "unk_rate": [0.0, 0.0]},
+           "labels": {"a": 40}, "first": 1.0, "last": 2.0}
+    s = Summary.from_dict(old)
+    assert np.allclose(s.mean_var()[0], x.mean(0)) and np.allclose(s.mean_var()[1], x.var(0, ddof=1))
+    assert s.mean_var("chars") == (pytest.approx(10.0), pytest.approx(0.0)) and s.first == 1.0
 
 
 def test_false_alarm_rate_is_at_most_alpha_and_shifts_are_caught():
@@ -93,7 +122,8 @@ def served(tmp_path_factory):
 
 
 def test_held_out_slice_is_not_flagged_and_another_data_set_is(served):
-    assert read_summary(served["drift"] / "held" / "1.json").n == served["n"]["held"]
+    [bucket] = (served["drift"] / "held" / "1").iterdir()  # one hour-wide bucket, named by its start (UTC)
+    assert read_summary(bucket).n == served["n"]["held"]
     held = check_drift("held", run=str(served["run"]), drift_dir=str(served["drift"]))
     assert held["drift"] is False, held["text"]
     assert "still look like the training data" in held["text"]
@@ -131,8 +161,120 @@ def test_drift_of_a_registry_name_reads_the_folder_next_to_the_registry(served, 
     reg.promote("news", 1)
     folder = drift_folder(reg.root)
     assert folder == tmp_path / "registry-drift"
-    (folder / "news").mkdir(parents=True)
-    shutil.copy(served["drift"] / "other" / "1.json", folder / "news" / "1.json")  # what a server would have written
+    shutil.copytree(served["drift"] / "other" / "1", folder / "news" / "1")  # what a server would have written
     result = runner.invoke(cli_app, ["drift", "news", "--registry", str(reg.root)])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("news (version 1): recent inputs do NOT look like the training data")
+
+
+# --- the window: recent buckets, not everything since the start --------------------------------------------------
+class Clock:
+    def __init__(self, start: float):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def feed(tracker: DriftTracker, clock: Clock, x: np.ndarray, *, name: str = "synth", per_minute: int = 20) -> None:
+    """``x``'s rows served as ``name``@1, ``per_minute`` a minute, flushed as the server does."""
+    entry = SimpleNamespace(name=name, version=1, task=SimpleNamespace(tokenizer=SimpleNamespace(unk_token_id=1)))
+    for i in range(0, len(x), per_minute):
+        rows = x[i:i + per_minute]
+        tracker.observe(entry, torch.from_numpy(rows), ["a" * 40] * len(rows), [[5, 6, 7]] * len(rows),
+                        [{"label": "a"}] * len(rows))
+        clock.now += 60
+        tracker.flush()
+
+
+def test_a_recent_shift_is_flagged_in_the_window_and_diluted_in_the_all_time_summary(served, tmp_path):
+    """Two days of in-distribution traffic, then one hour shifted: `drift --since 1h` flags it, `--all` does not
+    (the shift is 2% of everything served), and `--last` takes the newest buckets."""
+    rng = np.random.default_rng(0)
+    clock = Clock(time.time() - 49 * 3600)
+    tracker = DriftTracker(tmp_path / "d", clock=clock)  # hour-wide buckets, kept a week
+    ref = summary_of(rng.normal(0, 1, (500, 16)), ["a"] * 500)
+    (tmp_path / "d" / "synth").mkdir(parents=True)
+    (tmp_path / "d" / "synth" / "1.reference-train.json").write_text(json.dumps(ref.to_dict()))  # the cache
+    feed(tracker, clock, rng.normal(0, 1, (48 * 60 * 2, 16)), per_minute=2)  # 48 h, 2 inputs a minute
+    shifted = rng.normal(0, 1, (60 * 2, 16))
+    shifted[:, :4] += 1.0
+    feed(tracker, clock, shifted, per_minute=2)  # the last hour
+    assert tracker.held() <= 1  # closed buckets leave memory once written
+    window, info = read_window(tmp_path / "d", "synth", "1", Window(2 * 3600), now=clock.now)
+    assert info["buckets"] in (2, 3) and 120 <= window.n <= 3 * 120 and info["kept_inputs"] == 49 * 120
+    args = ["drift", "synth", "--run", str(served["run"]), "--drift-dir", str(tmp_path / "d"), "--json"]
+    recent = json.loads(runner_invoke(args + ["--since", "1h"]))
+    everything = json.loads(runner_invoke(args + ["--all"]))
+    assert recent["drift"] is True and recent["checks"]["embedding"]["dims_moved"] >= 2, recent
+    assert everything["drift"] is False and everything["served"] == 49 * 120, everything  # diluted
+    assert recent["window"]["window"] == "the last 1h" and everything["window"]["window"] == "every input kept"
+    last = json.loads(runner_invoke(args + ["--last", "100"]))
+    assert last["drift"] is True and 100 <= last["served"] <= 120 + 120
+    default = json.loads(runner_invoke(args))  # the last 24 h: half a day of normal traffic beside the shift
+    assert default["window"]["since_s"] == 86400 and 24 * 120 <= default["served"] <= 26 * 120
+    text = CliRunner().invoke(cli_app, args[:-1] + ["--since", "90m"]).output
+    assert text.startswith("synth (version 1): recent inputs do NOT look like the training data") and \
+        "window: the last 90m:" in text, text
+    few = CliRunner().invoke(cli_app, args[:-1] + ["--since", "1s"]).output  # the newest bucket only
+    assert "served inputs in the last 1s" in few
+
+
+def runner_invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_old_buckets_are_deleted_and_memory_stays_bounded(tmp_path):
+    clock = Clock(1_800_000_000.0)
+    tracker = DriftTracker(tmp_path / "d", bucket_s=60, keep_s=300, clock=clock)
+    feed(tracker, clock, np.random.default_rng(0).normal(0, 1, (30 * 20, 4)), per_minute=20)  # 30 minutes
+    files = sorted((tmp_path / "d" / "synth" / "1").iterdir())
+    # keep 5 minutes of one-minute buckets: at most the 6 that end after the horizon (the newest still open)
+    assert 5 <= len(files) <= 7 and tracker.held() <= 1
+    window, info = read_window(tmp_path / "d", "synth", "1", Window(None), now=clock.now)
+    assert window.n == info["kept_inputs"] == len(files) * 20
+    assert all(f.name.endswith("Z.json") for f in files)
+
+
+def test_the_server_continues_the_bucket_it_finds_after_a_restart(tmp_path):
+    clock = Clock(1_800_000_000.0)
+    x = np.random.default_rng(0).normal(0, 1, (40, 4))
+    feed(DriftTracker(tmp_path / "d", clock=clock), clock, x[:20], per_minute=20)
+    feed(DriftTracker(tmp_path / "d", clock=clock), clock, x[20:], per_minute=20)  # a new process, same hour
+    window, info = read_window(tmp_path / "d", "synth", "1", Window(), now=clock.now)
+    assert info["buckets"] == 1 and window.n == 40 and np.allclose(window.mean_var()[0], x.mean(0))
+
+
+def test_an_all_time_summary_of_an_older_graftune_is_read_by_all_and_refused_by_a_window(served, tmp_path):
+    rng = np.random.default_rng(0)
+    old = summary_of(rng.normal(0, 1, (60, 16)), ["a"] * 60)
+    d = old.to_dict()
+    d.update(format_version=1, emb_sum=(old.mean * 60).tolist(), emb_sq=(old.m2 + 60 * old.mean ** 2).tolist(),
+             scalars={"chars": [40.0 * 60, 1600.0 * 60], "unk_rate": [0.0, 0.0]})  # sums, as version 1 wrote
+    (tmp_path / "d" / "synth").mkdir(parents=True)
+    (tmp_path / "d" / "synth" / "1.json").write_text(json.dumps(d))  # `first` and `last`: now
+    ref = summary_of(rng.normal(0, 1, (200, 16)), ["a"] * 200)
+    (tmp_path / "d" / "synth" / "1.reference-train.json").write_text(json.dumps(ref.to_dict()))
+    args = ["drift", "synth", "--run", str(served["run"]), "--drift-dir", str(tmp_path / "d")]
+    text = one_line_error(CliRunner().invoke(cli_app, args))
+    assert "all-time summary written by an older graftune" in text and "--all" in text
+    report = json.loads(runner_invoke(args + ["--all", "--json"]))
+    assert report["served"] == 60 and report["drift"] is False
+
+
+@pytest.mark.parametrize("bad", ["5x", "0h", "-1h", "h", "1.5", "1h30"])
+def test_a_bad_since_is_one_line_and_exit_2(served, bad):
+    text = one_line_error(CliRunner().invoke(cli_app, ["drift", "held", "--run", str(served["run"]),
+                                                       "--drift-dir", str(served["drift"]), "--since", bad]))
+    assert "--since" in text and bad in text
+
+
+def test_window_options_exclude_each_other(served):
+    base = ["drift", "held", "--run", str(served["run"]), "--drift-dir", str(served["drift"])]
+    for extra, part in ((["--since", "1h", "--last", "5"], "--since and --last"), (["--all", "--since", "1h"],
+                                                                                    "--all"),
+                        (["--last", "0"], "--last")):
+        assert part in one_line_error(CliRunner().invoke(cli_app, base + extra))
+    assert parse_duration("1h30m", option="--since") == 5400 and parse_duration("2w", option="x") == 14 * 86400

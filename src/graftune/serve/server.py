@@ -15,7 +15,7 @@ from prometheus_client import disable_created_metrics
 from graftune.errors import ConfigError
 from graftune.registry import Registry, default_root
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
-from graftune.serve.drift import DriftTracker, drift_report
+from graftune.serve.drift import BUCKET_S, KEEP_S, DriftTracker, Window, drift_report, parse_duration
 from graftune.serve.schemas import Limits
 from graftune.serve.store import ModelStore
 
@@ -56,8 +56,10 @@ def build_source(registry: str | None, runs: Sequence[str]) -> tuple[Source, Pat
 def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 32, max_wait_ms: float = 5.0, api_key: str | None = None, drift_dir: str | None = None,
           poll_s: float = 1.0, limits: Limits | None = None, threads: int | None = None,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn, one process: the models live in it)."""
+          log_level: str = "info", drift_bucket: str | None = None, drift_keep: str | None = None) -> None:
+    """Run the server until interrupted (uvicorn, one process: the models live in it). ``drift_bucket`` and
+    ``drift_keep`` are durations ("1h", "7d"): the width of the drift summaries' time buckets and how long they
+    are kept."""
     if max_batch < 1:
         raise ConfigError(f"--max-batch: got {max_batch}; use 1 (one request per forward) or more")
     if max_wait_ms < 0:
@@ -72,7 +74,9 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
     disable_created_metrics()  # the *_created series double the output and say nothing here
     source, reg_root = build_source(registry, runs)
     folder = Path(drift_dir) if drift_dir else (drift_folder(reg_root) if reg_root else Path("graftune-drift"))
-    tracker = DriftTracker(folder)
+    tracker = DriftTracker(folder, bucket_s=parse_duration(drift_bucket, option="--drift-bucket") if drift_bucket
+                           else BUCKET_S, keep_s=parse_duration(drift_keep, option="--drift-keep") if drift_keep
+                           else KEEP_S)
     store = ModelStore(observer=tracker)
     settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, poll_s=poll_s, api_key=api_key,
                         limits=limits or Limits())
@@ -85,16 +89,19 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
 
 
 def check_drift(name: str, *, registry: str | None = None, run: str | None = None, version: int | None = None,
-                drift_dir: str | None = None, alpha: float = 0.01, split: str = "train") -> dict:
+                drift_dir: str | None = None, alpha: float = 0.01, split: str = "train", since: str | None = None,
+                last: int | None = None, everything: bool = False) -> dict:
     """``graftune drift NAME``: the promoted version of ``name`` (or ``version``) in the registry, or a ``--run``
-    directory served as NAME (version 1), against what the server recorded for it."""
+    directory served as NAME (version 1), against what the server recorded for it in the window ``since`` (a
+    duration, "6h"; default the last 24 hours), or the newest ``last`` inputs, or ``everything`` kept."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split: got {split!r}; use train, val or test")
+    window = Window.parse(since, last, everything)
     if run is not None:
         if not (Path(run) / "run.yaml").is_file():
             raise ConfigError(f"--run {run}: not a run directory (no run.yaml)")
         folder = Path(drift_dir) if drift_dir else Path("graftune-drift")
-        return drift_report(name, str(version or 1), run, folder, alpha=alpha, split=split)
+        return drift_report(name, str(version or 1), run, folder, alpha=alpha, split=split, window=window)
     reg = Registry(default_root(registry))
     if version is None:
         version = reg.promoted_version(name)
@@ -102,4 +109,4 @@ def check_drift(name: str, *, registry: str | None = None, run: str | None = Non
             raise ConfigError(f"{name!r} has no promoted version in {reg.root}; pass --version N or promote one")
     v = reg.show(name, version)
     folder = Path(drift_dir) if drift_dir else drift_folder(reg.root)
-    return drift_report(name, str(v.version), v.path, folder, alpha=alpha, split=split)
+    return drift_report(name, str(v.version), v.path, folder, alpha=alpha, split=split, window=window)
