@@ -452,10 +452,9 @@ def predict(
     if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: run with onnxruntime
         from graftune.onnx_export import predict_export
 
-        if given is not None and given.images:
-            raise DataError(f"{input_file} holds images, but an ONNX export classifies text: {_TEXT_INPUTS}")
-        rows, _ = predict_export(run_dir, texts + (given.items if given else []), quantize=quantize)
-        _print_predictions(rows, [{"arg": i, "text": t} for i, t in enumerate(texts, 1)], given, as_json)
+        rows, images = predict_export(run_dir, texts, given, quantize=quantize)
+        _print_predictions(rows, [{"arg": i, "file" if images else "text": t} for i, t in enumerate(texts, 1)], given,
+                           as_json)
         return
     from graftune.evaluate import predict as run_predict
     from graftune.evaluate import read_image
@@ -537,9 +536,11 @@ def export(
     run_dir: str = typer.Argument(..., help="A run directory."),
     out: str = typer.Option(..., "--out", help="The directory to write."),
     fmt: str = typer.Option("peft", "--format", help="peft (LoRA runs): adapter_config.json + safetensors; onnx "
-                            "(text classifiers whose adapters merge): one ONNX graph + tokenizer, for onnxruntime."),
-    quantize: str = typer.Option("none", help="onnx: none or int8 (dynamic int8 weights; prints the accuracy change "
-                                 "on the run's test split)."),
+                            "(text and image classifiers whose adapters merge): one ONNX graph + tokenizer or "
+                            "image preprocessing, for onnxruntime."),
+    quantize: str = typer.Option("none", help="onnx: none or int8 (text: dynamic int8 weights; images: static int8 "
+                                 "calibrated on the training images; prints the accuracy change on the run's test "
+                                 "split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="onnx: replace an earlier ONNX export at --out."),
 ):
     """Export a run: its adapter in PEFT's format (LoRA), or the whole classifier, adapters merged, as ONNX

@@ -3,20 +3,26 @@ the ``eval`` / ``predict`` of such an export (the format itself is ``graftune.io
 
 What is exported: the run loaded as ``graftune eval`` loads it (base, adapters, head, from ``run.yaml`` and
 ``adapter/``), in float32, with the adapters merged into the base weights, so the graph is the plain base plus
-pooling and head: no adapter code has to exist where it runs. Only adapters that merge can be exported that way
-(their update is a linear change of the weights: LoRA, IA3, BitFit; a head-only run has none); the others
-(bottleneck adapters, prefix and prompt tuning, parameter-copying methods) and the few-shot recipes' scikit-learn
-heads are refused with the list of what is supported.
+pooling and head: no adapter code has to exist where it runs. Text classifiers (a transformer encoder) and image
+classifiers (a CNN: ``efficientnet-lite0``) both export. Only adapters that merge can be exported that way (their
+update is a linear change of the weights: LoRA, including LoRA on convolutions, IA3, BitFit; a head-only run has
+none); the others (bottleneck and convolutional adapters, prefix and prompt tuning, parameter-copying methods) and
+the few-shot recipes' scikit-learn heads are refused with the list of what is supported.
 
 The check, before anything is written: the ONNX graph, run by ONNX Runtime, must give the logits of the PyTorch
-model with the adapters *unmerged* (what training computed) within ``onnx_format.TOLERANCE`` on a few texts of
-the run's test split, spread over their lengths (the longest is truncated at ``max_length``), batched and padded
-as ``graftune eval`` batches them; and the exported tokenizer must give the run's token ids on every test text.
-A failed check refuses the export with the difference found; the output folder is left as it was.
+model with the adapters *unmerged* (what training computed) within ``onnx_format.TOLERANCE`` on a few examples of
+the run's test split. Text: texts spread over their lengths (the longest is truncated at ``max_length``), batched
+and padded as ``graftune eval`` batches them; and the exported tokenizer must give the run's token ids on every
+test text. Images: the export's numpy preprocessing (``io.image_preprocess``) must give the pixels of the run's
+torch transform within ``PIXEL_TOLERANCE`` on every test image, and the logits are compared from raw images
+through each side's own preprocessing. A failed check refuses the export with the difference found; the output
+folder is left as it was.
 
-``quantize="int8"``: ONNX Runtime's dynamic quantization (``onnx_format.quantize_file``). Both graphs, float32 and
-int8, then score the run's whole test split (rebuilt as ``graftune.evaluate.evaluate_run`` rebuilds it), and the
-accuracy change is reported and recorded in the manifest; the int8 graph is the one written.
+``quantize="int8"``: for text, ONNX Runtime's dynamic quantization (``onnx_format.quantize_file``); for images, its
+static quantization, calibrated on the run's training images (``onnx_format.quantize_static_file``: dynamic
+quantization of convolutions is slow and inaccurate in ONNX Runtime). Both graphs, float32 and int8, then score the
+run's whole test split (rebuilt as ``graftune.evaluate.evaluate_run`` rebuilds it), and the accuracy change is
+reported and recorded in the manifest; the int8 graph is the one written.
 """
 
 from __future__ import annotations
@@ -36,21 +42,28 @@ from torch import nn
 from graftune import __version__
 from graftune.config import HEAD_ONLY, RunConfig, build_config
 from graftune.core.method import all_methods, get_method
+from graftune.data.inputs import Inputs, read_image
 from graftune.data.sources import Dataset, load_data
-from graftune.data.splits import make_splits
+from graftune.data.splits import Splits, make_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
-from graftune.evaluate import read_inputs
 from graftune.io import onnx_format as fmt
 from graftune.io.artifact import read_meta
+from graftune.io.image_preprocess import ImagePreprocess
 from graftune.recipes.fewshot_run import CONTRASTIVE, PROBE
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import logits_of
 from graftune.runs import load_run
 from graftune.tasks import ZOO_TASK
-from graftune.zoo import load_base
+from graftune.zoo import ImageTransform, load_base
 
-#: texts of the test split the logits are compared on (spread over the lengths)
+#: examples of the test split the logits are compared on (texts spread over the lengths)
 CHECK_TEXTS = 8
+#: the export's numpy preprocessing must give the torch transform's pixels within this (absolute, any pixel)
+PIXEL_TOLERANCE = 1e-4
+#: training images that calibrate the activation ranges of a static int8 image graph (at most)
+CALIBRATION_IMAGES = 256
+#: the tasks that export
+TASKS = ("classification", "image")
 
 
 @dataclass
@@ -68,9 +81,9 @@ def supported_methods() -> list[str]:
 
 
 def _refuse(run_dir: Path, what: str) -> ArtifactError:
-    return ArtifactError(f"{run_dir}: ONNX export supports text-classification runs whose adapters merge into the "
-                         f"weights ({', '.join(supported_methods())}); this run is {what} (graftune eval/predict "
-                         "still run it)")
+    return ArtifactError(f"{run_dir}: ONNX export supports text and image classification runs whose adapters merge "
+                         f"into the weights ({', '.join(supported_methods())}); this run is {what} (graftune "
+                         "eval/predict still run it)")
 
 
 def _inspect(run_dir: Path) -> tuple[RunConfig, dict]:
@@ -87,7 +100,7 @@ def _inspect(run_dir: Path) -> tuple[RunConfig, dict]:
                             "`graftune train --out`)")
     meta = read_meta(run_dir / "adapter")
     kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
-    if kind != "classification":
+    if kind not in TASKS:
         raise _refuse(run_dir, f"a {kind} run")
     method = meta.get("method")
     if method != HEAD_ONLY:
@@ -105,11 +118,16 @@ def _columns(cfg: RunConfig) -> dict:
             "response_column": cfg.response_column}
 
 
-def run_test_split(cfg: RunConfig, kind: str = "classification") -> Dataset:
-    """The run's test split, rebuilt from its config as ``graftune.evaluate.evaluate_run`` rebuilds it."""
+def run_splits(cfg: RunConfig, kind: str = "classification") -> Splits:
+    """The run's splits, rebuilt from its config as ``graftune.evaluate.evaluate_run`` rebuilds them."""
     ds = load_data(cfg.data, task=kind, **_columns(cfg))
     test = load_data(cfg.test, task=kind, **_columns(cfg)) if cfg.test else None
-    return make_splits(ds, test=test, **cfg.split_args()).test
+    return make_splits(ds, test=test, **cfg.split_args())
+
+
+def run_test_split(cfg: RunConfig, kind: str = "classification") -> Dataset:
+    """The run's test split (see :func:`run_splits`)."""
+    return run_splits(cfg, kind).test
 
 
 # --- the model that is traced -------------------------------------------------------------------------------------
@@ -123,6 +141,17 @@ class _Classifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.task.forward(self.model, self.head, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+class _ImageClassifier(nn.Module):
+    """``pixels -> logits``: the image task's own forward (the CNN's pooled features, the head)."""
+
+    def __init__(self, run: LoadedRun):
+        super().__init__()
+        self.model, self.head, self.task = run.model, run.head, run.task
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.task.forward(self.model, self.head, {"pixels": pixels})
 
 
 def _load_fp32(run_dir: Path, cfg: RunConfig) -> LoadedRun:
@@ -180,24 +209,71 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
     cfg, meta = _inspect(run_dir)
     say(f"loading {run_dir} (float32, adapters unmerged) and its test split...")
     run = _load_fp32(run_dir, cfg)
-    test = run_test_split(cfg)
-    texts = [str(t) for t in test.inputs]
-    if not texts:
+    splits = run_splits(cfg, run.kind)
+    if not splits.test.inputs:
         raise DataError(f"{run_dir}: the run's test split is empty; nothing to check the export on")
-    task = run.task
-    ids = [e["input_ids"] for e in task.encode(texts)]
-    picked = _check_texts(texts, [len(i) for i in ids])
-    check = [texts[i] for i in picked]
-    reference = logits_of(task, run.model, run.head, check, batch_size=batch_size).numpy()
-    if run.model.active:
-        run.model.merge(*run.model.active)
-
-    def settings(extra: dict | None = None) -> dict:
-        return {"label_names": list(run.label_names), "max_length": task.max_length, "pad_id": int(task.pad_id),
-                "multi_label": bool(run.multi_label), **(extra or {})}
+    export = _ExportImage(run, splits, run_dir) if run.kind == "image" else _ExportText(run, splits, run_dir)
 
     def write(tmp: Path) -> None:
         say(f"exporting the merged model to ONNX (opset {opset})...")
+        fields = export.write(tmp, opset=opset, quantize=quantize, batch_size=batch_size, say=say)
+        shutil.copyfile(run_dir / "run.yaml", tmp / fmt.SOURCE_RUN_FILE)
+        extra = meta.get("extra") or {}
+        model_file = tmp / fmt.MODEL_FILE
+        manifest = {
+            "format": fmt.FORMAT, "format_version": 2 if run.kind == "image" else 1, "graftune_version": __version__,
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source_run": str(run_dir.resolve()), "adapter": meta.get("name"), "method": meta.get("method"),
+            "merged": list(run.model.merged), "base_model": cfg.model, "base_fingerprint": meta.get("base_fingerprint"),
+            "task": run.kind, "label_names": list(run.label_names), "multi_label": bool(run.multi_label),
+            **fields["settings"], "outputs": [fmt.OUTPUT_NAME], "opset": opset, "quantize": quantize,
+            "model_file": fmt.MODEL_FILE, "sha256": fmt.file_sha256(model_file),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "data": cfg.data, "seed": extra.get("seed", cfg.seed), **fields["record"]}
+        fmt.write_manifest(tmp, manifest)
+
+    path = fmt.write_export(out_dir, write, overwrite=overwrite)
+    return ExportResult(path, fmt.read_manifest(path))
+
+
+def _int8_record(fp32: fmt.OnnxClassifier, int8: fmt.OnnxClassifier, test: Dataset, check: list, reference: np.ndarray,
+                 batch_size: int) -> dict:
+    """Both graphs on the whole test split: the accuracy change the int8 graph costs."""
+    inputs = list(test.inputs)
+    p32, p8 = (r.probabilities(r.logits(inputs, batch_size=batch_size)) for r in (fp32, int8))
+    m32, m8 = (r.score(inputs, test.labels, batch_size=batch_size) for r in (fp32, int8))
+    return {"test_examples": len(inputs), "accuracy_fp32": m32["accuracy"], "accuracy_int8": m8["accuracy"],
+            "accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
+            "macro_f1_fp32": m32["macro_f1"], "macro_f1_int8": m8["macro_f1"],
+            "max_abs_probability_diff": float(np.abs(p8 - p32).max()),
+            "max_abs_logit_diff_vs_pytorch": float(np.abs(int8.logits(check) - reference).max())}
+
+
+def _check_logits(run_dir: Path, onnx_run: fmt.OnnxClassifier, check: list, reference: np.ndarray, what: str,
+                  batch_size: int) -> float:
+    diff = float(np.abs(onnx_run.logits(check, batch_size=batch_size) - reference).max())
+    if not diff <= fmt.TOLERANCE:
+        raise ArtifactError(f"{run_dir}: the ONNX logits differ from PyTorch's by {diff:.2e} (> {fmt.TOLERANCE:g}) "
+                            f"on {len(check)} test {what}; not exported")
+    return diff
+
+
+class _ExportText:
+    """The text side of an export: the graph, the tokenizer, their checks, dynamic int8."""
+
+    def __init__(self, run: LoadedRun, splits: Splits, run_dir: Path):
+        self.run, self.test, self.run_dir = run, splits.test, run_dir
+
+    def write(self, tmp: Path, *, opset: int, quantize: str, batch_size: int, say: Callable[[str], None]) -> dict:
+        run, task, run_dir = self.run, self.run.task, self.run_dir
+        texts = [str(t) for t in self.test.inputs]
+        ids = [e["input_ids"] for e in task.encode(texts)]
+        picked = _check_texts(texts, [len(i) for i in ids])
+        check = [texts[i] for i in picked]
+        reference = logits_of(task, run.model, run.head, check, batch_size=batch_size).numpy()
+        if run.model.active:
+            run.model.merge(*run.model.active)
+        settings = {"max_length": task.max_length, "pad_id": int(task.pad_id)}
         model_file = tmp / fmt.MODEL_FILE
         fmt.export_module(_Classifier(run).eval(), _example_batch(ids[picked[-1]], task.pad_id), model_file,
                           opset=opset)
@@ -208,15 +284,17 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
         if not (tmp / fmt.TOKENIZER_FILE).is_file():
             raise ArtifactError(f"{run_dir}: the base's tokenizer has no {fmt.TOKENIZER_FILE} (a fast, "
                                 "`tokenizers`-backed tokenizer is needed to export)")
-        fp32 = fmt.OnnxRun(model_file, tmp / fmt.TOKENIZER_FILE, **settings())
+
+        def runner(file: Path) -> fmt.OnnxRun:
+            return fmt.OnnxRun(file, tmp / fmt.TOKENIZER_FILE, label_names=run.label_names, multi_label=run.multi_label,
+                               **settings)
+
+        fp32 = runner(model_file)
         bad = sum(a != b for a, b in zip(fp32.encode(texts), ids))
         if bad:
             raise ArtifactError(f"{run_dir}: the exported tokenizer gives other token ids than the run's on {bad} of "
                                 f"{len(texts)} test texts; not exported")
-        diff = float(np.abs(fp32.logits(check, batch_size=batch_size) - reference).max())
-        if not diff <= fmt.TOLERANCE:
-            raise ArtifactError(f"{run_dir}: the ONNX logits differ from PyTorch's by {diff:.2e} (> {fmt.TOLERANCE:g}) "
-                                f"on {len(check)} test texts; not exported")
+        diff = _check_logits(run_dir, fp32, check, reference, "texts", batch_size)
         record: dict[str, Any] = {"check": {
             "reference": "PyTorch float32, adapters unmerged", "texts": len(check), "max_abs_logit_diff": diff,
             "tolerance": fmt.TOLERANCE, "passed": True, "tokenizer_texts_matched": len(texts)}}
@@ -224,34 +302,78 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
             say(f"quantizing (dynamic int8) and scoring both graphs on the {len(texts)} test texts...")
             int8_file = tmp / "model.int8.onnx"
             fmt.quantize_file(model_file, int8_file)
-            int8 = fmt.OnnxRun(int8_file, tmp / fmt.TOKENIZER_FILE, **settings())
-            p32, p8 = (r.probabilities(r.logits(texts, batch_size=batch_size)) for r in (fp32, int8))
-            m32, m8 = fp32.score(texts, test.labels, batch_size=batch_size), int8.score(texts, test.labels,
-                                                                                        batch_size=batch_size)
-            record["int8"] = {
-                "test_examples": len(texts), "accuracy_fp32": m32["accuracy"], "accuracy_int8": m8["accuracy"],
-                "accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
-                "macro_f1_fp32": m32["macro_f1"], "macro_f1_int8": m8["macro_f1"],
-                "max_abs_probability_diff": float(np.abs(p8 - p32).max()),
-                "max_abs_logit_diff_vs_pytorch": float(np.abs(int8.logits(check) - reference).max())}
+            int8 = runner(int8_file)
+            record["int8"] = _int8_record(fp32, int8, self.test, check, reference, batch_size)
             del fp32, int8  # the sessions hold the files open
             os.replace(int8_file, model_file)
-        shutil.copyfile(run_dir / "run.yaml", tmp / fmt.SOURCE_RUN_FILE)
-        extra = meta.get("extra") or {}
-        manifest = {
-            "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "graftune_version": __version__,
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source_run": str(run_dir.resolve()), "adapter": meta.get("name"), "method": meta.get("method"),
-            "merged": list(run.model.merged), "base_model": cfg.model, "base_fingerprint": meta.get("base_fingerprint"),
-            "task": "classification", **settings(), "pooling": task.pooling,
-            "inputs": list(fmt.INPUT_NAMES), "outputs": [fmt.OUTPUT_NAME], "opset": opset,
-            "quantize": quantize, "model_file": fmt.MODEL_FILE, "sha256": fmt.file_sha256(model_file),
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-            "data": cfg.data, "seed": extra.get("seed", cfg.seed), **record}
-        fmt.write_manifest(tmp, manifest)
+        return {"settings": {**settings, "pooling": task.pooling, "inputs": list(fmt.INPUT_NAMES)},
+                "record": record}
 
-    path = fmt.write_export(out_dir, write, overwrite=overwrite)
-    return ExportResult(path, fmt.read_manifest(path))
+
+class _ExportImage:
+    """The image side of an export: the graph, the preprocessing recorded as data and checked against the run's
+    torch transform, static int8 calibrated on the training images."""
+
+    def __init__(self, run: LoadedRun, splits: Splits, run_dir: Path):
+        self.run, self.splits, self.run_dir = run, splits, run_dir
+        transform = run.task.transform
+        if not isinstance(transform, ImageTransform):
+            raise _refuse(run_dir, f"an image run whose transform ({type(transform).__name__}) is not graftune's "
+                          "resize-crop-normalize, which the export reproduces")
+        self.preprocess = ImagePreprocess(transform.size, transform.crop, transform.mean, transform.std)
+
+    def _check_preprocess(self, images: list) -> float:
+        """The largest pixel difference between the numpy preprocessing and the run's torch transform, over every
+        image given; refused beyond ``PIXEL_TOLERANCE``."""
+        worst = 0.0
+        for image in images:
+            torch_pixels = self.run.task.transform(image).numpy()
+            worst = max(worst, float(np.abs(self.preprocess.one(image) - torch_pixels).max()))
+        if not worst <= PIXEL_TOLERANCE:
+            raise ArtifactError(f"{self.run_dir}: the export's image preprocessing differs from the run's transform "
+                                f"by {worst:.2e} (> {PIXEL_TOLERANCE:g}) on its {len(images)} test images; not "
+                                "exported")
+        return worst
+
+    def write(self, tmp: Path, *, opset: int, quantize: str, batch_size: int, say: Callable[[str], None]) -> dict:
+        run, task, run_dir, test = self.run, self.run.task, self.run_dir, self.splits.test
+        images = list(test.inputs)
+        pixel_diff = self._check_preprocess(images)
+        picked = _check_texts(images, [int(np.prod(x.shape[-2:])) for x in images])
+        check = [images[i] for i in picked]
+        reference = logits_of(task, run.model, run.head, check, batch_size=batch_size).numpy()
+        if run.model.active:
+            run.model.merge(*run.model.active)
+        model_file = tmp / fmt.MODEL_FILE
+        example = {fmt.IMAGE_INPUT: torch.from_numpy(self.preprocess(check[:2] if len(check) > 1 else check * 2))}
+        fmt.export_module(_ImageClassifier(run).eval(), example, model_file, opset=opset)
+
+        def runner(file: Path) -> fmt.OnnxImageRun:
+            return fmt.OnnxImageRun(file, preprocess=self.preprocess, label_names=run.label_names,
+                                    multi_label=run.multi_label)
+
+        fp32 = runner(model_file)
+        diff = _check_logits(run_dir, fp32, check, reference, "images", batch_size)
+        record: dict[str, Any] = {"check": {
+            "reference": "PyTorch float32, adapters unmerged, the run's torch transform", "images": len(check),
+            "max_abs_logit_diff": diff, "tolerance": fmt.TOLERANCE, "passed": True,
+            "preprocess_images_matched": len(images), "max_abs_pixel_diff": pixel_diff,
+            "pixel_tolerance": PIXEL_TOLERANCE}}
+        if quantize == "int8":
+            train = list(self.splits.train.inputs)[:CALIBRATION_IMAGES]
+            if not train:
+                raise DataError(f"{run_dir}: the run's training split is empty; no images to calibrate int8 with")
+            say(f"quantizing (static int8, calibrated on {len(train)} training images) and scoring both graphs on "
+                f"the {len(images)} test images...")
+            int8_file = tmp / "model.int8.onnx"
+            fmt.quantize_static_file(model_file, int8_file,
+                                     (self.preprocess(train[i:i + 16]) for i in range(0, len(train), 16)))
+            int8 = runner(int8_file)
+            record["int8"] = {"method": "static", "calibration_images": len(train),
+                              **_int8_record(fp32, int8, test, check, reference, batch_size)}
+            del fp32, int8  # the sessions hold the files open
+            os.replace(int8_file, model_file)
+        return {"settings": {"preprocess": self.preprocess.to_dict(), "inputs": [fmt.IMAGE_INPUT]}, "record": record}
 
 
 def format_report(result: ExportResult) -> str:
@@ -259,12 +381,19 @@ def format_report(result: ExportResult) -> str:
     m = result.manifest
     c = m["check"]
     size = (result.path / m["model_file"]).stat().st_size / 1e6
-    lines = [f"ONNX model written to {result.path}/ ({m['quantize']}, opset {m['opset']}, {size:.1f} MB)",
-             (f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) on "
-              f"{c['texts']} test texts; tokenizer matched on {c['tokenizer_texts_matched']}")]
+    lines = [f"ONNX model written to {result.path}/ ({m['quantize']}, opset {m['opset']}, {size:.1f} MB)"]
+    if m.get("task") == "image":
+        lines.append(f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) "
+                     f"on {c['images']} test images; preprocessing within {c['max_abs_pixel_diff']:.1e} of the run's "
+                     f"transform on {c['preprocess_images_matched']}")
+    else:
+        lines.append(f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) "
+                     f"on {c['texts']} test texts; tokenizer matched on {c['tokenizer_texts_matched']}")
     if "int8" in m:
         q = m["int8"]
-        lines.append(f"int8: accuracy {q['accuracy_int8']:.3f} vs float32 ONNX {q['accuracy_fp32']:.3f} "
+        how = f" (static, calibrated on {q['calibration_images']} training images)" if q.get("method") == "static" \
+            else ""
+        lines.append(f"int8{how}: accuracy {q['accuracy_int8']:.3f} vs float32 ONNX {q['accuracy_fp32']:.3f} "
                      f"({q['accuracy_change_points']:+.2f} points) on the {q['test_examples']} test examples")
     return "\n".join(lines)
 
@@ -272,36 +401,44 @@ def format_report(result: ExportResult) -> str:
 # --- eval and predict on an export ----------------------------------------------------------------------------------
 def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, text_column: str | None = None,
                     label_column: str | None = None, batch_size: int = 32) -> dict:
-    """Metrics of an exported model on ``data`` (every example), or without it on the source run's test split
-    (rebuilt from the ``source_run.yaml`` copied into the export)."""
+    """Metrics of an exported model on ``data`` (every example: a file, an image folder or an alias such as
+    ``digits``), or without it on the source run's test split (rebuilt from the ``source_run.yaml`` copied into
+    the export)."""
     export_dir = Path(export_dir)
-    run = fmt.OnnxRun.load(export_dir)
+    run = fmt.OnnxClassifier.load(export_dir)
     source = export_dir / fmt.SOURCE_RUN_FILE
     if data is None and not source.is_file():
         raise DataError(f"{export_dir}: no {fmt.SOURCE_RUN_FILE} to rebuild the test split from; pass --data FILE")
     cfg = build_config(source) if source.is_file() else RunConfig()
     if data is None:
-        ds = run_test_split(cfg)
+        ds = run_test_split(cfg, run.kind)
     else:
-        ds = load_data(data, task="classification", **(_columns(cfg) | {
+        ds = load_data(data, task=run.kind, **(_columns(cfg) | {
             "text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column}))
-    metrics = run.score([str(t) for t in ds.inputs], ds.labels, batch_size=batch_size)
+    inputs = list(ds.inputs) if run.kind == "image" else [str(t) for t in ds.inputs]
+    metrics = run.score(inputs, ds.labels, batch_size=batch_size)
     metrics["format"] = "onnx"
     if run.manifest.get("quantize", "none") != "none":
         metrics["quantize"] = run.manifest["quantize"]
     return metrics
 
 
-def predict_export(export_dir: str | os.PathLike, texts: Sequence[str] | None, *, input_file: str | None = None,
-                   text_column: str = "text", quantize: str = "none") -> tuple[list[dict], list[str | None]]:
-    """Predictions of an exported model for ``texts`` then the texts of ``input_file``, with the texts to show
-    beside them (None for the file's)."""
+def predict_export(export_dir: str | os.PathLike, args: Sequence[str], given: Inputs | None = None, *,
+                   quantize: str = "none") -> tuple[list[dict], bool]:
+    """Predictions of an exported model for ``args`` (texts, or image files for an image export) then the items of
+    ``given`` (what ``data.inputs.read_input_file`` read from ``--input``), and whether the export classifies
+    images."""
     if quantize not in (None, "none"):
         raise ConfigError(f"{export_dir} is an ONNX export: --quantize applies to run directories; export with "
                           "--quantize int8 for an int8 model")
-    texts = list(texts or [])
-    if not texts and not input_file:
-        raise DataError("nothing to predict: pass texts after the export folder or --input FILE")
-    run = fmt.OnnxRun.load(export_dir)
-    inputs = texts + (read_inputs(input_file, text_column=text_column) if input_file else [])
-    return run.predict(inputs), texts + [None] * (len(inputs) - len(texts))
+    args = list(args or [])
+    if not args and not (given and given.items):
+        raise DataError("nothing to predict: pass texts (or image files) after the export folder or --input FILE")
+    run = fmt.OnnxClassifier.load(export_dir)
+    images = run.kind == "image"
+    if given is not None and given.images != images:
+        raise DataError("--input holds images, but this ONNX export classifies text: pass a .txt (one text per "
+                        "line), .jsonl or .csv file" if given.images else "--input is a text file, but this ONNX "
+                        "export classifies images: pass image files or a folder of them")
+    inputs = [read_image(a) for a in args] if images else args
+    return run.predict(inputs + (given.items if given else [])), images

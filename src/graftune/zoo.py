@@ -31,8 +31,8 @@ from graftune.core.targets import family_of
 from graftune.errors import ModelError
 from graftune.nets.efficientnet_lite import efficientnet_lite0, tiny_efficientnet
 
-__all__ = ["Base", "ModelInfo", "cache_dir", "detect_family", "image_transform", "list_models", "load_base",
-           "tiny_efficientnet"]
+__all__ = ["Base", "ImageTransform", "ModelInfo", "cache_dir", "detect_family", "image_transform", "list_models",
+           "load_base", "tiny_efficientnet"]
 
 TASKS = ("text-classification", "causal-lm", "image-classification")
 
@@ -394,10 +394,44 @@ def _assemble(model: nn.Module, tokenizer, name: str, source: str, info: ModelIn
 
 
 # --- image preprocessing -----------------------------------------------------------------------------------------
-def image_transform(base: Base | int, *, crop: float = 0.875) -> Callable[[object], torch.Tensor]:
-    """The eval preprocessing of an image model: resize the short side to ``size / crop``, center crop
-    ``size``, normalize to ``[-1, 1]`` (``(x/255 - 0.5) / 0.5``, the TF-Lite convention the EfficientNet-Lite
-    weights were trained with: ImageNet mean/std ranks the china.jpg classes visibly worse).
+@dataclass(frozen=True)
+class ImageTransform:
+    """The eval preprocessing of an image model (built by :func:`image_transform`): resize the short side to
+    ``round(size / crop)`` pixels (bilinear, antialiased), center crop ``size`` x ``size``, normalize to
+    ``(x - mean) / std`` with mean = std = 0.5 per channel. Its settings are data, so an export can record them
+    and reproduce the transform outside PyTorch (``graftune.io.image_preprocess``).
+
+    Args:
+        size: the square input side in pixels.
+        crop: the center-crop fraction (0.875: 256 -> 224).
+    """
+
+    size: int
+    crop: float = 0.875
+    mean: float = 0.5
+    std: float = 0.5
+
+    def __call__(self, image) -> torch.Tensor:
+        x = _as_float_nchw(image)
+        h, w = x.shape[-2:]
+        scale = self.resize_to / min(h, w)
+        x = F.interpolate(x, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                          mode="bilinear", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = (x[..., top:top + self.size, left:left + self.size] - self.mean) / self.std
+        return x if torch.is_tensor(image) and image.dim() == 4 else x[0]
+
+    @property
+    def resize_to(self) -> int:
+        """The short side after resizing, before the crop."""
+        return round(self.size / self.crop)
+
+
+def image_transform(base: Base | int, *, crop: float = 0.875) -> ImageTransform:
+    """The eval preprocessing of an image model (:class:`ImageTransform`): resize the short side to
+    ``size / crop``, center crop ``size``, normalize to ``[-1, 1]`` (``(x/255 - 0.5) / 0.5``, the TF-Lite
+    convention the EfficientNet-Lite weights were trained with: ImageNet mean/std ranks the china.jpg classes
+    visibly worse).
 
     Args:
         base: a loaded image ``Base`` or the square input side in pixels.
@@ -414,18 +448,7 @@ def image_transform(base: Base | int, *, crop: float = 0.875) -> Callable[[objec
                          f"as efficientnet-lite0 (or an input size in pixels)")
     if not 0 < crop <= 1:
         raise ModelError(f"crop={crop} is out of range: use a fraction in (0, 1], e.g. 0.875")
-
-    def transform(image) -> torch.Tensor:
-        x = _as_float_nchw(image)
-        h, w = x.shape[-2:]
-        scale = round(size / crop) / min(h, w)
-        x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
-                          antialias=True, align_corners=False)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = (x[..., top:top + size, left:left + size] - 0.5) / 0.5
-        return x if torch.is_tensor(image) and image.dim() == 4 else x[0]
-
-    return transform
+    return ImageTransform(int(size), crop)
 
 
 def _as_float_nchw(image) -> torch.Tensor:

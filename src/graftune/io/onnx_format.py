@@ -5,22 +5,30 @@ numpy, ``tokenizers`` and ``onnxruntime`` do the work; graftune itself still imp
 
 =====================  =========================================================================================
 ``model.onnx``         the base with the adapters merged into its weights, the pooling and the classification
-                       head: ``input_ids``, ``attention_mask`` (int64, batch x sequence, both axes dynamic) ->
-                       ``logits`` (float32, batch x classes). Dynamic int8 weights with ``--quantize int8``.
-``tokenizer.json`` ..  the base's tokenizer (``save_pretrained``); read here with the ``tokenizers`` library
+                       head. Text: ``input_ids``, ``attention_mask`` (int64, batch x sequence, both axes dynamic)
+                       -> ``logits`` (float32, batch x classes); dynamic int8 MatMul weights with ``--quantize
+                       int8``. Images: ``pixels`` (float32, batch x 3 x size x size, the batch axis dynamic) ->
+                       ``logits``; static int8 (QDQ, calibrated) with ``--quantize int8``.
+``tokenizer.json`` ..  text: the base's tokenizer (``save_pretrained``); read here with the ``tokenizers`` library
 ``source_run.yaml``    the run's ``run.yaml``: which data and split it was trained and tested on
-``graftune_onnx.json`` the manifest: label names, max length, pooling and pad id, the source run, graftune's
+``graftune_onnx.json`` the manifest: the task, label names, for text the max length, pooling and pad id, for images
+                       the preprocessing (``image_preprocess.ImagePreprocess``), the source run, graftune's
                        version, the opset, the sha256 of ``model.onnx`` and the export-time check
 =====================  =========================================================================================
 
 Why the tokenizer is read with ``tokenizers`` (the Rust library under transformers' fast tokenizers) and not
 ``AutoTokenizer``: importing transformers costs seconds, and a deployment that reads the folder from another
-language has ``tokenizer.json`` readers everywhere. The export checks that both give the same token ids on the run's texts, so the two cannot drift apart silently.
+language has ``tokenizer.json`` readers everywhere. The export checks that both give the same token ids on the run's
+texts, so the two cannot drift apart silently. Images are prepared in numpy (``image_preprocess``: the resize, crop
+and normalization of ``zoo.ImageTransform``), checked against the torch transform on the run's test images.
 
 The graph is traced with PyTorch's TorchScript exporter (``dynamo=False``): it exports transformers' encoders
 with dynamic batch and sequence axes without the extra ``onnxscript`` dependency of the dynamo exporter. The trace
-follows the Python branches taken on its example batch, so that batch has a padded row: transformers skips
-building the attention mask for a batch without padding, and a graph traced that way would ignore the mask.
+follows the Python branches taken on its example batch, so a text example batch has a padded row: transformers
+skips building the attention mask for a batch without padding, and a graph traced that way would ignore the mask.
+
+Manifests of image exports say ``format_version`` 2 (a graftune that reads only version 1, text, asks to be
+upgraded instead of failing on the missing tokenizer); text exports stay version 1.
 
 This module is the format (write, read, run). Loading a run, checking the export against PyTorch and scoring
 the int8 change live in ``graftune.onnx_export``, one layer up.
@@ -34,7 +42,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +50,21 @@ import numpy as np
 
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.io.artifact import write_dir_atomically
+from graftune.io.image_preprocess import ImagePreprocess
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "graftune_onnx.json"
 SOURCE_RUN_FILE = "source_run.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "graftune-onnx-classifier"
-FORMAT_VERSION = 1
+#: the newest manifest this graftune reads: 1 text classifiers, 2 image classifiers
+FORMAT_VERSION = 2
 #: ONNX opset of the exported graph: 17 has LayerNormalization as one op; ONNX Runtime 1.14+ runs it
 OPSET = 17
 #: the export-time check: ONNX logits must be within this of PyTorch's float32 logits (absolute, any class)
 TOLERANCE = 1e-3
 INPUT_NAMES = ("input_ids", "attention_mask")
+IMAGE_INPUT = "pixels"
 OUTPUT_NAME = "logits"
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -84,17 +95,22 @@ def _quiet():
 
 
 def export_module(module, example: dict[str, Any], path: str | os.PathLike, *, opset: int = OPSET) -> None:
-    """Trace ``module(input_ids, attention_mask) -> logits`` into an ONNX file with dynamic batch and sequence
-    axes, and check the file with ``onnx.checker``. ``example`` must hold a padded row (see the module docstring)."""
+    """Trace ``module`` into an ONNX file and check it with ``onnx.checker``. Text: ``module(input_ids,
+    attention_mask) -> logits`` with dynamic batch and sequence axes, ``example`` holding a padded row (see the
+    module docstring). Images: ``module(pixels) -> logits`` with a dynamic batch axis."""
     import onnx
     import torch
 
-    mask = example["attention_mask"]
-    if mask.shape[0] < 2 or bool(mask.bool().all()):
-        raise ValueError("the example batch needs at least two rows, one of them padded")
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
+    if IMAGE_INPUT in example:
+        names, axes = [IMAGE_INPUT], {IMAGE_INPUT: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    else:
+        mask = example["attention_mask"]
+        if mask.shape[0] < 2 or bool(mask.bool().all()):
+            raise ValueError("the example batch needs at least two rows, one of them padded")
+        names = list(INPUT_NAMES)
+        axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
     with _quiet(), torch.no_grad():
-        torch.onnx.export(module, tuple(example[n] for n in INPUT_NAMES), str(path), input_names=list(INPUT_NAMES),
+        torch.onnx.export(module, tuple(example[n] for n in names), str(path), input_names=names,
                           output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, dynamo=False)
     onnx.checker.check_model(str(path))
 
@@ -109,6 +125,30 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          op_types_to_quantize=["MatMul"])
+
+
+def quantize_static_file(src: str | os.PathLike, dst: str | os.PathLike, calibration: Iterable[np.ndarray]) -> None:
+    """ONNX Runtime's static quantization, for image graphs: weights as signed int8 with one scale per output
+    channel, activations as uint8 with scales fixed beforehand from the ranges ``calibration`` (batches of
+    ``pixels``) produces (MinMax), written as QuantizeLinear/DequantizeLinear pairs (QDQ) that ONNX Runtime fuses
+    into int8 kernels. Every operator ONNX Runtime can quantize is (Conv, the Clip of ReLU6, the residual Add,
+    pooling, Gemm): quantizing the convolutions alone fixes their output ranges before the clip and cost 20 points
+    on the digits run (bench/RESULTS.md, Session 7). Dynamic quantization, the text path, is no good for CNNs: ONNX
+    Runtime runs its ConvInteger with a generic kernel, slower than float32, and per-batch activation ranges over
+    whole feature maps cost most of the accuracy."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {IMAGE_INPUT: batch}
+
+    with _quiet():
+        quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -165,7 +205,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{file}: format version {manifest['format_version']} is newer than this graftune "
                             f"reads ({FORMAT_VERSION}); upgrade graftune")
-    missing = [k for k in ("label_names", "max_length", "pad_id", "sha256") if k not in manifest]
+    needed = ("label_names", "preprocess", "sha256") if manifest.get("task") == "image" else (
+        "label_names", "max_length", "pad_id", "sha256")
+    missing = [k for k in needed if k not in manifest]
     if missing:
         raise ArtifactError(f"{file}: lacks {', '.join(missing)}; export the run again")
     return manifest
@@ -176,9 +218,85 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class OnnxRun:
-    """An exported classifier on ONNX Runtime: the same predictions and metrics as the run it came from
-    (``graftune.evaluate.predict`` / ``score_classification``), from numpy, ``tokenizers`` and ``onnxruntime``.
+class OnnxClassifier:
+    """What every exported classifier does on ONNX Runtime once it has logits: probabilities, predictions and
+    metrics, the same as the run it came from (``graftune.evaluate.predict`` / ``score_classification``).
+    :meth:`load` opens an export folder as the runner of its task: :class:`OnnxRun` (text) or
+    :class:`OnnxImageRun`."""
+
+    kind = "classification"
+
+    def __init__(self, model_file: str | os.PathLike, *, label_names: Sequence[str], multi_label: bool = False,
+                 threads: int | None = None, manifest: dict | None = None):
+        import onnxruntime as ort
+
+        self.label_names, self.multi_label = list(label_names), bool(multi_label)
+        self.manifest = manifest or {}
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: its notices about unused initializers are noise here
+        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def load(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRun | OnnxImageRun:
+        """Open an export directory; a ``model.onnx`` whose sha256 is not the manifest's (changed or truncated
+        since the export) is refused."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        model = path / manifest.get("model_file", MODEL_FILE)
+        if not model.is_file():
+            raise ArtifactError(f"{path}: {model.name} is missing; export the run again")
+        if file_sha256(model) != manifest["sha256"]:
+            raise ArtifactError(f"{model}: its sha256 is not the one recorded at export (the file changed since); "
+                                "export the run again")
+        common = {"label_names": manifest["label_names"], "multi_label": manifest.get("multi_label", False),
+                  "threads": threads, "manifest": manifest}
+        if manifest.get("task") == "image":
+            try:
+                preprocess = ImagePreprocess.from_dict(manifest["preprocess"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ArtifactError(f"{path / MANIFEST_FILE}: its preprocessing is not readable ({e}); upgrade "
+                                    "graftune or export the run again") from None
+            return OnnxImageRun(model, preprocess=preprocess, **common)
+        return OnnxRun(model, path / TOKENIZER_FILE, max_length=manifest["max_length"], pad_id=manifest["pad_id"],
+                       **common)
+
+    def logits(self, inputs: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
+        raise NotImplementedError
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-logits)) if self.multi_label else _softmax(logits)
+
+    def predict(self, inputs: Sequence[Any], *, batch_size: int = 32) -> list[dict]:
+        """One dict per input, as ``graftune.evaluate.predict``: ``label`` (``labels`` for multi-label) and the
+        ``probabilities`` of every class."""
+        out = []
+        for row in self.probabilities(self.logits(inputs, batch_size=batch_size)):
+            p = {name: round(float(v), 6) for name, v in zip(self.label_names, row)}
+            if self.multi_label:
+                out.append({"labels": [n for n, v in p.items() if v >= 0.5], "probabilities": p})
+            else:
+                out.append({"label": self.label_names[int(row.argmax())], "probabilities": p})
+        return out
+
+    def score(self, inputs: Sequence[Any], labels: Sequence[Any], *, batch_size: int = 32) -> dict:
+        """accuracy, macro-F1, per-class P/R/F1 and the confusion matrix
+        (``graftune.tasks.classification.classification_metrics``) of the exported model on ``inputs``."""
+        from graftune.tasks.classification import classification_metrics, encode_labels
+
+        unseen = sorted({n for lab in labels for n in (lab if self.multi_label else (lab,))} - set(self.label_names))
+        if unseen:
+            raise DataError(f"labels the exported model was not trained on: {', '.join(map(str, unseen[:5]))}; "
+                            f"it knows {', '.join(self.label_names)}")
+        probs = self.probabilities(self.logits(inputs, batch_size=batch_size))
+        pred = (probs >= 0.5).astype(np.int64) if self.multi_label else probs.argmax(axis=-1)
+        y = np.asarray(encode_labels(labels, self.label_names, self.multi_label)).astype(np.int64)
+        return classification_metrics(y, pred, self.label_names, self.multi_label)
+
+
+class OnnxRun(OnnxClassifier):
+    """An exported text classifier: texts tokenized with ``tokenizers``, batched as graftune batches them.
 
     Args:
         model_file: the ONNX graph (``input_ids``, ``attention_mask`` -> ``logits``).
@@ -193,44 +311,22 @@ class OnnxRun:
     def __init__(self, model_file: str | os.PathLike, tokenizer_file: str | os.PathLike, *, label_names: Sequence[str],
                  max_length: int, pad_id: int, multi_label: bool = False, threads: int | None = None,
                  manifest: dict | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.label_names, self.max_length, self.pad_id = list(label_names), int(max_length), int(pad_id)
-        self.multi_label, self.kind = bool(multi_label), "classification"
-        self.manifest = manifest or {}
+        self.max_length, self.pad_id = int(max_length), int(pad_id)
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception on a malformed file)
             raise ArtifactError(f"{tokenizer_file}: not a readable tokenizer ({e}); export the run again") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only: its notices about unused initializers are noise here
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, threads: int | None = None) -> OnnxRun:
-        """Open an export directory; a ``model.onnx`` whose sha256 is not the manifest's (changed or truncated
-        since the export) is refused."""
-        path = Path(path)
-        manifest = read_manifest(path)
-        model = path / manifest.get("model_file", MODEL_FILE)
-        if not model.is_file():
-            raise ArtifactError(f"{path}: {model.name} is missing; export the run again")
-        if file_sha256(model) != manifest["sha256"]:
-            raise ArtifactError(f"{model}: its sha256 is not the one recorded at export (the file changed since); "
-                                "export the run again")
-        return cls(model, path / TOKENIZER_FILE, label_names=manifest["label_names"],
-                   max_length=manifest["max_length"], pad_id=manifest["pad_id"],
-                   multi_label=manifest.get("multi_label", False), threads=threads, manifest=manifest)
+        super().__init__(model_file, label_names=label_names, multi_label=multi_label, threads=threads,
+                         manifest=manifest)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with the special tokens, truncated to ``max_length``: what the run's task encodes."""
         if not all(isinstance(t, str) for t in texts):
-            raise DataError("an ONNX export classifies texts: pass strings")
+            raise DataError("an ONNX export of a text run classifies texts: pass strings")
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
@@ -250,31 +346,38 @@ class OnnxRun:
             out[idx] = self.session.run([OUTPUT_NAME], {"input_ids": input_ids, "attention_mask": mask})[0]
         return out
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-logits)) if self.multi_label else _softmax(logits)
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> list[dict]:
-        """One dict per text, as ``graftune.evaluate.predict``: ``label`` (``labels`` for multi-label) and the
-        ``probabilities`` of every class."""
-        out = []
-        for row in self.probabilities(self.logits(texts, batch_size=batch_size)):
-            p = {name: round(float(v), 6) for name, v in zip(self.label_names, row)}
-            if self.multi_label:
-                out.append({"labels": [n for n, v in p.items() if v >= 0.5], "probabilities": p})
-            else:
-                out.append({"label": self.label_names[int(row.argmax())], "probabilities": p})
+class OnnxImageRun(OnnxClassifier):
+    """An exported image classifier: images prepared in numpy (``preprocess``) as the run's transform prepares
+    them, then the graph (``pixels`` -> ``logits``).
+
+    Args:
+        model_file: the ONNX graph.
+        preprocess: the run's image preprocessing (recorded in the manifest).
+        label_names, multi_label, threads: as :class:`OnnxRun`.
+    """
+
+    kind = "image"
+
+    def __init__(self, model_file: str | os.PathLike, *, preprocess: ImagePreprocess, label_names: Sequence[str],
+                 multi_label: bool = False, threads: int | None = None, manifest: dict | None = None):
+        self.preprocess = preprocess
+        super().__init__(model_file, label_names=label_names, multi_label=multi_label, threads=threads,
+                         manifest=manifest)
+
+    def pixels(self, images: Sequence[Any]) -> np.ndarray:
+        """float32 (N, 3, size, size): the images as the graph takes them."""
+        if any(isinstance(x, str | bytes) for x in images):
+            raise DataError("an ONNX export of an image run classifies images: pass image files or arrays, not text")
+        try:
+            return self.preprocess(list(images))
+        except ValueError as e:
+            raise DataError(f"not an image the export can read: {e}") from None
+
+    def logits(self, images: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
+        """Float32 logits in the order of ``images``, ``batch_size`` images per run of the graph."""
+        out = np.zeros((len(images), len(self.label_names)), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            batch = self.pixels(images[start:start + batch_size])
+            out[start:start + len(batch)] = self.session.run([OUTPUT_NAME], {IMAGE_INPUT: batch})[0]
         return out
-
-    def score(self, texts: Sequence[str], labels: Sequence[Any], *, batch_size: int = 32) -> dict:
-        """accuracy, macro-F1, per-class P/R/F1 and the confusion matrix
-        (``graftune.tasks.classification.classification_metrics``) of the exported model on ``texts``."""
-        from graftune.tasks.classification import classification_metrics, encode_labels
-
-        unseen = sorted({n for lab in labels for n in (lab if self.multi_label else (lab,))} - set(self.label_names))
-        if unseen:
-            raise DataError(f"labels the exported model was not trained on: {', '.join(map(str, unseen[:5]))}; "
-                            f"it knows {', '.join(self.label_names)}")
-        probs = self.probabilities(self.logits(texts, batch_size=batch_size))
-        pred = (probs >= 0.5).astype(np.int64) if self.multi_label else probs.argmax(axis=-1)
-        y = np.asarray(encode_labels(labels, self.label_names, self.multi_label)).astype(np.int64)
-        return classification_metrics(y, pred, self.label_names, self.multi_label)
