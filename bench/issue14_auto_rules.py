@@ -3,13 +3,15 @@ then replay several rules offline on the same numbers and report each rule's reg
 
 Per (data set, seed), on the bench's splits (``catalog.make_compare_splits``: the test set carved with seed 0, the
 shots with the seed):
-- the cross-validation auto runs (``RepeatedStratifiedKFold`` over the training examples, the same folds and seed as
-  ``strategies.auto``): the cheap candidates (probe, prototypes) on every fold of both repeats, the trained ones
-  (LoRA with a head for 3 epochs, the contrastive recipe) on every fold of the first repeat;
-- every candidate trained on all training examples as auto's pick would be trained, and scored on the test set.
+- the cross-validation auto runs (stratified folds of the training examples, the same folds and seed as
+  ``strategies.auto``): every candidate (probe, prototypes, LoRA with a head for 3 epochs, the contrastive recipe)
+  on every fold, its macro-F1 per fold and its prediction for every held-out example (records of session 6 held the
+  cheap candidates on 10 folds, two repeats, and no predictions);
+- every candidate trained on all training examples as auto's pick would be trained, and scored on the test set
+  (``--reuse DIR``: taken from earlier records of the same splits instead).
 
-A rule sees only the fold scores (and, to mimic successive halving, only the folds it would have paid for) and
-picks a candidate; its regret on a split is the best candidate's test accuracy minus its pick's.
+A rule sees only the cross-validation (and, to mimic successive halving, only the folds it would have paid for)
+and picks a candidate; its regret on a split is the best candidate's test accuracy minus its pick's.
 
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python bench/issue14_auto_rules.py --data trec,sms-spam \
         --seeds 0,1,2 --out bench/out/auto-rules          # runs (slow: the trained candidates on every fold)
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import StratifiedKFold
 
 from graftune.data.splits import Splits
 from graftune.evaluate import load_run, predict
@@ -55,8 +57,8 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
     train = splits.train
     labels = np.asarray(train.labels)
     k = int(min(auto.FOLDS, min(np.unique(labels, return_counts=True)[1])))
-    folds = list(RepeatedStratifiedKFold(n_splits=k, n_repeats=auto.REPEATS, random_state=seed)
-                 .split(np.zeros(len(labels)), labels))
+    # auto's folds (the first 5 of session 6's two repeats: the same examples, seed for seed)
+    folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
     out = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots, "train": len(train),
            "test": len(splits.test), "k": k, "labels": [str(v) for v in labels],
            "cv": {}, "oof": {}, "test_scores": {}, "seconds": {}}
@@ -73,7 +75,7 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
         for name in TRAINED:
             t0 = time.perf_counter()
             scores, oof = [], []
-            for i, (fit, val) in enumerate(folds[:k]):  # the first repeat, as successive halving runs it
+            for i, (fit, val) in enumerate(folds):
                 inner = Splits(train=train.subset(list(fit)), val=train.subset([]), test=train.subset(list(val)),
                                seed=seed, shots=shots)
                 work = Path(scratch) / f"{name}-{i}"
