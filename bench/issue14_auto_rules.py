@@ -67,7 +67,7 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
     for name, head in (("probe", "logistic"), ("prototypes", "prototype")):
         runs = [auto.fit_head(x, labels, f, v, train.label_names, head) for f, v in folds]
         out["cv"][name] = [r["macro_f1"] for r in runs]
-        out["oof"][name] = [[[int(i) for i in v], r["pred"]] for (f, v), r in zip(folds, runs)]
+        out["oof"][name] = [[[int(i) for i in v], r["predicted"]] for (f, v), r in zip(folds, runs)]
         strategy = STRATEGIES["linear-probe" if name == "probe" else "prototypes"]
         out["test_scores"][name] = run_features(strategy, frozen, splits, "test")["accuracy"]
     settings = {"max_length": 256}
