@@ -118,6 +118,24 @@ def _summary(name: str, folds: list[float]) -> dict:
             "seconds": 0.0, "folds": len(folds), "accuracy": statistics.mean(folds)}
 
 
+def _fold_gap(c: dict, b: dict, val_size: int, *, shared: bool) -> tuple[float, float]:
+    """The per-fold rules' gap of ``b`` over ``c`` and its noise: the mean and standard error of the paired per-fold
+    differences (on the first folds both ran when ``shared``, session 6; only when both ran as many, session 5),
+    else the difference of the means with their standard errors combined (one fold: a proportion's)."""
+    x, y = c["per_fold"], b["per_fold"]
+    n = min(len(x), len(y)) if shared else (len(x) if len(x) == len(y) else 0)
+    if n > 1:
+        d = [q - p for p, q in zip(x[:n], y[:n])]
+        return statistics.mean(d), statistics.stdev(d) / math.sqrt(n)
+
+    def se(s):
+        f = s["per_fold"]
+        return statistics.stdev(f) / math.sqrt(len(f)) if len(f) > 1 else math.sqrt(
+            max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / val_size)
+
+    return b["macro_f1"] - c["macro_f1"], math.hypot(se(b), se(c))
+
+
 def rule_session5(cv: dict, k: int, trained_folds: int = 3, val_size: int = 10) -> str:
     """auto's rule before session 6: a gap paired only when both ran as many folds (else the means with their
     standard errors combined), never a tie beyond 3 points, and the tie to the fewest trained parameters (within a
@@ -125,17 +143,7 @@ def rule_session5(cv: dict, k: int, trained_folds: int = 3, val_size: int = 10) 
     scores = {n: _summary(n, f if n not in TRAINED else f[:trained_folds]) for n, f in cv.items()}
 
     def gap(c, b):
-        x, y = c["per_fold"], b["per_fold"]
-        if len(x) == len(y) > 1:
-            d = [q - p for p, q in zip(x, y)]
-            return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
-
-        def se(s):
-            f = s["per_fold"]
-            return statistics.stdev(f) / math.sqrt(len(f)) if len(f) > 1 else math.sqrt(
-                max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / val_size)
-
-        return b["macro_f1"] - c["macro_f1"], math.hypot(se(b), se(c))
+        return _fold_gap(c, b, val_size, shared=False)
 
     best = max(scores.values(), key=lambda s: s["macro_f1"])
     close = [s for s in scores.values() if s is best or gap(s, best)[0] <= min(max(0.01, gap(s, best)[1]), 0.03)]
@@ -151,18 +159,7 @@ def rule_session6(cv: dict, k: int, trained_folds: int, val_size: int = 10) -> s
     scores = {n: _summary(n, f if n not in TRAINED else f[:trained_folds]) for n, f in cv.items()}
 
     def gap(c, b):
-        x, y = c["per_fold"], b["per_fold"]
-        n = min(len(x), len(y))
-        if n > 1:
-            d = [q - p for p, q in zip(x[:n], y[:n])]
-            return statistics.mean(d), statistics.stdev(d) / math.sqrt(n)
-
-        def se(s):
-            f = s["per_fold"]
-            return statistics.stdev(f) / math.sqrt(len(f)) if len(f) > 1 else math.sqrt(
-                max(s["macro_f1"] * (1 - s["macro_f1"]), 0.0) / val_size)
-
-        return b["macro_f1"] - c["macro_f1"], math.hypot(se(b), se(c))
+        return _fold_gap(c, b, val_size, shared=True)
 
     best = max(scores.values(), key=lambda s: s["macro_f1"])
     close = [s for s in scores.values() if s is best or gap(s, best)[0] <= max(0.01, gap(s, best)[1]) + 1e-9]
