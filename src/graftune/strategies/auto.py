@@ -226,13 +226,14 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     if pick is best:
         reason += f"{pick['method']} scored best"
         if others:
-            reason += (f"; {', '.join(others)} tied with it (within the noise of the folds), and ties go to "
-                       f"{pick['method']}, the candidate most often best across data sets")
+            reason += (f"; {', '.join(others)} tied with it (behind by no more than {TIE_Z:g} standard errors on the "
+                       f"examples both predicted), and ties go to {pick['method']}, the candidate most often best "
+                       "across data sets")
     else:
         lead = 100 * (best["macro_f1"] - pick["macro_f1"])
         reason += (f"{best['method']} and {pick['method']} scored the same" if lead < 0.05 else
-                   f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within the "
-                   "noise of the folds, so a tie")
+                   f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within "
+                   f"{TIE_Z:g} standard errors on the examples both predicted, so a tie")
         reason += f", and ties go to {pick['method']}, the candidate most often best across data sets"
     reason += "."
     if skipped:
