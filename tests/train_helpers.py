@@ -200,3 +200,19 @@ def scripted_predictions(labels: list[str], label_names: list[str], right: float
     m = int(right * n + 0.5)
     return [lab if (i - shift) % n < m else names[(names.index(lab) + 1) % len(names)]
             for i, lab in enumerate(labels)]
+
+
+def check_export_eval_matches(export_dir: Path, run_dir: Path, extra: list[str]) -> None:
+    """`graftune eval --json` of an ONNX export and of the run it came from give the same metrics (``extra``: e.g.
+    ``["--data", FILE]``; none: the run's own test split)."""
+    from typer.testing import CliRunner
+
+    from graftune.cli import app
+
+    runner = CliRunner()
+    scored = runner.invoke(app, ["eval", str(export_dir), "--json", *extra])
+    ref = runner.invoke(app, ["eval", str(run_dir), "--json", *extra])
+    assert scored.exit_code == 0 and ref.exit_code == 0, scored.output + ref.output
+    m, m_ref = json.loads(scored.stdout), json.loads(ref.stdout)
+    assert m["format"] == "onnx" and m["examples"] == m_ref["examples"] > 0
+    assert m["confusion_matrix"] == m_ref["confusion_matrix"] and m["accuracy"] == m_ref["accuracy"]

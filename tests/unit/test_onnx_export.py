@@ -14,7 +14,14 @@ from graftune.cli import app
 from graftune.evaluate import load_run, logits_of
 from graftune.io import onnx_format
 from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxRun, file_sha256, is_onnx_export
-from tests.train_helpers import bert_folder, one_line_error, topic_csv, topic_rows, write_csv
+from tests.train_helpers import (
+    bert_folder,
+    check_export_eval_matches,
+    one_line_error,
+    topic_csv,
+    topic_rows,
+    write_csv,
+)
 
 runner = CliRunner()
 # the last one is longer than the runs' max_length (32 tokens): truncation must match too
@@ -77,12 +84,7 @@ def test_predict_and_eval_of_an_export_match_the_run(runs, tmp_path):
     text = runner.invoke(app, ["predict", str(out), TEXTS[0]])
     assert text.exit_code == 0 and text.stdout.split("\t")[1] == expected[0]["label"], text.output
     for extra in ([], ["--data", str(runs / "other.csv")]):  # the source run's test split, then a file
-        scored = runner.invoke(app, ["eval", str(out), "--json", *extra])
-        ref = runner.invoke(app, ["eval", str(runs / "lora"), "--json", *extra])
-        assert scored.exit_code == 0 and ref.exit_code == 0, scored.output + ref.output
-        m, m_ref = json.loads(scored.stdout), json.loads(ref.stdout)
-        assert m["format"] == "onnx" and m["examples"] == m_ref["examples"] > 0
-        assert m["confusion_matrix"] == m_ref["confusion_matrix"] and m["accuracy"] == m_ref["accuracy"]
+        check_export_eval_matches(out, runs / "lora", extra)
     assert "confusion matrix" in runner.invoke(app, ["eval", str(out)]).stdout
 
 

@@ -24,7 +24,7 @@ from graftune.io.image_preprocess import ImagePreprocess, resize_weights
 from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxClassifier, OnnxImageRun, file_sha256
 from graftune.runs import train
 from graftune.zoo import image_transform
-from tests.train_helpers import image_folder, one_line_error, use_tiny_cnn
+from tests.train_helpers import check_export_eval_matches, image_folder, one_line_error, use_tiny_cnn
 
 runner = CliRunner()
 
@@ -120,12 +120,7 @@ def test_predict_and_eval_of_an_image_export_match_the_run(runs, tmp_path):
     text = runner.invoke(app, ["predict", str(out), files[0]])
     assert text.exit_code == 0 and text.stdout == runner.invoke(app, ["predict", str(runs / "lora"), files[0]]).stdout
     for extra in ([], ["--data", str(runs / "mixed")]):  # the source run's test split, then an image folder
-        scored = runner.invoke(app, ["eval", str(out), "--json", *extra])
-        ref = runner.invoke(app, ["eval", str(runs / "lora"), "--json", *extra])
-        assert scored.exit_code == 0 and ref.exit_code == 0, scored.output + ref.output
-        m, m_ref = json.loads(scored.stdout), json.loads(ref.stdout)
-        assert m["format"] == "onnx" and m["examples"] == m_ref["examples"] > 0
-        assert m["confusion_matrix"] == m_ref["confusion_matrix"] and m["accuracy"] == m_ref["accuracy"]
+        check_export_eval_matches(out, runs / "lora", extra)
 
 
 def test_int8_image_export_is_static_and_reports_the_accuracy_change(runs, tmp_path):
