@@ -16,7 +16,8 @@ and padded as ``graftune eval`` batches them; and the exported tokenizer must gi
 test text. Images: the export's numpy preprocessing (``io.image_preprocess``) must give the pixels of the run's
 torch transform within ``PIXEL_TOLERANCE`` on every test image, and the logits are compared from raw images
 through each side's own preprocessing. A failed check refuses the export with the difference found; the output
-folder is left as it was.
+folder is left as it was. A BERT text graph is traced with eager attention and fused by ONNX Runtime's transformer
+optimizer (``onnx_format.optimize_file``) before the check, so the check covers the fused graph.
 
 ``quantize="int8"``: for text, ONNX Runtime's dynamic quantization (``onnx_format.quantize_file``); for images, its
 static quantization, calibrated on the run's training images (``onnx_format.quantize_static_file``: dynamic
@@ -64,6 +65,9 @@ PIXEL_TOLERANCE = 1e-4
 CALIBRATION_IMAGES = 256
 #: the tasks that export
 TASKS = ("classification", "image")
+#: transformers model types whose text graphs ONNX Runtime's BERT optimizer fuses (``onnx_format.optimize_file``);
+#: others export unfused, as traced
+FUSED_MODEL_TYPES = ("bert",)
 
 
 @dataclass
@@ -275,8 +279,16 @@ class _ExportText:
             run.model.merge(*run.model.active)
         settings = {"max_length": task.max_length, "pad_id": int(task.pad_id)}
         model_file = tmp / fmt.MODEL_FILE
+        config = run.model.base.config
+        fuse, fused = getattr(config, "model_type", None) in FUSED_MODEL_TYPES, {}
+        if fuse:  # the optimizer recognizes the eager attention's pattern, not an SDPA trace's
+            run.model.base.set_attn_implementation("eager")
         fmt.export_module(_Classifier(run).eval(), _example_batch(ids[picked[-1]], task.pad_id), model_file,
                           opset=opset)
+        if fuse:
+            say("fusing attention, layer norms and GELU (ONNX Runtime's transformer optimizer)...")
+            fused = fmt.optimize_file(model_file, num_heads=config.num_attention_heads,
+                                      hidden_size=config.hidden_size)
         try:
             task.tokenizer.save_pretrained(tmp)
         except (OSError, ValueError, TypeError, NotImplementedError) as e:  # a tokenizer class that cannot save
@@ -306,7 +318,7 @@ class _ExportText:
             record["int8"] = _int8_record(fp32, int8, self.test, check, reference, batch_size)
             del fp32, int8  # the sessions hold the files open
             os.replace(int8_file, model_file)
-        return {"settings": {**settings, "pooling": task.pooling, "inputs": list(fmt.INPUT_NAMES)},
+        return {"settings": {**settings, "pooling": task.pooling, "inputs": list(fmt.INPUT_NAMES), "fused": fused},
                 "record": record}
 
 

@@ -74,6 +74,34 @@ def test_export_gives_pytorch_logits(runs, tmp_path, method):
     assert onnx_run.encode(TEXTS) == [e["input_ids"] for e in run.task.encode(TEXTS)]
 
 
+def test_the_text_graph_is_fused_and_keeps_any_mask(runs, tmp_path):
+    """ONNX Runtime's BERT optimizer fuses every layer's attention, layer norms and GELU; the fused attention keeps
+    the raw mask, so rows padded on the left or with holes in their mask give PyTorch's logits too (the optimizer's
+    default, one end position per row, would not)."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    out = tmp_path / "onnx"
+    _export(runs, "lora", out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    layers = 2  # bert_folder's
+    assert manifest["fused"] == {"EmbedLayerNormalization": 1, "Attention": layers, "SkipLayerNormalization":
+                                 2 * layers, "BiasGelu": layers}
+    ops = {n.op_type for n in onnx.load(str(out / MODEL_FILE)).graph.node}
+    assert {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "MatMul"} <= ops
+    assert not ops & {"Softmax", "IsNaN", "LayerNormalization"}
+    run = load_run(runs / "lora")
+    ids = torch.tensor([e["input_ids"][:8] for e in run.task.encode([TEXTS[-1]] * 3)])
+    mask = torch.ones_like(ids)
+    mask[0, 5:], mask[1, :3], mask[2, 2:4] = 0, 0, 0  # right-padded, left-padded, a hole
+    with torch.no_grad():
+        expected = run.task.forward(run.model, run.head, {"input_ids": ids, "attention_mask": mask}).numpy()
+    session = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.abs(got - expected).max() <= onnx_format.TOLERANCE
+
+
 def test_predict_and_eval_of_an_export_match_the_run(runs, tmp_path):
     out = tmp_path / "onnx"
     _export(runs, "lora", out)
@@ -105,7 +133,8 @@ def test_int8_export_reports_the_accuracy_change(runs, tmp_path):
     assert q["test_examples"] == m8["examples"]
     assert q["accuracy_change_points"] == pytest.approx(100 * (m8["accuracy"] - m32["accuracy"]), abs=0.01)
     graph = onnx.load(str(int8 / MODEL_FILE)).graph
-    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)
+    ops = {n.op_type for n in graph.node}
+    assert "QAttention" in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "Attention" not in ops, ops
     rows = [r["label"] for r in _predict_json(int8, TEXTS[:3])]
     assert rows == [r["label"] for r in _predict_json(fp32, TEXTS[:3])]  # clear-cut texts keep their label
 

@@ -6,9 +6,10 @@ numpy, ``tokenizers`` and ``onnxruntime`` do the work; graftune itself still imp
 =====================  =========================================================================================
 ``model.onnx``         the base with the adapters merged into its weights, the pooling and the classification
                        head. Text: ``input_ids``, ``attention_mask`` (int64, batch x sequence, both axes dynamic)
-                       -> ``logits`` (float32, batch x classes); dynamic int8 MatMul weights with ``--quantize
-                       int8``. Images: ``pixels`` (float32, batch x 3 x size x size, the batch axis dynamic) ->
-                       ``logits``; static int8 (QDQ, calibrated) with ``--quantize int8``.
+                       -> ``logits`` (float32, batch x classes); a BERT's layers fused into ONNX Runtime's
+                       contrib operators (:func:`optimize_file`); dynamic int8 MatMul and Attention weights
+                       with ``--quantize int8``. Images: ``pixels`` (float32, batch x 3 x size x size, the batch
+                       axis dynamic) -> ``logits``; static int8 (QDQ, calibrated) with ``--quantize int8``.
 ``tokenizer.json`` ..  text: the base's tokenizer (``save_pretrained``); read here with the ``tokenizers`` library
 ``source_run.yaml``    the run's ``run.yaml``: which data and split it was trained and tested on
 ``graftune_onnx.json`` the manifest: the task, label names, for text the max length, pooling and pad id, for images
@@ -115,16 +116,45 @@ def export_module(module, example: dict[str, Any], path: str | os.PathLike, *, o
     onnx.checker.check_model(str(path))
 
 
+def optimize_file(path: str | os.PathLike, *, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Rewrite the text graph at ``path`` with ONNX Runtime's transformer optimizer (``onnxruntime.transformers.
+    optimizer``, model type "bert"): each layer's self-attention becomes one ``Attention`` node (the three
+    projections in one MatMul, scores, mask and softmax in one kernel), the embeddings' sum and layer norm one
+    ``EmbedLayerNormalization``, each residual add + layer norm one ``SkipLayerNormalization``, the bias + GELU one
+    ``BiasGelu``. Returns how many of each it fused.
+
+    The attention keeps the raw 2-D ``attention_mask`` (``use_raw_attention_mask``): the optimizer's BERT default
+    turns the mask into one end position per row, which is only right for masks that are ones then zeros; with
+    the raw mask the graph computes what PyTorch computes for any mask. These are ONNX Runtime contrib operators
+    (domain ``com.microsoft``): the graph runs in ONNX Runtime, not in other ONNX runtimes. The fused Attention
+    replaces both the unfused float32 attention and the ``Where``/``IsNaN`` guards of an SDPA trace, and gives
+    dynamic int8 one more operator to quantize (``QAttention``, see :func:`quantize_file`)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(True)
+    with _quiet():
+        model = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, optimization_options=options)
+        model.save_model_to_file(str(path))
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """ONNX Runtime's dynamic quantization: MatMul weights as signed int8, one scale per output channel;
-    activations quantized per batch at run time (uint8), everything else float32. Per-channel scales keep the
-    error of layers with a few large-magnitude rows small; ``reduce_range`` (7-bit weights) avoids the int16
-    accumulator saturation of the u8s8 kernels on AVX2 CPUs without VNNI (ONNX Runtime's quantization guide)."""
+    """ONNX Runtime's dynamic quantization: MatMul weights (and the fused ``Attention`` projections of a graph
+    :func:`optimize_file` wrote, as ``QAttention``) as signed int8, one scale per output channel; activations
+    quantized per batch at run time (uint8), everything else float32. Per-channel scales keep the error of layers
+    with a few large-magnitude rows small; ``reduce_range`` (7-bit weights) avoids the int16 accumulator saturation
+    of the u8s8 kernels on AVX2 CPUs without VNNI (ONNX Runtime's quantization guide). ``DefaultTensorType``: shape
+    inference cannot type the outputs of contrib operators, whose tensors here are all float32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul"])
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def quantize_static_file(src: str | os.PathLike, dst: str | os.PathLike, calibration: Iterable[np.ndarray]) -> None:
