@@ -6,8 +6,15 @@
            (httpx, asyncio) in this process, each request one text for a random adapter; mixed batching
            (--max-batch 32 --max-wait-ms 5) against one request per forward (--max-batch 1); throughput, p50/p99,
            and the latency of a lone request (one client, one request at a time).
+--open     the same two servers under OPEN-loop load: Poisson arrivals at a fixed offered rate (asyncio httpx,
+           bounded in requests and seconds per rate), one text for a random adapter each; offered rates go up in
+           geometric steps until the server saturates, then bisection finds the highest one whose p99 stays <= 2x a
+           lone request's p99 (the lowest lone p99 of the run) with nothing failed and the achieved rate within 5%
+           of the offered one: the goodput at that objective per server, and their ratio (also at 3, 5 and 10x,
+           read off the coarse steps); the whole sweep is printed as a table.
 --memory   RSS of a store holding 1 and 32 adapters on one base, against base + 32 x adapter + 10%.
 --forward  in-process: CPU time of one mixed 16-request forward vs 16 one-request forwards (no HTTP).
+--thread-cost  in-process: the forward on the one thread that ran torch, then after another thread ran torch.
 --peft     in-process: one mixed 8-adapter batch through graftune's routing vs PEFT's `adapter_names=`.
 --switch   `graftune serve --registry` under load while the registry promotes v2 and rolls back to v1.
 --drift    the server's own summaries (store.classify + DriftTracker.observe) of BBC articles the run did not
@@ -230,6 +237,249 @@ def serving(work: Path, args) -> list[dict]:
     return rows
 
 
+# --- open loop: Poisson arrivals at a fixed offered rate -------------------------------------------------------------
+def arrival_times(rate: float, n: int, seed: int) -> list[float]:
+    """When ``n`` requests arrive, in seconds from the start: a Poisson process at ``rate`` per second conditioned on
+    its n arrivals falling within n / rate seconds, which is n uniform times in [0, n / rate], sorted. Conditioning
+    makes the offered rate exactly ``rate``; free exponential gaps would miss it by about 1 / sqrt(n) (4% at
+    n = 600), as much as the margin of the backlog test."""
+    rng = random.Random(seed)
+    return sorted(rng.uniform(0, n / rate) for _ in range(n))
+
+
+async def open_loop(client, names: list[str], texts: list[str], rate: float, requests: int, seconds: float,
+                    seed: int, max_outstanding: int, timeout: float) -> dict:
+    """Requests arrive at Poisson times (:func:`arrival_times`) whether or not earlier ones were answered, as a
+    service's users do: ``requests`` at most, ``seconds`` worth at most; one text for a random adapter each.
+
+    A request's latency runs from its scheduled arrival, so a send the client made late counts against the server,
+    not for it (no coordinated omission); the client's own lateness is reported apart (``send_lag_p99_ms``), to show
+    when the client, not the server, fell behind. Sending stops once ``max_outstanding`` requests are unanswered
+    (a backlog: the rate is past what the server sustains; the unsent requests are counted); a request still
+    unanswered ``timeout`` seconds after the last send is cancelled and counted as failed."""
+    import httpx
+
+    n = max(1, min(requests, round(rate * seconds)))
+    due = arrival_times(rate, n, seed)
+    rng = random.Random(seed + 1)
+    bodies = [{"adapter": rng.choice(names), "inputs": [rng.choice(texts)]} for _ in range(n)]
+    latencies: list[float] = []
+    lags: list[float] = []
+    last_answer = 0.0
+    failed = outstanding = 0
+    start = time.perf_counter()
+
+    async def one(body: dict, at: float) -> None:
+        nonlocal failed, outstanding, last_answer
+        sent = time.perf_counter()
+        try:
+            ok = (await client.post("/v1/predict", json=body)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        finally:
+            outstanding -= 1
+        now = time.perf_counter()
+        if not ok:
+            failed += 1
+            return
+        latencies.append(now - start - at)
+        lags.append(sent - start - at)
+        last_answer = max(last_answer, now - start)
+
+    tasks = []
+    for body, at in zip(bodies, due):
+        wait = start + at - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if outstanding >= max_outstanding:
+            break
+        outstanding += 1
+        tasks.append(asyncio.create_task(one(body, at)))
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    span = max(n / rate, last_answer)  # the schedule's length, or longer when answers came after it
+    lag = percentiles(lags)["p99_ms"]
+    return {"offered_rps": rate, "requests": n, "unsent": n - len(tasks), "answered": len(latencies),
+            "failed": failed + len(pending), "achieved_rps": len(latencies) / span, **percentiles(latencies),
+            "max_ms": 1000 * max(latencies, default=0.0), "send_lag_p99_ms": lag}
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """The predict batch histograms' sums and counts from /metrics (cumulative since the server started)."""
+    import httpx
+
+    keys = ("graftune_batch_rows_sum", "graftune_batch_rows_count", "graftune_batch_adapters_sum")
+    out = dict.fromkeys(keys, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in out:
+            out[name] = float(value)
+    return out
+
+
+def meets(row: dict, objective_ms: float, tolerance: float) -> bool:
+    """The latency objective at one offered rate: every request answered, none left unsent, p99 within the
+    objective, and the achieved rate within ``tolerance`` of the offered one (no backlog building up)."""
+    return (row["failed"] == 0 and row["unsent"] == 0 and row["p99_ms"] is not None
+            and row["p99_ms"] <= objective_ms and row["achieved_rps"] >= (1 - tolerance) * row["offered_rps"])
+
+
+async def open_sweep(srv: Server, names: list[str], texts: list[str], args, reference_ms: float | None) -> dict:
+    """One server: a warm-up, the lone-request latency, then a sweep of offered rates. The objective is p99 <= 2 x
+    the reference, the lowest lone-request p99 measured so far in this run (``reference_ms``, from servers measured
+    before, or this server's own): the strictest reading, the same absolute bound for every server.
+
+    The sweep: rates up from ``--start-rate`` by ``--rate-factor`` until the server saturates (p99 beyond
+    ``--saturation`` x the reference, a backlog or a failure), so the table shows the whole curve and the goodput at
+    looser objectives; then ``--bisect`` geometric bisections between the highest rate that met the 2x objective
+    (below every rate that missed it) and the lowest rate above it that missed."""
+    import httpx
+
+    await closed_loop(srv.url, names, texts, 8, 200, 30)  # warm-up: connections, allocator, batch shapes
+    limits = httpx.Limits(max_connections=args.max_outstanding, max_keepalive_connections=args.max_outstanding,
+                          keepalive_expiry=60)
+    tolerance = args.backlog_tolerance
+    async with httpx.AsyncClient(base_url=srv.url, timeout=args.open_timeout, limits=limits) as client:
+        rng = random.Random(1)
+        lone = []
+        for _ in range(args.open_lone):  # one request at a time: nothing else in the server
+            body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
+            t = time.perf_counter()
+            r = await client.post("/v1/predict", json=body)
+            r.raise_for_status()
+            lone.append(time.perf_counter() - t)
+        lone_stats = percentiles(lone)
+        reference = min(lone_stats["p99_ms"], reference_ms or float("inf"))
+        objective = 2 * reference
+        points: list[dict] = []
+
+        async def measure(rate: float) -> dict:
+            before, cpu, client_cpu = metric_sums(srv.url), srv.cpu_s(), time.process_time()
+            row = await open_loop(client, names, texts, rate, args.open_requests, args.open_seconds,
+                                  seed=args.open_seed + len(points) + 10, max_outstanding=args.max_outstanding,
+                                  timeout=args.open_timeout)
+            after = metric_sums(srv.url)
+            forwards = after["graftune_batch_rows_count"] - before["graftune_batch_rows_count"]
+            row.update(server_cpu_s=srv.cpu_s() - cpu, client_cpu_s=time.process_time() - client_cpu,
+                       forwards=int(forwards),
+                       rows_per_forward=(after["graftune_batch_rows_sum"] - before["graftune_batch_rows_sum"])
+                       / max(forwards, 1),
+                       adapters_per_forward=(after["graftune_batch_adapters_sum"]
+                                             - before["graftune_batch_adapters_sum"]) / max(forwards, 1),
+                       loadavg_1min=os.getloadavg()[0])
+            row["meets"] = meets(row, objective, tolerance)
+            points.append(row)
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            return row
+
+        rate = args.start_rate
+        while rate <= args.max_rate:
+            if not meets(await measure(rate), args.saturation * reference, tolerance):
+                break
+            rate *= args.rate_factor
+        rate = min(p["offered_rps"] for p in points)
+        while goodput(points, objective, tolerance) is None and rate / args.rate_factor >= 1.0:
+            rate /= args.rate_factor  # even the first rate missed the objective: step down
+            await measure(rate)
+        for _ in range(args.bisect):
+            good = goodput(points, objective, tolerance)
+            above = [p["offered_rps"] for p in points if good is not None and p["offered_rps"] > good
+                     and not meets(p, objective, tolerance)]
+            if good is None or not above:
+                break
+            await measure((good * min(above)) ** 0.5)
+    return {"lone_p50_ms": lone_stats["p50_ms"], "lone_p99_ms": lone_stats["p99_ms"], "lone_requests": len(lone),
+            "reference_p99_ms": reference, "search_objective_p99_ms": objective, "points": points}
+
+
+def open_serving(work: Path, args) -> list[dict]:
+    """Goodput under a latency objective for one request per forward and for mixed batching: the highest offered
+    rate (Poisson arrivals) whose p99 stays within 2 x a lone request's p99, with nothing failed and no backlog.
+    One request per forward runs first, so its lone p99 is the reference the mixed server is held to as well when
+    it is the lower one. Also the goodput at looser objectives (3, 5, 10 x), read off the coarse sweep."""
+    copies = make_copies(ensure_run(work), max(args.adapters), work)
+    out = []
+    for kind in args.lengths:
+        texts = texts_for(kind)
+        for n in args.adapters:
+            names = [f"a{i:02d}" for i in range(n)]
+            configs = [("one request per forward", 1, 0.0)]
+            configs += [(f"mixed batching, {w:g} ms window", 32, w) for w in args.mixed_waits]
+            reference, results = None, []
+            for label, max_batch, wait in configs:
+                with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
+                    print(f"# {n} adapters, {kind} texts, {label}", flush=True)
+                    result = asyncio.run(open_sweep(srv, names, texts, args, reference))
+                reference = result["reference_p99_ms"]
+                results.append({"texts": kind, "adapters": n, "server": label, "max_batch": max_batch,
+                                "max_wait_ms": wait, **result})
+            # every server against the final reference (the lowest lone p99 of all): a server measured before a
+            # lower lone p99 turned up was searched against a looser bound
+            final = min(r["lone_p99_ms"] for r in results)
+            for r in results:
+                r["final_reference_p99_ms"] = final
+                r["goodput_by_objective_rps"] = {k: goodput(r["points"], k * final, args.backlog_tolerance)
+                                                 for k in OBJECTIVES}
+                for point in r["points"]:
+                    point["meets"] = meets(point, 2 * final, args.backlog_tolerance)
+            for r in results:
+                r["goodput_vs_one_per_forward"] = {
+                    k: (g / b if g and b else None) for k, g, b in
+                    ((k, r["goodput_by_objective_rps"][k], results[0]["goodput_by_objective_rps"][k])
+                     for k in OBJECTIVES)}
+                out.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "points"}), flush=True)
+    print(open_table(out), flush=True)
+    print(goodput_table(out), flush=True)
+    return out
+
+
+OBJECTIVES = (2, 3, 5, 10)  # p99 bounds, in multiples of the lone-request p99
+
+
+def goodput(points: list[dict], objective_ms: float, tolerance: float) -> float | None:
+    """The highest offered rate that met the objective below every rate that missed it: a rate that met it only
+    by luck above one that missed does not count."""
+    missed = min((p["offered_rps"] for p in points if not meets(p, objective_ms, tolerance)), default=float("inf"))
+    return max((p["offered_rps"] for p in points if meets(p, objective_ms, tolerance)
+                and p["offered_rps"] < missed), default=None)
+
+
+def goodput_table(results: list[dict]) -> str:
+    """Goodput per server at each objective, and its ratio to one request per forward, for bench/RESULTS.md."""
+    lines = ["| adapters | server | lone p50 / p99 ms | " + " | ".join(f"goodput at p99 <= {k}x (ratio)"
+                                                                        for k in OBJECTIVES) + " |",
+             "|" + "---|" * (3 + len(OBJECTIVES))]
+    for r in results:
+        cells = []
+        for k in OBJECTIVES:
+            g, ratio = r["goodput_by_objective_rps"][k], r["goodput_vs_one_per_forward"][k]
+            cells.append("none" if g is None else f"{g:.1f} req/s ({ratio:.2f}x)" if ratio else f"{g:.1f} req/s")
+        lines.append(f"| {r['adapters']} | {r['server']} | {r['lone_p50_ms']:.1f} / {r['lone_p99_ms']:.1f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def open_table(results: list[dict]) -> str:
+    """The sweep as a markdown table, for bench/RESULTS.md."""
+    head = ("| adapters | server | offered req/s | achieved req/s | p50 ms | p99 ms | failed (unsent) | rows per "
+            "forward | server CPU s | client CPU s | meets the 2x objective |")
+    lines = [head, "|" + "---|" * 11]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    for r in results:
+        for p in sorted(r["points"], key=lambda p: p["offered_rps"]):
+            lines.append(f"| {r['adapters']} | {r['server']} | {p['offered_rps']:.1f} | {p['achieved_rps']:.1f} | "
+                         f"{ms(p['p50_ms'])} | {ms(p['p99_ms'])} | {p['failed']} ({p['unsent']}) | "
+                         f"{p['rows_per_forward']:.2f} | {p['server_cpu_s']:.1f} | {p['client_cpu_s']:.1f} | "
+                         f"{'yes' if p['meets'] else 'no'} |")
+    return "\n".join(lines)
+
+
 # --- promote and rollback under load -------------------------------------------------------------------------------
 def switch_under_load(work: Path, args) -> dict:
     """A registry with two versions of one name (training seeds 0 and 1); `graftune serve --registry` under a
@@ -375,6 +625,48 @@ def forward_cpu(work: Path, rows: int = 16, repeats: int = 3) -> dict:
     return out
 
 
+def thread_cost(work: Path, repeats: int = 60) -> dict:
+    """Wall time of the server's forward (``ModelStore.classify``, 8 adapters) on one thread that has loaded the
+    models and is the only one to have run torch, then again once another live thread has run one parallel torch op,
+    as in the server (runs are loaded on one thread, forwards run on the store's worker). Torch's OpenMP keeps a team
+    of threads per thread that ran a parallel op; with two teams on 2 cores its threads stop spinning between ops.
+    Median of ``repeats`` forwards per batch size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from graftune.serve import ModelStore
+    from graftune.serve.store import Rows
+
+    copies = make_copies(ensure_run(work), 8, work)
+    texts = texts_for("short")
+    store = ModelStore()
+    mine = ThreadPoolExecutor(1)  # loads and runs every forward below
+    mine.submit(store.sync, {k: ("1", v) for k, v in copies.items()}).result()
+    entries = [store.acquire(k) for k in sorted(copies)]
+
+    def median_ms(rows: int) -> float:
+        def one(i: int) -> float:
+            batch = [Rows(entries[(i + j) % 8], [texts[(i + j) % len(texts)]]) for j in range(rows)]
+            t = time.perf_counter()
+            store.classify(batch)
+            return 1000 * (time.perf_counter() - t)
+
+        return statistics.median(mine.submit(one, i).result() for i in range(repeats))
+
+    sizes = (1, 4, 16, 32)
+    median_ms(1)  # warm-up
+    out = {"torch_threads": torch.get_num_threads(), "one_thread_ran_torch_ms": {n: median_ms(n) for n in sizes}}
+    other = ThreadPoolExecutor(1)
+    other.submit(lambda: torch.ones(1 << 22).mul_(2)).result()  # one parallel op on another thread, kept alive
+    out["after_another_thread_ms"] = {n: median_ms(n) for n in sizes}
+    for pool in (other, mine):
+        pool.shutdown()
+    store.close()
+    print(json.dumps(out), flush=True)
+    return out
+
+
 # --- PEFT's adapter_names= -------------------------------------------------------------------------------------------
 def peft_compare(work: Path, batch: int = 32, repeats: int = 20) -> dict:
     """One forward of a mixed batch (8 adapters, 4 rows each, BBC titles) through graftune's AdapterModel and
@@ -486,9 +778,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/i13")
     ap.add_argument("--serving", action="store_true")
+    ap.add_argument("--open", action="store_true", help="open loop: goodput at p99 <= 2x a lone request")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--forward", action="store_true", help="CPU time of one mixed forward vs one per request")
+    ap.add_argument("--thread-cost", action="store_true", help="the forward on the only thread that ran torch, "
+                    "and after another thread did")
     ap.add_argument("--drift", action="store_true")
     ap.add_argument("--switch", action="store_true", help="promote and rollback under load")
     ap.add_argument("--clients", type=int, default=16)
@@ -496,6 +791,24 @@ def main():
     ap.add_argument("--seconds", type=float, default=45, help="seconds per load test at most")
     ap.add_argument("--lone", type=int, default=40, help="requests of the lone-request latency")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--open-seconds", type=float, default=15, help="open loop: seconds of arrivals per rate at most")
+    ap.add_argument("--open-requests", type=int, default=3000, help="open loop: requests per rate at most")
+    ap.add_argument("--open-lone", type=int, default=300, help="open loop: lone requests (the p99 reference)")
+    ap.add_argument("--open-timeout", type=float, default=30, help="open loop: seconds a request may take")
+    ap.add_argument("--start-rate", type=float, default=10, help="open loop: first offered rate, requests/s")
+    ap.add_argument("--rate-factor", type=float, default=1.5, help="open loop: step between coarse rates")
+    ap.add_argument("--bisect", type=int, default=3, help="open loop: bisections after the coarse sweep")
+    ap.add_argument("--saturation", type=float, default=10, help="open loop: the coarse sweep stops at a p99 beyond "
+                    "this many lone p99s (or a backlog)")
+    ap.add_argument("--max-rate", type=float, default=2000, help="open loop: the highest rate tried")
+    ap.add_argument("--max-outstanding", type=int, default=256, help="open loop: unanswered requests before "
+                    "sending stops (a backlog)")
+    ap.add_argument("--backlog-tolerance", type=float, default=0.05, help="open loop: achieved rate may fall short "
+                    "of the offered one by this share")
+    ap.add_argument("--open-seed", type=int, default=0, help="open loop: the k-th rate of every server's sweep "
+                    "uses arrivals seeded with this + k + 10 (the servers see the same arrivals at the same step)")
+    ap.add_argument("--mixed-waits", type=float, nargs="+", default=[5.0], help="open loop: the mixed server's "
+                    "--max-wait-ms values (one server each)")
     ap.add_argument("--lengths", nargs="+", default=["short", "long"])
     ap.add_argument("--adapters", type=int, nargs="+", default=[8, 32], help="served adapter counts (at most 32)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0])
@@ -510,10 +823,14 @@ def main():
     out = {}
     if args.serving:
         out["serving"] = serving(work, args)
+    if args.open:
+        out["open"] = open_serving(work, args)
     if args.memory:
         out["memory"] = memory(work)
     if args.forward:
         out["forward"] = forward_cpu(work)
+    if args.thread_cost:
+        out["thread_cost"] = thread_cost(work)
     if args.peft:
         out["peft"] = peft_compare(work)
     if args.switch:
