@@ -166,17 +166,13 @@ def rule_session6(cv: dict, k: int, trained_folds: int, val_size: int = 10) -> s
     return min(close, key=lambda s: (auto.PREFERENCE.index(s["method"]), -s["macro_f1"]))["method"]
 
 
-def rule_z(record: dict, z: float, trained_folds: int | None = None) -> str:
+def rule_z(record: dict, z: float) -> str:
     """``rule_auto`` with a gap of more than ``z`` standard errors needed to overrule the preference order."""
-    kept = auto.TIE_Z
-    auto.TIE_Z = z
-    try:
-        return rule_auto(record, trained_folds or record["k"])
-    finally:
-        auto.TIE_Z = kept
+    return rule_auto(record, record["k"], z=z)
 
 
-def rule_auto(record: dict, trained_folds: int, candidates=("probe", "prototypes", "lora", "contrastive")) -> str:
+def rule_auto(record: dict, trained_folds: int, candidates=("probe", "prototypes", "lora", "contrastive"),
+              z: float = auto.TIE_Z) -> str:
     """auto's rule as shipped (``auto.decide``: macro-F1 of the held-out predictions pooled over the folds, gaps
     paired example by example) with the trained candidates seen on their first ``trained_folds`` folds (the budget
     may buy fewer than all)."""
@@ -188,7 +184,7 @@ def rule_auto(record: dict, trained_folds: int, candidates=("probe", "prototypes
         folds = record["oof"][name][:trained_folds if name in TRAINED else k]
         runs = [{"val": val, "predicted": pred, "trainable_params": PARAMS[name]} for val, pred in folds]
         scores[name] = auto.summarize_runs(name, runs, 0.0, truth, names)
-    return auto.decide(scores, truth)[0]["method"]
+    return auto.decide(scores, truth, z)[0]["method"]
 
 
 def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:

@@ -245,13 +245,13 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped}
 
 
-def decide(scores: dict[str, dict], truth: np.ndarray) -> tuple[dict, dict, list[dict]]:
+def decide(scores: dict[str, dict], truth: np.ndarray, z: float = TIE_Z) -> tuple[dict, dict, list[dict]]:
     """The rule, on the candidates' summaries (``summarize_runs``) and the training examples' true classes:
     returns (pick, best, the candidates tied with the best). The best macro-F1 is the reference; a candidate is tied
     with it when ``_beaten`` says its gap is within the noise; the pick is the tied candidate earliest in
     ``PREFERENCE`` (the better score among equals)."""
     best = max(scores.values(), key=lambda s: s["macro_f1"])
-    close = [s for s in scores.values() if not _beaten(s, best, truth)]
+    close = [s for s in scores.values() if not _beaten(s, best, truth, z)]
     pick = min(close, key=lambda s: (_rank(s["method"]), -s["macro_f1"]))
     return pick, best, close
 
@@ -329,14 +329,14 @@ def _gap(candidate: dict, best: dict, truth: np.ndarray) -> tuple[float, float]:
     return float(_difference(y, a, b)), _standard_error(_difference, y, a, b)
 
 
-def _beaten(candidate: dict, best: dict, truth: np.ndarray) -> bool:
-    """Behind the best by more than ``TIE_Z`` standard errors of the paired gap (``_gap``), and by more than 1
+def _beaten(candidate: dict, best: dict, truth: np.ndarray, z: float = TIE_Z) -> bool:
+    """Behind the best by more than ``z`` standard errors of the paired gap (``_gap``), and by more than 1
     point: a gap the cross-validation cannot tell from noise is a tie. Successive halving spends no more folds on a
     beaten candidate."""
     if candidate is best:
         return False
     lead, noise = _gap(candidate, best, truth)
-    return lead > max(WITHIN, TIE_Z * noise) + 1e-9
+    return lead > max(WITHIN, z * noise) + 1e-9
 
 
 def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
