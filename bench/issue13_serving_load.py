@@ -21,10 +21,22 @@
            train on (held out) and of another data set (TREC questions, rotten-tomatoes snippets), against the
            run's training split; the false-alarm rate over many random held-out streams.
 
+--correctness  mixed batches of the 32 trained adapters (the same texts to all of them, one text per request,
+           through the server's batching path in this process) against each run predicting alone
+           (``load_run`` + ``predict``); pass/fail and the label mismatches, in the runs' precision and in float32.
+
 The adapters: ONE LoRA run trained on BBC (8 shots/class, 3 epochs, max length 128), then copied into N adapters,
 each with its LoRA tensors and head perturbed by seeded noise (5% of each tensor's std): N distinct adapters of
 the real shape and cost, made in seconds instead of N trainings. Serving cost does not depend on what the
 adapters learned.
+
+--trained  instead, N real runs trained with ``graftune.runs.train`` (the default LoRA recipe's 10 epochs, no val
+           split, so no early stopping; 8 shots per class, max length 128, MiniLM for all, one base served): 4
+           data sets with different label sets (bbc-news 5 classes, trec 6, sms-spam 2, rotten-tomatoes 3) x seeds
+           0-7 = 32 runs, kept in WORK/trained (a rerun reuses them). With --memory, --serving, --open, --forward
+           and --thread-cost, the first N of them in seed-major order (8 = the four data sets x seeds 0 and 1):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/issue13_serving_load.py --work /tmp/i13t --trained --memory --correctness
 """
 
 from __future__ import annotations
@@ -84,6 +96,60 @@ def make_copies(run: Path, n: int, work: Path) -> dict[str, Path]:
 
 def adapter_bytes(run: Path) -> int:
     return (run / "adapter" / "adapter.safetensors").stat().st_size
+
+
+# --- truly trained adapters (--trained) ----------------------------------------------------------------------------
+#: data set -> served-name prefix: four label sets (5, 6, 2 and 3 classes), so the heads differ in size too
+TRAINED_DATA = {"bbc-news": "bbc", "trec": "trec", "sms-spam": "sms", "rotten-tomatoes": "rt"}
+TRAINED_SEEDS = range(8)
+
+
+def trained_config(data: str, seed: int, out: Path):
+    """One real run with the default recipe's settings (LoRA's default r and targets, 10 epochs, precision as the
+    CPU picks it), 8 shots per class and, as :func:`ensure_run`, 128 tokens, but no val split (``val_size=0``):
+    all 10 epochs run and the last weights are kept. With the default val split (8 examples per class) early
+    stopping kept the epoch-1 weights in 11 of 32 runs, and in 4 sms-spam runs (16 examples: one step per epoch)
+    that epoch's only step ran at learning rate 0 (warm-up), so their LoRA was still its zero init. 20 test examples
+    per class, so the scoring at the end takes seconds (the test score is not what this bench measures)."""
+    from graftune.config import build_config
+
+    return build_config(model="minilm", data=data, method="lora", shots=8, max_length=128, seed=seed,
+                        val_size=0, test_per_class=20, out=str(out), overwrite=True)
+
+
+#: the settings that make a kept run the one :func:`trained_config` asks for
+_RUN_KEYS = ("model", "data", "method", "shots", "epochs", "max_length", "seed", "val_size", "test_per_class")
+
+
+def trained_runs(work: Path, n: int = 32) -> dict[str, Path]:
+    """The first ``n`` of 32 real runs (4 data sets x seeds 0-7), trained with ``graftune.runs.train`` in this
+    process and kept in ``work/trained``: a run directory trained with the same settings is reused, not retrained
+    (runs are renamed into place only when complete). Seed-major order, so any 4k of them cover the four data
+    sets."""
+    from graftune.config import build_config
+    from graftune.runs import train
+
+    out = {}
+    for seed in TRAINED_SEEDS:
+        for data, prefix in TRAINED_DATA.items():
+            if len(out) == n:
+                return out
+            run = work / "trained" / f"{prefix}-s{seed}"
+            cfg = trained_config(data, seed, run)
+            kept = build_config(run / "run.yaml") if (run / "run.yaml").is_file() else None
+            if kept is None or any(getattr(kept, k) != getattr(cfg, k) for k in _RUN_KEYS):
+                t = time.perf_counter()
+                metrics = train(cfg, progress=False)
+                print(json.dumps({"trained": run.name, "seconds": round(time.perf_counter() - t, 1),
+                                  "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1")}),
+                      flush=True)
+            out[f"{prefix}-s{seed}"] = run
+    return out
+
+
+def adapters(work: Path, n: int, args) -> dict[str, Path]:
+    """The ``n`` served adapters, name -> run directory: real runs with ``--trained``, else noisy copies of one."""
+    return trained_runs(work, n) if args.trained else make_copies(ensure_run(work), n, work)
 
 
 # --- the server ----------------------------------------------------------------------------------------------------
@@ -212,13 +278,12 @@ def texts_for(kind: str, n: int = 400) -> list[str]:
 
 
 def serving(work: Path, args) -> list[dict]:
-    run = ensure_run(work)
-    copies = make_copies(run, 32, work)
+    copies = adapters(work, max(args.adapters), args)
     rows = []
     for kind in args.lengths:
         texts = texts_for(kind)
         for n in args.adapters:
-            names = [f"a{i:02d}" for i in range(n)]
+            names = list(copies)[:n]
             for label, max_batch, wait in (("mixed batching", 32, 5.0), ("one request per forward", 1, 0.0)):
                 with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
                     asyncio.run(closed_loop(srv.url, names, texts, 4, 20, 30))  # warm-up
@@ -399,12 +464,12 @@ def open_serving(work: Path, args) -> list[dict]:
     rate (Poisson arrivals) whose p99 stays within 2 x a lone request's p99, with nothing failed and no backlog.
     One request per forward runs first, so its lone p99 is the reference the mixed server is held to as well when
     it is the lower one. Also the goodput at looser objectives (3, 5, 10 x), read off the coarse sweep."""
-    copies = make_copies(ensure_run(work), max(args.adapters), work)
+    copies = adapters(work, max(args.adapters), args)
     out = []
     for kind in args.lengths:
         texts = texts_for(kind)
         for n in args.adapters:
-            names = [f"a{i:02d}" for i in range(n)]
+            names = list(copies)[:n]
             configs = [("one request per forward", 1, 0.0)]
             configs += [(f"mixed batching, {w:g} ms window", 32, w) for w in args.mixed_waits]
             reference, results = None, []
@@ -579,31 +644,190 @@ store.close()
 """
 
 
-def memory(work: Path) -> dict:
-    run = ensure_run(work)
-    copies = make_copies(run, 32, work)
+def memory(work: Path, args) -> dict:
+    copies = adapters(work, 32, args)
     out = subprocess.run([PY, "-c", _MEMORY, json.dumps({k: str(v) for k, v in copies.items()})], check=True,
                          capture_output=True, text=True, timeout=600)
     m = json.loads(out.stdout.strip().splitlines()[-1])
-    per = adapter_bytes(copies["a00"]) / 2**20
-    m["adapter_file_mb"] = per
-    # the budget: the process with its base and one adapter, plus 31 more adapters, plus 10%
-    m["budget_mb"] = (m["rss_1_mb"] + 31 * per) * 1.10
+    sizes = {k: adapter_bytes(v) / 2**20 for k, v in copies.items()}
+    first = min(copies)  # the one adapter of rss_1 (_MEMORY loads the sorted names' first)
+    m["adapter_file_mb"] = sizes[first]
+    m["adapter_file_mb_min_max"] = [min(sizes.values()), max(sizes.values())]
+    m["other_31_files_mb"] = sum(v for k, v in sizes.items() if k != first)
+    # the budget: the process with its base and one adapter, plus the other 31 adapters' files, plus 10%
+    # (trained adapters' heads differ in size with their label sets: the real files are summed)
+    m["budget_mb"] = (m["rss_1_mb"] + m["other_31_files_mb"]) * 1.10
+    m["met"] = m["rss_32_mb"] <= m["budget_mb"]
     m["extra_31_mb"] = m["rss_32_mb"] - m["rss_1_mb"]
     m["naive_32_processes_mb"] = 32 * m["rss_1_mb"]
     print(json.dumps(m), flush=True)
     return m
 
 
+# --- mixed batches answer as each run alone ------------------------------------------------------------------------
+#: probability tolerance of a mixed-batch answer against its run alone, by precision. float32: the two paths sum in
+#: different orders (a 256-row forward against an 8-row one; LoRA merged into W alone, x A B beside x W in the
+#: batch), ~1e-7 relative per op over 6 layers, and both round probabilities to 6 decimals: 1e-4 is ~100x that, and
+#: far below what another adapter's weights would change (``closest_other_adapter`` shows how far). bf16 (the
+#: precision "auto" picks on a CPU with native bf16): activations and the bf16 base round at 2^-9 relative per op,
+#: and ``load_run`` merges LoRA into the bf16 weights (W + BA rounded to bf16) where the server adds x A B unrounded:
+#: differences of ~1e-2 are expected, so 0.05, and a label may differ only where the run's top two classes are
+#: within it (a near tie).
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.05}
+
+
+def correctness_texts(per_set: int = 2) -> list[str]:
+    """``per_set`` texts from each trained data set (seeded), cut to 2,000 characters (the runs read 128 tokens)."""
+    from graftune.data.sources import load_data
+
+    rng = random.Random(7)
+    out = []
+    for data in TRAINED_DATA:
+        inputs = load_data(data).inputs
+        out += [inputs[i][:2000] for i in rng.sample(range(len(inputs)), per_set)]
+    return out
+
+
+def fp32_views(runs: dict[str, Path], work: Path) -> dict[str, Path]:
+    """The same runs with ``precision: fp32`` in run.yaml (run.yaml and adapter/ copied afresh into ``work/fp32``):
+    the adapters unchanged, served and loaded in float32 where float rounding is small enough for a tight check."""
+    import yaml
+
+    out = {}
+    for name, run in runs.items():
+        dest = work / "fp32" / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(run / "adapter", dest / "adapter")
+        cfg = yaml.safe_load((run / "run.yaml").read_text())
+        (dest / "run.yaml").write_text(yaml.safe_dump({**cfg, "precision": "fp32"}, sort_keys=False))
+        out[name] = dest
+    return out
+
+
+async def served_mixed(runs: dict[str, Path], texts: list[str], max_batch: int, max_wait_ms: float,
+                       seed: int) -> tuple[dict, list]:
+    """Every (adapter, text) pair as its own one-text request, in shuffled order, all at once, through the server
+    in this process (``create_app``: validation, the batching window, ``ModelStore.classify``; httpx's ASGI
+    transport instead of a socket). Returns {(name, text index): prediction} and the batcher's records (what each
+    forward held)."""
+    import httpx
+
+    from graftune.serve import ModelStore
+    from graftune.serve.app import Settings, StaticSource, create_app
+
+    app = create_app(ModelStore(), StaticSource(runs), Settings(max_batch=max_batch, max_wait_ms=max_wait_ms))
+    pairs = [(name, i) for name in runs for i in range(len(texts))]
+    random.Random(seed).shuffle(pairs)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench",
+                                     timeout=600) as client:
+            async def one(name: str, i: int) -> dict:
+                r = await client.post("/v1/predict", json={"adapter": name, "inputs": [texts[i]]})
+                r.raise_for_status()
+                return r.json()["predictions"][0]
+
+            got = await asyncio.gather(*(one(n, i) for n, i in pairs))
+        records = list(app.state.batcher.history)
+    return dict(zip(pairs, got)), records
+
+
+def differences(served: dict, alone: dict[str, list[dict]], tolerance: float) -> dict:
+    """Served answers against each run alone: label mismatches (and how many of them are near ties: the run's own
+    top two probabilities within ``tolerance``), the largest probability difference, and the count beyond
+    ``tolerance``."""
+    mismatches, ties, beyond, worst = [], 0, 0, 0.0
+    for (name, i), got in served.items():
+        ref = alone[name][i]
+        gap = max(abs(got["probabilities"][k] - v) for k, v in ref["probabilities"].items())
+        worst = max(worst, gap)
+        beyond += gap > tolerance
+        if got["label"] != ref["label"]:
+            top = sorted(ref["probabilities"].values(), reverse=True)
+            tie = top[0] - top[1] <= tolerance
+            ties += tie
+            mismatches.append({"adapter": name, "text": i, "served": got["label"], "alone": ref["label"],
+                               "alone_top2_margin": round(top[0] - top[1], 6), "near_tie": tie})
+    return {"rows": len(served), "label_mismatches": len(mismatches), "of_them_near_ties": ties,
+            "max_prob_diff": worst, "beyond_tolerance": beyond, "tolerance": tolerance, "mismatched": mismatches[:10]}
+
+
+def largest_gap(a: list[dict], b: list[dict]) -> float:
+    """The largest probability difference between two lists of answers to the same texts."""
+    return max(abs(x["probabilities"][k] - y["probabilities"][k]) for x, y in zip(a, b) for k in x["probabilities"])
+
+
+def closest_other_adapter(alone: dict[str, list[dict]]) -> float:
+    """The smallest, over pairs of adapters with the same labels, of the largest probability difference between
+    their answers to the same texts: how much a row read by the wrong adapter would move at least."""
+    best = float("inf")
+    names = sorted(alone)
+    for a in names:
+        for b in names:
+            if a < b and list(alone[a][0]["probabilities"]) == list(alone[b][0]["probabilities"]):
+                best = min(best, largest_gap(alone[a], alone[b]))
+    return best
+
+
+def mixed_correctness(work: Path, args) -> dict:
+    """Mixed batches answer as each run alone: the same texts (2 from each trained data set) sent to all 32
+    adapters, one text per request in shuffled order, through the server's batching path, (a) as ONE forward
+    (max batch = every row) and (b) as served (max batch 32, 5 ms window); each answer against what its run predicts
+    alone (``graftune.evaluate.load_run`` + ``predict``, adapters merged as ``graftune predict`` does; and unmerged,
+    ``merge=False``). In the runs' own precision and in float32 (:func:`fp32_views`); tolerances: ``TOLERANCE``.
+
+    How sensitive the check is: ``closest_other_adapter`` (two runs with the same labels, answering the same texts),
+    and ``smallest_lora_effect``: over the adapters, the least that switching a run's LoRA off (its head on the bare
+    base, ``AdapterModel.disabled``) moves its answers, what a row routed to no adapter, or to another's LoRA
+    under the right head, would risk."""
+    from graftune.evaluate import load_run, predict
+
+    runs = adapters(work, 32, args)
+    texts = correctness_texts()
+    report = {"adapters": len(runs), "texts": len(texts), "checks": []}
+    for views in ("as trained", "fp32"):
+        served_runs = runs if views == "as trained" else fp32_views(runs, work)
+        alone, precision, lora_effect = {}, set(), {}
+        for merge in (True, False):
+            for name, run in served_runs.items():
+                loaded = load_run(run, merge=merge)
+                precision.add(loaded.policy.name)
+                alone[merge, name] = predict(loaded, texts)
+                if not merge:
+                    with loaded.model.disabled():
+                        lora_effect[name] = largest_gap(alone[merge, name], predict(loaded, texts))
+        (policy,) = precision
+        tolerance = TOLERANCE[policy]
+        merged = {n: alone[True, n] for n in served_runs}
+        sensitivity = closest_other_adapter(merged)
+        least = min(lora_effect, key=lora_effect.get)
+        for label, max_batch, wait in (("one forward", len(runs) * len(texts), 2000.0), ("max batch 32", 32, 5.0)):
+            served, records = asyncio.run(served_mixed(served_runs, texts, max_batch, wait, seed=1))
+            for merge in (True, False):
+                d = differences(served, {n: alone[merge, n] for n in served_runs}, tolerance)
+                check = {"precision": policy, "batching": label, "alone": "merged" if merge else "unmerged",
+                         "forwards": len(records), "max_rows_per_forward": max(r.rows for r in records),
+                         "max_adapters_per_forward": max(len(r.adapters) for r in records),
+                         "closest_other_adapter": sensitivity,
+                         "smallest_lora_effect": [least, lora_effect[least]], **d,
+                         "passed": d["beyond_tolerance"] == 0 and d["label_mismatches"] == d["of_them_near_ties"]}
+                report["checks"].append(check)
+                print(("PASS" if check["passed"] else "FAIL") + ": " + json.dumps(check), flush=True)
+    report["passed"] = all(c["passed"] for c in report["checks"])
+    print(f"mixed-batch correctness: {'PASS' if report['passed'] else 'FAIL'} "
+          f"({sum(c['label_mismatches'] for c in report['checks'])} label mismatches in "
+          f"{sum(c['rows'] for c in report['checks'])} rows over {len(report['checks'])} checks)", flush=True)
+    return report
+
+
 # --- the forward alone ---------------------------------------------------------------------------------------------
-def forward_cpu(work: Path, rows: int = 16, repeats: int = 3) -> dict:
+def forward_cpu(work: Path, args, rows: int = 16, repeats: int = 3) -> dict:
     """In-process, no HTTP: CPU time of ONE mixed forward of ``rows`` single-text requests over 8 adapters
     (store.classify, as the batcher calls it) against ``rows`` one-request forwards. CPU time, not wall time: on a
     shared machine it measures the work, not the neighbours."""
     from graftune.serve import ModelStore
     from graftune.serve.store import Rows
 
-    copies = make_copies(ensure_run(work), 8, work)
+    copies = adapters(work, 8, args)
     texts = texts_for("short", rows)
     store = ModelStore()
     store.sync({k: ("1", v) for k, v in copies.items()})
@@ -625,7 +849,7 @@ def forward_cpu(work: Path, rows: int = 16, repeats: int = 3) -> dict:
     return out
 
 
-def thread_cost(work: Path, repeats: int = 60) -> dict:
+def thread_cost(work: Path, args, repeats: int = 60) -> dict:
     """Wall time of the server's forward (``ModelStore.classify``, 8 adapters) on one thread that has loaded the
     models and is the only one to have run torch, then again once another live thread has run one parallel torch op,
     as in the server (runs are loaded on one thread, forwards run on the store's worker). Torch's OpenMP keeps a team
@@ -638,7 +862,7 @@ def thread_cost(work: Path, repeats: int = 60) -> dict:
     from graftune.serve import ModelStore
     from graftune.serve.store import Rows
 
-    copies = make_copies(ensure_run(work), 8, work)
+    copies = adapters(work, 8, args)
     texts = texts_for("short")
     store = ModelStore()
     mine = ThreadPoolExecutor(1)  # loads and runs every forward below
@@ -786,6 +1010,10 @@ def main():
                     "and after another thread did")
     ap.add_argument("--drift", action="store_true")
     ap.add_argument("--switch", action="store_true", help="promote and rollback under load")
+    ap.add_argument("--trained", action="store_true", help="serve 32 really trained runs (4 data sets x seeds 0-7) "
+                    "instead of noisy copies of one")
+    ap.add_argument("--correctness", action="store_true", help="mixed batches of the 32 trained adapters against "
+                    "each run alone (implies --trained)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=600, help="requests per load test at most")
     ap.add_argument("--seconds", type=float, default=45, help="seconds per load test at most")
@@ -826,15 +1054,18 @@ def main():
     if args.open:
         out["open"] = open_serving(work, args)
     if args.memory:
-        out["memory"] = memory(work)
+        out["memory"] = memory(work, args)
     if args.forward:
-        out["forward"] = forward_cpu(work)
+        out["forward"] = forward_cpu(work, args)
     if args.thread_cost:
-        out["thread_cost"] = thread_cost(work)
+        out["thread_cost"] = thread_cost(work, args)
     if args.peft:
         out["peft"] = peft_compare(work)
     if args.switch:
         out["switch"] = switch_under_load(work, args)
+    if args.correctness:
+        args.trained = True
+        out["correctness"] = mixed_correctness(work, args)
     if args.drift:
         out["drift"] = drift(work, args)
     (work / "results.json").write_text(json.dumps(out, indent=2))
