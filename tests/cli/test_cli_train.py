@@ -173,3 +173,31 @@ def test_a_test_file_that_overlaps_training_is_flagged_loudly(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "WARNING: the test set shares 3 exact" in result.stdout
     assert json.loads((out / "metrics.json").read_text())["warnings"][0].startswith("the test set shares 3 exact")
+
+
+def test_texts_the_models_vocabulary_cannot_read_get_a_warning_and_the_run_still_trains(tiny, tmp_path):
+    # every text gets two words the tiny word-level vocabulary lacks (as an English model meets Chinese or Russian):
+    # the run trains, and its summary says in capitals that the model does not read these texts; the known-word
+    # runs of this file have no such line (run_dir's metrics are checked below)
+    import csv
+
+    with open(tiny["csv"], encoding="utf-8") as f:
+        rows = [{"text": r["text"] + " слово 文字", "label": r["label"]} for r in csv.DictReader(f)]
+    data = tmp_path / "foreign.csv"
+    with data.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "foreign"
+    args = base_args(tiny, out, "--method", "lora", "--set", "r=4")
+    args[args.index("--data") + 1] = str(data)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "WARNING: the model's tokenizer does not read these texts" in result.stdout
+    checks = json.loads((out / "data_card.json").read_text())["checks"]["vocabulary"]
+    assert checks["reads"] is False and checks["unknown_share"] > 0.2
+
+
+def test_a_run_on_texts_the_model_reads_has_no_vocabulary_warning(run_dir):
+    assert json.loads((run_dir / "data_card.json").read_text())["checks"]["vocabulary"]["reads"] is True
+    assert "warnings" not in json.loads((run_dir / "metrics.json").read_text())

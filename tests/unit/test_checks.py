@@ -9,9 +9,18 @@ import numpy as np
 import torch
 
 from graftune.data.card import data_card
-from graftune.data.checks import _jaccard, check_data, near_duplicate_pairs, shingles, split_checks
+from graftune.data.checks import (
+    _jaccard,
+    check_data,
+    near_duplicate_pairs,
+    shingles,
+    split_checks,
+    split_warnings,
+    vocabulary_fit,
+)
 from graftune.data.sources import Dataset
 from graftune.data.splits import make_splits
+from tests.train_helpers import COMMON, TOPICS, write_tokenizer
 
 WORDS = ["market", "bank", "share", "price", "profit", "goal", "match", "team", "player", "coach", "chip", "phone",
          "software", "data", "cloud", "robot", "river", "mountain", "city", "road", "garden", "window", "kitchen",
@@ -75,11 +84,12 @@ def test_near_duplicates_in_the_report_flag_different_labels():
     assert (ex["a"], ex["b"], ex["label_a"], ex["label_b"]) == (3, 30, "a", "c") and ex["similarity"] >= 0.8
 
 
-def test_balance_empty_and_long_texts_and_token_counts():
+def test_balance_empty_and_long_texts_and_token_counts(tmp_path):
     rng = random.Random(3)
     texts = [sentence(rng, 10) for _ in range(40)] + ["   ", "", " ".join(["word"] * 1200)]
     labels = ["big"] * 36 + ["small"] * 4 + ["big", "small", "big"]
-    report = check_data(text_ds(texts, labels), count_tokens=lambda ts: [len(t.split()) for t in ts], max_tokens=20)
+    # a word-level tokenizer: one token per word, plus [CLS] and [SEP]
+    report = check_data(text_ds(texts, labels), tokenizer=write_tokenizer(tmp_path), max_tokens=20)
     balance = report["class_balance"]
     assert (balance["smallest"], balance["smallest_count"], balance["largest_count"]) == ("small", 5, 38)
     assert balance["ratio"] == round(38 / 5, 3) and balance["imbalanced"]
@@ -162,9 +172,51 @@ def test_split_checks_count_duplicates_and_label_clashes_inside_splits():
 
 
 def test_split_warnings_say_loudly_when_the_test_set_overlaps_training():
-    from graftune.data.checks import split_warnings
-
     assert split_warnings({"overlap": {"train_test": 0}, "near_overlap_train_test": 0, "conflicting_labels": 0}) == []
     loud = split_warnings({"overlap": {"train_test": 3}, "near_overlap_train_test": 1, "conflicting_labels": 2})
     assert "shares 3 exact and 1 near-duplicate example(s) with training" in loud[0]
     assert "2 text(s) appear with different labels" in loud[1]
+
+
+def letter_tokenizer(folder):
+    """A WordPiece vocabulary of single letters only: every word is spelled one letter per token, as an English
+    vocabulary spells Cyrillic or Greek."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters)])
+                     + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
+
+
+def test_the_vocabulary_check_tells_texts_the_model_reads_from_texts_it_cannot(tmp_path):
+    words = tmp_path / "words"
+    known = [" ".join(TOPICS["sport"][i:i + 4] + COMMON[i:i + 3]) for i in range(6)]
+    read = vocabulary_fit(write_tokenizer(words), known)
+    assert read["reads"] and read["unknown_share"] == 0 and 0.1 < read["tokens_per_char"] < 0.3
+    # words outside the vocabulary become [UNK] (文字 is two: CJK characters are split): 4 of 8 tokens per text
+    foreign = [" ".join(TOPICS["sport"][i:i + 4] + ["слово", "文字", "λέξη"]) for i in range(6)]
+    unread = vocabulary_fit(write_tokenizer(words), foreign)
+    assert not unread["reads"] and unread["unknown_share"] == 0.5
+    # nothing unknown, but spelled letter by letter: one token per character
+    spelled = vocabulary_fit(letter_tokenizer(tmp_path / "letters"), known)
+    assert spelled["unknown_share"] == 0 and spelled["tokens_per_char"] == 1.0 and not spelled["reads"]
+    assert vocabulary_fit(write_tokenizer(words), ["", "  "]) is None and vocabulary_fit(None, known) is None
+
+
+def test_texts_the_model_cannot_read_are_a_problem_a_card_check_and_a_warning(tmp_path):
+    tok = write_tokenizer(tmp_path)
+    foreign = text_ds([f"{w} {v} слово 文字 λέξη" for w in TOPICS["money"][:4] for v in TOPICS["money"][4:9]],
+                      ["a", "b"] * 10)
+    report = check_data(foreign, tokenizer=tok)
+    assert report["problems"][0].startswith("the model's tokenizer does not read these texts: 67% of their tokens")
+    checks = data_card(make_splits(foreign, seed=0, shots=4), source=foreign, tokenizer=tok)["checks"]
+    assert checks["vocabulary"]["reads"] is False
+    assert split_warnings(checks)[0].startswith("the model's tokenizer does not read these texts")
+    money = TOPICS["money"]
+    english = text_ds([f"{w} {v} of the market" for w in money[:4] for v in money[4:9]], ["a", "b"] * 10)
+    checks = data_card(make_splits(english, seed=0, shots=4), source=english, tokenizer=tok)["checks"]
+    assert checks["vocabulary"]["reads"] and split_warnings(checks) == []
+    assert "vocabulary" not in check_data(english)  # no tokenizer, no claim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from graftune.data.checks import split_checks
 from graftune.data.sources import Dataset
@@ -24,12 +25,13 @@ def fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()
 
 
-def data_card(splits: Splits, *, source: Dataset) -> dict:
+def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict:
     """A JSON-ready record of the source, the seeds and shots, and each split's size, class counts and fingerprint.
 
     A test set the user brought (not carved from `source`) is described under `test_source`. `checks` counts what
     would make the scores untrustworthy (duplicates, examples shared between splits, texts under two labels,
-    the training classes' balance; `data.checks.split_checks`); `graftune check DATA` explains them.
+    the training classes' balance; with the model's `tokenizer`, whether it reads the texts;
+    `data.checks.split_checks`); `graftune check DATA` explains them.
     """
     user_test = (splits.test.origin, splits.test.sha256) != (source.origin, source.sha256)
     return {
@@ -53,5 +55,5 @@ def data_card(splits: Splits, *, source: Dataset) -> dict:
             name: {"examples": len(part), "counts": part.counts(), "fingerprint": fingerprint(part)}
             for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
         },
-        "checks": split_checks(splits.train, splits.val, splits.test),
+        "checks": split_checks(splits.train, splits.val, splits.test, tokenizer=tokenizer),
     }

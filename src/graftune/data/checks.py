@@ -18,9 +18,13 @@ labels, moves accuracy by whole points. ``check_data`` reports, as JSON-ready co
 - **class balance**: examples per class, the smallest class, and the largest-to-smallest ratio.
 - **lengths** (text only): empty texts, and texts longer than ``LONG_WORDS`` words (a 256-token encoder read in
   4 windows, as graftune's embeddings do, covers about 750 words; the rest of a longer text is never read).
-  With ``count_tokens`` (a tokenizer), also the texts over ``max_tokens`` tokens (truncated or windowed).
+  With the model's ``tokenizer``, also the texts over ``max_tokens`` tokens (truncated or windowed).
 - with ``test``: test examples that are also training examples (exact or near), flagged loudly under
   ``problems``: their accuracy measures memory, not generalization.
+- **vocabulary** (``vocabulary_fit``, text, given the model's tokenizer): does the model's vocabulary read these
+  texts? A tokenizer of English leaves other scripts as unknown tokens (``[UNK]``) or spells them one character
+  per token; the model then sees little of their meaning, whatever the method. ``graftune check --labels`` and every
+  run's data card (a warning in the run's summary) report it.
 
 Checks that do not apply are listed under ``not_applicable`` with the reason (images have no near-duplicate
 or length checks; prompt/response pairs have no labels).
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +53,16 @@ EXAMPLES = 3
 PREVIEW = 120
 #: candidate pairs verified at most (a corpus of near-identical templated texts would otherwise be quadratic)
 MAX_CANDIDATES = 200_000
+#: a tokenizer does not read the texts when more than this share of their tokens is unknown ([UNK]) ...
+UNKNOWN_SHARE = 0.01
+#: ... or when it spends at least this many tokens per character (whitespace left out). Measured with MiniLM's
+#: WordPiece (bench/RESULTS.md, "Session 8"): English 0.26-0.35 on the built-in and held-out sets, German, French,
+#: Spanish and Turkish 0.37-0.49, source code 0.61; Russian, Greek and Arabic 0.93-1.0 (spelled letter by letter),
+#: Chinese and Japanese 1.0 with 29-67% unknown, Korean 1.78, Hindi 0.64 with 6% unknown.
+TOKENS_PER_CHAR = 0.7
+#: texts read by ``vocabulary_fit`` (the first ones), and characters of each: enough for a stable share
+VOCABULARY_SAMPLE = 1000
+VOCABULARY_CHARS = 2000
 
 
 # --- keys ------------------------------------------------------------------------------------------------------
@@ -173,7 +187,7 @@ def _groups(keys: Sequence[str]) -> dict[str, list[int]]:
     return out
 
 
-def _lengths(texts: Sequence[str], long_words: int, count_tokens: Callable | None, max_tokens: int) -> dict:
+def _lengths(texts: Sequence[str], long_words: int, tokenizer: Any, max_tokens: int) -> dict:
     chars = np.array([len(t) for t in texts])
     words = np.array([len(t.split()) for t in texts])
 
@@ -186,11 +200,39 @@ def _lengths(texts: Sequence[str], long_words: int, count_tokens: Callable | Non
     out = {"chars": stats(chars), "words": stats(words), "empty": {"count": len(empty), "indices": empty[:10]},
            "long": {"threshold_words": long_words, "count": len(long),
                     "examples": [{"index": i, "words": int(words[i])} for i in long[:EXAMPLES]]}}
-    if count_tokens is not None:
-        tokens = np.array(list(count_tokens(list(texts))))
+    if tokenizer is not None:
+        tokens = np.array([len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]])
         over = [i for i, n in enumerate(tokens) if n > max_tokens]
         out["tokens"] = {**stats(tokens), "max_length": max_tokens, "over_max_length": len(over)}
     return out
+
+
+def vocabulary_fit(tokenizer: Any, texts: Sequence[str]) -> dict | None:
+    """How well ``tokenizer`` (a Hugging Face tokenizer) reads ``texts`` (the first ``VOCABULARY_SAMPLE``, up to
+    ``VOCABULARY_CHARS`` characters each): ``unknown_share`` (unknown tokens among all tokens), ``tokens_per_char``
+    (tokens per non-whitespace character) and ``reads`` (False past ``UNKNOWN_SHARE`` or ``TOKENS_PER_CHAR``).
+    None when there is no text or no tokenizer to ask."""
+    sample = [t[:VOCABULARY_CHARS] for t in list(texts)[:VOCABULARY_SAMPLE] if isinstance(t, str) and t.strip()]
+    if tokenizer is None or not sample:
+        return None
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    tokens = sum(len(row) for row in ids)
+    chars = sum(len("".join(t.split())) for t in sample)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = sum(i == unk for row in ids for i in row) if unk is not None else 0
+    share, per_char = unknown / max(tokens, 1), tokens / max(chars, 1)
+    return {"texts": len(sample), "unknown_share": round(share, 4), "tokens_per_char": round(per_char, 3),
+            "reads": share <= UNKNOWN_SHARE and per_char < TOKENS_PER_CHAR}
+
+
+def vocabulary_problem(fit: dict | None) -> str | None:
+    """``vocabulary_fit``'s finding in one sentence, when the vocabulary does not read the texts."""
+    if not fit or fit["reads"]:
+        return None
+    return (f"the model's tokenizer does not read these texts: {fit['unknown_share']:.0%} of their tokens are unknown "
+            f"to it and it spends {fit['tokens_per_char']:.2f} tokens per character (English: about 0.3), so their "
+            "language or script is outside its vocabulary and every method sees little of their meaning; a base "
+            "trained on that language will do better (--model FOLDER, a Hugging Face model folder)")
 
 
 def _balance(ds: Dataset) -> dict:
@@ -204,8 +246,7 @@ def _balance(ds: Dataset) -> dict:
 
 
 def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: float = NEAR_THRESHOLD,
-               long_words: int = LONG_WORDS, count_tokens: Callable[[list[str]], list[int]] | None = None,
-               max_tokens: int = 256) -> dict:
+               long_words: int = LONG_WORDS, tokenizer: Any = None, max_tokens: int = 256) -> dict:
     """A JSON-serializable report on ``ds`` (and on ``test`` against it): counts plus a few examples per check,
     ``problems`` (plain sentences, the worst first) and ``not_applicable`` (checks skipped, with the reason).
 
@@ -215,8 +256,8 @@ def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: floa
     Args:
         near_threshold: the Jaccard similarity of character 5-gram sets from which two texts are near-duplicates.
         long_words: texts with more words are reported as very long.
-        count_tokens: optional, a function from texts to token counts (a tokenizer): reports texts over
-            ``max_tokens``.
+        tokenizer: optional, the model's (Hugging Face) tokenizer: reports the texts over ``max_tokens`` tokens
+            and whether its vocabulary reads the texts (``vocabulary_fit``).
     """
     m = ds.modality
     labelled = m != "pairs"
@@ -271,7 +312,9 @@ def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: floa
             "texts": len({i for p in pairs for i in p[:2]}), "with_different_labels": len(differ),
             "examples": [_pair_example(ds, ds, p, labelled) for p in (differ + pairs)[:EXAMPLES]]}
         texts = [x if m == "text" else x[0] + " " + x[1] for x in ds.inputs]
-        report["lengths"] = _lengths(texts, long_words, count_tokens, max_tokens)
+        report["lengths"] = _lengths(texts, long_words, tokenizer, max_tokens)
+        if m == "text" and tokenizer is not None:
+            report["vocabulary"] = vocabulary_fit(tokenizer, texts)
 
     if test is not None:
         report["test"] = _test_report(ds, test, keys, groups, near_threshold)
@@ -383,13 +426,17 @@ def _problems(report: dict) -> list[str]:
         if tokens and tokens["over_max_length"]:
             out.append(f"{_n(tokens['over_max_length'], 'text exceeds', 'texts exceed')} {tokens['max_length']} tokens (truncated, or read "
                        "in windows by the few-shot recipes)")
+    vocabulary = vocabulary_problem(report.get("vocabulary"))
+    if vocabulary:
+        out.insert(0, vocabulary)
     return out
 
 
 # --- the data card's summary -------------------------------------------------------------------------------------
-def split_checks(train: Dataset, val: Dataset, test: Dataset) -> dict:
+def split_checks(train: Dataset, val: Dataset, test: Dataset, *, tokenizer: Any = None) -> dict:
     """Counts only, for the data card: duplicates inside each split, examples shared between splits (exact, and
-    near for text: train vs test), texts shared under different labels, and the training classes' balance.
+    near for text: train vs test), texts shared under different labels, the training classes' balance, and with
+    the model's ``tokenizer`` whether it reads the training texts (``vocabulary_fit``).
     A few milliseconds for few-shot splits; about a second for a 2,000-text train set."""
     m = train.modality
     parts = {"train": train, "val": val, "test": test}
@@ -416,13 +463,16 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset) -> dict:
         out["near_overlap_train_test"] = len({b for a, b, _ in pairs if a < len(train_first) <= b})
         out["empty_texts"] = {name: sum(not (_near_text(m, x) or "").strip() for x in part.inputs)
                               for name, part in parts.items()}
+    if m == "text" and tokenizer is not None:
+        out["vocabulary"] = vocabulary_fit(tokenizer, train.inputs)
     return out
 
 
 def split_warnings(checks: dict) -> list[str]:
-    """What in ``split_checks``' counts a person must hear about at once, in plain words: a test set that shares
-    examples with training (its accuracy is not honest), and texts given different labels."""
-    out = []
+    """What in ``split_checks``' counts a person must hear about at once, in plain words: texts the model's
+    vocabulary does not read, a test set that shares examples with training (its accuracy is not honest), and
+    texts given different labels."""
+    out = [line for line in (vocabulary_problem(checks.get("vocabulary")),) if line]
     shared = checks.get("overlap", {}).get("train_test", 0)
     near = checks.get("near_overlap_train_test", 0)
     if shared or near:

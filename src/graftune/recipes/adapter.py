@@ -259,7 +259,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             metrics["samples"] = test["samples"]
         if transfer:
             metrics["transfer"] = transfer
-        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds, tokenizer=base.tokenizer))
         if "predicted" in test:  # returned, not written: what a caller scoring held-out examples needs (auto)
             metrics = {**metrics, "predicted": test["predicted"]}
         log.event("end", test=brief(test), train_seconds=train_seconds)

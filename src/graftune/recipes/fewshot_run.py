@@ -204,7 +204,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
             "precision": fit["precision"], "method": method, "task": "classification", "speed": speed,
             "val": brief(val), method: fit["details"],
         }
-        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds, tokenizer=base.tokenizer))
         log.event("end", test=brief(test), train_seconds=fit["seconds"])
     return metrics
 

@@ -107,7 +107,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
                    METHOD: {"examples_in_prompt": len(fitted.examples), "prefix_tokens": fitted.cost.get("prefix_tokens"),
                             "test_seconds": round(scoring, 2),
                             "seconds_per_text": round(scoring / max(len(splits.test), 1), 4)}}
-        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds))
+        write_run_files(work, cfg, metrics, splits, data_card(splits, source=ds, tokenizer=fitted.tokenizer))
         log.event("end", test={k: v for k, v in test.items() if isinstance(v, float)}, train_seconds=fit_seconds)
     return metrics
 

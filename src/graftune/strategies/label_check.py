@@ -143,8 +143,8 @@ def check_source(data: str, *, test: str | None = None, labels: bool = False, mo
                  text_column: str = "text", label_column: str = "label", folds: int = FOLDS, seed: int = 0,
                  max_length: int = 256, min_score: float = 0.0) -> dict:
     """``data.checks.check_data`` on ``data`` as the file holds it (no duplicate dropped), against ``test`` when
-    given; with ``labels``, the suspect-label report under ``labels`` and the token counts of ``model``'s
-    tokenizer (texts over ``max_length`` tokens). Reads only; writes nothing."""
+    given; with ``labels``, the suspect-label report under ``labels``, and with ``model``'s tokenizer the texts
+    over ``max_length`` tokens and whether its vocabulary reads them. Reads only; writes nothing."""
     columns = {"text_column": text_column, "label_column": label_column}
     ds = load_data(data, dedup=False, **columns)
     user_test = load_data(test, dedup=False, task=ds.modality, **columns) if test else None
@@ -154,11 +154,7 @@ def check_source(data: str, *, test: str | None = None, labels: bool = False, mo
         raise DataError(f"--labels reads texts with a text encoder; {data} holds {ds.modality} examples "
                         "(not applicable): drop --labels")
     base = load_base(model, task="text-classification")
-
-    def count_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in base.tokenizer(texts, add_special_tokens=True)["input_ids"]]
-
-    report = check_data(ds, user_test, count_tokens=count_tokens, max_tokens=max_length)
+    report = check_data(ds, user_test, tokenizer=base.tokenizer, max_tokens=max_length)
     report["labels"] = check_labels(ds, model=base, folds=folds, seed=seed, max_length=max_length,
                                     min_score=min_score)
     report["labels"]["method"] = report["labels"]["method"].replace("frozen encoder", f"frozen {model}")
