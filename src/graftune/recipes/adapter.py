@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from torch import nn
-from transformers import get_scheduler
 
 from graftune.config import HEAD_ONLY, RunConfig
 from graftune.core.model import AdapterModel
@@ -45,6 +44,7 @@ from graftune.run.loaded import LoadedRun
 from graftune.run.log import NullLog, RunLog, brief, postfix, progress_bar
 from graftune.run.memory import PeakMemory
 from graftune.run.rundir import adapter_name, finish_run_dir, start_run_dir, write_run_files
+from graftune.run.schedule import make_scheduler
 from graftune.run.scoring import features_of, score_split
 from graftune.speed import distributed, precision
 from graftune.speed import quantize as quantization
@@ -421,9 +421,7 @@ def _param_groups(adapter_params: list, head_params: list, cfg: RunConfig) -> li
 
 
 def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup * total_steps),
-                         num_training_steps=total_steps)
+    return make_scheduler(optimizer, total_steps, cfg.warmup, cfg.schedule)
 
 
 def _micro_batches(idx: list[int], parts: int) -> list[list[int]]:

@@ -45,6 +45,7 @@ from torch import nn
 from graftune.core.model import AdapterModel
 from graftune.errors import ConfigError, DataError
 from graftune.methods.lora import LoRA
+from graftune.run.schedule import make_scheduler
 from graftune.speed import precision as _precision
 from graftune.speed.cache import FrozenPrefixCache
 from graftune.tasks import pad
@@ -366,12 +367,6 @@ def _prefix_cache(am: AdapterModel, tokenizer: Any, ids: list[list[int]],
     return cache, cache.note
 
 
-def _warmup_linear(step: int, total: int, warmup: float = 0.1) -> float:
-    """Learning-rate factor: linear warm-up over the first ``warmup`` fraction, then linear decay to 0."""
-    w = max(1, math.ceil(warmup * total))
-    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
-
-
 def _unique_name(model: AdapterModel, name: str) -> str:
     out, k = name, 1
     while out in model.info:
@@ -496,7 +491,7 @@ def contrastive_fit(
         optimizer = torch.optim.AdamW(params, lr=lr)
         steps_per_epoch = math.ceil(len(pairs) / batch_size)
         total = steps_per_epoch * epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_linear(s, total))
+        scheduler = make_scheduler(optimizer, total)
         y_t = torch.as_tensor(y, device=device)
         order_rng = np.random.default_rng(seed + 1)
         am.train()
