@@ -289,6 +289,10 @@ def compare(
                        trust=TrustOptions(group_column=group_column, robustness=robustness, sample=robustness_sample,
                                           attack_sample=attack_sample))
     summary = summarize(rows)
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        warnings = json.load(f)["meta"].get("warnings", [])
+    for warning in warnings:
+        typer.echo(f"WARNING: {warning}")
     typer.echo(format_summary(summary, rows))
     typer.echo("")
     for line in recommend(summary):

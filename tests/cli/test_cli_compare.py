@@ -285,3 +285,31 @@ def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path
     with_lr = auto.resolve(RunConfig(**args, lr=5e-3), progress=False, train_fn=Scripted({"lora": 0.0}))
     assert "head" in with_lr.auto["candidates"] and "probe" not in with_lr.auto["candidates"]
     assert "prototypes (a probe run would not honour your settings)" in with_lr.auto["reason"]
+
+
+def test_compare_warns_first_when_the_models_vocabulary_does_not_read_the_texts(tiny, tmp_path):
+    # two words per text that the tiny word-level vocabulary lacks: the comparison runs, its first line is the
+    # warning, results.json and the report carry it; the same data without them has no warning
+    import csv
+
+    with open(tiny["csv"], encoding="utf-8") as f:
+        rows = [{"text": r["text"] + " слово 文字", "label": r["label"]} for r in csv.DictReader(f)]
+    data = tmp_path / "foreign.csv"
+    with data.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "foreign"
+    args = compare_args(tiny, out, "--shots", "2", "--strategies", "prototypes", "--augment", "off", "--quiet")
+    args[args.index("--data") + 1] = str(data)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("WARNING: the model's tokenizer does not read these texts")
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["warnings"][0].startswith("the model's tokenizer does not read these texts")
+    assert "WARNING: the model&#x27;s tokenizer does not read these texts" in (out / "report.html").read_text()
+    clean = tmp_path / "clean"
+    result = runner.invoke(app, compare_args(tiny, clean, "--shots", "2", "--strategies", "prototypes", "--augment",
+                                             "off", "--quiet"))
+    assert result.exit_code == 0 and "WARNING" not in result.stdout
+    assert "warnings" not in json.loads((clean / "results.json").read_text())["meta"]

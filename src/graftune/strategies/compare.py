@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from graftune.data.card import fingerprint
+from graftune.data.checks import vocabulary_fit, vocabulary_problem
 from graftune.data.sources import Dataset, load_data
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.evaluate import load_run, predict
@@ -61,6 +62,7 @@ from graftune.strategies.catalog import (
 )
 from graftune.strategies.report import render_report
 from graftune.strategies.robustness import BUDGET, STRENGTHS, measure
+from graftune.zoo import load_base
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
              progress, out_dir: Path, started: float, trust: TrustOptions | None) -> tuple[list[dict], dict]:
     """Every (seed, shots, augment, strategy) run into ``out_dir`` (results.json rewritten after each)."""
     data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
+    warnings = data_warnings(model, ds)
     frozen: Frozen | None = None
     rows: list[dict] = []
     spent: dict[str, list[tuple[float, float]]] = {}  # strategy -> (fixed seconds, seconds per train example)
@@ -322,10 +325,19 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         say(f"[compare] {name} shots={k} seed={seed} aug={aug}: accuracy {row['accuracy']:.3f} "
                             f"({wall:.0f} s){_trust_line(row)}")
                         _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started,
-                                       names, settings, augment, trust)
+                                       names, settings, augment, trust, warnings)
     meta = _write_results(out_dir, rows, model, ds, test_fp, budget_s, time.perf_counter() - started, names,
-                          settings, augment, trust)
+                          settings, augment, trust, warnings)
     return rows, meta
+
+
+def data_warnings(model: str, ds: Dataset) -> list[str]:
+    """What a person must hear before reading the comparison: texts the model's vocabulary does not read (every
+    strategy then sees little of their meaning; ``data.checks.vocabulary_fit``)."""
+    if ds.modality != "text":
+        return []
+    problem = vocabulary_problem(vocabulary_fit(load_base(model, task="text-classification").tokenizer, ds.inputs))
+    return [problem] if problem else []
 
 
 def _trust_line(row: dict) -> str:
@@ -373,9 +385,10 @@ def effective_settings(strategy: Strategy, settings: dict) -> dict:
 
 
 def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str | None, budget_s, seconds,
-                   names: Sequence[str], settings: dict, augment: Sequence[bool], trust: TrustOptions | None) -> dict:
+                   names: Sequence[str], settings: dict, augment: Sequence[bool], trust: TrustOptions | None,
+                   warnings: Sequence[str] = ()) -> dict:
     """results.json: the rows and what they were measured with (``settings``: each strategy's effective
-    settings; ``user_settings``: what --set gave)."""
+    settings; ``user_settings``: what --set gave; ``warnings``: ``data_warnings``, when there are any)."""
     meta = {"model": model, "data": ds.origin, "modality": ds.modality, "classes": len(ds.label_names),
             "examples": len(ds), "data_sha256": ds.sha256, "test_fingerprint": test_fp,
             "test_examples": max((r["test_examples"] for r in rows), default=None), "budget_s": budget_s,
@@ -385,6 +398,8 @@ def _write_results(out_dir: Path, rows: list[dict], model: str, ds, test_fp: str
             "train_defaults": TRAIN_DEFAULTS, "augment": list(augment),
             "augment_copies": AUGMENT_COPIES if any(augment) else 0,
             "strategies": {n: STRATEGIES[n].description for n in names}}
+    if warnings:
+        meta["warnings"] = list(warnings)
     if trust is not None:
         meta["trust"] = trust.describe()
     write_file_atomically(out_dir / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

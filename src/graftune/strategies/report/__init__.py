@@ -27,7 +27,8 @@ def render_report(rows: Sequence[dict], meta: dict) -> str:
     if any(str(r.get("skipped", "")).startswith("would exceed budget") for r in rows):
         budget_note = (" Some runs were skipped because they would have exceeded the time budget "
                        f"({meta.get('budget_s'):g} s): they are missing from the comparison, not worse.")
-    recommendation = "".join(f"<p>{html.escape(t)}</p>" for t in lines)
+    recommendation = "".join(f'<p class="warning">WARNING: {html.escape(w)}</p>' for w in meta.get("warnings", []))
+    recommendation += "".join(f"<p>{html.escape(t)}</p>" for t in lines)
     if budget_note:
         recommendation += f'<p class="skipped">{html.escape(budget_note.strip())}</p>'
     title = html.escape(f"{meta.get('model')} on {meta.get('data')}")
