@@ -87,6 +87,14 @@ def topic_csv(path: Path, n_per_class: int = 20, seed: int = 0) -> Path:
     return write_csv(path, topic_rows(n_per_class, seed))
 
 
+def foreign_csv(src: str | Path, path: Path) -> Path:
+    """``src``'s rows with two words the tiny vocabulary lacks appended to every text (one Russian, one Chinese), as
+    an English model meets another language: for the vocabulary check."""
+    with open(src, encoding="utf-8") as f:
+        rows = [{"text": r["text"] + " слово 文字", "label": r["label"]} for r in csv.DictReader(f)]
+    return write_csv(path, rows)
+
+
 def pairs_jsonl(path: Path, n: int = 24, seed: int = 0) -> Path:
     """Prompt/response pairs: 'topic of <words>' -> '{"topic": "<label>"}' (JSON answers, like json-answers)."""
     rows = topic_rows(n // 3 + 1, seed)[:n]

@@ -17,7 +17,7 @@ from graftune.cli import app
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
 from graftune.strategies import auto, catalog, summary
-from tests.train_helpers import bert_folder, scripted_predictions, topic_csv, train_args
+from tests.train_helpers import bert_folder, foreign_csv, scripted_predictions, topic_csv, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -290,15 +290,7 @@ def test_auto_scores_text_baseline_as_a_probe_run_and_can_pick_it(tiny, tmp_path
 def test_compare_warns_first_when_the_models_vocabulary_does_not_read_the_texts(tiny, tmp_path):
     # two words per text that the tiny word-level vocabulary lacks: the comparison runs, its first line is the
     # warning, results.json and the report carry it; the same data without them has no warning
-    import csv
-
-    with open(tiny["csv"], encoding="utf-8") as f:
-        rows = [{"text": r["text"] + " слово 文字", "label": r["label"]} for r in csv.DictReader(f)]
-    data = tmp_path / "foreign.csv"
-    with data.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    data = foreign_csv(tiny["csv"], tmp_path / "foreign.csv")
     out = tmp_path / "foreign"
     args = compare_args(tiny, out, "--shots", "2", "--strategies", "prototypes", "--augment", "off", "--quiet")
     args[args.index("--data") + 1] = str(data)

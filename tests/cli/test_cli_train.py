@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from graftune.cli import app
 from graftune.run.rundir import partial_dir
-from tests.train_helpers import bert_folder, llama_folder, pairs_jsonl, topic_csv
+from tests.train_helpers import bert_folder, foreign_csv, llama_folder, pairs_jsonl, topic_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -179,15 +179,7 @@ def test_texts_the_models_vocabulary_cannot_read_get_a_warning_and_the_run_still
     # every text gets two words the tiny word-level vocabulary lacks (as an English model meets Chinese or Russian):
     # the run trains, and its summary says in capitals that the model does not read these texts; the known-word
     # runs of this file have no such line (run_dir's metrics are checked below)
-    import csv
-
-    with open(tiny["csv"], encoding="utf-8") as f:
-        rows = [{"text": r["text"] + " слово 文字", "label": r["label"]} for r in csv.DictReader(f)]
-    data = tmp_path / "foreign.csv"
-    with data.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    data = foreign_csv(tiny["csv"], tmp_path / "foreign.csv")
     out = tmp_path / "foreign"
     args = base_args(tiny, out, "--method", "lora", "--set", "r=4")
     args[args.index("--data") + 1] = str(data)
