@@ -201,7 +201,8 @@ def _lengths(texts: Sequence[str], long_words: int, tokenizer: Any, max_tokens: 
            "long": {"threshold_words": long_words, "count": len(long),
                     "examples": [{"index": i, "words": int(words[i])} for i in long[:EXAMPLES]]}}
     if tokenizer is not None:
-        tokens = np.array([len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]])
+        ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]  # counts: no length warning
+        tokens = np.array([len(row) for row in ids])
         over = [i for i, n in enumerate(tokens) if n > max_tokens]
         out["tokens"] = {**stats(tokens), "max_length": max_tokens, "over_max_length": len(over)}
     return out
@@ -215,7 +216,7 @@ def vocabulary_fit(tokenizer: Any, texts: Sequence[str]) -> dict | None:
     sample = [t[:VOCABULARY_CHARS] for t in list(texts)[:VOCABULARY_SAMPLE] if isinstance(t, str) and t.strip()]
     if tokenizer is None or not sample:
         return None
-    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than max" warning
     tokens = sum(len(row) for row in ids)
     chars = sum(len("".join(t.split())) for t in sample)
     unk = getattr(tokenizer, "unk_token_id", None)
