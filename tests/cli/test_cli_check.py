@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from graftune.cli import app
-from tests.train_helpers import bert_folder, image_folder, one_line_error, topic_rows, write_csv
+from tests.train_helpers import bert_folder, foreign_csv, image_folder, one_line_error, topic_rows, write_csv
 
 runner = CliRunner()
 
@@ -71,6 +71,18 @@ def test_labels_lists_suspects_with_the_given_and_suggested_label(files):
     assert all({"index", "text", "given", "suggested", "score"} <= set(s) for s in found["suspects"])
     text = runner.invoke(app, ["check", str(path), "--labels", "--model", str(files["bert"]), "--top", "2"]).stdout
     assert "suspect labels:" in text and "given" in text and "suggested" in text
+    # the model's vocabulary reads these texts: measured, and no problem raised
+    assert json.loads(result.stdout)["vocabulary"]["reads"] is True
+    assert "tokenizer does not read" not in text
+
+
+def test_labels_says_first_when_the_models_vocabulary_does_not_read_the_texts(files, tmp_path):
+    path = foreign_csv(write_csv(tmp_path / "plain.csv", files["rows"]), tmp_path / "foreign.csv")
+    result = runner.invoke(app, ["check", str(path), "--labels", "--model", str(files["bert"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["vocabulary"]["reads"] is False
+    assert report["problems"][0].startswith("the model's tokenizer does not read these texts")
 
 
 def test_images_say_which_checks_do_not_apply(files):
