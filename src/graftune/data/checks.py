@@ -230,10 +230,14 @@ def vocabulary_problem(fit: dict | None) -> str | None:
     """``vocabulary_fit``'s finding in one sentence, when the vocabulary does not read the texts."""
     if not fit or fit["reads"]:
         return None
-    return (f"the model's tokenizer does not read these texts: {fit['unknown_share']:.0%} of their tokens are unknown "
-            f"to it and it spends {fit['tokens_per_char']:.2f} tokens per character (English: about 0.3), so their "
-            "language or script is outside its vocabulary and every method sees little of their meaning; a base "
-            "trained on that language will do better (--model FOLDER, a Hugging Face model folder)")
+    found = []
+    if fit["unknown_share"] > UNKNOWN_SHARE:
+        found.append(f"{fit['unknown_share']:.0%} of their tokens are unknown to it")
+    if fit["tokens_per_char"] >= TOKENS_PER_CHAR:
+        found.append(f"it spells them at {fit['tokens_per_char']:.2f} tokens per character (English: about 0.3)")
+    return (f"the model's tokenizer does not read these texts: {' and '.join(found)}, so their language or script is "
+            "outside its vocabulary and every method sees little of their meaning; a base trained on that language "
+            "will do better (--model FOLDER, a Hugging Face model folder)")
 
 
 def _balance(ds: Dataset) -> dict:
