@@ -38,6 +38,8 @@ VARIANTS = {
     "supcon-128-lr3": {"loss": "supcon", "batch_size": 128, "lr": 3e-3},
     "supcon-64-it10-lr3": {"loss": "supcon", "batch_size": 64, "iterations": 10, "lr": 3e-3},
     "cosine-64-lr3": {"batch_size": 64, "lr": 3e-3},
+    # pairs read 256 tokens instead of the first 128 (long texts: the probe reads up to 4 windows of 256)
+    "pairs-256": {"max_length": 256},
 }
 
 
@@ -51,8 +53,8 @@ def measure(data: str, seed: int, shots: int, test_max: int, variants: list[str]
            "train": len(splits.train), "test": len(test), "variants": {}}
     for name in variants:
         base = load_base("minilm", task="text-classification")
-        fitted = contrastive_fit(base, None, splits.train.inputs, splits.train.labels, seed=seed,
-                                 embed_max_length=256, max_length=PAIR_MAX_LENGTH, **VARIANTS[name])
+        options = {"embed_max_length": 256, "max_length": PAIR_MAX_LENGTH, **VARIANTS[name]}
+        fitted = contrastive_fit(base, None, splits.train.inputs, splits.train.labels, seed=seed, **options)
         m = score(fitted, test.inputs, test.labels, test.label_names)
         r = fitted.report
         out["variants"][name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "steps": r["steps"],
