@@ -249,8 +249,10 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
              progress, out_dir: Path, started: float, trust: TrustOptions | None) -> tuple[list[dict], dict]:
     """Every (seed, shots, augment, strategy) run into ``out_dir`` (results.json rewritten after each)."""
     data_spec = str(data) if not hasattr(data, "inputs") else ds.origin
-    warnings = data_warnings(model, ds)
     frozen: Frozen | None = None
+    if ds.modality == "text" and any(STRATEGIES[n].kind == "features" for n in names):
+        frozen = Frozen(model, ds, settings.get("max_length", 256))  # its tokenizer serves the vocabulary check
+    warnings = data_warnings(model, ds, frozen.task.tokenizer if frozen is not None else None)
     rows: list[dict] = []
     spent: dict[str, list[tuple[float, float]]] = {}  # strategy -> (fixed seconds, seconds per train example)
     say = print if progress else (lambda *a, **k: None)
@@ -331,12 +333,14 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     return rows, meta
 
 
-def data_warnings(model: str, ds: Dataset) -> list[str]:
+def data_warnings(model: str, ds: Dataset, tokenizer: Any = None) -> list[str]:
     """What a person must hear before reading the comparison: texts the model's vocabulary does not read (every
-    strategy then sees little of their meaning; ``data.checks.vocabulary_fit``)."""
+    strategy then sees little of their meaning; ``data.checks.vocabulary_fit``). ``tokenizer``: the model's, when
+    already loaded (else the model is loaded for it)."""
     if ds.modality != "text":
         return []
-    problem = vocabulary_problem(vocabulary_fit(load_base(model, task="text-classification").tokenizer, ds.inputs))
+    tokenizer = tokenizer or load_base(model, task="text-classification").tokenizer
+    problem = vocabulary_problem(vocabulary_fit(tokenizer, ds.inputs))
     return [problem] if problem else []
 
 
