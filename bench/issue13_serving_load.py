@@ -277,28 +277,33 @@ def texts_for(kind: str, n: int = 400) -> list[str]:
     return [ds.inputs[i] for i in idx]  # whole articles, truncated by the run to 128 tokens
 
 
-def serving(work: Path, args) -> list[dict]:
-    copies = adapters(work, max(args.adapters), args)
-    rows = []
+def cases(copies: dict, args):
+    """(text kind, its texts, adapter count, the first that many adapter names) for every case the flags ask for."""
     for kind in args.lengths:
         texts = texts_for(kind)
         for n in args.adapters:
-            names = list(copies)[:n]
-            for label, max_batch, wait in (("mixed batching", 32, 5.0), ("one request per forward", 1, 0.0)):
-                with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
-                    asyncio.run(closed_loop(srv.url, names, texts, 4, 20, 30))  # warm-up
-                    lone = asyncio.run(closed_loop(srv.url, names, texts, 1, args.lone, 60, seed=1))
-                    cpu = srv.cpu_s()
-                    load = asyncio.run(closed_loop(srv.url, names, texts, args.clients, args.requests, args.seconds,
-                                                   seed=2))
-                    cpu = srv.cpu_s() - cpu
-                    batches = batch_stats(srv.url)
-                    row = {"texts": kind, "adapters": n, "server": label, "clients": args.clients,
-                           "lone_p50_ms": lone["p50_ms"], "lone_p99_ms": lone["p99_ms"], **load,
-                           "server_cpu_s": cpu, "requests_per_cpu_s": load["requests"] / max(cpu, 1e-9),
-                           **batches, "rss_mb": srv.rss_mb(), "loadavg_1min": os.getloadavg()[0]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            yield kind, texts, n, list(copies)[:n]
+
+
+def serving(work: Path, args) -> list[dict]:
+    copies = adapters(work, max(args.adapters), args)
+    rows = []
+    for kind, texts, n, names in cases(copies, args):
+        for label, max_batch, wait in (("mixed batching", 32, 5.0), ("one request per forward", 1, 0.0)):
+            with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
+                asyncio.run(closed_loop(srv.url, names, texts, 4, 20, 30))  # warm-up
+                lone = asyncio.run(closed_loop(srv.url, names, texts, 1, args.lone, 60, seed=1))
+                cpu = srv.cpu_s()
+                load = asyncio.run(closed_loop(srv.url, names, texts, args.clients, args.requests, args.seconds,
+                                               seed=2))
+                cpu = srv.cpu_s() - cpu
+                batches = batch_stats(srv.url)
+                row = {"texts": kind, "adapters": n, "server": label, "clients": args.clients,
+                       "lone_p50_ms": lone["p50_ms"], "lone_p99_ms": lone["p99_ms"], **load,
+                       "server_cpu_s": cpu, "requests_per_cpu_s": load["requests"] / max(cpu, 1e-9),
+                       **batches, "rss_mb": srv.rss_mb(), "loadavg_1min": os.getloadavg()[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -466,36 +471,33 @@ def open_serving(work: Path, args) -> list[dict]:
     it is the lower one. Also the goodput at looser objectives (3, 5, 10 x), read off the coarse sweep."""
     copies = adapters(work, max(args.adapters), args)
     out = []
-    for kind in args.lengths:
-        texts = texts_for(kind)
-        for n in args.adapters:
-            names = list(copies)[:n]
-            configs = [("one request per forward", 1, 0.0)]
-            configs += [(f"mixed batching, {w:g} ms window", 32, w) for w in args.mixed_waits]
-            reference, results = None, []
-            for label, max_batch, wait in configs:
-                with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
-                    print(f"# {n} adapters, {kind} texts, {label}", flush=True)
-                    result = asyncio.run(open_sweep(srv, names, texts, args, reference))
-                reference = result["reference_p99_ms"]
-                results.append({"texts": kind, "adapters": n, "server": label, "max_batch": max_batch,
-                                "max_wait_ms": wait, **result})
-            # every server against the final reference (the lowest lone p99 of all): a server measured before a
-            # lower lone p99 turned up was searched against a looser bound
-            final = min(r["lone_p99_ms"] for r in results)
-            for r in results:
-                r["final_reference_p99_ms"] = final
-                r["goodput_by_objective_rps"] = {k: goodput(r["points"], k * final, args.backlog_tolerance)
-                                                 for k in OBJECTIVES}
-                for point in r["points"]:
-                    point["meets"] = meets(point, 2 * final, args.backlog_tolerance)
-            for r in results:
-                r["goodput_vs_one_per_forward"] = {
-                    k: (g / b if g and b else None) for k, g, b in
-                    ((k, r["goodput_by_objective_rps"][k], results[0]["goodput_by_objective_rps"][k])
-                     for k in OBJECTIVES)}
-                out.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k != "points"}), flush=True)
+    for kind, texts, n, names in cases(copies, args):
+        configs = [("one request per forward", 1, 0.0)]
+        configs += [(f"mixed batching, {w:g} ms window", 32, w) for w in args.mixed_waits]
+        reference, results = None, []
+        for label, max_batch, wait in configs:
+            with Server({k: copies[k] for k in names}, max_batch, wait, work, args.threads) as srv:
+                print(f"# {n} adapters, {kind} texts, {label}", flush=True)
+                result = asyncio.run(open_sweep(srv, names, texts, args, reference))
+            reference = result["reference_p99_ms"]
+            results.append({"texts": kind, "adapters": n, "server": label, "max_batch": max_batch,
+                            "max_wait_ms": wait, **result})
+        # every server against the final reference (the lowest lone p99 of all): a server measured before a
+        # lower lone p99 turned up was searched against a looser bound
+        final = min(r["lone_p99_ms"] for r in results)
+        for r in results:
+            r["final_reference_p99_ms"] = final
+            r["goodput_by_objective_rps"] = {k: goodput(r["points"], k * final, args.backlog_tolerance)
+                                             for k in OBJECTIVES}
+            for point in r["points"]:
+                point["meets"] = meets(point, 2 * final, args.backlog_tolerance)
+        for r in results:
+            r["goodput_vs_one_per_forward"] = {
+                k: (g / b if g and b else None) for k, g, b in
+                ((k, r["goodput_by_objective_rps"][k], results[0]["goodput_by_objective_rps"][k])
+                 for k in OBJECTIVES)}
+            out.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "points"}), flush=True)
     print(open_table(out), flush=True)
     print(goodput_table(out), flush=True)
     return out
