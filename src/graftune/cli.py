@@ -208,11 +208,13 @@ def _count_or_fraction(value: float | None):
 
 
 def _summary(m: dict) -> str:
+    from graftune.tasks.classification import format_accuracy
+
     if m.get("task") == "causal-lm":
         keys = ("perplexity", "exact_match", "json_valid_rate", "json_match_rate")
     else:
         keys = ("accuracy", "macro_f1")
-    shown = ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+    shown = ", ".join(format_accuracy(m) if k == "accuracy" else f"{k} {m[k]:.3f}" for k in keys if k in m)
     saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
     line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
@@ -414,9 +416,11 @@ def _metrics_text(m: dict) -> str:
         lines = [f"examples {m.get('examples', '-')}, perplexity {m['perplexity']:.3f}"]
         lines += [f"{k} {m[k]:.3f}" for k in ("exact_match", "json_valid_rate", "json_match_rate") if k in m]
         return "\n".join(lines)
+    from graftune.tasks.classification import format_accuracy
+
     names = m["label_names"]
     width = max(12, *(len(n) for n in names))
-    lines = [f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ({m['examples']} examples)", "",
+    lines = [f"{format_accuracy(m)}  macro-F1 {m['macro_f1']:.3f}  ({m['examples']} examples)", "",
              f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}"]
     for n in names:
         c = m["per_class"][n]

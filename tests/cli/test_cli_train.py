@@ -36,7 +36,7 @@ def run_dir(tiny):
     out = tiny["root"] / "run"
     result = runner.invoke(app, base_args(tiny, out, "--method", "lora", "--set", "r=4", "--set", "alpha=8"))
     assert result.exit_code == 0, result.output
-    assert "test: accuracy" in result.stdout
+    assert "test: accuracy" in result.stdout and "(95% interval " in result.stdout
     return out
 
 
@@ -61,6 +61,7 @@ def test_config_file_reproduces_with_flags_winning(run_dir, tiny):
 def test_eval_predict_export(run_dir, tmp_path):
     result = runner.invoke(app, ["eval", str(run_dir)])
     assert result.exit_code == 0 and "macro-F1" in result.stdout and "confusion matrix" in result.stdout
+    assert "(95% interval " in result.stdout
     as_json = json.loads(runner.invoke(app, ["eval", str(run_dir), "--json"]).stdout)
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(as_json)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,35 @@ def test_classification_metrics_single_label():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert m["per_class"]["x"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert m["accuracy_interval"] == pytest.approx(wilson(3, 4))
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """Wilson's score interval written out (Wilson 1927), to check the library's against."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [centre - half, centre + half]
+
+
+@pytest.mark.parametrize("k, n", [(9, 14), (0, 10), (10, 10), (480, 500)])
+def test_accuracy_interval_is_wilsons_and_stays_in_range(k, n):
+    from graftune.tasks.classification import accuracy_interval
+
+    low, high = accuracy_interval(k, n)
+    assert [low, high] == pytest.approx(wilson(k, n), abs=1e-6)
+    assert 0.0 <= low <= k / n <= high <= 1.0 and high - low > 0
+    assert accuracy_interval(0, 0) is None
+
+
+def test_accuracy_interval_narrows_with_more_examples():
+    from graftune.tasks.classification import accuracy_interval, format_accuracy
+
+    few, many = accuracy_interval(9, 14), accuracy_interval(900, 1400)
+    assert few[1] - few[0] > 0.4 and many[1] - many[0] < 0.06
+    assert format_accuracy({"accuracy": 9 / 14, "accuracy_interval": few}) == \
+        "accuracy 0.643 (95% interval 0.388-0.837)"
+    assert format_accuracy({"accuracy": 0.5}) == "accuracy 0.500"  # metrics written before the interval existed
 
 
 def test_head_is_dropout_then_linear():
