@@ -101,7 +101,9 @@ def train(
                                       "train LoRA, then a logistic regression (text), or probe: frozen "
                                       "embeddings + logistic regression or class means (text). With 8-16 "
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
-                                      "data set (bench/RESULTS.md).  [default: lora]"),
+                                      "data set (bench/RESULTS.md).  [default: contrastive for single-label text "
+                                      "with at most 16 training examples per class and no LoRA settings given, "
+                                      "else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm.  [default: from the data]"),
@@ -157,7 +159,7 @@ def train(
 ):
     from graftune.config import build_config
     from graftune.run.rundir import resume_config
-    from graftune.runs import resolve
+    from graftune.runs import default_method, resolve
     from graftune.runs import train as run_training
 
     flags = {"model": model, "data": data, "method": method, "task": task, "shots": shots, "seed": seed,
@@ -176,6 +178,10 @@ def train(
     if resume and config is None:
         config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
+    if method is None and config is None:  # nobody named a method: graftune's default for this data
+        cfg, why = default_method(cfg)
+        if why:
+            typer.echo(why, err=as_json)
     picked = cfg.method == "auto"
     try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
         cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here

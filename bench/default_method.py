@@ -1,0 +1,86 @@
+"""What does a user get from ``graftune train`` without ``--method``? The default recipe (LoRA, every training
+default) against the frozen probe (``--method probe``) and the contrastive recipe (``--method contrastive``),
+each a whole ``graftune.runs.train`` run with the same config but the method: same splits (the test set of the other issue-14 benches, the
+shots and the validation carve of the defaults), the same test examples. Per (data set, seed) one JSON line:
+test accuracy, macro-F1 and training seconds of each method.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python bench/default_method.py --data trec,sms-spam \
+        --shots 8 --seeds 0,1,2 --out bench/out/default-method.jsonl
+    PYTHONPATH=src .venv/bin/python bench/default_method.py --summary bench/out/default-method.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from graftune.config import RunConfig
+from graftune.runs import train
+from graftune.strategies.catalog import load_compare_data, test_per_class_for
+
+METHODS = ("default", "probe", "contrastive")
+
+
+def measure(data: str, seed: int, shots: int) -> dict:
+    row = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots}
+    # the test set of the other issue-14 benches: up to 100 a class, fewer where a class is small
+    test_per_class = test_per_class_for(load_compare_data(data, None, "text", "label")[0], [8, 16])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in METHODS:
+            fields = {} if name == "default" else {"method": name}
+            cfg = RunConfig(model="minilm", data=data, shots=shots, seed=seed, test_per_class=test_per_class,
+                            out=str(Path(tmp) / name), **fields)
+            m = train(cfg, progress=False)
+            card = json.loads((Path(tmp) / name / "data_card.json").read_text())
+            row[name] = {"method": cfg.method, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                         "train_seconds": round(m["train_seconds"], 1),
+                         "train": card["splits"]["train"]["examples"], "val": card["splits"]["val"]["examples"],
+                         "test_fingerprint": card["splits"]["test"]["fingerprint"]}
+            print(f"  {row['data']} seed {seed} {name}: acc {m['accuracy']:.3f} ({m['train_seconds']:.0f} s)",
+                  flush=True)
+    assert len({row[n]["test_fingerprint"] for n in METHODS}) == 1, "methods scored on different test sets"
+    return row
+
+
+def summary(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    sets = sorted({r["data"] for r in rows})
+    print("| data set | seeds | default (LoRA) | probe | contrastive | default - best other (pts) |")
+    print("|---|---|---|---|---|---|")
+    gaps = []
+    for s in sets:
+        rs = [r for r in rows if r["data"] == s]
+        acc = {n: statistics.mean(r[n]["accuracy"] for r in rs) for n in METHODS}
+        secs = {n: statistics.mean(r[n]["train_seconds"] for r in rs) for n in METHODS}
+        gap = 100 * (acc["default"] - max(acc["probe"], acc["contrastive"]))
+        gaps.append(gap)
+        cells = " | ".join(f"{100 * acc[n]:.1f} ({secs[n]:.0f} s)" for n in METHODS)
+        print(f"| {s} | {len(rs)} | {cells} | {gap:+.1f} |")
+    print(f"\ndefault - best other: {statistics.mean(gaps):+.1f} points on average, best {max(gaps):+.1f}, "
+          f"worst {min(gaps):+.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="trec,sms-spam,rotten-tomatoes,bbc-news")
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--summary", type=Path)
+    a = p.parse_args()
+    if a.summary:
+        summary(a.summary)
+        return
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for data in a.data.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            row = measure(data, seed, a.shots)
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""What ``graftune train`` trains when nobody names a method (``runs.default_method``): the contrastive recipe for
+single-label text with few examples per class, LoRA otherwise, and LoRA whenever a LoRA setting is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from graftune.cli import app
+from graftune.config import RunConfig
+from graftune.runs import FEW_PER_CLASS, default_method
+from tests.train_helpers import bert_folder, pairs_jsonl, topic_csv, topic_rows, write_csv
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default-method")
+    # 20 a class: 16 after the default test carve (20%), 14 after the validation carve (10%)
+    return {"bert": bert_folder(root / "bert"), "small": topic_csv(root / "small.csv"),
+            "large": topic_csv(root / "large.csv", n_per_class=40), "root": root}
+
+
+def config(tiny, data: str = "small", **fields) -> RunConfig:
+    return RunConfig(model=str(tiny["bert"]), data=str(tiny[data]), out=str(tiny["root"] / "out"), **fields)
+
+
+def test_few_examples_per_class_of_text_train_contrastive_and_say_why(tiny):
+    cfg, why = default_method(config(tiny))
+    assert cfg.method == "contrastive"
+    assert why.startswith("no --method given: training contrastive") and "(here 14)" in why
+    assert "--method lora" in why and "--method auto" in why
+
+
+def test_more_examples_per_class_keep_lora(tiny):
+    cfg, why = default_method(config(tiny, "large"))  # 28 a class after the carves
+    assert 28 > FEW_PER_CLASS and cfg.method == "lora" and why is None
+    cfg, why = default_method(config(tiny, "large", shots=8))  # --shots 8 on the same file: few again
+    assert cfg.method == "contrastive" and "(here 8)" in why
+
+
+@pytest.mark.parametrize("fields", [{"epochs": 3}, {"options": {"r": 4}}, {"patience": 2}, {"resume": True},
+                                    {"method": "ia3"}])
+def test_a_lora_setting_or_another_method_keeps_the_config(tiny, fields):
+    """--epochs, a --set option, early-stopping patience are the adapter loop's: the user is configuring LoRA."""
+    given = config(tiny, **fields)
+    cfg, why = default_method(given)
+    assert cfg == given and why is None
+
+
+def test_multi_label_causal_lm_and_broken_data_keep_lora(tiny):
+    rows = [{**r, "label": r["label"] + ("|urgent" if i % 2 else "")} for i, r in enumerate(topic_rows(12))]
+    multi = write_csv(tiny["root"] / "multi.csv", rows)
+    pairs = pairs_jsonl(tiny["root"] / "pairs.jsonl")
+    for cfg in (config(tiny, data="small", label_column="missing"),
+                RunConfig(model=str(tiny["bert"]), data=str(multi), out=str(tiny["root"] / "o")),
+                RunConfig(model=str(tiny["bert"]), data=str(pairs), out=str(tiny["root"] / "o"))):
+        got, why = default_method(cfg)
+        assert got.method == "lora" and why is None
+
+
+def test_cli_without_method_trains_contrastive_and_records_it(tiny):
+    out = tiny["root"] / "cli-run"
+    result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["small"]), "--out",
+                                 str(out), "--max-length", "32", "--precision", "fp32", "--set", "r=4",
+                                 "--quiet"])
+    # a --set option configures LoRA (the default method), so LoRA trains
+    assert result.exit_code == 0, result.output
+    assert "no --method given" not in result.stdout and "method: lora" in (out / "run.yaml").read_text()
+
+    out = tiny["root"] / "cli-default"
+    result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["small"]), "--out",
+                                 str(out), "--max-length", "32", "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("no --method given: training contrastive") and "test: accuracy" in result.stdout
+    assert "method: contrastive" in (out / "run.yaml").read_text() and (out / "head").is_dir()
+    # the run.yaml repeats it as it ran, and --method lora is honoured as given
+    again = runner.invoke(app, ["train", "--config", str(out / "run.yaml"), "--out", str(tiny["root"] / "again"),
+                                "--quiet", "--json"])
+    assert again.exit_code == 0 and "no --method given" not in again.output
+    assert json.loads(again.stdout)["accuracy"] == json.loads((out / "metrics.json").read_text())["accuracy"]
