@@ -601,3 +601,23 @@ def test_auto_stops_comparing_once_the_pick_is_settled(tiny, monkeypatch):
                             candidates=("head", "contrastive"))
     assert record["method"] == "contrastive" and len(calls) == 1 == record["candidates"]["contrastive"]["folds"]
     # a close race runs on: LoRA as often right as the probe gets all five folds (the tie test above)
+
+
+def test_auto_stops_after_three_folds_when_the_preferred_candidate_leads(tiny, monkeypatch):
+    """Futility: the contrastive recipe (first in auto.PREFERENCE) is right on the same examples as the probe, so no
+    other candidate is ahead of it after auto.FUTILITY_FOLDS folds, and more folds could only overrule it by a
+    2-standard-error lead against it: the last two are not run. With the probe ahead, all five run."""
+    calls = []
+    monkeypatch.setattr(auto, "run_contrastive", _contrastive(0.8, calls))
+    monkeypatch.setattr(auto, "fit_head", Folds([0.8]))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "contrastive"))
+    assert record["method"] == "contrastive" and len(calls) == auto.FUTILITY_FOLDS == 3
+    assert record["candidates"]["contrastive"]["folds"] == 3 and record["candidates"]["probe"]["folds"] == 5
+    assert "stopped after 3 of 5 folds: contrastive, which wins ties" in record["reason"]
+
+    calls.clear()
+    monkeypatch.setattr(auto, "run_contrastive", _contrastive(0.6, calls))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "contrastive"))
+    assert len(calls) == 5 and "stopped after" not in record["reason"]

@@ -50,6 +50,12 @@ FOLDS = 5
 #: best (``_beaten``; at least two) go on to the next rung's folds, as the budget allows; the comparison stops
 #: early once one trained candidate is left, best, and every other candidate beaten by it
 RUNGS = (1, 3, FOLDS)
+#: futility stop: after this many folds, when the trained candidate first in ``PREFERENCE`` is ahead of or level with
+#: every other on the examples both predicted, the remaining folds could overrule it only by turning that into a
+#: lead of ``TIE_Z`` standard errors against it, and they are not run. Replayed on 51 splits (bench/RESULTS.md,
+#: "Session 9: auto's futility stop"): no pick changed and a quarter of the trained folds were saved; a stop after
+#: the first fold saved more but hid one of the five splits where a more sensitive rule (z = 1) would overrule.
+FUTILITY_FOLDS = 3
 #: resamples of the paired bootstrap that puts a standard error on a gap in macro-F1 (``_gap``)
 RESAMPLES = 1000
 #: a gap of more than TIE_Z standard errors overrules the preference order (``_beaten``). With three other
@@ -131,6 +137,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     started = time.perf_counter()
     scores: dict[str, dict] = {}
     skipped: list[str] = []
+    stopped = ""
     text = ds.modality == "text"
     baseline = "probe" if text and not not_for_probe else "head"
 
@@ -201,6 +208,14 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                                                train.label_names)
             if rung == RUNGS[-1]:
                 break
+            preferred = min(scores, key=_rank)
+            if rung >= FUTILITY_FOLDS and preferred in done and all(
+                    _gap(scores[preferred], s, truth)[0] <= 0 for n, s in scores.items() if n != preferred):
+                stopped = (f" The trained candidates stopped after {rung} of {k} folds: {preferred}, which wins ties, "
+                           "was ahead of or level with every other on the examples both predicted, and more folds "
+                           f"could overrule it only by turning that into a lead of {TIE_Z:g} standard errors.")
+                say(f"[auto] {preferred} leads after {rung} folds: no more folds needed")
+                break
             # the better half goes on (at least two: one fold is too little to drop a candidate on rank alone), and
             # none that the best has already beaten
             ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
@@ -235,7 +250,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                    f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within "
                    f"{TIE_Z:g} standard errors on the examples both predicted, so a tie")
         reason += f", and ties go to {pick['method']}, the candidate most often best across data sets"
-    reason += "."
+    reason += "." + stopped
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
     keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
