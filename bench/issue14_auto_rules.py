@@ -215,8 +215,9 @@ def futility_replay(records: list[dict]) -> str:
     """The futility stop after 3 folds (shipped) and after 1 and 3: picks changed against the rule without it,
     trained folds paid for, and how often it stops before seeing a split where a more sensitive rule (z = 1 or
     1.65, all folds) would overrule the preference."""
-    lines = ["| stop checked after | picks changed | trained folds paid for | stops at 1 / 3 / all folds | "
-             "splits a z = 1 / 1.65 rule overrules | of those, stopped before all folds |", "|---|---|---|---|---|---|"]
+    header = ("| stop checked after | picks changed | trained folds paid for | stops at 1 / 3 / all folds | "
+              "splits a z = 1 / 1.65 rule overrules | of those, stopped before all folds |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for checks in ((auto.FUTILITY_FOLDS,), (1, auto.FUTILITY_FOLDS)):
         changed, paid, stops, hidden, over = 0, [], {1: 0, 3: 0, "all": 0}, {1.0: 0, 1.65: 0}, {1.0: 0, 1.65: 0}
         for r in records:
