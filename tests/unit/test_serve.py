@@ -44,6 +44,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                         "prompt": {"method": "prompt"}}.items():
         out[name] = root / name
         train(RunConfig(**train_args(bert, data, out[name], epochs=1, val_size=0, **extra)), progress=False)
+    for name in ("contrastive", "probe"):  # the few-shot recipes: whole-text embeddings + a fitted head
+        out[name] = root / name
+        args = train_args(bert, data, out[name], method=name, val_size=0, shots=6,
+                          options={"iterations": 2, "top_k_layers": 1} if name == "contrastive" else {})
+        for key in ("epochs", "lr") + (("batch_size",) if name == "probe" else ()):
+            del args[key]  # the adapter loop's settings: these recipes refuse them
+        train(RunConfig(**args), progress=False)
     out["lm"] = root / "lm"
     train(RunConfig(**train_args(llama_folder(root / "llama"), pairs_jsonl(root / "pairs.jsonl"), out["lm"],
                                  epochs=1, max_new_tokens=4)), progress=False)
@@ -103,15 +110,17 @@ def same_predictions(got: list[dict], want: list[dict]) -> None:
 
 # --- predictions -------------------------------------------------------------------------------------------------
 def test_predictions_equal_graftune_predict(runs):
-    names = ["lora", "ia3", "bottleneck", "head", "prompt", "lm"]
+    names = ["lora", "ia3", "bottleneck", "head", "contrastive", "probe", "prompt", "lm"]
     store = ModelStore()
     with TestClient(create_app(store, StaticSource({n: runs[n] for n in names}))) as client:
         served = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
         # prompt tuning changes the sequence: refused at load (logged), the others served from ONE base per model
-        assert set(served) == {"lora", "ia3", "bottleneck", "head", "lm"}
-        assert len(store.slots) == 2 and len({served[n]["base"] for n in ("lora", "ia3", "bottleneck", "head")}) == 1
+        classifiers = ("lora", "ia3", "bottleneck", "head", "contrastive")
+        assert set(served) == {*classifiers, "lm"} and served["contrastive"]["method"] == "contrastive"
+        assert len(store.slots) == 2 and len({served[n]["base"] for n in classifiers}) == 1
         assert "prompt@1" in store.failed and "change the input sequence" in store.failed["prompt@1"]
-        for name in ("lora", "ia3", "bottleneck", "head"):
+        assert "probe@1" in store.failed and "not served yet" in store.failed["probe@1"]
+        for name in classifiers:
             r = client.post("/v1/predict", json={"adapter": name, "inputs": TEXTS})
             assert r.status_code == 200, r.text
             same_predictions(r.json()["predictions"], predict(load_run(runs[name]), TEXTS))
@@ -120,7 +129,39 @@ def test_predictions_equal_graftune_predict(runs):
         assert r.status_code == 200, r.text
         assert r.json()["outputs"] == generate(load_run(runs["lm"]), prompts)
         health = client.get("/health").json()
-        assert health == {"status": "ok", "adapters": 5, "bases": 2}
+        assert health == {"status": "ok", "adapters": 6, "bases": 2}
+
+
+def test_contrastive_rows_beside_adapter_rows_answer_as_predict_and_feed_drift(runs):
+    """A batch holding a contrastive run's requests between a LoRA run's: the LoRA rows still run as one forward,
+    the contrastive rows are read as `graftune predict` reads them (whole-text windows, normalized embeddings, the
+    fitted logistic regression), and the drift observer gets the embeddings its reference summary is made of."""
+    from graftune.serve.drift import reference_summary
+    from graftune.serve.store import Rows
+
+    seen = []
+
+    class Observer:
+        def observe(self, entry, features, texts, input_ids, predictions):
+            seen.append((entry.name, tuple(features.shape), len(input_ids), [p["label"] for p in predictions]))
+
+    store = ModelStore(observer=Observer())
+    try:
+        report = store.sync({"lora": ("1", runs["lora"]), "c": ("1", runs["contrastive"])})
+        assert sorted(report["loaded"]) == ["c@1", "lora@1"] and not report["failed"]
+        c, lora = store.acquire("c"), store.acquire("lora")
+        out = store.submit(store.classify, [Rows(c, TEXTS[:2]), Rows(lora, TEXTS), Rows(c, TEXTS[2:])]).result()
+        want = predict(load_run(runs["contrastive"]), TEXTS)
+        same_predictions(out[0] + out[2], want)
+        same_predictions(out[1], predict(load_run(runs["lora"]), TEXTS))
+        store.release(c)
+        store.release(lora)
+    finally:
+        store.close()
+    reference = reference_summary(runs["contrastive"])
+    assert reference.n == 18 and reference.mean.shape == (seen[0][1][1],)  # 6 shots x 3 classes, one width
+    assert [s[0] for s in seen] == ["c", "c", "lora"] and seen[0][1][0] == 2 == seen[0][2]  # few-shot rows first
+    assert seen[0][3] + seen[1][3] == [w["label"] for w in want]
 
 
 def test_mixed_batch_from_two_adapters_is_one_forward(runs):

@@ -130,10 +130,6 @@ def check_data(ds: Any, method: str = CONTRASTIVE) -> None:
         raise DataError(f"{ds.origin}: multi-label data; --method {method} {how}, use another --method (lora, say)")
 
 
-
-
-
-
 # --- training ---------------------------------------------------------------------------------------------------
 def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None) -> dict:
     """Write the run directory ``cfg.out`` of a few-shot run, return its metrics. ``fit(cfg, model, base, splits,
@@ -209,15 +205,12 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
     return metrics
 
 
-
-
-
-
 # --- scoring and predictions (the FewShotModel's own embed and head) ------------------------------------------
-def _outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def _outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str], emb: Any = None
+             ) -> tuple[list[str], np.ndarray]:
     """Predicted labels (``head.predict``, as ``FewShotModel.predict``) and probabilities with one column per
-    label name (a class the head never saw: 0), from one pass of ``fitted.embed``."""
-    emb = fitted.embed(list(texts)).numpy()
+    label name (a class the head never saw: 0), from one pass of ``fitted.embed`` (or its result ``emb``)."""
+    emb = (fitted.embed(list(texts)) if emb is None else emb).numpy()
     labels = [str(c) for c in fitted.head.predict(emb)]
     proba = fitted.head.predict_proba(emb)
     column = {str(c): j for j, c in enumerate(fitted.head.classes_)}
@@ -244,9 +237,11 @@ def score(fitted: Any, inputs: Sequence[str], labels: Sequence[str], label_names
     return metrics
 
 
-def predict_rows(fitted: Any, inputs: Sequence[str], label_names: Sequence[str]) -> list[dict]:
-    """``evaluate.predict``'s rows: ``label`` and ``probabilities`` per class."""
-    pred, proba = _outputs(fitted, inputs, label_names)
+def predict_rows(fitted: Any, inputs: Sequence[str], label_names: Sequence[str], embeddings: Any = None
+                 ) -> list[dict]:
+    """``evaluate.predict``'s rows: ``label`` and ``probabilities`` per class. ``embeddings``: ``fitted.embed(inputs)``
+    when the caller has it already (the server keeps it for its drift summary)."""
+    pred, proba = _outputs(fitted, inputs, label_names, embeddings)
     return [{"label": label, "probabilities": {n: round(float(v), 6) for n, v in zip(label_names, row)}}
             for label, row in zip(pred, proba)]
 

@@ -53,6 +53,7 @@ from graftune.data.sources import load_data
 from graftune.data.splits import make_splits
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.io.atomic import write_file_atomically
+from graftune.recipes.fewshot_run import predict_rows
 from graftune.run.scoring import features_of
 from graftune.runs import load_run
 from graftune.tasks.classification import probabilities
@@ -450,7 +451,7 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
     """The summary of a run's training split (``split``: train, val or test), rebuilt from its run.yaml and data,
     with the embedding its served head reads and the head's predicted classes."""
     run = load_run(run_dir, expect="classifier")
-    if run.fewshot is not None or run.head is None or run.kind != "classification":
+    if (run.fewshot is None and run.head is None) or run.kind != "classification":
         raise DataError(f"{run_dir}: drift needs a text classification run with an adapter or head (this is a "
                         f"{run.cfg.method} {run.kind} run)")
     cfg = run.cfg
@@ -461,6 +462,19 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
     inputs = list(part.inputs)
     if not inputs:
         raise DataError(f"{run_dir}: its {split} split is empty; nothing to compare served inputs with")
+    if run.fewshot is not None:  # a contrastive (or probe) run: the embeddings its fitted head reads, as served
+        features = run.fewshot.embed(inputs)
+        predicted = [r["label"] for r in predict_rows(run.fewshot, inputs, run.label_names, features)]
+    else:
+        features, predicted = _served_features(run, inputs)
+    ids = [e["input_ids"] for e in run.task.encode(inputs)]
+    summary = Summary()
+    summary.add(features, inputs, ids, predicted, getattr(run.task.tokenizer, "unk_token_id", None))
+    return summary
+
+
+def _served_features(run: Any, inputs: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The pooled features an adapter run's task head reads, and its predicted classes."""
     features = features_of(run.task, run.model, inputs, policy=run.policy)
     with torch.inference_mode():
         logits = run.head(features.to(next(run.head.parameters()).dtype)).float()
@@ -469,10 +483,7 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
         predicted = ["+".join(n for n, v in zip(run.label_names, row) if v >= 0.5) for row in probs.tolist()]
     else:
         predicted = [run.label_names[int(i)] for i in probs.argmax(-1)]
-    ids = [e["input_ids"] for e in run.task.encode(inputs)]
-    summary = Summary()
-    summary.add(features, inputs, ids, predicted, getattr(run.task.tokenizer, "unk_token_id", None))
-    return summary
+    return features, predicted
 
 
 # --- the test ------------------------------------------------------------------------------------------------

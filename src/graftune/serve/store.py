@@ -33,7 +33,9 @@ from graftune.core.method import get_method
 from graftune.core.model import AdapterModel
 from graftune.errors import GraftuneError
 from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_meta
+from graftune.recipes import fewshot_run
 from graftune.recipes.adapter import load_head
+from graftune.recipes.fewshot import FewShotModel
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, build_task
 from graftune.tasks.classification import base_hidden, pool, probabilities
@@ -85,6 +87,9 @@ class Entry:
     label_names: list[str]
     multi_label: bool
     max_new_tokens: int = 64
+    #: a contrastive run: its adapter on the slot's model read as ``graftune predict`` reads it (windows of the
+    #: whole text, pooled, normalized; the fitted logistic regression), instead of ``task``'s pooling and ``head``
+    fewshot: FewShotModel | None = None
     inflight: int = 0
     retired: bool = False
 
@@ -156,6 +161,9 @@ class ModelStore:
         """Predictions for every request of ``batch``: ONE forward per base, whatever the mix of adapters. Runs on
         the worker thread (the batcher submits it)."""
         out: list[list[dict] | None] = [None] * len(batch)
+        for i, rows in enumerate(batch):
+            if rows.entry.fewshot is not None:  # its own embedding path: whole texts in windows (one entry a call)
+                out[i] = self._classify_fewshot(rows)
         for idx in _by_slot(batch):
             slot = batch[idx[0]].entry.slot
             examples, names, owner = [], [], []
@@ -180,6 +188,17 @@ class ModelStore:
                     self.observer.observe(entry, feats, batch[i].inputs, ids, out[i])
                 start += n
         return out  # type: ignore[return-value]
+
+    def _classify_fewshot(self, rows: Rows) -> list[dict]:
+        """A contrastive run's answers: its ``FewShotModel`` on the shared base (the worker thread is the only one
+        to switch the active adapter, so no mixed forward sees it), exactly as ``graftune predict`` reads it."""
+        entry = rows.entry
+        embeddings = entry.fewshot.embed(rows.inputs)
+        answers = fewshot_run.predict_rows(entry.fewshot, rows.inputs, entry.label_names, embeddings)
+        if self.observer is not None:
+            ids = [e["input_ids"] for e in entry.task.encode(rows.inputs)]
+            self.observer.observe(entry, embeddings, rows.inputs, ids, answers)
+        return answers
 
     @torch.inference_mode()
     def generate(self, batch: Sequence[Rows]) -> list[list[str]]:
@@ -271,10 +290,13 @@ class ModelStore:
         if not (run_dir / "run.yaml").is_file():
             raise ServeError(f"{run_dir}: not a run directory (no run.yaml); push a `graftune train --out` directory")
         cfg = build_config(run_dir / "run.yaml")
-        if (run_dir / "head").is_dir():  # probe / contrastive runs: a fitted head/ read by their own embedding path
-            raise ServeError(f"a --method {cfg.method} run (whole-text embeddings + a fitted head, no shared-base "
-                             "adapter) is not served yet; serve a LoRA, IA3 or bottleneck run, or use `graftune "
-                             "predict`")
+        fewshot = None
+        if (run_dir / fewshot_run.HEAD_DIR).is_dir():  # probe / contrastive runs: a fitted head/ on embeddings
+            if cfg.method != fewshot_run.CONTRASTIVE:
+                raise ServeError(f"a --method {cfg.method} run (the frozen base's embeddings + a fitted head, no "
+                                 "adapter) is not served yet; serve a contrastive, LoRA, IA3 or bottleneck run, or "
+                                 "use `graftune predict`")
+            fewshot = fewshot_run.load_head(run_dir / fewshot_run.HEAD_DIR, cfg.method)  # (head, head.json)
         if (run_dir / "stack_under").exists():
             raise ServeError("a run with --stack-under applies two adapters per row; mixed-adapter batches take one "
                              "per row: serve it with `graftune predict`")
@@ -304,10 +326,14 @@ class ModelStore:
         multi_label = bool((meta.get("extra") or {}).get("multi_label", False))
         task = build_task(kind, slot.base_info, label_names=label_names, multi_label=multi_label,
                           max_length=cfg.max_length, dropout=cfg.dropout)
-        head = None if kind == "causal-lm" else load_head(task, run_dir)
-        return {"name": name, "version": version, "run_dir": run_dir, "kind": kind, "method": method, "slot": slot,
-                "task": task, "head": head, "label_names": label_names, "multi_label": multi_label,
-                "max_new_tokens": cfg.max_new_tokens}
+        if fewshot is not None:
+            label_names = label_names or list(fewshot[1].get("label_names") or [])
+            head = None
+        else:
+            head = None if kind == "causal-lm" else load_head(task, run_dir)
+        return {"name": name, "version": version, "run_dir": run_dir, "kind": kind, "method": cfg.method if fewshot
+                else method, "slot": slot, "task": task, "head": head, "label_names": label_names,
+                "multi_label": multi_label, "max_new_tokens": cfg.max_new_tokens, "fewshot": fewshot}
 
     def _attach(self, plan: dict) -> Entry:
         """Worker thread: graft the adapter under a fresh internal key and register its base."""
@@ -319,15 +345,24 @@ class ModelStore:
             load_adapter(slot.model, plan["run_dir"] / "adapter", name=key)
             slot.entries.add(key)
         self.slots.setdefault(slot.key, slot)
+        fewshot = None
+        if plan["fewshot"] is not None:  # as fewshot_run.load rebuilds it, on the shared base
+            head, emb = plan["fewshot"][0], plan["fewshot"][1]["embedding"]
+            fewshot = FewShotModel(slot.model, slot.tokenizer, head, emb["max_length"], emb["pooling"], key,
+                                   emb["batch_size"], {"strategy": "contrastive-adapter"}, emb["max_chunks"],
+                                   precision=slot.policy if emb.get("autocast", False) else None)
         return Entry(plan["name"], plan["version"], plan["run_dir"], plan["kind"], plan["method"], key, slot,
-                     plan["task"], plan["head"], plan["label_names"], plan["multi_label"], plan["max_new_tokens"])
+                     plan["task"], plan["head"], plan["label_names"], plan["multi_label"], plan["max_new_tokens"],
+                     fewshot)
 
 
 def _by_slot(batch: Sequence[Rows]) -> list[list[int]]:
-    """The batch's request indices grouped by base (one forward each), in order of arrival."""
+    """The batch's request indices grouped by base (one forward each), in order of arrival; few-shot entries'
+    requests are left out (``ModelStore._classify_fewshot`` answers them)."""
     groups: dict[str, list[int]] = {}
     for i, rows in enumerate(batch):
-        groups.setdefault(rows.entry.slot.key, []).append(i)
+        if rows.entry.fewshot is None:
+            groups.setdefault(rows.entry.slot.key, []).append(i)
     return list(groups.values())
 
 
