@@ -48,18 +48,22 @@ def measure(data: str, seed: int, shots: int) -> dict:
 def summary(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     sets = sorted({r["data"] for r in rows})
-    print("| data set | seeds | default (LoRA) | probe | contrastive | default - best other (pts) |")
-    print("|---|---|---|---|---|---|")
-    gaps = []
+    print("| data set | seeds | default (LoRA) | probe | contrastive | contrastive - default (pts) | "
+          "default - best other (pts) |")
+    print("|---|---|---|---|---|---|---|")
+    gaps, wins = [], []
     for s in sets:
         rs = [r for r in rows if r["data"] == s]
         acc = {n: statistics.mean(r[n]["accuracy"] for r in rs) for n in METHODS}
         secs = {n: statistics.mean(r[n]["train_seconds"] for r in rs) for n in METHODS}
         gap = 100 * (acc["default"] - max(acc["probe"], acc["contrastive"]))
+        win = 100 * (acc["contrastive"] - acc["default"])
         gaps.append(gap)
+        wins.append(win)
         cells = " | ".join(f"{100 * acc[n]:.1f} ({secs[n]:.0f} s)" for n in METHODS)
-        print(f"| {s} | {len(rs)} | {cells} | {gap:+.1f} |")
-    print(f"\ndefault - best other: {statistics.mean(gaps):+.1f} points on average, best {max(gaps):+.1f}, "
+        print(f"| {s} | {len(rs)} | {cells} | {win:+.1f} | {gap:+.1f} |")
+    print(f"\ncontrastive - default: {statistics.mean(wins):+.1f} points on average, {min(wins):+.1f} to "
+          f"{max(wins):+.1f}; default - best other: {statistics.mean(gaps):+.1f} on average, best {max(gaps):+.1f}, "
           f"worst {min(gaps):+.1f}")
 
 
