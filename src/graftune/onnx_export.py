@@ -6,8 +6,16 @@ What is exported: the run loaded as ``graftune eval`` loads it (base, adapters, 
 pooling and head: no adapter code has to exist where it runs. Text classifiers (a transformer encoder) and image
 classifiers (a CNN: ``efficientnet-lite0``) both export. Only adapters that merge can be exported that way (their
 update is a linear change of the weights: LoRA, including LoRA on convolutions, IA3, BitFit; a head-only run has
-none); the others (bottleneck and convolutional adapters, prefix and prompt tuning, parameter-copying methods) and
-the few-shot recipes' scikit-learn heads are refused with the list of what is supported.
+none); the others (bottleneck and convolutional adapters, prefix and prompt tuning, parameter-copying methods) are
+refused with the list of what is supported.
+
+Few-shot runs (``--method contrastive``, LoRA by default, and ``--method probe``, the frozen base) export too: their
+graph is the base (the adapter merged) and the pooling, giving a window's embedding; the windows of long texts, the
+normalization and the head (a logistic regression or class prototypes, as the linear map whose softmax is its
+probabilities) run in numpy (``onnx_format.OnnxFewShotRun``). Their check compares probabilities with the run's own
+``FewShotModel.predict_proba`` (float32, adapter unmerged) on the check texts plus one text made longer than
+``max_chunks`` windows, and the export's windows with the ones ``recipes.fewshot`` reads, token for token, on every
+test text and that long one.
 
 The check, before anything is written: the ONNX graph, run by ONNX Runtime, must give the logits of the PyTorch
 model with the adapters *unmerged* (what training computed) within ``onnx_format.TOLERANCE`` on a few examples of
@@ -38,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from graftune import __version__
@@ -50,11 +59,14 @@ from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
 from graftune.io import onnx_format as fmt
 from graftune.io.artifact import read_meta
 from graftune.io.image_preprocess import ImagePreprocess
-from graftune.recipes.fewshot_run import CONTRASTIVE, PROBE
+from graftune.recipes import fewshot
+from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
+from graftune.recipes.fewshot_run import PROBE
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import logits_of
 from graftune.runs import load_run
 from graftune.tasks import ZOO_TASK
+from graftune.tasks.classification import base_hidden, pool
 from graftune.zoo import ImageTransform, load_base
 
 #: examples of the test split the logits are compared on (texts spread over the lengths)
@@ -80,8 +92,9 @@ class ExportResult:
 
 # --- what can be exported ---------------------------------------------------------------------------------------
 def supported_methods() -> list[str]:
-    """The adapter methods whose runs export to ONNX: the ones declared mergeable, and head-only runs."""
-    return sorted(m.name for m in all_methods() if m.capabilities.mergeable) + [HEAD_ONLY]
+    """The adapter methods whose runs export to ONNX: the ones declared mergeable, head-only runs and probe runs
+    (contrastive runs export when their adapter is one of the mergeable methods)."""
+    return sorted(m.name for m in all_methods() if m.capabilities.mergeable) + [HEAD_ONLY, PROBE]
 
 
 def _refuse(run_dir: Path, what: str) -> ArtifactError:
@@ -97,8 +110,8 @@ def _inspect(run_dir: Path) -> tuple[RunConfig, dict]:
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
                             "`graftune train --out`)")
     cfg = build_config(run_dir / "run.yaml")
-    if cfg.method in (CONTRASTIVE, PROBE):
-        raise _refuse(run_dir, f"a --method {cfg.method} run (its head is a scikit-learn model)")
+    if cfg.method == PROBE:  # no adapter: the frozen base and a head (load_run checks head/)
+        return cfg, {"extra": {"task": "classification"}}
     if not (run_dir / "adapter").is_dir():
         raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
                             "`graftune train --out`)")
@@ -147,6 +160,19 @@ class _Classifier(nn.Module):
         return self.task.forward(self.model, self.head, {"input_ids": input_ids, "attention_mask": attention_mask})
 
 
+class _Embedder(nn.Module):
+    """``(input_ids, attention_mask) -> embedding``: a few-shot run's window pooled as ``recipes.fewshot.embed``
+    pools it (not normalized: that, and the windows, happen in numpy)."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = base_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return pool(hidden, attention_mask, self.pooling)
+
+
 class _ImageClassifier(nn.Module):
     """``pixels -> logits``: the image task's own forward (the CNN's pooled features, the head)."""
 
@@ -169,6 +195,9 @@ def _load_fp32(run_dir: Path, cfg: RunConfig) -> LoadedRun:
         run.model.base.load_state_dict(fresh.model.state_dict())
     if run.head is not None:
         run.head.float()
+    if run.fewshot is not None:  # its embeddings in float32 without autocast; its adapter is what gets merged
+        run.fewshot.precision = None
+        run.model.set_active(*[name for name in (run.fewshot.adapter,) if name is not None])
     run.model.eval()
     for name in run.model.active:
         if not run.model.info[name].method.capabilities.mergeable:  # e.g. a stacked adapter that does not merge
@@ -225,12 +254,14 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
         extra = meta.get("extra") or {}
         model_file = tmp / fmt.MODEL_FILE
         manifest = {
-            "format": fmt.FORMAT, "format_version": 2 if run.kind == "image" else 1, "graftune_version": __version__,
+            "format": fmt.FORMAT, "format_version": 2 if run.kind == "image" else 1 if run.fewshot is None else 3,
+            "graftune_version": __version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source_run": str(run_dir.resolve()), "adapter": meta.get("name"), "method": meta.get("method"),
             "merged": list(run.model.merged), "base_model": cfg.model, "base_fingerprint": meta.get("base_fingerprint"),
             "task": run.kind, "label_names": list(run.label_names), "multi_label": bool(run.multi_label),
-            **fields["settings"], "outputs": [fmt.OUTPUT_NAME], "opset": opset, "quantize": quantize,
+            **fields["settings"], "outputs": [fmt.OUTPUT_NAME if run.fewshot is None else fmt.EMBEDDING_OUTPUT],
+            "opset": opset, "quantize": quantize,
             "model_file": fmt.MODEL_FILE, "sha256": fmt.file_sha256(model_file),
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
             "data": cfg.data, "seed": extra.get("seed", cfg.seed), **fields["record"]}
@@ -240,8 +271,18 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
     return ExportResult(path, fmt.read_manifest(path))
 
 
+#: what an export check compares with PyTorch -> its key in the manifest's check: logits, or for a few-shot run the
+#: probabilities (its scikit-learn head gives no logits)
+DIFF_KEYS = {"logits": "max_abs_logit_diff", "probabilities": "max_abs_probability_diff"}
+
+
+def _outputs(onnx_run: fmt.OnnxClassifier, inputs: list, compared: str, batch_size: int) -> np.ndarray:
+    logits = onnx_run.logits(inputs, batch_size=batch_size)
+    return onnx_run.probabilities(logits) if compared == "probabilities" else logits
+
+
 def _int8_record(fp32: fmt.OnnxClassifier, int8: fmt.OnnxClassifier, test: Dataset, check: list, reference: np.ndarray,
-                 batch_size: int) -> dict:
+                 batch_size: int, compared: str = "logits") -> dict:
     """Both graphs on the whole test split: the accuracy change the int8 graph costs."""
     inputs = list(test.inputs)
     p32, p8 = (r.probabilities(r.logits(inputs, batch_size=batch_size)) for r in (fp32, int8))
@@ -250,41 +291,98 @@ def _int8_record(fp32: fmt.OnnxClassifier, int8: fmt.OnnxClassifier, test: Datas
             "accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
             "macro_f1_fp32": m32["macro_f1"], "macro_f1_int8": m8["macro_f1"],
             "max_abs_probability_diff": float(np.abs(p8 - p32).max()),
-            "max_abs_logit_diff_vs_pytorch": float(np.abs(int8.logits(check) - reference).max())}
+            f"{DIFF_KEYS[compared]}_vs_pytorch": float(np.abs(_outputs(int8, check, compared, batch_size)
+                                                              - reference).max())}
 
 
-def _check_logits(run_dir: Path, onnx_run: fmt.OnnxClassifier, check: list, reference: np.ndarray, what: str,
-                  batch_size: int) -> float:
-    diff = float(np.abs(onnx_run.logits(check, batch_size=batch_size) - reference).max())
+def _check_outputs(run_dir: Path, onnx_run: fmt.OnnxClassifier, check: list, reference: np.ndarray, what: str,
+                   batch_size: int, compared: str = "logits") -> float:
+    diff = float(np.abs(_outputs(onnx_run, check, compared, batch_size) - reference).max())
     if not diff <= fmt.TOLERANCE:
-        raise ArtifactError(f"{run_dir}: the ONNX logits differ from PyTorch's by {diff:.2e} (> {fmt.TOLERANCE:g}) "
+        raise ArtifactError(f"{run_dir}: the ONNX {compared} differ from PyTorch's by {diff:.2e} (> {fmt.TOLERANCE:g}) "
                             f"on {len(check)} test {what}; not exported")
     return diff
 
 
+# --- few-shot runs: the head as a linear map, the check texts, the windows --------------------------------------
+def _linear_head(head: Any, label_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A few-shot head as ``(weight, bias)``, one row per label name, such that ``softmax(e @ weight.T + bias)`` is
+    its ``predict_proba`` on L2-normalized embeddings ``e``: a logistic regression's ``coef_`` and ``intercept_``
+    (two classes: its one row is ``classes_[1]``'s logit against 0 for ``classes_[0]``, the sigmoid it computes), a
+    prototype head's class means over its temperature. A label the head never saw gets bias -inf: probability 0,
+    as ``fewshot_run.predict_rows`` gives it."""
+    if isinstance(head, PrototypeClassifier):
+        coef = head.prototypes_.numpy() / np.float32(head.temperature)
+        intercept = np.zeros(len(coef), dtype=coef.dtype)
+    else:
+        coef, intercept = np.asarray(head.coef_), np.asarray(head.intercept_)
+        if len(head.classes_) == 2 and len(coef) == 1:
+            coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0], intercept])
+    row = {str(c): j for j, c in enumerate(head.classes_)}
+    weight = np.zeros((len(label_names), coef.shape[1]), dtype=np.float32)
+    bias = np.full(len(label_names), -np.inf, dtype=np.float32)
+    for i, name in enumerate(label_names):
+        if name in row:
+            weight[i], bias[i] = coef[row[name]], intercept[row[name]]
+    return weight, bias
+
+
+def _probabilities(fitted: FewShotModel, texts: list[str], label_names: Sequence[str]) -> np.ndarray:
+    """``fitted.predict_proba`` with one column per label name (a class the head never saw: 0)."""
+    proba = fitted.predict_proba(texts)
+    out = np.zeros((len(texts), len(label_names)), dtype=np.float64)
+    for j, c in enumerate(fitted.classes):
+        out[:, list(label_names).index(str(c))] = proba[:, j]
+    return out
+
+
+def _long_text(fitted: FewShotModel, texts: list[str]) -> str:
+    """The check texts joined and repeated past ``max_chunks`` windows of ``max_length`` tokens: a text whose
+    windows are read, weighted and, past ``max_chunks``, dropped."""
+    joined = " ".join(texts)
+    tokens = len(fitted.tokenizer(joined, add_special_tokens=False)["input_ids"])
+    return " ".join([joined] * (fitted.max_length * (fitted.max_chunks + 1) // max(tokens, 1) + 1))
+
+
 class _ExportText:
-    """The text side of an export: the graph, the tokenizer, their checks, dynamic int8."""
+    """The text side of an export: the graph, the tokenizer, their checks, dynamic int8. A few-shot run's graph
+    gives embeddings, its head is written beside it and its windows are checked too."""
 
     def __init__(self, run: LoadedRun, splits: Splits, run_dir: Path):
         self.run, self.test, self.run_dir = run, splits.test, run_dir
 
     def write(self, tmp: Path, *, opset: int, quantize: str, batch_size: int, say: Callable[[str], None]) -> dict:
-        run, task, run_dir = self.run, self.run.task, self.run_dir
+        run, task, run_dir, fitted = self.run, self.run.task, self.run_dir, self.run.fewshot
         texts = [str(t) for t in self.test.inputs]
         ids = [e["input_ids"] for e in task.encode(texts)]
         picked = _check_texts(texts, [len(i) for i in ids])
         check = [texts[i] for i in picked]
-        reference = logits_of(task, run.model, run.head, check, batch_size=batch_size).numpy()
+        settings: dict[str, Any] = {"max_length": task.max_length, "pad_id": int(task.pad_id)}
+        if fitted is None:
+            compared, output, module = "logits", fmt.OUTPUT_NAME, _Classifier(run)
+            reference = logits_of(task, run.model, run.head, check, batch_size=batch_size).numpy()
+        else:
+            compared, output, module = "probabilities", fmt.EMBEDDING_OUTPUT, _Embedder(run.model, fitted.pooling)
+            check.append(_long_text(fitted, check))
+            reference = _probabilities(fitted, check, run.label_names)
+            settings["max_length"] = fitted.max_length
+            settings["embedding"] = {"max_chunks": fitted.max_chunks,
+                                     "special_tokens": fitted.tokenizer.num_special_tokens_to_add(pair=False),
+                                     "normalize": True}
+            weight, bias = _linear_head(fitted.head, run.label_names)
+            save_numpy({"weight": weight, "bias": bias}, str(tmp / fmt.HEAD_FILE))
+            settings["head"] = {"file": fmt.HEAD_FILE, "sha256": fmt.file_sha256(tmp / fmt.HEAD_FILE),
+                                "kind": "prototype" if isinstance(fitted.head, PrototypeClassifier) else "logistic",
+                                "recipe": run.cfg.method, "classes": [str(c) for c in fitted.classes]}
         if run.model.active:
             run.model.merge(*run.model.active)
-        settings = {"max_length": task.max_length, "pad_id": int(task.pad_id)}
         model_file = tmp / fmt.MODEL_FILE
         config = run.model.base.config
         fuse, fused = getattr(config, "model_type", None) in FUSED_MODEL_TYPES, {}
         if fuse:  # the optimizer recognizes the eager attention's pattern, not an SDPA trace's
             run.model.base.set_attn_implementation("eager")
-        fmt.export_module(_Classifier(run).eval(), _example_batch(ids[picked[-1]], task.pad_id), model_file,
-                          opset=opset)
+        fmt.export_module(module.eval(), _example_batch(ids[picked[-1]], task.pad_id), model_file, opset=opset,
+                          output=output)
         if fuse:
             say("fusing attention, layer norms and GELU (ONNX Runtime's transformer optimizer)...")
             fused = fmt.optimize_file(model_file, num_heads=config.num_attention_heads,
@@ -298,28 +396,48 @@ class _ExportText:
                                 "`tokenizers`-backed tokenizer is needed to export)")
 
         def runner(file: Path) -> fmt.OnnxRun:
-            return fmt.OnnxRun(file, tmp / fmt.TOKENIZER_FILE, label_names=run.label_names, multi_label=run.multi_label,
-                               **settings)
+            common = {"label_names": run.label_names, "max_length": settings["max_length"],
+                      "pad_id": settings["pad_id"]}
+            if fitted is None:
+                return fmt.OnnxRun(file, tmp / fmt.TOKENIZER_FILE, multi_label=run.multi_label, **common)
+            return fmt.OnnxFewShotRun(file, tmp / fmt.TOKENIZER_FILE, tmp / fmt.HEAD_FILE, **common,
+                                      max_chunks=settings["embedding"]["max_chunks"],
+                                      special_tokens=settings["embedding"]["special_tokens"])
 
         fp32 = runner(model_file)
         bad = sum(a != b for a, b in zip(fp32.encode(texts), ids))
         if bad:
             raise ArtifactError(f"{run_dir}: the exported tokenizer gives other token ids than the run's on {bad} of "
                                 f"{len(texts)} test texts; not exported")
-        diff = _check_logits(run_dir, fp32, check, reference, "texts", batch_size)
+        check_record: dict[str, Any] = {}
+        if fitted is not None:
+            check_record["windows_matched"] = self._check_windows(fp32, fitted, texts + check[-1:])
+        diff = _check_outputs(run_dir, fp32, check, reference, "texts", batch_size, compared)
         record: dict[str, Any] = {"check": {
-            "reference": "PyTorch float32, adapters unmerged", "texts": len(check), "max_abs_logit_diff": diff,
-            "tolerance": fmt.TOLERANCE, "passed": True, "tokenizer_texts_matched": len(texts)}}
+            "reference": "PyTorch float32, adapters unmerged" + ("" if fitted is None else ", the few-shot head"),
+            "compared": compared, "texts": len(check), DIFF_KEYS[compared]: diff, "tolerance": fmt.TOLERANCE,
+            "passed": True, "tokenizer_texts_matched": len(texts), **check_record}}
         if quantize == "int8":
             say(f"quantizing (dynamic int8) and scoring both graphs on the {len(texts)} test texts...")
             int8_file = tmp / "model.int8.onnx"
             fmt.quantize_file(model_file, int8_file)
             int8 = runner(int8_file)
-            record["int8"] = _int8_record(fp32, int8, self.test, check, reference, batch_size)
+            record["int8"] = _int8_record(fp32, int8, self.test, check, reference, batch_size, compared)
             del fp32, int8  # the sessions hold the files open
             os.replace(int8_file, model_file)
-        return {"settings": {**settings, "pooling": task.pooling, "inputs": list(fmt.INPUT_NAMES), "fused": fused},
+        return {"settings": {**settings, "pooling": task.pooling if fitted is None else fitted.pooling,
+                             "inputs": list(fmt.INPUT_NAMES), "fused": fused},
                 "record": record}
+
+    def _check_windows(self, onnx_run: fmt.OnnxFewShotRun, fitted: FewShotModel, texts: list[str]) -> int:
+        """The export's windows of ``texts`` against the ones ``recipes.fewshot`` embeds, token for token (and
+        their owners and weights); refused on any difference. Returns how many windows matched."""
+        # the reference is the function fitted.embed reads its windows with, so the two cannot drift apart
+        theirs = fewshot._windows(fitted.tokenizer, texts, fitted.max_length, fitted.max_chunks)
+        if onnx_run.windows(texts) != tuple(theirs):
+            raise ArtifactError(f"{self.run_dir}: the exported tokenizer splits the {len(texts)} check texts into "
+                                "other windows than the run's; not exported")
+        return len(theirs[0])
 
 
 class _ExportImage:
@@ -365,7 +483,7 @@ class _ExportImage:
                                     multi_label=run.multi_label)
 
         fp32 = runner(model_file)
-        diff = _check_logits(run_dir, fp32, check, reference, "images", batch_size)
+        diff = _check_outputs(run_dir, fp32, check, reference, "images", batch_size)
         record: dict[str, Any] = {"check": {
             "reference": "PyTorch float32, adapters unmerged, the run's torch transform", "images": len(check),
             "max_abs_logit_diff": diff, "tolerance": fmt.TOLERANCE, "passed": True,
@@ -399,8 +517,11 @@ def format_report(result: ExportResult) -> str:
                      f"on {c['images']} test images; preprocessing within {c['max_abs_pixel_diff']:.1e} of the run's "
                      f"transform on {c['preprocess_images_matched']}")
     else:
-        lines.append(f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) "
-                     f"on {c['texts']} test texts; tokenizer matched on {c['tokenizer_texts_matched']}")
+        compared = c.get("compared", "logits")
+        windows = f" (windows: {c['windows_matched']})" if "windows_matched" in c else ""
+        lines.append(f"check: {compared} within {c[DIFF_KEYS[compared]]:.1e} of PyTorch's (tolerance "
+                     f"{c['tolerance']:g}) on {c['texts']} test texts; tokenizer matched on "
+                     f"{c['tokenizer_texts_matched']}{windows}")
     if "int8" in m:
         q = m["int8"]
         how = f" (static, calibrated on {q['calibration_images']} training images)" if q.get("method") == "static" \

@@ -12,10 +12,19 @@ numpy, ``tokenizers`` and ``onnxruntime`` do the work; graftune itself still imp
                        axis dynamic) -> ``logits``; static int8 (QDQ, calibrated) with ``--quantize int8``.
 ``tokenizer.json`` ..  text: the base's tokenizer (``save_pretrained``); read here with the ``tokenizers`` library
 ``source_run.yaml``    the run's ``run.yaml``: which data and split it was trained and tested on
+``head.safetensors``   few-shot runs only (see below): the head as ``weight`` (labels x hidden) and ``bias``
 ``graftune_onnx.json`` the manifest: the task, label names, for text the max length, pooling and pad id, for images
                        the preprocessing (``image_preprocess.ImagePreprocess``), the source run, graftune's
-                       version, the opset, the sha256 of ``model.onnx`` and the export-time check
+                       version, the opset, the sha256 of ``model.onnx`` (and ``head.safetensors``) and the
+                       export-time check
 =====================  =========================================================================================
+
+A few-shot run (``--method contrastive`` or ``probe``) classifies from sentence embeddings
+(``recipes.fewshot.embed``), read over several windows of a long text, then a scikit-learn head; its graph is the
+base (the contrastive adapter merged) and the pooling, ``input_ids``, ``attention_mask`` -> ``embedding`` (float32,
+batch x hidden, not normalized), and :class:`OnnxFewShotRun` does the rest in numpy: the windows, their
+normalization and token-weighted mean, and the head, kept as the linear map whose softmax is the head's
+probabilities. Its manifest adds ``embedding`` (windows per text, special tokens per window) and ``head``.
 
 Why the tokenizer is read with ``tokenizers`` (the Rust library under transformers' fast tokenizers) and not
 ``AutoTokenizer``: importing transformers costs seconds, and a deployment that reads the folder from another
@@ -28,8 +37,8 @@ with dynamic batch and sequence axes without the extra ``onnxscript`` dependency
 follows the Python branches taken on its example batch, so a text example batch has a padded row: transformers
 skips building the attention mask for a batch without padding, and a graph traced that way would ignore the mask.
 
-Manifests of image exports say ``format_version`` 2 (a graftune that reads only version 1, text, asks to be
-upgraded instead of failing on the missing tokenizer); text exports stay version 1.
+Manifests of image exports say ``format_version`` 2 and of few-shot exports 3 (a graftune that reads only older
+versions asks to be upgraded instead of misreading the graph); other text exports stay version 1.
 
 This module is the format (write, read, run). Loading a run, checking the export against PyTorch and scoring
 the int8 change live in ``graftune.onnx_export``, one layer up.
@@ -57,9 +66,10 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "graftune_onnx.json"
 SOURCE_RUN_FILE = "source_run.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+HEAD_FILE = "head.safetensors"
 FORMAT = "graftune-onnx-classifier"
-#: the newest manifest this graftune reads: 1 text classifiers, 2 image classifiers
-FORMAT_VERSION = 2
+#: the newest manifest this graftune reads: 1 text classifiers, 2 image classifiers, 3 few-shot text classifiers
+FORMAT_VERSION = 3
 #: ONNX opset of the exported graph: 17 has LayerNormalization as one op; ONNX Runtime 1.14+ runs it
 OPSET = 17
 #: the export-time check: ONNX logits must be within this of PyTorch's float32 logits (absolute, any class)
@@ -67,6 +77,8 @@ TOLERANCE = 1e-3
 INPUT_NAMES = ("input_ids", "attention_mask")
 IMAGE_INPUT = "pixels"
 OUTPUT_NAME = "logits"
+#: the output of a few-shot run's graph: a window's pooled embedding
+EMBEDDING_OUTPUT = "embedding"
 QUANTIZE_CHOICES = ("none", "int8")
 
 
@@ -95,24 +107,26 @@ def _quiet():
             quant_log.setLevel(quant_level)
 
 
-def export_module(module, example: dict[str, Any], path: str | os.PathLike, *, opset: int = OPSET) -> None:
+def export_module(module, example: dict[str, Any], path: str | os.PathLike, *, opset: int = OPSET,
+                  output: str = OUTPUT_NAME) -> None:
     """Trace ``module`` into an ONNX file and check it with ``onnx.checker``. Text: ``module(input_ids,
-    attention_mask) -> logits`` with dynamic batch and sequence axes, ``example`` holding a padded row (see the
-    module docstring). Images: ``module(pixels) -> logits`` with a dynamic batch axis."""
+    attention_mask) -> output`` (``logits``, or a few-shot run's ``embedding``) with dynamic batch and sequence
+    axes, ``example`` holding a padded row (see the module docstring). Images: ``module(pixels) -> logits`` with a
+    dynamic batch axis."""
     import onnx
     import torch
 
     if IMAGE_INPUT in example:
-        names, axes = [IMAGE_INPUT], {IMAGE_INPUT: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        names, axes = [IMAGE_INPUT], {IMAGE_INPUT: {0: "batch"}, output: {0: "batch"}}
     else:
         mask = example["attention_mask"]
         if mask.shape[0] < 2 or bool(mask.bool().all()):
             raise ValueError("the example batch needs at least two rows, one of them padded")
         names = list(INPUT_NAMES)
-        axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
+        axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {output: {0: "batch"}}
     with _quiet(), torch.no_grad():
         torch.onnx.export(module, tuple(example[n] for n in names), str(path), input_names=names,
-                          output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, dynamo=False)
+                          output_names=[output], dynamic_axes=axes, opset_version=opset, dynamo=False)
     onnx.checker.check_model(str(path))
 
 
@@ -236,11 +250,21 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{file}: format version {manifest['format_version']} is newer than this graftune "
                             f"reads ({FORMAT_VERSION}); upgrade graftune")
     needed = ("label_names", "preprocess", "sha256") if manifest.get("task") == "image" else (
-        "label_names", "max_length", "pad_id", "sha256")
+        "label_names", "max_length", "pad_id", "sha256") + (("embedding", "head") if "head" in manifest else ())
     missing = [k for k in needed if k not in manifest]
     if missing:
         raise ArtifactError(f"{file}: lacks {', '.join(missing)}; export the run again")
     return manifest
+
+
+def _unchanged(file: Path, sha256: str) -> Path:
+    """``file``, refused when missing or when its sha256 is not the one the manifest recorded at export."""
+    if not file.is_file():
+        raise ArtifactError(f"{file.parent}: {file.name} is missing; export the run again")
+    if file_sha256(file) != sha256:
+        raise ArtifactError(f"{file}: its sha256 is not the one recorded at export (the file changed since); "
+                            "export the run again")
+    return file
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -251,8 +275,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 class OnnxClassifier:
     """What every exported classifier does on ONNX Runtime once it has logits: probabilities, predictions and
     metrics, the same as the run it came from (``graftune.evaluate.predict`` / ``score_classification``).
-    :meth:`load` opens an export folder as the runner of its task: :class:`OnnxRun` (text) or
-    :class:`OnnxImageRun`."""
+    :meth:`load` opens an export folder as the runner of its task: :class:`OnnxRun` (text),
+    :class:`OnnxFewShotRun` (a few-shot run's text) or :class:`OnnxImageRun`."""
 
     kind = "classification"
 
@@ -269,28 +293,32 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def load(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRun | OnnxImageRun:
-        """Open an export directory; a ``model.onnx`` whose sha256 is not the manifest's (changed or truncated
-        since the export) is refused."""
+    def load(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRun | OnnxFewShotRun | OnnxImageRun:
+        """Open an export directory; a ``model.onnx`` (or ``head.safetensors``) whose sha256 is not the manifest's
+        (changed or truncated since the export) is refused."""
         path = Path(path)
         manifest = read_manifest(path)
-        model = path / manifest.get("model_file", MODEL_FILE)
-        if not model.is_file():
-            raise ArtifactError(f"{path}: {model.name} is missing; export the run again")
-        if file_sha256(model) != manifest["sha256"]:
-            raise ArtifactError(f"{model}: its sha256 is not the one recorded at export (the file changed since); "
-                                "export the run again")
-        common = {"label_names": manifest["label_names"], "multi_label": manifest.get("multi_label", False),
-                  "threads": threads, "manifest": manifest}
+        model = _unchanged(path / manifest.get("model_file", MODEL_FILE), manifest["sha256"])
+        common = {"label_names": manifest["label_names"], "threads": threads, "manifest": manifest}
         if manifest.get("task") == "image":
             try:
                 preprocess = ImagePreprocess.from_dict(manifest["preprocess"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ArtifactError(f"{path / MANIFEST_FILE}: its preprocessing is not readable ({e}); upgrade "
                                     "graftune or export the run again") from None
-            return OnnxImageRun(model, preprocess=preprocess, **common)
-        return OnnxRun(model, path / TOKENIZER_FILE, max_length=manifest["max_length"], pad_id=manifest["pad_id"],
-                       **common)
+            return OnnxImageRun(model, preprocess=preprocess, multi_label=manifest.get("multi_label", False),
+                                **common)
+        text = {"max_length": manifest["max_length"], "pad_id": manifest["pad_id"]}
+        if "head" in manifest:
+            head, emb = manifest["head"], manifest["embedding"]
+            try:
+                head_file = _unchanged(path / head["file"], head["sha256"])
+                windows = {"max_chunks": int(emb["max_chunks"]), "special_tokens": int(emb["special_tokens"])}
+            except (KeyError, TypeError, ValueError) as e:
+                raise ArtifactError(f"{path / MANIFEST_FILE}: its head or embedding settings are not readable ({e}); "
+                                    "export the run again") from None
+            return OnnxFewShotRun(model, path / TOKENIZER_FILE, head_file, **windows, **text, **common)
+        return OnnxRun(model, path / TOKENIZER_FILE, multi_label=manifest.get("multi_label", False), **text, **common)
 
     def logits(self, inputs: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
         raise NotImplementedError
@@ -338,6 +366,8 @@ class OnnxRun(OnnxClassifier):
         threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
     """
 
+    output = OUTPUT_NAME
+
     def __init__(self, model_file: str | os.PathLike, tokenizer_file: str | os.PathLike, *, label_names: Sequence[str],
                  max_length: int, pad_id: int, multi_label: bool = False, threads: int | None = None,
                  manifest: dict | None = None):
@@ -355,15 +385,22 @@ class OnnxRun(OnnxClassifier):
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with the special tokens, truncated to ``max_length``: what the run's task encodes."""
+        return [e.ids for e in self._encodings(texts)]
+
+    def _encodings(self, texts: Sequence[str]) -> list:
         if not all(isinstance(t, str) for t in texts):
             raise DataError("an ONNX export of a text run classifies texts: pass strings")
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        return self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Float32 logits in the order of ``texts``; batches of similar length (longest first), padded on the
         right to the batch's longest, as ``graftune.evaluate.logits_of`` does."""
-        ids = self.encode(texts)
-        out = np.zeros((len(ids), len(self.label_names)), dtype=np.float32)
+        return self.run_graph(self.encode(texts), batch_size=batch_size)
+
+    def run_graph(self, ids: Sequence[Sequence[int]], *, batch_size: int = 32) -> np.ndarray:
+        """The graph's output (float32, one row per sequence of token ids, in their order), on batches of similar
+        length (longest first) padded on the right to the batch's longest."""
+        out: np.ndarray | None = None
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -373,8 +410,85 @@ class OnnxRun(OnnxClassifier):
             for row, i in enumerate(idx):
                 input_ids[row, :len(ids[i])] = ids[i]
                 mask[row, :len(ids[i])] = 1
-            out[idx] = self.session.run([OUTPUT_NAME], {"input_ids": input_ids, "attention_mask": mask})[0]
-        return out
+            result = self.session.run([self.output], {"input_ids": input_ids, "attention_mask": mask})[0]
+            if out is None:
+                out = np.zeros((len(ids), result.shape[1]), dtype=np.float32)
+            out[idx] = result
+        return out if out is not None else np.zeros((0, len(self.label_names)), dtype=np.float32)
+
+
+class OnnxFewShotRun(OnnxRun):
+    """An exported few-shot text classifier (``--method contrastive`` or ``probe``): the graph gives a window's
+    pooled embedding, and the rest of ``recipes.fewshot.embed`` and the head run here in numpy. A text longer than
+    ``max_length`` tokens is read as up to ``max_chunks`` consecutive windows (the tokenizer's overflow, special
+    tokens in each); the text's embedding is the mean of its windows' L2-normalized embeddings weighted by their
+    real tokens, L2-normalized; its logits are ``embedding @ weight.T + bias``, whose softmax is the head's
+    ``predict_proba``.
+
+    Args:
+        model_file: the ONNX graph (``input_ids``, ``attention_mask`` -> ``embedding``).
+        tokenizer_file: a ``tokenizers`` JSON file (``tokenizer.json``).
+        head_file: safetensors with ``weight`` (labels x hidden) and ``bias`` (labels), rows in ``label_names``
+            order (a class the head never saw: bias -inf, probability 0).
+        label_names: class names.
+        max_length: tokens per window, special tokens included.
+        pad_id: the token id of padding.
+        max_chunks: windows read per text, at most.
+        special_tokens: special tokens in each window (not counted in its weight).
+        threads: as :class:`OnnxRun`.
+    """
+
+    output = EMBEDDING_OUTPUT
+
+    def __init__(self, model_file: str | os.PathLike, tokenizer_file: str | os.PathLike,
+                 head_file: str | os.PathLike, *, label_names: Sequence[str], max_length: int, pad_id: int,
+                 max_chunks: int, special_tokens: int, threads: int | None = None, manifest: dict | None = None):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        self.max_chunks, self.special_tokens = int(max_chunks), int(special_tokens)
+        try:
+            head = load_file(str(head_file))
+        except (OSError, SafetensorError) as e:
+            raise ArtifactError(f"{head_file}: not a readable head ({e}); export the run again") from None
+        self.weight, self.bias = head.get("weight"), head.get("bias")
+        rows = len(label_names)
+        if (self.weight is None or self.bias is None or self.weight.ndim != 2 or self.weight.shape[0] != rows
+                or self.bias.shape != (rows,) or self.max_chunks < 1 or self.special_tokens < 0):
+            raise ArtifactError(f"{head_file}: expected weight ({rows} x hidden) and bias ({rows}) for the "
+                                f"{rows} labels; export the run again")
+        super().__init__(model_file, tokenizer_file, label_names=label_names, max_length=max_length, pad_id=pad_id,
+                         threads=threads, manifest=manifest)
+
+    def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int], list[int]]:
+        """(window token ids, owning text index, real tokens per window), as ``recipes.fewshot`` splits texts: up
+        to ``max_chunks`` windows a text; one that fits gives one window, its plain truncation."""
+        windows, owners, weights = [], [], []
+        for i, e in enumerate(self._encodings(texts)):
+            for w in ([e] + list(e.overflowing))[:self.max_chunks]:
+                windows.append(w.ids)
+                owners.append(i)
+                weights.append(max(len(w.ids) - self.special_tokens, 1))
+        return windows, owners, weights
+
+    def embeddings(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """(len(texts), hidden) L2-normalized text embeddings, as ``recipes.fewshot.embed`` gives them."""
+        ids, owners, weights = self.windows(texts)
+        if not ids:
+            return np.zeros((0, self.weight.shape[1]), dtype=np.float32)
+        parts = _normalize(self.run_graph(ids, batch_size=batch_size)) * np.asarray(weights, np.float32)[:, None]
+        total = np.zeros((len(texts), parts.shape[1]), dtype=np.float32)
+        np.add.at(total, owners, parts)
+        return _normalize(total)
+
+    def logits(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Float32 logits (one per label) in the order of ``texts``: the head on their embeddings."""
+        return self.embeddings(texts, batch_size=batch_size) @ self.weight.T + self.bias
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    """Rows over their L2 norm (at least 1e-12), as ``torch.nn.functional.normalize``."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class OnnxImageRun(OnnxClassifier):
