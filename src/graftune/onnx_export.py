@@ -433,7 +433,7 @@ class _ExportText:
         """The export's windows of ``texts`` against the ones ``recipes.fewshot`` embeds, token for token (and
         their owners and weights); refused on any difference. Returns how many windows matched."""
         # the reference is the function fitted.embed reads its windows with, so the two cannot drift apart
-        theirs = fewshot._windows(fitted.tokenizer, texts, fitted.max_length, fitted.max_chunks)
+        theirs = fewshot.windows(fitted.tokenizer, texts, fitted.max_length, fitted.max_chunks)
         if onnx_run.windows(texts) != tuple(theirs):
             raise ArtifactError(f"{self.run_dir}: the exported tokenizer splits the {len(texts)} check texts into "
                                 "other windows than the run's; not exported")

@@ -84,7 +84,7 @@ def test_the_export_gives_the_runs_probabilities(runs, tmp_path, name):
     assert isinstance(export, OnnxFewShotRun)
     run = load_run(runs / name).fewshot
     windows = export.windows(TEXTS)
-    assert windows == fewshot._windows(run.tokenizer, TEXTS, MAX_LENGTH, run.max_chunks)
+    assert windows == fewshot.windows(run.tokenizer, TEXTS, MAX_LENGTH, run.max_chunks)
     assert windows[1].count(len(TEXTS) - 1) == run.max_chunks  # the long text: max_chunks windows of 16 tokens
 
     rows, expected = _predict_json(out, TEXTS), _predict_json(runs / name, TEXTS)

@@ -82,10 +82,11 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[lis
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def _windows(tokenizer: Any, texts: Sequence[str], max_length: int, max_chunks: int) -> tuple[list, list, list]:
+def windows(tokenizer: Any, texts: Sequence[str], max_length: int, max_chunks: int) -> tuple[list, list, list]:
     """Each text as up to ``max_chunks`` consecutive windows of at most ``max_length`` tokens (special tokens
     included), split by the tokenizer itself (``return_overflowing_tokens``). Returns (window token ids, owning
-    text index, real tokens per window). A text that fits gives one window, identical to plain truncation."""
+    text index, real tokens per window). A text that fits gives one window, identical to plain truncation. The ONNX
+    export of few-shot runs checks its own windows against these, token for token."""
     if tokenizer is None or max_chunks == 1:
         ids = _tokenize(tokenizer, texts, max_length)  # raises on a missing tokenizer
         return ids, list(range(len(ids))), [len(x) for x in ids]
@@ -95,15 +96,15 @@ def _windows(tokenizer: Any, texts: Sequence[str], max_length: int, max_chunks: 
     out = tokenizer(list(texts), truncation=True, max_length=max_length, return_overflowing_tokens=True)
     owner = out.get("overflow_to_sample_mapping")
     if owner is None:  # a tokenizer without overflow support: read the first window only
-        return _windows(tokenizer, texts, max_length, 1)
-    windows, owners, weight, seen = [], [], [], [0] * len(texts)
+        return windows(tokenizer, texts, max_length, 1)
+    parts, owners, weight, seen = [], [], [], [0] * len(texts)
     for ids, i in zip(out["input_ids"], owner):
         if seen[i] < max_chunks:
             seen[i] += 1
-            windows.append(ids)
+            parts.append(ids)
             owners.append(int(i))
             weight.append(max(len(ids) - special, 1))
-    return windows, owners, weight
+    return parts, owners, weight
 
 
 def _batch(tokenizer: Any, ids: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -148,7 +149,7 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size:
         raise ConfigError(f"max_chunks: got {max_chunks!r}; use a positive integer (1 truncates long texts)")
     if len(texts) == 0:
         raise DataError("texts: empty list; nothing to embed")
-    ids, owner, weight = _windows(tokenizer, texts, max_length, max_chunks)
+    ids, owner, weight = windows(tokenizer, texts, max_length, max_chunks)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device, was_training = _device(model), model.training
     model.eval()
