@@ -27,7 +27,7 @@ METHODS = ("default", "probe", "contrastive")
 def measure(data: str, seed: int, shots: int) -> dict:
     row = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots}
     # the test set of the other issue-14 benches: up to 100 a class, fewer where a class is small
-    test_per_class = test_per_class_for(load_compare_data(data, None, "text", "label")[0], [8, 16])
+    test_per_class = test_per_class_for(load_compare_data(data, None, "text", "label")[0], [8, 16, shots])
     with tempfile.TemporaryDirectory() as tmp:
         for name in METHODS:
             fields = {} if name == "default" else {"method": name}
