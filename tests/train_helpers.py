@@ -224,3 +224,25 @@ def check_export_eval_matches(export_dir: Path, run_dir: Path, extra: list[str])
     m, m_ref = json.loads(scored.stdout), json.loads(ref.stdout)
     assert m["format"] == "onnx" and m["examples"] == m_ref["examples"] > 0
     assert m["confusion_matrix"] == m_ref["confusion_matrix"] and m["accuracy"] == m_ref["accuracy"]
+
+
+def export_onnx_cli(run_dir: Path, out: Path, *extra: str):
+    """``graftune export RUN_DIR --format onnx --out OUT`` through the CLI, asserted to succeed; its result."""
+    from typer.testing import CliRunner
+
+    from graftune.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "onnx", "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def predict_json(target: Path, texts: list[str]) -> list[dict]:
+    """``graftune predict TARGET TEXT... --json`` through the CLI: one dict per text."""
+    from typer.testing import CliRunner
+
+    from graftune.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(target), *texts, "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]

@@ -17,7 +17,9 @@ from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxRun, file_sha
 from tests.train_helpers import (
     bert_folder,
     check_export_eval_matches,
+    export_onnx_cli,
     one_line_error,
+    predict_json,
     topic_csv,
     topic_rows,
     write_csv,
@@ -43,15 +45,8 @@ def runs(tmp_path_factory):
 
 
 def _export(runs, method: str, out, *extra: str):
-    result = runner.invoke(app, ["export", str(runs / method), "--format", "onnx", "--out", str(out), *extra])
-    assert result.exit_code == 0, result.output
-    return result
+    return export_onnx_cli(runs / method, out, *extra)
 
-
-def _predict_json(target, texts) -> list[dict]:
-    result = runner.invoke(app, ["predict", str(target), *texts, "--json"])
-    assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "head"])
@@ -105,7 +100,7 @@ def test_the_text_graph_is_fused_and_keeps_any_mask(runs, tmp_path):
 def test_predict_and_eval_of_an_export_match_the_run(runs, tmp_path):
     out = tmp_path / "onnx"
     _export(runs, "lora", out)
-    rows, expected = _predict_json(out, TEXTS), _predict_json(runs / "lora", TEXTS)
+    rows, expected = predict_json(out, TEXTS), predict_json(runs / "lora", TEXTS)
     assert [r["label"] for r in rows] == [r["label"] for r in expected]
     for r, e in zip(rows, expected):
         assert r["probabilities"] == pytest.approx(e["probabilities"], abs=1e-4)
@@ -135,8 +130,8 @@ def test_int8_export_reports_the_accuracy_change(runs, tmp_path):
     graph = onnx.load(str(int8 / MODEL_FILE)).graph
     ops = {n.op_type for n in graph.node}
     assert "QAttention" in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "Attention" not in ops, ops
-    rows = [r["label"] for r in _predict_json(int8, TEXTS[:3])]
-    assert rows == [r["label"] for r in _predict_json(fp32, TEXTS[:3])]  # clear-cut texts keep their label
+    rows = [r["label"] for r in predict_json(int8, TEXTS[:3])]
+    assert rows == [r["label"] for r in predict_json(fp32, TEXTS[:3])]  # clear-cut texts keep their label
 
 
 def _nothing_written(parent, name) -> None:

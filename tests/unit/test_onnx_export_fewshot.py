@@ -20,7 +20,9 @@ from graftune.runs import load_run, train
 from tests.train_helpers import (
     bert_folder,
     check_export_eval_matches,
+    export_onnx_cli,
     one_line_error,
+    predict_json,
     topic_rows,
     train_args,
     write_csv,
@@ -53,22 +55,11 @@ def runs(tmp_path_factory):
     return root
 
 
-def _export(run_dir, out, *extra: str):
-    result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx", "--out", str(out), *extra])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _predict_json(target, texts) -> list[dict]:
-    result = runner.invoke(app, ["predict", str(target), *texts, "--json"])
-    assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
 
 @pytest.mark.parametrize("name", ["contrastive", "binary", "probe"])
 def test_the_export_gives_the_runs_probabilities(runs, tmp_path, name):
     out = tmp_path / "onnx"
-    result = _export(runs / name, out)
+    result = export_onnx_cli(runs / name, out)
     assert "check: probabilities within" in result.stdout, result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == 3 and manifest["outputs"] == ["embedding"]
@@ -87,7 +78,7 @@ def test_the_export_gives_the_runs_probabilities(runs, tmp_path, name):
     assert windows == fewshot.windows(run.tokenizer, TEXTS, MAX_LENGTH, run.max_chunks)
     assert windows[1].count(len(TEXTS) - 1) == run.max_chunks  # the long text: max_chunks windows of 16 tokens
 
-    rows, expected = _predict_json(out, TEXTS), _predict_json(runs / name, TEXTS)
+    rows, expected = predict_json(out, TEXTS), predict_json(runs / name, TEXTS)
     assert [r["label"] for r in rows] == [r["label"] for r in expected]
     for r, e in zip(rows, expected):
         assert r["probabilities"] == pytest.approx(e["probabilities"], abs=onnx_format.TOLERANCE)
@@ -98,7 +89,7 @@ def test_the_export_gives_the_runs_probabilities(runs, tmp_path, name):
 
 def test_eval_of_the_export_gives_the_runs_test_accuracy(runs, tmp_path):
     out = tmp_path / "onnx"
-    _export(runs / "contrastive", out)
+    export_onnx_cli(runs / "contrastive", out)
     check_export_eval_matches(out, runs / "contrastive", [])
     scored = json.loads(runner.invoke(app, ["eval", str(out), "--json"]).stdout)
     assert scored["accuracy"] == json.loads((runs / "contrastive" / "metrics.json").read_text())["accuracy"]
@@ -107,7 +98,7 @@ def test_eval_of_the_export_gives_the_runs_test_accuracy(runs, tmp_path):
 
 def test_int8_export_reports_the_accuracy_change(runs, tmp_path):
     out = tmp_path / "int8"
-    result = _export(runs / "contrastive", out, "--quantize", "int8")
+    result = export_onnx_cli(runs / "contrastive", out, "--quantize", "int8")
     q = json.loads((out / MANIFEST_FILE).read_text())["int8"]
     assert f"({q['accuracy_change_points']:+.2f} points)" in result.stdout
     m8 = json.loads(runner.invoke(app, ["eval", str(out), "--json"]).stdout)
@@ -117,7 +108,7 @@ def test_int8_export_reports_the_accuracy_change(runs, tmp_path):
 
 def test_a_changed_head_file_is_refused_in_one_line(runs, tmp_path):
     out = tmp_path / "onnx"
-    _export(runs / "contrastive", out)
+    export_onnx_cli(runs / "contrastive", out)
     head = out / HEAD_FILE
     head.write_bytes(head.read_bytes()[:-4] + b"\0\0\0\0")
     text = one_line_error(runner.invoke(app, ["predict", str(out), "goal"]))
@@ -125,7 +116,7 @@ def test_a_changed_head_file_is_refused_in_one_line(runs, tmp_path):
     assert "sha256" in one_line_error(runner.invoke(app, ["eval", str(out)]))
 
 
-def test_a_failed_check_refuses_the_export(runs, tmp_path, monkeypatch):
+def test_a_failed_check_refuses_theexport_onnx_cli(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_format, "TOLERANCE", -1.0)  # no export can pass: the refusal path
     result = runner.invoke(app, ["export", str(runs / "contrastive"), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "Traceback" not in result.output

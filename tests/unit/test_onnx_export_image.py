@@ -24,7 +24,7 @@ from graftune.io.image_preprocess import ImagePreprocess, resize_weights
 from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxClassifier, OnnxImageRun, file_sha256
 from graftune.runs import train
 from graftune.zoo import image_transform
-from tests.train_helpers import check_export_eval_matches, image_folder, one_line_error, use_tiny_cnn
+from tests.train_helpers import check_export_eval_matches, export_onnx_cli, image_folder, one_line_error, use_tiny_cnn
 
 runner = CliRunner()
 
@@ -54,9 +54,7 @@ def runs(tmp_path_factory):
 
 
 def _export(runs, method: str, out, *extra: str):
-    result = runner.invoke(app, ["export", str(runs / method), "--format", "onnx", "--out", str(out), *extra])
-    assert result.exit_code == 0, result.output
-    return result
+    return export_onnx_cli(runs / method, out, *extra)
 
 
 def _images(runs) -> list:
