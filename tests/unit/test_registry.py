@@ -268,6 +268,26 @@ def test_the_gate_refuses_a_shuffled_label_candidate_and_accepts_a_better_one(ru
     assert entry["who"] and entry["at"]
 
 
+def test_a_drop_too_small_to_refuse_on_few_examples_is_promoted_with_a_note(runs, reg, monkeypatch):
+    """14 examples, the candidate wrong on 3 the promoted version gets right and right on no other: 21 points
+    worse, but 3 discordant examples cannot make the exact test significant (p = 1/8). Promoted, and the note says
+    the gate cannot catch a drop of that size there (the normal approximation's tolerance, 18 points, would have
+    refused: the note says which one decided)."""
+    from graftune.registry import store
+
+    reg.push(runs["good"], "news")
+    reg.push(runs["good"], "news")
+    reg.promote("news", 1)
+    scripted = iter([[False] * 3 + [True] * 11, [True] * 14])  # the candidate's, then the promoted version's
+    monkeypatch.setattr(store, "correctness", lambda path, held: next(scripted))
+    result = reg.promote("news", 2)
+    assert result.accepted and not result.refused and result.p_value == pytest.approx(0.125)
+    assert result.difference == pytest.approx(-3 / 14) and -result.difference > result.tolerance
+    note = result.notes[-1]
+    assert note.startswith("news@2 is 21.4 points below news@1 here, but the two disagree on only 3 of 14 examples")
+    assert "the exact test decides" in note and "--data FILE" in note
+
+
 def test_the_gate_on_given_data_and_when_the_test_data_is_gone(runs, reg, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

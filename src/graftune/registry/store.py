@@ -477,6 +477,14 @@ class Registry:
                    f"{stats['difference'] * 100:+.1f} points, tolerance {stats['tolerance'] * 100:.1f} "
                    f"(paired SE {stats['se'] * 100:.1f}; {b} examples only {ref} got right, {c} only "
                    f"{incumbent.ref}; one-sided McNemar p={stats['p_value']:.3g}, alpha {alpha:g})")
+        if not refused and stats["difference"] < 0:  # let through, but worse on these examples: say so plainly
+            drop = -100 * stats["difference"]
+            exact = (f"; the normal approximation's tolerance ({100 * stats['tolerance']:.1f}) is too narrow with "
+                     "so few, and the exact test decides" if drop > 100 * stats["tolerance"] else "")
+            notes.append(f"{ref} is {drop:.1f} points below {incumbent.ref} here, but the two disagree on only "
+                         f"{b + c} of {stats['examples']} examples: too few to tell that from noise (exact McNemar "
+                         f"p={stats['p_value']:.3g} >= {alpha:g}{exact}). The gate cannot catch drops of this size "
+                         "on so few examples; --data FILE with more held-out examples tightens it")
         if not refused:
             message = f"{ref} promoted: {numbers}"
         elif force:
