@@ -89,13 +89,16 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     with the method graftune trains by default on its data, and a sentence saying which and why when that is not
     ``cfg.method``. The contrastive recipe replaces LoRA for single-label text with at most ``FEW_PER_CLASS``
     training examples per class, unless a setting it would not honour is given (an option, ``--epochs``, a warm
-    start, ...: those are LoRA's, so LoRA trains). Loads and splits the data to count; a data problem is left to
-    the run itself to report."""
+    start, ...: those are LoRA's, so LoRA trains) or the run was launched data-parallel (torchrun: the contrastive
+    recipe trains in one process). Loads and splits the data to count; a data problem is left to the run itself
+    to report."""
     from graftune.data.sources import load_data
     from graftune.data.splits import make_splits
     from graftune.recipes.fewshot_run import unused_settings
+    from graftune.speed import distributed
 
-    if cfg.method != "lora" or cfg.task == "causal-lm" or cfg.options or cfg.resume or unused_settings(cfg):
+    if (cfg.method != "lora" or cfg.task == "causal-lm" or cfg.options or cfg.resume or unused_settings(cfg)
+            or distributed.launched()):
         return cfg, None
     try:
         ds = load_data(cfg.data, task=cfg.task, text_column=cfg.text_column, label_column=cfg.label_column)

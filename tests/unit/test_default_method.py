@@ -51,6 +51,13 @@ def test_a_lora_setting_or_another_method_keeps_the_config(tiny, fields):
     assert cfg == given and why is None
 
 
+def test_a_data_parallel_launch_keeps_lora(tiny, monkeypatch):
+    """Under torchrun every process would switch, and the contrastive recipe refuses to train in several."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg, why = default_method(config(tiny))
+    assert cfg.method == "lora" and why is None
+
+
 def test_multi_label_causal_lm_and_broken_data_keep_lora(tiny):
     rows = [{**r, "label": r["label"] + ("|urgent" if i % 2 else "")} for i, r in enumerate(topic_rows(12))]
     multi = write_csv(tiny["root"] / "multi.csv", rows)
