@@ -250,7 +250,8 @@ def compare(
     model: str = typer.Option(..., help="Base model: an alias (graftune models), a folder or a hub id."),
     data: str = typer.Option(..., help="Data: an alias (bbc-news, mnist-5k) or a file/folder of labelled examples."),
     out: str = typer.Option(..., "--out", help="The folder for results.json and report.html."),
-    shots: str = typer.Option("8,16,64", help="Training examples per class, comma-separated."),
+    shots: str | None = typer.Option(None, help="Training examples per class, comma-separated.  [default: 8,16,64, "
+                                     "those the data has room for beside a test set]"),
     seeds: int = typer.Option(3, help="Shot draws per shot count (seeds 0..N-1)."),
     strategies: str | None = typer.Option(None, help="Comma-separated subset of linear-probe, prototypes, "
                                           "contrastive, lora-top2, ia3, lora, bottleneck, prefix, topk, full, "
@@ -290,6 +291,14 @@ def compare(
     if augment not in _AUGMENT:
         raise ConfigError(f"--augment {augment!r}: use off, on or both")
     names = None if strategies is None else [n.strip() for n in strategies.split(",") if n.strip()]
+    if shots is None:  # the defaults, as many as the data has room for (a small file still gets a comparison)
+        from graftune.strategies.catalog import fitting_shots, load_compare_data
+
+        ds, user_test = load_compare_data(data, test, text_column, label_column)
+        counts, note = fitting_shots(ds, [8, 16, 64], 0 if user_test is not None else test_per_class or 2)
+        if note:
+            typer.echo(f"note: {note}")
+        shots = ",".join(map(str, counts))
     rows = run_compare(model, data, shots=_int_list(shots, "--shots"), seeds=seeds, strategies=names,
                        augment=_AUGMENT[augment], budget_s=budget, out_dir=out, text_column=text_column,
                        label_column=label_column, test=test, test_per_class=test_per_class,

@@ -305,3 +305,41 @@ def test_compare_warns_first_when_the_models_vocabulary_does_not_read_the_texts(
                                              "off", "--quiet"))
     assert result.exit_code == 0 and "WARNING" not in result.stdout
     assert "warnings" not in json.loads((clean / "results.json").read_text())["meta"]
+
+
+def test_compare_without_shots_keeps_the_counts_the_data_has_room_for(tiny, tmp_path):
+    """A file of 12 examples a class: the default 8, 16, 64 become 8 (16 and 64 would leave no test set), said in a
+    note line; 8 a class (room for 6 beside a test set of 2) still gets a comparison, at 6."""
+    small = topic_csv(tmp_path / "small.csv", n_per_class=12)
+    args = ["compare", "--model", tiny["bert"], "--data", str(small), "--seeds", "1", "--augment", "off",
+            "--strategies", "linear-probe", "--set", "max_length=32", "--quiet"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("note: shots 16, 64 skipped: the smallest class (") and "12 examples" in result.stdout
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
+    assert {r["shots"] for r in rows} == {8}
+    tiny8 = topic_csv(tmp_path / "tiny8.csv", n_per_class=8)
+    args[args.index(str(small))] = str(tiny8)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "comparing at 6 (--shots to choose)" in result.stdout
+    assert {r["shots"] for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]} == {6}
+
+
+def test_fitting_shots_reserves_the_test_set_or_nothing_with_a_test_file():
+    class Data:
+        origin = "d.csv"
+
+        def __init__(self, counts):
+            self._counts = counts
+
+        def counts(self):
+            return self._counts
+
+    assert catalog.fitting_shots(Data({"a": 200, "b": 90}), [8, 16, 64]) == ([8, 16, 64], None)
+    kept, note = catalog.fitting_shots(Data({"a": 30, "b": 20}), [8, 16, 64], reserve=4)
+    assert kept == [8, 16] and note.startswith("shots 64 skipped: the smallest class (b, 20 examples) leaves room "
+                                               "for at most 16 a class beside a test set")
+    assert catalog.fitting_shots(Data({"a": 20, "b": 20}), [8, 16, 64], reserve=0)[0] == [8, 16]
+    with pytest.raises(catalog.DataError, match="too few for training examples plus a test set"):
+        catalog.fitting_shots(Data({"a": 2, "b": 20}), [8, 16, 64])

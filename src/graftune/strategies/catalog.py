@@ -115,6 +115,26 @@ def test_per_class_for(ds, shots: Sequence[int]) -> int:
     return n
 
 
+def fitting_shots(ds, shots: Sequence[int], reserve: int = 2) -> tuple[list[int], str | None]:
+    """The shot counts of ``shots`` that leave ``reserve`` examples of every class for the test set (0: a separate
+    test file), and a sentence naming those dropped; when none fits, the largest count that does (a small file
+    still gets a comparison). ``graftune compare`` without ``--shots`` compares at these."""
+    counts = ds.counts()
+    smallest = min(counts.values())
+    room = smallest - reserve
+    kept = [k for k in shots if k <= room] or ([room] if room >= 1 else [])
+    if not kept:
+        raise DataError(f"{ds.origin}: the smallest class has {smallest} examples, too few for training examples "
+                        "plus a test set; add examples or pass --test FILE")
+    dropped = [k for k in shots if k not in kept]
+    if not dropped:
+        return kept, None
+    small = min(counts, key=counts.get)
+    return kept, (f"shots {', '.join(map(str, dropped))} skipped: the smallest class ({small}, {smallest} examples) "
+                  f"leaves room for at most {room} a class{' beside a test set' if reserve else ''}; comparing at "
+                  f"{', '.join(map(str, kept))} (--shots to choose)")
+
+
 def make_compare_splits(ds, *, shots: int, seed: int, test_per_class: int | None, user_test=None):
     """The splits of one (shots, seed): the test set does not depend on ``seed`` or ``shots``."""
     return make_splits(ds, seed=0, shot_seed=seed, shots=shots, val_size=0, test=user_test,
