@@ -291,13 +291,12 @@ def compare(
     if augment not in _AUGMENT:
         raise ConfigError(f"--augment {augment!r}: use off, on or both")
     names = None if strategies is None else [n.strip() for n in strategies.split(",") if n.strip()]
+    note = None
     if shots is None:  # the defaults, as many as the data has room for (a small file still gets a comparison)
         from graftune.strategies.catalog import fitting_shots, load_compare_data
 
         ds, user_test = load_compare_data(data, test, text_column, label_column)
         counts, note = fitting_shots(ds, [8, 16, 64], 0 if user_test is not None else test_per_class or 2)
-        if note:
-            typer.echo(f"note: {note}")
         shots = ",".join(map(str, counts))
     rows = run_compare(model, data, shots=_int_list(shots, "--shots"), seeds=seeds, strategies=names,
                        augment=_AUGMENT[augment], budget_s=budget, out_dir=out, text_column=text_column,
@@ -308,6 +307,8 @@ def compare(
     summary = summarize(rows)
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         warnings = json.load(f)["meta"].get("warnings", [])
+    if note:  # after the run: a refused comparison prints its one error line only
+        typer.echo(f"note: {note}")
     for warning in warnings:
         typer.echo(f"WARNING: {warning}")
     typer.echo(format_summary(summary, rows))
