@@ -379,10 +379,14 @@ def test_ctrl_c_during_train_prints_the_resume_command_and_resume_finishes(tiny,
             "--batch-size", "4", "--max-length", "32", "--precision", "fp32", "--patience", "0", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     # SIGINT's default action in the child: a suite started in the background by a shell without job control (nohup
-    # ... &) runs with SIGINT ignored, which children inherit, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, "-m", "graftune", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # ... &) runs with SIGINT ignored, which children inherit, and Python then never raises KeyboardInterrupt. A
+    # handled signal is reset to its default at exec, so the child starts while this process handles SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "graftune", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     checkpoint = checkpoint_file(partial_dir(out))
     deadline = time.monotonic() + 300
     while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
