@@ -102,7 +102,7 @@ def train(
                                       "embeddings + logistic regression or class means (text). With 8-16 "
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
                                       "data set (bench/RESULTS.md).  [default: contrastive for single-label text "
-                                      "with at most 16 training examples per class and no LoRA settings given, "
+                                      "with at most 32 training examples per class and no LoRA settings given, "
                                       "else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-method")
     # 20 a class: 16 after the default test carve (20%), 14 after the validation carve (10%)
     return {"bert": bert_folder(root / "bert"), "small": topic_csv(root / "small.csv"),
-            "large": topic_csv(root / "large.csv", n_per_class=40), "root": root}
+            "large": topic_csv(root / "large.csv", n_per_class=60), "root": root}
 
 
 def config(tiny, data: str = "small", **fields) -> RunConfig:
@@ -36,8 +36,8 @@ def test_few_examples_per_class_of_text_train_contrastive_and_say_why(tiny):
 
 
 def test_more_examples_per_class_keep_lora(tiny):
-    cfg, why = default_method(config(tiny, "large"))  # 28 a class after the carves
-    assert 28 > FEW_PER_CLASS and cfg.method == "lora" and why is None
+    cfg, why = default_method(config(tiny, "large"))  # 42 a class after the carves
+    assert 42 > FEW_PER_CLASS and cfg.method == "lora" and why is None
     cfg, why = default_method(config(tiny, "large", shots=8))  # --shots 8 on the same file: few again
     assert cfg.method == "contrastive" and "(here 8)" in why
 
