@@ -7,6 +7,7 @@ test accuracy, macro-F1 and training seconds of each method.
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python bench/default_method.py --data trec,sms-spam \
         --shots 8 --seeds 0,1,2 --out bench/out/default-method.jsonl
     PYTHONPATH=src .venv/bin/python bench/default_method.py --summary bench/out/default-method.jsonl
+    PYTHONPATH=src .venv/bin/python bench/default_method.py --small-csv /tmp/u1/q.csv   # a user's small file
 """
 
 from __future__ import annotations
@@ -67,6 +68,27 @@ def summary(path: Path) -> None:
           f"worst {min(gaps):+.1f}")
 
 
+def small_csv(path: Path, per_class: int = 12) -> None:
+    """A user's small file: ``per_class`` TREC questions of each type (shuffled with seed 1), columns question and
+    type (RESULTS' 12-a-class example)."""
+    import csv
+    import random
+
+    ds, _ = load_compare_data("trec", None, "text", "label")
+    rows = [(t, ds.label_names[y] if isinstance(y, int) else y) for t, y in zip(ds.inputs, ds.labels)]
+    random.seed(1)
+    random.shuffle(rows)
+    by: dict[str, list[str]] = {}
+    for text, label in rows:
+        by.setdefault(label, []).append(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "type"])
+        for label, texts in by.items():
+            w.writerows([t, label] for t in texts[:per_class])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="trec,sms-spam,rotten-tomatoes,bbc-news")
@@ -74,7 +96,11 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path)
     p.add_argument("--summary", type=Path)
+    p.add_argument("--small-csv", type=Path, help="write the 12-a-class TREC file of RESULTS' example and stop")
     a = p.parse_args()
+    if a.small_csv:
+        small_csv(a.small_csv)
+        return
     if a.summary:
         summary(a.summary)
         return

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from graftune.data.sources import load_data
-from graftune.onnx_export import run_test_split
+from graftune.data.splits import run_splits
 from graftune.run.scoring import features_of
 from graftune.runs import load_run
 from graftune.serve.drift import DriftTracker, Window, compare, read_window, reference_summary
@@ -72,7 +72,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = load_run(args.run, expect="classifier")
-    test = run_test_split(run.cfg, run.kind)
+    test = run_splits(run.cfg, run.kind).test
     rng = np.random.default_rng(0)
     order = rng.permutation(len(test.inputs))[: args.pool]
     same = [str(test.inputs[i]) for i in order]

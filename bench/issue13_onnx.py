@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 
 from graftune.config import build_config
+from graftune.data.splits import run_splits
 from graftune.evaluate import load_run
 from graftune.evaluate import predict as run_predict
 from graftune.io.onnx_format import OnnxRun, read_manifest
 from graftune.io.peft_format import export_run as export_peft_run
-from graftune.onnx_export import export_onnx, run_test_split
+from graftune.onnx_export import export_onnx
 from graftune.tasks.classification import pool
 
 BATCH = 32
@@ -88,7 +89,7 @@ def main():
         print(f"{name}: exported in {exports[name].manifest['export_seconds']} s", flush=True)
 
     cfg = build_config(run_dir / "run.yaml")
-    test = run_test_split(cfg)
+    test = run_splits(cfg, "classification").test
     texts, labels = [str(t) for t in test.inputs][:args.limit], list(test.labels)[:args.limit]
 
     # --- the four sides ---------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from graftune.data.splits import run_splits
 from graftune.io.onnx_format import MODEL_FILE, OnnxClassifier, OnnxImageRun
-from graftune.onnx_export import export_onnx, run_test_split
+from graftune.onnx_export import export_onnx
 from graftune.run.scoring import logits_of
 from graftune.runs import load_run
 
@@ -84,7 +85,7 @@ def main() -> None:
     yaml_file.write_text("".join(line if not line.startswith("precision:") else "precision: fp32\n"
                                  for line in yaml_file.read_text().splitlines(keepends=True)))
     run_fp32 = load_run(fp32_copy)
-    test = run_test_split(run.cfg, run.kind)
+    test = run_splits(run.cfg, run.kind).test
     images, labels = list(test.inputs), list(test.labels)
     onnx_runs = {name: OnnxClassifier.load(out / name, threads=args.threads) for name in ("onnx-fp32", "onnx-int8")}
     fp32 = onnx_runs["onnx-fp32"]

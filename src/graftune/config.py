@@ -204,6 +204,11 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def columns(self) -> dict:
+        """The column keyword arguments of ``data.sources.load_data`` this config names."""
+        return {"text_column": self.text_column, "label_column": self.label_column,
+                "prompt_column": self.prompt_column, "response_column": self.response_column}
+
     def split_args(self) -> dict:
         """The keyword arguments of ``data.splits.make_splits`` this config asks for (without ``test``)."""
         return {"seed": self.seed if self.split_seed is None else self.split_seed, "shot_seed": self.seed,

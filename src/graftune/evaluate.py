@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graftune.config import RunConfig
 from graftune.data.inputs import read_image, read_input_file  # noqa: F401 (read_image: re-exported)
 from graftune.data.sources import ALIASES, load_data
 from graftune.data.splits import make_splits
@@ -55,8 +54,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
                 raise DataError(f"run.yaml names {name} {value} relative to the folder the run was trained in: run "
                                 "eval from there, or pass --data FILE")
         # the groups are read from the file the test examples come from
-        ds = load_data(cfg.data, task=run.kind, group_column=None if cfg.test else group_column, **_columns(cfg))
-        test = load_data(cfg.test, task=run.kind, group_column=group_column, **_columns(cfg)) if cfg.test else None
+        ds = load_data(cfg.data, task=run.kind, group_column=None if cfg.test else group_column, **cfg.columns())
+        test = load_data(cfg.test, task=run.kind, group_column=group_column, **cfg.columns()) if cfg.test else None
         ds = make_splits(ds, test=test, **cfg.split_args()).test
     else:  # scoring is not training: one class will do
         ds = load_data(data, task=run.kind, min_classes=1, group_column=group_column, **columns)
@@ -81,11 +80,6 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         metrics["groups"] = {"column": group_column, **group_metrics(ds.labels, metrics.pop("predicted"), ds.groups,
                                                                      run.label_names)}
     return metrics
-
-
-def _columns(cfg: RunConfig) -> dict:
-    return {"text_column": cfg.text_column, "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
-            "response_column": cfg.response_column}
 
 
 def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> list[dict]:

@@ -54,12 +54,12 @@ from graftune.config import HEAD_ONLY, RunConfig, build_config
 from graftune.core.method import all_methods, get_method
 from graftune.data.inputs import Inputs, read_image
 from graftune.data.sources import Dataset, load_data
-from graftune.data.splits import Splits, make_splits
+from graftune.data.splits import Splits, run_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
 from graftune.io import onnx_format as fmt
 from graftune.io.artifact import read_meta
 from graftune.io.image_preprocess import ImagePreprocess
-from graftune.recipes import fewshot
+from graftune.recipes import fewshot, fewshot_run
 from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
 from graftune.recipes.fewshot_run import PROBE
 from graftune.run.loaded import LoadedRun
@@ -128,23 +128,6 @@ def _inspect(run_dir: Path) -> tuple[RunConfig, dict]:
         if not mergeable:
             raise _refuse(run_dir, f"a {method} run, whose adapter does not merge")
     return cfg, meta
-
-
-def _columns(cfg: RunConfig) -> dict:
-    return {"text_column": cfg.text_column, "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
-            "response_column": cfg.response_column}
-
-
-def run_splits(cfg: RunConfig, kind: str = "classification") -> Splits:
-    """The run's splits, rebuilt from its config as ``graftune.evaluate.evaluate_run`` rebuilds them."""
-    ds = load_data(cfg.data, task=kind, **_columns(cfg))
-    test = load_data(cfg.test, task=kind, **_columns(cfg)) if cfg.test else None
-    return make_splits(ds, test=test, **cfg.split_args())
-
-
-def run_test_split(cfg: RunConfig, kind: str = "classification") -> Dataset:
-    """The run's test split (see :func:`run_splits`)."""
-    return run_splits(cfg, kind).test
 
 
 # --- the model that is traced -------------------------------------------------------------------------------------
@@ -327,15 +310,6 @@ def _linear_head(head: Any, label_names: Sequence[str]) -> tuple[np.ndarray, np.
     return weight, bias
 
 
-def _probabilities(fitted: FewShotModel, texts: list[str], label_names: Sequence[str]) -> np.ndarray:
-    """``fitted.predict_proba`` with one column per label name (a class the head never saw: 0)."""
-    proba = fitted.predict_proba(texts)
-    out = np.zeros((len(texts), len(label_names)), dtype=np.float64)
-    for j, c in enumerate(fitted.classes):
-        out[:, list(label_names).index(str(c))] = proba[:, j]
-    return out
-
-
 def _long_text(fitted: FewShotModel, texts: list[str]) -> str:
     """The check texts joined and repeated past ``max_chunks`` windows of ``max_length`` tokens: a text whose
     windows are read, weighted and, past ``max_chunks``, dropped."""
@@ -364,7 +338,7 @@ class _ExportText:
         else:
             compared, output, module = "probabilities", fmt.EMBEDDING_OUTPUT, _Embedder(run.model, fitted.pooling)
             check.append(_long_text(fitted, check))
-            reference = _probabilities(fitted, check, run.label_names)
+            reference = fewshot_run.outputs(fitted, check, run.label_names)[1]  # as `predict` maps them
             settings["max_length"] = fitted.max_length
             settings["embedding"] = {"max_chunks": fitted.max_chunks,
                                      "special_tokens": fitted.tokenizer.num_special_tokens_to_add(pair=False),
@@ -544,9 +518,9 @@ def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, t
         raise DataError(f"{export_dir}: no {fmt.SOURCE_RUN_FILE} to rebuild the test split from; pass --data FILE")
     cfg = build_config(source) if source.is_file() else RunConfig()
     if data is None:
-        ds = run_test_split(cfg, run.kind)
+        ds = run_splits(cfg, run.kind).test
     else:
-        ds = load_data(data, task=run.kind, **(_columns(cfg) | {
+        ds = load_data(data, task=run.kind, **(cfg.columns() | {
             "text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column}))
     inputs = list(ds.inputs) if run.kind == "image" else [str(t) for t in ds.inputs]
     metrics = run.score(inputs, ds.labels, batch_size=batch_size)

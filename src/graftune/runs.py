@@ -92,8 +92,7 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     start, ...: those are LoRA's, so LoRA trains) or the run was launched data-parallel (torchrun: the contrastive
     recipe trains in one process). Loads and splits the data to count; a data problem is left to the run itself
     to report."""
-    from graftune.data.sources import load_data
-    from graftune.data.splits import make_splits
+    from graftune.data.splits import run_splits
     from graftune.recipes.fewshot_run import unused_settings
     from graftune.speed import distributed
 
@@ -101,14 +100,12 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
             or distributed.launched()):
         return cfg, None
     try:
-        ds = load_data(cfg.data, task=cfg.task, text_column=cfg.text_column, label_column=cfg.label_column)
-        if ds.modality != "text" or ds.multi_label:
-            return cfg, None
-        user_test = load_data(cfg.test, task=cfg.task or ds.modality, text_column=cfg.text_column,
-                              label_column=cfg.label_column) if cfg.test else None
-        counts = make_splits(ds, test=user_test, **cfg.split_args()).train.counts()
+        train = run_splits(cfg, cfg.task).train
     except (DataError, ConfigError):
         return cfg, None  # the run itself reports it, as it would with --method lora
+    if train.modality != "text" or train.multi_label:
+        return cfg, None
+    counts = train.counts()
     per_class = sum(counts.values()) / max(len(counts), 1)
     if per_class > FEW_PER_CLASS:
         return cfg, None

@@ -24,11 +24,12 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from graftune.data.sources import Dataset
+from graftune.data.sources import Dataset, load_data
 from graftune.errors import DataError
 
 MIN_VAL_PER_CLASS = 8
@@ -299,3 +300,11 @@ def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tup
             rest.append(i)
     n_val = val_per_class * len(ds.label_names)
     return np.array(take, dtype=int), np.array(rest[:n_val], dtype=int)
+
+
+def run_splits(cfg: Any, kind: str | None = None) -> Splits:
+    """A run's splits rebuilt from its config (``RunConfig``: data, test file, columns, seeds, carve) as its recipe
+    made them at training time. ``kind``: the task the data is read as (None: from the data)."""
+    ds = load_data(cfg.data, task=kind, **cfg.columns())
+    test = load_data(cfg.test, task=kind or ds.modality, **cfg.columns()) if cfg.test else None
+    return make_splits(ds, test=test, **cfg.split_args())

@@ -206,8 +206,8 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
 
 
 # --- scoring and predictions (the FewShotModel's own embed and head) ------------------------------------------
-def _outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str], emb: Any = None
-             ) -> tuple[list[str], np.ndarray]:
+def outputs(fitted: Any, texts: Sequence[str], label_names: Sequence[str], emb: Any = None
+            ) -> tuple[list[str], np.ndarray]:
     """Predicted labels (``head.predict``, as ``FewShotModel.predict``) and probabilities with one column per
     label name (a class the head never saw: 0), from one pass of ``fitted.embed`` (or its result ``emb``)."""
     emb = (fitted.embed(list(texts)) if emb is None else emb).numpy()
@@ -227,7 +227,7 @@ def score(fitted: Any, inputs: Sequence[str], labels: Sequence[str], label_names
     cross-entropy of the head's probabilities (-log p(true class), p clamped at 1e-12); with ``predictions`` also
     ``predicted``, the label predicted for each input (as ``run.scoring.score_classification``)."""
     index = {n: i for i, n in enumerate(label_names)}
-    pred, proba = _outputs(fitted, inputs, label_names)
+    pred, proba = outputs(fitted, inputs, label_names)
     y = np.asarray([index[label] for label in labels])
     metrics = classification_metrics(y, np.asarray([index[p] for p in pred]), list(label_names))
     p_true = np.clip(proba[np.arange(len(y)), y], 1e-12, None)
@@ -241,7 +241,7 @@ def predict_rows(fitted: Any, inputs: Sequence[str], label_names: Sequence[str],
                  ) -> list[dict]:
     """``evaluate.predict``'s rows: ``label`` and ``probabilities`` per class. ``embeddings``: ``fitted.embed(inputs)``
     when the caller has it already (the server keeps it for its drift summary)."""
-    pred, proba = _outputs(fitted, inputs, label_names, embeddings)
+    pred, proba = outputs(fitted, inputs, label_names, embeddings)
     return [{"label": label, "probabilities": {n: round(float(v), 6) for n, v in zip(label_names, row)}}
             for label, row in zip(pred, proba)]
 
@@ -346,6 +346,18 @@ def _prototypes(path: Path, meta: dict, tensors: dict) -> Any:
 
 
 # --- reloading a run -------------------------------------------------------------------------------------------------
+def fewshot_model(model: Any, tokenizer: Any, head: Any, head_meta: dict, adapter: str | None, policy: Any,
+                  method: str) -> FewShotModel:
+    """A saved head (``load_head``) on ``model`` (an ``AdapterModel`` holding the run's adapter as ``adapter``, None
+    for a probe run), embedding as at training time (``head.json``'s settings; the policy's autocast when it was
+    used): ``load`` rebuilds a run this way, and the server on its shared base."""
+    emb = head_meta["embedding"]
+    strategy = "contrastive-adapter" if method == CONTRASTIVE else f"frozen+{head_meta['kind']}"
+    return FewShotModel(model, tokenizer, head, emb["max_length"], emb["pooling"], adapter, emb["batch_size"],
+                        {"strategy": strategy}, emb["max_chunks"],
+                        precision=policy if emb.get("autocast", False) else None)
+
+
 def load(run_dir: Path, cfg: Any, meta: dict, kind: str = "classification", *, merge: bool = True,
          quantize: str = "none") -> LoadedRun:
     """The run's ``FewShotModel`` rebuilt as at training time (base, precision cast, adapter of a contrastive run,
@@ -375,10 +387,8 @@ def load(run_dir: Path, cfg: Any, meta: dict, kind: str = "classification", *, m
             raise ArtifactError(f"{file}: reads adapter {emb['adapter']!r} but the run holds {name!r}; train the run "
                                 "again")
     model.eval()
-    strategy = "contrastive-adapter" if method == CONTRASTIVE else f"frozen+{head_meta['kind']}"
-    fitted = FewShotModel(model, base.tokenizer, head, emb["max_length"], emb["pooling"], name, emb["batch_size"],
-                          {"strategy": strategy, "loaded_from": str(run_dir)}, emb["max_chunks"],
-                          precision=policy if emb.get("autocast", False) else None)
+    fitted = fewshot_model(model, base.tokenizer, head, head_meta, name, policy, method)
+    fitted.report["loaded_from"] = str(run_dir)
     task = build_task("classification", base, label_names=label_names, max_length=cfg.max_length)
     return LoadedRun(cfg, "classification", task, model, None, label_names, False, policy, meta, "none",
                      fewshot=fitted)

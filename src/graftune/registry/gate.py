@@ -106,18 +106,13 @@ class HeldOut:
     origin: str
 
 
-def columns_of(cfg) -> dict:
-    return {"text_column": cfg.text_column, "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
-            "response_column": cfg.response_column}
-
-
 def recorded_test_split(run_dir: Path, kind: str, ref: str) -> HeldOut:
     """The test split of the run in ``run_dir``, rebuilt from its run.yaml as ``evaluate_run`` does (same data,
     seeds and split settings), checked against the fingerprint its data card recorded at training time."""
     cfg = build_config(run_dir / "run.yaml")
     try:
-        ds = load_data(cfg.data, task=kind, **columns_of(cfg))
-        test = load_data(cfg.test, task=kind, **columns_of(cfg)) if cfg.test else None
+        ds = load_data(cfg.data, task=kind, **cfg.columns())
+        test = load_data(cfg.test, task=kind, **cfg.columns()) if cfg.test else None
     except GraftuneError as e:
         first = str(e).split(";")[0]
         raise DataError(f"{ref}: its test data is not reachable here ({first}); pass --data FILE with held-out "
@@ -134,7 +129,7 @@ def recorded_test_split(run_dir: Path, kind: str, ref: str) -> HeldOut:
 
 def data_file(path: str, cfg, kind: str) -> HeldOut:
     """Every example of ``--data FILE``, read with the candidate's column settings."""
-    ds = load_data(path, task=kind, **columns_of(cfg))
+    ds = load_data(path, task=kind, **cfg.columns())
     return HeldOut(list(ds.inputs), list(ds.labels), kind, f"{path} (--data)")
 
 

@@ -49,8 +49,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from graftune.data.sources import load_data
-from graftune.data.splits import make_splits
+from graftune.data.splits import run_splits
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.io.atomic import write_file_atomically
 from graftune.recipes.fewshot_run import predict_rows
@@ -454,11 +453,7 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
     if (run.fewshot is None and run.head is None) or run.kind != "classification":
         raise DataError(f"{run_dir}: drift needs a text classification run with an adapter or head (this is a "
                         f"{run.cfg.method} {run.kind} run)")
-    cfg = run.cfg
-    columns = {"text_column": cfg.text_column, "label_column": cfg.label_column}
-    ds = load_data(cfg.data, task=run.kind, **columns)
-    test = load_data(cfg.test, task=run.kind, **columns) if cfg.test else None
-    part = getattr(make_splits(ds, test=test, **cfg.split_args()), split)
+    part = getattr(run_splits(run.cfg, run.kind), split)
     inputs = list(part.inputs)
     if not inputs:
         raise DataError(f"{run_dir}: its {split} split is empty; nothing to compare served inputs with")

@@ -347,10 +347,9 @@ class ModelStore:
         self.slots.setdefault(slot.key, slot)
         fewshot = None
         if plan["fewshot"] is not None:  # as fewshot_run.load rebuilds it, on the shared base
-            head, emb = plan["fewshot"][0], plan["fewshot"][1]["embedding"]
-            fewshot = FewShotModel(slot.model, slot.tokenizer, head, emb["max_length"], emb["pooling"], key,
-                                   emb["batch_size"], {"strategy": "contrastive-adapter"}, emb["max_chunks"],
-                                   precision=slot.policy if emb.get("autocast", False) else None)
+            head, head_meta = plan["fewshot"]
+            fewshot = fewshot_run.fewshot_model(slot.model, slot.tokenizer, head, head_meta, key, slot.policy,
+                                                plan["method"])
         return Entry(plan["name"], plan["version"], plan["run_dir"], plan["kind"], plan["method"], key, slot,
                      plan["task"], plan["head"], plan["label_names"], plan["multi_label"], plan["max_new_tokens"],
                      fewshot)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from graftune.data.sources import load_data
-from graftune.data.splits import make_splits
+from graftune.data.splits import run_splits
 from graftune.errors import DataError
 from graftune.evaluate import load_run, predict
 from graftune.io.atomic import write_file_atomically
@@ -167,13 +167,9 @@ def _short(text: str, n: int = 160) -> str:
 
 # --- on a run directory ------------------------------------------------------------------------------------------
 def _test_split(run: Any, data: str | None) -> Any:
-    cfg = run.cfg
-    columns = {"text_column": cfg.text_column, "label_column": cfg.label_column}
     if data is not None:
-        return load_data(data, task=run.kind, **columns)
-    ds = load_data(cfg.data, task=run.kind, **columns)
-    test = load_data(cfg.test, task=run.kind, **columns) if cfg.test else None
-    return make_splits(ds, test=test, **cfg.split_args()).test
+        return load_data(data, task=run.kind, text_column=run.cfg.text_column, label_column=run.cfg.label_column)
+    return run_splits(run.cfg, run.kind).test
 
 
 def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Sequence[float] = STRENGTHS,
