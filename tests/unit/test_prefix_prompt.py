@@ -341,8 +341,9 @@ def test_user_errors(method):
         model(ids)
     from transformers import DynamicCache
 
-    with pytest.raises(ConfigError, match="past_key_values"):
-        model(input_ids=ids, past_key_values=DynamicCache())
+    for name in ("past_key_values", "cache"):  # transformers 5.25 renamed the first to the second
+        with pytest.raises(ConfigError, match="cannot continue a cache passed in"):
+            model(input_ids=ids, **{name: DynamicCache()})
     with pytest.raises(ConfigError, match="cannot be merged"):
         model.merge("default")
 

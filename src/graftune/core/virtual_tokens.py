@@ -23,6 +23,12 @@ from graftune.errors import ConfigError
 SEQUENCE_FIELDS = ("last_hidden_state", "logits", "hidden_states")
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword by which ``model``'s forward takes a key/value cache: transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def check_family(base: nn.Module, method: str, families: tuple[str, ...]) -> None:
     """Raise unless ``base`` is a transformers model of one of ``families``."""
     family = targets.family_of(base)
@@ -38,8 +44,8 @@ def inputs_shape(kwargs: dict, method: str) -> tuple[int, int, torch.device]:
         ref = kwargs.get("inputs_embeds")
     if ref is None:
         raise ConfigError(f"{method} tuning needs the inputs by keyword: call with input_ids=... (or inputs_embeds=...)")
-    if kwargs.get("past_key_values") is not None:
-        raise ConfigError(f"{method} tuning cannot continue a cache passed in; call without past_key_values "
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        raise ConfigError(f"{method} tuning cannot continue a cache passed in; call without one "
                           f"(AdapterModel.generate does cached decoding)")
     return ref.shape[0], ref.shape[1], ref.device
 

@@ -6,7 +6,7 @@ https://arxiv.org/abs/2101.00190):
     head_l(x) = softmax(q [P_k,l ; K_l]^T / sqrt(d)) [P_v,l ; V_l]
 
 with P_k,l, P_v,l in R^(P x d) per key/value head. The prefix is passed to the base as a pre-filled
-``DynamicCache`` (``past_key_values``) with the attention mask extended by P ones on the left, which is how
+``DynamicCache`` (``cache``, formerly ``past_key_values``) with the attention mask extended by P ones on the left, which is how
 transformers models (decoders, and in 5.x encoders such as BERT too) attend to earlier keys/values; a cached
 ``generate`` then just continues that cache. As in the paper's GPT-2 setup the prefix occupies positions
 0..P-1, so a row's real tokens are at positions P + (the positions the base would give them).
@@ -121,7 +121,7 @@ def _real_token_kv(base: nn.Module, p: int, shape: tuple[int, ...]) -> torch.Ten
     base.eval()
     try:
         with torch.no_grad(), routing.routed(routing.Route(())):
-            base(input_ids=ids, past_key_values=cache, use_cache=True)
+            base(input_ids=ids, use_cache=True, **{virtual_tokens.cache_argument(base): cache})
     finally:
         base.train(was_training)
     got = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
@@ -178,7 +178,7 @@ class Prefix(Method):
         cache = DynamicCache(ddp_cache_data=[(layer[:, 0], layer[:, 1]) for layer in kv.unbind(1)], config=base.config)
         virtual_tokens.extend_inputs(base, kwargs, counts[idx], width, length, generating=generating,
                                      virtual_positions=False)
-        kwargs["past_key_values"] = cache
+        kwargs[virtual_tokens.cache_argument(base)] = cache
         if not generating:
             kwargs.setdefault("use_cache", False)  # a returned cache would hold the prefix too
         return kwargs, _identity

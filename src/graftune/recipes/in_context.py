@@ -27,7 +27,6 @@ names, the base alias and the rendered prompt prefix); `load` rebuilds the promp
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graftune.core import virtual_tokens
 from graftune.errors import ArtifactError, ConfigError, DataError, ModelError
 from graftune.io.atomic import write_dir_atomically
 from graftune.zoo import Base, load_base
@@ -143,8 +143,7 @@ class InContextModel:
     def __post_init__(self):
         self._template = getattr(self.tokenizer, "chat_template", None) or PLAIN_TEMPLATE
         self._specials = not getattr(self.tokenizer, "chat_template", None)
-        # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns, then goes)
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_arg = virtual_tokens.cache_argument(self.model)
         words = dict(self.config.label_words or {})
         unknown = sorted(set(words) - set(self.label_names))
         if unknown:

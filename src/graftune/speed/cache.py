@@ -198,7 +198,7 @@ class FrozenPrefixCache:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not torch.is_tensor(ids) or ids.dim() != 2 or len(args) > 1:
             return None
-        for k in ("inputs_embeds", "past_key_values", "position_ids", "token_type_ids", "cache_position"):
+        for k in ("inputs_embeds", "past_key_values", "cache", "position_ids", "token_type_ids", "cache_position"):
             if kwargs.get(k) is not None:
                 return None
         mask = kwargs.get("attention_mask")
