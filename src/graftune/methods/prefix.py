@@ -162,7 +162,10 @@ class Prefix(Method):
 
         kwargs = dict(kwargs)
         batch, length, device = virtual_tokens.inputs_shape(kwargs, "prefix")
-        if base.training and getattr(base, "is_gradient_checkpointing", False):
+        checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x's name for the old
+        if checkpointing is None:
+            checkpointing = getattr(base, "is_gradient_checkpointing", False)
+        if base.training and checkpointing:
             raise ConfigError("prefix tuning passes the prefix as a cache, which gradient checkpointing drops; "
                               "turn gradient checkpointing off")
         dtype = virtual_tokens.compute_dtype(base, device)
