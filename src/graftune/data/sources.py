@@ -14,6 +14,12 @@ Multi-label rule: `multi_label=True` splits every label cell; `False` never does
 or as the text of a CSV cell such as `["a", "b"]`) or contains "|". Multi-label cells are then split on "|"
 (a single name becomes a one-name list, an empty cell the empty list).
 
+Text files are UTF-8, or UTF-16/UTF-32 when they start with a byte-order mark (Excel's "Unicode text"). In a
+CSV/TSV every row has as many fields as the header (an unquoted comma in a text is refused, not read as a label),
+header names are stripped of surrounding spaces and must be unique, and cells are text: a label "1.0" stays "1.0".
+In JSON/JSONL/Parquet a number label that is whole (1.0) names the same class as the integer (1), and a text must
+not be an object or array.
+
 Exact duplicates are removed when loading (`dedup=True`), keeping the first in source order: texts compared
 with whitespace normalized, images by pixels, pairs by both sides. A duplicate left in would land in the few
 shots and the test set at once (BBC News ships 100 of them).
@@ -29,6 +35,7 @@ each preceded by its relative path (a renamed class changes the data, so it chan
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import hashlib
 import importlib.util
@@ -477,39 +484,118 @@ def _modality_for_task(task: str | None) -> str | None:
 # Reading files into records: (rows, locs, columns). `locs[i]` says where row i came from, for error messages.
 
 
+# Byte-order marks of the encodings read without being asked: Excel's "Unicode text" is UTF-16 with a mark.
+# UTF-32-LE's mark starts with UTF-16-LE's, so it is tested first.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def _decode(data: bytes, name: str) -> str:
+    """UTF-8 (with or without a byte-order mark), or UTF-16/UTF-32 when the file starts with their mark."""
+    fixed = f"fixed{Path(name).suffix}"
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)  # the codec reads the byte order from the mark and drops it
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{name}: starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} "
+                    f"(byte offset {e.start}); re-save it as UTF-8"
+                ) from None
+    if b"\x00" in data:
+        # Text never holds NUL bytes; UTF-16 without a mark holds one in every ASCII character: at odd offsets
+        # little-endian, at even offsets big-endian. Suggesting latin-1 there would turn it into garbage.
+        sample = data[:4096]
+        order = "le" if sample[1::2].count(0) >= sample[0::2].count(0) else "be"
+        raise DataError(
+            f"{name}: holds NUL bytes, as UTF-16 without a byte-order mark does; re-encode it to UTF-8, "
+            f"e.g. iconv -f utf-16{order} -t utf-8 {name} > {fixed}"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
             f"{name}: not UTF-8 at line {line} (byte offset {e.start}); re-encode it to UTF-8, "
-            f"e.g. iconv -f latin1 -t utf-8 {name} > fixed{Path(name).suffix}"
+            f"e.g. iconv -f latin1 -t utf-8 {name} > {fixed}"
         ) from None
 
 
 def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], list[str], list[str]]:
+    """A CSV/TSV's rows as dicts keyed by the header's names (stripped of surrounding spaces), blank lines skipped.
+
+    Every row must have as many fields as the header. csv.DictReader would keep a row with extra fields (under
+    the key None: an unquoted comma inside a text shifts the rest into a made-up label) and fill missing ones
+    with None. A row's location is the line it starts on.
+    """
+    kind, delimiters = ("TSV", "tabs") if delimiter == "\t" else ("CSV", "commas")
+    lines = io.StringIO(text, newline="").readlines()  # the lines csv counts in line_num
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # long documents exceed the 128 KiB default
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        columns = list(reader.fieldnames or [])
-        rows, locs = [], []
-        for row in reader:
-            if not any((v or "").strip() for k, v in row.items() if k is not None):
-                continue  # blank line
-            rows.append(row)
-            locs.append(f"line {reader.line_num}")
-    except csv.Error as e:
-        kind = "TSV" if delimiter == "\t" else "CSV"
-        raise DataError(
-            f"{name} line {reader.line_num}: malformed {kind} ({e}); fix the quoting on that line"
-        ) from None
+        reader = csv.reader(lines, delimiter=delimiter)
+        records: list[tuple[int, list[str]]] = []  # (first line, fields)
+        start = 1
+        try:
+            for fields in reader:
+                records.append((start, fields))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(
+                f"{name} line {reader.line_num}: malformed {kind} ({e}); fix the quoting on that line"
+            ) from None
+        if records and _quote_left_open(lines[records[-1][0] - 1 :], delimiter):
+            # The open quote took the rest of the file into its field: the opening line is as many lines from the
+            # end as that field spans.
+            spanned = len(io.StringIO(records[-1][1][-1], newline="").readlines())
+            raise DataError(
+                f"{name} line {len(lines) - max(spanned, 1) + 1}: a quote opened here is never closed; close it "
+                '(a quote inside a quoted text is written twice: "")'
+            )
     finally:
         csv.field_size_limit(old_limit)
-    if not columns:
+    records = [(line, fields) for line, fields in records if any(f.strip() for f in fields)]
+    if not records:
         raise DataError(f"{name}: the file is empty; expected a header row and one row per example")
-    return rows, locs, columns
+    (_, header), body = records[0], records[1:]
+    header = [column.strip() for column in header]
+    named = [column for column in header if column]  # blank names (trailing delimiters) are never selected
+    for column in named:
+        if named.count(column) > 1:
+            raise DataError(f"{name}: the header names the column '{column}' twice; rename or remove one of them")
+    rows, locs = [], []
+    for line, fields in body:
+        if len(fields) != len(header):
+            if len(fields) < len(header):
+                fix = "add the missing fields or remove the row"
+            elif any(f.strip() for f in fields[len(header):]):
+                fix = f"quote texts that contain {delimiters}"
+            else:
+                fix = f"remove the trailing {delimiters}, or name the extra column in the header"
+            raise DataError(f"{name} line {line}: {_count(len(fields), 'field')} but the header has "
+                            f"{len(header)}; {fix}")
+        rows.append(dict(zip(header, fields)))
+        locs.append(f"line {line}")
+    return rows, locs, list(dict.fromkeys(header))
+
+
+def _quote_left_open(lines: list[str], delimiter: str) -> bool:
+    """Whether the record starting at `lines[0]` ends inside a quoted field: the lenient reader then takes the
+    rest of the file into that field without a word; the strict one says so."""
+    try:
+        for _ in csv.reader(lines, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _parse_jsonl(text: str, name: str) -> tuple[list[dict], list[str], list[str]]:
@@ -662,7 +748,7 @@ def _from_records(
 ) -> Dataset:
     if not rows:
         raise DataError(f"{name}: no examples (only a header or blank lines); add one row per example")
-    col = columns_map
+    col = {role: _match_column(wanted, columns) for role, wanted in columns_map.items()}
     if modality is None:
         if col["prompt"] in columns and col["response"] in columns and col["label"] not in columns:
             modality = "pairs"
@@ -679,6 +765,8 @@ def _from_records(
             prompt, response = row.get(col["prompt"]), row.get(col["response"])
             if prompt is None or response is None:
                 raise DataError(f"{name} {loc}: missing prompt or response; fill it in or remove the row")
+            for role in ("prompt", "response"):
+                _check_not_nested(row.get(col[role]), col[role], f"{name} {loc}")
             pairs.append((str(prompt), str(response)))
         return Dataset(modality="pairs", inputs=pairs, labels=[], label_names=[], origin=name)
 
@@ -691,6 +779,8 @@ def _from_records(
         value = row.get(col[role])
         if value is None:
             raise DataError(f"{name} {loc}: no value in column '{col[role]}'; fill it in or remove the row")
+        if role == "text":
+            _check_not_nested(value, col[role], f"{name} {loc}")
         inputs.append(str(value) if role == "text" else _decode_image_value(value, f"{name} {loc}", base))
     groups = _groups(rows, columns, name, col.get("group"))
     names, is_sequence = _class_names(features, col["label"])
@@ -701,6 +791,22 @@ def _from_records(
     label_names = sorted({n for lab in labels for n in (lab if multi else (lab,))} | set(names or []))
     return Dataset(modality=modality, inputs=inputs, labels=labels, label_names=label_names, multi_label=multi,
                    groups=groups)
+
+
+def _match_column(wanted: str | None, columns: list[str]) -> str | None:
+    """The column a user's name selects: the exact name, else the one that equals it without surrounding spaces
+    (a header written "text, label" has the column " label"; CSV headers are stripped when read)."""
+    if wanted is None or wanted in columns:
+        return wanted
+    loose = [c for c in columns if isinstance(c, str) and c.strip() == wanted.strip()]
+    return loose[0] if len(loose) == 1 else wanted
+
+
+def _check_not_nested(value: Any, column: str, where: str) -> None:
+    """Refuse a JSON object or array where a text belongs: str() would make a Python repr of it, silently."""
+    if isinstance(value, (dict, list)):
+        kind = "an object" if isinstance(value, dict) else "an array"
+        raise DataError(f"{where}: '{column}' holds {kind}, not text; put the text itself there as a JSON string")
 
 
 def _groups(rows: list[dict], columns: list[str], name: str, column: str | None) -> list[str] | None:
@@ -718,6 +824,10 @@ def _parse_labels(
     """Label cells -> names (or lists of names) and the resolved multi-label flag (rule: module docstring)."""
 
     def as_name(value: Any, loc: str) -> str:
+        # A JSON/Parquet number 1.0 is the class 1, as writers that store every number as a float mean it.
+        # A CSV cell is text and is never parsed: "1.0" there stays the name "1.0", as written.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if class_names is not None and isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value < len(class_names):
                 raise DataError(f"{name} {loc}: label id {value} is outside the {len(class_names)} class names")

@@ -33,6 +33,8 @@ from graftune.data.sources import Dataset, load_data
 from graftune.errors import DataError
 
 MIN_VAL_PER_CLASS = 8
+#: classes named in a message before "... and N more"
+LISTED_CLASSES = 10
 
 
 @dataclass
@@ -97,7 +99,7 @@ def make_splits(
         order = _order_per_class(ds, everything, seed)
         short = {c: len(ix) for c, ix in order.items() if len(ix) <= test_per_class}
         if short:
-            raise DataError(
+            raise _unique_labels(ds) or DataError(
                 f"{ds.origin}: test_per_class={test_per_class} leaves no training examples for "
                 f"{_listing(short)}; lower test_per_class"
             )
@@ -169,7 +171,30 @@ def _flat_labels(ds: Dataset) -> list[str]:
 
 
 def _listing(counts: dict[str, int]) -> str:
-    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items()))
+    """'a (3), b (1)': classes and their example counts, the first LISTED_CLASSES only, long names cut (with a
+    wrong label column every text is a class, and the message would print the whole file on one line)."""
+    items = sorted(counts.items())
+    shown = ", ".join(f"{_short(name)} ({n})" for name, n in items[:LISTED_CLASSES])
+    return shown + (f" ... and {len(items) - LISTED_CLASSES} more" if len(items) > LISTED_CLASSES else "")
+
+
+def _short(name: str, limit: int = 40) -> str:
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def _unique_labels(ds: Dataset) -> DataError | None:
+    """The error to raise instead of "too few examples" when nearly every example is a class of its own: a text
+    or id column was read as the labels, and more examples would not help."""
+    classes, n = len(ds.label_names), len(ds)
+    if classes <= LISTED_CLASSES or classes < 0.8 * n:
+        return None
+    some = ", ".join(repr(_short(name)) for name in ds.label_names[:3])
+    return DataError(f"{ds.origin}: nearly every label is unique ({classes} classes in {_examples(n)}: {some} ...); "
+                     "is that the label column? Pick the right one with --label-column NAME")
+
+
+def _examples(n: int) -> str:
+    return f"{n} example{'' if n == 1 else 's'}"
 
 
 def _check_int(field: str, value: object, *, minimum: int) -> None:
@@ -216,18 +241,21 @@ def _split(
         if min(counts.values()) < 2 or len(idx) < 2 * len(counts):
             small = {c: n for c, n in counts.items() if n < 2}
             if field == "val_size":
-                notes.append(f"no validation part: {_listing(small) or 'the data'} too small to hold one example "
-                             "per class out; every training epoch runs (no early stopping)")
+                notes.append(f"no validation part: too few examples to hold one per class out ({_listing(small)}); "
+                             "every training epoch runs (no early stopping)")
                 return idx, np.array([], dtype=int)
-            raise DataError(f"{ds.origin}: {_listing(small)} has too few examples to hold one out for {what}; add "
-                            "examples or pass a separate --test FILE")
+            verb = "has" if len(small) == 1 else "have"
+            raise _unique_labels(ds) or DataError(
+                f"{ds.origin}: {_listing(small)} {verb} too few examples to hold one out for {what}; add examples "
+                "or pass a separate --test FILE"
+            )
         if n_out > len(idx) - len(counts):
-            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving too few "
-                            f"to train on (one per class at least); lower {field}")
+            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {_examples(len(idx))} left, leaving too "
+                            f"few to train on (one per class at least); lower {field}")
         return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
     if n_out >= len(idx):
         raise DataError(
-            f"{ds.origin}: {field} asks for {n_out} of the {len(idx)} examples left, leaving none to train on; "
+            f"{ds.origin}: {field} asks for {n_out} of the {_examples(len(idx))} left, leaving none to train on; "
             f"lower {field}"
         )
     kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True)
@@ -265,7 +293,7 @@ def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tup
         order = _order_per_class(ds, pool, seed)
         short = {c: len(ix) for c, ix in order.items() if len(ix) < shots}
         if short:
-            raise DataError(
+            raise _unique_labels(ds) or DataError(
                 f"{ds.origin}: fewer than shots={shots} training examples for {_listing(short)}; "
                 "lower --shots or add examples"
             )
@@ -285,7 +313,7 @@ def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tup
             have[name] += 1
     short = {c: n for c, n in have.items() if n < shots}
     if short:
-        raise DataError(
+        raise _unique_labels(ds) or DataError(
             f"{ds.origin}: fewer than shots={shots} training examples for {_listing(short)}; "
             "lower --shots or add examples"
         )
