@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftune.core.targets import family_of
-from graftune.errors import ModelError
+from graftune.errors import ConfigError, ModelError
 from graftune.nets.efficientnet_lite import efficientnet_lite0, tiny_efficientnet
 
 __all__ = ["Base", "ImageTransform", "ModelInfo", "cache_dir", "detect_family", "image_transform", "list_models",
@@ -87,6 +87,16 @@ class Base:
     info: ModelInfo | None
     image_size: int | None = None
     pooling: str | None = None
+
+    def check_max_length(self, max_length: int) -> None:
+        """Refuse a ``max_length`` beyond the positions the model has (BERT's 512): the forward would fail on the
+        first text that long, possibly long after training, in predict."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+        if self.tokenizer is not None and isinstance(limit, int) and max_length > limit:
+            raise ConfigError(f"max_length: got {max_length}, but {self.name} reads at most {limit} tokens (its "
+                              f"position embeddings); use --max-length {limit} or less (longer texts are read as "
+                              "several windows where the method does that, else cut)")
 
 
 _MODELS = {

@@ -83,6 +83,11 @@ def test_generate_on_a_causal_lm_run(tiny):
     out = tiny["root"] / "lm"
     result = runner.invoke(app, ["train", "--model", str(tiny["llama"]), "--data", str(tiny["pairs"]), "--out",
                                  str(out), "--epochs", "1", "--max-new-tokens", "3", "--precision", "fp32", "--quiet"])
+    # the tiny llama has 128 positions: the default --max-length 256 is refused before anything is written
+    assert result.exit_code == 2 and "reads at most 128 tokens" in result.output and not out.exists()
+    result = runner.invoke(app, ["train", "--model", str(tiny["llama"]), "--data", str(tiny["pairs"]), "--out",
+                                 str(out), "--epochs", "1", "--max-new-tokens", "3", "--precision", "fp32", "--quiet",
+                                 "--max-length", "128"])
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.stdout
     result = runner.invoke(app, ["generate", str(out), "goal match", "--json", "--max-new-tokens", "2"])

@@ -246,3 +246,12 @@ def test_probe_head_init_reproduces_the_logistic_regression(labels, tiny):
     expected = LogisticRegression(max_iter=2000, random_state=0).fit(x.numpy(), y).predict_proba(x.numpy())
     got = torch.softmax(head(x.clone()), -1).detach().numpy()
     assert abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["lora", "probe", "contrastive"])
+def test_max_length_beyond_the_models_positions_is_refused_before_training(tiny, tmp_path, method):
+    # the tiny BERT has 64 positions; a longer max_length would fail on the first text that long (maybe in predict)
+    cfg = RunConfig(**train_args(tiny["bert"], tiny["csv"], tmp_path / "run", method=method, max_length=65))
+    with pytest.raises(ConfigError, match="max_length: got 65, but .* reads at most 64 tokens"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -99,6 +99,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         # --- model: frozen base + one adapter (or none) + the task head -----------------------------------------
         torch.manual_seed(cfg.seed)
         base = load_base(cfg.model, task=ZOO_TASK[kind])
+        base.check_max_length(cfg.max_length)
         task = build_task(kind, base, label_names=ds.label_names, multi_label=ds.multi_label,
                           max_length=cfg.max_length, dropout=cfg.dropout)
         model = AdapterModel(base.model, family=base.family)

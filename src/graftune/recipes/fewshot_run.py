@@ -157,6 +157,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
     with assembled_run(cfg) as (out, work), PeakMemory() as memory, \
             contextlib.closing(RunLog(work / "log.jsonl", cfg, resumed=False)) as log:
         base = load_base(cfg.model, task=ZOO_TASK["classification"])
+        base.check_max_length(cfg.max_length)
         base.model.to(device)
         model = AdapterModel(base.model, family=base.family)
         log.event("start", method=method, model=cfg.model, data=cfg.data, precision=policy.name,

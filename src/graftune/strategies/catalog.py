@@ -172,6 +172,7 @@ class Frozen:
         started = time.perf_counter()
         kind = MODALITY_TASK[ds.modality]
         base = load_base(model, task=ZOO_TASK[kind])
+        base.check_max_length(max_length)
         self.task = build_task(kind, base, label_names=ds.label_names, max_length=max_length)
         self.model = AdapterModel(base.model, family=base.family)
         self.policy = precision.choose("auto", inference=True)
