@@ -16,11 +16,13 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -321,22 +323,40 @@ def _from_folder(path: Path, name: str, causal: bool, dtype: torch.dtype, info: 
     return _assemble(model, tokenizer, name, str(path), info, causal, _st_settings(path, tokenizer))
 
 
+def _hub_reachable() -> bool:
+    """One connection attempt to the hub (3 s at most). Without it an offline machine waits ~25 s on an unknown
+    model: huggingface_hub retries a failed connection 5 times with back-off, printing every try. Behind a proxy
+    (which a direct connection would bypass) the hub is assumed reachable."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_hub(name: str, task: str | None, dtype: torch.dtype) -> Base:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import cached_file
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not _hub_reachable()
+    local = {"local_files_only": True} if offline else {}  # offline: the local Hugging Face cache only
     try:
-        source = str(Path(cached_file(name, "config.json")).parent)
+        source = str(Path(cached_file(name, "config.json", **local)).parent)
         _refuse_custom_code(Path(source), name)
-        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False, **local)
         causal = _is_causal(config, task)
         model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, dtype=dtype,
-                                                                                trust_remote_code=False)
+                                                                                trust_remote_code=False, **local)
         tokenizer = (None if family_of(model) in ("vit", "cnn")
-                     else AutoTokenizer.from_pretrained(name, trust_remote_code=False))
+                     else AutoTokenizer.from_pretrained(name, trust_remote_code=False, **local))
     except OSError as e:
-        raise ModelError(f"cannot download {name!r} (offline?): use a local folder or one of the built-in "
-                         f"aliases: {_ALIASES}") from e
+        where = "the hub cannot be reached and it is not in the local Hugging Face cache" if offline else \
+            "cannot download it"
+        raise ModelError(f"model {name!r}: {where}; use a local folder or one of the built-in aliases: "
+                         f"{_ALIASES}") from e
     except ValueError as e:
         if (refused := _custom_code_error(name, e)) is None:
             raise
