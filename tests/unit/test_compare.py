@@ -621,3 +621,20 @@ def test_auto_stops_after_three_folds_when_the_preferred_candidate_leads(tiny, m
     record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32, train_fn=Slow(),
                             candidates=("head", "contrastive"))
     assert len(calls) == 5 and "stopped after" not in record["reason"]
+
+
+def test_a_test_file_that_shares_examples_with_training_is_warned_about(tiny, tmp_path):
+    # train and check warn about a leaking --test; compare trained and recommended on it in silence
+    import csv
+
+    with open(tiny["csv"], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    leak = tmp_path / "leak.csv"
+    with leak.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:6])  # every test example is also a training example
+    run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["prototypes"], test=str(leak),
+                out_dir=tmp_path / "cmp", settings={"max_length": 32}, progress=False)
+    warnings = json.loads((tmp_path / "cmp" / "results.json").read_text())["meta"]["warnings"]
+    assert any("the test set shares 6 exact" in w for w in warnings), warnings

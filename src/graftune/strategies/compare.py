@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from graftune.data.card import fingerprint
-from graftune.data.checks import vocabulary_fit, vocabulary_problem
+from graftune.data.checks import split_checks, split_warnings, vocabulary_fit, vocabulary_problem
 from graftune.data.sources import Dataset, load_data
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.evaluate import load_run, predict
@@ -252,7 +252,8 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     frozen: Frozen | None = None
     if ds.modality == "text" and any(STRATEGIES[n].kind == "features" for n in names):
         frozen = Frozen(model, ds, settings.get("max_length", 256))  # its tokenizer serves the vocabulary check
-    warnings = data_warnings(model, ds, frozen.task.tokenizer if frozen is not None else None)
+    warnings = data_warnings(model, ds, frozen.task.tokenizer if frozen is not None else None,
+                             next(iter(all_splits.values())).test)  # one test set for every run
     rows: list[dict] = []
     spent: dict[str, list[tuple[float, float]]] = {}  # strategy -> (fixed seconds, seconds per train example)
     say = print if progress else (lambda *a, **k: None)
@@ -333,15 +334,22 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     return rows, meta
 
 
-def data_warnings(model: str, ds: Dataset, tokenizer: Any = None) -> list[str]:
-    """What a person must hear before reading the comparison: texts the model's vocabulary does not read (every
-    strategy then sees little of their meaning; ``data.checks.vocabulary_fit``). ``tokenizer``: the model's, when
-    already loaded (else the model is loaded for it)."""
+def data_warnings(model: str, ds: Dataset, tokenizer: Any = None, test: Dataset | None = None) -> list[str]:
+    """What a person must hear before reading the comparison: a ``test`` set that shares examples with the
+    training pool ``ds`` (every accuracy then overstates; the check ``train`` runs on its splits), and texts the
+    model's vocabulary does not read (every strategy then sees little of their meaning;
+    ``data.checks.vocabulary_fit``). ``tokenizer``: the model's, when already loaded (else loaded for it)."""
+    out = []
+    if test is not None:
+        none = replace(ds, inputs=[], labels=[])
+        checks = split_checks(ds, none, test)
+        out += [line for line in split_warnings({k: checks.get(k) for k in ("overlap", "near_overlap_train_test")
+                                                 if k in checks}) if line]
     if ds.modality != "text":
-        return []
+        return out
     tokenizer = tokenizer or load_base(model, task="text-classification").tokenizer
     problem = vocabulary_problem(vocabulary_fit(tokenizer, ds.inputs))
-    return [problem] if problem else []
+    return out + ([problem] if problem else [])
 
 
 def _trust_line(row: dict) -> str:
