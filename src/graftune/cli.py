@@ -456,8 +456,10 @@ def predict(
     run_dir: str = typer.Argument(..., help="A classification run directory."),
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (image files for image runs).")] = None,
     input_file: str | None = typer.Option(None, "--input", help="A .txt (one text per line; blank lines skipped), "
-                                          ".jsonl or .csv file; for image runs image files or a folder of them."),
-    text_column: str = typer.Option("text", help="The text column of a .jsonl/.csv --input."),
+                                          ".csv, .tsv, .jsonl, .json or .parquet file; for image runs image files "
+                                          "or a folder of them."),
+    text_column: str | None = typer.Option(None, help="The text column of a --input file of records.  [default: "
+                                           "the run's own text column, else text]"),
     quantize: str = typer.Option("none", help=_QUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: where the input came from "
                                  "(arg N, or line N of --input) and its text, the label and the probabilities."),
@@ -471,7 +473,13 @@ def predict(
 
     if not texts and not input_file:
         raise DataError("nothing to predict: pass texts after RUN_DIR or --input FILE")
-    given = read_input_file(input_file, text_column=text_column) if input_file else None  # before any model loads
+    blank = [i for i, t in enumerate(texts or [], 1) if not t.strip()]
+    if blank:
+        raise DataError(f"arg {blank[0]} is blank; pass a text to classify (or leave it out)")
+    if input_file:  # read and checked before any model loads
+        given = read_input_file(input_file, text_column=text_column or _run_text_column(run_dir))
+    else:
+        given = None
     texts = list(texts or [])
     if is_onnx_export(run_dir):  # a `graftune export --format onnx` folder: run with onnxruntime
         from graftune.onnx_export import predict_export
@@ -495,7 +503,22 @@ def predict(
     _print_predictions(run_predict(run, inputs + (given.items if given else [])), sources, given, as_json)
 
 
-_TEXT_INPUTS = "pass a .txt (one text per line), .jsonl or .csv file"
+_TEXT_INPUTS = "pass a .txt (one text per line), .csv, .jsonl, .json or .parquet file"
+
+
+def _run_text_column(run_dir: str) -> str:
+    """The text column a run was trained on (run.yaml's ``text_column``), for reading a --input file as its data
+    was read; ``text`` for exports and folders without a readable run.yaml (loading the run then says why)."""
+    from pathlib import Path
+
+    from graftune.config import read_yaml
+    from graftune.errors import ConfigError
+
+    try:
+        column = read_yaml(Path(run_dir) / "run.yaml").get("text_column")
+    except ConfigError:
+        return "text"
+    return column if isinstance(column, str) and column else "text"
 
 
 def _print_predictions(rows: list[dict], sources: list[dict], given, as_json: bool) -> None:
@@ -508,8 +531,8 @@ def _print_predictions(rows: list[dict], sources: list[dict], given, as_json: bo
         if as_json:
             typer.echo(json.dumps({**source, **row}))
             continue
-        where = f"arg {source['arg']}" if "arg" in source else f"line {source['line']}" if "line" in source \
-            else source["file"]
+        where = next((f"{kind} {source[kind]}" for kind in ("arg", "line", "record", "row") if kind in source),
+                     source.get("file"))
         label = row.get("label") or ",".join(row.get("labels", [])) or "-"
         text = source.get("text")
         preview = "" if text is None else "  " + " ".join(text.split())[:70]

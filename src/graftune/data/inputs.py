@@ -3,7 +3,9 @@
 ``graftune predict --input FILE`` answers every input with the place it came from, so a row of output can be
 matched to its line even when blank lines are skipped: a ``.txt`` holds one text per line (its 1-based line
 number, blank lines counted), a ``.jsonl`` one object per line, a ``.csv``/``.tsv`` one row per record (the line
-the record starts on; the header is line 1); a folder or an image file gives images (their file names).
+the record starts on; the header is line 1), a ``.json`` a list of records (record N, from 0), a ``.parquet`` /
+``.arrow`` table rows (row N, from 0); a folder or an image file gives images (their file names). Files of records
+are parsed by ``data.sources.read_records``, as training data is.
 
 The file is read whole and checked (exists, readable, UTF-8, not empty, the text column present) before any model
 is loaded: a typo in a path should cost a second, not a model load.
@@ -11,9 +13,6 @@ is loaded: a typo in a path should cost a second, not a model load.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from graftune.data.sources import check_not_nested, decode_text, match_column, read_records
 from graftune.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "Inputs", "read_image", "read_input_file"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-_FORMS = "pass a .txt (one text per line), .jsonl or .csv file"
+_SAVE_AS = "a .txt (one text per line), .csv, .jsonl, .json or .parquet file"
+_FORMS = f"pass {_SAVE_AS}"
+RECORD_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".arrow")
+#: files that are not text, though a user may hold texts in them: refused by name, not as "not UTF-8"
+_BINARY = (".xlsx", ".xls", ".docx", ".doc", ".pdf", ".odt", ".ods", ".zip", ".gz", ".pkl", ".npy")
 
 
 @dataclass
@@ -55,11 +59,13 @@ class Inputs:
 
 
 def read_input_file(path: str | Path, *, text_column: str = "text", images: bool | None = None) -> Inputs:
-    """Read ``path`` as inputs to predict, each with its line (or file name).
+    """Read ``path`` as inputs to predict, each with its line (or record, row, file name).
 
     Args:
-        path: a .txt, .jsonl, .csv or .tsv file of texts; or an image file or a folder of images.
-        text_column: the field of a .jsonl/.csv/.tsv file that holds the text.
+        path: a .txt (or any other text file: one text per line); a .csv, .tsv, .jsonl, .json, .parquet or .arrow
+            file of records, read as training data is (``data.sources.read_records``); or an image file or a
+            folder of images.
+        text_column: the field of a file of records that holds the text.
         images: read images (True) or texts (False); None decides from the path (a folder or an image suffix).
     """
     path = Path(path)
@@ -71,23 +77,21 @@ def read_input_file(path: str | Path, *, text_column: str = "text", images: bool
         return _read_images(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; {_FORMS}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; re-encode it to UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        got = _read_jsonl(path, text, text_column)
-    elif suffix in (".csv", ".tsv"):
-        got = _read_table(path, text, text_column, "\t" if suffix == ".tsv" else ",")
+    if suffix in RECORD_SUFFIXES:
+        got = _read_records(path, text_column)
     else:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+        if suffix in _BINARY:
+            raise DataError(f"{path}: a {suffix} file is not text; save the texts as {_SAVE_AS}")
         got = Inputs()
-        for number, line in enumerate(_lines(text), start=1):
-            _add(got, number, line)
+        for number, line in enumerate(_lines(decode_text(data, str(path))), start=1):
+            _add(got, {"line": number}, line)
     if not got.items:
-        where = f"no '{text_column}' text in any row" if suffix in (".jsonl", ".csv", ".tsv") else "no text in it"
+        where = f"no '{text_column}' text in any row" if suffix in RECORD_SUFFIXES else "no text in it"
         raise DataError(f"{path}: {where}; put one text per line")
     return got
 
@@ -101,54 +105,34 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def _add(got: Inputs, number: int, value: Any) -> None:
+def _add(got: Inputs, where: dict, value: Any) -> None:
     text = "" if value is None else str(value)
     if text.strip():
         got.items.append(text)
-        got.sources.append({"line": number, "text": text})
+        got.sources.append({**where, "text": text})
     else:
-        got.skipped.append(number)
+        got.skipped.append(next(iter(where.values())))
 
 
-def _read_jsonl(path: Path, text: str, column: str) -> Inputs:
-    got = Inputs()
-    for number, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            got.skipped.append(number)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: not valid JSON ({e.msg}); fix the line") from None
-        if not isinstance(row, dict) or column not in row:
-            fields = f" (fields: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
-            raise DataError(f"{path} line {number}: no '{column}' field{fields}; use --text-column NAME")
-        _add(got, number, row[column])
-    return got
-
-
-def _read_table(path: Path, text: str, column: str, delimiter: str) -> Inputs:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _read_records(path: Path, column: str) -> Inputs:
+    """A file of records: the text of each (``line N`` of a .csv/.tsv/.jsonl, ``record N`` of a .json, ``row N``
+    of a .parquet/.arrow), blank ones skipped."""
     try:
-        header = next(reader)
-    except StopIteration:
-        raise DataError(f"{path}: the file is empty; write a header row with a '{column}' column, then one "
-                        "text per row") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: not a valid {path.suffix[1:]} file ({e}); fix the file") from None
-    if column not in header:
-        raise DataError(f"{path}: no '{column}' column (columns: {', '.join(header)}); use --text-column NAME")
-    index = header.index(column)
+        rows, locs, columns, _ = read_records(path, str(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    found = match_column(column, columns)
+    if found not in columns:
+        raise DataError(f"{path}: no '{column}' column (columns: {', '.join(map(str, columns))}); use "
+                        "--text-column NAME")
     got = Inputs()
-    while True:
-        number = reader.line_num + 1  # the line this record starts on
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise DataError(f"{path} line {number}: {e}; fix the row") from None
-        _add(got, number, row[index] if index < len(row) else "")
+    for row, loc in zip(rows, locs):
+        kind, number = loc.split(" ", 1)
+        if found not in row:
+            raise DataError(f"{path} {loc}: no '{found}' field (fields: {', '.join(map(str, row))}); use "
+                            "--text-column NAME")
+        check_not_nested(row.get(found), found, f"{path} {loc}")
+        _add(got, {kind: int(number)}, row.get(found))
     return got
 
 
@@ -157,6 +141,9 @@ def _read_images(path: Path) -> Inputs:
         else [path]
     if not files:
         raise DataError(f"{path}: no image files in the folder; pass PNG or JPEG files or a folder of them")
+    if path.is_dir() and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
+        raise DataError(f"{path}: a folder is read as images (for image runs), but it holds none; to classify "
+                        f"texts {_FORMS}")
     names = [str(f.relative_to(path)) if path.is_dir() else str(f) for f in files]
     return Inputs([read_image(f) for f in files], [{"file": n} for n in names], images=True)
 

