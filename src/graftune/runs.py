@@ -89,15 +89,14 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     with the method graftune trains by default on its data, and a sentence saying which and why when that is not
     ``cfg.method``. The contrastive recipe replaces LoRA for single-label text with at most ``FEW_PER_CLASS``
     training examples per class, unless a setting it would not honour is given (an option, ``--epochs``, a warm
-    start, ...: those are LoRA's, so LoRA trains) or the run was launched data-parallel (torchrun: the contrastive
-    recipe trains in one process). Loads and splits the data to count; a data problem is left to the run itself
-    to report."""
+    start, ...: those are LoRA's, so LoRA trains, and the sentence says why) or the run was launched data-parallel
+    (torchrun: the contrastive recipe trains in one process). Loads and splits the data to count; a data problem
+    is left to the run itself to report."""
     from graftune.data.splits import run_splits
     from graftune.recipes.fewshot_run import unused_settings
     from graftune.speed import distributed
 
-    if (cfg.method != "lora" or cfg.task == "causal-lm" or cfg.options or cfg.resume or unused_settings(cfg)
-            or distributed.launched()):
+    if cfg.method != "lora" or cfg.task == "causal-lm" or cfg.resume or distributed.launched():
         return cfg, None
     try:
         train = run_splits(cfg, cfg.task).train
@@ -109,6 +108,13 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     per_class = sum(counts.values()) / max(len(counts), 1)
     if per_class > FEW_PER_CLASS:
         return cfg, None
+    lora_only = ["--set " + ",".join(cfg.options)] if cfg.options else []
+    lora_only += ["--" + name.replace("_", "-") for name in unused_settings(cfg)]
+    if lora_only:  # said, not silent: these few examples would otherwise train the contrastive recipe
+        given = " and ".join(lora_only)
+        return cfg, (f"no --method given: training LoRA, as {given} {'is' if len(lora_only) == 1 else 'are'} "
+                     f"LoRA's; with at most {FEW_PER_CLASS} training examples per class (here {per_class:.3g}) the "
+                     "default would be the contrastive recipe: leave those out for it, or name a --method")
     reason = (f"no --method given: training contrastive (SetFit's recipe), the default for single-label text with "
               f"at most {FEW_PER_CLASS} training examples per class (here {per_class:.3g}): with 8 to 32 a class it was "
               "3-5 points more accurate than LoRA, the default for more data, on average over 8 data sets, and at "
