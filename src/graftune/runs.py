@@ -12,6 +12,7 @@ Adding a recipe: one file under ``recipes/`` with those three functions, and one
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from types import ModuleType
 
@@ -24,7 +25,7 @@ from graftune.recipes import adapter, contrastive, in_context_run, probe
 from graftune.run.loaded import LoadedRun
 from graftune.run.rundir import RUN_FILE
 from graftune.speed import quantize as quantization
-from graftune.strategies import auto
+from graftune.strategies import auto, catalog
 from graftune.zoo import list_models
 
 #: method -> recipe module, for the methods that are not the engine's adapter methods
@@ -56,8 +57,13 @@ def recipe_for(method: str) -> ModuleType:
     adapters = [m.name for m in all_methods()]
     if method in adapters:
         return adapter
-    raise ConfigError(f"unknown method {method!r}; use an adapter method ({', '.join(adapters)}; see `graftune "
-                      f"methods`), or one of the recipes {', '.join(recipe_names())}")
+    if method in catalog.AS_RUN:  # a name from `graftune compare`'s table
+        raise ConfigError(f"method: {method!r} is graftune compare's name for a strategy; train it with "
+                          f"{catalog.AS_RUN[method]}")
+    close = difflib.get_close_matches(str(method), [*adapters, *recipe_names()], n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown method {method!r}; {hint}use an adapter method ({', '.join(adapters)}; see "
+                      f"`graftune methods`), or one of the recipes {', '.join(recipe_names())}")
 
 
 def check(cfg: RunConfig) -> RunConfig:

@@ -65,6 +65,17 @@ def test_an_unknown_method_names_both_kinds():
     with pytest.raises(ConfigError, match=r"unknown method 'nope'; use an adapter method \(.*lora.*\), or one of the "
                                           r"recipes head, contrastive, probe"):
         runs.check(RunConfig(model="m", data="d", method="nope"))
+    with pytest.raises(ConfigError, match=r"unknown method 'lorra'; did you mean 'lora'\? use an adapter method"):
+        runs.check(RunConfig(model="m", data="d", method="lorra"))
+
+
+@pytest.mark.parametrize(("name", "spelling"), [("linear-probe", "--method probe"),
+                                                ("prototypes", "--method probe --set head=prototype"),
+                                                ("lora-top2", "--method lora --set r=8 --set alpha=16")])
+def test_a_compare_strategy_name_is_answered_with_its_train_spelling(name, spelling):
+    with pytest.raises(ConfigError, match=f"'{name}' is graftune compare's name for a strategy; train it with "
+                                          f"{spelling}"):
+        runs.check(RunConfig(model="m", data="d", method=name))
 
 
 def test_unknown_yaml_keys_and_bad_yaml(tmp_path):

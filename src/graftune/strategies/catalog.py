@@ -60,12 +60,16 @@ class Strategy:
     description: str = ""
     default: bool = True
 
+#: how ``graftune train`` spells the strategies whose names are not methods of their own
+AS_RUN = {"linear-probe": "--method probe", "prototypes": "--method probe --set head=prototype",
+          "lora-top2": "--method lora --set r=8 --set alpha=16 --set top_k_layers=2"}
+
 #: cheapest first: under a budget the baselines always run
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("linear-probe", "features", description="frozen encoder + logistic regression (whole texts: up to 4 "
-             "windows; as a run: train --method probe)", cost=0.05),
+             f"windows; as a run: train {AS_RUN['linear-probe']})", cost=0.05),
     Strategy("prototypes", "features", description="frozen encoder + nearest class mean (whole texts: up to 4 "
-             "windows; as a run: train --method probe --set head=prototype)", cost=0.05),
+             f"windows; as a run: train {AS_RUN['prototypes']})", cost=0.05),
     Strategy("contrastive", "contrastive", method="lora", description="contrastive few-shot (LoRA adapter, SetFit "
              "recipe) + logistic regression", cost=1.0),
     Strategy("lora-top2", "train", "lora", {"r": 8, "alpha": 16, "top_k_layers": 2}, cost=0.4,
