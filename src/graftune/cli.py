@@ -205,7 +205,7 @@ def train(
         typer.echo(json.dumps(metrics, indent=2))
         return
     typer.echo(_summary(metrics))
-    typer.echo(f"run written to {out}/")
+    typer.echo(f"run written to {out.rstrip('/') or '/'}/")
 
 
 def _count_or_fraction(value: float | None):
