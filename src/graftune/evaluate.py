@@ -7,12 +7,13 @@ saved); the metrics are those ``run.scoring`` computes while a run trains.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from graftune.data.inputs import read_image, read_input_file  # noqa: F401 (read_image: re-exported)
-from graftune.data.sources import ALIASES, load_data
-from graftune.data.splits import make_splits
+from graftune.data.sources import ALIASES, Dataset, load_data
+from graftune.data.splits import run_splits
 from graftune.errors import DataError
 from graftune.recipes.fewshot_run import predict_rows, score
 from graftune.run.loaded import LoadedRun
@@ -32,8 +33,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
                  label_column: str | None = None, prompt_column: str | None = None,
                  response_column: str | None = None, batch_size: int = 32, generate: bool = True,
                  quantize: str | None = None, group_column: str | None = None) -> dict:
-    """Metrics of a run on ``data`` (every example), or, without ``data``, on the run's own test split (rebuilt
-    from run.yaml: same data, seed and split settings). ``quantize="int8"``: see :func:`load_run`; the metrics
+    """Metrics of a run on ``data`` (every row, read by :func:`read_scored`), or, without ``data``, on the run's own
+    test split (rebuilt from run.yaml: same data, seed and split settings; refused when the data file has changed
+    since, see ``data.splits.run_splits``). ``quantize="int8"``: see :func:`load_run`; the metrics
     then say ``"quantize": "int8"``.
 
     ``group_column``: a column of the scored file (``data``, or the run's test file, or its data file when the
@@ -53,12 +55,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
             if value and not Path(value).is_absolute() and not Path(value).exists() and value not in ALIASES:
                 raise DataError(f"run.yaml names {name} {value} relative to the folder the run was trained in: run "
                                 "eval from there, or pass --data FILE")
-        # the groups are read from the file the test examples come from
-        ds = load_data(cfg.data, task=run.kind, group_column=None if cfg.test else group_column, **cfg.columns())
-        test = load_data(cfg.test, task=run.kind, group_column=group_column, **cfg.columns()) if cfg.test else None
-        ds = make_splits(ds, test=test, **cfg.split_args()).test
-    else:  # scoring is not training: one class will do
-        ds = load_data(data, task=run.kind, min_classes=1, group_column=group_column, **columns)
+        ds = run_splits(cfg, run.kind, run_dir=run_dir, parts=("test",), group_column=group_column).test
+    else:
+        ds = read_scored(data, kind=run.kind, multi_label=run.multi_label, group_column=group_column, **columns)
     quantized = {"quantize": run.quantize} if run.quantize != "none" else {}
     if run.kind == "causal-lm":
         return score_causal_lm(run.task, run.model, ds.inputs, batch_size=min(batch_size, 8), policy=run.policy,
@@ -80,6 +79,45 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
         metrics["groups"] = {"column": group_column, **group_metrics(ds.labels, metrics.pop("predicted"), ds.groups,
                                                                      run.label_names)}
     return metrics
+
+
+def read_scored(data: str, *, kind: str, multi_label: bool, group_column: str | None = None,
+                **columns: str) -> Dataset:
+    """Every row of ``data`` to score a run on, its labels read as the run reads them.
+
+    Duplicates are kept: a test file's rows are its test examples, and dropping some would score fewer than the
+    file holds (training deduplicates so that a text cannot land in train and test at once; scoring has no such
+    risk). Scoring is not training: a file of one class will do.
+
+    A file is multi-label as soon as one label cell holds "|" or a list (``data.sources``). For a multi-label run
+    every cell is a set of labels, a single name a set of one. A single-label run refuses a row with several
+    labels (or none) in one line naming it; a file whose every row holds one label, however written (``["a"]``),
+    is read as single-label."""
+    ds = load_data(data, task=kind, min_classes=1, dedup=False, group_column=group_column,
+                   multi_label=True if multi_label else None, **columns)
+    if ds.modality == "pairs" or ds.multi_label == multi_label:
+        return ds
+    if multi_label:  # a built-in alias: single-label whatever is asked
+        return replace(ds, labels=[[label] for label in ds.labels], multi_label=True)
+    bad = next((i for i, names in enumerate(ds.labels) if len(names) != 1), None)
+    if bad is None:
+        return replace(ds, labels=[names[0] for names in ds.labels], multi_label=False)
+    held = f"several labels ('{'|'.join(ds.labels[bad])}')" if ds.labels[bad] else "no label"
+    raise DataError(f"this run is single-label; {_row_place(data, ds, bad, columns.get('text_column', 'text'))} "
+                    f"holds {held}: score it on a file with one label per row")
+
+
+def _row_place(data: str, ds: Dataset, index: int, text_column: str) -> str:
+    """'FILE line N' for example ``index`` of a CSV/TSV/JSONL file read without dedup (the line its record starts
+    on, as ``data.inputs.read_input_file`` numbers them), else 'FILE row N' (counting examples from 1)."""
+    if Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        try:
+            sources = read_input_file(data, text_column=text_column, images=False).sources
+        except DataError:
+            sources = []
+        if len(sources) == len(ds) and " ".join(sources[index]["text"].split()) == " ".join(ds.inputs[index].split()):
+            return f"{data} line {sources[index]['line']}"
+    return f"{data} row {index + 1}"
 
 
 def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> list[dict]:

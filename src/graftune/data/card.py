@@ -1,28 +1,15 @@
-"""The data card: where the data came from and exactly which examples each split holds (data_card.json)."""
+"""The data card: where the data came from and exactly which examples each split holds (data_card.json).
+
+Each split is identified by its ``data.splits.fingerprint``; ``data.splits.run_splits`` checks the splits it rebuilds
+for a run against them."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from graftune.data.checks import split_checks
 from graftune.data.sources import Dataset
-from graftune.data.splits import Splits
-
-
-def fingerprint(ds: Dataset) -> str:
-    """sha256 of a dataset's examples and labels in order: two runs on equal fingerprints saw the same data."""
-    digest = hashlib.sha256()
-    for i, x in enumerate(ds.inputs):
-        if ds.modality == "text":
-            digest.update(x.encode("utf-8"))
-        elif ds.modality == "pairs":
-            digest.update(x[0].encode("utf-8") + b"\0" + x[1].encode("utf-8"))
-        else:
-            digest.update(str(tuple(x.shape)).encode() + x.numpy().tobytes())
-        label = ds.labels[i] if ds.labels else ""
-        digest.update(b"\x1f" + ("|".join(label) if ds.multi_label else label).encode("utf-8") + b"\x1e")
-    return digest.hexdigest()
+from graftune.data.splits import Splits, fingerprint
 
 
 def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict:

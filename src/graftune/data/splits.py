@@ -23,7 +23,11 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,8 @@ from graftune.data.sources import Dataset, load_data
 from graftune.errors import DataError
 
 MIN_VAL_PER_CLASS = 8
+#: where a run directory records its data (``data.card.data_card``), split fingerprints included
+CARD_FILE = "data_card.json"
 #: classes named in a message before "... and N more"
 LISTED_CLASSES = 10
 
@@ -330,9 +336,64 @@ def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tup
     return np.array(take, dtype=int), np.array(rest[:n_val], dtype=int)
 
 
-def run_splits(cfg: Any, kind: str | None = None) -> Splits:
+def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None = None,
+               parts: Sequence[str] = ("train", "val", "test"), group_column: str | None = None) -> Splits:
     """A run's splits rebuilt from its config (``RunConfig``: data, test file, columns, seeds, carve) as its recipe
-    made them at training time. ``kind``: the task the data is read as (None: from the data)."""
-    ds = load_data(cfg.data, task=kind, **cfg.columns())
-    test = load_data(cfg.test, task=kind or ds.modality, **cfg.columns()) if cfg.test else None
-    return make_splits(ds, test=test, **cfg.split_args())
+    made them at training time. ``kind``: the task the data is read as (None: from the data).
+
+    ``run_dir``: the run's directory; the splits named in ``parts`` (those the caller will use) are then checked
+    against the fingerprints its ``data_card.json`` recorded at training time. The config names a file, not its
+    contents: a file edited since (rows reordered, added or relabelled) splits differently, and a test split
+    rebuilt from it may hold the run's training examples, so a score on it would be silently wrong. Harmless
+    edits (line endings, an added column) keep the fingerprints. A card without fingerprints (runs from before
+    they were recorded) is not checked.
+
+    ``group_column``: read into ``Dataset.groups`` from the file the test examples come from (the test file, or
+    the data file when the test split is carved from it)."""
+    ds = load_data(cfg.data, task=kind, group_column=None if cfg.test else group_column, **cfg.columns())
+    test = (load_data(cfg.test, task=kind or ds.modality, group_column=group_column, **cfg.columns())
+            if cfg.test else None)
+    splits = make_splits(ds, test=test, **cfg.split_args())
+    if run_dir is not None:
+        _check_recorded(splits, _recorded_fingerprints(Path(run_dir)), cfg, parts)
+    return splits
+
+
+def fingerprint(ds: Dataset) -> str:
+    """sha256 of a dataset's examples and labels in order: two runs on equal fingerprints saw the same data."""
+    digest = hashlib.sha256()
+    for i, x in enumerate(ds.inputs):
+        if ds.modality == "text":
+            digest.update(x.encode("utf-8"))
+        elif ds.modality == "pairs":
+            digest.update(x[0].encode("utf-8") + b"\0" + x[1].encode("utf-8"))
+        else:
+            digest.update(str(tuple(x.shape)).encode() + x.numpy().tobytes())
+        label = ds.labels[i] if ds.labels else ""
+        digest.update(b"\x1f" + ("|".join(label) if ds.multi_label else label).encode("utf-8") + b"\x1e")
+    return digest.hexdigest()
+
+
+def _recorded_fingerprints(run_dir: Path) -> dict[str, str]:
+    """{split name: fingerprint} as the run's data card recorded them; empty when it recorded none (no card, or
+    a card from before fingerprints, or one that is not JSON: nothing to check against)."""
+    try:
+        card = json.loads((run_dir / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    parts = card.get("splits") if isinstance(card, dict) else None
+    if not isinstance(parts, dict):
+        return {}
+    return {name: part["fingerprint"] for name, part in parts.items()
+            if isinstance(part, dict) and isinstance(part.get("fingerprint"), str) and part["fingerprint"]}
+
+
+def _check_recorded(splits: Splits, recorded: dict[str, str], cfg: Any, parts: Sequence[str]) -> None:
+    """Refuse rebuilt splits that are not the ones the run was trained and tested on (``run_splits``)."""
+    for name in parts:
+        if name in recorded and fingerprint(getattr(splits, name)) != recorded[name]:
+            if name == "test":
+                raise DataError(f"{cfg.test or cfg.data} changed since the run was trained: its test split is not "
+                                "the run's; pass --data TEST_FILE (or retrain)")
+            raise DataError(f"{cfg.data} changed since the run was trained: its {name} split is not the run's; "
+                            "restore the file the run was trained on (or retrain)")

@@ -150,8 +150,7 @@ def score_probabilities(proba: np.ndarray, labels: Sequence[str], label_names: S
     """The metrics a classification run reports (``classification_metrics``) from probabilities with one column
     per label name (the prediction is the most probable), plus ``loss``: the mean cross-entropy -log p(true class),
     p clamped at 1e-12; ``predictions``: see ``score_classification``."""
-    index = {n: i for i, n in enumerate(label_names)}
-    y = np.asarray([index[label] for label in labels])
+    y = np.asarray(encode_labels(labels, label_names, False), dtype=int)
     pred = proba.argmax(axis=1)
     metrics = classification_metrics(y, pred, list(label_names))
     p_true = np.clip(proba[np.arange(len(y)), y], 1e-12, None)

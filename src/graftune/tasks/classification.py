@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftune.errors import DataError
 from graftune.tasks.base import pad
 
 POOLINGS = ("mean", "last", "cls")
@@ -49,15 +50,35 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def encode_labels(labels: Sequence[Any], label_names: Sequence[str], multi_label: bool) -> list:
-    """Class names -> indices (single-label) or multi-hot float lists (multi-label)."""
+    """Class names -> indices (single-label) or multi-hot float lists (multi-label).
+
+    Labels of the other kind are read where that is valid data: for multi-label a single name is a set of one, for
+    single-label a set of one is its name. Several labels for a single-label classifier, or a name that is not
+    among ``label_names``, are a DataError naming it (not a KeyError, nor a string iterated letter by letter)."""
     index = {n: i for i, n in enumerate(label_names)}
+
+    def at(name: Any) -> int:
+        if name not in index:
+            known = ", ".join(label_names[:10]) + (" ..." if len(label_names) > 10 else "")
+            raise DataError(f"label {name!r} is not one of the classifier's classes ({known}); score data "
+                            "labelled with those")
+        return index[name]
+
     if not multi_label:
-        return [index[y] for y in labels]
+        out = []
+        for y in labels:
+            if isinstance(y, (list, tuple)):
+                if len(y) != 1:
+                    raise DataError(f"{len(y)} labels ({'|'.join(map(str, y))!r}) for a single-label classifier; "
+                                    "give each example one label")
+                y = y[0]
+            out.append(at(y))
+        return out
     out = []
     for names in labels:
         row = [0.0] * len(label_names)
-        for n in names:
-            row[index[n]] = 1.0
+        for n in [names] if isinstance(names, str) else names:
+            row[at(n)] = 1.0
         out.append(row)
     return out
 
