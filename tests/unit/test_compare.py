@@ -638,3 +638,21 @@ def test_a_test_file_that_shares_examples_with_training_is_warned_about(tiny, tm
                 out_dir=tmp_path / "cmp", settings={"max_length": 32}, progress=False)
     warnings = json.loads((tmp_path / "cmp" / "results.json").read_text())["meta"]["warnings"]
     assert any("the test set shares 6 exact" in w for w in warnings), warnings
+
+
+def test_a_candidate_cut_short_by_the_budget_is_not_reported_as_stopped_by_futility(tiny, monkeypatch):
+    """The contrastive recipe leads, but the budget let it run one fold: the reason must not say the folds stopped
+    after 3 because it led (QA found "stopped after 3 of 5 folds" beside a single contrastive fold)."""
+    calls = []
+    slow = _contrastive(0.8, calls)
+
+    def run(*args):
+        time.sleep(2.0)
+        return slow(*args)
+
+    monkeypatch.setattr(auto, "run_contrastive", run)
+    monkeypatch.setattr(auto, "fit_head", Folds([0.8]))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=3.0, shots=8, max_length=32, train_fn=Slow(),
+                            candidates=("head", "contrastive"))
+    assert len(calls) == 1 == record["candidates"]["contrastive"]["folds"]
+    assert "stopped after" not in record["reason"]

@@ -209,7 +209,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             if rung == RUNGS[-1]:
                 break
             preferred = min(scores, key=_rank)
-            if FUTILITY_FOLDS <= rung < k and preferred in done and all(
+            # (only when the preferred one really ran this rung's folds, not one cut short by the budget)
+            if FUTILITY_FOLDS <= rung < k and preferred in done and len(runs_of[preferred]) >= rung and all(
                     _gap(scores[preferred], s, truth)[0] <= 0 for n, s in scores.items() if n != preferred):
                 stopped = (f" The trained candidates stopped after {rung} of {k} folds: {preferred}, which wins ties, "
                            "was ahead of or level with every other on the examples both predicted, and more folds "
