@@ -38,3 +38,27 @@ def registry_runs(root: Path) -> dict:
     finally:
         os.chdir(before)
     return out
+
+
+def relabelled_run(runs: dict, out: str, relabel: dict) -> Path:
+    """A probe run beside ``registry_runs``' ones, trained and tested on their data with labels renamed by
+    ``relabel`` ({old: new}; a label split in two: {old: (old, new)}, every other row of it becoming ``new``)."""
+    import csv
+
+    from graftune.config import RunConfig
+    from graftune.runs import train
+
+    root = runs["root"]
+    for split in ("train", "test"):
+        rows = list(csv.DictReader(runs[split].open(encoding="utf-8")))
+        seen: dict[str, int] = {}
+        for r in rows:
+            new = relabel.get(r["label"], r["label"])
+            if isinstance(new, tuple):
+                seen[r["label"]] = seen.get(r["label"], 0) + 1
+                new = new[seen[r["label"]] % 2]
+            r["label"] = new
+        write_csv(root / f"{out}-{split}.csv", rows)
+    train(RunConfig(model=str(runs["bert"]), data=str(root / f"{out}-train.csv"), test=str(root / f"{out}-test.csv"),
+                    out=str(root / out), method="probe", seed=0, max_length=32, precision="fp32"), progress=False)
+    return root / out

@@ -84,3 +84,35 @@ def test_env_registry_and_one_line_errors(runs, tmp_path, monkeypatch):
     assert "head.json changed since push" in text
     assert "head.json changed since push" in one_line_error(runner.invoke(app, ["registry", "promote", "news@1"]))
     assert "push      news@1" in ok("show", "news")  # the overview and log still show a damaged name
+
+
+def test_a_damaged_version_a_changed_label_set_and_the_notes(runs, tmp_path):
+    """QA: one removed version folder breaks no other name and can be deleted even when promoted; a candidate with
+    another label set is refused in one line; promote says when `graftune serve` cannot serve the version and that
+    a --reason without --force is only recorded."""
+    import shutil
+
+    from tests.registry_helpers import relabelled_run
+
+    root = tmp_path / "reg"
+    flag = ["--registry", str(root)]
+    for name in ("news", "trec"):
+        ok("push", str(runs["good"]), "--name", name, *flag)
+    promoted = ok("promote", "news@1", "--reason", "first model", *flag).splitlines()
+    assert "note: `graftune serve` cannot serve news@1: a --method probe run" in promoted[1]
+    assert promoted[2].startswith("note: --reason recorded in the audit log")
+    ok("promote", "trec@1", *flag)
+    shutil.rmtree(root / "versions" / "news" / "1")
+    listed = ok("list", *flag).splitlines()
+    assert listed[0].split()[:3] == ["*", "news@1", "DAMAGED:"] and "registry delete news@1" in listed[0]
+    assert listed[1].startswith("* trec@1") and "probe classification" in listed[1]
+    assert [r["damaged"] is not None for r in json.loads(ok("list", *flag, "--json"))] == [True, False]
+    assert ok("show", "trec", *flag).startswith("* trec@1") and "DAMAGED" in ok("show", "news", *flag)
+    assert "registry delete news@1" in one_line_error(runner.invoke(app, ["registry", "show", "news@1", *flag]))
+    assert "no earlier promotion left" in one_line_error(runner.invoke(app, ["registry", "rollback", "news", *flag]))
+    assert ok("delete", "news@1", *flag).strip() == "deleted news@1"
+    assert "delete    news@1  was promoted, damaged: news@1: its folder" in ok("log", "news", *flag)
+    assert ok("list", *flag).splitlines()[0].startswith("* trec@1")
+    ok("push", str(relabelled_run(runs, "cli-renamed", {"tech": "science"})), "--name", "trec", *flag)
+    text = one_line_error(runner.invoke(app, ["registry", "promote", "trec@2", *flag]))
+    assert "trec@2's labels differ from trec@1's (promoted): added science; removed tech" in text

@@ -229,7 +229,7 @@ def test_promote_rollback_delete_and_the_audit_log(runs, reg):
         reg.delete("news", 3)
     reg.delete("news", 2)  # out of the history too: rollback skips it
     assert reg.rollback("news").version == 1 and reg.promoted()["news"].version == 1
-    with pytest.raises(ArtifactError, match="only version of news ever promoted"):
+    with pytest.raises(ArtifactError, match=r"news: no earlier promotion left to roll back to \(news@1 is promoted\)"):
         reg.rollback("news")
     with pytest.raises(ArtifactError, match="no promoted version"):
         reg.rollback("other")
@@ -283,7 +283,7 @@ def test_a_drop_too_small_to_refuse_on_few_examples_is_promoted_with_a_note(runs
     result = reg.promote("news", 2)
     assert result.accepted and not result.refused and result.p_value == pytest.approx(0.125)
     assert result.difference == pytest.approx(-3 / 14) and -result.difference > result.tolerance
-    note = result.notes[-1]
+    note = next(n for n in result.notes if "points below" in n)
     assert note.startswith("news@2 is 21.4 points below news@1 here, but the two disagree on only 3 of 14 examples")
     assert "the exact test decides" in note and "--data FILE" in note
 
@@ -373,3 +373,165 @@ def test_the_gate_on_causal_lm_versions_scores_exact_answers(runs, reg, tmp_path
     reg.push(tmp_path / "a", "news")
     with pytest.raises(ConfigError, match="news@2 is a causal-lm run and news@1 .* a classification run"):
         reg.promote("news", 2)
+
+
+# --- a damaged version, rollback through history, labels, servability, the gate's columns (QA) --------------------
+def test_a_damaged_version_is_listed_as_such_and_breaks_nothing_else(runs, reg):
+    """A version folder removed by hand: every other name still lists, shows, loads and reports its promoted
+    version; the damaged one is listed DAMAGED (with the way out), and verify refuses it in one line."""
+    from graftune.registry.text import show_name, version_table
+
+    reg.push(runs["good"], "news")
+    reg.push(runs["good"], "other")
+    reg.promote("news", 1)
+    reg.promote("other", 1)
+    shutil.rmtree(reg.root / "versions" / "news" / "1")
+    listed = {v.ref: v for v in reg.list()}
+    assert listed["other@1"].damaged is None and listed["other@1"].method == "probe"
+    assert "folder" in listed["news@1"].damaged and "graftune registry delete news@1" in listed["news@1"].damaged
+    promoted = reg.promoted()
+    assert promoted["other"].damaged is None and promoted["news"].damaged and promoted["news"].version == 1
+    assert [n for n, v in promoted.items() if not v.damaged] == ["other"]
+    with pytest.raises(ArtifactError, match="news@1: its folder .* is missing") as e:
+        reg.verify(promoted["news"])
+    one_line(e.value)
+    table = version_table(reg.list(), promoted)
+    assert table[0].split()[:5] == ["*", "news@1", "DAMAGED:", "its", "folder"] and table[1].startswith("* other@1")
+    assert show_name(reg, "other")[0].startswith("* other@1") and reg.show("other", 1).version == 1
+    predict(reg.load("other"), ["goal match"])
+    for call in (lambda: reg.show("news", 1), lambda: reg.load("news")):
+        with pytest.raises(ArtifactError, match="news@1: its folder .* is missing .*registry delete news@1"):
+            call()
+    (reg.root / "versions" / "other" / "1" / VERSION_FILE).chmod(stat.S_IRUSR | stat.S_IWUSR)
+    (reg.root / "versions" / "other" / "1" / VERSION_FILE).write_text("[1, 2]")
+    assert "not a version description" in reg.list("other")[0].damaged
+
+
+def test_deleting_a_damaged_promoted_version_falls_back_to_the_previous_good_one(runs, reg):
+    for run in ("good", "good2", "good"):
+        reg.push(runs[run], "news")
+    for number in (1, 2, 3):
+        reg.promote("news", number, force=True, reason="history")
+    with pytest.raises(ArtifactError, match="news@3 is the promoted version"):
+        reg.delete("news", 3)  # intact: never
+    (reg.root / "versions" / "news" / "2" / "metrics.json").unlink()  # damaged too: passed over
+    shutil.rmtree(reg.root / "versions" / "news" / "3")
+    assert reg.delete("news", 3).version == 1 and reg.promoted_version("news") == 1
+    assert not (reg.root / "versions" / "news" / "3").exists() and [v.version for v in reg.list()] == [1, 2]
+    deleted, rolled = reg.log("news")[-2:]
+    assert deleted["action"] == "delete" and deleted["version"] == 3 and deleted["detail"]["was_promoted"]
+    assert "is missing" in deleted["detail"]["damaged"]
+    assert rolled["action"] == "rollback" and rolled["version"] == 1 and rolled["detail"]["from"] == 3
+    assert "metrics.json is missing" in rolled["detail"]["skipped_damaged"]["2"]
+    reg.delete("news", 2)  # a damaged version that is not promoted: as any other
+    shutil.rmtree(reg.root / "versions" / "news" / "1")
+    assert reg.delete("news", 1) is None  # no earlier promotion left: the name has none
+    assert reg.promoted() == {} and reg.list() == []
+
+
+def test_rollback_skips_the_current_version_deleted_and_damaged_ones(runs, reg):
+    """History 1, 2, 3, 2 (forced), then 3 deleted: rollback goes to 1 (not 'from @2 to @2'), and then there is no
+    earlier promotion left (not 'the only version ever promoted')."""
+    for run in ("good", "good2", "good"):
+        reg.push(runs[run], "news")
+    for number in (1, 2, 3, 2):
+        reg.promote("news", number, force=True, reason="history")
+    reg.delete("news", 3)
+    generation = reg.generation()
+    assert reg.rollback("news").version == 1 and reg.promoted_version("news") == 1
+    assert reg.log("news")[-1]["detail"] == {"from": 2} and reg.generation() == generation + 1
+    with pytest.raises(ArtifactError, match=r"no earlier promotion left to roll back to \(news@1 is promoted\)"):
+        reg.rollback("news")
+    assert reg.log("news")[-1]["action"] == "rollback" and reg.generation() == generation + 1
+    reg.promote("news", 2, force=True, reason="again")
+    reg.push(runs["good"], "news")
+    reg.promote("news", 4, force=True, reason="again")
+    (reg.root / "versions" / "news" / "2" / "run.yaml").unlink()
+    assert reg.rollback("news").version == 1  # news@2 is damaged: passed over, and said so in the log
+    assert list(reg.log("news")[-1]["detail"]["skipped_damaged"]) == ["2"]
+    with pytest.raises(ArtifactError, match="no earlier promotion left"):
+        reg.rollback("news")
+
+
+def test_a_changed_label_set_is_refused_unless_forced(runs, reg):
+    from tests.registry_helpers import relabelled_run
+
+    reg.push(runs["good"], "news")
+    reg.promote("news", 1)
+    reg.push(relabelled_run(runs, "renamed", {"tech": "science"}), "news")
+    reg.push(relabelled_run(runs, "superset", {"tech": ("tech", "gadgets")}), "news")
+    with pytest.raises(ConfigError, match=r"news@2's labels differ from news@1's \(promoted\): added science; "
+                                          r"removed tech\. .*--force --reason TEXT if the change is intended") as e:
+        reg.promote("news", 2)
+    one_line(e.value)
+    with pytest.raises(ConfigError, match=r"news@3's labels differ .*: added gadgets\. Promoting it changes"):
+        reg.promote("news", 3)  # a class added is a change too
+    assert reg.promoted_version("news") == 1 and reg.log("news")[-1]["action"] == "push"  # nothing changed
+    forced = reg.promote("news", 3, force=True, reason="gadgets are their own class now")
+    assert forced.accepted and forced.forced and forced.gated and reg.promoted_version("news") == 3
+    assert "label set changed (--force): added gadgets" in forced.notes
+    entry = reg.log("news")[-1]
+    assert entry["forced"] and entry["reason"] == "gadgets are their own class now"
+
+
+def test_promoting_a_version_serve_cannot_serve_says_so(runs, reg):
+    reg.push(runs["good"], "news")
+    reg.push(runs["good2"], "news")
+    first = reg.promote("news", 1)
+    assert any(n.startswith("`graftune serve` cannot serve news@1: a --method probe run") and
+               "a server serves no version of news" in n for n in first.notes)
+    second = reg.promote("news", 2)
+    assert any("a running server keeps serving news@1 and a restarted one serves no version of news" in n
+               for n in second.notes)
+    assert any("cannot serve news@2" in n for n in reg.log("news")[-1]["detail"]["notes"])
+
+
+def test_unservable_agrees_with_the_server(runs, tmp_path):
+    """The registry's rule (``registry/servable.py``) and the server's (``ModelStore``) give the same answers."""
+    from graftune.config import RunConfig
+    from graftune.registry.servable import unservable
+    from graftune.runs import train
+    from graftune.serve import ModelStore
+
+    dirs = {"probe": runs["good"]}
+    for method in ("lora", "head", "prompt"):
+        dirs[method] = tmp_path / method
+        train(RunConfig(model=str(runs["bert"]), data=str(runs["train"]), out=str(dirs[method]), method=method,
+                        epochs=1, batch_size=8, max_length=32, precision="fp32", val_size=0), progress=False)
+    store = ModelStore()
+    try:
+        failed = store.sync({m: ("1", d) for m, d in dirs.items()})["failed"]
+    finally:
+        store.close()
+    assert sorted(failed) == ["probe@1", "prompt@1"]
+    assert {m: unservable(d) is not None for m, d in dirs.items()} == \
+        {"probe": True, "lora": False, "head": False, "prompt": True}
+    assert "prompt adapters change the input sequence" in unservable(dirs["prompt"])
+
+
+def test_the_gate_reads_data_with_other_columns_and_one_class(runs, reg, tmp_path):
+    reg.push(runs["good"], "news")
+    reg.push(runs["good2"], "news")
+    reg.promote("news", 1)
+    rows = (runs["test"]).read_text().splitlines()
+    other = tmp_path / "wrongcols.csv"
+    other.write_text("\n".join(["body,topic"] + rows[1:]) + "\n")
+    with pytest.raises(DataError, match="--text-column"):
+        reg.promote("news", 2, data=str(other))
+    with pytest.raises(ConfigError, match="--text-column, --label-column name the columns of a --data FILE"):
+        reg.promote("news", 2, text_column="body", label_column="topic")
+    result = reg.promote("news", 2, data=str(other), text_column="body", label_column="topic")
+    assert result.gated and result.examples == len(rows) - 1
+    sport = tmp_path / "sport.csv"
+    sport.write_text("\n".join(rows[:1] + [r for r in rows[1:] if r.endswith(",sport")]) + "\n")
+    assert reg.promote("news", 1, data=str(sport)).gated  # one class is enough to score on
+
+
+def test_a_reason_without_force_is_recorded_and_said_so(runs, reg):
+    reg.push(runs["good"], "news")
+    reg.push(runs["good2"], "news")
+    assert not any("--reason" in n for n in reg.promote("news", 1).notes)
+    result = reg.promote("news", 2, reason="retrained on March data")
+    assert result.accepted and not result.forced
+    assert any(n.startswith("--reason recorded in the audit log") and "overrides nothing" in n for n in result.notes)
+    assert reg.log("news")[-1]["reason"] == "retrained on March data"

@@ -127,9 +127,10 @@ def recorded_test_split(run_dir: Path, kind: str, ref: str) -> HeldOut:
     return HeldOut(list(split.inputs), list(split.labels), kind, f"{ref}'s test split ({split.origin})")
 
 
-def data_file(path: str, cfg, kind: str) -> HeldOut:
-    """Every example of ``--data FILE``, read with the candidate's column settings."""
-    ds = load_data(path, task=kind, **cfg.columns())
+def data_file(path: str, cfg, kind: str, columns: dict[str, str] | None = None) -> HeldOut:
+    """Every example of ``--data FILE``, read with the candidate's column settings, or the ones ``columns`` names
+    (``load_data``'s ``text_column`` ... keywords). One class is enough: it is scored, not trained on."""
+    ds = load_data(path, task=kind, min_classes=1, **(cfg.columns() | (columns or {})))
     return HeldOut(list(ds.inputs), list(ds.labels), kind, f"{path} (--data)")
 
 

@@ -55,6 +55,7 @@ from graftune.registry.gate import (
     recorded_test_split,
     unseen_labels,
 )
+from graftune.registry.servable import unservable
 from graftune.run.loaded import LoadedRun
 from graftune.runs import load_run
 from graftune.zoo import list_models
@@ -148,7 +149,12 @@ class Version:
     Attributes mirror ``path/version.json``: ``task`` (classification, image or causal-lm), ``method``, the base
     model (as run.yaml names it, local paths made absolute) and its fingerprint (from adapter.json; None for a
     probe run, which has no adapter), a summary of metrics.json, a reference to the data card, and ``files``:
-    ``{relative path: sha256}`` of every stored file but version.json (whose hash the index keeps)."""
+    ``{relative path: sha256}`` of every stored file but version.json (whose hash the index keeps).
+
+    ``damaged`` is set (to the one-line reason) on a version whose folder or version.json is gone or unreadable:
+    :meth:`Registry.list` and :meth:`Registry.promoted` return such a version (name, number, who and when from the
+    index, the rest empty) rather than fail for every name; :meth:`Registry.verify` and :meth:`Registry.load`
+    raise for it."""
 
     name: str
     version: int
@@ -165,6 +171,9 @@ class Version:
     files: dict = field(default_factory=dict)
     source: str | None = None
     resolved_paths: dict = field(default_factory=dict)
+    #: why the version cannot be used (its folder or version.json gone or unreadable), for a version that
+    #: :meth:`Registry.list` and :meth:`Registry.promoted` return instead of failing; None when it read fine
+    damaged: str | None = None
 
     @property
     def ref(self) -> str:
@@ -178,16 +187,44 @@ class Version:
 
     @classmethod
     def read(cls, path: Path) -> Version:
-        try:
-            meta = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: {VERSION_FILE} is missing (changed after push); push the run again") \
-                from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{path / VERSION_FILE}: not valid JSON (changed after push); push the run again") \
-                from None
-        keys = {f for f in cls.__dataclass_fields__ if f != "path"}
+        """The version stored in ``path``; a one-line ArtifactError (what is wrong, and the way out) when its folder
+        or version.json is gone or unreadable."""
+        meta, problem = _read_meta(path)
+        if problem is not None:
+            ref = f"{path.parent.name}@{path.name}"
+            raise ArtifactError(f"{ref}: {problem}; {damaged_fix(ref)}")
+        return cls.from_meta(path, meta)
+
+    @classmethod
+    def from_meta(cls, path: Path, meta: dict) -> Version:
+        """The version in ``path`` described by ``meta`` (version.json's fields)."""
+        keys = {f for f in cls.__dataclass_fields__ if f not in ("path", "damaged")}
         return cls(path=path, **{k: v for k, v in meta.items() if k in keys})
+
+
+def damaged_fix(ref: str) -> str:
+    """The way out of a damaged version, for its one-line error."""
+    return f"the version is not usable: `graftune registry delete {ref}` removes it (even when promoted)"
+
+
+def _read_meta(path: Path) -> tuple[dict, None] | tuple[None, str]:
+    """``(version.json's fields, None)``, or ``(None, what is wrong)`` when the version's folder or version.json is
+    missing or unreadable (damaged after push: the index still lists the version)."""
+    file = path / VERSION_FILE
+    if not path.is_dir():
+        return None, f"its folder {path} is missing (removed after push)"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{file} is missing (removed after push)"
+    except OSError as e:
+        return None, f"{file} cannot be read ({e.strerror})"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"{file} is not valid JSON (changed after push)"
+    required = ("name", "version", "created", "who", "task", "method")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        return None, f"{file} is not a version description (changed after push)"
+    return meta, None
 
 
 class Registry:
@@ -272,10 +309,22 @@ class Registry:
         return int(self._read("SELECT value FROM state WHERE key = 'generation'")[0][0])
 
     def list(self, name: str | None = None) -> list[Version]:
-        """Every version (of ``name``, if given), by name then number. Not verified (cheap); ``show`` verifies."""
-        rows = self._read("SELECT name, version FROM versions WHERE (? IS NULL OR name = ?) ORDER BY name, version",
-                          (name, name))
-        return [Version.read(self._folder(r["name"], r["version"])) for r in rows]
+        """Every version (of ``name``, if given), by name then number. Not verified (cheap); ``show`` verifies. A
+        version whose folder or version.json is gone or unreadable comes back with ``damaged`` set."""
+        rows = self._read("SELECT name, version, created, who FROM versions WHERE (? IS NULL OR name = ?) "
+                          "ORDER BY name, version", (name, name))
+        return [self._version_at(r) for r in rows]
+
+    def _version_at(self, row: sqlite3.Row) -> Version:
+        """The version of an index row: read from its folder, or, when that cannot be read, a Version with
+        ``damaged`` set and what the index knows (name, number, when, who)."""
+        path = self._folder(row["name"], row["version"])
+        meta, problem = _read_meta(path)
+        if problem is None:
+            return Version.from_meta(path, meta)
+        ref = f"{row['name']}@{row['version']}"
+        return Version(name=row["name"], version=row["version"], path=path, created=row["created"] or "",
+                       who=row["who"] or "", task="", method="", damaged=f"{problem}; {damaged_fix(ref)}")
 
     def show(self, name: str, version: int | None = None) -> Version:
         """One version (the latest of ``name`` when ``version`` is None), verified: a file changed since push
@@ -291,7 +340,11 @@ class Registry:
         self._verify(version, self._row(version.name, version.version)["meta_sha256"])
 
     def _verify(self, v: Version, meta_sha256: str) -> None:
-        fix = "the version is not usable: delete it and push the run again"
+        if v.damaged:
+            raise ArtifactError(f"{v.ref}: {v.damaged}")
+        fix = damaged_fix(v.ref)
+        if not (v.path / VERSION_FILE).is_file():
+            raise ArtifactError(f"{v.ref}: {v.path / VERSION_FILE} is missing (removed after push); {fix}")
         if sha256_file(v.path / VERSION_FILE) != meta_sha256:
             raise ArtifactError(f"{v.ref}: {v.path / VERSION_FILE} changed since push (sha256 differs); {fix}")
         for rel, digest in v.files.items():
@@ -307,10 +360,14 @@ class Registry:
 
     def promoted(self) -> dict[str, Version]:
         """``{name: the promoted Version}`` for every name that has one (not verified: :meth:`load` or
-        :meth:`verify` before serving)."""
-        rows = self._read("SELECT p.name, p.version FROM promotions p WHERE p.id = "
+        :meth:`verify` before serving). One damaged version does not hide the others: a promoted version whose
+        folder or version.json is gone or unreadable is in the mapping with ``damaged`` set (the reason), and
+        :meth:`verify` raises a one-line ArtifactError for it; the good ones are
+        ``{n: v for n, v in reg.promoted().items() if not v.damaged}``."""
+        rows = self._read("SELECT p.name, p.version, v.created, v.who FROM promotions p LEFT JOIN versions v "
+                          "ON v.name = p.name AND v.version = p.version WHERE p.id = "
                           "(SELECT max(id) FROM promotions WHERE name = p.name) ORDER BY p.name")
-        return {r["name"]: Version.read(self._folder(r["name"], r["version"])) for r in rows}
+        return {r["name"]: self._version_at(r) for r in rows}
 
     def promoted_version(self, name: str) -> int | None:
         rows = self._read("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,))
@@ -388,17 +445,30 @@ class Registry:
 
     # --- promote / rollback / delete ----------------------------------------------------------------------------
     def promote(self, name: str, version: int, *, data: str | None = None, force: bool = False,
-                reason: str | None = None, alpha: float = ALPHA) -> GateResult:
+                reason: str | None = None, alpha: float = ALPHA, text_column: str | None = None,
+                label_column: str | None = None, prompt_column: str | None = None,
+                response_column: str | None = None) -> GateResult:
         """Make ``name@version`` the promoted version, through the regression gate (``registry/gate.py``): the
         candidate and the promoted version are scored on the same held-out data (the candidate's test split as
-        recorded at push, or every example of ``data``) and the candidate is refused when it is worse beyond
-        sampling noise (one-sided exact McNemar test at ``alpha``: a candidate exactly as good is refused at most
-        ``alpha`` of the time). A refusal returns ``accepted=False`` and is audited. ``force`` (with ``reason``)
-        promotes anyway, recorded with who, when and why. The first promotion of a name has no gate."""
+        recorded at push, or every example of ``data``, read with the candidate's column settings unless the
+        ``*_column`` arguments name others) and the candidate is refused when it is worse beyond sampling noise
+        (one-sided exact McNemar test at ``alpha``: a candidate exactly as good is refused at most ``alpha`` of
+        the time). A refusal returns ``accepted=False`` and is audited. A candidate whose label set differs from
+        the promoted version's, or that is another kind of run, raises ConfigError. ``force`` (with ``reason``)
+        promotes anyway (a changed label set too, not another kind of run), recorded with who, when and why; a
+        ``reason`` without ``force`` is recorded and overrides nothing. The first promotion of a name has no gate.
+        A version ``graftune serve`` cannot serve is promoted with a note saying so."""
         if force and not (reason or "").strip():
             raise ConfigError("--force needs --reason TEXT: the audit log records why a gate was overridden")
         if not 0 < alpha < 0.5:
             raise ConfigError(f"alpha {alpha}: use a significance level between 0 and 0.5 (default 0.05)")
+        columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column),
+                                     ("prompt_column", prompt_column), ("response_column", response_column)) if v}
+        if columns and data is None:
+            flags = ", ".join("--" + k.replace("_", "-") for k in columns)
+            raise ConfigError(f"{flags} name the columns of a --data FILE: pass --data FILE too (the recorded test "
+                              "split is read with the run's own columns)")
+        reason = reason.strip() if reason and reason.strip() else None
         candidate = self.show(name, version)
         current = self.promoted_version(name)
         if current == version:
@@ -419,7 +489,16 @@ class Registry:
                                     incumbent=current, notes=[f"gate not run: {e}"],
                                     message=f"{candidate.ref} promoted with --force without the gate ({e})")
             if incumbent is not None:
-                result = self._gate(candidate, incumbent, data=data, force=force, reason=reason, alpha=alpha)
+                result = self._gate(candidate, incumbent, data=data, force=force, reason=reason, alpha=alpha,
+                                    columns=columns)
+        if result.accepted and (why := unservable(candidate.path)):
+            kept = (f"a running server keeps serving {name}@{current} and a restarted one serves no version of "
+                    f"{name}" if current is not None else f"a server serves no version of {name}")
+            result.notes.append(f"`graftune serve` cannot serve {candidate.ref}: {why}; {kept} (it logs 'not "
+                                f"serving {candidate.ref}'). `graftune predict` and `graftune eval` read it")
+        if reason and not force:
+            result.notes.append(f"--reason recorded in the audit log (`graftune registry log {name}`); without "
+                                "--force it overrides nothing")
         detail = {k: v for k, v in result.to_dict().items() if k not in ("name", "version", "reason", "forced")}
         with self._transaction() as db:
             row = db.execute("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
@@ -437,23 +516,30 @@ class Registry:
         return result
 
     def _gate(self, candidate: Version, incumbent: Version, *, data: str | None, force: bool, reason: str | None,
-              alpha: float) -> GateResult:
+              alpha: float, columns: dict[str, str]) -> GateResult:
         ref = candidate.ref
         if candidate.task != incumbent.task:
             raise ConfigError(f"{ref} is a {candidate.task} run and {incumbent.ref} (promoted) a {incumbent.task} "
                               "run: they cannot be compared; push it under another name")
         notes: list[str] = []
+        relabelled = candidate.task != "causal-lm" and _label_change(candidate, incumbent)
+        if relabelled and not force:
+            raise ConfigError(f"{ref}'s labels differ from {incumbent.ref}'s (promoted): {relabelled}. Promoting it "
+                              f"changes what {candidate.name} answers: push it under another name, or --force "
+                              "--reason TEXT if the change is intended (recorded)")
+        if relabelled:
+            notes.append(f"label set changed (--force): {relabelled}")
         try:
             if data is not None:
-                held = data_file(data, build_config(candidate.path / "run.yaml"), candidate.task)
+                held = data_file(data, build_config(candidate.path / "run.yaml"), candidate.task, columns)
             else:
                 held = recorded_test_split(candidate.path, candidate.task, ref)
         except GraftuneError as e:
             if not force:
                 raise
             return GateResult(candidate.name, candidate.version, accepted=True, gated=False, forced=True,
-                                   reason=reason, incumbent=incumbent.version, notes=[f"gate not run: {e}"],
-                                   message=f"{ref} promoted with --force without the gate ({e})")
+                              reason=reason, incumbent=incumbent.version, notes=[*notes, f"gate not run: {e}"],
+                              message=f"{ref} promoted with --force without the gate ({e})")
         multi = bool(candidate.data_card.get("multi_label"))
         unseen = unseen_labels(held, candidate.label_names, multi) if held.kind != "causal-lm" else []
         if unseen:
@@ -493,7 +579,8 @@ class Registry:
             message = (f"{ref} refused: worse than {incumbent.ref} beyond sampling noise: {numbers}; "
                        "--force --reason TEXT promotes it anyway (recorded)")
         return GateResult(candidate.name, candidate.version, accepted=not refused or force, gated=True,
-                               message=message, incumbent=incumbent.version, forced=refused and force,
+                               message=message, incumbent=incumbent.version,
+                               forced=force and (refused or bool(relabelled)),
                                reason=reason, refused=refused, metric=metric, examples=stats["examples"],
                                data=held.origin, candidate_score=stats["candidate"],
                                incumbent_score=stats["incumbent"], difference=stats["difference"], se=stats["se"],
@@ -501,40 +588,93 @@ class Registry:
                                discordant=(b, c), notes=notes)
 
     def rollback(self, name: str) -> Version:
-        """Promote again the version promoted before the current one (repeatable: each rollback goes one further
-        back); the rolled-back version stays in the registry. Returns the version now promoted."""
+        """Promote again the most recent earlier promotion of ``name`` that is another version than the current
+        one, still in the registry and intact (repeatable: each rollback goes one further back). Damaged versions
+        on the way are passed over (the audit row lists them); the rolled-back version stays in the registry.
+        Returns the version now promoted."""
         check_name(name)
-        rows = self._read("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 2", (name,))
-        if not rows:
+        top = self._read("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,))
+        if not top:
             raise ArtifactError(f"{name!r} has no promoted version to roll back from")
-        if len(rows) < 2:
-            raise ArtifactError(f"{name}@{rows[0]['version']} is the only version of {name} ever promoted: nothing "
-                                "to roll back to")
-        target = self.show(name, rows[1]["version"])  # verified before anything changes
+        current = top[0]["version"]
+        row, target, skipped = self._earlier_promotion(name, current)
+        if target is None:
+            passed = f"; damaged, passed over: {', '.join(f'{name}@{v}' for v in skipped)}" if skipped else ""
+            raise ArtifactError(f"{name}: no earlier promotion left to roll back to ({name}@{current} is promoted"
+                                f"{passed}); `graftune registry promote {name}@N` promotes another version")
+        detail: dict[str, Any] = {"from": current}
+        if skipped:
+            detail["skipped_damaged"] = skipped
         with self._transaction() as db:
-            top = db.execute("SELECT id FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)).fetchone()
-            if top is None or top[0] != rows[0]["id"]:
+            now_top = db.execute("SELECT id FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
+                                 (name,)).fetchone()
+            if now_top is None or now_top[0] != top[0]["id"]:
                 raise ArtifactError(f"{name}: its promoted version changed meanwhile; run rollback again")
-            db.execute("DELETE FROM promotions WHERE id = ?", (rows[0]["id"],))
-            self._audit(db, name, target.version, "rollback", detail={"from": rows[0]["version"]})
+            # the promotions after the target go: the current one (every later repeat of it) and damaged ones
+            db.execute("DELETE FROM promotions WHERE name = ? AND id > ?", (name, row["id"]))
+            self._audit(db, name, target.version, "rollback", detail=detail)
             self._bump(db)
         return target
 
-    def delete(self, name: str, version: int) -> None:
-        """Remove ``name@version`` (its row, its place in the promotion history, its folder); never the promoted
-        version (promote another or roll back first). Its number is not reused."""
+    def _earlier_promotion(self, name: str, current: int) -> tuple[sqlite3.Row | None, Version | None, dict]:
+        """The most recent promotion of ``name`` that rollback can go back to: not ``current`` again, still in the
+        registry, intact (verified). Returns its promotions row and Version (both None when there is none) and
+        the damaged versions passed over, ``{"N": why}``."""
+        rows = self._read("SELECT p.id, p.version FROM promotions p JOIN versions v ON v.name = p.name AND "
+                          "v.version = p.version WHERE p.name = ? AND p.version != ? ORDER BY p.id DESC",
+                          (name, current))
+        skipped: dict[str, str] = {}
+        for row in rows:
+            if str(row["version"]) in skipped:
+                continue
+            try:
+                return row, self.show(name, row["version"]), skipped
+            except ArtifactError as e:
+                skipped[str(row["version"])] = str(e)
+        return None, None, skipped
+
+    def delete(self, name: str, version: int) -> Version | None:
+        """Remove ``name@version`` (its row, its place in the promotion history, its folder). Its number is not
+        reused. Never the promoted version while it is intact (promote another or roll back first); a DAMAGED
+        promoted version (a file changed, missing or added since push, its folder gone) can be deleted, and the
+        name then goes back to its most recent earlier promotion that is intact, as :meth:`rollback` would (a
+        running server switches to it), or has no promoted version when there is none. Both are audited (a
+        ``delete`` row with the damage, a ``rollback`` row). Returns the version promoted after a damaged promoted
+        version's delete (None when none is), else None."""
         self._row(name, version)
-        with self._transaction() as db:
-            top = db.execute("SELECT version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
-                             (name,)).fetchone()
-            if top is not None and top[0] == version:
+        damage = target = row = None
+        skipped: dict = {}
+        was_top = self._read("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1", (name,))
+        if was_top and was_top[0]["version"] == version:
+            try:
+                self.show(name, version)
+            except ArtifactError as e:
+                damage = str(e)
+            else:
                 raise ArtifactError(f"{name}@{version} is the promoted version: promote another version or roll back "
                                     "first")
+            row, target, skipped = self._earlier_promotion(name, version)
+        with self._transaction() as db:
+            top = db.execute("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
+                             (name,)).fetchone()
+            if damage is None and top is not None and top[0] == version:
+                raise ArtifactError(f"{name}@{version} is the promoted version: promote another version or roll back "
+                                    "first")
+            if damage is not None and (top is None or top[0] != was_top[0]["id"]):
+                raise ArtifactError(f"{name}: its promoted version changed meanwhile; run delete again")
             db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
             db.execute("DELETE FROM promotions WHERE name = ? AND version = ?", (name, version))
-            self._audit(db, name, version, "delete")
+            if damage is None:
+                self._audit(db, name, version, "delete")
+            else:  # the promotions after the fallback go too: they are this version's or damaged ones
+                db.execute("DELETE FROM promotions WHERE name = ? AND id > ?", (name, row["id"] if row else 0))
+                self._audit(db, name, version, "delete", detail={"damaged": damage, "was_promoted": True})
+                if target is not None:
+                    detail = {"from": version} | ({"skipped_damaged": skipped} if skipped else {})
+                    self._audit(db, name, target.version, "rollback", detail=detail)
             self._bump(db)
         _remove_tree(self._folder(name, version))  # a crash here leaves an orphan folder: never listed
+        return target
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -604,6 +744,17 @@ def _describe(work: Path, cfg, files: dict, resolved: dict) -> dict:
     }
 
 
+def _label_change(candidate: Version, incumbent: Version) -> str:
+    """How the candidate's label set differs from the promoted version's ("added X; removed Y"), or "" when it does
+    not (or when either recorded none). Order does not matter: answers are label names."""
+    ours, theirs = set(candidate.label_names), set(incumbent.label_names)
+    if not ours or not theirs or ours == theirs:
+        return ""
+    parts = [f"{what} {', '.join(sorted(labels)[:8])}{' ...' if len(labels) > 8 else ''}"
+             for what, labels in (("added", ours - theirs), ("removed", theirs - ours)) if labels]
+    return "; ".join(parts)
+
+
 def _json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -621,5 +772,7 @@ def _read_only(folder: Path) -> None:
 
 
 def _remove_tree(folder: Path) -> None:
-    """Remove a registry-owned folder (its read-only files go with it: removal needs the folder's write bit)."""
-    shutil.rmtree(folder)
+    """Remove a registry-owned folder (its read-only files go with it: removal needs the folder's write bit); one
+    already gone (a damaged version) is fine."""
+    if folder.exists():
+        shutil.rmtree(folder)

@@ -25,7 +25,8 @@ def version_table(versions: list[Version], promoted: dict[str, Version]) -> list
     lines = []
     for v in versions:
         mark = "*" if promoted.get(v.name) is not None and promoted[v.name].version == v.version else " "
-        lines.append(f"{mark} {v.ref:<{width}}  {v.created}  {v.who:<10}  {headline(v)}")
+        lines.append(f"{mark} {v.ref:<{width}}  " + (f"DAMAGED: {v.damaged}" if v.damaged else
+                                                     f"{v.created}  {v.who:<10}  {headline(v)}"))
     lines.append("(* promoted)")
     return lines
 
@@ -63,6 +64,11 @@ def log_lines(entries: list[dict]) -> list[str]:
         detail = e.get("detail") or {}
         if e["action"] == "rollback" and "from" in detail:
             extra.append(f"from @{detail['from']}")
+        if detail.get("skipped_damaged"):
+            extra.append(f"passed over damaged @{', @'.join(detail['skipped_damaged'])}")
+        if detail.get("damaged"):
+            extra.append(f"was promoted, damaged: {detail['damaged']}" if detail.get("was_promoted")
+                         else f"damaged: {detail['damaged']}")
         if detail.get("gated"):
             extra.append(f"{detail.get('metric')} {detail['candidate_score']:.3f} vs {detail['incumbent_score']:.3f}"
                          f" of @{detail['incumbent']} ({detail['difference'] * 100:+.1f} points, p="
