@@ -143,3 +143,16 @@ def test_robustness_on_other_data_and_refusals(probe_run, tmp_path):
     with pytest.raises(DataError, match="unknown perturbation 'blur'"):
         robustness(probe_run["run"], perturbations=("blur",), write=False)
     assert np.isfinite(result["clean_accuracy"])
+
+
+def test_robustness_refuses_a_data_file_changed_since_training(tmp_path):
+    tiny = fewshot_cli_data(tmp_path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out",
+                                      str(out), "--method", "probe", "--shots", "6", "--max-length", "32",
+                                      "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = tiny["csv"].read_text().splitlines()
+    tiny["csv"].write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # the same rows, reordered
+    with pytest.raises(DataError, match="changed since the run was trained"):
+        robustness(out, strengths=(0.2,), budget=0, write=False)

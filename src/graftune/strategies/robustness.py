@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from graftune.data.sources import load_data
 from graftune.data.splits import run_splits
 from graftune.errors import DataError
-from graftune.evaluate import load_run, predict
+from graftune.evaluate import load_run, predict, read_scored
 from graftune.io.atomic import write_file_atomically
 
 PERTURBATIONS = ("char_noise", "word_drop", "word_swap", "case")
@@ -166,10 +165,12 @@ def _short(text: str, n: int = 160) -> str:
 
 
 # --- on a run directory ------------------------------------------------------------------------------------------
-def _test_split(run: Any, data: str | None) -> Any:
+def _test_split(run: Any, run_dir: str | Path, data: str | None) -> Any:
+    """``data``'s every row, as ``graftune eval --data`` reads it; else the run's test split, checked against its
+    data card (a data file changed since training is refused, not scored)."""
     if data is not None:
-        return load_data(data, task=run.kind, text_column=run.cfg.text_column, label_column=run.cfg.label_column)
-    return run_splits(run.cfg, run.kind).test
+        return read_scored(data, kind=run.kind, multi_label=run.multi_label, **run.cfg.columns())
+    return run_splits(run.cfg, run.kind, run_dir=run_dir, parts=("test",)).test
 
 
 def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Sequence[float] = STRENGTHS,
@@ -186,7 +187,7 @@ def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Seque
     if run.multi_label:
         raise DataError(f"{run_dir} is multi-label: robustness measures single-label accuracy (not applicable)")
     started = time.perf_counter()
-    ds = _test_split(run, data)
+    ds = _test_split(run, run_dir, data)
     unseen = sorted(set(ds.labels) - set(run.label_names))
     if unseen:
         raise DataError(f"{ds.origin}: labels the run was not trained on: {', '.join(unseen[:5])}")
