@@ -7,6 +7,8 @@ or FastAPI's TestClient; everything bounded in count and time."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from typer.testing import CliRunner
 
 from graftune.cli import app as cli_app
 from graftune.config import RunConfig
+from graftune.errors import ArtifactError
 from graftune.evaluate import generate, load_run, predict
 from graftune.registry import Registry
 from graftune.runs import train
@@ -259,6 +262,58 @@ def test_bad_requests_get_one_line_4xx_and_never_reach_the_model(runs):
         assert 'graftune_request_errors_total{adapter="_none",reason="unknown_adapter"} 1.0' in errors
 
 
+def test_bodies_routes_and_keys_answer_in_one_line_and_every_answer_is_counted(runs):
+    """The README's `curl -d '{...}'` sends a form: told to send JSON; malformed JSON says where; an unknown route
+    answers in the server's format; with a key configured, a request without it is refused before its body is
+    read; /metrics counts every answer by status, not only 200/400/500."""
+    app = create_app(ModelStore(), StaticSource({"lora": runs["lora"]}),
+                     Settings(api_key="s3cret", limits=Limits(max_body_bytes=2_000)))
+    key = {"Authorization": "Bearer s3cret"}
+    good = json.dumps({"adapter": "lora", "inputs": ["goal match"]}).encode()
+    with TestClient(app) as client:
+        r = client.post("/v1/predict", content=good, headers={**key, "content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415 and "send 'Content-Type: application/json'" in r.json()["error"], r.text
+        r = client.post("/v1/predict", content=good, headers={**key, "content-type": "application/json; charset=utf-8"})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/predict", content=b'{"adapter": "lora", "inputs": [', headers={**key, "content-type":
+                                                                                              "application/json"})
+        error = r.json()["error"]
+        assert r.status_code == 422 and error.startswith("the body is not valid JSON (") and "position 31" in error
+        assert "\n" not in error
+        # the key first: malformed JSON, a wrong content type or a bad body without it are all 401
+        for headers in ({"content-type": "application/json"}, {"content-type": "text/plain"}, {}):
+            r = client.post("/v1/predict", content=b'{"adapter": ', headers=headers)
+            assert r.status_code == 401 and "API key" in r.json()["error"], (headers, r.text)
+        assert client.post("/v1/predict", json={"adapter": "lora"}).status_code == 401
+        r = client.get("/nope", headers=key)
+        assert r.status_code == 404 and r.json()["error"].startswith("no route GET /nope; the routes are POST "
+                                                                     "/v1/predict"), r.text
+        r = client.get("/v1/predict", headers=key)
+        assert r.status_code == 405 and r.json() == {"error": "GET /v1/predict: method not allowed; use POST"}
+        client.post("/v1/predict", json={"adapter": "nope", "inputs": ["a"]}, headers=key)
+        client.post("/v1/predict", content=b"x" * 3000, headers=key)
+        client.get("/health")
+        metrics = client.get("/metrics", headers=key).text
+    counted = {'adapter="lora",endpoint="predict",status="200"': 1, 'adapter="_none",endpoint="predict",status="415"':
+               1, 'adapter="_none",endpoint="predict",status="422"': 1,
+               'adapter="_none",endpoint="predict",status="401"': 4, 'adapter="_none",endpoint="other",status="404"': 1,
+               'adapter="_none",endpoint="predict",status="405"': 1, 'adapter="_none",endpoint="predict",status="404"':
+               1, 'adapter="_none",endpoint="predict",status="413"': 1, 'adapter="_none",endpoint="health",status="200"':
+               1}
+    for labels, n in counted.items():
+        assert f"graftune_requests_total{{{labels}}} {n:.1f}" in metrics, (labels, metrics)
+
+
+def test_long_texts_are_truncated_to_the_runs_max_length(runs):
+    """A text of 2,000 words (the tiny BERT has 512 positions, the run's max_length is 32) is read as `graftune
+    predict` reads it: truncated, so one request's work is bounded by max_length whatever its characters."""
+    text = " ".join(TEXTS * 80)
+    with TestClient(create_app(ModelStore(), StaticSource({"lora": runs["lora"]}))) as client:
+        r = client.post("/v1/predict", json={"adapter": "lora", "inputs": [text, TEXTS[0]]})
+        assert r.status_code == 200, r.text
+        same_predictions(r.json()["predictions"], predict(load_run(runs["lora"]), [text, TEXTS[0]]))
+
+
 # --- following the registry --------------------------------------------------------------------------------------
 def test_promote_and_rollback_switch_without_failed_requests(runs, tmp_path):
     reg = Registry(tmp_path / "registry")
@@ -347,6 +402,58 @@ def test_a_changed_file_is_refused_and_the_old_version_keeps_serving(runs, tmp_p
         assert r.status_code == 200 and r.json()["version"] == "1"
 
 
+@pytest.mark.parametrize("how", ["as-it-reads", "promoted-fails-for-all"])
+def test_a_damaged_promoted_version_is_logged_once_and_the_rest_served(runs, tmp_path, caplog, monkeypatch, how):
+    """QA: a promoted version's folder removed took `graftune serve` down at start-up, and a running server stopped
+    following the registry (a traceback every second). The broken version is logged once, the rest are served,
+    promotes are still followed. "promoted-fails-for-all": a registry whose promoted() raises when one version
+    cannot be read (read name by name instead)."""
+    reg = Registry(tmp_path / "registry")
+    for name, run in (("con", "lora"), ("news", "ia3")):
+        reg.push(runs[run], name)
+        reg.promote(name, 1)
+    broken = tmp_path / "registry" / "versions" / "con" / "1"
+    for p in [broken, *broken.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(broken)
+    if how == "promoted-fails-for-all":
+        def promoted():
+            raise ArtifactError(f"{broken}: version.json is missing (changed after push); push the run again")
+        monkeypatch.setattr(reg, "promoted", promoted)
+    store = ModelStore()
+    caplog.set_level(logging.INFO, logger="graftune.serve")
+    with TestClient(create_app(store, reg, Settings(poll_s=0.02))) as client:
+        assert [a["name"] for a in client.get("/v1/adapters").json()["adapters"]] == ["news"]
+        reg.push(runs["lora2"], "trec")
+        reg.promote("trec", 1)
+        deadline = time.monotonic() + 20
+        while "trec" not in store.names():
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        reg.push(runs["lora"], "other")  # more changes: more reads of the registry, the broken version in each
+        time.sleep(0.3)
+        assert client.post("/v1/predict", json={"adapter": "news", "inputs": TEXTS[:1]}).status_code == 200
+        r = client.post("/v1/predict", json={"adapter": "con", "inputs": TEXTS[:1]})
+        assert r.status_code == 404 and "served: news, trec" in r.json()["error"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "con@1" in m]) == 1, messages
+    assert not [r for r in caplog.records if r.exc_info or "failed" in r.getMessage()], messages
+
+
+def test_a_run_that_fails_to_load_unexpectedly_does_not_stop_the_others(runs, tmp_path):
+    """A damaged file that the artifact checks do not name (a fingerprint that is not an object) fails that run's
+    load with an unexpected error: logged once, the others served (it took the whole sync, start-up included)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["lora"], bad)
+    meta = json.loads((bad / "adapter" / "adapter.json").read_text())
+    meta["base_fingerprint"] = "damaged"
+    (bad / "adapter" / "adapter.json").write_text(json.dumps(meta))
+    store = ModelStore()
+    with TestClient(create_app(store, StaticSource({"bad": bad, "lora": runs["lora"]}))) as client:
+        assert [a["name"] for a in client.get("/v1/adapters").json()["adapters"]] == ["lora"]
+        assert store.failed["bad@1"].startswith("unexpected AttributeError")
+
+
 # --- the command ---------------------------------------------------------------------------------------------------
 def test_cli_refuses_bad_options_in_one_line(runs):
     runner = CliRunner()
@@ -354,6 +461,59 @@ def test_cli_refuses_bad_options_in_one_line(runs):
                                                                    "--max-batch", "0"]))
     assert "NAME=RUN_DIR" in one_line_error(runner.invoke(cli_app, ["serve", "--run", str(runs["lora"])]))
     assert "not a run directory" in one_line_error(runner.invoke(cli_app, ["serve", "--run", "a=/nonexistent"]))
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """uvicorn's run (where models load), recorded instead of run: a refused option never gets there."""
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(sockets[0].getsockname()))
+    return started
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--log-level", "bogus"], "--log-level: got 'bogus'; use debug, info"),
+    (["--max-chars", "-5"], "--max-chars: got -5"),
+    (["--max-chars", "0"], "--max-chars: got 0"),
+    (["--max-inputs", "0"], "--max-inputs: got 0"),
+    (["--threads", "-1"], "--threads: got -1"),
+    (["--threads", "0"], "--threads: got 0"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms: got nan"),
+    (["--max-wait-ms", "inf"], "--max-wait-ms: got inf"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms: got -1"),
+    (["--poll", "0"], "--poll: got 0"),
+    (["--poll", "-1"], "--poll: got -1"),
+    (["--poll", "nan"], "--poll: got nan"),
+], ids=["log-level", "max-chars-negative", "max-chars-zero", "max-inputs-zero", "threads-negative", "threads-zero",
+        "max-wait-nan", "max-wait-inf", "max-wait-negative", "poll-zero", "poll-negative", "poll-nan"])
+def test_serve_refuses_bad_flags_in_one_line_before_loading(runs, no_server, flags, words):
+    result = CliRunner().invoke(cli_app, ["serve", "--run", f"a={runs['lora']}", "--port", str(free_port()), *flags])
+    assert words in one_line_error(result)
+    assert no_server == []
+
+
+def test_serve_refuses_a_missing_registry_a_taken_port_and_bad_names_before_loading(runs, tmp_path, no_server):
+    runner = CliRunner()
+    missing = tmp_path / "no-such-registry"
+    error = one_line_error(runner.invoke(cli_app, ["serve", "--registry", str(missing), "--port", str(free_port())]))
+    assert f"registry {missing} does not exist" in error and not missing.exists()
+    for name in ("a b", "../../x", "-x"):
+        error = one_line_error(runner.invoke(cli_app, ["serve", "--run", f"{name}={runs['lora']}"]))
+        assert f"--run '{name}={runs['lora']}'" in error and "a registry name is" in error
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = one_line_error(runner.invoke(cli_app, ["serve", "--run", f"a={runs['lora']}", "--port", str(port)]))
+    assert f"--port {port}: cannot listen there" in error
+    assert no_server == []
+    # and good options get there, with the port already bound
+    port = free_port()
+    result = runner.invoke(cli_app, ["serve", "--run", f"news={runs['lora']}", "--port", str(port), "--threads",
+                                     str(torch.get_num_threads()), "--log-level", "WARNING", "--drift-dir",
+                                     str(tmp_path / "drift")])
+    assert result.exit_code == 0, result.output
+    assert no_server == [("127.0.0.1", port)]
 
 
 @pytest.mark.slow

@@ -166,6 +166,9 @@ def test_bad_generate_requests_get_one_line_4xx_and_never_reach_the_model(runs):
         ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": 0}, 422, "max_new_tokens"),
         ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": 17}, 422, "max_new_tokens"),
         ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": "many"}, 422, "max_new_tokens"),
+        ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": True}, 422, "max_new_tokens"),  # not read as 1
+        ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": "5"}, 422, "max_new_tokens"),  # nor as 5
+        ({"adapter": "lm", "inputs": ["a"], "max_new_tokens": 5.0}, 422, "max_new_tokens"),
         ({"adapter": "lm", "inputs": ["a"], "temperature": 0.7}, 422, "temperature"),
     ]
     with TestClient(app) as client:
@@ -177,3 +180,37 @@ def test_bad_generate_requests_get_one_line_4xx_and_never_reach_the_model(runs):
         assert list(app.state.generator.history) == []  # nothing above reached the model
         r = client.post("/v1/generate", json={"adapter": "lm", "inputs": ["goal match"], "max_new_tokens": 2})
         assert r.status_code == 200 and len(app.state.generator.history) == 1
+
+
+def test_a_prompt_longer_than_its_adapter_takes_is_refused_before_anything_is_generated(runs):
+    """Characters do not bound tokens (QA: 20,000 CJK characters were 40,000 tokens and held the server for
+    minutes). A prompt that leaves no room for its answer within the run's max_length (32 here, 6 new tokens: 26
+    for the prompt, as training fitted prompt + response into max_length) gets a 422 naming both numbers before
+    anything is generated, and a request batched beside it is answered as if it were alone."""
+    store = ModelStore()
+    app = create_app(store, StaticSource({"lm": runs["lm"], "lm2": runs["lm2"]}),
+                     Settings(max_batch=32, max_wait_ms=300))
+    long = " ".join(PROMPTS * 5)  # 200 characters, well within --max-chars: about 75 tokens
+    with TestClient(app) as client:
+        base = next(iter(store.slots.values())).model.base
+        generations = []
+        original = base.generate
+        base.generate = lambda *a, **k: (generations.append(len(k["input_ids"])), original(*a, **k))[1]
+        r = client.post("/v1/generate", json={"adapter": "lm", "inputs": ["bank", long]})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error.startswith("inputs[1]: the prompt is ") and "\n" not in error
+        assert "adapter lm takes at most 26 (its max_length 32 minus max_new_tokens 6); shorten it" in error
+        r = client.post("/v1/generate", json={"adapter": "lm", "inputs": ["bank"], "max_new_tokens": 40})
+        assert r.status_code == 422 and "takes at most 0 (its max_length 32 minus max_new_tokens 40)" in r.text
+        assert generations == []  # refused before the model ran
+        # a refused request and an answerable one in the same window: one batch, the good one answered
+        out = post_together(client, "/v1/generate", [{"adapter": "lm", "inputs": [long]},
+                                                     {"adapter": "lm2", "inputs": PROMPTS[:2]}])
+        assert sorted(r.status_code for r in out) == [200, 422]
+        [good] = [r for r in out if r.status_code == 200]
+        assert good.json()["outputs"] == generate(load_run(runs["lm2"]), PROMPTS[:2])
+        assert generations == [2]
+        base.generate = original
+        metrics = client.get("/metrics").text
+        assert 'graftune_requests_total{adapter="lm",endpoint="generate",status="422"} 3.0' in metrics

@@ -20,7 +20,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
 
+from graftune.errors import ArtifactError, ConfigError, GraftuneError
 from graftune.serve.batcher import Batcher, BatchRecord
 from graftune.serve.drift import DriftTracker
 from graftune.serve.schemas import (
@@ -31,14 +33,16 @@ from graftune.serve.schemas import (
     PredictResponse,
     request_models,
 )
-from graftune.serve.store import ModelStore, Rows, ServeError, UnknownAdapter
+from graftune.serve.store import ModelStore, PromptTooLong, Rows, ServeError, UnknownAdapter
 
 log = logging.getLogger("graftune.serve")
 
 
 class Source(Protocol):
     """Where the promoted versions come from: ``graftune.registry.Registry`` or a fixed mapping. A source may also
-    have ``verify(version)`` (the registry's hash check), run before a version is loaded."""
+    have ``verify(version)`` (the registry's hash check), run before a version is loaded, and the registry's
+    ``log``, ``promoted_version`` and ``show``, read name by name when ``promoted()`` fails (see
+    :func:`read_promoted`)."""
 
     def promoted(self) -> Mapping[str, Any]:
         """name -> a version object with ``.version`` and ``.path`` (its run directory)."""
@@ -66,6 +70,41 @@ class StaticSource:
         return 0
 
 
+@dataclass(frozen=True)
+class BrokenVersion:
+    """A promoted version that cannot even be read (its folder removed, its version.json damaged). It is wanted
+    like any other, and its check fails: the store logs it once, keeps the name's old version if it serves one,
+    and serves the rest."""
+
+    version: str
+    reason: str
+    path: Path = Path()
+
+    def check(self) -> None:
+        raise ArtifactError(self.reason)
+
+
+def read_promoted(source: Source) -> dict[str, Any]:
+    """``source.promoted()``. When that fails on one version that cannot be read (a registry whose
+    ``promoted()`` reads every version at once), the registry is read name by name instead and each version that
+    cannot be read becomes a :class:`BrokenVersion`: one damaged version never hides the others."""
+    try:
+        return dict(source.promoted())
+    except GraftuneError:
+        if not all(callable(getattr(source, a, None)) for a in ("log", "promoted_version", "show")):
+            raise
+    out: dict[str, Any] = {}
+    for name in sorted({row["name"] for row in source.log()}):  # type: ignore[attr-defined]
+        version = source.promoted_version(name)  # type: ignore[attr-defined]
+        if version is None:
+            continue
+        try:
+            out[name] = source.show(name, version)  # type: ignore[attr-defined]
+        except GraftuneError as e:
+            out[name] = BrokenVersion(str(version), str(e))
+    return out
+
+
 class MergedSource:
     """A registry's promoted versions plus fixed ``--run`` ones (the fixed ones win a name clash)."""
 
@@ -75,7 +114,7 @@ class MergedSource:
     def promoted(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for s in self.sources:
-            out.update(s.promoted())
+            out.update(read_promoted(s))
         return out
 
     def generation(self) -> tuple:
@@ -83,7 +122,7 @@ class MergedSource:
 
     def verify(self, version: Any) -> None:
         """The registry's hash check for its versions; fixed ``--run`` directories are served as they are."""
-        if isinstance(version, StaticVersion):
+        if isinstance(version, StaticVersion | BrokenVersion):  # a broken one fails its own check
             return
         for s in self.sources:
             if callable(getattr(s, "verify", None)):
@@ -95,8 +134,9 @@ class MergedSource:
 class Settings:
     """Args:
     max_batch: rows per forward at most; 1 serves one request per forward.
-    max_wait_ms: the batching window.
-    poll_s: how often the source's generation is read (promote/rollback are followed within about this).
+    max_wait_ms: the batching window, at most a minute (a request waits up to this for company).
+    poll_s: how often the source's generation is read (promote/rollback are followed within about this), from
+        0.01 s (more often is a busy loop) to an hour.
     drift_every_s: how often drift summaries are written.
     api_key: when set, every endpoint but /health needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
     limits: request limits (see :class:`~graftune.serve.schemas.Limits`).
@@ -109,13 +149,28 @@ class Settings:
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
 
+    def __post_init__(self):
+        # the options of `graftune serve`, named as the command spells them; NaN fails every comparison below
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"--max-batch: got {self.max_batch!r}; use 1 (one request per forward) or more")
+        if not 0 <= self.max_wait_ms <= 60_000:
+            raise ConfigError(f"--max-wait-ms: got {self.max_wait_ms}; use 0 to 60000 milliseconds (default 5)")
+        if not 0.01 <= self.poll_s <= 3600:
+            raise ConfigError(f"--poll: got {self.poll_s}; use 0.01 to 3600 seconds between registry checks "
+                              "(default 1)")
+        if not 0 < self.drift_every_s < float("inf"):
+            raise ConfigError(f"drift_every_s: got {self.drift_every_s}; use a positive number of seconds")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty; pass a key or leave it out")
+
 
 class Metrics:
     """Prometheus series of one app (its own CollectorRegistry: two apps in one process do not mix)."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("graftune_requests", "Requests answered, by adapter, endpoint and HTTP status",
+        self.requests = Counter("graftune_requests", "Requests answered (every status), by adapter, endpoint and "
+                                "HTTP status",
                                 ["adapter", "endpoint", "status"], registry=self.registry)
         self.errors = Counter("graftune_request_errors", "Requests refused or failed, by adapter and reason",
                               ["adapter", "reason"], registry=self.registry)
@@ -142,6 +197,38 @@ class Metrics:
         rows.observe(record.rows)
         requests.observe(record.requests)
         adapters.observe(len(record.adapters))
+
+
+#: the endpoint label of each route (anything else is "other": the label's values stay few)
+ENDPOINTS = {"/v1/predict": "predict", "/v1/generate": "generate", "/v1/adapters": "adapters", "/health": "health",
+             "/metrics": "metrics"}
+
+
+class CountRequests:
+    """ASGI middleware, the outermost: every answered request counted by adapter, endpoint and status, whatever
+    answered it (a route, a refusal, the body limit, a validation error). A route names the adapter in
+    ``request.state.adapter``; ``_none`` when no served adapter was involved."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        status = None
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:  # an exception that escaped every handler is answered 500 by Starlette's outermost layer
+            self.metrics.requests.labels(state.get("adapter", "_none"), ENDPOINTS.get(scope.get("path"), "other"),
+                                         str(status or 500)).inc()
 
 
 class BodyLimit:
@@ -192,10 +279,24 @@ def _one_line(exc: RequestValidationError) -> str:
     if not errors:
         return "invalid request"
     e = errors[0]
+    if e.get("type") == "json_invalid":
+        position = next((p for p in e.get("loc", ())[1:] if isinstance(p, int)), None)
+        where = f" at position {position}" if position is not None else ""
+        why = (e.get("ctx") or {}).get("error") or "decode error"
+        return (f"the body is not valid JSON ({why}{where}); send one JSON object, e.g. "
+                '{"adapter": "NAME", "inputs": ["TEXT"]}')
     where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
     msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {msg}{more}"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this content type as JSON (no content type: it tries JSON)."""
+    if not content_type:
+        return True
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def create_app(store: ModelStore, source: Source, settings: Settings | None = None, *,
@@ -212,37 +313,51 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
 
     batcher, generator = window("predict", store.classify), window("generate", store.generate)
     PredictRequest, GenerateRequest = request_models(settings.limits)
-    state: dict[str, Any] = {"generation": object()}
+    state: dict[str, Any] = {"generation": object(), "error": None}
 
     verify = getattr(source, "verify", None)
 
     def wanted() -> dict[str, tuple]:
-        return {n: (str(v.version), Path(v.path), functools.partial(verify, v) if verify else None)
-                for n, v in source.promoted().items()}
+        out = {}
+        for n, v in read_promoted(source).items():
+            check = v.check if isinstance(v, BrokenVersion) else functools.partial(verify, v) if verify else None
+            out[n] = (str(v.version), Path(v.path), check)
+        return out
+
+    async def refresh() -> None:
+        """Read the source's cheap counter; on a change, load what is new and switch (store.sync: a version that
+        cannot be served is logged once and skipped). When reading the source fails, say so once, not at every
+        poll; the next poll retries."""
+        try:
+            generation = await asyncio.to_thread(source.generation)
+            if generation != state["generation"]:
+                await asyncio.to_thread(store.sync, await asyncio.to_thread(wanted))
+                state["generation"] = generation
+                metrics.adapters.set(len(store.names()))
+        except Exception as e:  # a registry hiccup must not stop the server
+            why = str(e) if isinstance(e, GraftuneError) else f"{type(e).__name__}: {e}"
+            if why != state["error"]:
+                log.warning("reading the promoted versions failed (%s); retrying every %g s", why, settings.poll_s,
+                            exc_info=not isinstance(e, GraftuneError))
+            state["error"] = why
+            return
+        if state["error"] is not None:
+            log.info("reading the promoted versions works again")
+            state["error"] = None
 
     async def follow() -> None:
-        """Poll the source's cheap counter; on a change, load what is new and switch (store.sync)."""
         last_flush = time.monotonic()
         while True:
             await asyncio.sleep(settings.poll_s)
-            try:
-                generation = await asyncio.to_thread(source.generation)
-                if generation != state["generation"]:
-                    await asyncio.to_thread(store.sync, await asyncio.to_thread(wanted))
-                    state["generation"] = generation
-                    metrics.adapters.set(len(store.names()))
-            except Exception:  # a registry hiccup must not stop the server; the next poll retries
-                log.exception("following the registry failed; retrying")
+            await refresh()
             if tracker is not None and time.monotonic() - last_flush >= settings.drift_every_s:
                 await asyncio.to_thread(tracker.flush)
                 last_flush = time.monotonic()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["generation"] = await asyncio.to_thread(source.generation)
-        report = await asyncio.to_thread(store.sync, await asyncio.to_thread(wanted))
-        metrics.adapters.set(len(store.names()))
-        log.info("serving %d adapter(s); %d refused", len(store.names()), len(report["failed"]))
+        await refresh()
+        log.info("serving %d adapter(s); %d refused", len(store.names()), len(store.failed))
         await batcher.start()
         await generator.start()
         poller = asyncio.create_task(follow(), name="graftune-follow")
@@ -262,72 +377,104 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
 
     app = FastAPI(title="graftune", summary="Many adapters on one base, mixed-adapter batches", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # added last: the outermost, so it sees every answer
     app.state.store, app.state.batcher, app.state.generator = store, batcher, generator
     app.state.metrics, app.state.settings = metrics, settings
 
-    async def check_key(request: Request) -> None:
+    def key_given(request: Request) -> bool:
         if settings.api_key is None:
-            return
+            return True
         given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization") or ""
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise _Refusal(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", "auth")
+        return hmac.compare_digest(given.encode(), settings.api_key.encode())
+
+    def no_key() -> _Refusal:
+        return _Refusal(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", "auth")
+
+    async def check_key(request: Request) -> None:
+        if not key_given(request):
+            raise no_key()
+
+    def answer(exc: "_Refusal", headers: Mapping[str, str] | None = None) -> JSONResponse:
+        metrics.errors.labels(exc.adapter, exc.reason).inc()
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        metrics.errors.labels("_none", "invalid").inc()
-        return JSONResponse({"error": _one_line(exc)}, status_code=422)
+        # FastAPI reads the body before any dependency runs: the key is checked here first, so a caller without
+        # it learns nothing about what the body should be
+        if not key_given(request):
+            return answer(no_key())
+        if not _is_json(request.headers.get("content-type")):
+            got = request.headers.get("content-type")
+            return answer(_Refusal(415, f"send 'Content-Type: application/json' with the JSON body (got {got!r}; "
+                                        "curl -d alone sends a form)", "content_type"))
+        return answer(_Refusal(422, _one_line(exc), "invalid"))
 
     @app.exception_handler(_Refusal)
     async def refused(request: Request, exc: _Refusal):
-        metrics.errors.labels(exc.adapter, exc.reason).inc()
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return answer(exc)
 
-    async def run(name: str, endpoint: str, call):
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException):
+        """Starlette's own answers (no such route, a method the route does not take), in the server's format."""
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = (f"no route {where}; the routes are POST /v1/predict, POST /v1/generate, GET /v1/adapters, "
+                       "GET /health, GET /metrics")
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
+            message = f"{where}: method not allowed; use {allowed}"
+        else:
+            message = f"{where}: {exc.detail}"
+        return answer(_Refusal(exc.status_code, message, "no_route"), exc.headers)
+
+    async def run(request: Request, name: str, endpoint: str, call):
         started = time.perf_counter()
         try:
             entry = store.acquire(name)
         except UnknownAdapter as e:
             raise _Refusal(404, str(e), "unknown_adapter") from None
+        request.state.adapter = entry.name  # the label CountRequests counts this request under
         try:
             result = await call(entry)
+        except PromptTooLong as e:
+            raise _Refusal(422, str(e), "too_long", entry.name) from None
         except ServeError as e:
-            metrics.requests.labels(entry.name, endpoint, "400").inc()
             raise _Refusal(400, str(e), "refused", entry.name) from None
         except Exception as e:
-            metrics.requests.labels(entry.name, endpoint, "500").inc()
             log.exception("request for %s failed", name)
             raise _Refusal(500, f"internal error ({type(e).__name__}); see the server log", "internal",
                            entry.name) from None
         finally:
             store.release(entry)
-        metrics.requests.labels(entry.name, endpoint, "200").inc()
         metrics.latency.labels(entry.name, endpoint).observe(time.perf_counter() - started)
         return entry, result
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
               dependencies=[Depends(check_key)])
-    async def predict(body: PredictRequest):  # type: ignore[valid-type]
+    async def predict(body: PredictRequest, request: Request):  # type: ignore[valid-type]
         async def call(entry):
             if entry.kind == "causal-lm":
                 raise ServeError(f"{entry.name} is a causal-LM adapter; use POST /v1/generate")
             metrics.inputs.labels(entry.name).inc(len(body.inputs))
             return await batcher(Rows(entry, list(body.inputs)), len(body.inputs))
 
-        entry, predictions = await run(body.adapter, "predict", call)
+        entry, predictions = await run(request, body.adapter, "predict", call)
         return {"adapter": entry.name, "version": entry.version, "predictions": predictions}
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(check_key)])
-    async def generate(body: GenerateRequest):  # type: ignore[valid-type]
+    async def generate(body: GenerateRequest, request: Request):  # type: ignore[valid-type]
         async def call(entry):
             if entry.kind != "causal-lm":
                 raise ServeError(f"{entry.name} is a classifier; use POST /v1/predict")
-            metrics.inputs.labels(entry.name).inc(len(body.inputs))
-            return await generator(Rows(entry, list(body.inputs), body.max_new_tokens), len(body.inputs))
+            outputs = await generator(Rows(entry, list(body.inputs), body.max_new_tokens), len(body.inputs))
+            metrics.inputs.labels(entry.name).inc(len(body.inputs))  # answered: a refused prompt is not counted
+            return outputs
 
-        entry, outputs = await run(body.adapter, "generate", call)
+        entry, outputs = await run(request, body.adapter, "generate", call)
         return {"adapter": entry.name, "version": entry.version, "outputs": outputs}
 
     @app.get("/v1/adapters", response_model=AdaptersResponse, dependencies=[Depends(check_key)])

@@ -44,7 +44,8 @@ class Batcher:
     """Args:
     run: ``run(list_of_rows) -> list_of_results`` on the model's thread, given as ``submit(fn, arg) -> Future``
         (``ModelStore.submit``) and ``fn`` (``ModelStore.classify``, or ``ModelStore.generate`` for a generation
-        queue: a batch is then one batched generation).
+        queue: a batch is then one batched generation). A result that is an exception is raised to its request
+        alone (the rest of the batch is answered).
     max_batch: rows per forward at most (a larger single request still runs, alone).
     max_wait_ms: how long the first request of a batch waits for company.
     on_batch: called with each :class:`BatchRecord` (metrics).
@@ -110,7 +111,11 @@ class Batcher:
             if self.on_batch is not None:
                 self.on_batch(record)
             for p, result in zip(batch, results):
-                if not p.future.done():  # a client that went away has cancelled its future
+                if p.future.done():  # a client that went away has cancelled its future
+                    continue
+                if isinstance(result, Exception):  # this request alone was refused (a prompt too long)
+                    p.future.set_exception(result)
+                else:
                     p.future.set_result(result)
 
     async def _collect(self) -> list[_Pending]:

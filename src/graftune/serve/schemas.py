@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from graftune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class Limits:
     max_chars: int = 20_000
     max_body_bytes: int = 2_000_000
     max_new_tokens: int = 256
+
+    def __post_init__(self):
+        # a limit of 0 would refuse every request, a negative one breaks the request models: refuse at start-up
+        for name, what in (("max_inputs", "texts per request"), ("max_chars", "characters per text"),
+                           ("max_body_bytes", "bytes per request body"), ("max_new_tokens", "new tokens")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; use a whole number of {what} from 1")
 
 
 def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -49,7 +59,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     class GenerateRequest(PredictRequest):
         """``{"adapter": NAME, "inputs": [PROMPT, ...], "max_new_tokens": N}``"""
 
-        max_new_tokens: Annotated[int, Field(ge=1, le=limits.max_new_tokens)] | None = None
+        # strict: true and "5" are not numbers of tokens
+        max_new_tokens: Annotated[StrictInt, Field(ge=1, le=limits.max_new_tokens)] | None = None
 
     return PredictRequest, GenerateRequest
 

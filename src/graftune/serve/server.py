@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,12 +15,16 @@ from prometheus_client import disable_created_metrics
 
 from graftune.errors import ConfigError
 from graftune.registry import Registry, default_root
+from graftune.registry.store import INDEX, check_name
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
 from graftune.serve.drift import BUCKET_S, KEEP_S, DriftTracker, Window, drift_report, parse_duration
 from graftune.serve.schemas import Limits
 from graftune.serve.store import ModelStore
 
 log = logging.getLogger("graftune.serve")
+
+#: --log-level values (uvicorn's names, less its "trace", which Python's logging does not know)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def drift_folder(registry_root: str | Path | None) -> Path:
@@ -33,24 +38,51 @@ def parse_runs(runs: Sequence[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for item in runs:
         name, eq, folder = item.partition("=")
-        if not eq or not name.strip() or not folder.strip():
+        name = name.strip()
+        if not eq or not name or not folder.strip():
             raise ConfigError(f"--run {item!r}: write NAME=RUN_DIR (e.g. --run news=runs/news)")
+        try:  # the names the registry takes: a served name is a URL's and a drift folder's part
+            check_name(name)
+        except ConfigError as e:
+            raise ConfigError(f"--run {item!r}: {e}") from None
         if name in out:
             raise ConfigError(f"--run: the name {name!r} is given twice; give each served name once")
         if not (Path(folder) / "run.yaml").is_file():
             raise ConfigError(f"--run {item}: {folder} is not a run directory (no run.yaml); pass a `graftune train "
                               "--out` folder")
-        out[name.strip()] = Path(folder)
+        out[name] = Path(folder)
     return out
 
 
 def build_source(registry: str | None, runs: Sequence[str]) -> tuple[Source, Path | None]:
-    """The registry (when ``--registry`` is given, or when no ``--run`` is), plus fixed ``--run`` directories."""
+    """The registry (when ``--registry`` is given, or when no ``--run`` is), plus fixed ``--run`` directories. The
+    registry must exist: serving an empty one made up on the spot (a mistyped folder) would serve nothing."""
     static = parse_runs(runs)
     if registry is None and static:
         return StaticSource(static), None
-    reg = Registry(default_root(registry))
+    root = default_root(registry).absolute()
+    if not (root / INDEX).is_file():
+        what = "does not exist" if not root.exists() else f"is not a registry (no {INDEX})"
+        raise ConfigError(f"registry {root} {what}; pass --registry with the folder `graftune registry push` "
+                          "wrote to, or serve run directories with --run NAME=RUN_DIR")
+    reg = Registry(root)
     return (MergedSource(reg, StaticSource(static)) if static else reg), reg.root
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model loads (uvicorn binds only after its startup, which loads
+    every model): a port in use is refused in one line at once."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port: got {port}; use a port between 1 and 65535")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); stop what uses "
+                          "the port or pick another --port") from None
+    return sock
 
 
 def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000,
@@ -60,32 +92,34 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
     """Run the server until interrupted (uvicorn, one process: the models live in it). ``drift_bucket`` and
     ``drift_keep`` are durations ("1h", "7d"): the width of the drift summaries' time buckets and how long they
     are kept."""
-    if max_batch < 1:
-        raise ConfigError(f"--max-batch: got {max_batch}; use 1 (one request per forward) or more")
-    if max_wait_ms < 0:
-        raise ConfigError(f"--max-wait-ms: got {max_wait_ms}; use 0 or more milliseconds")
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port: got {port}; use a port between 1 and 65535")
-    if api_key is not None and not api_key.strip():
-        raise ConfigError("--api-key is empty; pass a key or leave it out")
-    if threads:
-        torch.set_num_threads(threads)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    disable_created_metrics()  # the *_created series double the output and say nothing here
+    # every option is checked, and the port bound, before anything loads: a mistake costs one line, not a start
+    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, poll_s=poll_s, api_key=api_key,
+                        limits=limits or Limits())
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: got {threads}; use 1 or more torch CPU threads (leave it out for torch's "
+                          "default)")
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: got {log_level!r}; use {', '.join(LOG_LEVELS)}")
+    log_level = log_level.lower()
     source, reg_root = build_source(registry, runs)
     folder = Path(drift_dir) if drift_dir else (drift_folder(reg_root) if reg_root else Path("graftune-drift"))
     tracker = DriftTracker(folder, bucket_s=parse_duration(drift_bucket, option="--drift-bucket") if drift_bucket
                            else BUCKET_S, keep_s=parse_duration(drift_keep, option="--drift-keep") if drift_keep
                            else KEEP_S)
+    sock = bind(host, port)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    disable_created_metrics()  # the *_created series double the output and say nothing here
     store = ModelStore(observer=tracker)
-    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, poll_s=poll_s, api_key=api_key,
-                        limits=limits or Limits())
     app = create_app(store, source, settings, tracker=tracker)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     log.info("drift summaries go to %s", folder)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    with sock:
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 def check_drift(name: str, *, registry: str | None = None, run: str | None = None, version: int | None = None,

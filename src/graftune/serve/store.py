@@ -56,6 +56,10 @@ class UnknownAdapter(ServeError):
     pass
 
 
+class PromptTooLong(ServeError):
+    """A prompt with more tokens than its adapter takes (answered 422; the rest of its batch runs)."""
+
+
 @dataclass
 class Slot:
     """One base in memory and the adapters on it. ``key`` is the base fingerprint (and the zoo task: an encoder
@@ -201,27 +205,35 @@ class ModelStore:
         return answers
 
     @torch.inference_mode()
-    def generate(self, batch: Sequence[Rows]) -> list[list[str]]:
+    def generate(self, batch: Sequence[Rows]) -> list[list[str] | PromptTooLong]:
         """Greedy answers for every request of ``batch`` (causal-LM entries): ONE batched generation per base,
         whatever the mix of adapters. Prompts are left-padded, each row is routed to its own adapter at every
         decoding step and stops at its own end token or its request's ``max_new_tokens``; in fp32 the answers are
         those of each request generated alone (in bf16 rounding depends on the batch's shape: an answer can turn at
-        a near-tie). Runs on the worker thread (the batcher submits it)."""
-        out: list[list[str] | None] = [None] * len(batch)
+        a near-tie). A request with a prompt longer than its adapter takes gets a :class:`PromptTooLong` instead
+        of answers, before anything is generated. Runs on the worker thread (the batcher submits it)."""
+        out: list[list[str] | PromptTooLong | None] = [None] * len(batch)
         for idx in _by_slot(batch):
             slot, task = batch[idx[0]].entry.slot, batch[idx[0]].entry.task  # one base: one tokenizer, pad and end
-            prompts, names, limits = [], [], []
+            prompts, names, limits, kept = [], [], [], []
             for i in idx:
-                entry = batch[i].entry
-                for text in batch[i].inputs:
-                    prompts.append(entry.task.prompt_ids(text))
-                    names.append(entry.key)
-                    limits.append(batch[i].max_new_tokens or entry.max_new_tokens)
+                entry, limit = batch[i].entry, batch[i].max_new_tokens or batch[i].entry.max_new_tokens
+                ids = [entry.task.prompt_ids(text) for text in batch[i].inputs]
+                refusal = _too_long(entry, ids, limit)
+                if refusal is not None:
+                    out[i] = refusal
+                    continue
+                kept.append(i)
+                prompts += ids
+                names += [entry.key] * len(ids)
+                limits += [limit] * len(ids)
+            if not prompts:
+                continue
             with slot.policy.autocast():
                 answers = task.generate_ids(slot.model, prompts, max_new_tokens=limits, adapter_names=names,
                                             batch_size=len(prompts))
             start = 0
-            for i in idx:
+            for i in kept:
                 n = len(batch[i].inputs)
                 out[i] = [batch[i].entry.task.decode(a) for a in answers[start:start + n]]
                 start += n
@@ -248,11 +260,12 @@ class ModelStore:
                         check[0]()
                     plan = self._prepare(name, version, Path(run_dir))
                     entry = self.submit(self._attach, plan).result()
-                except GraftuneError as e:
-                    report["failed"][label] = str(e)
-                    if self.failed.get(label) != str(e):
-                        log.warning("not serving %s: %s", label, e)
-                    self.failed[label] = str(e)
+                except Exception as e:  # one version that cannot be served never stops the others
+                    why = str(e) if isinstance(e, GraftuneError) else f"unexpected {type(e).__name__}: {e}"
+                    report["failed"][label] = why
+                    if self.failed.get(label) != why:  # once, not at every sync
+                        log.warning("not serving %s: %s", label, why, exc_info=not isinstance(e, GraftuneError))
+                    self.failed[label] = why
                     continue
                 self._switch(name, entry)
                 report["loaded"].append(label)
@@ -363,6 +376,19 @@ def _by_slot(batch: Sequence[Rows]) -> list[list[int]]:
         if rows.entry.fewshot is None:
             groups.setdefault(rows.entry.slot.key, []).append(i)
     return list(groups.values())
+
+
+def _too_long(entry: Entry, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> PromptTooLong | None:
+    """A prompt and its answer must fit the run's max_length, as training pairs did: the bound on the work one
+    request can ask for (characters alone do not bound tokens, and a base's positions end somewhere)."""
+    room = entry.task.max_length - max_new_tokens
+    for i, ids in enumerate(prompts):
+        if len(ids) > room:
+            fix = "shorten it or ask for fewer max_new_tokens" if room > 0 else "ask for fewer max_new_tokens"
+            return PromptTooLong(f"inputs[{i}]: the prompt is {len(ids)} tokens; adapter {entry.name} takes at most "
+                                 f"{max(room, 0)} (its max_length {entry.task.max_length} minus max_new_tokens "
+                                 f"{max_new_tokens}); {fix}")
+    return None
 
 
 def _features(model: AdapterModel, inputs: dict, pooling: str) -> torch.Tensor:
