@@ -24,7 +24,6 @@ not the gate's metric.
 from __future__ import annotations
 
 import gc
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from graftune.config import build_config
-from graftune.data.card import fingerprint
-from graftune.data.sources import load_data
-from graftune.data.splits import make_splits
+from graftune.data.splits import run_splits
 from graftune.errors import DataError, GraftuneError
-from graftune.evaluate import generate, load_run, predict
+from graftune.evaluate import generate, load_run, predict, read_scored
 
 #: the gate's one-sided significance level: its false-refusal rate for a candidate exactly as good
 ALPHA = 0.05
@@ -110,27 +107,21 @@ def recorded_test_split(run_dir: Path, kind: str, ref: str) -> HeldOut:
     """The test split of the run in ``run_dir``, rebuilt from its run.yaml as ``evaluate_run`` does (same data,
     seeds and split settings), checked against the fingerprint its data card recorded at training time."""
     cfg = build_config(run_dir / "run.yaml")
-    try:
-        ds = load_data(cfg.data, task=kind, **cfg.columns())
-        test = load_data(cfg.test, task=kind, **cfg.columns()) if cfg.test else None
+    try:  # data_splits checks the rebuilt split against the data card's fingerprint (a changed file is refused)
+        split = run_splits(cfg, kind, run_dir=run_dir, parts=("test",)).test
     except GraftuneError as e:
         first = str(e).split(";")[0]
-        raise DataError(f"{ref}: its test data is not reachable here ({first}); pass --data FILE with held-out "
-                        "examples") from None
-    split = make_splits(ds, test=test, **cfg.split_args()).test
-    card_file = run_dir / "data_card.json"
-    if card_file.is_file():
-        expected = (json.loads(card_file.read_text(encoding="utf-8")).get("splits") or {}).get("test") or {}
-        if expected.get("fingerprint") and expected["fingerprint"] != fingerprint(split):
-            raise DataError(f"{ref}: the test split rebuilt from {cfg.test or cfg.data} differs from the one it was "
-                            "scored on at training (the data changed); pass --data FILE with held-out examples")
+        raise DataError(f"{ref}: its test data is not reachable here or not as it was ({first}); pass --data FILE "
+                        "with held-out examples") from None
     return HeldOut(list(split.inputs), list(split.labels), kind, f"{ref}'s test split ({split.origin})")
 
 
-def data_file(path: str, cfg, kind: str, columns: dict[str, str] | None = None) -> HeldOut:
-    """Every example of ``--data FILE``, read with the candidate's column settings, or the ones ``columns`` names
+def data_file(path: str, cfg, kind: str, columns: dict[str, str] | None = None, *,
+              multi_label: bool = False) -> HeldOut:
+    """Every row of ``--data FILE``, read as ``graftune eval --data`` reads it (duplicates kept, labels as a
+    ``multi_label`` run reads them), with the candidate's column settings or the ones ``columns`` names
     (``load_data``'s ``text_column`` ... keywords). One class is enough: it is scored, not trained on."""
-    ds = load_data(path, task=kind, min_classes=1, **(cfg.columns() | (columns or {})))
+    ds = read_scored(path, kind=kind, multi_label=multi_label, **(cfg.columns() | (columns or {})))
     return HeldOut(list(ds.inputs), list(ds.labels), kind, f"{path} (--data)")
 
 

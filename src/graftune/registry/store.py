@@ -531,7 +531,8 @@ class Registry:
             notes.append(f"label set changed (--force): {relabelled}")
         try:
             if data is not None:
-                held = data_file(data, build_config(candidate.path / "run.yaml"), candidate.task, columns)
+                held = data_file(data, build_config(candidate.path / "run.yaml"), candidate.task, columns,
+                                 multi_label=bool(candidate.data_card.get("multi_label")))
             else:
                 held = recorded_test_split(candidate.path, candidate.task, ref)
         except GraftuneError as e:
