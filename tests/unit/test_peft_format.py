@@ -216,6 +216,16 @@ def test_export_never_overwrites_an_unrelated_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
 
+def test_export_under_a_file_is_one_line(tmp_path):
+    """QA: an output folder under a file was a FileExistsError traceback, after the conversion."""
+    model = graft(TINY["bert"][0](), "lora")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match=r"notes.txt/peft: cannot create the PEFT adapter folder there \(Not a "
+                                            r"directory\); choose another path"):
+        export_peft(model, "default", tmp_path / "notes.txt" / "peft")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 # --- import errors leave the model as it was ---------------------------------------------------------------
 def _snapshot(model: AdapterModel, x) -> tuple:
     return sorted(model.info), model.active, sorted(model._sites), _ours(model, x)

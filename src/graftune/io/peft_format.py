@@ -33,6 +33,7 @@ from graftune.core.method import TargetSpec, make_config
 from graftune.core.model import AdapterInfo, AdapterModel
 from graftune.errors import ArtifactError, GraftuneError, TargetError
 from graftune.io.artifact import HEAD_PREFIX, TENSORS_FILE, read_meta, read_tensors, target_types, write_dir_atomically
+from graftune.io.atomic import check_creatable
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -124,6 +125,7 @@ def export_peft(model: AdapterModel, name: str, out_dir: str | os.PathLike, *,
                 base_model_name_or_path: str | None = None) -> Path:
     """Write LoRA adapter ``name`` as a PEFT adapter directory (atomically); load it with
     ``PeftModel.from_pretrained(base, out_dir)`` on the same base class graftune used."""
+    check_creatable(out_dir, what="PEFT adapter folder", flag=None)
     info = model._require(name)
     label = f"adapter {name!r}"
     types, dilation = target_types(model, info)
@@ -165,6 +167,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     to a PEFT adapter directory. Works from the artifact alone; no model is loaded. ``base_model_name_or_path``
     defaults to ``model`` in ``RUN_DIR/run.yaml`` (then the artifact's ``extra["base_model"]``), with built-in
     aliases written as their hub ids."""
+    check_creatable(out_dir, what="PEFT adapter folder")
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
     if not adapter_dir.exists() and _run_method(run_dir) == "probe":

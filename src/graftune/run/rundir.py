@@ -22,7 +22,7 @@ from torch import nn
 from graftune.config import RunConfig, read_yaml
 from graftune.data.checks import split_warnings
 from graftune.errors import ConfigError
-from graftune.io.atomic import write_file_atomically
+from graftune.io.atomic import check_creatable, make_dirs, write_file_atomically
 from graftune.run.checkpoint import CHECKPOINT, checkpoint_file
 
 #: the file every graftune run directory holds (the resolved config)
@@ -56,6 +56,7 @@ def check_out(out: str | Path | None, *, overwrite: bool, what: str = "run direc
                           "new folder, e.g. --out runs/mine")
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out (nothing was changed)")
+    check_creatable(path, what=what, error=ConfigError)  # a parent that is a file, a read-only disk: before any work
     if path.exists():
         if not overwrite:
             raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -104,11 +105,7 @@ def start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
             raise ConfigError(f"{work} is in the way (graftune assembles the run there, and it is not an "
                               "interrupted graftune run); move it or choose another --out (nothing was changed)")
         shutil.rmtree(work)  # an abandoned interrupted run: starting afresh replaces it
-    try:
-        work.mkdir(parents=True)
-    except OSError as e:  # a parent that is a file, no permission, a read-only disk
-        raise ConfigError(f"--out {cfg.out}: cannot create the run directory there ({e.strerror}); choose another "
-                          "--out") from None
+    make_dirs(work, shown=cfg.out, what="run directory", error=ConfigError)
     write_file_atomically(work / RUN_FILE, cfg.to_yaml())
     return out, work
 
