@@ -64,7 +64,7 @@ from graftune.recipes.fewshot import FewShotModel, PrototypeClassifier
 from graftune.recipes.fewshot_run import PROBE
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import logits_of
-from graftune.runs import load_run
+from graftune.runs import RECIPES, load_run
 from graftune.tasks import ZOO_TASK
 from graftune.tasks.classification import base_hidden, pool
 from graftune.zoo import ImageTransform, load_base
@@ -92,9 +92,11 @@ class ExportResult:
 
 # --- what can be exported ---------------------------------------------------------------------------------------
 def supported_methods() -> list[str]:
-    """The adapter methods whose runs export to ONNX: the ones declared mergeable, head-only runs and probe runs
-    (contrastive runs export when their adapter is one of the mergeable methods)."""
-    return sorted(m.name for m in all_methods() if m.capabilities.mergeable) + [HEAD_ONLY, PROBE]
+    """The methods whose runs export to ONNX: the adapter methods declared mergeable, head-only runs and the
+    recipes that load as few-shot runs (``fewshot_run.load``: probe, and contrastive, which exports when its adapter
+    is one of the mergeable methods), read from the registry and the recipe table so the list cannot drift."""
+    fewshot_recipes = sorted(name for name, recipe in RECIPES.items() if recipe.load is fewshot_run.load)
+    return sorted(m.name for m in all_methods() if m.capabilities.mergeable) + [HEAD_ONLY, *fewshot_recipes]
 
 
 def _refuse(run_dir: Path, what: str) -> ArtifactError:
@@ -214,7 +216,7 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
                 log: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``out_dir`` (see ``graftune.io.onnx_format``) from the run in ``run_dir``; refused, writing
     nothing, when the run cannot be exported, ``out_dir`` may not be replaced (``overwrite``: an earlier ONNX
-    export only), or the check against PyTorch fails."""
+    export only) or cannot be created (checked before any work), or the check against PyTorch fails."""
     import onnx
     import onnxruntime
 
@@ -237,7 +239,7 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
         extra = meta.get("extra") or {}
         model_file = tmp / fmt.MODEL_FILE
         manifest = {
-            "format": fmt.FORMAT, "format_version": 2 if run.kind == "image" else 1 if run.fewshot is None else 3,
+            "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
             "graftune_version": __version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source_run": str(run_dir.resolve()), "adapter": meta.get("name"), "method": meta.get("method"),

@@ -5,15 +5,28 @@ exit 2 and write nothing."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from graftune import onnx_export
 from graftune.cli import app
 from graftune.evaluate import load_run, logits_of
-from graftune.io import onnx_format
-from graftune.io.onnx_format import MANIFEST_FILE, MODEL_FILE, OnnxRun, file_sha256, is_onnx_export
+from graftune.io import onnx_format, peft_format
+from graftune.io.onnx_format import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SOURCE_RUN_FILE,
+    TOKENIZER_FILE,
+    OnnxRun,
+    file_sha256,
+    is_onnx_export,
+)
+from graftune.onnx_export import supported_methods
 from tests.train_helpers import (
     bert_folder,
     check_export_eval_matches,
@@ -143,8 +156,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path):
     out = tmp_path / "out"
     for args, parts in [
         (["export", str(tmp_path), "--format", "onnx", "--out", str(out)], ["not a run directory"]),
-        (["export", str(runs / "bottleneck"), "--format", "onnx", "--out", str(out)],
-         ["bottleneck", "lora", "ia3", "head"]),
+        (["export", str(runs / "bottleneck"), "--format", "onnx", "--out", str(out)],  # every method that exports
+         ["bottleneck", "lora", "ia3", "bitfit", "head", "contrastive", "probe", *supported_methods()]),
         (["export", str(runs / "lora"), "--format", "onnx", "--out", str(out), "--quantize", "int4"], ["int4"]),
         (["export", str(runs / "lora"), "--format", "tflite", "--out", str(out)], ["peft and onnx"]),
     ]:
@@ -206,3 +219,150 @@ def test_a_bf16_base_is_exported_with_its_float32_weights(runs, tmp_path, monkey
     assert load_run(runs / "lora", merge=False).model.base.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     _export(runs, "lora", tmp_path / "onnx")
     assert np.abs(OnnxRun.load(tmp_path / "onnx").logits(TEXTS) - expected).max() <= 1e-4
+
+
+# --- destinations that cannot be created, leftovers of killed exports -------------------------------------------
+@pytest.mark.parametrize(("fmt", "sub"), [("onnx", "sub"), ("peft", "sub"), ("onnx", "a/b")])
+def test_an_out_under_a_file_is_refused_in_one_line_before_any_work(runs, tmp_path, monkeypatch, fmt, sub):
+    """QA: `--out userfile.txt/sub` ran the whole export and its check, then a FileExistsError traceback."""
+    (tmp_path / "userfile.txt").write_text("a user's file")
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the export started before its --out was checked")
+
+    monkeypatch.setattr(onnx_export, "_inspect", no_work)
+    monkeypatch.setattr(peft_format, "read_meta", no_work)
+    out = tmp_path / "userfile.txt" / sub
+    text = one_line_error(runner.invoke(app, ["export", str(runs / "lora"), "--format", fmt, "--out", str(out)]))
+    assert f"--out {out}: cannot create the " in text and "(Not a directory); choose another --out" in text, text
+    assert [p.name for p in tmp_path.iterdir()] == ["userfile.txt"]
+    assert (tmp_path / "userfile.txt").read_text() == "a user's file"
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(runs, tmp_path):
+    """QA: a SIGKILLed export left `.NAME.tmp-XXXXXXXX` (tens of MB) beside --out for good. The next export to the
+    same --out removes it; names of other destinations, or not of the exact pattern, are never touched."""
+    stale = tmp_path / ".onnx.tmp-k1ll3d_x"
+    keep = [tmp_path / n for n in (".onnx.tmp-short", ".onnx.tmp-k1ll3d_xy", ".other.tmp-k1ll3d_x", "onnx.tmp-k1ll3d_x",
+                                   ".onnx.old-k1ll3d_x")]
+    for folder in [stale, *keep]:
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(b"half a graph")
+        old = time.time() - 3600
+        os.utime(folder, (old, old))
+    _export(runs, "lora", tmp_path / "onnx")
+    assert not stale.exists()
+    assert all((folder / MODEL_FILE).read_bytes() == b"half a graph" for folder in keep)
+    assert is_onnx_export(tmp_path / "onnx")
+
+
+# --- tampered exports --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    _export(runs, "lora", out)
+    return out
+
+
+def _copy(exported, tmp_path, *, legacy: bool = False, **fields):
+    """A copy of the export with manifest ``fields`` set; ``legacy``: as graftune before format version 4 wrote it
+    (no ``files``, no ``manifest_sha256``)."""
+    out = tmp_path / "copy"
+    shutil.copytree(exported, out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    if legacy:
+        del manifest["files"], manifest["manifest_sha256"]
+        manifest["format_version"] = 1
+    manifest.update(fields)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def _swap_words(folder, a: str, b: str) -> None:
+    tokenizer = json.loads((folder / TOKENIZER_FILE).read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
+
+
+def test_every_file_and_the_manifest_are_hashed(exported):
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == onnx_format.FORMAT_VERSION
+    on_disk = sorted(p.name for p in exported.iterdir() if p.name != MANIFEST_FILE)
+    assert sorted(manifest["files"]) == on_disk and {MODEL_FILE, TOKENIZER_FILE, SOURCE_RUN_FILE} <= set(on_disk)
+    assert all(manifest["files"][n] == file_sha256(exported / n) for n in on_disk)
+    assert manifest["manifest_sha256"] == onnx_format.manifest_sha256(manifest)
+
+
+@pytest.mark.parametrize(("case", "fields", "expected"), [
+    ("two label names", {"label_names": ["money", "sport"]}, "manifest_sha256 does not match"),
+    ("renamed labels", {"label_names": ["a", "b", "c"]}, "manifest_sha256 does not match"),
+    ("max_length abc", {"max_length": "abc"}, "manifest_sha256 does not match"),
+    ("pad_id out of range", {"pad_id": 99999999}, "manifest_sha256 does not match"),
+    ("a file's hash", {"files": {MODEL_FILE: "0" * 64}}, "manifest_sha256 does not match"),
+])
+def test_an_edited_manifest_is_refused_in_one_line(exported, tmp_path, case, fields, expected):
+    """QA: these edits gave an IndexError, a ValueError, an onnxruntime traceback or silently other labels."""
+    out = _copy(exported, tmp_path, **fields)
+    for args in (["predict", str(out), "goal team", "the cup and the bank rate"], ["eval", str(out)]):
+        text = one_line_error(runner.invoke(app, args))
+        assert str(out / MANIFEST_FILE) in text and expected in text and "export the run again" in text, text
+
+
+def test_a_reformatted_manifest_still_loads(exported, tmp_path):
+    """The manifest's hash is over its content (canonical JSON), not its bytes."""
+    out = _copy(exported, tmp_path)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    (out / MANIFEST_FILE).write_text(json.dumps(dict(reversed(manifest.items()))))
+    assert predict_json(out, TEXTS) == predict_json(exported, TEXTS)
+
+
+@pytest.mark.parametrize("case", ["tokenizer words swapped", "source run edited", "tokenizer config edited",
+                                  "tokenizer missing"])
+def test_a_changed_tokenizer_or_source_run_is_refused(exported, tmp_path, case):
+    """QA: 'who'/'what' swapped in tokenizer.json silently changed the predictions."""
+    out = _copy(exported, tmp_path)
+    if case == "tokenizer words swapped":
+        _swap_words(out, "goal", "bank")
+        changed = TOKENIZER_FILE
+    elif case == "source run edited":
+        with open(out / SOURCE_RUN_FILE, "a") as f:
+            f.write("test_size: 0.5\n")
+        changed = SOURCE_RUN_FILE
+    elif case == "tokenizer config edited":
+        changed = "tokenizer_config.json"
+        (out / changed).write_text((out / changed).read_text().replace("true", "false", 1))
+    else:
+        (out / TOKENIZER_FILE).unlink()
+        text = one_line_error(runner.invoke(app, ["predict", str(out), "goal"]))
+        assert f"{TOKENIZER_FILE} is missing" in text, text
+        return
+    for args in (["predict", str(out), "goal team"], ["eval", str(out)]):
+        text = one_line_error(runner.invoke(app, args))
+        assert str(out / changed) in text and "sha256" in text, text
+
+
+def test_an_export_before_format_version_4_still_loads(exported, tmp_path):
+    """Exports written before every file was hashed load as before (only the graph is hashed in them)."""
+    out = _copy(exported, tmp_path, legacy=True)
+    assert predict_json(out, TEXTS) == predict_json(exported, TEXTS)
+
+
+@pytest.mark.parametrize(("case", "fields", "expected"), [
+    ("two label names", {"label_names": ["money", "sport"]}, "the graph's logits has 3 columns, but there are 2 label"),
+    ("repeated label", {"label_names": ["money", "money", "tech"]}, "expected distinct label names"),
+    ("not a list", {"label_names": "money"}, "label_names is 'money'; expected a non-empty list"),
+    ("max_length abc", {"max_length": "abc"}, "max_length is 'abc'; expected an integer of at least 1"),
+    ("max_length 0", {"max_length": 0}, "max_length is 0; expected an integer of at least 1"),
+    ("pad_id negative", {"pad_id": -1}, "pad_id is -1; expected an integer of at least 0"),
+    ("pad_id out of range", {"pad_id": 99999999}, "pad_id 99999999 is not one of its"),
+    ("model outside", {"model_file": "../model.onnx"}, "model_file is '../model.onnx'; expected a file name inside"),
+    ("multi_label", {"multi_label": "yes"}, "multi_label is 'yes'; expected true or false"),
+    ("version", {"format_version": "1"}, "format_version is '1', not a version number"),
+])
+def test_a_bad_field_of_an_older_export_is_refused_in_one_line(exported, tmp_path, case, fields, expected):
+    """Without the manifest's hash (an export before format version 4), its fields are checked for type and range:
+    one line each, never a traceback or a wrong answer."""
+    out = _copy(exported, tmp_path, legacy=True, **fields)
+    text = one_line_error(runner.invoke(app, ["predict", str(out), "goal team", "the cup and the bank rate"]))
+    assert expected in text and "export the run again" in text, text

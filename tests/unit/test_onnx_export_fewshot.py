@@ -62,7 +62,7 @@ def test_the_export_gives_the_runs_probabilities(runs, tmp_path, name):
     result = export_onnx_cli(runs / name, out)
     assert "check: probabilities within" in result.stdout, result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == 3 and manifest["outputs"] == ["embedding"]
+    assert manifest["format_version"] == onnx_format.FORMAT_VERSION and manifest["outputs"] == ["embedding"]
     assert manifest["max_length"] == MAX_LENGTH and manifest["embedding"]["max_chunks"] == fewshot.DEFAULT_CHUNKS
     assert manifest["head"]["recipe"] == ("probe" if name == "probe" else "contrastive")
     assert manifest["merged"] == ([] if name == "probe" else [name])
@@ -123,3 +123,22 @@ def test_a_failed_check_refuses_theexport_onnx_cli(runs, tmp_path, monkeypatch):
     last = result.stderr.strip().splitlines()[-1]  # after the progress lines
     assert last.startswith("error: ") and "the ONNX probabilities differ from PyTorch's" in last, last
     assert not (tmp_path / "o").exists()
+
+
+def test_an_older_few_shot_export_still_loads_and_its_fields_are_checked(runs, tmp_path):
+    """An export of format version 3 (only the graph and the head hashed) loads as before; its window settings
+    are checked for range, and an edit of a version 4 manifest is refused."""
+    out = tmp_path / "onnx"
+    export_onnx_cli(runs / "probe", out)
+    file = out / MANIFEST_FILE
+    manifest = json.loads(file.read_text())
+    expected = predict_json(out, TEXTS)
+    file.write_text(json.dumps({**manifest, "label_names": ["sport", "tech", "money"]}))
+    assert "manifest_sha256 does not match" in one_line_error(runner.invoke(app, ["predict", str(out), "goal"]))
+    legacy = {k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256")} | {"format_version": 3}
+    file.write_text(json.dumps(legacy))
+    assert predict_json(out, TEXTS) == expected
+    for embedding in ({"max_chunks": 0, "special_tokens": 2}, {"max_chunks": 4, "special_tokens": MAX_LENGTH}):
+        file.write_text(json.dumps({**legacy, "embedding": {**legacy["embedding"], **embedding}}))
+        text = one_line_error(runner.invoke(app, ["predict", str(out), "goal"]))
+        assert "embedding is" in text and "expected max_chunks of at least 1 and special_tokens below" in text, text

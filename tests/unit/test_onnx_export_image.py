@@ -82,7 +82,8 @@ def test_image_export_gives_pytorch_logits(runs, tmp_path, method):
     result = _export(runs, method, out)
     assert "on 6 test images; preprocessing within" in result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["task"] == "image" and manifest["format_version"] == 2 and manifest["inputs"] == ["pixels"]
+    assert manifest["task"] == "image" and manifest["format_version"] == onnx_format.FORMAT_VERSION
+    assert manifest["inputs"] == ["pixels"] and sorted(manifest["files"]) == [MODEL_FILE, "source_run.yaml"]
     assert manifest["preprocess"]["size"] == 32 and manifest["preprocess"]["resize_short_side"] == 37
     assert manifest["check"]["passed"] and manifest["check"]["max_abs_pixel_diff"] <= 1e-5
     assert manifest["sha256"] == file_sha256(out / MODEL_FILE) and "tokenizer.json" not in {p.name for p in
@@ -164,3 +165,21 @@ def test_what_cannot_be_exported_or_read_is_one_line(runs, tmp_path):
                        (["predict", str(out), str(runs / "mixed" / "dark" / "0.png"), "--quantize", "int8"],
                         "--quantize")):
         assert part in one_line_error(runner.invoke(app, args))
+
+
+def test_an_edited_manifest_is_refused_and_an_older_export_checked(runs, tmp_path):
+    """Since format version 4 the manifest's content is hashed: relabelling the classes is refused. An export of
+    version 2 (no such hash) still loads, its label names checked against the graph's logits."""
+    out = tmp_path / "onnx"
+    _export(runs, "head", out)
+    file = out / MANIFEST_FILE
+    manifest = json.loads(file.read_text())
+    file.write_text(json.dumps({**manifest, "label_names": ["light", "dark"]}))
+    text = one_line_error(runner.invoke(app, ["predict", str(out), str(next((runs / "mixed").rglob("*.png")))]))
+    assert "manifest_sha256 does not match" in text, text
+    legacy = {k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256")} | {"format_version": 2}
+    file.write_text(json.dumps(legacy))
+    assert OnnxClassifier.load(out).predict(_images(runs)[:2])
+    file.write_text(json.dumps({**legacy, "label_names": ["dark", "light", "grey"]}))
+    text = one_line_error(runner.invoke(app, ["eval", str(out)]))
+    assert "the graph's logits has 2 columns, but there are 3 label names" in text, text

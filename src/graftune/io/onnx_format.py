@@ -15,8 +15,8 @@ numpy, ``tokenizers`` and ``onnxruntime`` do the work; graftune itself still imp
 ``head.safetensors``   few-shot runs only (see below): the head as ``weight`` (labels x hidden) and ``bias``
 ``graftune_onnx.json`` the manifest: the task, label names, for text the max length, pooling and pad id, for images
                        the preprocessing (``image_preprocess.ImagePreprocess``), the source run, graftune's
-                       version, the opset, the sha256 of ``model.onnx`` (and ``head.safetensors``) and the
-                       export-time check
+                       version, the opset, the export-time check, the sha256 of every other file (``files``)
+                       and of its own content (``manifest_sha256``)
 =====================  =========================================================================================
 
 A few-shot run (``--method contrastive`` or ``probe``) classifies from sentence embeddings
@@ -37,8 +37,14 @@ with dynamic batch and sequence axes without the extra ``onnxscript`` dependency
 follows the Python branches taken on its example batch, so a text example batch has a padded row: transformers
 skips building the attention mask for a batch without padding, and a graph traced that way would ignore the mask.
 
-Manifests of image exports say ``format_version`` 2 and of few-shot exports 3 (a graftune that reads only older
-versions asks to be upgraded instead of misreading the graph); other text exports stay version 1.
+Integrity: since ``format_version`` 4 (every kind of export) the manifest records the sha256 of every file of the
+export (``files``: the graph, the tokenizer's files, the head, ``source_run.yaml``) and of its own content
+(``manifest_sha256``: every other field as canonical JSON), and :meth:`OnnxClassifier.load` refuses an export where
+any of them changed: an edited label name, pad id or vocabulary would otherwise give wrong answers without an error.
+Older exports (1: text, 2: images, 3: few-shot; only the graph and the head were hashed) still load. Whatever the
+version, the manifest's fields are checked for type and range (label names against the graph's output width, the
+pad id against the tokenizer's vocabulary) and refused in one line. A graftune that reads only older versions asks
+to be upgraded instead of misreading the export.
 
 This module is the format (write, read, run). Loading a run, checking the export against PyTorch and scoring
 the int8 change live in ``graftune.onnx_export``, one layer up.
@@ -60,6 +66,7 @@ import numpy as np
 
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.io.artifact import write_dir_atomically
+from graftune.io.atomic import check_creatable
 from graftune.io.image_preprocess import ImagePreprocess
 
 MODEL_FILE = "model.onnx"
@@ -68,8 +75,11 @@ SOURCE_RUN_FILE = "source_run.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 HEAD_FILE = "head.safetensors"
 FORMAT = "graftune-onnx-classifier"
-#: the newest manifest this graftune reads: 1 text classifiers, 2 image classifiers, 3 few-shot text classifiers
-FORMAT_VERSION = 3
+#: the newest manifest this graftune reads (and the one it writes): 1 text classifiers, 2 image classifiers, 3
+#: few-shot text classifiers, 4 any of them with every file and the manifest itself hashed
+FORMAT_VERSION = 4
+#: manifests from this version on hold ``files`` and ``manifest_sha256`` (see the module docstring)
+HASHED_SINCE = 4
 #: ONNX opset of the exported graph: 17 has LayerNormalization as one op; ONNX Runtime 1.14+ runs it
 OPSET = 17
 #: the export-time check: ONNX logits must be within this of PyTorch's float32 logits (absolute, any class)
@@ -205,7 +215,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse, before any work, an ``--out`` that the export may not replace: an existing non-empty folder
-    without ``--overwrite``, and with it anything but an earlier ONNX export (a user's folder is never deleted)."""
+    without ``--overwrite``, and with it anything but an earlier ONNX export (a user's folder is never deleted);
+    or one that cannot be created (under a file, on a read-only disk)."""
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
@@ -217,7 +228,7 @@ def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
             if not (out / MANIFEST_FILE).is_file():
                 raise ArtifactError(f"--out {out} exists and is not an ONNX export; refusing to replace it even "
                                     "with --overwrite (choose another folder or remove it)")
-    return out
+    return check_creatable(out, what="ONNX export folder")
 
 
 def write_export(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool) -> Path:
@@ -226,7 +237,20 @@ def write_export(out_dir: str | os.PathLike, write: Callable[[Path], None], *, o
     return write_dir_atomically(check_out_dir(out_dir, overwrite=overwrite), write, markers=(MANIFEST_FILE,))
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """The sha256 of a manifest's content: every field but ``manifest_sha256``, as canonical JSON (sorted keys, no
+    spaces), so reformatting the file keeps it and changing any value does not."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest of the export assembled in ``folder``, written last: it records the sha256 of every other
+    file there (``files``) and of its own content (``manifest_sha256``)."""
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE}
+    manifest = {**manifest, "files": files}
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -246,15 +270,70 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{file}: not a readable manifest ({e}); export the run again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{file}: not a graftune ONNX manifest (format {FORMAT!r}); export the run again")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{file}: format version {manifest['format_version']} is newer than this graftune "
-                            f"reads ({FORMAT_VERSION}); upgrade graftune")
+    version = manifest.get("format_version", 0)
+    if not _is_int(version) or version < 1:
+        raise ArtifactError(f"{file}: format_version is {_shown(version)}, not a version number; export the run again")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{file}: format version {version} is newer than this graftune reads ({FORMAT_VERSION}); "
+                            "upgrade graftune")
+    if version >= HASHED_SINCE and manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise ArtifactError(f"{file}: its content is not what was exported (manifest_sha256 does not match: a label "
+                            "name, setting or hash was edited since); export the run again")
     needed = ("label_names", "preprocess", "sha256") if manifest.get("task") == "image" else (
         "label_names", "max_length", "pad_id", "sha256") + (("embedding", "head") if "head" in manifest else ())
+    needed += ("files",) if version >= HASHED_SINCE else ()
     missing = [k for k in needed if k not in manifest]
     if missing:
         raise ArtifactError(f"{file}: lacks {', '.join(missing)}; export the run again")
+    _check_fields(manifest, file)
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_file_name(name: Any) -> bool:
+    """A path inside the export folder: relative, no ``..``."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts \
+        and "\\" not in name
+
+
+def _check_fields(manifest: dict, file: Path) -> None:
+    """The types and ranges of the fields the runners read; one line naming the field otherwise."""
+    def bad(field: str, value: Any, expected: str) -> ArtifactError:
+        return ArtifactError(f"{file}: {field} is {_shown(value)}; expected {expected}; export the run again")
+
+    labels = manifest["label_names"]
+    if not (isinstance(labels, list) and labels and all(isinstance(n, str) for n in labels)):
+        raise bad("label_names", labels, "a non-empty list of label names")
+    if len(set(labels)) != len(labels):
+        raise bad("label_names", labels, "distinct label names")
+    if not isinstance(manifest.get("multi_label", False), bool):
+        raise bad("multi_label", manifest["multi_label"], "true or false")
+    if not _is_file_name(manifest.get("model_file", MODEL_FILE)):
+        raise bad("model_file", manifest["model_file"], "a file name inside the export")
+    files = manifest.get("files", {})
+    if not (isinstance(files, dict) and all(_is_file_name(k) and isinstance(v, str) for k, v in files.items())):
+        raise bad("files", files, "file names inside the export and their sha256")
+    if manifest.get("task") == "image":
+        return
+    for field, least in (("max_length", 1), ("pad_id", 0)):
+        if not _is_int(manifest[field]) or manifest[field] < least:
+            raise bad(field, manifest[field], f"an integer of at least {least}")
+    if "head" in manifest:
+        head, emb = manifest["head"], manifest["embedding"]
+        if not (isinstance(head, dict) and _is_file_name(head.get("file")) and isinstance(head.get("sha256"), str)):
+            raise bad("head", head, "the head's file and sha256")
+        if not (isinstance(emb, dict) and _is_int(emb.get("max_chunks")) and emb["max_chunks"] >= 1
+                and _is_int(emb.get("special_tokens")) and 0 <= emb["special_tokens"] < manifest["max_length"]):
+            raise bad("embedding", emb, f"max_chunks of at least 1 and special_tokens below max_length "
+                      f"({manifest['max_length']})")
 
 
 def _unchanged(file: Path, sha256: str) -> Path:
@@ -279,6 +358,8 @@ class OnnxClassifier:
     :class:`OnnxFewShotRun` (a few-shot run's text) or :class:`OnnxImageRun`."""
 
     kind = "classification"
+    #: the graph's output this runner reads
+    output = OUTPUT_NAME
 
     def __init__(self, model_file: str | os.PathLike, *, label_names: Sequence[str], multi_label: bool = False,
                  threads: int | None = None, manifest: dict | None = None):
@@ -291,14 +372,41 @@ class OnnxClassifier:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: its notices about unused initializers are noise here
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        shape = {o.name: o.shape for o in self.session.get_outputs()}.get(self.output)
+        if shape is None:
+            raise ArtifactError(f"{model_file}: the graph has no {self.output!r} output; export the run again")
+        width, (expected, what) = shape[-1] if len(shape) == 2 else None, self._width()
+        if _is_int(width) and width != expected:  # a symbolic width is not checked
+            raise ArtifactError(f"{model_file}: the graph's {self.output} has {width} columns, but there are {expected} "
+                                f"{what}; export the run again")
+
+    def _width(self) -> tuple[int, str]:
+        """How many columns the graph's output must have, and what they are."""
+        return len(self.label_names), "label names"
 
     @staticmethod
     def load(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRun | OnnxFewShotRun | OnnxImageRun:
-        """Open an export directory; a ``model.onnx`` (or ``head.safetensors``) whose sha256 is not the manifest's
-        (changed or truncated since the export) is refused."""
+        """Open an export directory; a file whose sha256 is not the manifest's (changed or truncated since the
+        export: since format version 4 any file of the export, before it only ``model.onnx`` and
+        ``head.safetensors``), or an edited manifest, is refused."""
         path = Path(path)
         manifest = read_manifest(path)
-        model = _unchanged(path / manifest.get("model_file", MODEL_FILE), manifest["sha256"])
+        model_name = manifest.get("model_file", MODEL_FILE)
+        hashed = manifest["files"] if manifest["format_version"] >= HASHED_SINCE else {}
+        if hashed:
+            needed = [model_name] + ([] if manifest.get("task") == "image" else [TOKENIZER_FILE]) + (
+                [manifest["head"]["file"]] if "head" in manifest else [])
+            unhashed = [n for n in needed if n not in hashed]
+            if unhashed:
+                raise ArtifactError(f"{path / MANIFEST_FILE}: files lacks the sha256 of {', '.join(unhashed)}; export "
+                                    "the run again")
+            for name, sha256 in hashed.items():
+                _unchanged(path / name, sha256)
+
+        def unchanged(name: str, sha256: str) -> Path:  # each file is hashed once: those in files just were
+            return path / name if name in hashed else _unchanged(path / name, sha256)
+
+        model = unchanged(model_name, manifest["sha256"])
         common = {"label_names": manifest["label_names"], "threads": threads, "manifest": manifest}
         if manifest.get("task") == "image":
             try:
@@ -310,14 +418,10 @@ class OnnxClassifier:
                                 **common)
         text = {"max_length": manifest["max_length"], "pad_id": manifest["pad_id"]}
         if "head" in manifest:
-            head, emb = manifest["head"], manifest["embedding"]
-            try:
-                head_file = _unchanged(path / head["file"], head["sha256"])
-                windows = {"max_chunks": int(emb["max_chunks"]), "special_tokens": int(emb["special_tokens"])}
-            except (KeyError, TypeError, ValueError) as e:
-                raise ArtifactError(f"{path / MANIFEST_FILE}: its head or embedding settings are not readable ({e}); "
-                                    "export the run again") from None
-            return OnnxFewShotRun(model, path / TOKENIZER_FILE, head_file, **windows, **text, **common)
+            head, emb = manifest["head"], manifest["embedding"]  # their fields: checked by read_manifest
+            windows = {"max_chunks": emb["max_chunks"], "special_tokens": emb["special_tokens"]}
+            return OnnxFewShotRun(model, path / TOKENIZER_FILE, unchanged(head["file"], head["sha256"]), **windows,
+                                  **text, **common)
         return OnnxRun(model, path / TOKENIZER_FILE, multi_label=manifest.get("multi_label", False), **text, **common)
 
     def logits(self, inputs: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
@@ -366,8 +470,6 @@ class OnnxRun(OnnxClassifier):
         threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
     """
 
-    output = OUTPUT_NAME
-
     def __init__(self, model_file: str | os.PathLike, tokenizer_file: str | os.PathLike, *, label_names: Sequence[str],
                  max_length: int, pad_id: int, multi_label: bool = False, threads: int | None = None,
                  manifest: dict | None = None):
@@ -378,6 +480,10 @@ class OnnxRun(OnnxClassifier):
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception on a malformed file)
             raise ArtifactError(f"{tokenizer_file}: not a readable tokenizer ({e}); export the run again") from None
+        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 <= self.pad_id < vocab:
+            raise ArtifactError(f"{tokenizer_file}: pad_id {self.pad_id} is not one of its {vocab} token ids; export "
+                                "the run again")
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         super().__init__(model_file, label_names=label_names, multi_label=multi_label, threads=threads,
@@ -459,6 +565,9 @@ class OnnxFewShotRun(OnnxRun):
                                 f"{rows} labels; export the run again")
         super().__init__(model_file, tokenizer_file, label_names=label_names, max_length=max_length, pad_id=pad_id,
                          threads=threads, manifest=manifest)
+
+    def _width(self) -> tuple[int, str]:
+        return self.weight.shape[1], "columns in the head's weight"
 
     def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int], list[int]]:
         """(window token ids, owning text index, real tokens per window), as ``recipes.fewshot`` splits texts: up
