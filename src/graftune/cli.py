@@ -721,6 +721,10 @@ def registry_promote(ref: str = typer.Argument(..., help="NAME@V to promote."),
                      reason: str | None = typer.Option(None, "--reason", help="Why (recorded in the audit log)."),
                      alpha: float = typer.Option(0.05, "--alpha", help="The gate's one-sided significance level: "
                                                  "its false-refusal rate for an equally good candidate."),
+                     text_column: str | None = typer.Option(None, help="The --data file's text column.  [default: "
+                                                            "the run's]"),
+                     label_column: str | None = typer.Option(None, help="The --data file's label column.  [default: "
+                                                             "the run's]"),
                      registry: RegistryDir = None, as_json: AsJson = False, mlflow: Mlflow = None):
     """Promote NAME@V through the regression gate (exit 1 when refused: the candidate is worse than the promoted
     version beyond sampling noise)."""
@@ -733,7 +737,8 @@ def registry_promote(ref: str = typer.Argument(..., help="NAME@V to promote."),
     if number is None:
         raise ConfigError(f"promote needs a version: {name}@N (`graftune registry show {name}` lists them)")
     reg = _registry(registry, mlflow)
-    result = reg.promote(name, number, data=data, force=force, reason=reason, alpha=alpha)
+    result = reg.promote(name, number, data=data, force=force, reason=reason, alpha=alpha, text_column=text_column,
+                         label_column=label_column)
     if result.accepted:
         mirror_alias(mlflow, reg.show(name, number))
     typer.echo(dumps(result.to_dict()) if as_json else result.message)
@@ -759,7 +764,7 @@ def registry_rollback(name: str = typer.Argument(..., help="The name to roll bac
 
 @registry_app.command("delete")
 @user_errors
-def registry_delete(ref: str = typer.Argument(..., help="NAME@V to delete (never the promoted one)."),
+def registry_delete(ref: str = typer.Argument(..., help="NAME@V to delete (the promoted one only when damaged)."),
                     registry: RegistryDir = None):
     """Delete one version (its number is never reused)."""
     from graftune.errors import ConfigError
@@ -768,8 +773,13 @@ def registry_delete(ref: str = typer.Argument(..., help="NAME@V to delete (never
     name, number = parse_ref(ref)
     if number is None:
         raise ConfigError(f"delete needs a version: {name}@N (one version at a time)")
-    _registry(registry).delete(name, number)
+    reg = _registry(registry)
+    was = reg.promoted_version(name)
+    after = reg.delete(name, number)
     typer.echo(f"deleted {name}@{number}")
+    if was == number:  # only a damaged promoted version can be deleted
+        typer.echo(f"note: {name}@{number} was the promoted (damaged) version; "
+                   + (f"{after.ref} is promoted again" if after else f"{name} has no promoted version now"))
 
 
 @registry_app.command("log")

@@ -110,9 +110,24 @@ def test_a_damaged_version_a_changed_label_set_and_the_notes(runs, tmp_path):
     assert ok("show", "trec", *flag).startswith("* trec@1") and "DAMAGED" in ok("show", "news", *flag)
     assert "registry delete news@1" in one_line_error(runner.invoke(app, ["registry", "show", "news@1", *flag]))
     assert "no earlier promotion left" in one_line_error(runner.invoke(app, ["registry", "rollback", "news", *flag]))
-    assert ok("delete", "news@1", *flag).strip() == "deleted news@1"
+    assert ok("delete", "news@1", *flag).splitlines() == [
+        "deleted news@1", "note: news@1 was the promoted (damaged) version; news has no promoted version now"]
     assert "delete    news@1  was promoted, damaged: news@1: its folder" in ok("log", "news", *flag)
     assert ok("list", *flag).splitlines()[0].startswith("* trec@1")
     ok("push", str(relabelled_run(runs, "cli-renamed", {"tech": "science"})), "--name", "trec", *flag)
     text = one_line_error(runner.invoke(app, ["registry", "promote", "trec@2", *flag]))
     assert "trec@2's labels differ from trec@1's (promoted): added science; removed tech" in text
+
+
+def test_promote_reads_a_data_file_with_other_column_names(runs, tmp_path):
+    flags = ["--registry", str(tmp_path / "reg")]
+    ok("push", str(runs["good"]), "--name", "news", *flags)
+    ok("push", str(runs["good2"]), "--name", "news", *flags)
+    ok("promote", "news@1", *flags)
+    rows = runs["test"].read_text().splitlines()
+    other = tmp_path / "wrongcols.csv"
+    other.write_text("\n".join(["body,topic"] + rows[1:]) + "\n")
+    refused = runner.invoke(app, ["registry", "promote", "news@2", "--data", str(other), *flags])
+    assert refused.exit_code == 2 and "--text-column" in refused.output  # the flag it names exists
+    out = ok("promote", "news@2", "--data", str(other), "--text-column", "body", "--label-column", "topic", *flags)
+    assert "promoted" in out
