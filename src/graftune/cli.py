@@ -178,10 +178,9 @@ def train(
     if resume and config is None:
         config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
+    why = None
     if method is None and config is None:  # nobody named a method: graftune's default for this data
-        cfg, why = default_method(cfg)
-        if why:
-            typer.echo(why, err=as_json)
+        cfg, why = default_method(cfg)  # said with the results: a run that fails says one line, its error
     picked = cfg.method == "auto"
     try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
         cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
@@ -201,6 +200,8 @@ def train(
         raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":
         return  # one of several processes (torchrun): rank 0 reports
+    if why:
+        typer.echo(why, err=as_json)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
