@@ -412,7 +412,7 @@ def eval_(
         from graftune.onnx_export import evaluate_export
 
         m = evaluate_export(run_dir, data=data, text_column=text_column, label_column=label_column,
-                            batch_size=batch_size)
+                            batch_size=batch_size, quantize=quantize)
         typer.echo(json.dumps(m, indent=2) if as_json else _metrics_text(m))
         return
     m = evaluate_run(run_dir, data=data, text_column=text_column, label_column=label_column,

@@ -53,9 +53,10 @@ from graftune import __version__
 from graftune.config import HEAD_ONLY, RunConfig, build_config
 from graftune.core.method import all_methods, get_method
 from graftune.data.inputs import Inputs, read_image
-from graftune.data.sources import Dataset, load_data
+from graftune.data.sources import Dataset
 from graftune.data.splits import Splits, run_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
+from graftune.evaluate import read_scored
 from graftune.io import onnx_format as fmt
 from graftune.io.artifact import read_meta
 from graftune.io.image_preprocess import ImagePreprocess
@@ -227,7 +228,7 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
     cfg, meta = _inspect(run_dir)
     say(f"loading {run_dir} (float32, adapters unmerged) and its test split...")
     run = _load_fp32(run_dir, cfg)
-    splits = run_splits(cfg, run.kind)
+    splits = run_splits(cfg, run.kind, run_dir=run_dir)  # checked against its data card
     if not splits.test.inputs:
         raise DataError(f"{run_dir}: the run's test split is empty; nothing to check the export on")
     export = _ExportImage(run, splits, run_dir) if run.kind == "image" else _ExportText(run, splits, run_dir)
@@ -508,12 +509,20 @@ def format_report(result: ExportResult) -> str:
 
 
 # --- eval and predict on an export ----------------------------------------------------------------------------------
+def _no_quantize(export_dir: Any, quantize: str | None) -> None:
+    """--quantize is for run directories: an export is quantized (or not) when it is made."""
+    if quantize not in (None, "none"):
+        raise ConfigError(f"{export_dir} is an ONNX export: --quantize applies to run directories; export with "
+                          "--quantize int8 for an int8 model")
+
+
 def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, text_column: str | None = None,
-                    label_column: str | None = None, batch_size: int = 32) -> dict:
+                    label_column: str | None = None, batch_size: int = 32, quantize: str | None = None) -> dict:
     """Metrics of an exported model on ``data`` (every example: a file, an image folder or an alias such as
     ``digits``), or without it on the source run's test split (rebuilt from the ``source_run.yaml`` copied into
     the export)."""
     export_dir = Path(export_dir)
+    _no_quantize(export_dir, quantize)
     run = fmt.OnnxClassifier.load(export_dir)
     source = export_dir / fmt.SOURCE_RUN_FILE
     if data is None and not source.is_file():
@@ -522,7 +531,7 @@ def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, t
     if data is None:
         ds = run_splits(cfg, run.kind).test
     else:
-        ds = load_data(data, task=run.kind, **(cfg.columns() | {
+        ds = read_scored(data, kind=run.kind, multi_label=run.multi_label, **(cfg.columns() | {
             "text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column}))
     inputs = list(ds.inputs) if run.kind == "image" else [str(t) for t in ds.inputs]
     metrics = run.score(inputs, ds.labels, batch_size=batch_size)
@@ -537,9 +546,7 @@ def predict_export(export_dir: str | os.PathLike, args: Sequence[str], given: In
     """Predictions of an exported model for ``args`` (texts, or image files for an image export) then the items of
     ``given`` (what ``data.inputs.read_input_file`` read from ``--input``), and whether the export classifies
     images."""
-    if quantize not in (None, "none"):
-        raise ConfigError(f"{export_dir} is an ONNX export: --quantize applies to run directories; export with "
-                          "--quantize int8 for an int8 model")
+    _no_quantize(export_dir, quantize)
     args = list(args or [])
     if not args and not (given and given.items):
         raise DataError("nothing to predict: pass texts (or image files) after the export folder or --input FILE")

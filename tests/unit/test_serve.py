@@ -122,7 +122,7 @@ def test_predictions_equal_graftune_predict(runs):
         assert set(served) == {*classifiers, "lm"} and served["contrastive"]["method"] == "contrastive"
         assert len(store.slots) == 2 and len({served[n]["base"] for n in classifiers}) == 1
         assert "prompt@1" in store.failed and "change the input sequence" in store.failed["prompt@1"]
-        assert "probe@1" in store.failed and "not served yet" in store.failed["probe@1"]
+        assert "probe@1" in store.failed and "not served: a --method probe run" in store.failed["probe@1"]
         for name in classifiers:
             r = client.post("/v1/predict", json={"adapter": name, "inputs": TEXTS})
             assert r.status_code == 200, r.text

@@ -453,7 +453,7 @@ def reference_summary(run_dir: str | Path, *, split: str = "train") -> Summary:
     if (run.fewshot is None and run.head is None) or run.kind != "classification":
         raise DataError(f"{run_dir}: drift needs a text classification run with an adapter or head (this is a "
                         f"{run.cfg.method} {run.kind} run)")
-    part = getattr(run_splits(run.cfg, run.kind), split)
+    part = getattr(run_splits(run.cfg, run.kind, run_dir=run_dir, parts=(split,)), split)  # as trained
     inputs = list(part.inputs)
     if not inputs:
         raise DataError(f"{run_dir}: its {split} split is empty; nothing to compare served inputs with")

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from graftune.config import build_config
-from graftune.core.method import get_method
 from graftune.core.model import AdapterModel
 from graftune.errors import GraftuneError
 from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_meta
 from graftune.recipes import fewshot_run
 from graftune.recipes.adapter import load_head
 from graftune.recipes.fewshot import FewShotModel
+from graftune.registry.servable import HEAD_ONLY, unservable
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, build_task
 from graftune.tasks.classification import base_hidden, pool, probabilities
@@ -43,9 +43,6 @@ from graftune.zoo import load_base
 
 log = logging.getLogger("graftune.serve")
 
-HEAD_ONLY = "head"
-#: adapter sites that serve mixed-adapter batches without changing the sequence (LoRA, IA3, bottleneck, BitFit)
-_MIXABLE_SITES = ("output", "input")
 
 
 class ServeError(GraftuneError):
@@ -302,28 +299,16 @@ class ModelStore:
         """Everything that does not touch a served model: read and check the run, load a new base if needed."""
         if not (run_dir / "run.yaml").is_file():
             raise ServeError(f"{run_dir}: not a run directory (no run.yaml); push a `graftune train --out` directory")
+        why = unservable(run_dir)  # the one rule, shared with `registry promote`'s note
+        if why:
+            raise ServeError(f"not served: {why}; serve a contrastive, LoRA, IA3 or bottleneck run, or use "
+                             "`graftune predict`")
         cfg = build_config(run_dir / "run.yaml")
         fewshot = None
-        if (run_dir / fewshot_run.HEAD_DIR).is_dir():  # probe / contrastive runs: a fitted head/ on embeddings
-            if cfg.method != fewshot_run.CONTRASTIVE:
-                raise ServeError(f"a --method {cfg.method} run (the frozen base's embeddings + a fitted head, no "
-                                 "adapter) is not served yet; serve a contrastive, LoRA, IA3 or bottleneck run, or "
-                                 "use `graftune predict`")
+        if (run_dir / fewshot_run.HEAD_DIR).is_dir():  # contrastive runs: a fitted head/ on adapted embeddings
             fewshot = fewshot_run.load_head(run_dir / fewshot_run.HEAD_DIR, cfg.method)  # (head, head.json)
-        if (run_dir / "stack_under").exists():
-            raise ServeError("a run with --stack-under applies two adapters per row; mixed-adapter batches take one "
-                             "per row: serve it with `graftune predict`")
         meta = read_meta(run_dir / "adapter")
         kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
-        if kind == "image":
-            raise ServeError("image runs are not served yet (the server reads text); use `graftune predict`")
-        method = meta["method"]
-        if method != HEAD_ONLY:
-            m = get_method(method)
-            if m.site not in _MIXABLE_SITES or not m.capabilities.mixed_batch:
-                why = "change the input sequence" if m.site == "model" else "replace base parameters"
-                raise ServeError(f"{method} adapters {why} and cannot share mixed-adapter batches; serve a LoRA, IA3 "
-                                 "or bottleneck run")
         fp = meta["base_fingerprint"]
         slot_key = hashlib.sha256(f"{fp.get('structure')}:{fp.get('values')}:{ZOO_TASK[kind]}".encode()).hexdigest()
         slot = self.slots.get(slot_key)
@@ -345,7 +330,7 @@ class ModelStore:
         else:
             head = None if kind == "causal-lm" else load_head(task, run_dir)
         return {"name": name, "version": version, "run_dir": run_dir, "kind": kind, "method": cfg.method if fewshot
-                else method, "slot": slot, "task": task, "head": head, "label_names": label_names,
+                else meta["method"], "slot": slot, "task": task, "head": head, "label_names": label_names,
                 "multi_label": multi_label, "max_new_tokens": cfg.max_new_tokens, "fewshot": fewshot}
 
     def _attach(self, plan: dict) -> Entry:
