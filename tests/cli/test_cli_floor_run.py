@@ -83,6 +83,27 @@ def test_overwrite_refuses_an_unrelated_folder_and_a_file(tiny, tmp_path, recipe
         assert snapshot(tmp_path) == before and plain.read_text() == "a user's file"
 
 
+@pytest.mark.parametrize("recipe", list(RECIPE_FLAGS))
+def test_overwrite_never_deletes_the_data_file_it_reads(tiny, tmp_path, recipe):
+    """QA: a data file kept inside the old run folder was deleted with it by --overwrite (and the run then read
+    it from nowhere). A folder that is not a run is not advised to use --overwrite either."""
+    out = tmp_path / "run"
+    assert runner.invoke(app, recipe_args(tiny, out, recipe)).exit_code == 0
+    mine = out / "mydata.csv"
+    mine.write_text(tiny["csv"].read_text())
+    args = recipe_args(tiny, out, recipe, "--overwrite")
+    args[args.index("--data") + 1] = str(mine)
+    before = snapshot(tmp_path)
+    text = one_line_error(runner.invoke(app, args))
+    assert "--overwrite would delete" in text and "--data names inside" in text, text
+    assert snapshot(tmp_path) == before
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    text = one_line_error(runner.invoke(app, recipe_args(tiny, folder, recipe)))
+    assert "already exists; choose another --out" in text and "pass --overwrite" not in text, text
+
+
 @pytest.mark.parametrize("flags", [["--overwrite"], []], ids=["overwrite", "plain"])
 @pytest.mark.parametrize("out", [".", "..", "./", "../.."])
 def test_overwrite_refuses_the_current_directory_and_its_parents(tiny, tmp_path, monkeypatch, out, flags):

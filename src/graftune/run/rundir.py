@@ -41,11 +41,12 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def check_out(out: str | Path | None, *, overwrite: bool, what: str = "run directory",
-              is_ours=is_run_dir) -> Path:
+              is_ours=is_run_dir, inputs: dict[str, str | Path | None] | None = None) -> Path:
     """``out`` checked as a folder to create, or to replace with ``overwrite``; a one-line ConfigError otherwise.
 
     ``is_ours``: whether an existing folder is one this kind of output wrote (``overwrite`` replaces only those,
-    and empty folders)."""
+    and empty folders). ``inputs``: ``{flag: path}`` the work reads (``--data`` ...): replacing a folder that holds
+    one would delete the user's file."""
     if not out:
         raise ConfigError(f"out: missing; pass --out DIR (the {what} to write)")
     path = Path(out)
@@ -58,11 +59,17 @@ def check_out(out: str | Path | None, *, overwrite: bool, what: str = "run direc
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out (nothing was changed)")
     check_creatable(path, what=what, error=ConfigError)  # a parent that is a file, a read-only disk: before any work
     if path.exists():
+        ours = not any(path.iterdir()) or is_ours(path)
         if not overwrite:
-            raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
-        if any(path.iterdir()) and not is_ours(path):
+            raise ConfigError(f"{out} already exists; choose another --out" + (" or pass --overwrite" if ours else
+                              f" (it is not a graftune {what}, which --overwrite would not replace either)"))
+        if not ours:
             raise ConfigError(f"{out} exists and is not a graftune {what}; --overwrite replaces only those, choose "
                               "another --out (nothing was deleted)")
+        for flag, given in (inputs or {}).items():
+            if given and resolved in Path(given).resolve().parents:
+                raise ConfigError(f"--overwrite would delete {given}, which {flag} names inside {out}; move it out of "
+                                  "the folder first, or choose another --out (nothing was deleted)")
     return path
 
 
@@ -96,7 +103,8 @@ def start_run_dir(cfg: RunConfig, *, write: bool = True) -> tuple[Path, Path]:
                               f"{now!r}); drop that flag or start a new run")
         out = Path(cfg.out)
         return out, partial_dir(out)
-    out = check_out(cfg.out, overwrite=cfg.overwrite)
+    out = check_out(cfg.out, overwrite=cfg.overwrite, inputs={
+        "--data": cfg.data, "--test": cfg.test, "--init-from": cfg.init_from, "--stack-under": cfg.stack_under})
     work = partial_dir(out)
     if not write:
         return out, work

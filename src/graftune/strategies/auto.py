@@ -362,7 +362,8 @@ def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
     if cfg.method != "auto":
         return cfg
     if not cfg.resume:
-        check_out(cfg.out, overwrite=cfg.overwrite)  # a taken --out is refused before the comparison, not after
+        check_out(cfg.out, overwrite=cfg.overwrite, inputs={"--data": cfg.data, "--test": cfg.test})  # refused
+        # before the comparison, not after it
     if cfg.task == "causal-lm":
         raise ConfigError("method: auto picks among classification strategies; name a method for a causal-LM run "
                           "(--method lora, say)")

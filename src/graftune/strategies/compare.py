@@ -142,7 +142,9 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
         raise ConfigError(f"--budget {budget_s:g}: use a positive number of seconds, e.g. --budget 600")
     augment = list(dict.fromkeys(bool(a) for a in augment)) or [False]
     settings = check_settings(settings)
-    out_dir = check_out(out_dir, overwrite=overwrite, what="comparison folder", is_ours=is_comparison)
+    out_dir = check_out(out_dir, overwrite=overwrite, what="comparison folder", is_ours=is_comparison,
+                        inputs={"--data": data if isinstance(data, (str, Path)) else None,
+                                "--test": test if isinstance(test, (str, Path)) else None})
     columns = {"text_column": text_column, "label_column": label_column}
 
     trust = trust if trust is not None and trust.wanted else None
