@@ -116,7 +116,8 @@ def test_compare_refuses_an_existing_folder_and_overwrite_replaces_only_a_compar
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     result = runner.invoke(app, compare_args(tiny, taken, *args))
-    assert result.exit_code == 2 and "already exists; choose another --out or pass --overwrite" in result.output
+    assert result.exit_code == 2 and "already exists; choose another --out" in result.output
+    assert "which --overwrite would not replace either" in result.output  # not advised: it would be refused
     # --overwrite never replaces a folder compare did not write: a train run directory, any other folder
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -198,3 +198,16 @@ def test_many_small_classes_are_listed_up_to_ten_with_the_verb_agreeing(tmp_path
     assert "c10" not in message
     two = data_error(make_splits, text_dataset({"a": 10, "b": 1, "c": 1}))
     assert "b (1), c (1) have too few examples" in two
+
+
+def test_a_text_repeated_under_another_label_is_counted_and_warned_about(tmp_path):
+    from graftune.data.checks import split_warnings
+    from graftune.data.sources import load_data
+
+    path = tmp_path / "conflict.csv"
+    path.write_text("text,label\ngoal scored,sport\nbank rates,money\ngoal scored,money\nbank rates,money\n"
+                    "chip maker,tech\n")
+    ds = load_data(str(path))
+    assert (len(ds), ds.duplicates_removed, ds.conflicts_removed) == (3, 2, 1)
+    (line,) = split_warnings({"conflicting_duplicates_removed": ds.conflicts_removed})
+    assert line.startswith("1 repeated text had another label than its first copy and was dropped")

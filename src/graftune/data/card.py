@@ -30,6 +30,7 @@ def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict
         "label_names": list(source.label_names),
         "examples": len(source),
         "duplicates_removed": source.duplicates_removed,
+        "conflicting_duplicates_removed": source.conflicts_removed,
         "seed": splits.seed,
         "shots": splits.shots,
         "shot_seed": splits.shot_seed,
@@ -42,5 +43,6 @@ def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict
             name: {"examples": len(part), "counts": part.counts(), "fingerprint": fingerprint(part)}
             for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
         },
-        "checks": split_checks(splits.train, splits.val, splits.test, tokenizer=tokenizer),
+        "checks": {**split_checks(splits.train, splits.val, splits.test, tokenizer=tokenizer),
+                   "conflicting_duplicates_removed": source.conflicts_removed},
     }

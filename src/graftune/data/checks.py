@@ -483,6 +483,11 @@ def split_warnings(checks: dict) -> list[str]:
     if shared or near:
         out.append(f"the test set shares {shared} exact and {near} near-duplicate example(s) with training: its "
                    "accuracy overstates the model; run `graftune check DATA --test TEST` and remove them")
+    if checks.get("conflicting_duplicates_removed"):
+        n = checks["conflicting_duplicates_removed"]
+        out.append(f"{n} repeated text{'s' if n > 1 else ''} had another label than {'their' if n > 1 else 'its'} "
+                   "first copy and {} dropped with the duplicates (the first label was kept); `graftune check DATA` "
+                   "lists them".format("were" if n > 1 else "was"))
     if checks.get("conflicting_labels"):
         out.append(f"{checks['conflicting_labels']} text(s) appear with different labels; `graftune check DATA` "
                    "lists them")

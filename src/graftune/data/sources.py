@@ -80,6 +80,8 @@ class Dataset:
     license: str | None = None
     sha256: str = ""
     duplicates_removed: int = 0
+    #: of those, copies whose label differed from the kept one's (the same text under two labels)
+    conflicts_removed: int = 0
     #: one group name per example (``load_data(group_column=...)``), or None
     groups: list[str] | None = None
 
@@ -967,14 +969,19 @@ def _dedup_key(modality: str, x: Any):
 
 def _finish(ds: Dataset, *, dedup: bool, min_classes: int = 2) -> Dataset:
     if dedup:
-        seen, keep = set(), []
+        seen: dict = {}  # key -> the kept copy's label
+        keep, conflicts = [], 0
         for i, x in enumerate(ds.inputs):
             key = _dedup_key(ds.modality, x)
+            label = repr(ds.labels[i]) if ds.modality != "pairs" else None
             if key not in seen:
-                seen.add(key)
+                seen[key] = label
                 keep.append(i)
+            elif seen[key] != label:
+                conflicts += 1
         if len(keep) < len(ds):
-            ds = replace(ds.subset(keep), duplicates_removed=ds.duplicates_removed + len(ds) - len(keep))
+            ds = replace(ds.subset(keep), duplicates_removed=ds.duplicates_removed + len(ds) - len(keep),
+                         conflicts_removed=ds.conflicts_removed + conflicts)
     if ds.modality != "pairs":
         present = sorted({n for lab in ds.labels for n in (lab if ds.multi_label else (lab,))})
         if len(present) < min_classes or not present:

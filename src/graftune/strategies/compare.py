@@ -254,8 +254,10 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     frozen: Frozen | None = None
     if ds.modality == "text" and any(STRATEGIES[n].kind == "features" for n in names):
         frozen = Frozen(model, ds, settings.get("max_length", 256))  # its tokenizer serves the vocabulary check
+    test = next(iter(all_splits.values())).test  # one test set for every run
+    user_test = (test.origin, test.sha256) != (ds.origin, ds.sha256)  # a --test file, not carved from ds
     warnings = data_warnings(model, ds, frozen.task.tokenizer if frozen is not None else None,
-                             next(iter(all_splits.values())).test)  # one test set for every run
+                             test if user_test else None)
     rows: list[dict] = []
     spent: dict[str, list[tuple[float, float]]] = {}  # strategy -> (fixed seconds, seconds per train example)
     say = print if progress else (lambda *a, **k: None)
