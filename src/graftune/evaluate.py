@@ -145,8 +145,17 @@ def generate(run: LoadedRun, prompts: Sequence[str], *, max_new_tokens: int | No
     if run.kind != "causal-lm":
         raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
                         "runs)")
+    limit = max_new_tokens or run.cfg.max_new_tokens
+    ids = [run.task.prompt_ids(p) for p in prompts]
+    found = run.task.first_too_long(ids, limit)
+    if found is not None:  # refused, as the server refuses it: the run was trained on pairs of max_length tokens
+        i, tokens, room = found
+        raise DataError(f"prompt {i + 1} is {tokens} tokens; this run takes at most {room} (its max_length "
+                        f"{run.task.max_length} minus max_new_tokens {limit}); shorten it or pass fewer "
+                        "--max-new-tokens")
     with run.policy.autocast():
-        return run.task.generate(run.model, list(prompts), max_new_tokens=max_new_tokens or run.cfg.max_new_tokens)
+        answers = run.task.generate_ids(run.model, ids, max_new_tokens=limit)
+    return [run.task.decode(a) for a in answers]
 
 
 def read_inputs(path: str | Path, *, kind: str = "classification", text_column: str = "text") -> list[Any]:

@@ -93,6 +93,9 @@ def test_generate_on_a_causal_lm_run(tiny):
     result = runner.invoke(app, ["generate", str(out), "goal match", "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["prompt"] == "goal match"
+    # a prompt that leaves its answer no room in the run's 128 tokens is refused, as the server refuses it
+    result = runner.invoke(app, ["generate", str(out), "goal match", " ".join(["goal"] * 400)])
+    assert result.exit_code == 2 and "prompt 2 is" in result.output and "takes at most 125" in result.output
 
 
 def test_models_lists_the_aliases():

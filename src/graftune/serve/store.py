@@ -366,14 +366,13 @@ def _by_slot(batch: Sequence[Rows]) -> list[list[int]]:
 def _too_long(entry: Entry, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> PromptTooLong | None:
     """A prompt and its answer must fit the run's max_length, as training pairs did: the bound on the work one
     request can ask for (characters alone do not bound tokens, and a base's positions end somewhere)."""
-    room = entry.task.max_length - max_new_tokens
-    for i, ids in enumerate(prompts):
-        if len(ids) > room:
-            fix = "shorten it or ask for fewer max_new_tokens" if room > 0 else "ask for fewer max_new_tokens"
-            return PromptTooLong(f"inputs[{i}]: the prompt is {len(ids)} tokens; adapter {entry.name} takes at most "
-                                 f"{max(room, 0)} (its max_length {entry.task.max_length} minus max_new_tokens "
-                                 f"{max_new_tokens}); {fix}")
-    return None
+    found = entry.task.first_too_long(prompts, max_new_tokens)
+    if found is None:
+        return None
+    i, tokens, room = found
+    fix = "shorten it or ask for fewer max_new_tokens" if room > 0 else "ask for fewer max_new_tokens"
+    return PromptTooLong(f"inputs[{i}]: the prompt is {tokens} tokens; adapter {entry.name} takes at most {room} (its "
+                         f"max_length {entry.task.max_length} minus max_new_tokens {max_new_tokens}); {fix}")
 
 
 def _features(model: AdapterModel, inputs: dict, pooling: str) -> torch.Tensor:

@@ -58,6 +58,14 @@ class CausalLM:
         # a chat template already holds the special tokens it wants
         return self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
+    def first_too_long(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int, int] | None:
+        """``(index, tokens, room)`` of the first tokenized prompt that leaves its answer no room within
+        ``max_length`` (the length training pairs were cut to), else None: the bound on the work one prompt can
+        ask for (characters alone do not bound tokens, and a base's positions end somewhere). ``graftune generate``
+        and the server refuse such a prompt."""
+        room = self.max_length - max_new_tokens
+        return next(((i, len(ids), max(room, 0)) for i, ids in enumerate(prompts) if len(ids) > room), None)
+
     def encode(self, inputs: Sequence[tuple[str, str]], labels: Sequence[Any] | None = None) -> list[dict]:
         out = []
         for prompt, response in inputs:
