@@ -258,3 +258,16 @@ def test_max_length_beyond_the_models_positions_is_refused_before_training(tiny,
     with pytest.raises(ConfigError, match="max_length: got 65, but .* reads at most 64 tokens"):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "probe"])
+def test_a_test_file_of_one_class_is_scored(tiny, tmp_path, method):
+    # QA: train refused it ("only 1 class ... needs at least 2 classes"), while eval --data scores such a file
+    rows = tiny["csv"].read_text().splitlines()
+    one = tmp_path / "sport.csv"
+    one.write_text("\n".join([rows[0], *[r for r in rows[1:] if r.endswith(",sport")][:5]]) + "\n")
+    args = train_args(tiny["bert"], tiny["csv"], tmp_path / "run", method=method, test=str(one))
+    if method != "lora":
+        del args["epochs"], args["lr"], args["batch_size"]
+    m = train(RunConfig(**args), progress=False)
+    assert m["examples"] == 5 and 0.0 <= m["accuracy"] <= 1.0

@@ -351,7 +351,7 @@ def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None 
     ``group_column``: read into ``Dataset.groups`` from the file the test examples come from (the test file, or
     the data file when the test split is carved from it)."""
     ds = load_data(cfg.data, task=kind, group_column=None if cfg.test else group_column, **cfg.columns())
-    test = (load_data(cfg.test, task=kind or ds.modality, group_column=group_column, **cfg.columns())
+    test = (load_data(cfg.test, task=kind or ds.modality, group_column=group_column, min_classes=1, **cfg.columns())
             if cfg.test else None)
     splits = make_splits(ds, test=test, **cfg.split_args())
     if run_dir is not None:

@@ -89,7 +89,8 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
         columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
                    "prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
         ds = load_data(cfg.data, task=cfg.task, **columns)
-        user_test = load_data(cfg.test, task=cfg.task or ds.modality, **columns) if cfg.test else None
+        user_test = load_data(cfg.test, task=cfg.task or ds.modality, min_classes=1,  # scored, not trained on
+                              **columns) if cfg.test else None
         if splits is None:
             splits = make_splits(ds, test=user_test, **cfg.split_args())
         kind = cfg.task or MODALITY_TASK[ds.modality]

@@ -145,7 +145,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
     ds = load_data(cfg.data, task=cfg.task, **columns)
     check_data(ds, method)
     if splits is None:
-        user_test = load_data(cfg.test, task=ds.modality, **columns) if cfg.test else None
+        user_test = load_data(cfg.test, task=ds.modality, min_classes=1, **columns) if cfg.test else None
         splits = make_splits(ds, test=user_test, **cfg.split_args())
     device = resolve_device(cfg.device)
     # contrastive_fit chooses the same policy for training; a probe only embeds (inference)

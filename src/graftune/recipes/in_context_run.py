@@ -79,7 +79,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
     ds = load_data(cfg.data, task=cfg.task, **columns)
     check_data(ds, METHOD)
     if splits is None:
-        user_test = load_data(cfg.test, task=ds.modality, **columns) if cfg.test else None
+        user_test = load_data(cfg.test, task=ds.modality, min_classes=1, **columns) if cfg.test else None
         splits = make_splits(ds, test=user_test, **cfg.split_args())
     started = time.perf_counter()
     # the whole run is measured, loading included; the log is closed (and a failed run removed) on the way out

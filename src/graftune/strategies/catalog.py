@@ -105,7 +105,8 @@ def load_compare_data(data: Any, test: Any, text_column: str, label_column: str)
     user_test = None
     if test is not None:
         user_test = test if isinstance(test, Dataset) else load_data(str(test), text_column=text_column,
-                                                                     label_column=label_column, task=ds.modality)
+                                                                     label_column=label_column, task=ds.modality,
+                                                                     min_classes=1)  # scored, not trained on
     return ds, user_test
 
 
