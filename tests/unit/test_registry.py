@@ -535,3 +535,16 @@ def test_a_reason_without_force_is_recorded_and_said_so(runs, reg):
     assert result.accepted and not result.forced
     assert any(n.startswith("--reason recorded in the audit log") and "overrides nothing" in n for n in result.notes)
     assert reg.log("news")[-1]["reason"] == "retrained on March data"
+
+
+def test_a_version_not_promoted_is_deleted_whatever_the_promotion_ids(runs, reg):
+    # review: delete compared the promotion row's id with the version number, so with news@1 then news@3 promoted
+    # (rows 1 and 2), deleting news@2 was refused as "the promoted version"
+    for run in ("good", "good2", "good"):
+        reg.push(runs[run], "news")
+    reg.promote("news", 1)
+    reg.promote("news", 3, force=True, reason="a test")
+    reg.delete("news", 2)
+    assert [v.version for v in reg.list("news")] == [1, 3] and reg.promoted_version("news") == 3
+    with pytest.raises(ArtifactError, match="news@3 is the promoted version"):
+        reg.delete("news", 3)

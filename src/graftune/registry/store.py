@@ -658,10 +658,10 @@ class Registry:
         with self._transaction() as db:
             top = db.execute("SELECT id, version FROM promotions WHERE name = ? ORDER BY id DESC LIMIT 1",
                              (name,)).fetchone()
-            if damage is None and top is not None and top[0] == version:
+            if damage is None and top is not None and top["version"] == version:
                 raise ArtifactError(f"{name}@{version} is the promoted version: promote another version or roll back "
                                     "first")
-            if damage is not None and (top is None or top[0] != was_top[0]["id"]):
+            if damage is not None and (top is None or top["id"] != was_top[0]["id"]):
                 raise ArtifactError(f"{name}: its promoted version changed meanwhile; run delete again")
             db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
             db.execute("DELETE FROM promotions WHERE name = ? AND version = ?", (name, version))
