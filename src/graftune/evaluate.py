@@ -55,7 +55,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
             if value and not Path(value).is_absolute() and not Path(value).exists() and value not in ALIASES:
                 raise DataError(f"run.yaml names {name} {value} relative to the folder the run was trained in: run "
                                 "eval from there, or pass --data FILE")
-        ds = run_splits(cfg, run.kind, run_dir=run_dir, parts=("test",), group_column=group_column).test
+        ds = run_splits(cfg, run.kind, run_dir=run_dir, parts=("test",), group_column=group_column,
+                        fix="pass --data TEST_FILE (or retrain)").test
     else:
         ds = read_scored(data, kind=run.kind, multi_label=run.multi_label, group_column=group_column, **columns)
     quantized = {"quantize": run.quantize} if run.quantize != "none" else {}

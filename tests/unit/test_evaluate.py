@@ -164,8 +164,12 @@ def test_run_splits_checks_the_parts_asked_for(tmp_path, tiny):
     with pytest.raises(DataError, match=r"data.csv changed since the run was trained: its train split is not"):
         run_splits(cfg, run_dir=run_dir)
     write_csv(test, topic_rows(3, seed=2))
-    with pytest.raises(DataError, match=r"test.csv changed since the run was trained: its test split"):
+    # the default fix names no flag (export and drift have no --data); a caller with --data says so
+    with pytest.raises(DataError, match=r"test.csv changed since the run was trained: its test split is not the "
+                                        r"run's; restore the file the run was trained on \(or retrain\)$"):
         run_splits(cfg, run_dir=run_dir, parts=("test",))
+    with pytest.raises(DataError, match=r"; pass --data TEST_FILE \(or retrain\)$"):
+        run_splits(cfg, run_dir=run_dir, parts=("test",), fix="pass --data TEST_FILE (or retrain)")
 
 
 def test_run_splits_without_recorded_fingerprints_is_not_checked(tmp_path, tiny):

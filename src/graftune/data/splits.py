@@ -337,7 +337,8 @@ def _shots_and_rest(ds: Dataset, pool: np.ndarray, shots: int, seed: int) -> tup
 
 
 def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None = None,
-               parts: Sequence[str] = ("train", "val", "test"), group_column: str | None = None) -> Splits:
+               parts: Sequence[str] = ("train", "val", "test"), group_column: str | None = None,
+               fix: str = "restore the file the run was trained on (or retrain)") -> Splits:
     """A run's splits rebuilt from its config (``RunConfig``: data, test file, columns, seeds, carve) as its recipe
     made them at training time. ``kind``: the task the data is read as (None: from the data).
 
@@ -346,7 +347,8 @@ def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None 
     contents: a file edited since (rows reordered, added or relabelled) splits differently, and a test split
     rebuilt from it may hold the run's training examples, so a score on it would be silently wrong. Harmless
     edits (line endings, an added column) keep the fingerprints. A card without fingerprints (runs from before
-    they were recorded) is not checked.
+    they were recorded) is not checked. ``fix``: what the refusal tells the user to do (a command with ``--data``
+    says to pass one).
 
     ``group_column``: read into ``Dataset.groups`` from the file the test examples come from (the test file, or
     the data file when the test split is carved from it)."""
@@ -355,7 +357,7 @@ def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None 
             if cfg.test else None)
     splits = make_splits(ds, test=test, **cfg.split_args())
     if run_dir is not None:
-        _check_recorded(splits, _recorded_fingerprints(Path(run_dir)), cfg, parts)
+        _check_recorded(splits, _recorded_fingerprints(Path(run_dir)), cfg, parts, fix)
     return splits
 
 
@@ -388,12 +390,9 @@ def _recorded_fingerprints(run_dir: Path) -> dict[str, str]:
             if isinstance(part, dict) and isinstance(part.get("fingerprint"), str) and part["fingerprint"]}
 
 
-def _check_recorded(splits: Splits, recorded: dict[str, str], cfg: Any, parts: Sequence[str]) -> None:
+def _check_recorded(splits: Splits, recorded: dict[str, str], cfg: Any, parts: Sequence[str], fix: str) -> None:
     """Refuse rebuilt splits that are not the ones the run was trained and tested on (``run_splits``)."""
     for name in parts:
         if name in recorded and fingerprint(getattr(splits, name)) != recorded[name]:
-            if name == "test":
-                raise DataError(f"{cfg.test or cfg.data} changed since the run was trained: its test split is not "
-                                "the run's; pass --data TEST_FILE (or retrain)")
-            raise DataError(f"{cfg.data} changed since the run was trained: its {name} split is not the run's; "
-                            "restore the file the run was trained on (or retrain)")
+            source = (cfg.test or cfg.data) if name == "test" else cfg.data
+            raise DataError(f"{source} changed since the run was trained: its {name} split is not the run's; {fix}")

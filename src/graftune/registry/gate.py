@@ -107,7 +107,7 @@ def recorded_test_split(run_dir: Path, kind: str, ref: str) -> HeldOut:
     """The test split of the run in ``run_dir``, rebuilt from its run.yaml as ``evaluate_run`` does (same data,
     seeds and split settings), checked against the fingerprint its data card recorded at training time."""
     cfg = build_config(run_dir / "run.yaml")
-    try:  # data_splits checks the rebuilt split against the data card's fingerprint (a changed file is refused)
+    try:  # run_splits checks the rebuilt split against the data card's fingerprint (a changed file is refused)
         split = run_splits(cfg, kind, run_dir=run_dir, parts=("test",)).test
     except GraftuneError as e:
         first = str(e).split(";")[0]

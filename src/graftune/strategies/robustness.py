@@ -170,7 +170,8 @@ def _test_split(run: Any, run_dir: str | Path, data: str | None) -> Any:
     data card (a data file changed since training is refused, not scored)."""
     if data is not None:
         return read_scored(data, kind=run.kind, multi_label=run.multi_label, **run.cfg.columns())
-    return run_splits(run.cfg, run.kind, run_dir=run_dir, parts=("test",)).test
+    return run_splits(run.cfg, run.kind, run_dir=run_dir, parts=("test",),
+                      fix="pass --data TEST_FILE (or retrain)").test
 
 
 def robustness(run_dir: str | Path, *, data: str | None = None, strengths: Sequence[float] = STRENGTHS,
