@@ -471,6 +471,7 @@ def predict(
     from graftune.data.inputs import read_input_file
     from graftune.errors import DataError
     from graftune.io.onnx_format import is_onnx_export
+    from graftune.runs import run_text_column
 
     if not texts and not input_file:
         raise DataError("nothing to predict: pass texts after RUN_DIR or --input FILE")
@@ -478,7 +479,7 @@ def predict(
     if blank:
         raise DataError(f"arg {blank[0]} is blank; pass a text to classify (or leave it out)")
     if input_file:  # read and checked before any model loads
-        given = read_input_file(input_file, text_column=text_column or _run_text_column(run_dir))
+        given = read_input_file(input_file, text_column=text_column or run_text_column(run_dir))
     else:
         given = None
     texts = list(texts or [])
@@ -505,21 +506,6 @@ def predict(
 
 
 _TEXT_INPUTS = "pass a .txt (one text per line), .csv, .jsonl, .json or .parquet file"
-
-
-def _run_text_column(run_dir: str) -> str:
-    """The text column a run was trained on (run.yaml's ``text_column``), for reading a --input file as its data
-    was read; ``text`` for exports and folders without a readable run.yaml (loading the run then says why)."""
-    from pathlib import Path
-
-    from graftune.config import read_yaml
-    from graftune.errors import ConfigError
-
-    try:
-        column = read_yaml(Path(run_dir) / "run.yaml").get("text_column")
-    except ConfigError:
-        return "text"
-    return column if isinstance(column, str) and column else "text"
 
 
 def _print_predictions(rows: list[dict], sources: list[dict], given, as_json: bool) -> None:

@@ -16,7 +16,7 @@ import difflib
 from pathlib import Path
 from types import ModuleType
 
-from graftune.config import HEAD_ONLY, RunConfig, build_config
+from graftune.config import HEAD_ONLY, RunConfig, build_config, read_yaml
 from graftune.core.method import all_methods
 from graftune.data.sources import ALIASES
 from graftune.errors import ArtifactError, ConfigError, DataError
@@ -114,7 +114,7 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     per_class = sum(counts.values()) / max(len(counts), 1)
     if per_class > FEW_PER_CLASS:
         return cfg, None
-    lora_only = ["--set " + ",".join(cfg.options)] if cfg.options else []
+    lora_only = [f"--set {key}" for key in cfg.options]
     lora_only += ["--" + name.replace("_", "-") for name in unused_settings(cfg)]
     if lora_only:  # said, not silent: these few examples would otherwise train the contrastive recipe
         given = " and ".join(lora_only)
@@ -136,6 +136,17 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
     cfg = resolve(cfg, progress=progress)
     metrics = recipe_for(cfg.method).train(cfg, progress=progress, splits=splits)
     return {k: v for k, v in metrics.items() if k != "predicted"}
+
+
+def run_text_column(run_dir: str | Path) -> str:
+    """The text column a run was trained on (run.yaml's ``text_column``), for reading a ``predict --input`` file
+    as its data was read; ``text`` for exports and folders without a readable run.yaml (loading the run then says
+    why)."""
+    try:
+        column = read_yaml(Path(run_dir) / RUN_FILE).get("text_column")
+    except ConfigError:
+        return "text"
+    return column if isinstance(column, str) and column else "text"
 
 
 def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = None,

@@ -346,7 +346,7 @@ def test_predict_reads_json_and_parquet_records_and_the_runs_own_text_column(tin
     records.write_text(json.dumps([{"text": "goal match"}, {"text": ""}, {"text": "chip phone"}]))
     rows, err = predict_json(str(run_dir), "--input", str(records))
     assert [(r["record"], r["text"]) for r in rows] == [(0, "goal match"), (2, "chip phone")]
-    assert "skipped 1 blank line: 1" in err
+    assert "skipped 1 blank text: record 1" in err
     table = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["goal match", "bank price"]}), table)
     rows, _ = predict_json(str(run_dir), "--input", str(table))

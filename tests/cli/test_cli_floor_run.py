@@ -97,6 +97,11 @@ def test_overwrite_never_deletes_the_data_file_it_reads(tiny, tmp_path, recipe):
     text = one_line_error(runner.invoke(app, args))
     assert "--overwrite would delete" in text and "--data names inside" in text, text
     assert snapshot(tmp_path) == before
+    from graftune.errors import ConfigError
+    from graftune.run.rundir import check_out
+
+    with pytest.raises(ConfigError, match="--init-from names inside"):  # the run folder itself, as a warm start
+        check_out(out, overwrite=True, inputs={"--init-from": str(out), "--data": "bbc-news"})
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"x")

@@ -30,7 +30,6 @@ def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict
         "label_names": list(source.label_names),
         "examples": len(source),
         "duplicates_removed": source.duplicates_removed,
-        "conflicting_duplicates_removed": source.conflicts_removed,
         "seed": splits.seed,
         "shots": splits.shots,
         "shot_seed": splits.shot_seed,

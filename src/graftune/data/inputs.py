@@ -40,22 +40,25 @@ class Inputs:
     Args:
         items: the texts, or the images as float (3, H, W) tensors in [0, 1].
         sources: one per item, where it came from: ``{"line": n, "text": t}`` or ``{"file": name}``.
-        skipped: 1-based line numbers of the blank lines (or rows with a blank text) left out.
+        skipped: what was left out blank: 1-based line numbers, or ``"record N"`` / ``"row N"`` (from 0) for a
+            .json or a table.
         images: whether ``items`` are images.
     """
 
     items: list[Any] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    skipped: list[int | str] = field(default_factory=list)
     images: bool = False
 
     def note(self) -> str | None:
-        """``"skipped 2 blank lines: 3, 7"``, or None when nothing was skipped."""
+        """``"skipped 2 blank lines: 3, 7"`` (``"skipped 1 blank text: record 1"`` for a .json or a table), or None
+        when nothing was skipped."""
         if not self.skipped:
             return None
         n = len(self.skipped)
         shown = ", ".join(map(str, self.skipped[:20])) + (f" (and {n - 20} more)" if n > 20 else "")
-        return f"skipped {n} blank line{'s' if n > 1 else ''}: {shown}"
+        unit = "line" if all(isinstance(s, int) for s in self.skipped) else "text"
+        return f"skipped {n} blank {unit}{'s' if n > 1 else ''}: {shown}"
 
 
 def read_input_file(path: str | Path, *, text_column: str = "text", images: bool | None = None) -> Inputs:
@@ -111,7 +114,8 @@ def _add(got: Inputs, where: dict, value: Any) -> None:
         got.items.append(text)
         got.sources.append({**where, "text": text})
     else:
-        got.skipped.append(next(iter(where.values())))
+        kind, number = next(iter(where.items()))
+        got.skipped.append(number if kind == "line" else f"{kind} {number}")
 
 
 def _read_records(path: Path, column: str) -> Inputs:

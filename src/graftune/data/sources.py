@@ -973,7 +973,7 @@ def _finish(ds: Dataset, *, dedup: bool, min_classes: int = 2) -> Dataset:
         keep, conflicts = [], 0
         for i, x in enumerate(ds.inputs):
             key = _dedup_key(ds.modality, x)
-            label = repr(ds.labels[i]) if ds.modality != "pairs" else None
+            label = None if ds.modality == "pairs" else repr(sorted(ds.labels[i]) if ds.multi_label else ds.labels[i])
             if key not in seen:
                 seen[key] = label
                 keep.append(i)

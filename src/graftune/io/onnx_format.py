@@ -377,8 +377,8 @@ class OnnxClassifier:
             raise ArtifactError(f"{model_file}: the graph has no {self.output!r} output; export the run again")
         width, (expected, what) = shape[-1] if len(shape) == 2 else None, self._width()
         if _is_int(width) and width != expected:  # a symbolic width is not checked
-            raise ArtifactError(f"{model_file}: the graph's {self.output} has {width} columns, but there are {expected} "
-                                f"{what}; export the run again")
+            raise ArtifactError(f"{model_file}: the graph's {self.output} has {width} columns, but there are "
+                                f"{expected} {what}; export the run again")
 
     def _width(self) -> tuple[int, str]:
         """How many columns the graph's output must have, and what they are."""

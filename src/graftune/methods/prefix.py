@@ -6,9 +6,9 @@ https://arxiv.org/abs/2101.00190):
     head_l(x) = softmax(q [P_k,l ; K_l]^T / sqrt(d)) [P_v,l ; V_l]
 
 with P_k,l, P_v,l in R^(P x d) per key/value head. The prefix is passed to the base as a pre-filled
-``DynamicCache`` (``cache``, formerly ``past_key_values``) with the attention mask extended by P ones on the left, which is how
-transformers models (decoders, and in 5.x encoders such as BERT too) attend to earlier keys/values; a cached
-``generate`` then just continues that cache. As in the paper's GPT-2 setup the prefix occupies positions
+``DynamicCache`` (``cache``, formerly ``past_key_values``) with the attention mask extended by P ones on the
+left, which is how transformers models (decoders, and in 5.x encoders such as BERT too) attend to earlier
+keys/values; a cached ``generate`` then just continues that cache. As in the paper's GPT-2 setup the prefix occupies positions
 0..P-1, so a row's real tokens are at positions P + (the positions the base would give them).
 
 Reparameterization (``projection=True``, paper section 4.3): the prefix is produced by an MLP from a small

@@ -2,26 +2,24 @@
 ``registry promote`` can say so before a server finds out (a running server logs "not serving NAME@V" and keeps the
 version it had; a restarted one serves no version of the name).
 
-The rule is the server's (``ModelStore._prepare`` in ``serve/store.py``), stated from the same declarations:
-one shared base per batch with one adapter per row, so an adapter must sit at a site that leaves the sequence and
-the base parameters alone and declare ``mixed_batch``; a fitted head on frozen embeddings is served only for
-contrastive runs; no ``--stack-under`` (two adapters per row) and no image runs (the server reads text). The serve
-package imports the registry, so the rule lives here, one layer below it; serve may import it from here. The test
-``test_unservable_agrees_with_the_server`` holds the two to the same answers.
+This is the server's one rule (``ModelStore._prepare`` in ``serve/store.py`` calls it): one shared base per batch
+with one adapter per row, so an adapter must sit at a site that leaves the sequence and the base parameters alone
+and declare ``mixed_batch``; a fitted head on frozen embeddings is served only for contrastive runs; no
+``--stack-under`` (two adapters per row) and no image runs (the server reads text). The serve package imports the
+registry, so the rule lives here, one layer below it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from graftune.config import build_config
+from graftune.config import HEAD_ONLY, build_config
 from graftune.core.method import get_method
 from graftune.errors import GraftuneError
 from graftune.io.artifact import read_meta
 from graftune.recipes.fewshot_run import CONTRASTIVE, HEAD_DIR
+from graftune.recipes.transfer import UNDER_DIR
 
-#: the method name of a head-only run's adapter.json (no adapter weights: the base as it is, with a trained head)
-HEAD_ONLY = "head"
 #: adapter sites that share a mixed-adapter forward without changing the sequence (LoRA, IA3, bottleneck, BitFit)
 MIXABLE_SITES = ("output", "input")
 
@@ -34,7 +32,7 @@ def unservable(run_dir: str | Path) -> str | None:
         if (run_dir / HEAD_DIR).is_dir() and cfg.method != CONTRASTIVE:
             return (f"a --method {cfg.method} run is the frozen base's embeddings and a fitted head, with no adapter "
                     "to share the base with others")
-        if (run_dir / "stack_under").exists():
+        if (run_dir / UNDER_DIR).exists():
             return "a --stack-under run applies two adapters per row, and mixed-adapter batches take one per row"
         meta = read_meta(run_dir / "adapter")
         kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"

@@ -71,7 +71,8 @@ def tracker(cfg: RunConfig, folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("--log-to tensorboard needs tensorboard: pip install 'graftune[tracking]' (or drop it)") from None
+        raise ConfigError("--log-to tensorboard needs tensorboard: pip install 'graftune[tracking]' (or drop "
+                          "it)") from None
     writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
 
     def log_tensorboard(kind, scalars, step):
@@ -98,7 +99,7 @@ def check_mlflow(uri: str | None, option: str, *, registry: bool = False) -> Non
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
-        client = MlflowClient(tracking_uri=target)
+        client = MlflowClient(tracking_uri=target, registry_uri=target if registry else None)
         client.search_registered_models(max_results=1) if registry else client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 (MLflow raises many types here: store URIs, connections, permissions)
         text = " ".join(str(e).split())

@@ -66,8 +66,8 @@ def check_out(out: str | Path | None, *, overwrite: bool, what: str = "run direc
         if not ours:
             raise ConfigError(f"{out} exists and is not a graftune {what}; --overwrite replaces only those, choose "
                               "another --out (nothing was deleted)")
-        for flag, given in (inputs or {}).items():
-            if given and resolved in Path(given).resolve().parents:
+        for flag, given in (inputs or {}).items():  # (an alias such as bbc-news is no path: exists() says so)
+            if given and Path(given).exists() and resolved in (Path(given).resolve(), *Path(given).resolve().parents):
                 raise ConfigError(f"--overwrite would delete {given}, which {flag} names inside {out}; move it out of "
                                   "the folder first, or choose another --out (nothing was deleted)")
     return path

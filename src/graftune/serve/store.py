@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftune.config import build_config
+from graftune.config import HEAD_ONLY, build_config
 from graftune.core.model import AdapterModel
 from graftune.errors import GraftuneError
 from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapter, read_meta
 from graftune.recipes import fewshot_run
 from graftune.recipes.adapter import load_head
 from graftune.recipes.fewshot import FewShotModel
-from graftune.registry.servable import HEAD_ONLY, unservable
+from graftune.registry.servable import unservable
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, build_task
 from graftune.tasks.classification import base_hidden, pool, probabilities
