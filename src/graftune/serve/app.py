@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
-from graftune.errors import ArtifactError, ConfigError, GraftuneError
+from graftune.errors import ConfigError, GraftuneError
 from graftune.serve.batcher import Batcher, BatchRecord
 from graftune.serve.drift import DriftTracker
 from graftune.serve.schemas import (
@@ -40,9 +40,9 @@ log = logging.getLogger("graftune.serve")
 
 class Source(Protocol):
     """Where the promoted versions come from: ``graftune.registry.Registry`` or a fixed mapping. A source may also
-    have ``verify(version)`` (the registry's hash check), run before a version is loaded, and the registry's
-    ``log``, ``promoted_version`` and ``show``, read name by name when ``promoted()`` fails (see
-    :func:`read_promoted`)."""
+    have ``verify(version)`` (the registry's hash check), run before a version is loaded: the registry's
+    ``promoted()`` lists a damaged version too (``damaged`` set), and its ``verify`` refuses it, so the store logs
+    it once and serves the rest."""
 
     def promoted(self) -> Mapping[str, Any]:
         """name -> a version object with ``.version`` and ``.path`` (its run directory)."""
@@ -70,41 +70,6 @@ class StaticSource:
         return 0
 
 
-@dataclass(frozen=True)
-class BrokenVersion:
-    """A promoted version that cannot even be read (its folder removed, its version.json damaged). It is wanted
-    like any other, and its check fails: the store logs it once, keeps the name's old version if it serves one,
-    and serves the rest."""
-
-    version: str
-    reason: str
-    path: Path = Path()
-
-    def check(self) -> None:
-        raise ArtifactError(self.reason)
-
-
-def read_promoted(source: Source) -> dict[str, Any]:
-    """``source.promoted()``. When that fails on one version that cannot be read (a registry whose
-    ``promoted()`` reads every version at once), the registry is read name by name instead and each version that
-    cannot be read becomes a :class:`BrokenVersion`: one damaged version never hides the others."""
-    try:
-        return dict(source.promoted())
-    except GraftuneError:
-        if not all(callable(getattr(source, a, None)) for a in ("log", "promoted_version", "show")):
-            raise
-    out: dict[str, Any] = {}
-    for name in sorted({row["name"] for row in source.log()}):  # type: ignore[attr-defined]
-        version = source.promoted_version(name)  # type: ignore[attr-defined]
-        if version is None:
-            continue
-        try:
-            out[name] = source.show(name, version)  # type: ignore[attr-defined]
-        except GraftuneError as e:
-            out[name] = BrokenVersion(str(version), str(e))
-    return out
-
-
 class MergedSource:
     """A registry's promoted versions plus fixed ``--run`` ones (the fixed ones win a name clash)."""
 
@@ -114,7 +79,7 @@ class MergedSource:
     def promoted(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for s in self.sources:
-            out.update(read_promoted(s))
+            out.update(s.promoted())
         return out
 
     def generation(self) -> tuple:
@@ -122,7 +87,7 @@ class MergedSource:
 
     def verify(self, version: Any) -> None:
         """The registry's hash check for its versions; fixed ``--run`` directories are served as they are."""
-        if isinstance(version, StaticVersion | BrokenVersion):  # a broken one fails its own check
+        if isinstance(version, StaticVersion):
             return
         for s in self.sources:
             if callable(getattr(s, "verify", None)):
@@ -319,8 +284,8 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
 
     def wanted() -> dict[str, tuple]:
         out = {}
-        for n, v in read_promoted(source).items():
-            check = v.check if isinstance(v, BrokenVersion) else functools.partial(verify, v) if verify else None
+        for n, v in source.promoted().items():
+            check = functools.partial(verify, v) if verify else None
             out[n] = (str(v.version), Path(v.path), check)
         return out
 
