@@ -54,7 +54,7 @@ from graftune.config import HEAD_ONLY, RunConfig, build_config
 from graftune.core.method import all_methods, get_method
 from graftune.data.inputs import Inputs, read_image
 from graftune.data.sources import Dataset
-from graftune.data.splits import Splits, run_splits
+from graftune.data.splits import CARD_FILE, Splits, run_splits
 from graftune.errors import ArtifactError, ConfigError, DataError, GraftuneError
 from graftune.evaluate import read_scored
 from graftune.io import onnx_format as fmt
@@ -237,6 +237,8 @@ def export_onnx(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant
         say(f"exporting the merged model to ONNX (opset {opset})...")
         fields = export.write(tmp, opset=opset, quantize=quantize, batch_size=batch_size, say=say)
         shutil.copyfile(run_dir / "run.yaml", tmp / fmt.SOURCE_RUN_FILE)
+        if (run_dir / CARD_FILE).is_file():  # its split fingerprints: eval on the export checks the rebuilt test
+            shutil.copyfile(run_dir / CARD_FILE, tmp / CARD_FILE)
         extra = meta.get("extra") or {}
         model_file = tmp / fmt.MODEL_FILE
         manifest = {
@@ -520,7 +522,7 @@ def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, t
                     label_column: str | None = None, batch_size: int = 32, quantize: str | None = None) -> dict:
     """Metrics of an exported model on ``data`` (every example: a file, an image folder or an alias such as
     ``digits``), or without it on the source run's test split (rebuilt from the ``source_run.yaml`` copied into
-    the export)."""
+    the export, and checked against the fingerprints of the run's data card copied beside it)."""
     export_dir = Path(export_dir)
     _no_quantize(export_dir, quantize)
     run = fmt.OnnxClassifier.load(export_dir)
@@ -529,7 +531,8 @@ def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, t
         raise DataError(f"{export_dir}: no {fmt.SOURCE_RUN_FILE} to rebuild the test split from; pass --data FILE")
     cfg = build_config(source) if source.is_file() else RunConfig()
     if data is None:
-        ds = run_splits(cfg, run.kind).test
+        ds = run_splits(cfg, run.kind, run_dir=export_dir, parts=("test",),  # against the copied data card
+                        fix="pass --data TEST_FILE (or export a run retrained on it)").test
     else:
         ds = read_scored(data, kind=run.kind, multi_label=run.multi_label, **(cfg.columns() | {
             "text_column": text_column or cfg.text_column, "label_column": label_column or cfg.label_column}))

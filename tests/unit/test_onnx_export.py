@@ -366,3 +366,21 @@ def test_a_bad_field_of_an_older_export_is_refused_in_one_line(exported, tmp_pat
     out = _copy(exported, tmp_path, legacy=True, **fields)
     text = one_line_error(runner.invoke(app, ["predict", str(out), "goal team", "the cup and the bank rate"]))
     assert expected in text and "export the run again" in text, text
+
+
+def test_eval_of_an_export_refuses_a_data_file_changed_since_training(runs, tmp_path):
+    # review: eval on a run refused a changed data file, eval on its export scored the rebuilt split anyway
+    data = tmp_path / "topics.csv"
+    shutil.copyfile(runs / "topics.csv", data)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", str(runs / "bert"), "--data", str(data), "--method", "head",
+                                 "--epochs", "1", "--max-length", "32", "--precision", "fp32", "--quiet", "--out",
+                                 str(run)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "onnx"
+    _export(tmp_path, "run", out)
+    assert (out / "data_card.json").is_file() and runner.invoke(app, ["eval", str(out)]).exit_code == 0
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    result = runner.invoke(app, ["eval", str(out)])
+    assert result.exit_code == 2 and "changed since the run was trained" in result.output, result.output
