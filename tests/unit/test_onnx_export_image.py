@@ -83,7 +83,7 @@ def test_image_export_gives_pytorch_logits(runs, tmp_path, method):
     assert "on 6 test images; preprocessing within" in result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["task"] == "image" and manifest["format_version"] == onnx_format.FORMAT_VERSION
-    assert manifest["inputs"] == ["pixels"] and sorted(manifest["files"]) == [MODEL_FILE, "source_run.yaml"]
+    assert manifest["inputs"] == ["pixels"] and sorted(manifest["files"]) == ["data_card.json", MODEL_FILE, "source_run.yaml"]
     assert manifest["preprocess"]["size"] == 32 and manifest["preprocess"]["resize_short_side"] == 37
     assert manifest["check"]["passed"] and manifest["check"]["max_abs_pixel_diff"] <= 1e-5
     assert manifest["sha256"] == file_sha256(out / MODEL_FILE) and "tokenizer.json" not in {p.name for p in
