@@ -126,3 +126,28 @@ def test_the_checker_sees_cycles_and_private_imports(tmp_path):
     edges, private = _imports(mods)
     assert _cycles(edges) == [["pkg.a", "pkg.b"]]
     assert private == ["pkg.b imports pkg.c._hidden"]
+
+
+#: ARCHITECTURE.md's layers, top (imports anything below) to bottom; a module's layer is its first name under
+#: graftune (``graftune.run.log`` -> ``run``). config sits above what it validates (methods, precision, tasks).
+LAYERS = {"cli": 10, "__main__": 10, "serve": 9, "registry": 9, "runs": 8, "evaluate": 8, "onnx_export": 8,
+          "demo": 8, "strategies": 7, "recipes": 6, "run": 5, "config": 4.5, "speed": 4, "io": 3, "core": 2,
+          "methods": 2, "tasks": 1, "zoo": 1, "nets": 1, "data": 0, "errors": -1}
+#: the upward imports that exist, each for a reason (a new one fails the test below until it is justified here)
+UPWARD = {
+    ("graftune.strategies.compare", "graftune.evaluate"),  # compare scores saved runs as `graftune eval` does
+    ("graftune.strategies.robustness", "graftune.evaluate"),  # robustness reads --data as eval does
+    ("graftune.zoo", "graftune.core.targets"),  # the model family of a loaded base
+}
+
+
+def test_imports_run_down_the_layers():
+    """Every import (inside functions too) points down ARCHITECTURE.md's layers, or is one of the few known
+    upward ones; a module outside the table fails too, so that it gets a layer."""
+    mods = _modules()
+    edges, _ = _imports(mods)
+    unplaced = sorted({m.split(".")[1] for m in mods if "." in m} - set(LAYERS))
+    assert not unplaced, f"modules without a layer: {unplaced}; add them to LAYERS"
+    upward = sorted((a, b) for a, targets in edges.items() for b in targets
+                    if "." in a and "." in b and LAYERS[b.split(".")[1]] > LAYERS[a.split(".")[1]])
+    assert set(upward) <= UPWARD, f"imports up the layers: {sorted(set(upward) - UPWARD)}"
