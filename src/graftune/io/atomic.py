@@ -7,7 +7,9 @@ A write killed before its rename (SIGKILL, power loss) leaves its temporary ``.N
 only names of exactly that pattern, only ones no live write holds (each write keeps an exclusive ``flock`` on its
 temporary until it is renamed; the kernel drops the lock when the process dies, SIGKILL included) and only ones
 older than ``STALE_AFTER_S`` (a write that has just created its temporary has not locked it yet). Where ``fcntl``
-does not exist (Windows) nothing is removed: a live write could not be told from a dead one.
+does not exist (Windows) nothing is removed: a live write could not be told from a dead one. Not removed either:
+a ``.NAME.old-XXXXXXXX`` folder, the previous copy a replacing write moves aside between its two renames; killed
+in that instant, it may be the only copy left, so it stays for the user to rename back.
 
 A destination whose folder cannot be created (a parent that is a file, no permission, a read-only disk) is refused
 in one line (:func:`check_creatable` before any work, and in the write itself), not with an ``OSError``.

@@ -24,6 +24,10 @@ from graftune.recipes.transfer import UNDER_DIR
 MIXABLE_SITES = ("output", "input")
 
 
+#: how :func:`unservable` begins its answer for a run it cannot read (no method advice applies to that)
+UNREADABLE = "it cannot be read"
+
+
 def unservable(run_dir: str | Path) -> str | None:
     """Why ``graftune serve`` cannot serve the run in ``run_dir`` (a clause, without the fix), or None when it can."""
     run_dir = Path(run_dir)
@@ -43,7 +47,7 @@ def unservable(run_dir: str | Path) -> str | None:
             return None
         m = get_method(method)
     except GraftuneError as e:  # a run this graftune cannot read is not served either
-        return f"it cannot be read ({str(e).split(';')[0]})"
+        return f"{UNREADABLE} ({str(e).split(';')[0]})"
     if m.site not in MIXABLE_SITES or not m.capabilities.mixed_batch:
         why = "change the input sequence" if m.site == "model" else "replace base parameters"
         return f"{method} adapters {why}, so they cannot share a mixed-adapter batch"

@@ -35,7 +35,7 @@ from graftune.io.artifact import base_fingerprint, check_fingerprint, load_adapt
 from graftune.recipes import fewshot_run
 from graftune.recipes.adapter import load_head
 from graftune.recipes.fewshot import FewShotModel
-from graftune.registry.servable import unservable
+from graftune.registry.servable import UNREADABLE, unservable
 from graftune.speed import precision
 from graftune.tasks import ZOO_TASK, build_task
 from graftune.tasks.classification import base_hidden, pool, probabilities
@@ -301,8 +301,9 @@ class ModelStore:
             raise ServeError(f"{run_dir}: not a run directory (no run.yaml); push a `graftune train --out` directory")
         why = unservable(run_dir)  # the one rule, shared with `registry promote`'s note
         if why:
-            raise ServeError(f"not served: {why}; serve a contrastive, LoRA, IA3 or bottleneck run, or use "
-                             "`graftune predict`")
+            fix = ("check the run directory, or push the run again" if why.startswith(UNREADABLE) else
+                   "serve a contrastive, LoRA, IA3 or bottleneck run, or use `graftune predict`")
+            raise ServeError(f"not served: {why}; {fix}")
         cfg = build_config(run_dir / "run.yaml")
         fewshot = None
         if (run_dir / fewshot_run.HEAD_DIR).is_dir():  # contrastive runs: a fitted head/ on adapted embeddings
