@@ -11,10 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from graftune.data.inputs import read_image, read_input_file  # noqa: F401 (read_image: re-exported)
-from graftune.data.sources import ALIASES, Dataset, load_data
+from graftune.data.inputs import (  # noqa: F401 (read_image: re-exported)
+    RECORD_SUFFIXES,
+    read_image,
+    read_input_file,
+)
+from graftune.data.sources import ALIASES, Dataset, load_data, read_records
 from graftune.data.splits import run_splits
-from graftune.errors import DataError
+from graftune.errors import DataError, GraftuneError
 from graftune.recipes.fewshot_run import predict_rows, score
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import (
@@ -104,21 +108,23 @@ def read_scored(data: str, *, kind: str, multi_label: bool, group_column: str | 
     if bad is None:
         return replace(ds, labels=[names[0] for names in ds.labels], multi_label=False)
     held = f"several labels ('{'|'.join(ds.labels[bad])}')" if ds.labels[bad] else "no label"
-    raise DataError(f"this run is single-label; {_row_place(data, ds, bad, columns.get('text_column', 'text'))} "
+    raise DataError(f"this run is single-label; {_row_place(data, ds, bad)} "
                     f"holds {held}: score it on a file with one label per row")
 
 
-def _row_place(data: str, ds: Dataset, index: int, text_column: str) -> str:
-    """'FILE line N' for example ``index`` of a CSV/TSV/JSONL file read without dedup (the line its record starts
-    on, as ``data.inputs.read_input_file`` numbers them), else 'FILE row N' (counting examples from 1)."""
-    if Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl"):
+def _row_place(data: str, ds: Dataset, index: int) -> str:
+    """Where example ``index`` of ``data`` (read without dedup: the file's records in order) is, as ``data.sources``
+    and ``predict --input`` name it: 'FILE line N' (CSV/TSV/JSONL), 'FILE record N' (JSON), 'FILE row N' (Parquet);
+    else 'FILE example N' (counting from 1)."""
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
         try:
-            sources = read_input_file(data, text_column=text_column, images=False).sources
-        except DataError:
-            sources = []
-        if len(sources) == len(ds) and " ".join(sources[index]["text"].split()) == " ".join(ds.inputs[index].split()):
-            return f"{data} line {sources[index]['line']}"
-    return f"{data} row {index + 1}"
+            _, places, _, _ = read_records(path, data)
+        except (GraftuneError, OSError):
+            places = []
+        if len(places) == len(ds):
+            return f"{data} {places[index]}"
+    return f"{data} example {index + 1}"
 
 
 def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> list[dict]:
