@@ -234,8 +234,25 @@ def test_an_unreachable_cluster_is_a_one_line_error(monkeypatch):
         def init(self, **kwargs):
             raise ConnectionError(f"Could not find any running Ray instance at {kwargs['address']}.\nmore")
 
+    monkeypatch.setattr(bench, "check_ray_reachable", lambda address: None)  # the host answers; Ray does not
     with pytest.raises(bench.RayStartError, match=r"^--ray head-node:6379: could not connect .*Could not find"):
         bench.start_ray(FakeRay(), "head-node:6379")
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_address_nobody_answers_on_is_refused_at_once_and_writes_nothing(tiny, tmp_path, form):
+    # QA: `--ray HOST:PORT` with nothing there retried for 9+ minutes (Ray's own loop), and left an empty folder
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = form.format(port=s.getsockname()[1])
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["bench", "--data", tiny["a"], "--shots", "2", "--seeds", "1", "--model",
+                                      tiny["bert"], "--out", str(tmp_path / "r"), "--ray", address])
+    assert result.exit_code == 2 and f"--ray {address}: nothing answers at" in result.output, result.output
+    assert time.monotonic() - started < 30 and not (tmp_path / "r").exists()
 
 
 def _reproducible(row: dict) -> dict:
