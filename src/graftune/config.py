@@ -9,6 +9,7 @@ the value is read as YAML, so ``--set r=8`` is an int, ``--set targets=[query,va
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,8 @@ class RunConfig:
         check(self.split_seed is None or self.split_seed >= 0, "split_seed",
               f"got {self.split_seed}; use a non-negative integer or unset")
         check(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}; use a positive count")
-        check(self.auto_budget > 0, "auto_budget", f"got {self.auto_budget}; use a positive number of seconds")
+        check(0 < self.auto_budget < math.inf, "auto_budget",  # NaN fails too; inf is no JSON number
+              f"(--budget) got {self.auto_budget}; use a positive, finite number of seconds")
         check(self.method != "auto" or not self.options, "options",
               "method options (--set) need a named method; drop them with --method auto, or name the method")
         check(self.method != "auto" or not (self.init_from or self.stack_under), "method",

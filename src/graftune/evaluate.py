@@ -153,13 +153,18 @@ def generate(run: LoadedRun, prompts: Sequence[str], *, max_new_tokens: int | No
         raise DataError("this run is a classifier: use `graftune predict RUN_DIR TEXT` (generate is for causal-LM "
                         "runs)")
     limit = max_new_tokens or run.cfg.max_new_tokens
+    blank = next((i for i, p in enumerate(prompts) if not str(p).strip()), None)
+    if blank is not None:  # the model would answer nothing in particular, fluently
+        raise DataError(f"prompt {blank + 1} is empty; pass the text to answer")
     ids = [run.task.prompt_ids(p) for p in prompts]
     found = run.task.first_too_long(ids, limit)
     if found is not None:  # refused, as the server refuses it: the run was trained on pairs of max_length tokens
         i, tokens, room = found
+        fits = run.task.max_length - tokens  # the answer room this prompt would leave
+        fix = (f"shorten it, or pass --max-new-tokens {fits} or fewer" if fits > 0 else
+               f"shorten it below {run.task.max_length} tokens")
         raise DataError(f"prompt {i + 1} is {tokens} tokens; this run takes at most {room} (its max_length "
-                        f"{run.task.max_length} minus max_new_tokens {limit}); shorten it or pass fewer "
-                        "--max-new-tokens")
+                        f"{run.task.max_length} minus max_new_tokens {limit}); {fix}")
     with run.policy.autocast():
         answers = run.task.generate_ids(run.model, ids, max_new_tokens=limit)
     return [run.task.decode(a) for a in answers]

@@ -96,6 +96,9 @@ def test_generate_on_a_causal_lm_run(tiny):
     # a prompt that leaves its answer no room in the run's 128 tokens is refused, as the server refuses it
     result = runner.invoke(app, ["generate", str(out), "goal match", " ".join(["goal"] * 400)])
     assert result.exit_code == 2 and "prompt 2 is" in result.output and "takes at most 125" in result.output
+    assert "shorten it below 128 tokens" in result.output  # fewer new tokens cannot help a prompt this long
+    result = runner.invoke(app, ["generate", str(out), "  "])
+    assert result.exit_code == 2 and "prompt 1 is empty" in result.output
 
 
 def test_models_lists_the_aliases():

@@ -656,3 +656,18 @@ def test_a_candidate_cut_short_by_the_budget_is_not_reported_as_stopped_by_futil
                             candidates=("head", "contrastive"))
     assert len(calls) == 1 == record["candidates"]["contrastive"]["folds"]
     assert "stopped after" not in record["reason"]
+
+
+def test_a_spent_budget_runs_nothing_more_and_infinity_is_refused(tiny, tmp_path):
+    # QA: a strategy without a timing yet ran even with the budget spent (11 s past a 1 s budget); inf was
+    # accepted and written into results.json as the non-JSON `Infinity`
+    rows = run_compare(tiny["bert"], tiny["csv"], shots=(2,), seeds=1, strategies=["prototypes", "lora"],
+                       budget_s=1e-9, out_dir=tmp_path / "spent", train_fn=FakeTrain(), progress=False,
+                       settings={"max_length": 32})
+    assert rows and {r.get("skipped") for r in rows} == {"the budget is spent"}
+    with pytest.raises(ConfigError, match="--budget inf"):
+        run_compare(tiny["bert"], tiny["csv"], shots=(2,), budget_s=float("inf"), out_dir=tmp_path / "inf")
+    from graftune.config import RunConfig
+
+    with pytest.raises(ConfigError, match="auto_budget"):
+        RunConfig(model="m", data="d", method="auto", auto_budget=float("inf"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import socket
@@ -111,9 +112,9 @@ def check_inputs(data: Sequence[str], *, shots: Sequence[int], seeds: int, strat
     if unknown or not names:
         raise ConfigError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; use some of "
                           f"{', '.join(STRATEGIES)}, {AUTO} or all")
-    if budget_s is not None and not budget_s > 0:  # also refuses NaN
+    if budget_s is not None and not 0 < budget_s < math.inf:  # also refuses NaN; inf is no JSON number
         raise ConfigError(f"--budget {budget_s:g}: use a positive number of seconds per data set, e.g. --budget 900")
-    if not auto_budget > 0:
+    if not 0 < auto_budget < math.inf:
         raise ConfigError(f"--auto-budget {auto_budget:g}: use a positive number of seconds, e.g. 300")
     return data, shots, list(range(int(seeds))), names, check_settings(settings)
 

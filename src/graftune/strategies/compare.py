@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -138,7 +139,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("seeds: use at least one seed")
-    if budget_s is not None and not budget_s > 0:  # also refuses NaN
+    if budget_s is not None and not 0 < budget_s < math.inf:  # also refuses NaN; inf is no JSON number
         raise ConfigError(f"--budget {budget_s:g}: use a positive number of seconds, e.g. --budget 600")
     augment = list(dict.fromkeys(bool(a) for a in augment)) or [False]
     settings = check_settings(settings)
@@ -284,8 +285,9 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         left = None if budget_s is None else budget_s - (time.perf_counter() - started)
                         if left is not None:
                             est = _estimate(strategy, len(run_splits.train), spent)
-                            if est is not None and est > left:
-                                row["skipped"] = f"would exceed budget (est. {est:.0f} s, left {max(left, 0):.0f} s)"
+                            if left <= 0 or (est is not None and est > left):  # spent: not even a first run
+                                row["skipped"] = (f"would exceed budget (est. {est:.0f} s, left {max(left, 0):.0f} s)"
+                                                  if est is not None else "the budget is spent")
                                 rows.append(row)
                                 say(f"[compare] {name} shots={k} seed={seed} aug={aug}: {row['skipped']}")
                                 continue
