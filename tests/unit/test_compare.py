@@ -671,3 +671,14 @@ def test_a_spent_budget_runs_nothing_more_and_infinity_is_refused(tiny, tmp_path
 
     with pytest.raises(ConfigError, match="auto_budget"):
         RunConfig(model="m", data="d", method="auto", auto_budget=float("inf"))
+
+
+def test_a_tie_is_called_a_tie_and_a_group_gap_names_two_groups():
+    # QA: "linear-probe (1.000) is the most accurate, 0.0 points ahead of lora", and "group gap 0.000 (north vs
+    # north)" when every group scored the same
+    text = recommend([_s("linear-probe", 8, 0.93, 0.01, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
+    assert "are tied for the most accurate" in text and "ahead" not in text, text
+    from graftune.run.scoring import group_metrics
+
+    gaps = group_metrics(["a", "b", "a", "b"], ["a", "b", "a", "b"], ["north", "north", "south", "south"], ["a", "b"])
+    assert gaps["accuracy_gap"] == {"gap": 0.0, "best": "north", "worst": "south"}

@@ -208,7 +208,8 @@ def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[
 
     def gap(key: str) -> dict:
         hi = max(per, key=lambda n: per[n][key])
-        lo = min(per, key=lambda n: per[n][key])
+        # on a tie the worst is another group than the best (a gap of 0 between two groups, not one with itself)
+        lo = min(per, key=lambda n: (per[n][key], n == hi))
         return {"gap": round(per[hi][key] - per[lo][key], 4), "best": hi, "worst": lo}
 
     notes = [f"group {n!r} has {v['examples']} example{'s' if v['examples'] > 1 else ''}: one example moves its "

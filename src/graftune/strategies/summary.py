@@ -98,7 +98,11 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             pair = (best, runner or best)
             text = f"With {k} examples per class, {fmt(best)} is the most accurate"
             seeds = min(s["runs"] for s in pair)
-            if runner is not None:
+            if runner is not None and best["accuracy"] == runner["accuracy"]:  # a tie is no lead
+                gap = 0.0
+                text = (f"With {k} examples per class, {fmt(best)} and {fmt(runner)} are tied for the most "
+                        f"accurate{single_seed(pair)}")
+            elif runner is not None:
                 gap = best["accuracy"] - runner["accuracy"]
                 text += f", {_points(gap, n_test)} ahead of {fmt(runner)}{single_seed(pair)}"
                 if gap <= max(best["accuracy_std"], runner["accuracy_std"]) and seeds > 1:
