@@ -139,6 +139,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graftune"
 
 
+def check_task(name: str, task: str | None) -> None:
+    """Refuse, without loading it, a built-in alias that does not serve ``task`` (a text model for images, say):
+    a comparison can say so before its first run. Folders and hub ids are checked when they load."""
+    info = _MODELS.get(str(name).strip().lower())
+    if info is not None and task is not None and task not in info.tasks:
+        raise ModelError(f"{info.alias!r} does not serve task {task!r}: use it for {', '.join(info.tasks)}, or "
+                         "pick another model")
+
+
 def load_base(name: str, *, task: str | None = None, dtype: torch.dtype = torch.float32) -> Base:
     """Load a frozen base model by alias (see ``list_models``), local Hugging Face folder, or hub id.
 
@@ -154,11 +163,8 @@ def load_base(name: str, *, task: str | None = None, dtype: torch.dtype = torch.
         raise ModelError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     key = name.strip().lower()
     if key in _MODELS:
-        info = _MODELS[key]
-        if task is not None and task not in info.tasks:
-            raise ModelError(f"{key!r} does not serve task {task!r}: use it for {', '.join(info.tasks)}, "
-                             f"or pick another model")
-        base = _LOADERS[key](info, dtype)
+        check_task(key, task)
+        base = _LOADERS[key](_MODELS[key], dtype)
     elif Path(name).expanduser().exists():
         base = _load_folder(Path(name).expanduser(), name, task, dtype)
     elif _looks_like_path(name):

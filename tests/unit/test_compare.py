@@ -682,3 +682,13 @@ def test_a_tie_is_called_a_tie_and_a_group_gap_names_two_groups():
 
     gaps = group_metrics(["a", "b", "a", "b"], ["a", "b", "a", "b"], ["north", "north", "south", "south"], ["a", "b"])
     assert gaps["accuracy_gap"] == {"gap": 0.0, "best": "north", "worst": "south"}
+
+
+def test_a_built_in_text_model_on_images_is_refused_before_any_run(tmp_path):
+    # QA: `compare --model minilm --data digits` exited 0 with a report of failed runs ("No run finished")
+    from graftune.errors import ModelError
+    from tests.train_helpers import image_folder
+
+    with pytest.raises(ModelError, match="'minilm' does not serve task 'image-classification'"):
+        run_compare("minilm", str(image_folder(tmp_path / "imgs")), shots=(2,), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

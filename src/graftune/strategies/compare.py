@@ -63,7 +63,8 @@ from graftune.strategies.catalog import (
 )
 from graftune.strategies.report import render_report
 from graftune.strategies.robustness import BUDGET, STRENGTHS, measure
-from graftune.zoo import load_base
+from graftune.tasks import MODALITY_TASK, ZOO_TASK
+from graftune.zoo import check_task, load_base
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ def run_compare(model: str, data: Any, *, shots: Sequence[int] = (8, 16, 64), se
     if trust is not None and trust.group_column is not None:
         data, test = _load_with_groups(data, test, columns, trust.group_column)
     ds, user_test = load_compare_data(data, test, text_column, label_column)
+    check_task(model, ZOO_TASK[MODALITY_TASK[ds.modality]])  # a text model on images: said before any run
     if trust is not None and trust.robustness and ds.modality != "text":
         raise ConfigError(f"--robustness: the perturbations and the attack edit text; not applicable to "
                           f"{ds.modality} data (drop --robustness)")
