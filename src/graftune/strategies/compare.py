@@ -287,7 +287,9 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         left = None if budget_s is None else budget_s - (time.perf_counter() - started)
                         if left is not None:
                             est = _estimate(strategy, len(run_splits.train), spent)
-                            if left <= 0 or (est is not None and est > left):  # spent: not even a first run
+                            # spent: no strategy's first run either, once one run has measured something
+                            spent_out = left <= 0 and any("accuracy" in r for r in rows)
+                            if spent_out or (est is not None and est > left):
                                 row["skipped"] = (f"would exceed budget (est. {est:.0f} s, left {max(left, 0):.0f} s)"
                                                   if est is not None else "the budget is spent")
                                 rows.append(row)

@@ -101,7 +101,7 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             if runner is not None and best["accuracy"] == runner["accuracy"]:  # a tie is no lead
                 gap = 0.0
                 text = (f"With {k} examples per class, {fmt(best)} and {fmt(runner)} are tied for the most "
-                        f"accurate{single_seed(pair)}")
+                        f"accurate{point_note(n_test, ' (', ')')}{single_seed(pair)}")
             elif runner is not None:
                 gap = best["accuracy"] - runner["accuracy"]
                 text += f", {_points(gap, n_test)} ahead of {fmt(runner)}{single_seed(pair)}"
