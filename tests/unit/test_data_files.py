@@ -10,19 +10,10 @@ import pytest
 
 from graftune.data.sources import Dataset, load_data
 from graftune.data.splits import make_splits
-from graftune.errors import DataError
+from tests.unit.test_data import data_error
 
 SPORT = ["The striker scored twice", "The team won the cup", "Tennis star reaches the final", "Coach praises defence"]
 TECH = ["Chip maker shows a new card", "Hackers breach a retailer", "Console sales beat forecasts", "Phones get faster"]
-
-
-def data_error(fn, *args, **kwargs) -> str:
-    """Call fn, expect a DataError, and return its message (which must be one line)."""
-    with pytest.raises(DataError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def csv_text(extra: str = "", header: str = "text,label") -> str:

@@ -101,9 +101,8 @@ def test_group_metrics_names_the_largest_gap():
         group_metrics(labels, preds[:2], labels, ["a", "b"])
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust")
+def _probe_run(root) -> dict:
+    """A probe run on the few-shot CLI data under ``root``: {"run", "bert", "csv", ...}."""
     tiny = fewshot_cli_data(root)
     out = root / "run"
     result = CliRunner().invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out",
@@ -111,6 +110,11 @@ def probe_run(tmp_path_factory):
                                       "--precision", "fp32", "--quiet"])
     assert result.exit_code == 0, result.output
     return {"run": out, **tiny}
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    return _probe_run(tmp_path_factory.mktemp("robust"))
 
 
 def test_robustness_on_a_run_writes_its_metrics_atomically(probe_run):
@@ -146,12 +150,8 @@ def test_robustness_on_other_data_and_refusals(probe_run, tmp_path):
 
 
 def test_robustness_refuses_a_data_file_changed_since_training(tmp_path):
-    tiny = fewshot_cli_data(tmp_path)
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out",
-                                      str(out), "--method", "probe", "--shots", "6", "--max-length", "32",
-                                      "--precision", "fp32", "--quiet"])
-    assert result.exit_code == 0, result.output
+    tiny = _probe_run(tmp_path)
+    out = tiny["run"]
     lines = tiny["csv"].read_text().splitlines()
     tiny["csv"].write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # the same rows, reordered
     with pytest.raises(DataError, match="changed since the run was trained"):
