@@ -278,3 +278,12 @@ def test_window_options_exclude_each_other(served):
                         (["--last", "0"], "--last")):
         assert part in one_line_error(CliRunner().invoke(cli_app, base + extra))
     assert parse_duration("1h30m", option="--since") == 5400 and parse_duration("2w", option="x") == 14 * 86400
+
+
+def test_the_words_name_the_split_compared_with():
+    # QA: `drift --split test` said "against N training inputs"
+    from graftune.serve.drift import render
+
+    report = {"alpha": 0.01, "served": 3, "reference": 40, "drift": None, "window": None, "split": "test"}
+    assert "reference: 40 test inputs" in render("news", "1", report)
+    assert "reference: 40 training inputs" in render("news", "1", {**report, "split": "train"})

@@ -562,15 +562,16 @@ def render(name: str, version: str, report: dict) -> str:
              + f" ({w['buckets']} bucket{'s' if w['buckets'] != 1 else ''})"
              + (f"; {w['kept_inputs']} kept in all" + (f" since {w['kept_from']}" if w["kept_from"] else "")
                 if cut else "")) if w else None
+    part = {"train": "training", "val": "validation", "test": "test"}.get(report.get("split", "train"), "training")
     if report["drift"] is None:
         hint = "; widen --since, or pass --last N or --all" if w and w["since_s"] is not None else ""
         line = (f"{head} not enough served inputs{where} to judge yet ({report['served']} seen, {MIN_ROWS} needed; "
-                f"reference: {report['reference']} training inputs{hint})")
+                f"reference: {report['reference']} {part} inputs{hint})")
         return "\n".join([line, taken] if taken else [line])
-    verdict = ("recent inputs do NOT look like the training data" if report["drift"] else
-               "recent inputs still look like the training data")
+    verdict = (f"recent inputs do NOT look like the {part} data" if report["drift"] else
+               f"recent inputs still look like the {part} data")
     lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {report['served']} served inputs{where} "
-              f"against {report['reference']} training inputs)")]
+              f"against {report['reference']} {part} inputs)")]
     if taken:
         lines.append(taken)
     c = report["checks"]
@@ -606,6 +607,6 @@ def drift_report(name: str, version: str, run_dir: str | Path, drift_dir: str | 
         ref = reference_summary(run_dir, split=split)
         write_json_atomically(ref_path, ref.to_dict())
     report = compare(ref, served, alpha=alpha)
-    report.update({"name": name, "version": str(version), "window": taken})
+    report.update({"name": name, "version": str(version), "window": taken, "split": split})
     report["text"] = render(name, str(version), report)
     return report
