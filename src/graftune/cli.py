@@ -178,6 +178,11 @@ def train(
     if resume and config is None:
         config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
+    if budget is not None and cfg.method != "auto":  # given, but nothing would read it
+        from graftune.errors import ConfigError
+
+        raise ConfigError(f"--budget bounds --method auto's comparison; --method {method or cfg.method} compares "
+                          "nothing: drop --budget, or pass --method auto")
     why = None
     if method is None and config is None:  # nobody named a method: graftune's default for this data
         cfg, why = default_method(cfg)  # said with the results: a run that fails says one line, its error

@@ -536,3 +536,10 @@ def test_splits_that_cannot_be_made_are_one_line_and_write_nothing(tiny, tmp_pat
     assert message in text, text
     no_sklearn_wording(text)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "probe"]], ids=["default", "probe"])
+def test_a_budget_no_method_reads_is_refused(tiny, tmp_path, method):
+    # QA: `train --method probe --budget 5` ran and recorded auto_budget 5 in run.yaml, as if it meant something
+    text = one_line_error(runner.invoke(app, train_args(tiny, tmp_path / "run", *method, "--budget", "5")))
+    assert "--budget bounds --method auto's comparison" in text and not (tmp_path / "run").exists(), text
