@@ -41,6 +41,8 @@ MIN_VAL_PER_CLASS = 8
 CARD_FILE = "data_card.json"
 #: classes named in a message before "... and N more"
 LISTED_CLASSES = 10
+#: a label column with more classes than this, nearly one per example, is likely a text or id column
+UNIQUE_LABELS_FROM = 10
 
 
 @dataclass
@@ -192,7 +194,7 @@ def _unique_labels(ds: Dataset) -> DataError | None:
     """The error to raise instead of "too few examples" when nearly every example is a class of its own: a text
     or id column was read as the labels, and more examples would not help."""
     classes, n = len(ds.label_names), len(ds)
-    if classes <= LISTED_CLASSES or classes < 0.8 * n:
+    if classes <= UNIQUE_LABELS_FROM or classes < 0.8 * n:
         return None
     some = ", ".join(repr(_short(name)) for name in ds.label_names[:3])
     return DataError(f"{ds.origin}: nearly every label is unique ({classes} classes in {_examples(n)}: {some} ...); "
