@@ -141,12 +141,19 @@ def test_regret_is_best_mean_minus_autos_on_the_same_seeds():
     assert x["regret"] == pytest.approx(0.82 - 0.7933333, abs=1e-6)
     assert x["auto_minus_probe"] == pytest.approx(0.7933333 - 0.72, abs=1e-6)
     assert x["auto_picks"] == {"lora": 3} and x["auto_seconds"] == pytest.approx(3.0)
-    assert by["y"]["regret"] == 0.0  # auto above the best other strategy: no regret
+    assert not x["auto_best"]
+    # auto above the best other strategy: the true, negative regret, and the tables say so
+    assert by["y"]["regret"] == pytest.approx(-0.02) and by["y"]["auto_best"]
     assert summary["overall"]["max_regret"] == pytest.approx(x["regret"])
+    assert summary["overall"]["mean_regret"] == pytest.approx((x["regret"] - 0.02) / 2)
     assert summary["overall"]["sets_within_1_point"] == 1
     assert summary["not_finished"][0]["skipped"] == "would exceed the budget"
     md = bench.format_markdown(summary, {"command": "graftune bench --data x", "date": "today", "machine": "cpu"})
     assert "| x | 8 | 3 | lora | 82.0 ± 2.0 | 72.0 ± 2.0 | 79.3 ± 1.2 | lora ×3 | 2.7 | +7.3 | 3 | 3 |" in md
+    assert "| y | 8 | 1 | linear-probe | 90.0 | 90.0 | 92.0 | probe ×1 | -2.0 (auto above every listed strategy) |" in md
+    page = bench.render_bench(summary, {"command": "graftune bench --data x,y"})
+    assert "<td>-2.0 (auto above every listed strategy)</td>" in page and "<td>2.7</td>" in page
+    assert ">-2.0</text>" in page  # the regret plot draws it below 0
 
 
 def test_budget_skips_jobs_that_would_not_fit(tiny):
@@ -296,3 +303,7 @@ def test_bench_charts_have_round_ticks_and_a_zero_regret_is_written():
     regret = bar_chart(["a", "b"], ["auto"], {("a", "auto"): (0.0, 0.0), ("b", "auto"): (1.9, 0.0)},
                        ylabel="points", lo=0.0)
     assert ">0.0</text>" in regret and ">1.9</text>" in regret and ticks(regret)[0] == "0"
+    # a negative regret (auto above every listed strategy) takes the axis below 0, still on round ticks
+    negative = bar_chart(["a", "b"], ["auto"], {("a", "auto"): (-1.2, 0.0), ("b", "auto"): (1.9, 0.0)},
+                         ylabel="points", lo=0.0)
+    assert ticks(negative) == ["-2", "-1", "0", "1", "2"] and ">-1.2</text>" in negative

@@ -55,7 +55,7 @@ from graftune.strategies.catalog import (
     run_train,
     test_per_class_for,
 )
-from graftune.strategies.report.bench import render_bench
+from graftune.strategies.report.bench import AUTO_BEST, render_bench
 
 #: the built-in classification aliases (``data.sources.ALIASES``): the text sets and the image set
 DEFAULT_DATA = ("bbc-news", "trec", "rotten-tomatoes", "sms-spam", "convention-2012", "digits")
@@ -387,8 +387,9 @@ def summarize_bench(rows: Sequence[dict]) -> dict:
     ``strategies``: per (data set, shots, strategy) the mean and std of accuracy over its finished seeds, macro-F1,
     times, and auto's picks. ``sets``: per (data set, shots) the best strategy, the frozen probe and auto side by
     side over the SAME seeds: those on which auto finished; a strategy missing one of them is left out of "best"
-    (named in ``incomplete``). ``regret`` = best mean accuracy minus auto's; ``auto_minus_probe`` = auto's minus the
-    probe's. ``overall``: the mean and the largest regret over the sets, and auto minus probe on average."""
+    (named in ``incomplete``). ``regret`` = best mean accuracy minus auto's, negative where auto was above every
+    other strategy (``auto_best``); ``auto_minus_probe`` = auto's minus the probe's. ``overall``: the mean and the
+    largest regret over the sets, and auto minus probe on average."""
     finished = [r for r in rows if r and "accuracy" in r]
     groups: dict[tuple, list[dict]] = {}
     for r in finished:
@@ -422,7 +423,7 @@ def summarize_bench(rows: Sequence[dict]) -> dict:
         others = {n: v for n, v in means.items() if n != AUTO}
         entry: dict[str, Any] = {"data": data, "shots": k, "seeds": seeds, "incomplete": incomplete,
                                  "best": None, "best_accuracy": None, "probe_accuracy": None, "auto_accuracy": None,
-                                 "regret": None, "auto_minus_probe": None}
+                                 "regret": None, "auto_best": False, "auto_minus_probe": None}
         if others:
             best = max(others, key=lambda n: others[n][0])
             entry.update(best=best, best_accuracy=others[best][0], best_std=others[best][1],
@@ -434,7 +435,8 @@ def summarize_bench(rows: Sequence[dict]) -> dict:
                          auto_seconds=statistics.mean(by_seed[(AUTO, s)]["wall_seconds"] for s in seeds),
                          auto_picks=dict(Counter(by_seed[(AUTO, s)]["pick"] for s in seeds)))
             if entry["best_accuracy"] is not None:
-                entry["regret"] = max(entry["best_accuracy"] - entry["auto_accuracy"], 0.0)
+                entry["regret"] = entry["best_accuracy"] - entry["auto_accuracy"]
+                entry["auto_best"] = entry["regret"] < 0
             if entry["probe_accuracy"] is not None:
                 entry["auto_minus_probe"] = entry["auto_accuracy"] - entry["probe_accuracy"]
         sets.append(entry)
@@ -467,8 +469,8 @@ def _seconds(v: float | None) -> str:
 
 def format_markdown(summary: dict, meta: dict) -> str:
     """The tables for bench/RESULTS.md: per (data set, shots) the best strategy, the frozen probe and auto side by
-    side (accuracy in %, mean ± std over seeds; regret and auto - probe in points), then every strategy's accuracy,
-    then what did not finish."""
+    side (accuracy in %, mean ± std over seeds; regret and auto - probe in points; a negative regret says that auto
+    was above every other strategy), then every strategy's accuracy, then what did not finish."""
     header = ("| data set | shots | seeds | best strategy | best acc. % | linear-probe % | auto % | auto's picks | "
               "regret (pts) | auto − probe (pts) | auto s | best's s |")
     intro = (f"`{meta.get('command', 'graftune bench')}` — {meta.get('date')}, {meta.get('machine')}; "
@@ -478,7 +480,8 @@ def format_markdown(summary: dict, meta: dict) -> str:
         picks = ", ".join(f"{n} ×{c}" for n, c in (s.get("auto_picks") or {}).items()) or "-"
         cells = [s["data"], s["shots"], len(s["seeds"]), s["best"] or "-", _pct(s["best_accuracy"], s.get("best_std")),
                  _pct(s["probe_accuracy"], s.get("probe_std")), _pct(s["auto_accuracy"], s.get("auto_std")), picks,
-                 _points(s["regret"]), _points(s["auto_minus_probe"], True), _seconds(s.get("auto_seconds")),
+                 _points(s["regret"]) + (f" ({AUTO_BEST})" if s["auto_best"] else ""),
+                 _points(s["auto_minus_probe"], True), _seconds(s.get("auto_seconds")),
                  _seconds(s.get("best_seconds"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     o = summary["overall"]

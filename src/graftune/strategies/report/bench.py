@@ -14,6 +14,8 @@ from graftune.strategies.report import accuracy_axis, power_label
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 AUTO_COLOUR = "#000000"
+#: said next to a negative regret (bench.html and bench.md): auto beat the best of the other strategies there
+AUTO_BEST = "auto above every listed strategy"
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>graftune bench</title>
@@ -25,7 +27,8 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child,th
 <h2>Per data set: the best strategy, the frozen probe and auto</h2>
 <p class="note">Accuracy in % (mean &plusmn; std over the seeds auto finished on; every strategy of a data set saw
 the same training examples per seed and the same test set). Regret = the best strategy's mean accuracy minus
-auto's, in points. auto chose on the training examples only (cross-validation), never the test set.</p>
+auto's, in points: negative where auto was above every listed strategy. auto chose on the training examples only
+(cross-validation), never the test set.</p>
 {sets_table}
 <p>{overall}</p>
 <h2 id="plots">Plots</h2>
@@ -93,7 +96,7 @@ def _sets_table(sets: Sequence[dict]) -> str:
             f"<td>{_cell(s['best_accuracy'], s.get('best_std'))}</td>"
             f"<td>{_cell(s['probe_accuracy'], s.get('probe_std'))}</td>"
             f"<td>{_cell(s['auto_accuracy'], s.get('auto_std'))}</td><td class=\"name\">{picks}</td>"
-            f"<td>{_cell(s['regret'])}</td>"
+            f"<td>{_cell(s['regret'])}{f' ({AUTO_BEST})' if s['auto_best'] else ''}</td>"
             f"<td>{_cell(s['auto_minus_probe'], signed=True)}</td>"
             f"<td>{_cell(s.get('auto_seconds'), scale=1.0)}</td><td>{_cell(s.get('best_seconds'), scale=1.0)}</td>"
             "</tr>")
@@ -158,9 +161,12 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
     else:
         lo_y = min(lows) if lo is None else lo
         top_v = max(max(highs), lo_y + 1.0)
-        step = next(m * 10 ** e for e in range(-2, 6) for m in (1, 2, 5) if (top_v - lo_y) / (m * 10 ** e) <= 5)
+        under = min(min(lows), lo_y)  # a value below `lo` (a negative regret: auto above all) takes the axis down
+        step = next(m * 10 ** e for e in range(-2, 6) for m in (1, 2, 5) if (top_v - under) / (m * 10 ** e) <= 5)
+        lo_y = lo_y if under >= lo_y else step * math.floor(round(under / step, 9))
         hi_y = lo_y + step * math.ceil(round((top_v - lo_y) / step, 9))
-        ticks = [(lo_y + i * step, f"{lo_y + i * step:g}") for i in range(round((hi_y - lo_y) / step) + 1)]
+        ticks = [(lo_y + i * step, f"{round(lo_y + i * step, 9) + 0.0:g}")  # + 0.0: no "-0"
+                 for i in range(round((hi_y - lo_y) / step) + 1)]
 
     def py(v: float) -> float:
         return top + (1 - (min(max(tr(v), lo_y), hi_y) - lo_y) / (hi_y - lo_y)) * ph
@@ -173,7 +179,9 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
     parts.append(f'<text x="12" y="{top + ph / 2}" transform="rotate(-90 12 {top + ph / 2})" '
                  f'text-anchor="middle">{html.escape(ylabel)}</text>')
     colours = {n: AUTO_COLOUR if n == "auto" else PALETTE[i % len(PALETTE)] for i, n in enumerate(series)}
-    base = py(10 ** lo_y) if log else py(lo_y)
+    base = py(10 ** lo_y) if log else py(0.0 if lo_y < 0 < hi_y else lo_y)  # bars grow from 0, up or down
+    if not log and lo_y < 0 < hi_y:
+        parts.append(f'<line x1="{left}" y1="{base:.1f}" x2="{width - right}" y2="{base:.1f}" stroke="#999"/>')
     for gi, g in enumerate(groups):
         x0 = left + gi * group_w + (group_w - bar * len(series)) / 2
         for si, n in enumerate(series):
@@ -188,8 +196,8 @@ def bar_chart(groups: Sequence[str], series: Sequence[str], values: dict[tuple[s
                 parts.append(f'<line x1="{x + bar / 2 - 1:.1f}" y1="{py(v - s):.1f}" x2="{x + bar / 2 - 1:.1f}" '
                              f'y2="{py(v + s):.1f}" stroke="#333"/>')
             if len(series) == 1:  # one bar a group: its value written on it (a regret of 0 has no height)
-                parts.append(f'<text x="{x + bar / 2 - 1:.1f}" y="{min(y, base) - 3:.1f}" text-anchor="middle">'
-                             f"{v:.1f}</text>")
+                ty = min(y, base) - 3 if y <= base else y + 11  # below a bar that grows down from 0
+                parts.append(f'<text x="{x + bar / 2 - 1:.1f}" y="{ty:.1f}" text-anchor="middle">{v:.1f}</text>')
         parts.append(f'<text x="{x0 + bar * len(series) / 2:.1f}" y="{top + ph + 14}" text-anchor="middle">'
                      f"{html.escape(g)}</text>")
     for si, n in enumerate(series):
