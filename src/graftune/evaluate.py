@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from graftune.data.inputs import (  # noqa: F401 (read_image: re-exported)
-    RECORD_SUFFIXES,
     read_image,
     read_input_file,
 )
-from graftune.data.sources import ALIASES, Dataset, load_data, read_records
+from graftune.data.sources import ALIASES, Dataset, example_places, load_data
 from graftune.data.splits import run_splits
-from graftune.errors import DataError, GraftuneError
+from graftune.errors import DataError
 from graftune.recipes.fewshot_run import predict_rows, score
 from graftune.run.loaded import LoadedRun
 from graftune.run.scoring import (
@@ -115,16 +114,8 @@ def read_scored(data: str, *, kind: str, multi_label: bool, group_column: str | 
 def _row_place(data: str, ds: Dataset, index: int) -> str:
     """Where example ``index`` of ``data`` (read without dedup: the file's records in order) is, as ``data.sources``
     and ``predict --input`` name it: 'FILE line N' (CSV/TSV/JSONL), 'FILE record N' (JSON), 'FILE row N' (Parquet);
-    else 'FILE example N' (counting from 1)."""
-    path = Path(data)
-    if path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
-        try:
-            _, places, _, _ = read_records(path, data)
-        except (GraftuneError, OSError):
-            places = []
-        if len(places) == len(ds):
-            return f"{data} {places[index]}"
-    return f"{data} example {index + 1}"
+    else 'FILE example N' (counting from 1): ``data.sources.example_places``."""
+    return f"{data} {example_places(data, ds)[index]}"
 
 
 def predict(run: LoadedRun, inputs: Sequence[Any], *, batch_size: int = 32) -> list[dict]:

@@ -68,9 +68,14 @@ def test_labels_lists_suspects_with_the_given_and_suggested_label(files):
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)["labels"]
     assert found["checked"] == len(rows) and found["folds"] == 5
-    assert all({"index", "text", "given", "suggested", "score"} <= set(s) for s in found["suspects"])
+    assert all({"index", "where", "text", "given", "suggested", "score"} <= set(s) for s in found["suspects"])
+    # named as the file's editor counts its lines (the header is line 1), as every other data message names a row
+    assert all(s["where"] == f"line {s['index'] + 2}" for s in found["suspects"])
     text = runner.invoke(app, ["check", str(path), "--labels", "--model", str(files["bert"]), "--top", "2"]).stdout
     assert "suspect labels:" in text and "given" in text and "suggested" in text
+    table = text[text.index("suspect labels:"):].splitlines()
+    assert table[1].split()[0] == "where"
+    assert [" ".join(line.split()[:2]) for line in table[2:4]] == [s["where"] for s in found["suspects"][:2]]
     # the model's vocabulary reads these texts: measured, and no problem raised
     assert json.loads(result.stdout)["vocabulary"]["reads"] is True
     assert "tokenizer does not read" not in text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graftune.data.sources import Dataset
+from graftune.data.checks import check_data, format_report
+from graftune.data.sources import Dataset, example_places, load_data
 from graftune.errors import DataError
 from graftune.strategies.label_check import check_labels, find_suspects, out_of_fold_probabilities
 from tests.train_helpers import TOPICS, bert_folder, topic_rows
@@ -99,3 +100,24 @@ def test_duplicates_are_checked_once_and_other_modalities_refused():
     image = Dataset(modality="image", inputs=[], labels=[], label_names=["a", "b"], origin="pics")
     with pytest.raises(DataError, match="text encoder; pics holds image examples"):
         check_labels(image)
+
+
+def test_suspects_say_where_they_are_as_a_person_counts_them(tmp_path):
+    """A suspect names its row as the file's editor shows it (``data.sources.example_places``: a CSV's line, the
+    header being line 1), or 'example N' counting from 1; ``index`` stays the position in the data, from 0."""
+    x, labels = blobs(8)
+    labels[0] = "b"  # an "a" point labelled "b": the first example is the suspect
+    texts = [f"text {i}" for i in range(len(labels))]
+    ds = Dataset(modality="text", inputs=texts, labels=labels, label_names=["a", "b", "c"], origin="mem")
+    first = check_labels(ds, embeddings=x)["suspects"][0]
+    assert (first["index"], first["where"]) == (0, "example 1")
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in zip(texts, labels)))
+    loaded = load_data(str(path), dedup=False)
+    first = check_labels(loaded, embeddings=x, places=example_places(str(path), loaded))["suspects"][0]
+    assert (first["index"], first["where"]) == (0, "line 2")
+    lines = format_report({**check_data(loaded), "labels": check_labels(loaded, embeddings=x,
+                                                                        places=example_places(str(path), loaded))})
+    lines = lines.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["where"])  # the suspects' table
+    assert lines[at + 1].split()[:2] == ["line", "2"]

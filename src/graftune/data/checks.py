@@ -546,10 +546,12 @@ def format_report(report: dict, *, top: int = 10) -> str:
         lines += ["", (f"suspect labels: {found['count']} of {found['checked']} examples ({found['method']}; "
                   f"out-of-fold accuracy {found['out_of_fold_accuracy']:.3f})")]
         if found["suspects"]:
-            lines.append(f"  {'index':>6}  {'given':<14} {'suggested':<14} {'score':>5}  text")
-            for s in found["suspects"][:top]:
-                lines.append(f"  {s['index']:>6}  {s['given'][:14]:<14} {s['suggested'][:14]:<14} {s['score']:>5.2f}  "
-                             f"{s['text'][:70]}")
+            shown = found["suspects"][:top]
+            width = max([len("where"), *(len(s["where"]) for s in shown)])  # 'line 12' as the file's editor counts
+            lines.append(f"  {'where':<{width}}  {'given':<14} {'suggested':<14} {'score':>5}  text")
+            for s in shown:
+                lines.append(f"  {s['where']:<{width}}  {s['given'][:14]:<14} {s['suggested'][:14]:<14} "
+                             f"{s['score']:>5.2f}  {s['text'][:70]}")
             if found["count"] > top:
                 lines.append(f"  ... {found['count'] - top} more (--json lists them all)")
     return "\n".join(lines)

@@ -483,6 +483,21 @@ def read_records(path: Path, name: str, data: bytes | None = None) -> tuple[list
     return rows, locs, columns, None
 
 
+def example_places(spec: str, ds: Dataset) -> list[str]:
+    """Where each example of ``ds``, loaded from ``spec`` without dedup, is in its file, as every data message
+    names a row: 'line N' (CSV/TSV, the header is line 1; JSONL), 'record N' (JSON, from 0), 'row N' (Parquet,
+    Arrow, from 0); 'example N' (counting from 1) for an alias, a folder, or a file that no longer matches ``ds``."""
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in FILE_SUFFIXES:
+        try:
+            _, places, _, _ = read_records(path, spec)
+        except (DataError, OSError):
+            places = []
+        if len(places) == len(ds):
+            return places
+    return [f"example {i + 1}" for i in range(len(ds))]
+
+
 def _modality_for_task(task: str | None) -> str | None:
     if task is None:
         return None

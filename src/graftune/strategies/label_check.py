@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from graftune.data.checks import check_data, example_key
-from graftune.data.sources import Dataset, load_data
+from graftune.data.sources import Dataset, example_places, load_data
 from graftune.errors import DataError
 from graftune.recipes.fewshot import embed
 from graftune.speed import precision
@@ -100,10 +100,12 @@ def embed_texts(texts: Sequence[str], *, model: Any = "minilm", max_length: int 
 
 def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed: int = 0, head_c: float = HEAD_C,
                  max_length: int = 256, max_chunks: int = 4, embeddings: np.ndarray | None = None,
-                 min_score: float = 0.0) -> dict:
+                 min_score: float = 0.0, places: Sequence[str] | None = None) -> dict:
     """The suspect-label report on a single-label text ``Dataset``: JSON-ready, each suspect with its index in
-    ``ds``, a preview of its text, the given and suggested labels and the score. ``embeddings`` (one row per
-    example of ``ds``) skips the encoder (tests, or a caller that already embedded the texts)."""
+    ``ds`` (from 0), where it is (``where``: ``places[index]``, as ``data.sources.example_places`` names the rows of
+    a file, the way a person finds it in an editor; without ``places``, 'example N' counting from 1), a preview of
+    its text, the given and suggested labels and the score. ``embeddings`` (one row per example of ``ds``) skips
+    the encoder (tests, or a caller that already embedded the texts)."""
     if ds.modality != "text":
         raise DataError(f"the label check reads texts with a text encoder; {ds.origin} holds {ds.modality} "
                         "examples (not applicable)")
@@ -124,6 +126,7 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
     found = find_suspects(emb, labels, folds=folds, seed=seed, head_c=head_c, min_score=min_score)
     for s in found["suspects"]:
         s["index"] = int(keep[s["index"]])
+        s["where"] = places[s["index"]] if places is not None else f"example {s['index'] + 1}"
         flat = " ".join(ds.inputs[s["index"]].split())
         s["text"] = flat if len(flat) <= PREVIEW else flat[:PREVIEW - 3] + "..."
     return {
@@ -156,7 +159,7 @@ def check_source(data: str, *, test: str | None = None, labels: bool = False, mo
     base = load_base(model, task="text-classification")
     report = check_data(ds, user_test, tokenizer=base.tokenizer, max_tokens=max_length)
     report["labels"] = check_labels(ds, model=base, folds=folds, seed=seed, max_length=max_length,
-                                    min_score=min_score)
+                                    min_score=min_score, places=example_places(data, ds))
     report["labels"]["method"] = report["labels"]["method"].replace("frozen encoder", f"frozen {model}")
     if report["labels"]["count"]:
         found = report["labels"]
