@@ -17,7 +17,15 @@ from graftune.cli import app
 from graftune.config import RunConfig
 from graftune.errors import ConfigError
 from graftune.strategies import auto, catalog, summary
-from tests.train_helpers import bert_folder, foreign_csv, scripted_predictions, topic_csv, train_args
+from tests.train_helpers import (
+    bert_folder,
+    foreign_csv,
+    scripted_predictions,
+    topic_csv,
+    topic_rows,
+    train_args,
+    write_csv,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -327,6 +335,27 @@ def test_compare_without_shots_keeps_the_counts_the_data_has_room_for(tiny, tmp_
     assert {r["shots"] for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]} == {6}
 
 
+def test_compare_runs_on_a_class_of_two_examples_as_train_does_and_warns(tiny, tmp_path):
+    """8, 8 and 2 examples a class: train splits the small class 1 to train on, 1 to test; compare does the same
+    (1 shot, a test set of 1 a class: every class gets the same) instead of refusing, and says so in one line."""
+    rows = [r for r in topic_rows(8) if r["label"] != "money"] + [r for r in topic_rows(8) if r["label"] == "money"][:2]
+    small = write_csv(tmp_path / "two.csv", rows)
+    args = ["compare", "--model", tiny["bert"], "--data", str(small), "--seeds", "1", "--augment", "off",
+            "--strategies", "linear-probe", "--set", "max_length=32", "--quiet", "--out", str(tmp_path / "c")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warning = ("WARNING: the test set holds 1 example a class (3 in all): the smallest class (money, 2 examples) has "
+               "room for no more beside 1 training example; 3 test examples cannot tell strategies apart: add "
+               "examples or pass --test FILE")
+    assert warning in result.stdout.splitlines()
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [(r["shots"], r["test_examples"]) for r in saved["rows"]] == [(1, 3)] and "accuracy" in saved["rows"][0]
+    assert saved["meta"]["warnings"] == [warning.removeprefix("WARNING: ")]
+    # a shot count the small class has no room for is still refused in one line
+    refused = runner.invoke(app, [*args[:-2], "--shots", "2", "--out", str(tmp_path / "d")])
+    assert refused.exit_code == 2 and "the smallest class has 2 examples, too few for 2 shots" in refused.output
+
+
 def test_fitting_shots_reserves_the_test_set_or_nothing_with_a_test_file():
     class Data:
         origin = "d.csv"
@@ -342,5 +371,8 @@ def test_fitting_shots_reserves_the_test_set_or_nothing_with_a_test_file():
     assert kept == [8, 16] and note.startswith("shots 64 skipped: the smallest class (b, 20 examples) leaves room "
                                                "for at most 16 a class beside a test set")
     assert catalog.fitting_shots(Data({"a": 20, "b": 20}), [8, 16, 64], reserve=0)[0] == [8, 16]
+    # a class of 2: 1 shot beside a test set of 1 a class (train's carve holds one out too); of 1: nothing fits
+    assert catalog.fitting_shots(Data({"a": 2, "b": 20}), [8, 16, 64])[0] == [1]
+    assert catalog.test_per_class_for(Data({"a": 2, "b": 20}), [1]) == 1
     with pytest.raises(catalog.DataError, match="too few for training examples plus a test set"):
-        catalog.fitting_shots(Data({"a": 2, "b": 20}), [8, 16, 64])
+        catalog.fitting_shots(Data({"a": 1, "b": 20}), [8, 16, 64])

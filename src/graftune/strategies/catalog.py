@@ -111,10 +111,11 @@ def load_compare_data(data: Any, test: Any, text_column: str, label_column: str)
 
 
 def test_per_class_for(ds, shots: Sequence[int]) -> int:
-    """Test examples per class: up to 100, leaving every class at least max(shots) for training."""
+    """Test examples per class: up to 100, leaving every class at least max(shots) for training; one where the
+    smallest class has room for no more (a stratified carve holds at least one out, as train's does)."""
     smallest = min(ds.counts().values())
     n = min(100, smallest - max(shots))
-    if n < 2:
+    if n < 1:
         raise DataError(f"{ds.origin}: the smallest class has {smallest} examples, too few for {max(shots)} shots "
                         "plus a test set; lower --shots or pass --test")
     return n
@@ -123,10 +124,14 @@ def test_per_class_for(ds, shots: Sequence[int]) -> int:
 def fitting_shots(ds, shots: Sequence[int], reserve: int = 2) -> tuple[list[int], str | None]:
     """The shot counts of ``shots`` that leave ``reserve`` examples of every class for the test set (0: a separate
     test file), and a sentence naming those dropped; when none fits, the largest count that does (a small file
-    still gets a comparison). ``graftune compare`` without ``--shots`` compares at these."""
+    still gets a comparison), and when none fits beside ``reserve``, beside a test set of one a class (a class of
+    2 examples: 1 shot, 1 test example, as train's carve splits it). ``graftune compare`` without ``--shots``
+    compares at these."""
     counts = ds.counts()
     smallest = min(counts.values())
     room = smallest - reserve
+    if room < 1 and reserve > 1:
+        reserve, room = 1, smallest - 1
     kept = [k for k in shots if k <= room] or ([room] if room >= 1 else [])
     if not kept:
         raise DataError(f"{ds.origin}: the smallest class has {smallest} examples, too few for training examples "

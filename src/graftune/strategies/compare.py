@@ -261,6 +261,8 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     user_test = (test.origin, test.sha256) != (ds.origin, ds.sha256)  # a --test file, not carved from ds
     warnings = data_warnings(model, ds, frozen.task.tokenizer if frozen is not None else None,
                              test if user_test else None)
+    if not user_test and len(test) == len(ds.label_names):  # carved one a class: the least a small class allows
+        warnings.append(_one_test_each(ds, len(test), max(shots)))
     rows: list[dict] = []
     spent: dict[str, list[tuple[float, float]]] = {}  # strategy -> (fixed seconds, seconds per train example)
     say = print if progress else (lambda *a, **k: None)
@@ -360,6 +362,15 @@ def data_warnings(model: str, ds: Dataset, tokenizer: Any = None, test: Dataset 
     tokenizer = tokenizer or load_base(model, task="text-classification").tokenizer
     problem = vocabulary_problem(vocabulary_fit(tokenizer, ds.inputs))
     return out + ([problem] if problem else [])
+
+
+def _one_test_each(ds: Dataset, n_test: int, shots: int) -> str:
+    """The warning for a carved test set of one example a class (``catalog.test_per_class_for``'s least)."""
+    counts = ds.counts()
+    small = min(counts, key=counts.get)
+    return (f"the test set holds 1 example a class ({n_test} in all): the smallest class ({small}, {counts[small]} "
+            f"examples) has room for no more beside {shots} training example{'s' if shots > 1 else ''}; "
+            f"{n_test} test examples cannot tell strategies apart: add examples or pass --test FILE")
 
 
 def _trust_line(row: dict) -> str:
