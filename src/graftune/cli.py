@@ -453,6 +453,7 @@ def _metrics_text(m: dict) -> str:
         lines += ["", "confusion matrix (rows: true, columns: predicted)",
                   f"{'':<{width}} " + " ".join(f"{s:>7}" for s in short)]
         lines += [f"{n:<{width}} " + " ".join(f"{v:>7}" for v in row) for n, row in zip(names, cm)]
+    lines += [f"WARNING: {warning}" for warning in m.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -860,7 +861,7 @@ def drift(
 @user_errors
 def check(
     data: str = typer.Argument(..., help="Data to check: an alias (bbc-news) or a file/folder of labelled examples, "
-                               "read as it is (no duplicate dropped)."),
+                               "read as it is (no duplicate or empty text dropped)."),
     test: str | None = typer.Option(None, "--test", help="A test file to check against DATA: a test example that is "
                                     "also a training example is a leak."),
     labels: bool = typer.Option(False, "--labels", help="Also list suspect labels: out-of-fold predictions from the "

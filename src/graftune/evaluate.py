@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from graftune.data.checks import empty_texts_removed, split_warnings
 from graftune.data.inputs import (  # noqa: F401 (read_image: re-exported)
     read_image,
     read_input_file,
@@ -82,7 +83,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, text_column: s
     if keep:
         metrics["groups"] = {"column": group_column, **group_metrics(ds.labels, metrics.pop("predicted"), ds.groups,
                                                                      run.label_names)}
-    return metrics
+    # rows of --data dropped for an empty text, said as train says them (the run's own split: said when it trained)
+    warnings = split_warnings({"empty_texts_removed": empty_texts_removed(ds)}) if data is not None else []
+    return metrics | ({"warnings": warnings} if warnings else {})
 
 
 def read_scored(data: str, *, kind: str, multi_label: bool, group_column: str | None = None,

@@ -376,3 +376,17 @@ def test_fitting_shots_reserves_the_test_set_or_nothing_with_a_test_file():
     assert catalog.test_per_class_for(Data({"a": 2, "b": 20}), [1]) == 1
     with pytest.raises(catalog.DataError, match="too few for training examples plus a test set"):
         catalog.fitting_shots(Data({"a": 1, "b": 20}), [8, 16, 64])
+
+
+def test_compare_drops_empty_texts_and_says_where_as_train_does(tiny, tmp_path):
+    rows = topic_rows(8)
+    rows.insert(3, {"text": " ", "label": rows[0]["label"]})  # line 5 (the header is line 1)
+    gaps = write_csv(tmp_path / "gaps.csv", rows)
+    args = ["compare", "--model", tiny["bert"], "--data", str(gaps), "--seeds", "1", "--augment", "off",
+            "--strategies", "linear-probe", "--shots", "2", "--set", "max_length=32", "--quiet",
+            "--out", str(tmp_path / "c")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = f"{gaps}: 1 row with an empty text was dropped (line 5); fill it in or remove it"
+    assert f"WARNING: {said}" in result.stdout.splitlines()
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["meta"]["examples"] == len(rows) - 1

@@ -205,3 +205,32 @@ def test_texts_the_models_vocabulary_cannot_read_get_a_warning_and_the_run_still
 def test_a_run_on_texts_the_model_reads_has_no_vocabulary_warning(run_dir):
     assert json.loads((run_dir / "data_card.json").read_text())["checks"]["vocabulary"]["reads"] is True
     assert "warnings" not in json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_empty_texts_are_dropped_with_a_counted_warning_by_train_and_eval(tiny, run_dir, tmp_path):
+    # two rows with no text (empty, and spaces only): nothing to learn or score; train and eval drop them and say
+    # how many and on which lines, check still reads the file as it is
+    import csv
+
+    with open(tiny["csv"], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows.insert(1, {"text": "", "label": rows[0]["label"]})  # line 3 (the header is line 1)
+    rows.insert(6, {"text": "   ", "label": rows[0]["label"]})  # line 8
+    gaps = tmp_path / "gaps.csv"
+    with gaps.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    said = f"{gaps}: 2 rows with an empty text were dropped (line 3, line 8); fill them in or remove them"
+    out = tmp_path / "gaps"
+    args = base_args(tiny, out, "--method", "lora", "--set", "r=4")
+    args[args.index("--data") + 1] = str(gaps)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"WARNING: {said}" in result.stdout.splitlines()
+    assert said in json.loads((out / "metrics.json").read_text())["warnings"]
+    scored = runner.invoke(app, ["eval", str(run_dir), "--data", str(gaps)])
+    assert scored.exit_code == 0, scored.output
+    assert f"WARNING: {said}" in scored.stdout.splitlines() and f"({len(rows) - 2} examples)" in scored.stdout
+    checked = runner.invoke(app, ["check", str(gaps)])
+    assert "2 empty texts: graftune drops them when loading; fill them in or remove them" in checked.stdout

@@ -202,3 +202,43 @@ def test_a_text_repeated_under_another_label_is_counted_and_warned_about(tmp_pat
     assert (len(ds), ds.duplicates_removed, ds.conflicts_removed) == (3, 2, 1)
     (line,) = split_warnings({"conflicting_duplicates_removed": ds.conflicts_removed})
     assert line.startswith("1 repeated text had another label than its first copy and was dropped")
+
+
+def test_empty_texts_are_dropped_and_counted_with_where_they_were(tmp_path):
+    """A row whose text is empty or whitespace only has nothing to classify: loading drops it, keeps where it was
+    (the line an editor shows, the header being line 1; JSONL lines; Parquet rows from 0), and the run's data card
+    and warnings say how many and where, as they say the duplicates dropped under another label."""
+    from graftune.data.card import data_card
+    from graftune.data.checks import split_warnings
+
+    path = write(tmp_path / "gaps.csv", csv_text(',sport\n   ,tech\n"",tech\n'))  # lines 10, 11 and 12
+    ds = load_data(path)
+    assert len(ds) == 8 and all(t.strip() for t in ds.inputs)
+    assert ds.empty_texts_removed == ("line 10", "line 11", "line 12")
+    card = data_card(make_splits(ds, test_size=2, val_size=0), source=ds)
+    assert card["checks"]["empty_texts_removed"] == {path: {"count": 3, "where": ["line 10", "line 11", "line 12"]}}
+    assert f"{path}: 3 rows with an empty text were dropped (line 10, line 11, line 12); fill them in or remove " \
+           "them" in split_warnings(card["checks"])
+    (line,) = split_warnings({"empty_texts_removed": {"m.csv": {"count": 5, "where": ["line 2", "line 7", "line 9"]},
+                                                      "t.csv": {"count": 1, "where": ["line 4"]}}})[:1]
+    assert line == "m.csv: 5 rows with an empty text were dropped (line 2, line 7, line 9, ...); fill them in or " \
+                   "remove them"
+    assert split_warnings({"empty_texts_removed": {"t.csv": {"count": 1, "where": ["line 4"]}}}) == [
+        "t.csv: 1 row with an empty text was dropped (line 4); fill it in or remove it"]
+    jsonl = write_jsonl(tmp_path / "gaps.jsonl", rows()[:3] + [{"text": " \n", "label": "tech"}] + rows()[3:])
+    assert load_data(jsonl).empty_texts_removed == ("line 4",) and len(load_data(jsonl)) == 8
+    # graftune check reads the file as it is
+    assert load_data(path, dedup=False, drop_empty=False).inputs[-3:] == ["", "   ", ""]
+
+
+def test_empty_texts_in_a_parquet_table_name_their_row_and_a_file_of_only_empty_texts_is_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = rows()
+    table.insert(2, {"text": "", "label": "sport"})
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "d.parquet")
+    assert load_data(str(tmp_path / "d.parquet")).empty_texts_removed == ("row 2",)
+    blank = write(tmp_path / "blank.csv", "text,label\n,sport\n  ,tech\n")
+    assert data_error(load_data, blank) == (f"{blank}: every text in column 'text' is empty (2 rows); fill them in, "
+                                            "or pick the text column with --text-column NAME")

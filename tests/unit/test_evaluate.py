@@ -82,6 +82,10 @@ def test_read_scored_for_a_single_label_run_names_the_row_with_several_labels(tm
     jsonl.write_text('{"text": "goal", "label": "sport"}\n\n{"text": "bank", "label": ["money", "sport"]}\n')
     with pytest.raises(DataError, match=r"list.jsonl line 3 holds several labels"):
         read_scored(str(jsonl), kind="classification", multi_label=False)
+    # a row dropped for its empty text before it does not shift the line named
+    gaps = write_csv(tmp_path / "gaps.csv", [{"text": " ", "label": "sport"}, *rows])
+    with pytest.raises(DataError, match=r"gaps.csv line 4 holds several labels"):
+        read_scored(str(gaps), kind="classification", multi_label=False)
     # one label per row, written as a list of one: valid single-label data
     jsonl.write_text('{"text": "goal", "label": ["sport"]}\n{"text": "bank", "label": "money"}\n')
     ds = read_scored(str(jsonl), kind="classification", multi_label=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graftune.data.checks import split_checks
+from graftune.data.checks import empty_texts_removed, split_checks
 from graftune.data.sources import Dataset
 from graftune.data.splits import Splits, fingerprint
 
@@ -18,7 +18,8 @@ def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict
     A test set the user brought (not carved from `source`) is described under `test_source`. `checks` counts what
     would make the scores untrustworthy (duplicates, examples shared between splits, texts under two labels,
     the training classes' balance; with the model's `tokenizer`, whether it reads the texts;
-    `data.checks.split_checks`); `graftune check DATA` explains them.
+    `data.checks.split_checks`), and the rows loading dropped (duplicates under another label; empty texts, from
+    the source and a user test file); `graftune check DATA` explains them.
     """
     user_test = (splits.test.origin, splits.test.sha256) != (source.origin, source.sha256)
     return {
@@ -43,5 +44,6 @@ def data_card(splits: Splits, *, source: Dataset, tokenizer: Any = None) -> dict
             for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
         },
         "checks": {**split_checks(splits.train, splits.val, splits.test, tokenizer=tokenizer),
-                   "conflicting_duplicates_removed": source.conflicts_removed},
+                   "conflicting_duplicates_removed": source.conflicts_removed,
+                   "empty_texts_removed": empty_texts_removed(source, *([splits.test] if user_test else []))},
     }

@@ -423,7 +423,8 @@ def _problems(report: dict) -> list[str]:
     lengths = report.get("lengths")
     if lengths:
         if lengths["empty"]["count"]:
-            out.append(f"{_n(lengths['empty']['count'], 'empty text', 'empty texts')}: fill them in or remove them")
+            out.append(f"{_n(lengths['empty']['count'], 'empty text', 'empty texts')}: graftune drops them when "
+                       "loading; fill them in or remove them")
         if lengths["long"]["count"]:
             out.append(f"{_n(lengths['long']['count'], 'text has', 'texts have')} more than {lengths['long']['threshold_words']} words; "
                        "an encoder reads only their beginning")
@@ -473,11 +474,23 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset, *, tokenizer: Any 
     return out
 
 
+def empty_texts_removed(*sources: Dataset) -> dict:
+    """{origin: {"count", "where"}} of the rows ``load_data`` dropped from each of ``sources`` for an empty text
+    (``Dataset.empty_texts_removed``; ``where``: the first ``EXAMPLES``), for the data card and ``split_warnings``."""
+    return {ds.origin: {"count": len(ds.empty_texts_removed), "where": list(ds.empty_texts_removed[:EXAMPLES])}
+            for ds in sources if ds.empty_texts_removed}
+
+
 def split_warnings(checks: dict) -> list[str]:
     """What in ``split_checks``' counts a person must hear about at once, in plain words: texts the model's
-    vocabulary does not read, a test set that shares examples with training (its accuracy is not honest), and
-    texts given different labels."""
+    vocabulary does not read, a test set that shares examples with training (its accuracy is not honest), rows
+    dropped for an empty text (``empty_texts_removed``), and texts given different labels."""
     out = [line for line in (vocabulary_problem(checks.get("vocabulary")),) if line]
+    for origin, dropped in (checks.get("empty_texts_removed") or {}).items():
+        n = dropped["count"]
+        where = ", ".join(dropped["where"]) + (", ..." if n > len(dropped["where"]) else "")
+        out.append(f"{origin}: {_n(n, 'row', 'rows')} with an empty text {'was' if n == 1 else 'were'} dropped "
+                   f"({where}); fill {'it' if n == 1 else 'them'} in or remove {'it' if n == 1 else 'them'}")
     shared = checks.get("overlap", {}).get("train_test", 0)
     near = checks.get("near_overlap_train_test", 0)
     if shared or near:

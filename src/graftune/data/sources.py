@@ -24,6 +24,11 @@ Exact duplicates are removed when loading (`dedup=True`), keeping the first in s
 with whitespace normalized, images by pixels, pairs by both sides. A duplicate left in would land in the few
 shots and the test set at once (BBC News ships 100 of them).
 
+Rows of a tabular source whose text is empty or whitespace only are dropped too (`drop_empty=True`): there is
+nothing in them to classify, and a blank "example" would teach its label to the empty string. Where they were
+(`line N` / `record N` / `row N`) is kept in `Dataset.empty_texts_removed`, and the run says so (a counted
+warning, `data.checks.split_warnings`). A file whose every text is empty is refused.
+
 A `group_column` (tabular sources only) fills `groups`: one string per example, travelling with it through
 `subset` (so through dedup and splits), for per-group metrics (`run.scoring.group_metrics`); a blank cell is the
 group "(blank)". Built-in aliases and class folders have no columns, so no groups.
@@ -84,6 +89,8 @@ class Dataset:
     conflicts_removed: int = 0
     #: one group name per example (``load_data(group_column=...)``), or None
     groups: list[str] | None = None
+    #: where each row dropped for an empty or whitespace-only text was (``line N`` / ``record N`` / ``row N``)
+    empty_texts_removed: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -364,6 +371,7 @@ def load_data(
     dedup: bool = True,
     min_classes: int = 2,
     group_column: str | None = None,
+    drop_empty: bool = True,
 ) -> Dataset:
     """Load a built-in alias or a local file/folder into a `Dataset`.
 
@@ -381,6 +389,8 @@ def load_data(
         min_classes: the fewest classes a labelled file may hold: 2 to train on, 1 to score a run on (scoring
             is not training: a file of one class is a valid test of a classifier).
         group_column: a column whose value names each example's group (``Dataset.groups``); None: no groups.
+        drop_empty: drop the rows of a tabular source whose text is empty or whitespace only (see the module
+            docstring); False keeps them, to see what a file holds (``graftune check``).
     """
     modality = _modality_for_task(task)
     columns_map = {
@@ -428,6 +438,7 @@ def load_data(
                 multi_label=multi_label,
                 features=features,
                 base=path,
+                drop_empty=drop_empty,
             )
             ds.sha256 = digest
         else:
@@ -457,6 +468,7 @@ def load_data(
         multi_label=multi_label,
         features=features,
         base=path.parent,
+        drop_empty=drop_empty,
     )
     ds.origin, ds.sha256 = spec, hashlib.sha256(data).hexdigest()
     return _finish(ds, dedup=dedup, min_classes=min_classes)
@@ -484,15 +496,18 @@ def read_records(path: Path, name: str, data: bytes | None = None) -> tuple[list
 
 
 def example_places(spec: str, ds: Dataset) -> list[str]:
-    """Where each example of ``ds``, loaded from ``spec`` without dedup, is in its file, as every data message
-    names a row: 'line N' (CSV/TSV, the header is line 1; JSONL), 'record N' (JSON, from 0), 'row N' (Parquet,
-    Arrow, from 0); 'example N' (counting from 1) for an alias, a folder, or a file that no longer matches ``ds``."""
+    """Where each example of ``ds``, loaded from ``spec`` without dedup (rows dropped for an empty text are
+    skipped), is in its file, as every data message names a row: 'line N' (CSV/TSV, the header is line 1; JSONL),
+    'record N' (JSON, from 0), 'row N' (Parquet, Arrow, from 0); 'example N' (counting from 1) for an alias, a
+    folder, or a file that no longer matches ``ds``."""
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in FILE_SUFFIXES:
         try:
             _, places, _, _ = read_records(path, spec)
         except (DataError, OSError):
             places = []
+        dropped = set(ds.empty_texts_removed)
+        places = [p for p in places if p not in dropped]
         if len(places) == len(ds):
             return places
     return [f"example {i + 1}" for i in range(len(ds))]
@@ -771,6 +786,7 @@ def _from_records(
     multi_label: bool | None = None,
     features: dict | None = None,
     base: Path | None = None,
+    drop_empty: bool = False,
 ) -> Dataset:
     if not rows:
         raise DataError(f"{name}: no examples (only a header or blank lines); add one row per example")
@@ -800,6 +816,15 @@ def _from_records(
     for r in (role, "label"):
         if col[r] not in columns:
             raise _missing_column(name, r, col[r], columns)
+    empty: list[str] = []
+    if role == "text" and drop_empty:
+        blank = [isinstance(row.get(col["text"]), str) and not row[col["text"]].strip() for row in rows]
+        empty = [loc for loc, b in zip(locs, blank) if b]
+        if len(empty) == len(rows):
+            raise DataError(f"{name}: every text in column '{col['text']}' is empty ({_count(len(rows), 'row')}); "
+                            "fill them in, or pick the text column with --text-column NAME")
+        rows = [row for row, b in zip(rows, blank) if not b]
+        locs = [loc for loc, b in zip(locs, blank) if not b]
     inputs = []
     for row, loc in zip(rows, locs):
         value = row.get(col[role])
@@ -816,7 +841,7 @@ def _from_records(
         labels = [lab if isinstance(lab, list) else [lab] for lab in labels]
     label_names = sorted({n for lab in labels for n in (lab if multi else (lab,))} | set(names or []))
     return Dataset(modality=modality, inputs=inputs, labels=labels, label_names=label_names, multi_label=multi,
-                   groups=groups)
+                   groups=groups, empty_texts_removed=tuple(empty))
 
 
 def match_column(wanted: str | None, columns: list[str]) -> str | None:

@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from graftune.data.card import fingerprint
-from graftune.data.checks import split_checks, split_warnings, vocabulary_fit, vocabulary_problem
+from graftune.data.checks import (
+    empty_texts_removed,
+    split_checks,
+    split_warnings,
+    vocabulary_fit,
+    vocabulary_problem,
+)
 from graftune.data.sources import Dataset, load_data
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.evaluate import load_run, predict
@@ -347,11 +353,12 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
 
 
 def data_warnings(model: str, ds: Dataset, tokenizer: Any = None, test: Dataset | None = None) -> list[str]:
-    """What a person must hear before reading the comparison: a ``test`` set that shares examples with the
-    training pool ``ds`` (every accuracy then overstates; the check ``train`` runs on its splits), and texts the
-    model's vocabulary does not read (every strategy then sees little of their meaning;
-    ``data.checks.vocabulary_fit``). ``tokenizer``: the model's, when already loaded (else loaded for it)."""
-    out = []
+    """What a person must hear before reading the comparison: rows loading dropped for an empty text (as ``train``
+    says them), a ``test`` set that shares examples with the training pool ``ds`` (every accuracy then overstates;
+    the check ``train`` runs on its splits), and texts the model's vocabulary does not read (every strategy then
+    sees little of their meaning; ``data.checks.vocabulary_fit``). ``tokenizer``: the model's, when already loaded
+    (else loaded for it)."""
+    out = split_warnings({"empty_texts_removed": empty_texts_removed(ds, *([test] if test is not None else []))})
     if test is not None:
         none = replace(ds, inputs=[], labels=[])
         checks = split_checks(ds, none, test)

@@ -145,12 +145,12 @@ def check_labels(ds: Dataset, *, model: Any = "minilm", folds: int = FOLDS, seed
 def check_source(data: str, *, test: str | None = None, labels: bool = False, model: str = "minilm",
                  text_column: str = "text", label_column: str = "label", folds: int = FOLDS, seed: int = 0,
                  max_length: int = 256, min_score: float = 0.0) -> dict:
-    """``data.checks.check_data`` on ``data`` as the file holds it (no duplicate dropped), against ``test`` when
-    given; with ``labels``, the suspect-label report under ``labels``, and with ``model``'s tokenizer the texts
-    over ``max_length`` tokens and whether its vocabulary reads them. Reads only; writes nothing."""
-    columns = {"text_column": text_column, "label_column": label_column}
-    ds = load_data(data, dedup=False, **columns)
-    user_test = load_data(test, dedup=False, task=ds.modality, **columns) if test else None
+    """``data.checks.check_data`` on ``data`` as the file holds it (no duplicate or empty text dropped), against
+    ``test`` when given; with ``labels``, the suspect-label report under ``labels``, and with ``model``'s tokenizer
+    the texts over ``max_length`` tokens and whether its vocabulary reads them. Reads only; writes nothing."""
+    as_is = {"text_column": text_column, "label_column": label_column, "dedup": False, "drop_empty": False}
+    ds = load_data(data, **as_is)
+    user_test = load_data(test, task=ds.modality, **as_is) if test else None
     if not labels:
         return check_data(ds, user_test)
     if ds.modality != "text":
