@@ -51,7 +51,10 @@ TRAINED = ("lora", "contrastive")
 
 
 # --- measuring --------------------------------------------------------------------------------------------------------
-def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict | None = None) -> dict:
+def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict | None = None,
+            only: tuple[str, ...] = ()) -> dict:
+    """One split's record. ``only``: measure these candidates alone (folds and final run), the others' numbers
+    copied from ``reuse`` (an earlier record of the same splits: a recipe changed, the rest did not)."""
     ds, _ = load_compare_data(data, None, "text", "label")
     splits = make_compare_splits(ds, shots=shots, seed=seed, test_per_class=test_per_class_for(ds, [8, 16]))
     train = splits.train
@@ -62,9 +65,15 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
     out = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots, "train": len(train),
            "test": len(splits.test), "k": k, "labels": [str(v) for v in labels],
            "cv": {}, "oof": {}, "test_scores": {}, "seconds": {}}
+    if only:
+        assert reuse is not None and reuse["labels"] == out["labels"], "--only needs --reuse of the same splits"
+        for key in ("cv", "oof", "test_scores"):
+            out[key] = {n: v for n, v in reuse[key].items() if n not in only}
     frozen = Frozen(model, ds, 256)
     x = frozen.features(train.inputs)
     for name, head in (("probe", "logistic"), ("prototypes", "prototype")):
+        if only and name not in only:
+            continue
         runs = [auto.fit_head(x, labels, f, v, train.label_names, head) for f, v in folds]
         out["cv"][name] = [r["macro_f1"] for r in runs]
         out["oof"][name] = [[[int(i) for i in v], r["predicted"]] for (f, v), r in zip(folds, runs)]
@@ -73,6 +82,8 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
     settings = {"max_length": 256}
     with tempfile.TemporaryDirectory() as scratch:
         for name in TRAINED:
+            if only and name not in only:
+                continue
             t0 = time.perf_counter()
             scores, oof = [], []
             for i, (fit, val) in enumerate(folds):
@@ -85,7 +96,7 @@ def measure(data: str, seed: int, shots: int, model: str = "minilm", reuse: dict
                 oof.append([[int(j) for j in val], [r["label"] for r in predict_fn(list(inner.test.inputs))]])
             out["cv"][name], out["oof"][name] = scores, oof
             out["seconds"][f"{name}_per_fold"] = round((time.perf_counter() - t0) / k, 1)
-            if reuse is not None:  # the same splits' test scores, measured before: the final runs are not repeated
+            if reuse is not None and not only:  # the same splits' test scores, measured before: the final runs are not repeated
                 out["test_scores"][name] = reuse["test_scores"][name]
                 print(f"  {data} seed {seed} {name}: cv {statistics.mean(scores):.3f} (was "
                       f"{statistics.mean(reuse['cv'][name]):.3f})", flush=True)
@@ -286,6 +297,8 @@ def main():
     p.add_argument("--replay", help="a folder of records: print the rules' regrets only")
     p.add_argument("--reuse", help="a folder of earlier records of the same splits: their test scores are taken, "
                    "and only the cross-validation runs again")
+    p.add_argument("--only", default="", help="with --reuse: measure these candidates alone (comma-separated; "
+                   "folds and final run), the others' numbers taken from the --reuse records")
     a = p.parse_args()
     if a.replay:
         records = [json.loads(f.read_text()) for f in sorted(Path(a.replay).glob("*.json"))]
@@ -302,7 +315,12 @@ def main():
                 continue
             t0 = time.perf_counter()
             old = Path(a.reuse or "-") / path.name
-            record = measure(data, seed, a.shots, reuse=json.loads(old.read_text()) if old.is_file() else None)
+            only = tuple(n for n in a.only.split(",") if n)
+            if only and not old.is_file():
+                print(f"{data} seed {seed}: no --reuse record {old}; skipped", flush=True)
+                continue
+            record = measure(data, seed, a.shots, reuse=json.loads(old.read_text()) if old.is_file() else None,
+                             only=only)
             record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
             path.write_text(json.dumps(record, indent=1))
             print(f"{data} seed {seed}: {record['test_scores']} in {record['seconds']['total']:.0f} s", flush=True)

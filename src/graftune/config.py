@@ -30,6 +30,9 @@ METRICS = ("macro_f1", "accuracy", "loss")
 LOG_TO = ("mlflow", "tensorboard")
 HEAD_INITS = ("probe", "random")
 CACHE_CHOICES = ("auto", "on", "off")
+#: the optimizer step of the adapter loop when ``lr`` / ``batch_size`` are unset (``RunConfig.with_step_defaults``;
+#: a recipe with other defaults passes its own)
+STEP_DEFAULTS = {"lr": 1e-3, "batch_size": 16}
 #: fields that say where and how to run, not what to compute: never written to run.yaml
 _RUNTIME = ("out", "resume", "overwrite")
 
@@ -57,9 +60,12 @@ class RunConfig:
     split_seed: seeds the test/val carving apart from the shots and the training (unset: ``seed``): one fixed
         test set, many shot draws.
     epochs: passes over the training data (at most: early stopping may end sooner).
-    lr: AdamW learning rate of the adapter; head_lr: of the head (unset: lr).
+    lr: AdamW learning rate of the adapter; head_lr: of the head (unset: lr). Unset: the method's own
+        (``STEP_DEFAULTS``; the contrastive recipe's ``contrastive.STEP_DEFAULTS``), filled in when the run starts
+        (``with_step_defaults``), so ``run.yaml`` records the rate that trained.
     weight_decay: AdamW weight decay (never on biases and norms).
-    batch_size: examples per optimizer step (micro-batches of batch_size / grad_accum are run).
+    batch_size: examples per optimizer step (micro-batches of batch_size / grad_accum are run); for the
+        contrastive recipe, pairs per step. Unset: the method's own, as ``lr``.
     grad_accum: split each batch into this many micro-batches (same result, less memory).
     max_length: tokens per text; longer ones are truncated.
     warmup: fraction of the optimizer steps spent warming the learning rate up from 0.
@@ -115,10 +121,10 @@ class RunConfig:
     seed: int = 0
     split_seed: int | None = None
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float | None = None
     head_lr: float | None = None
     weight_decay: float = 0.01
-    batch_size: int = 16
+    batch_size: int | None = None
     grad_accum: int = 1
     max_length: int = 256
     warmup: float = 0.1
@@ -151,13 +157,15 @@ class RunConfig:
         check(bool(self.data), "data", "missing; pass --data (an alias such as bbc-news, or a file)")
         check(bool(self.method), "method", "missing; pass --method (see `graftune methods`, or head)")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_new_tokens"):
-            check(getattr(self, name) >= 1, name, f"got {getattr(self, name)}; use a positive integer")
-        check(self.batch_size % self.grad_accum == 0, "grad_accum",
-              f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}; make it one")
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, f"got {value}; use a positive integer")
+        batch = STEP_DEFAULTS["batch_size"] if self.batch_size is None else self.batch_size
+        check(batch % self.grad_accum == 0, "grad_accum",
+              f"batch_size {batch} is not a multiple of grad_accum {self.grad_accum}; make it one")
         check(self.shots is None or self.shots >= 1, "shots", f"got {self.shots}; use a positive integer or unset")
         check(self.test_per_class is None or self.test_per_class >= 1, "test_per_class",
               f"got {self.test_per_class}; use a positive integer or unset")
-        check(self.lr > 0, "lr", f"got {self.lr}; use a positive learning rate such as 1e-3")
+        check(self.lr is None or self.lr > 0, "lr", f"got {self.lr}; use a positive learning rate such as 1e-3")
         check(self.head_lr is None or self.head_lr > 0, "head_lr", f"got {self.head_lr}; use a positive rate")
         check(self.weight_decay >= 0, "weight_decay", f"got {self.weight_decay}; use 0 or more")
         check(0 <= self.warmup < 1, "warmup", f"got {self.warmup}; use a fraction of the steps in [0, 1)")
@@ -205,6 +213,12 @@ class RunConfig:
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_step_defaults(self, defaults: dict | None = None) -> RunConfig:
+        """This config with ``lr`` and ``batch_size`` filled in where unset, from a recipe's ``defaults`` (else
+        ``STEP_DEFAULTS``): what a run trains with and writes into ``run.yaml``."""
+        own = {**STEP_DEFAULTS, **(defaults or {})}
+        return self.replace(**{k: v for k, v in own.items() if getattr(self, k) is None})
 
     def columns(self) -> dict:
         """The column keyword arguments of ``data.sources.load_data`` this config names."""

@@ -201,3 +201,17 @@ def test_options_reach_contrastive_fit(tiny, tmp_path):
         "seed": 3, "batch_size": 4, "max_length": 64, "embed_max_length": 64, "adapter_name": "a"}
     assert args["method_options"]["r"] == 4 and args["method_options"]["top_k_layers"] == 2  # the default
     assert args["method_options"]["targets"] == {"names": ["query", "key", "value", "attention.output.dense"]}
+
+
+def test_unset_rate_and_batch_are_the_recipes_own_and_recorded(tiny, tmp_path):
+    """No --lr / --batch-size: contrastive trains 64 pairs a step at 3e-3 (not the adapter loop's 16 at 1e-3), and
+    run.yaml and the report say so; given ones are kept."""
+    args = contrastive_args(tiny, tmp_path / "own")
+    del args["batch_size"]
+    train(RunConfig(**args), progress=False)
+    saved = build_config(tmp_path / "own" / "run.yaml")
+    assert (saved.lr, saved.batch_size) == (cr.STEP_DEFAULTS["lr"], cr.STEP_DEFAULTS["batch_size"]) == (3e-3, 64)
+    meta = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    assert meta["contrastive"]["lr"] == 3e-3, meta["contrastive"]
+    given = RunConfig(**{**args, "lr": 1e-3, "batch_size": 16}).with_step_defaults(cr.STEP_DEFAULTS)
+    assert (given.lr, given.batch_size) == (1e-3, 16)

@@ -130,3 +130,13 @@ def test_scientific_notation_is_a_number(tmp_path):
     f.write_text("model: m\ndata: d\nlr: 5e-4\noptions: {dropout: 1e-1}\n")  # PyYAML reads 5e-4 as a string
     cfg = build_config(f, sets=["alpha=1e1"], head_lr="2e-3")
     assert cfg.lr == 5e-4 and cfg.head_lr == 2e-3 and cfg.options == {"dropout": 0.1, "alpha": 10.0}
+
+
+def test_unset_rate_and_batch_are_filled_with_the_methods_defaults():
+    cfg = RunConfig(model="m", data="d")
+    assert (cfg.lr, cfg.batch_size) == (None, None)  # unset until a recipe says what it trains with
+    assert (cfg.with_step_defaults().lr, cfg.with_step_defaults().batch_size) == (1e-3, 16)
+    own = RunConfig(model="m", data="d", lr=0.02).with_step_defaults({"lr": 3e-3, "batch_size": 64})
+    assert (own.lr, own.batch_size) == (0.02, 64)  # a given value is kept
+    with pytest.raises(ConfigError, match="batch_size 16 is not a multiple of grad_accum 3"):
+        RunConfig(model="m", data="d", grad_accum=3)  # checked against the default batch

@@ -72,6 +72,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
     ``splits``: ready-made ``data.splits.Splits`` of ``cfg.data`` used instead of splitting it here (the comparison
     harness, ``strategies/compare.py``, gives every strategy the very same splits, augmented train included)."""
+    cfg = cfg.with_step_defaults()  # run.yaml records the rate and batch that trained
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
     device = resolve_device(cfg.device, local_rank=distributed.local_rank(),
                             local_processes=distributed.local_world_size())

@@ -4,9 +4,10 @@ and fits a scikit-learn logistic regression on the adapted, L2-normalized, windo
 directory gets ``adapter/`` (the LoRA adapter, no task head) and ``head/`` (``recipes/fewshot_run.py``: the shared
 run writer, head format and reloading of both few-shot recipes).
 
-Mapping of the run config: ``lr``, ``batch_size`` (pairs per step), ``seed``, ``precision`` and ``cache`` (``off``:
-no frozen-prefix cache) pass through to ``contrastive_fit``; ``max_length`` is the embedding length the head reads
-(``embed_max_length``), and pairs train on ``min(128, max_length)`` tokens, as ``graftune compare`` runs it.
+Mapping of the run config: ``lr`` and ``batch_size`` (pairs per step; unset: ``STEP_DEFAULTS``), ``seed``,
+``precision`` and ``cache`` (``off``: no frozen-prefix cache) pass through to ``contrastive_fit``; ``max_length``
+is the embedding length the head reads (``embed_max_length``), and pairs train on ``min(128, max_length)``
+tokens, as ``graftune compare`` runs it.
 ``--set`` takes ``OPTIONS``. Settings of the adapter loop (``--epochs``, ``--patience``, ...) do not apply and are
 refused away from their defaults, as are warm starts and stacking.
 """
@@ -20,7 +21,7 @@ from graftune.core.method import check as check_option
 from graftune.core.method import make_config
 from graftune.errors import ConfigError
 from graftune.recipes import fewshot_run
-from graftune.recipes.fewshot import LOSSES, contrastive_fit, default_options
+from graftune.recipes.fewshot import LOSSES, PAIR_LR, PAIRS_PER_STEP, contrastive_fit, default_options
 from graftune.recipes.fewshot_run import CONTRASTIVE, check, check_positive
 from graftune.run.log import progress_bar
 
@@ -34,6 +35,9 @@ FIT_OPTIONS = ("iterations", "epochs", "loss", "temperature", "head_c", "embed_m
 LORA_OPTIONS = ("r", "alpha", "top_k_layers")
 
 OPTIONS = FIT_OPTIONS + LORA_OPTIONS
+
+#: ``--lr`` and ``--batch-size`` (pairs per step) when unset: ``contrastive_fit``'s own
+STEP_DEFAULTS = {"lr": PAIR_LR, "batch_size": PAIRS_PER_STEP}
 
 #: tokens per text while training on pairs, at most (the head reads ``max_length``), as ``graftune compare`` does
 PAIR_MAX_LENGTH = 128
@@ -101,7 +105,7 @@ def check_config(cfg: Any) -> None:
 
 def train(cfg: Any, *, progress: bool = True, splits: Any = None) -> dict:
     """Write the run directory ``cfg.out`` of a contrastive run; return its metrics."""
-    return fewshot_run.train(cfg, _fit, progress=progress, splits=splits)
+    return fewshot_run.train(cfg.with_step_defaults(STEP_DEFAULTS), _fit, progress=progress, splits=splits)
 
 
 load = fewshot_run.load

@@ -171,9 +171,9 @@ def score_split(kind: str, task, model, head, ds, cfg: RunConfig, policy, *, gen
     """The metrics of a run's model on one split (val while training, test at the end), as the run reports them
     (``predictions``: see ``score_classification``)."""
     if kind == "causal-lm":
-        return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size, 8), policy=policy,
+        return score_causal_lm(task, model, ds.inputs, batch_size=min(cfg.batch_size or 8, 8), policy=policy,
                                generate=generate, max_new_tokens=cfg.max_new_tokens, show=show)
-    return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size, 32),
+    return score_classification(task, model, head, ds.inputs, ds.labels, batch_size=max(cfg.batch_size or 32, 32),
                                 policy=policy, show=show, predictions=predictions)
 
 

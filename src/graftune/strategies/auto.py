@@ -370,8 +370,9 @@ def resolve(cfg, *, progress: bool = True, train_fn: Callable | None = None):
     record = auto_pick(cfg.model, cfg.data, budget_s=cfg.auto_budget, seed=cfg.seed, text_column=cfg.text_column,
                        label_column=cfg.label_column, test=cfg.test, max_length=cfg.max_length,
                        split_args=cfg.split_args(), progress=progress, train_fn=train_fn,
-                       settings={"precision": cfg.precision, "threads": cfg.threads, "batch_size": cfg.batch_size,
-                                 "grad_accum": cfg.grad_accum},
+                       settings={k: v for k, v in (("precision", cfg.precision), ("threads", cfg.threads),
+                                                   ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum))
+                                 if v is not None},
                        not_for_contrastive=unused_settings(cfg),
                        not_for_probe=unused_settings(cfg, method="probe"))
     method = record["method"]
