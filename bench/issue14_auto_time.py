@@ -39,7 +39,9 @@ def run_auto(data: str, splits, per_class: int, seed: int) -> dict:
         m = train(cfg, progress=False, splits=splits)
         auto = m.get("auto") or {}
     return {"side": "auto", "trained_s": round(time.perf_counter() - t0, 2), "accuracy": m["accuracy"],
-            "pick": auto.get("method"), "selection_s": auto.get("seconds"), "budget_s": auto.get("budget_s")}
+            "pick": auto.get("method"), "selection_s": auto.get("seconds"), "budget_s": auto.get("budget_s"),
+            "candidates_s": {n: [round(c.get("seconds", 0.0), 2), c.get("folds")]
+                             for n, c in (auto.get("candidates") or {}).items()}}
 
 
 def main():
