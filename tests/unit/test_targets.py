@@ -129,8 +129,15 @@ def test_no_match_for_a_method_lists_only_modules_it_can_adapt():
 def test_a_family_without_a_preset_asks_for_targets():
     model = AdapterModel(tiny_cnn())
     assert model.family == "cnn"
-    with pytest.raises(TargetError, match="no default targets for model family 'cnn'; pass targets explicitly"):
+    with pytest.raises(TargetError, match="no default targets for model family 'cnn'") as err:
         model.add_adapter("a", "ia3")
+    # the fix names the --set form (there is no --targets flag) with a layer this model has, and the methods
+    # that do have CNN presets; it did suggest '--targets query,value', which a CNN has neither of
+    msg = str(err.value)
+    assert "--targets" not in msg and "query" not in msg
+    assert "--method lora (or bitfit, bottleneck)" in msg and "--set 'targets=[_fc]'" in msg
+    model.add_adapter("a", "ia3", targets=["_fc"])  # what the message suggests attaches
+    assert model.info["a"].targets == ["_fc"]
 
 
 # --- presets ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from graftune.core import routing, targets
-from graftune.core.method import Method, MethodConfig, get_method, make_config
+from graftune.core.method import Method, MethodConfig, all_methods, get_method, make_config
 from graftune.core.routing import Route
 from graftune.errors import ConfigError, TargetError
 
@@ -98,7 +98,10 @@ class AdapterModel(nn.Module):
             modules = {MODEL_SITE: m.build_model_site(self.base, cfg)}
             names = [MODEL_SITE]
         else:
-            spec = cfg.targets if cfg.targets is not None else targets.preset(m.target_presets(cfg), self.family)
+            spec = cfg.targets
+            if spec is None:
+                spec = targets.preset(m.target_presets(cfg), self.family, model=self.base,
+                                      supported_types=m.supported_types, methods_with_preset=_with_preset(self.family))
             found = targets.select(self.base, spec, top_k_layers=cfg.top_k_layers, supported_types=m.supported_types)
             swapped = self._swapped if m.site == "params" else None
             if swapped:
@@ -458,6 +461,11 @@ class AdapterModel(nn.Module):
             rows.append({"adapter": name, "method": self.info[name].method.name, "trainable": n,
                          "total": base_total + n, "percent": 100.0 * n / max(base_total + n, 1), "bytes": nbytes})
         return rows
+
+
+def _with_preset(family: str) -> tuple[str, ...]:
+    """Methods with default targets written for ``family`` (a catch-all ``*`` preset does not count)."""
+    return tuple(m.name for m in all_methods() if family in m.presets)
 
 
 def _own_each_parameter_once(found: dict[str, nn.Module], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -97,10 +97,29 @@ def _candidates(model: nn.Module, spec: TargetSpec, supported: tuple[str, ...]) 
     return f"{hint}candidate module names: {shown}"
 
 
-def preset(presets: dict[str, TargetSpec], family: str) -> TargetSpec:
+def preset(presets: dict[str, TargetSpec], family: str, *, model: nn.Module | None = None,
+           supported_types: tuple[str, ...] = (), methods_with_preset: tuple[str, ...] = ()) -> TargetSpec:
+    """The family's default targets. Without one, the error names the ``--set`` form with module names that exist
+    in ``model`` (of ``supported_types``) and the methods that do have a preset for the family."""
     if family in presets:
         return presets[family]
     if "*" in presets:
         return presets["*"]
-    raise TargetError(f"no default targets for model family {family!r}; pass targets explicitly "
-                      f"(e.g. --targets query,value)")
+    other = ""
+    if methods_with_preset:
+        rest = f" (or {', '.join(methods_with_preset[:-1])})" if len(methods_with_preset) > 1 else ""
+        other = f"pick a method that has them, --method {methods_with_preset[-1]}{rest}, or "
+    suffixes = []
+    if model is not None:
+        suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                      if n and (not supported_types or type(m).__name__ in supported_types)))
+    if suffixes:
+        kinds = f" {'/'.join(supported_types)}" if supported_types else ""
+        shown = ", ".join(suffixes[:12]) + (" ..." if len(suffixes) > 12 else "")
+        how = (f"name the layers to adapt, e.g. --set 'targets=[{','.join(suffixes[:2])}]' "
+               f"(this model's{kinds} layers end in: {shown})")
+    elif supported_types:
+        how = f"use another model: this method adapts {'/'.join(supported_types)} layers and this model has none"
+    else:
+        how = "name the layers to adapt with --set 'targets=[NAME,...]'"
+    raise TargetError(f"no default targets for model family {family!r}; {other}{how}")
