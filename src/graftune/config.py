@@ -9,8 +9,10 @@ the value is read as YAML, so ``--set r=8`` is an int, ``--set targets=[query,va
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +320,35 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it") from None
     return out
+
+
+def set_flag(key: str, value: Any) -> str:
+    """The ``--set`` flag that gives option ``key`` the value ``value`` (the inverse of ``parse_sets``), quoted for
+    a shell: ``set_flag("targets", ["query", "value"])`` -> ``--set 'targets=[query,value]'``. A targets mapping is
+    written with its empty fields left out, and as a plain list when it only names modules."""
+    if key == "targets" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if v not in (None, [], ())}
+        if set(value) == {"names"}:
+            value = value["names"]
+    return "--set " + shlex.quote(f"{key}={_yaml_flow(value)}")
+
+
+def _yaml_flow(value: Any) -> str:
+    """``value`` as one line of YAML that ``yaml.safe_load`` reads back as ``value``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml_flow(str(k))}: {_yaml_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_yaml_flow(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z_][\w.\-]*", text) and yaml.safe_load(text) == text:
+        return text
+    return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
 
 
 def build_config(config_file: str | Path | None = None, *, sets: list[str] | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shlex
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from graftune.config import RunConfig
+from graftune.config import RunConfig, parse_sets
 from graftune.core.model import AdapterModel, target_name
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.evaluate import evaluate_run, load_run
@@ -137,7 +138,7 @@ def test_warm_start_reinitializes_the_head_when_labels_differ(tiny):
 
 
 def test_mismatched_sources_are_clear_errors(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r"does not have this run's shapes .*use its options \(r=4\) with --set"):
+    with pytest.raises(ConfigError, match=r"does not have this run's shapes .*train with its options: --set r=4$"):
         transfer.warm_start(fresh(tiny, r=8, alpha=8), "new", tiny["en_run"])
     with pytest.raises(ConfigError, match=r"its adapter is lora, this run trains bottleneck; .*\(--method lora\)"):
         transfer.warm_start(fresh(tiny, "bottleneck"), "new", tiny["en_run"])
@@ -153,6 +154,22 @@ def test_mismatched_sources_are_clear_errors(tiny, tmp_path):
     with pytest.raises(ConfigError, match="head-only run has no adapter"):
         train(cfg_for(tiny, out, method="head", options={}, init_from=str(tiny["en_run"])), progress=False)
     assert not out.exists() and not list(tmp_path.glob(".bad.partial"))
+
+
+def test_a_shape_mismatch_names_set_flags_that_work_when_pasted(tiny, tmp_path):
+    # a source with its own targets and top_k_layers (what a contrastive run saves): the message printed
+    # "targets={'names': [...], 'regex': None, ...}", which --set read with 'None' as a string
+    source = AdapterModel(load_base(str(tiny["bert"])).model)
+    source.add_adapter("src", "lora", r=4, alpha=8, targets=["query", "key", "attention.output.dense"], top_k_layers=1)
+    save_adapter(source, "src", tmp_path / "src")
+    with pytest.raises(ConfigError) as err:
+        transfer.warm_start(fresh(tiny, r=4, alpha=8), "new", tmp_path / "src")
+    msg = str(err.value)
+    assert msg.endswith("train with its options: --set 'targets=[query,key,attention.output.dense]' "
+                        "--set top_k_layers=1"), msg
+    flags = shlex.split(msg.split("train with its options: ")[1])
+    pasted = parse_sets(flags[1::2])
+    transfer.warm_start(fresh(tiny, r=4, alpha=8, **pasted), "new", tmp_path / "src")  # what it suggests loads
 
 
 # --- stacking ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
+from graftune.config import set_flag
 from graftune.errors import ArtifactError, ConfigError
 from graftune.io import artifact
 from graftune.io.artifact import META_FILE, TENSORS_FILE, load_adapter
@@ -72,14 +73,15 @@ def warm_start(model, name: str, source: str | Path, *, head: nn.Module | None =
     differ = sorted(k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape)
     if differ:
         theirs, ours = meta["config"], info.config.to_dict()
-        options = [f"{k}={theirs[k]!r}" for k in sorted(theirs) if theirs.get(k) != ours.get(k)]
+        options = [set_flag(k, theirs[k]) for k in sorted(theirs) if theirs.get(k) != ours.get(k)]
         k = differ[0]
         def shape(d):
             return tuple(d[k].shape) if k in d else "absent"
 
         raise ConfigError(f"init_from {source}: its {meta['method']} adapter does not have this run's shapes "
-                          f"({k}: {shape(state)} there, {shape(own)} here); use its options"
-                          f"{' (' + ', '.join(options) + ')' if options else ''} with --set")
+                          f"({k}: {shape(state)} there, {shape(own)} here); "
+                          + (f"train with its options: {' '.join(options)}" if options else
+                             "train with the options it was trained with"))
     model.load_adapter_state_dict(name, state)
     record = {"init_from": str(source), "init_method": meta["method"]}
     if head is None:
