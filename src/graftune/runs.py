@@ -164,8 +164,8 @@ def load_run(run_dir: str | Path, *, merge: bool = True, expect: str | None = No
     recipe = recipe_for(cfg.method) if cfg is not None and cfg.method != AUTO else None
     has_adapter = getattr(recipe, "HAS_ADAPTER", True)  # probe and in-context runs save no adapter/
     if recipe is None or (has_adapter and not (run_dir / "adapter").is_dir()):
-        raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ written by "
-                            "`graftune train --out`)")
+        raise ArtifactError(f"{run_dir}: not a run directory (expected the run.yaml and adapter/, head/ (probe) or "
+                            "in_context/ (in-context) that `graftune train --out` writes)")
     meta = read_meta(run_dir / "adapter") if has_adapter else {"extra": {"task": "classification"}}
     kind = (meta.get("extra") or {}).get("task") or cfg.task or "classification"
     if expect == "causal-lm" and kind != "causal-lm":

@@ -111,3 +111,19 @@ def test_quantize_export_and_a_corrupt_head_are_one_line(run_dirs, tmp_path):
     (copy / "head" / "head.safetensors").write_bytes(b"not safetensors at all")
     for cmd in (["eval", str(copy)], ["predict", str(copy), "goal"]):
         assert "head.safetensors: not a valid safetensors file" in one_line_error(runner.invoke(app, cmd))
+
+
+def test_a_probe_run_as_a_warm_start_source_says_it_has_no_adapter(tiny, run_dirs, tmp_path):
+    # it said "not a run directory", though it is one: a probe run's model is the frozen base and a head
+    out = tmp_path / "warm"
+    for flag in ("--init-from", "--stack-under"):
+        args = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--out", str(out), "--epochs", "1",
+                "--max-length", "32", "--precision", "fp32", "--quiet", flag, str(run_dirs["logistic"])]
+        text = one_line_error(runner.invoke(app, args))
+        assert "a probe run, the frozen base and a fitted head/, has no adapter to start from" in text, text
+        assert "not a run directory" not in text and not out.exists()
+
+
+def test_a_folder_that_is_no_run_names_what_every_run_kind_holds(tmp_path):
+    text = one_line_error(runner.invoke(app, ["predict", str(tmp_path / "nothere"), "goal"]))
+    assert "not a run directory" in text and "head/ (probe)" in text and "in_context/ (in-context)" in text, text

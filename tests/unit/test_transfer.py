@@ -281,3 +281,11 @@ def test_cli_flags_reach_the_run_and_predict_reloads_the_stack(tiny, tmp_path):
     result = runner.invoke(app, bad)
     assert result.exit_code == 2 and result.output.startswith("error: init_from ")
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_an_in_context_run_as_a_source_says_it_has_no_adapter(tmp_path):
+    (tmp_path / "run.yaml").write_text("method: in-context\nmodel: smollm2\n")
+    with pytest.raises(ConfigError, match=r"^init_from .*: an in-context run, a prompt of examples \(in_context/\), "
+                                          "has no adapter to start from; pass the --out of a run trained with an "
+                                          "adapter method"):
+        transfer.source_dir(tmp_path, "init_from")

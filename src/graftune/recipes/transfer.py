@@ -26,10 +26,11 @@ from pathlib import Path
 
 from torch import nn
 
-from graftune.config import set_flag
+from graftune.config import read_yaml, set_flag
 from graftune.errors import ArtifactError, ConfigError
 from graftune.io import artifact
 from graftune.io.artifact import META_FILE, TENSORS_FILE, load_adapter
+from graftune.run.rundir import RUN_FILE
 
 #: the folder of a run directory holding the frozen adapter applied under the trained one
 UNDER_DIR = "stack_under"
@@ -43,8 +44,27 @@ def source_dir(path: str | Path, flag: str) -> Path:
         return p / "adapter"
     if (p / META_FILE).is_file():
         return p
+    method = _run_method(p)
+    if method is not None:
+        what = _NO_ADAPTER.get(method, f"a {method} run, saved without adapter/")
+        raise ConfigError(f"{flag} {path}: {what}, has no adapter to start from; pass the --out of a run trained "
+                          "with an adapter method (lora, contrastive, ...)")
     raise ConfigError(f"{flag} {path}: not a run directory (with adapter/) or an adapter directory (with "
                       f"{META_FILE}); pass the --out of an earlier `graftune train`")
+
+
+#: what the run kinds without an adapter keep instead (probe and in-context runs)
+_NO_ADAPTER = {"probe": "a probe run, the frozen base and a fitted head/",
+               "in-context": "an in-context run, a prompt of examples (in_context/)"}
+
+
+def _run_method(folder: Path) -> str | None:
+    """The method of the run directory ``folder`` (its run.yaml's ``method``), or None if it is not one."""
+    try:
+        method = read_yaml(folder / RUN_FILE).get("method") if (folder / RUN_FILE).is_file() else None
+    except ConfigError:
+        return None
+    return method if isinstance(method, str) else None
 
 
 def under_name(task_name: str) -> str:
