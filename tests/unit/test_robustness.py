@@ -79,6 +79,11 @@ def test_the_attack_fails_against_a_model_it_cannot_move_and_respects_the_budget
     result = greedy_attack([TEXT, TEXT + " more"], ["long", "long"], length_box, budget=4, scan_words=5)
     assert result["success_rate"] == 0.0 and result["mean_edits_when_successful"] is None
     assert result["max_queries_per_text"] == 1 + 5 + 4 * 4 and result["queries"] == 2 * (1 + 5 + 16)
+    # the printed line says none flipped (it read "mean None edits when it worked")
+    table = format_table({"clean_accuracy": 1.0, "examples": 2, "data": "test split", "strengths": [], "accuracy": {},
+                          "attack": {**result, "budget": 4}})
+    assert "attack: none of 2 texts flipped within 4 character edits (44 queries)" in table, table
+    assert "None" not in table
 
 
 def test_group_metrics_names_the_largest_gap():

@@ -279,7 +279,11 @@ def format_table(result: dict) -> str:
     if attack is None:
         lines.append("attack: not run (no correctly classified example, or budget 0)")
     else:
-        lines.append(f"greedy character attack: {attack['success_rate']:.1%} of {attack['attacked']} texts flipped "
-                     f"within {attack['budget']} character edits (mean {attack['mean_edits_when_successful']} edits "
-                     f"when it worked; {attack['queries']} queries)")
+        mean = attack["mean_edits_when_successful"]
+        if mean is None:  # no text flipped: there is no mean to give
+            flipped, how = "none", ""
+        else:
+            flipped, how = f"{attack['success_rate']:.1%}", f"mean {mean} edits when it worked; "
+        lines.append(f"greedy character attack: {flipped} of {attack['attacked']} texts flipped within "
+                     f"{attack['budget']} character edits ({how}{attack['queries']} queries)")
     return "\n".join(lines)
