@@ -114,15 +114,18 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     per_class = sum(counts.values()) / max(len(counts), 1)
     if per_class > FEW_PER_CLASS:
         return cfg, None
+    # the rule compares the mean over classes: say so, with the counts it came from (a bare "here 8.33" read as
+    # a class of 8.33 examples)
+    here = f"here {sum(counts.values())} in {len(counts)} classes, {per_class:.3g} on average"
     lora_only = [f"--set {key}" for key in cfg.options]
     lora_only += ["--" + name.replace("_", "-") for name in unused_settings(cfg)]
     if lora_only:  # said, not silent: these few examples would otherwise train the contrastive recipe
         given = " and ".join(lora_only)
         return cfg, (f"no --method given: training LoRA, as {given} {'is' if len(lora_only) == 1 else 'are'} "
-                     f"LoRA's; with at most {FEW_PER_CLASS} training examples per class (here {per_class:.3g}) the "
+                     f"LoRA's; with at most {FEW_PER_CLASS} training examples per class on average ({here}) the "
                      "default would be the contrastive recipe: leave those out for it, or name a --method")
     reason = (f"no --method given: training contrastive (SetFit's recipe), the default for single-label text with "
-              f"at most {FEW_PER_CLASS} training examples per class (here {per_class:.3g}): with 8 to 32 a class it was "
+              f"at most {FEW_PER_CLASS} training examples per class on average ({here}): with 8 to 32 a class it was "
               "3-5 points more accurate than LoRA, the default for more data, on average over 8 data sets, and at "
               "worst 0.3 below (bench/RESULTS.md). --method lora trains LoRA; --method auto chooses by "
               "cross-validation on your examples")
