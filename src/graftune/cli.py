@@ -633,11 +633,11 @@ Mlflow = Annotated[str | None, typer.Option("--mlflow", help="Also mirror to thi
 
 
 def _registry(path: str | None, mlflow: str | None = None):
-    from graftune.registry import Registry, default_root
+    from graftune.registry import open_registry
     from graftune.registry.mirror import check_mlflow
 
     check_mlflow(mlflow)
-    return Registry(default_root(path))
+    return open_registry(path)
 
 
 @registry_app.command("push")

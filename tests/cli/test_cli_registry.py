@@ -131,3 +131,33 @@ def test_promote_reads_a_data_file_with_other_column_names(runs, tmp_path):
     assert refused.exit_code == 2 and "--text-column" in refused.output  # the flag it names exists
     out = ok("promote", "news@2", "--data", str(other), "--text-column", "body", "--label-column", "topic", *flags)
     assert "promoted" in out
+
+
+def test_a_mistyped_registry_is_refused_and_nothing_is_created(runs, tmp_path, monkeypatch):
+    """QA: `--registry typo` on list/show/log/promote/drift made index.sqlite, versions/ and .tmp/ there, and then
+    `graftune serve --registry typo` served 0 adapters. Only push creates a registry; every other command says so in
+    one line (exit 2) and leaves the path as it was. The default location reads as empty before the first push."""
+    typo = tmp_path / "typo"
+    for args in (["registry", "list"], ["registry", "show", "news"], ["registry", "show", "news@1"],
+                 ["registry", "log"], ["registry", "promote", "news@1"], ["registry", "rollback", "news"],
+                 ["registry", "delete", "news@1"], ["drift", "news"]):
+        error = one_line_error(runner.invoke(app, [*args, "--registry", str(typo)]))
+        assert f"no registry at {typo} (nothing has been pushed there" in error and "--registry" in error, args
+        assert not typo.exists(), args
+    error = one_line_error(runner.invoke(app, ["serve", "--registry", str(typo)]))
+    assert "does not exist" in error and not typo.exists()  # still refused, not served empty
+    monkeypatch.setenv("GRAFTUNE_REGISTRY", str(typo))
+    assert "no registry at" in one_line_error(runner.invoke(app, ["registry", "list"])) and not typo.exists()
+    # a refused push leaves nothing either; a good one creates the registry
+    assert "not a run directory" in one_line_error(runner.invoke(app, ["registry", "push", str(tmp_path), "--name",
+                                                                      "news"]))
+    assert not typo.exists()
+    monkeypatch.delenv("GRAFTUNE_REGISTRY")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr("graftune.registry.store.platformdirs", None)
+    assert ok("list").strip() == "(no versions: `graftune registry push RUN_DIR --name NAME` adds one)"
+    assert ok("log").strip() == "(no entries)" and not (tmp_path / "xdg").exists()
+    assert "no versions of 'news'" in one_line_error(runner.invoke(app, ["registry", "show", "news"]))
+    ok("push", str(runs["good"]), "--name", "news")
+    assert ok("list").startswith("  news@1") and (tmp_path / "xdg" / "graftune" / "registry" / "index.sqlite").is_file()
+

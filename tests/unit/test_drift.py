@@ -155,9 +155,12 @@ def test_drift_of_a_registry_name_reads_the_folder_next_to_the_registry(served, 
     """`graftune drift NAME --registry DIR`: the promoted version, its summary in `<registry>-drift/`."""
     reg = Registry(tmp_path / "registry")
     runner = CliRunner()
+    # no registry there yet: said, and nothing created (QA: drift made an empty registry at a mistyped path)
+    assert "no registry at" in one_line_error(runner.invoke(cli_app, ["drift", "news", "--registry", str(reg.root)]))
+    assert not reg.root.exists()
+    reg.push(served["run"], "news")
     assert "no promoted version" in one_line_error(runner.invoke(cli_app, ["drift", "news", "--registry",
                                                                            str(reg.root)]))
-    reg.push(served["run"], "news")
     reg.promote("news", 1)
     folder = drift_folder(reg.root)
     assert folder == tmp_path / "registry-drift"

@@ -18,7 +18,7 @@ import yaml
 
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.evaluate import evaluate_run, load_run, predict
-from graftune.registry import Registry, default_root, paired_test, parse_ref
+from graftune.registry import Registry, default_root, open_registry, paired_test, parse_ref
 from graftune.registry.store import TMP, VERSION_FILE
 from tests.registry_helpers import registry_runs
 
@@ -103,7 +103,42 @@ def test_refuses_what_is_not_a_run_or_a_name(runs, reg, tmp_path):
     for bad in ("news@", "news@x", "news@0"):
         with pytest.raises(ConfigError, match="NAME@N"):
             parse_ref(bad)
-    assert reg.list() == [] and list((reg.root / TMP).iterdir()) == []
+    assert not reg.root.exists()  # a refused push leaves no registry behind
+
+
+def test_only_push_creates_a_registry(runs, tmp_path, monkeypatch):
+    """QA: every call made the folder, index.sqlite, versions/ and .tmp/ at a mistyped path, so a typo became an
+    empty registry (drift said "no promoted version", serve served 0 adapters). Now only push creates one; anything
+    else on a folder without one is refused in one line and creates nothing."""
+    typo = Registry(tmp_path / "typo")
+    calls = {"list": typo.list, "log": typo.log, "promoted": typo.promoted, "generation": typo.generation,
+             "promoted_version": lambda: typo.promoted_version("news"), "show": lambda: typo.show("news"),
+             "promote": lambda: typo.promote("news", 1), "rollback": lambda: typo.rollback("news"),
+             "delete": lambda: typo.delete("news", 1), "load": lambda: typo.load("news", 1)}
+    for what, call in calls.items():
+        with pytest.raises(ArtifactError, match=f"no registry at {typo.root} .*check --registry") as e:
+            call()
+        assert one_line(e.value) and not typo.root.exists(), what
+    (tmp_path / "typo").mkdir()  # an existing folder that holds no registry is no registry either
+    with pytest.raises(ArtifactError, match="no registry at"):
+        typo.list()
+    assert list(typo.root.iterdir()) == []
+    fresh = Registry(tmp_path / "fresh", missing_ok=True)  # the default location before the first push: empty
+    assert (fresh.list(), fresh.log(), fresh.promoted(), fresh.generation()) == ([], [], {}, 0)
+    with pytest.raises(ArtifactError, match="no versions of 'news'"):
+        fresh.show("news")
+    assert not fresh.root.exists()
+    assert fresh.push(runs["good"], "news").ref == "news@1" and fresh.exists() and Registry(fresh.root).list()
+    monkeypatch.delenv("GRAFTUNE_REGISTRY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr("graftune.registry.store.platformdirs", None)
+    assert open_registry().list() == [] and not (tmp_path / "xdg").exists()
+    monkeypatch.setenv("GRAFTUNE_REGISTRY", str(tmp_path / "env-typo"))
+    with pytest.raises(ArtifactError, match="no registry at"):
+        open_registry().list()
+    with pytest.raises(ArtifactError, match="no registry at"):
+        open_registry(tmp_path / "flag-typo").list()
+    assert not (tmp_path / "env-typo").exists() and not (tmp_path / "flag-typo").exists()
 
 
 def test_default_root(monkeypatch, tmp_path):

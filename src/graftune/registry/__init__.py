@@ -1,7 +1,7 @@
 """The model registry: immutable, hashed versions of run directories under a name, a regression gate on
 promotion, rollback, and an audit log, all in one folder with an embedded SQLite index (nothing to start).
 
-    reg = Registry(default_root())          # or Registry(Path("registry"))
+    reg = Registry(default_root())          # or Registry(Path("registry")); nothing is created before a push
     v = reg.push("runs/news", "news")       # -> Version(name="news", version=1, path=<a run directory>)
     reg.promote("news", 1)                  # the first version of a name promotes without a gate
     reg.promote("news", 2)                  # -> GateResult: refused when v2 is worse beyond sampling noise
@@ -14,6 +14,6 @@ files before loading), and polls :meth:`Registry.generation` to follow promotion
 """
 
 from graftune.registry.gate import GateResult, paired_test
-from graftune.registry.store import Registry, Version, default_root, parse_ref
+from graftune.registry.store import Registry, Version, default_root, open_registry, parse_ref
 
-__all__ = ["GateResult", "Registry", "Version", "default_root", "paired_test", "parse_ref"]
+__all__ = ["GateResult", "Registry", "Version", "default_root", "open_registry", "paired_test", "parse_ref"]

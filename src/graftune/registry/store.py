@@ -1,6 +1,7 @@
 """Versions on disk and the SQLite index: push, list, show, promote (through the gate), rollback, delete, audit.
 
-Layout of a registry folder (nothing to start: the index is a file, opened per call)::
+Layout of a registry folder (nothing to start: the index is a file, opened per call; the first push creates it,
+and nothing else does, so a mistyped path is refused instead of becoming an empty registry)::
 
     ROOT/index.sqlite           versions, the promotion history, the audit log, a change counter (WAL mode)
     ROOT/versions/NAME/N/       one immutable version: a run directory (run.yaml, adapter/ or head/,
@@ -103,6 +104,15 @@ def default_root(explicit: str | Path | None = None) -> Path:
     if platformdirs is not None:
         return Path(platformdirs.user_data_dir("graftune", appauthor=False)) / "registry"
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "graftune" / "registry"
+
+
+def open_registry(explicit: str | Path | None = None) -> Registry:
+    """The registry a command works on, as :func:`default_root` finds it. A folder named by ``--registry DIR`` or
+    ``$GRAFTUNE_REGISTRY`` must hold one (a typo is refused in one line, not made into an empty registry); the
+    default location, which no one types, reads as an empty registry until the first push (``registry list`` on a
+    fresh account lists nothing, and creates nothing)."""
+    named = bool(explicit) or bool(os.environ.get("GRAFTUNE_REGISTRY"))
+    return Registry(default_root(explicit), missing_ok=not named)
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -227,25 +237,51 @@ def _read_meta(path: Path) -> tuple[dict, None] | tuple[None, str]:
     return meta, None
 
 
+def missing_registry(root: Path) -> str:
+    """The one line for a folder that holds no registry (a mistyped --registry, most often)."""
+    return (f"no registry at {root} (nothing has been pushed there: no {INDEX}); check --registry / "
+            "$GRAFTUNE_REGISTRY, or push a run first (`graftune registry push RUN_DIR --name NAME`)")
+
+
 class Registry:
     """A folder of versions with its SQLite index (see the module docstring). Safe to share between processes
-    and threads: every call opens its own connection, and every change is one transaction."""
+    and threads: every call opens its own connection, and every change is one transaction.
 
-    def __init__(self, root: str | Path):
+    Only :meth:`push` creates a registry. Every other call on a folder without one raises a one-line ArtifactError
+    (:func:`missing_registry`) and creates nothing, so a mistyped path is refused rather than made into an empty
+    registry that a server then serves. ``missing_ok``: read such a folder as an empty registry instead (no
+    versions, no log; a change still refuses): how the CLI reads the default location before the first push."""
+
+    def __init__(self, root: str | Path, *, missing_ok: bool = False):
         self.root = Path(root).expanduser().absolute()
+        self.missing_ok = missing_ok
+        if self.exists():  # an index written by an older graftune gets the tables it lacks
+            self._add_tables()
+
+    def exists(self) -> bool:
+        """Whether a registry is there (its index): false until the first push."""
+        return (self.root / INDEX).is_file()
+
+    def _create(self) -> None:
+        """Make the folders and the index (push, the one call that creates a registry)."""
         try:
             (self.root / VERSIONS).mkdir(parents=True, exist_ok=True)
             (self.root / TMP).mkdir(exist_ok=True)
         except OSError as e:
             raise ArtifactError(f"registry {self.root}: cannot create it ({e.strerror}); pass --registry DIR with a "
                                 "writable folder") from None
-        with self._transaction() as db:
+        self._add_tables(create=True)
+
+    def _add_tables(self, *, create: bool = False) -> None:
+        with self._transaction(create=create) as db:
             for statement in _SCHEMA.split(";"):  # not executescript: it would commit the open transaction
                 if statement.strip():
                     db.execute(statement)
 
     # --- the index ----------------------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = False) -> sqlite3.Connection:
+        if not create and not self.exists():  # sqlite3.connect would create the file: a typo became a registry
+            raise ArtifactError(missing_registry(self.root))
         try:
             db = sqlite3.connect(self.root / INDEX, timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
@@ -257,10 +293,10 @@ class Registry:
         return db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
         """One change = one transaction, holding the write lock from its start (BEGIN IMMEDIATE) so a read
         followed by a write (the next version number, the promoted version) cannot interleave with another's."""
-        with closing(self._connect()) as db:
+        with closing(self._connect(create=create)) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -270,6 +306,8 @@ class Registry:
             db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        if self.missing_ok and not self.exists():  # an empty registry: every query finds nothing
+            return []
         with closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
 
@@ -306,7 +344,8 @@ class Registry:
     def generation(self) -> int:
         """A counter that grows with every push, promote, rollback and delete: one cheap query, for a server to
         poll and reload :meth:`promoted` only when it changed."""
-        return int(self._read("SELECT value FROM state WHERE key = 'generation'")[0][0])
+        rows = self._read("SELECT value FROM state WHERE key = 'generation'")
+        return int(rows[0][0]) if rows else 0
 
     def list(self, name: str | None = None) -> list[Version]:
         """Every version (of ``name``, if given), by name then number. Not verified (cheap); ``show`` verifies. A
@@ -404,6 +443,7 @@ class Registry:
             raise ArtifactError(f"{run_dir}: not a run directory (expected run.yaml and adapter/ or head/ written by "
                                 "`graftune train --out`)")
         cfg = build_config(run_dir / "run.yaml")
+        self._create()  # after the run is checked: a refused push leaves no registry behind
         self._clean_tmp()
         work = self.root / TMP / f"{name}-{uuid.uuid4().hex[:12]}"
         try:

@@ -14,7 +14,7 @@ import uvicorn
 from prometheus_client import disable_created_metrics
 
 from graftune.errors import ConfigError
-from graftune.registry import Registry, default_root
+from graftune.registry import Registry, default_root, open_registry
 from graftune.registry.store import INDEX, check_name
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
 from graftune.serve.drift import BUCKET_S, KEEP_S, DriftTracker, Window, drift_report, parse_duration
@@ -136,7 +136,7 @@ def check_drift(name: str, *, registry: str | None = None, run: str | None = Non
             raise ConfigError(f"--run {run}: not a run directory (no run.yaml)")
         folder = Path(drift_dir) if drift_dir else Path("graftune-drift")
         return drift_report(name, str(version or 1), run, folder, alpha=alpha, split=split, window=window)
-    reg = Registry(default_root(registry))
+    reg = open_registry(registry)  # a mistyped --registry is refused, not created empty
     if version is None:
         version = reg.promoted_version(name)
         if version is None:
