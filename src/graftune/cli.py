@@ -667,7 +667,8 @@ def registry_list(name: str | None = typer.Argument(None, help="Only this name's
     reg = _registry(registry)
     versions, promoted = reg.list(name), reg.promoted()
     if as_json:
-        typer.echo(dumps([v.to_dict() | {"promoted": promoted.get(v.name) == v} for v in versions]))
+        typer.echo(dumps([v.to_dict() | {"promoted": getattr(promoted.get(v.name), "version", None) == v.version}
+                          for v in versions]))
     else:
         typer.echo("\n".join(version_table(versions, promoted)))
 

@@ -161,3 +161,24 @@ def test_a_mistyped_registry_is_refused_and_nothing_is_created(runs, tmp_path, m
     ok("push", str(runs["good"]), "--name", "news")
     assert ok("list").startswith("  news@1") and (tmp_path / "xdg" / "graftune" / "registry" / "index.sqlite").is_file()
 
+
+def test_list_and_show_flag_a_version_with_a_file_edited_or_deleted(runs, tmp_path):
+    """QA: metrics.json edited or head/head.json deleted inside a version: list and show NAME said nothing."""
+    root = tmp_path / "reg"
+    flag = ["--registry", str(root)]
+    for _ in range(3):
+        ok("push", str(runs["good"]), "--name", "news", *flag)
+    ok("promote", "news@1", *flag)
+    metrics = root / "versions" / "news" / "1" / "metrics.json"
+    metrics.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    metrics.write_text(metrics.read_text().replace("0.", "1.", 1))
+    (root / "versions" / "news" / "2" / "head" / "head.json").unlink()
+    listed = ok("list", *flag).splitlines()
+    assert listed[0].startswith("* news@1  DAMAGED: ") and "metrics.json changed since push" in listed[0]
+    assert listed[1].startswith("  news@2  DAMAGED: ") and "head.json is missing" in listed[1]
+    assert "registry delete news@2" in listed[1] and "DAMAGED" not in listed[2]
+    rows = json.loads(ok("list", *flag, "--json"))
+    assert [(r["promoted"], r["damaged"] is not None) for r in rows] == [(True, True), (False, True), (False, False)]
+    assert [line.split()[:3] for line in ok("show", "news", *flag).splitlines()[:2]] == [
+        ["*", "news@1", "DAMAGED:"], ["news@2", "DAMAGED:", str(root / "versions" / "news" / "2" / "head" /
+                                                                 "head.json")]]

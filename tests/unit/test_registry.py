@@ -442,6 +442,45 @@ def test_a_damaged_version_is_listed_as_such_and_breaks_nothing_else(runs, reg):
     assert "not a version description" in reg.list("other")[0].damaged
 
 
+def test_list_flags_a_file_changed_or_missing_inside_a_version(runs, reg, monkeypatch):
+    """QA: list and show NAME flagged only a missing folder; a version with metrics.json edited or a head file
+    deleted listed as fine (show NAME@V refused it). The quick check catches both; a file over QUICK_HASH_BYTES is
+    checked by its size recorded at push."""
+    from graftune.registry import store
+    from graftune.registry.text import show_name
+
+    for _ in range(5):
+        reg.push(runs["good"], "news")
+    metrics = reg.root / "versions" / "news" / "1" / "metrics.json"
+    writable(metrics)
+    text = metrics.read_text()
+    edited = text.replace("0.", "1.", 1)
+    assert len(edited) == len(text) and edited != text  # the same size: only the hash tells
+    metrics.write_text(edited)
+    (reg.root / "versions" / "news" / "2" / "head" / "head.json").unlink()
+    (reg.root / "versions" / "news" / "3" / "head" / "notes.txt").write_text("added")
+    tensors = reg.root / "versions" / "news" / "4" / "head" / "head.safetensors"
+    writable(tensors)
+    original = tensors.read_bytes()
+    tensors.write_bytes(original[:-8])  # truncated
+    listed = {v.version: v for v in reg.list()}
+    assert listed[5].damaged is None
+    assert "metrics.json changed since push (sha256 differs)" in listed[1].damaged
+    assert "head.json is missing (removed after push)" in listed[2].damaged
+    assert "notes.txt was added after push" in listed[3].damaged
+    assert "head.safetensors changed since push (size" in listed[4].damaged
+    assert all("graftune registry delete news@" in listed[n].damaged for n in (1, 2, 3, 4))
+    assert listed[1].method == "probe"  # read from version.json: the JSON listing keeps what is known
+    overview = show_name(reg, "news")
+    assert [line.split()[0] for line in overview[:5] if "DAMAGED:" in line] == ["news@1", "news@2", "news@3", "news@4"]
+    # a file over the quick-hash size is compared by size only: a same-size change waits for show NAME@V
+    monkeypatch.setattr(store, "QUICK_HASH_BYTES", 0)
+    tensors.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert reg.list("news")[3].damaged is None
+    with pytest.raises(ArtifactError, match="head.safetensors changed since push"):
+        reg.show("news", 4)
+
+
 def test_deleting_a_damaged_promoted_version_falls_back_to_the_previous_good_one(runs, reg):
     for run in ("good", "good2", "good"):
         reg.push(runs[run], "news")

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,14 @@ PATH_FIELDS = ("model", "data", "test", "init_from", "stack_under")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: ``.tmp/`` entries older than this are leftovers of a killed push
 STALE_TMP_S = 3600
+#: ``list`` (and ``show NAME``) re-hash a stored file up to this size, and compare a larger one's size with the one
+#: recorded at push. What a version holds: run.yaml, metrics.json, data_card.json, adapter.json (kilobytes: the files
+#: a person edits by hand) and the adapter's tensors, 0.1-2 MB for LoRA, IA3, bottleneck or a probe head on the
+#: bases up to BERT-base size; so the usual version is re-hashed whole, at a few milliseconds. Only top-k or full
+#: fine-tuning stores copies of base weights (90 MB for MiniLM, 500+ MB for a 135M causal LM): hashing those at every
+#: ``list`` would cost seconds per version, so there a size check (truncation, a file swapped for another) stands in,
+#: and ``show NAME@V``, ``promote`` and ``load`` re-hash every byte as before
+QUICK_HASH_BYTES = 4 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -159,12 +167,14 @@ class Version:
     Attributes mirror ``path/version.json``: ``task`` (classification, image or causal-lm), ``method``, the base
     model (as run.yaml names it, local paths made absolute) and its fingerprint (from adapter.json; None for a
     probe run, which has no adapter), a summary of metrics.json, a reference to the data card, and ``files``:
-    ``{relative path: sha256}`` of every stored file but version.json (whose hash the index keeps).
+    ``{relative path: sha256}`` of every stored file but version.json (whose hash the index keeps), and ``sizes``, their
+    sizes in bytes (recorded since this field exists; empty for older versions).
 
     ``damaged`` is set (to the one-line reason) on a version whose folder or version.json is gone or unreadable:
     :meth:`Registry.list` and :meth:`Registry.promoted` return such a version (name, number, who and when from the
     index, the rest empty) rather than fail for every name; :meth:`Registry.verify` and :meth:`Registry.load`
-    raise for it."""
+    raise for it. :meth:`Registry.list` also sets it on a version with a file changed, missing or added since push
+    (its quick check: :data:`QUICK_HASH_BYTES`), the other fields then read from version.json."""
 
     name: str
     version: int
@@ -179,10 +189,11 @@ class Version:
     metrics: dict = field(default_factory=dict)
     data_card: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
     source: str | None = None
     resolved_paths: dict = field(default_factory=dict)
-    #: why the version cannot be used (its folder or version.json gone or unreadable), for a version that
-    #: :meth:`Registry.list` and :meth:`Registry.promoted` return instead of failing; None when it read fine
+    #: why the version cannot be used (its folder or version.json gone or unreadable, or for :meth:`Registry.list` a
+    #: file changed, missing or added), for a version returned instead of failing; None when it read fine
     damaged: str | None = None
 
     @property
@@ -348,20 +359,25 @@ class Registry:
         return int(rows[0][0]) if rows else 0
 
     def list(self, name: str | None = None) -> list[Version]:
-        """Every version (of ``name``, if given), by name then number. Not verified (cheap); ``show`` verifies. A
-        version whose folder or version.json is gone or unreadable comes back with ``damaged`` set."""
-        rows = self._read("SELECT name, version, created, who FROM versions WHERE (? IS NULL OR name = ?) "
-                          "ORDER BY name, version", (name, name))
-        return [self._version_at(r) for r in rows]
+        """Every version (of ``name``, if given), by name then number, quickly checked: a version whose folder or
+        version.json is gone or unreadable, or with a file missing, added or changed since push, comes back with
+        ``damaged`` set (changed: re-hashed up to :data:`QUICK_HASH_BYTES` a file, a larger one's size compared;
+        ``show`` re-hashes everything)."""
+        rows = self._read("SELECT name, version, created, who, meta_sha256 FROM versions "
+                          "WHERE (? IS NULL OR name = ?) ORDER BY name, version", (name, name))
+        return [self._version_at(r, check=True) for r in rows]
 
-    def _version_at(self, row: sqlite3.Row) -> Version:
+    def _version_at(self, row: sqlite3.Row, *, check: bool = False) -> Version:
         """The version of an index row: read from its folder, or, when that cannot be read, a Version with
-        ``damaged`` set and what the index knows (name, number, when, who)."""
+        ``damaged`` set and what the index knows (name, number, when, who). ``check``: also the quick check of its
+        files (:meth:`_problem`), ``damaged`` set when it finds one."""
         path = self._folder(row["name"], row["version"])
+        ref = f"{row['name']}@{row['version']}"
         meta, problem = _read_meta(path)
         if problem is None:
-            return Version.from_meta(path, meta)
-        ref = f"{row['name']}@{row['version']}"
+            v = Version.from_meta(path, meta)
+            problem = self._problem(v, row["meta_sha256"], quick=True) if check else None
+            return v if problem is None else replace(v, damaged=f"{problem}; {damaged_fix(ref)}")
         return Version(name=row["name"], version=row["version"], path=path, created=row["created"] or "",
                        who=row["who"] or "", task="", method="", damaged=f"{problem}; {damaged_fix(ref)}")
 
@@ -381,21 +397,35 @@ class Registry:
     def _verify(self, v: Version, meta_sha256: str) -> None:
         if v.damaged:
             raise ArtifactError(f"{v.ref}: {v.damaged}")
-        fix = damaged_fix(v.ref)
-        if not (v.path / VERSION_FILE).is_file():
-            raise ArtifactError(f"{v.ref}: {v.path / VERSION_FILE} is missing (removed after push); {fix}")
-        if sha256_file(v.path / VERSION_FILE) != meta_sha256:
-            raise ArtifactError(f"{v.ref}: {v.path / VERSION_FILE} changed since push (sha256 differs); {fix}")
+        problem = self._problem(v, meta_sha256)
+        if problem is not None:
+            raise ArtifactError(f"{v.ref}: {problem}; {damaged_fix(v.ref)}")
+
+    @staticmethod
+    def _problem(v: Version, meta_sha256: str, *, quick: bool = False) -> str | None:
+        """The first file of ``v`` that changed, went missing or appeared since push (what is wrong with it), or
+        None. version.json is always re-hashed against the index (it is small and holds every other hash); the other
+        files too, unless ``quick``: then a file over :data:`QUICK_HASH_BYTES` has its size compared with the one
+        recorded at push instead (versions pushed before sizes were recorded: only that it is there)."""
+        meta_file = v.path / VERSION_FILE
+        if not meta_file.is_file():
+            return f"{meta_file} is missing (removed after push)"
+        if sha256_file(meta_file) != meta_sha256:
+            return f"{meta_file} changed since push (sha256 differs)"
         for rel, digest in v.files.items():
             file = v.path / rel
             if not file.is_file():
-                raise ArtifactError(f"{v.ref}: {file} is missing (removed after push); {fix}")
-            if sha256_file(file) != digest:
-                raise ArtifactError(f"{v.ref}: {file} changed since push (sha256 differs); {fix}")
+                return f"{file} is missing (removed after push)"
+            size = file.stat().st_size
+            if rel in v.sizes and size != v.sizes[rel]:
+                return f"{file} changed since push (size {size} bytes, {v.sizes[rel]} at push)"
+            if (not quick or size <= QUICK_HASH_BYTES) and sha256_file(file) != digest:
+                return f"{file} changed since push (sha256 differs)"
         for file in sorted(p for p in v.path.rglob("*") if p.is_file()):
             rel = file.relative_to(v.path).as_posix()
             if rel != VERSION_FILE and rel not in v.files:
-                raise ArtifactError(f"{v.ref}: {file} was added after push; {fix}")
+                return f"{file} was added after push"
+        return None
 
     def promoted(self) -> dict[str, Version]:
         """``{name: the promoted Version}`` for every name that has one (not verified: :meth:`load` or
@@ -450,7 +480,8 @@ class Registry:
             files = _copy_run(run_dir, work)
             resolved = _resolve_paths(work / "run.yaml", run_dir)
             files["run.yaml"] = sha256_file(work / "run.yaml")
-            meta = _describe(work, cfg, files, resolved) | {"source": str(run_dir.resolve())}
+            sizes = {rel: (work / rel).stat().st_size for rel in files}
+            meta = _describe(work, cfg, files, resolved) | {"sizes": sizes, "source": str(run_dir.resolve())}
             with self._transaction() as db:
                 row = db.execute("SELECT last FROM counters WHERE name = ?", (name,)).fetchone()
                 number = (row[0] if row else 0) + 1
