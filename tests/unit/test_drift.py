@@ -170,6 +170,24 @@ def test_drift_of_a_registry_name_reads_the_folder_next_to_the_registry(served, 
     assert result.output.startswith("news (version 1): recent inputs do NOT look like the training data")
 
 
+def test_drift_of_a_version_serve_refuses_says_so_not_serve_it(served, tmp_path):
+    """QA: for a promoted probe run, drift said "no served inputs recorded ...; serve it with `graftune serve`",
+    which then refuses it. It says the server cannot serve it, and why."""
+    probe = tmp_path / "probe"
+    args = train_args(bert_folder(tmp_path / "bert"), topic_csv(tmp_path / "topics.csv"), probe, method="probe",
+                      val_size=0, shots=6)
+    for key in ("epochs", "lr", "batch_size"):
+        del args[key]  # the adapter loop's settings: the probe recipe refuses them
+    train(RunConfig(**args), progress=False)
+    reg = Registry(tmp_path / "registry")
+    reg.push(probe, "p8")
+    reg.promote("p8", 1)
+    for args in (["p8", "--registry", str(reg.root)], ["p8", "--run", str(probe)]):
+        error = one_line_error(CliRunner().invoke(cli_app, ["drift", *args]))
+        assert error.startswith("error: p8@1: `graftune serve` cannot serve ") and "a --method probe run" in error
+        assert "serve it with" not in error and "`graftune predict` reads this one" in error
+
+
 # --- the window: recent buckets, not everything since the start --------------------------------------------------
 class Clock:
     def __init__(self, start: float):

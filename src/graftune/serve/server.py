@@ -15,6 +15,7 @@ from prometheus_client import disable_created_metrics
 
 from graftune.errors import ConfigError
 from graftune.registry import Registry, default_root, open_registry
+from graftune.registry.servable import unservable
 from graftune.registry.store import INDEX, check_name
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
 from graftune.serve.drift import BUCKET_S, KEEP_S, DriftTracker, Window, drift_report, parse_duration
@@ -135,6 +136,7 @@ def check_drift(name: str, *, registry: str | None = None, run: str | None = Non
         if not (Path(run) / "run.yaml").is_file():
             raise ConfigError(f"--run {run}: not a run directory (no run.yaml)")
         folder = Path(drift_dir) if drift_dir else Path("graftune-drift")
+        _check_served(f"{name}@{version or 1}", run, "--run")
         return drift_report(name, str(version or 1), run, folder, alpha=alpha, split=split, window=window)
     reg = open_registry(registry)  # a mistyped --registry is refused, not created empty
     if version is None:
@@ -142,5 +144,16 @@ def check_drift(name: str, *, registry: str | None = None, run: str | None = Non
         if version is None:
             raise ConfigError(f"{name!r} has no promoted version in {reg.root}; pass --version N or promote one")
     v = reg.show(name, version)
+    _check_served(v.ref, v.path, "the version")
     folder = Path(drift_dir) if drift_dir else drift_folder(reg.root)
     return drift_report(name, str(v.version), v.path, folder, alpha=alpha, split=split, window=window)
+
+
+def _check_served(ref: str, run_dir: str | Path, what: str) -> None:
+    """Drift compares what a server recorded: a version `graftune serve` refuses has nothing recorded, and the
+    "serve it with `graftune serve`" of an empty window would send the user to a server that refuses it."""
+    why = unservable(run_dir)
+    if why:
+        raise ConfigError(f"{ref}: `graftune serve` cannot serve {what} ({why}), so no served inputs of it are "
+                          "recorded to judge; drift watches a served LoRA, IA3, bottleneck, head-only or contrastive "
+                          "run (`graftune predict` reads this one)")
