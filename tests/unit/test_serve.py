@@ -132,6 +132,33 @@ def test_predictions_equal_graftune_predict(runs):
         assert r.json()["outputs"] == generate(load_run(runs["lm"]), prompts)
         health = client.get("/health").json()
         assert health == {"status": "ok", "adapters": 6, "bases": 2}
+        r = client.post("/v1/predict", json={"adapter": "prompt", "inputs": TEXTS[:1]})
+        assert r.status_code == 404 and r.json()["error"].startswith(
+            "adapter 'prompt' is given with --run (prompt@1) but this server cannot serve it: prompt adapters change "
+            "the input sequence")
+
+
+def test_a_promoted_version_serve_refuses_is_named_with_why_not_unknown(runs, tmp_path):
+    """QA: POST /v1/predict for a promoted probe run answered "unknown adapter 'p8'", as for a name nobody
+    promoted. It says the name is promoted, that this server cannot serve it, and why (one line, 404)."""
+    reg = Registry(tmp_path / "registry")
+    for name, run in (("p8", "probe"), ("news", "lora")):
+        reg.push(runs[run], name)
+        reg.promote(name, 1)
+    store = ModelStore()
+    with TestClient(create_app(store, reg)) as client:
+        r = client.post("/v1/predict", json={"adapter": "p8", "inputs": TEXTS[:1]})
+        assert r.status_code == 404
+        assert r.json() == {"error": "adapter 'p8' is promoted (p8@1) but this server cannot serve it: a --method "
+                            "probe run is the frozen base's embeddings and a fitted head, with no adapter to share the "
+                            "base with others; serve a contrastive, LoRA, IA3 or bottleneck run, or use `graftune "
+                            "predict`; served: news"}
+        r = client.post("/v1/predict", json={"adapter": "nope", "inputs": TEXTS[:1]})
+        assert r.status_code == 404 and r.json() == {"error": "unknown adapter 'nope'; served: news"}
+        assert 'reason="not_served"' in client.get("/metrics").text
+    # a name the registry no longer asks for is unknown again
+    store.sync({"news": ("1", runs["lora"])})
+    assert "p8" not in store.refused
 
 
 def test_contrastive_rows_beside_adapter_rows_answer_as_predict_and_feed_drift(runs):

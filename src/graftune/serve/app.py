@@ -33,7 +33,7 @@ from graftune.serve.schemas import (
     PredictResponse,
     request_models,
 )
-from graftune.serve.store import ModelStore, PromptTooLong, Rows, ServeError, UnknownAdapter
+from graftune.serve.store import ModelStore, NotServed, PromptTooLong, Rows, ServeError, UnknownAdapter
 
 log = logging.getLogger("graftune.serve")
 
@@ -286,7 +286,8 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
         out = {}
         for n, v in source.promoted().items():
             check = functools.partial(verify, v) if verify else None
-            out[n] = (str(v.version), Path(v.path), check)
+            asked = "given with --run" if isinstance(v, StaticVersion) else "promoted"
+            out[n] = (str(v.version), Path(v.path), check, asked)
         return out
 
     async def refresh() -> None:
@@ -400,6 +401,8 @@ def create_app(store: ModelStore, source: Source, settings: Settings | None = No
         started = time.perf_counter()
         try:
             entry = store.acquire(name)
+        except NotServed as e:  # asked for, refused at load: the answer says why
+            raise _Refusal(404, str(e), "not_served") from None
         except UnknownAdapter as e:
             raise _Refusal(404, str(e), "unknown_adapter") from None
         request.state.adapter = entry.name  # the label CountRequests counts this request under

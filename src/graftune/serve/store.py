@@ -53,6 +53,10 @@ class UnknownAdapter(ServeError):
     pass
 
 
+class NotServed(UnknownAdapter):
+    """A name the source asks for whose version the store refused at load (a probe run, a damaged version)."""
+
+
 class PromptTooLong(ServeError):
     """A prompt with more tokens than its adapter takes (answered 422; the rest of its batch runs)."""
 
@@ -122,6 +126,9 @@ class ModelStore:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graftune-model")
         self._counter = 0
         self.failed: dict[str, str] = {}  # name@version -> why it was refused (logged once)
+        #: served name -> (name@version, how it was asked for, why refused) for a name asked for whose version could
+        #: not be loaded and that serves no other: a request for it is told why, not "unknown adapter"
+        self.refused: dict[str, tuple[str, str, str]] = {}
 
     # --- the worker thread -------------------------------------------------------------------------------------
     def submit(self, fn, *args, **kwargs) -> Future:
@@ -138,6 +145,10 @@ class ModelStore:
             entry = self.entries.get(name)
             if entry is None:
                 served = ", ".join(sorted(self.entries)) or "none"
+                if name in self.refused:
+                    label, asked, why = self.refused[name]
+                    raise NotServed(f"adapter {name!r} is {asked} ({label}) but this server cannot serve it: {why}; "
+                                    f"served: {served}")
                 raise UnknownAdapter(f"unknown adapter {name!r}; served: {served}")
             entry.inflight += 1
             return entry
@@ -238,23 +249,25 @@ class ModelStore:
 
     # --- following the registry --------------------------------------------------------------------------------
     def sync(self, wanted: Mapping[str, tuple]) -> dict:
-        """Serve exactly ``wanted`` (name -> (version, run directory[, check])); ``check()``, when given, runs
-        before loading (the registry's hash verification). New versions are loaded beside the old ones and switched
-        in; a version that cannot be served is logged and skipped, and the name keeps its old version if it had one.
-        Returns ``{"loaded": [...], "removed": [...], "failed": {...}}``. Call from any thread but the worker's
-        (it waits for the worker)."""
+        """Serve exactly ``wanted`` (name -> (version, run directory[, check[, asked]])); ``check()``, when given,
+        runs before loading (the registry's hash verification); ``asked`` says how the name was asked for, in a
+        request's refusal ("promoted", the default, or "given with --run"). New versions are loaded beside the old
+        ones and switched in; a version that cannot be served is logged and skipped, and the name keeps its old
+        version if it had one (a name with none answers requests with why). Returns ``{"loaded": [...],
+        "removed": [...], "failed": {...}}``. Call from any thread but the worker's (it waits for the worker)."""
         with self._sync_lock:
             with self._lock:
                 current = {n: e.version for n, e in self.entries.items()}
             report: dict[str, Any] = {"loaded": [], "removed": [], "failed": {}}
-            for name, (version, run_dir, *check) in sorted(wanted.items()):
+            for name, (version, run_dir, *rest) in sorted(wanted.items()):
                 version = str(version)
                 if current.get(name) == version:
                     continue
                 label = f"{name}@{version}"
+                check, asked = (rest + [None, None])[:2]
                 try:
-                    if check and check[0] is not None:
-                        check[0]()
+                    if check is not None:
+                        check()
                     plan = self._prepare(name, version, Path(run_dir))
                     entry = self.submit(self._attach, plan).result()
                 except Exception as e:  # one version that cannot be served never stops the others
@@ -263,10 +276,17 @@ class ModelStore:
                     if self.failed.get(label) != why:  # once, not at every sync
                         log.warning("not serving %s: %s", label, why, exc_info=not isinstance(e, GraftuneError))
                     self.failed[label] = why
+                    with self._lock:
+                        self.refused[name] = (label, asked or "promoted", why.removeprefix("not served: "))
                     continue
+                with self._lock:
+                    self.refused.pop(name, None)
                 self._switch(name, entry)
                 report["loaded"].append(label)
                 log.info("serving %s (%s, %s)", label, entry.method, run_dir)
+            with self._lock:
+                for name in set(self.refused) - set(wanted):
+                    del self.refused[name]
             for name in sorted(set(current) - set(wanted)):
                 self._switch(name, None)
                 report["removed"].append(name)
