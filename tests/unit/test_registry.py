@@ -19,6 +19,7 @@ import yaml
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.evaluate import evaluate_run, load_run, predict
 from graftune.registry import Registry, default_root, open_registry, paired_test, parse_ref
+from graftune.registry.gate import gate_numbers
 from graftune.registry.store import TMP, VERSION_FILE
 from tests.registry_helpers import registry_runs
 
@@ -365,6 +366,23 @@ def test_paired_test_numbers():
     assert not paired_test(inc, inc)["refused"]
     with pytest.raises(DataError):
         paired_test([], [])
+
+
+def test_a_zero_tolerance_says_what_it_rests_on():
+    """QA: with every example's paired difference the same (all agree, or all disagree one way) the paired SE is 0
+    and the message printed "tolerance 0.0 (paired SE 0.0; ...)". The exact test decides (the tolerance never did);
+    the message says so in words."""
+    worse = paired_test([False] * 3, [True] * 3)  # 3 examples, all to the promoted version: p = 1/8, let through
+    assert worse["se"] == 0 and worse["discordant"] == (0, 3) and not worse["refused"]
+    text = gate_numbers(worse, "news@2", "news@1", "accuracy", "news@2's test split", 0.05)
+    assert "tolerance 0.0" not in text and "SE 0.0" not in text
+    assert ("difference -100.0 points, no tolerance: every example went the same way (only news@1 right, on all 3), "
+            "so the paired SE is 0 and the exact test alone decides (0 examples only news@2 got right, 3 only news@1; "
+            "one-sided McNemar p=0.125") in text
+    same = gate_numbers(paired_test([True, False], [True, False]), "news@2", "news@1", "accuracy", "x", 0.05)
+    assert "no tolerance: the two agree on all 2 examples" in same
+    usual = gate_numbers(paired_test([True] * 8 + [False] * 2, [True] * 10), "news@2", "news@1", "accuracy", "x", 0.05)
+    assert "tolerance 20.8 (paired SE 12.6; 0 examples only news@2 got right, 2 only news@1;" in usual
 
 
 def test_paired_test_false_refusal_rate_and_power():

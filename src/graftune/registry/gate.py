@@ -92,6 +92,25 @@ def paired_test(candidate: Sequence[bool], incumbent: Sequence[bool], *, alpha: 
             "p_value": float(p), "refused": bool(p < alpha)}
 
 
+def gate_numbers(stats: dict, ref: str, incumbent: str, metric: str, origin: str, alpha: float) -> str:
+    """The numbers of a gate's message: both scores, the difference, the tolerance it amounts to and what it rests
+    on, the discordant counts and the exact test's p-value (``stats``: :func:`paired_test`'s answer)."""
+    b, c = stats["discordant"]
+    n = stats["examples"]
+    if stats["se"] > 0:
+        tolerance = f"tolerance {stats['tolerance'] * 100:.1f} (paired SE {stats['se'] * 100:.1f}; "
+    else:
+        # every example has the same paired difference (all agree, or all n disagree the same way): the estimated
+        # SE of the difference is 0, so the normal approximation gives a tolerance of 0 that means nothing; the
+        # decision never used it (the exact test decides), so say what it rests on instead of printing "0.0"
+        same = (f"the two agree on all {n} examples" if b + c == 0 else
+                f"every example went the same way (only {ref if b else incumbent} right, on all {n})")
+        tolerance = f"no tolerance: {same}, so the paired SE is 0 and the exact test alone decides ("
+    return (f"{metric} {stats['candidate']:.3f} ({ref}) vs {stats['incumbent']:.3f} ({incumbent}, promoted) on {n} "
+            f"examples of {origin}: difference {stats['difference'] * 100:+.1f} points, {tolerance}{b} examples only "
+            f"{ref} got right, {c} only {incumbent}; one-sided McNemar p={stats['p_value']:.3g}, alpha {alpha:g})")
+
+
 # --- held-out data ------------------------------------------------------------------------------------------------
 @dataclass
 class HeldOut:

@@ -51,6 +51,7 @@ from graftune.registry.gate import (
     GateResult,
     correctness,
     data_file,
+    gate_numbers,
     metric_name,
     paired_test,
     recorded_test_split,
@@ -630,15 +631,12 @@ class Registry:
         metric = metric_name(held.kind)
         refused = stats["refused"]
         b, c = stats["discordant"]
-        numbers = (f"{metric} {stats['candidate']:.3f} ({ref}) vs {stats['incumbent']:.3f} ({incumbent.ref}, "
-                   f"promoted) on {stats['examples']} examples of {held.origin}: difference "
-                   f"{stats['difference'] * 100:+.1f} points, tolerance {stats['tolerance'] * 100:.1f} "
-                   f"(paired SE {stats['se'] * 100:.1f}; {b} examples only {ref} got right, {c} only "
-                   f"{incumbent.ref}; one-sided McNemar p={stats['p_value']:.3g}, alpha {alpha:g})")
+        numbers = gate_numbers(stats, ref, incumbent.ref, metric, held.origin, alpha)
         if not refused and stats["difference"] < 0:  # let through, but worse on these examples: say so plainly
             drop = -100 * stats["difference"]
             exact = (f"; the normal approximation's tolerance ({100 * stats['tolerance']:.1f}) is too narrow with "
-                     "so few, and the exact test decides" if drop > 100 * stats["tolerance"] else "")
+                     "so few, and the exact test decides" if drop > 100 * stats["tolerance"] and stats["se"] > 0
+                     else "")
             notes.append(f"{ref} is {drop:.1f} points below {incumbent.ref} here, but the two disagree on only "
                          f"{b + c} of {stats['examples']} examples: too few to tell that from noise (exact McNemar "
                          f"p={stats['p_value']:.3g} >= {alpha:g}{exact}). The gate cannot catch drops of this size "
