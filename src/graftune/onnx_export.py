@@ -490,7 +490,8 @@ def format_report(result: ExportResult) -> str:
     m = result.manifest
     c = m["check"]
     size = (result.path / m["model_file"]).stat().st_size / 1e6
-    lines = [f"ONNX model written to {result.path}/ ({m['quantize']}, opset {m['opset']}, {size:.1f} MB)"]
+    weights = "float32" if m["quantize"] == "none" else m["quantize"]  # the manifest keeps --quantize's value
+    lines = [f"ONNX model written to {result.path}/ ({weights}, opset {m['opset']}, {size:.1f} MB)"]
     if m.get("task") == "image":
         lines.append(f"check: logits within {c['max_abs_logit_diff']:.1e} of PyTorch's (tolerance {c['tolerance']:g}) "
                      f"on {c['images']} test images; preprocessing within {c['max_abs_pixel_diff']:.1e} of the run's "

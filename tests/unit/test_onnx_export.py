@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,11 @@ def test_export_gives_pytorch_logits(runs, tmp_path, method):
     out = tmp_path / "onnx"
     result = _export(runs, method, out)
     assert "ONNX model written" in result.stdout and "check: logits within" in result.stdout
+    assert f"ONNX model written to {out}/ (float32, opset {onnx_format.OPSET}," in result.stdout  # it said "none"
+    # docs/deploy.md's table of what the folder holds names every file written (QA: data_card.json was left out)
+    doc = (Path(__file__).parents[2] / "docs" / "deploy.md").read_text(encoding="utf-8")
+    table = doc.split("What the folder holds (for a text run")[1].split("What is checked before")[0]
+    assert [f.name for f in sorted(out.iterdir()) if f"`{f.name}`" not in table] == []
     assert is_onnx_export(out) and not is_onnx_export(runs / method)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["sha256"] == file_sha256(out / MODEL_FILE) and manifest["opset"] == onnx_format.OPSET
