@@ -113,15 +113,19 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             pair = (best, pick)
             seeds = min(s["runs"] for s in pair)
             gap = best["accuracy"] - pick["accuracy"]
-            text = (f"With {k} examples per class, {fmt(pick)} is within {100 * WITHIN:.0f} point of the best"
-                    f"{single_seed(pair)}{point_note(n_test, ' (', ')')}, {fmt(best)}, {_saving(pick, best)}: ")
+            # the qualifiers follow what they qualify: the test set's size the point, the single seed the claim
+            text = (f"With {k} examples per class, {fmt(pick)} is within {100 * WITHIN:.0f} point"
+                    f"{point_note(n_test, ' (', ')')} of the best, {fmt(best)}, {_saving(pick, best)}"
+                    f"{single_seed(pair)}: ")
             text += ("more training is not needed here." if pick["strategy"] in ("linear-probe", "prototypes")
                      else f"prefer {label(pick)}.")
             if gap <= max(best["accuracy_std"], pick["accuracy_std"]) and gap > 0 and seeds > 1:
                 text += (f" The gap of {_points(gap, n_test)} is within one standard deviation over {seeds} "
                          "seeds.")
         if seeds < 2:
-            text += " One of these ran on a single seed only: its spread is unknown, so treat small gaps as noise."
+            # said once for the pair, as single_seed() already named which of them ran on one seed ("One of these"
+            # read wrong when both had)
+            text += " A single seed has no spread to judge a gap by: treat small gaps as noise."
         lines.append(text)
     return lines
 
