@@ -687,6 +687,10 @@ def test_a_tie_is_called_a_tie_and_a_group_gap_names_two_groups():
 
     gaps = group_metrics(["a", "b", "a", "b"], ["a", "b", "a", "b"], ["north", "north", "south", "south"], ["a", "b"])
     assert gaps["accuracy_gap"] == {"gap": 0.0, "best": "north", "worst": "south"}
+    # and the progress line says the groups are level rather than naming a best and a worst
+    from graftune.strategies.compare import _trust_line
+
+    assert _trust_line({"groups": gaps}) == "; group gap 0.000 (the groups are level)"
 
 
 def test_a_built_in_text_model_on_images_is_refused_before_any_run(tmp_path):

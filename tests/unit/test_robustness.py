@@ -102,6 +102,12 @@ def test_group_metrics_names_the_largest_gap():
     assert one_class["x"]["macro_f1"] == 1.0 and one_class["y"]["macro_f1"] == 0.0
     table = format_groups(out)
     assert "largest gap: accuracy 1.000 (best x, worst y)" in table and table.count("note: ") == 2
+    # no gap: no best and worst group (it printed "accuracy 0.000 (best (blank), worst east)")
+    level = format_groups(group_metrics(labels, labels, ["", "", "", "east", "east", "east"], ["a", "b"]))
+    assert "largest gap: accuracy 0.000 (the groups are level); macro-F1 0.000 (the groups are level)" in level, level
+    assert "best" not in level and "worst" not in level
+    single = format_groups(group_metrics(labels, preds, ["x"] * 6, ["a", "b"]))
+    assert "largest gap: accuracy 0.000 (one group)" in single and "best x, worst x" not in single
     with pytest.raises(DataError, match="one each"):
         group_metrics(labels, preds[:2], labels, ["a", "b"])
 

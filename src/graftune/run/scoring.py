@@ -220,14 +220,23 @@ def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[
             "macro_f1_gap": gap("macro_f1") if per else None, "notes": notes}
 
 
+def gap_text(gap: dict, *, sep: str = ", ") -> str:
+    """One of ``group_metrics``'s gaps in words: "0.120 (best north, worst east)"; a gap of 0 names no best or worst
+    group ("0.000 (the groups are level)"), nor does a single group."""
+    if gap["best"] == gap["worst"]:
+        return f"{gap['gap']:.3f} (one group)"
+    if gap["gap"] == 0:
+        return f"{gap['gap']:.3f} (the groups are level)"
+    return f"{gap['gap']:.3f} (best {gap['best']}{sep}worst {gap['worst']})"
+
+
 def format_groups(result: dict) -> str:
     """``group_metrics``'s result as a table, the largest gaps in one line, then the notes."""
     per = result["groups"]
     width = max([12, *(len(n) for n in per)])
     lines = [f"{'group':<{width}} {'examples':>8} {'accuracy':>8} {'macro-F1':>8}"]
     lines += [f"{n:<{width}} {v['examples']:>8} {v['accuracy']:>8.3f} {v['macro_f1']:>8.3f}" for n, v in per.items()]
-    acc, f1 = result["accuracy_gap"], result["macro_f1_gap"]
-    lines.append(f"largest gap: accuracy {acc['gap']:.3f} (best {acc['best']}, worst {acc['worst']}); macro-F1 "
-                 f"{f1['gap']:.3f} (best {f1['best']}, worst {f1['worst']})")
+    lines.append(f"largest gap: accuracy {gap_text(result['accuracy_gap'])}; "
+                 f"macro-F1 {gap_text(result['macro_f1_gap'])}")
     lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)

@@ -49,7 +49,7 @@ from graftune.io.atomic import write_file_atomically
 from graftune.recipes import adapter
 from graftune.run.memory import PeakMemory
 from graftune.run.rundir import check_out, finish_run_dir
-from graftune.run.scoring import group_metrics
+from graftune.run.scoring import gap_text, group_metrics
 from graftune.strategies.catalog import (
     AUGMENT_COPIES,
     STRATEGIES,
@@ -384,8 +384,7 @@ def _trust_line(row: dict) -> str:
     """The progress line's tail: the largest group gap and the attack's success rate, when measured."""
     parts = []
     if row.get("groups"):
-        gap = row["groups"]["accuracy_gap"]
-        parts.append(f"group gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})")
+        parts.append(f"group gap {gap_text(row['groups']['accuracy_gap'])}")
     if row.get("robustness"):
         attack = row["robustness"]["attack"]
         parts.append("attack " + (f"{attack['success_rate']:.2f}" if attack else "not run"))

@@ -132,7 +132,9 @@ def _groups_table(rows: Sequence[dict]) -> str:
         for key in ("accuracy", "macro_f1"):
             means = {g: statistics.mean([r["groups"][g][key] for r in results if g in r["groups"]]) for g in sizes}
             best, worst = max(means, key=means.get), min(means, key=means.get)
-            gaps[key] = f"{means[best] - means[worst]:.3f} ({html.escape(best)} &rarr; {html.escape(worst)})"
+            level = means[best] == means[worst]  # no best or worst group to name
+            gaps[key] = (f"{means[best] - means[worst]:.3f} "
+                         + ("(level)" if level else f"({html.escape(best)} &rarr; {html.escape(worst)})"))
             if key == "accuracy":
                 cells = [f"<td>{means[g]:.3f}</td>" for g in sizes]
         body.append(f"<tr><td>{html.escape(name + (' + aug' if aug else ''))}</td><td>{k}</td><td>{len(results)}</td>"
