@@ -90,7 +90,10 @@ def test_compare_budget_skips_and_says_so(tiny, tmp_path):
     ("no seeds", ["--seeds", "0"], "seeds: use at least one seed"),
     ("bad augment", ["--augment", "sometimes"], "--augment 'sometimes'"),
     ("missing data", ["--data", "nope/missing.csv"], "no such file"),
-    ("unknown setting", ["--set", "rank=4"], "settings: rank cannot be set"),
+    ("unknown setting", ["--set", "rank=4"], "--set rank: not a setting of a comparison's strategies; use some of "
+                                              "epochs, lr, "),
+    # causal-LM settings no strategy of a comparison uses are not offered, nor taken
+    ("generation setting", ["--set", "max_new_tokens=8"], "--set max_new_tokens: not a setting"),
     ("bad setting value", ["--set", "epochs=0"], "epochs"),
     ("zero budget", ["--budget", "0"], "--budget 0: use a positive number of seconds"),
     ("negative budget", ["--budget", "-5"], "--budget -5: use a positive number of seconds"),

@@ -701,3 +701,14 @@ def test_a_built_in_text_model_on_images_is_refused_before_any_run(tmp_path):
     with pytest.raises(ModelError, match="'minilm' does not serve task 'image-classification'"):
         run_compare("minilm", str(image_folder(tmp_path / "imgs")), shots=(2,), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_settings_offered_are_those_a_comparison_uses():
+    from graftune.strategies.catalog import check_settings
+
+    with pytest.raises(ConfigError) as err:
+        check_settings({"rank": 4})
+    for offered in ("epochs", "lr", "max_length", "precision"):
+        assert offered in str(err.value)
+    for causal_lm_only in ("prompt_column", "response_column", "max_new_tokens"):
+        assert causal_lm_only not in str(err.value)

@@ -279,10 +279,11 @@ def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int,
 class NotApplicable(Exception):
     pass
 
-#: RunConfig fields a comparison sets itself (per strategy, shots and seed): not settings
+#: RunConfig fields a comparison sets itself (per strategy, shots and seed), and those of causal-LM runs (prompt and
+#: response columns, generation length), which no strategy of a comparison of classifiers uses: not settings
 _NOT_SETTINGS = ("model", "data", "method", "options", "seed", "shots", "out", "resume", "overwrite", "text_column",
                  "label_column", "test", "test_size", "test_per_class", "val_size", "split_seed", "task", "auto",
-                 "auto_budget", "init_from", "stack_under")
+                 "auto_budget", "init_from", "stack_under", "prompt_column", "response_column", "max_new_tokens")
 
 
 def check_settings(settings: dict | None) -> dict:
@@ -291,7 +292,7 @@ def check_settings(settings: dict | None) -> dict:
     known = [f.name for f in fields(RunConfig) if f.name not in _NOT_SETTINGS]
     bad = sorted(k for k in settings if k not in known)
     if bad:
-        raise ConfigError(f"settings: {', '.join(bad)} cannot be set for a comparison; use some of "
+        raise ConfigError(f"--set {', '.join(bad)}: not a setting of a comparison's strategies; use some of "
                           f"{', '.join(known)}")
     RunConfig(model="-", data="-", **{**TRAIN_DEFAULTS, **settings})  # bad values: one-line ConfigError
     return settings
