@@ -158,8 +158,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     from graftune.config import build_config
-    from graftune.run.rundir import resume_config
-    from graftune.runs import default_method, resolve
+    from graftune.runs import default_method, resolve, resume_config
     from graftune.runs import train as run_training
 
     flags = {"model": model, "data": data, "method": method, "task": task, "shots": shots, "seed": seed,
@@ -176,7 +175,8 @@ def train(
              "log_to": log_to, "threads": threads, "auto_budget": budget, "init_from": init_from,
              "stack_under": stack_under}
     if resume and config is None:
-        config = str(resume_config(out))  # the interrupted run's own config; plain words when there is none
+        # the interrupted run's own config; plain words when there is none, or when --method's runs cannot resume
+        config = str(resume_config(out, method))
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
     if budget is not None and cfg.method != "auto":  # given, but nothing would read it
         from graftune.errors import ConfigError

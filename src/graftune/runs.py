@@ -23,6 +23,7 @@ from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.io.artifact import read_meta
 from graftune.recipes import adapter, contrastive, in_context_run, probe
 from graftune.run.loaded import LoadedRun
+from graftune.run import rundir
 from graftune.run.rundir import RUN_FILE
 from graftune.speed import quantize as quantization
 from graftune.strategies import auto, catalog
@@ -72,6 +73,15 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.method != AUTO:
         recipe_for(cfg.method).check_config(cfg)
     return _absolute_paths(cfg)
+
+
+def resume_config(out: str | Path, method: str | None = None) -> Path:
+    """The saved config of the interrupted run in ``out`` (``train --resume``). A ``method`` given with --resume
+    whose runs write no checkpoints (contrastive, probe, in-context) is refused first, in its recipe's words, rather
+    than reported as "no interrupted run" (there never is one)."""
+    if method is not None and method != AUTO:
+        recipe_for(method).check_config(RunConfig(model="-", data="-", method=method, resume=True))
+    return rundir.resume_config(out)
 
 
 def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:

@@ -96,3 +96,16 @@ def test_quantize_and_a_corrupt_head_are_one_line(run_dir, tmp_path):
     (copy / "head" / "head.safetensors").write_bytes(b"not safetensors at all")
     for cmd in (["eval", str(copy)], ["predict", str(copy), "goal"]):
         assert "head.safetensors: not a valid safetensors file" in one_line_error(runner.invoke(app, cmd))
+
+
+@pytest.mark.parametrize("method, message", [
+    ("contrastive", "resume: a contrastive run writes no checkpoints to resume; start it again without --resume"),
+    ("probe", "resume: a probe run writes no checkpoints to resume"),
+    ("in-context", "resume: --method in-context trains nothing"),
+])
+def test_resume_is_refused_up_front_for_a_method_without_checkpoints(tiny, tmp_path, method, message):
+    # it said "there is no interrupted run to continue", as if one could be
+    text = one_line_error(runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]),
+                                              "--method", method, "--resume", "--out", str(tmp_path / "r")]))
+    assert message in text, text
+    assert "no interrupted run" not in text
