@@ -22,8 +22,8 @@ from graftune.data.sources import ALIASES
 from graftune.errors import ArtifactError, ConfigError, DataError
 from graftune.io.artifact import read_meta
 from graftune.recipes import adapter, contrastive, in_context_run, probe
-from graftune.run.loaded import LoadedRun
 from graftune.run import rundir
+from graftune.run.loaded import LoadedRun
 from graftune.run.rundir import RUN_FILE
 from graftune.speed import quantize as quantization
 from graftune.strategies import auto, catalog
