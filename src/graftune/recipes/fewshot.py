@@ -348,9 +348,9 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 # --- contrastive training --------------------------------------------------------------------------------------
 #: the adapter's step: 64 pairs at a learning rate of 3e-3. SetFit's 16 pairs at 1e-3 (graftune's recipe until
-#: session 11) trained 4x the steps for the same pairs: over 8 data sets x 3 seeds the larger steps scored -0.3 points
-#: at 8 shots (worst -1.3, trec) and +0.1 at 16 shots, in 0.32x and 0.49x the training time (bench/RESULTS.md,
-#: "Could the contrastive recipe train in fewer steps?" and "Session 11").
+#: session 11) train 4x the steps for the same pairs in about twice the time; over 9 data sets x 3 seeds the larger
+#: steps scored -0.3 points at 8 shots (worst -1.5, trec) and +0.3 over 7 at 16 shots (worst -0.7, sms-spam), and
+#: auto's regret at 8 shots stayed 0.5 points (bench/RESULTS.md, "Session 11").
 PAIRS_PER_STEP = 64
 PAIR_LR = 3e-3
 
