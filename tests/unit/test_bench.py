@@ -110,6 +110,38 @@ def test_jobs_share_splits_and_auto_never_sees_the_test_set(tiny, monkeypatch):
     assert cfg.method == "lora" and len(splits.train) == 12
 
 
+@pytest.mark.parametrize("pick", ["lora", "probe"])
+def test_bench_settings_reach_the_strategies_that_use_them_without_dropping_autos_candidates(tiny, monkeypatch,
+                                                                                           pick):
+    # QA: `bench --set epochs=3` made auto's selection that of `train --method auto --epochs 3`: no contrastive, no
+    # probe (a baseline of `head`), as if the user were configuring LoRA
+    asked = []
+
+    def pick_fixed(*args, **kwargs):
+        asked.append(kwargs)
+        return {"method": pick, "reason": "scripted", "seconds": 0.1, "training_examples": 12}
+
+    monkeypatch.setattr(bench.auto, "auto_pick", pick_fixed)
+    fake = FakeTrain()
+    spec = JobSpec(data=tiny["a"], strategy=AUTO, shots=4, seed=0, model=tiny["bert"], test_per_class=6,
+                   settings={**SETTINGS, "epochs": 2, "lr": 1e-3}, auto_budget=60)
+    row = run_job(spec, train_fn=fake)
+    assert "accuracy" in row, row
+    assert asked[0]["not_for_contrastive"] == [] and asked[0]["not_for_probe"] == []
+    if pick == "lora":  # the adapter loop's pick trains with the bench's settings, as the lora job does
+        cfg, _ = fake.calls[-1]
+        assert (cfg.method, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_length) == ("lora", 2, 1e-3, 8, 32)
+    else:  # a probe pick trains as `train --method probe` would (it refused epochs, lr and batch_size)
+        assert row["pick"] == "probe" and not fake.calls
+
+
+def test_auto_says_why_a_tie_went_to_its_pick_truly():
+    assert bench.auto._ties_go_to("contrastive").endswith("the candidate most often best across data sets")
+    head = bench.auto._ties_go_to("head")
+    assert "most often best" not in head
+    assert head.startswith("ties go to head, the first of the tied candidates in auto's preference order (contrastive, ")
+
+
 def test_not_applicable_and_failing_jobs_give_rows_not_crashes(tiny):
     class Boom:
         def __call__(self, cfg, **kw):

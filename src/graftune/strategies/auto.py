@@ -243,14 +243,13 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         reason += f"{pick['method']} scored best"
         if others:
             reason += (f"; {', '.join(others)} tied with it (behind by no more than {TIE_Z:g} standard errors on the "
-                       f"examples both predicted), and ties go to {pick['method']}, the candidate most often best "
-                       "across data sets")
+                       f"examples both predicted), and {_ties_go_to(pick['method'])}")
     else:
         lead = 100 * (best["macro_f1"] - pick["macro_f1"])
         reason += (f"{best['method']} and {pick['method']} scored the same" if lead < 0.05 else
                    f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within "
                    f"{TIE_Z:g} standard errors on the examples both predicted, so a tie")
-        reason += f", and ties go to {pick['method']}, the candidate most often best across data sets"
+        reason += f", and {_ties_go_to(pick['method'])}"
     reason += "." + stopped
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
@@ -270,6 +269,16 @@ def decide(scores: dict[str, dict], truth: np.ndarray, z: float = TIE_Z) -> tupl
     close = [s for s in scores.values() if not _beaten(s, best, truth, z)]
     pick = min(close, key=lambda s: (_rank(s["method"]), -s["macro_f1"]))
     return pick, best, close
+
+
+def _ties_go_to(method: str) -> str:
+    """Why a tie went to ``method``, in words true of it: only the first of ``PREFERENCE`` is the candidate most
+    often best across data sets; another (``head`` when the probe and contrastive candidates were left out, say) is
+    the first of the tied candidates in that order."""
+    if method == PREFERENCE[0]:
+        return f"ties go to {method}, the candidate most often best across data sets"
+    return (f"ties go to {method}, the first of the tied candidates in auto's preference order "
+            f"({', '.join(PREFERENCE)})")
 
 
 def _rank(method: str) -> int:

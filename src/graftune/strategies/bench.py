@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -41,6 +41,7 @@ from graftune.data.sources import ALIASES
 from graftune.errors import ConfigError
 from graftune.io.atomic import write_file_atomically
 from graftune.recipes import adapter, contrastive, probe
+from graftune.recipes.fewshot_run import unused_settings
 from graftune.run.rundir import check_out
 from graftune.strategies import auto
 from graftune.strategies.catalog import (
@@ -226,8 +227,18 @@ def _run_auto(spec: JobSpec, splits, columns: dict, train_fn: Callable | None) -
                         shots=spec.shots, test_per_class=spec.test_per_class, val_size=0,
                         out=str(Path(scratch) / "run"),
                         auto_budget=spec.auto_budget, **columns, **spec.settings)
+        # bench's --set (epochs=5, lr, ...) is for the strategies that use it, as the other jobs apply it: the
+        # adapter loop's settings would make `train --method auto` drop its contrastive and probe candidates (set
+        # there, they mean "I am configuring LoRA"), so they are held back from the selection and given to the pick
+        # only when it trains through the adapter loop
+        loop = set(unused_settings(cfg)) | set(unused_settings(cfg, method=probe.METHOD))
+        held = {k: v for k, v in spec.settings.items() if k in loop}
+        if held:
+            cfg = cfg.replace(**{f.name: f.default for f in fields(RunConfig) if f.name in held})
         picked = auto.resolve(cfg, progress=False, train_fn=train_fn)
         recipe = _PICK_RECIPES.get(picked.method, adapter)
+        if held and recipe is adapter:
+            picked = picked.replace(**held)
         recipe.check_config(picked)
         fit = train_fn if recipe is adapter and train_fn is not None else recipe.train
         m = fit(picked, progress=False, splits=splits)
