@@ -529,6 +529,8 @@ def _print_predictions(rows: list[dict], sources: list[dict], given, as_json: bo
         label = row.get("label") or ",".join(row.get("labels", [])) or "-"
         text = source.get("text")
         preview = "" if text is None else "  " + " ".join(text.split())[:70]
+        if text is None and source.get("file") not in (None, where):  # an image given as an argument: its file
+            preview = f"  {source['file']}"
         typer.echo(f"{where}\t{label}\t{max(row['probabilities'].values()):.3f}{preview}")
 
 

@@ -167,6 +167,16 @@ def test_image_classification_on_a_tiny_cnn(tmp_path, monkeypatch):
     run = load_run(out)
     [row] = predict(run, [read_image(tmp_path / "imgs" / "dark" / "0.png")])
     assert set(row["probabilities"]) == {"dark", "light"}
+    # the plain-text predict line names the image file given as an argument (it showed `arg 1  dark  0.996`)
+    from typer.testing import CliRunner
+
+    from graftune.cli import app
+
+    image = str(tmp_path / "imgs" / "dark" / "0.png")
+    result = CliRunner().invoke(app, ["predict", str(out), image])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.rstrip("\n")
+    assert line.startswith("arg 1\t") and line.endswith(f"  {image}"), line
 
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
