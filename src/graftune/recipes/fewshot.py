@@ -349,7 +349,7 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
 # --- contrastive training --------------------------------------------------------------------------------------
 #: the adapter's step: 64 pairs at a learning rate of 3e-3. SetFit's 16 pairs at 1e-3 (graftune's recipe until
 #: session 11) train 4x the steps for the same pairs in about twice the time; over 9 data sets x 3 seeds the larger
-#: steps scored -0.3 points at 8 shots (worst -1.5, trec) and +0.3 over 7 at 16 shots (worst -0.7, sms-spam), and
+#: steps scored -0.3 points at 8 shots (worst -1.5, trec) and +0.3 over 8 at 16 shots (worst -0.7, sms-spam), and
 #: auto's regret at 8 shots stayed 0.5 points (bench/RESULTS.md, "Session 11").
 PAIRS_PER_STEP = 64
 PAIR_LR = 3e-3
