@@ -234,6 +234,15 @@ class RunConfig:
                 "test_per_class": self.test_per_class}
 
 
+def is_set(cfg: RunConfig, name: str) -> bool:
+    """Whether field ``name`` of ``cfg`` is set away from its default. ``lr`` and ``batch_size`` at the adapter loop's
+    ``STEP_DEFAULTS`` count as unset too: every run.yaml written before they defaulted to None holds those values,
+    whatever its method."""
+    value = getattr(cfg, name)
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == name)
+    return value != default and not (name in STEP_DEFAULTS and value == STEP_DEFAULTS[name])
+
+
 def _check_types(cfg: RunConfig) -> None:
     """YAML and flags hand over plain values; catch wrong kinds with a message naming the field."""
     hints = {f.name: f.type for f in dataclasses.fields(cfg)}

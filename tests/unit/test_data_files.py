@@ -242,3 +242,25 @@ def test_empty_texts_in_a_parquet_table_name_their_row_and_a_file_of_only_empty_
     blank = write(tmp_path / "blank.csv", "text,label\n,sport\n  ,tech\n")
     assert data_error(load_data, blank) == (f"{blank}: every text in column 'text' is empty (2 rows); fill them in, "
                                             "or pick the text column with --text-column NAME")
+
+
+def test_a_run_from_before_empty_texts_were_dropped_rebuilds_its_own_splits(tmp_path):
+    """A run trained when empty texts were kept has a data card without "empty_texts_removed": its unchanged file
+    rebuilds the splits it recorded (not "changed since the run was trained"); a card that has the key drops them."""
+    from graftune.config import RunConfig
+    from graftune.data.card import data_card
+    from graftune.data.splits import run_splits
+
+    path = write(tmp_path / "gaps.csv", csv_text(',sport\n   ,tech\n'))
+    cfg = RunConfig(model="m", data=path, test_size=2, val_size=0)
+    old = load_data(path, drop_empty=False)  # what that run trained on
+    card = data_card(make_splits(old, **cfg.split_args()), source=old)
+    del card["checks"]["empty_texts_removed"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data_card.json").write_text(json.dumps(card))
+    rebuilt = run_splits(cfg, run_dir=tmp_path / "run")
+    assert "" in rebuilt.train.inputs + rebuilt.test.inputs  # the run's own examples, empty ones included
+    new = load_data(path)
+    (tmp_path / "run" / "data_card.json").write_text(json.dumps(data_card(make_splits(new, **cfg.split_args()),
+                                                                          source=new)))
+    assert all(t.strip() for t in run_splits(cfg, run_dir=tmp_path / "run").train.inputs)

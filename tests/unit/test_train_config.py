@@ -140,3 +140,12 @@ def test_unset_rate_and_batch_are_filled_with_the_methods_defaults():
     assert (own.lr, own.batch_size) == (0.02, 64)  # a given value is kept
     with pytest.raises(ConfigError, match="batch_size 16 is not a multiple of grad_accum 3"):
         RunConfig(model="m", data="d", grad_accum=3)  # checked against the default batch
+
+
+def test_a_run_yaml_from_before_the_method_defaults_repeats_for_every_method():
+    """run.yaml files written while lr and batch_size defaulted to 1e-3 and 16 hold those values for probe and
+    in-context runs too: they are not settings the user chose, so repeating such a run is not refused."""
+    for method in ("probe", "in-context"):
+        runs.check(RunConfig(model="minilm", data="d.csv", method=method, lr=1e-3, batch_size=16))
+        with pytest.raises(ConfigError, match="lr"):
+            runs.check(RunConfig(model="minilm", data="d.csv", method=method, lr=2e-3))

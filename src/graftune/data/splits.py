@@ -354,12 +354,19 @@ def run_splits(cfg: Any, kind: str | None = None, *, run_dir: str | Path | None 
 
     ``group_column``: read into ``Dataset.groups`` from the file the test examples come from (the test file, or
     the data file when the test split is carved from it)."""
-    ds = load_data(cfg.data, task=kind, group_column=None if cfg.test else group_column, **cfg.columns())
-    test = (load_data(cfg.test, task=kind or ds.modality, group_column=group_column, min_classes=1, **cfg.columns())
+    card = _read_card(Path(run_dir)) if run_dir is not None else {}
+    # a card from before empty texts were dropped on loading (no "empty_texts_removed" among its checks): that run
+    # trained with them, so its splits are rebuilt with them
+    checks = card.get("checks") if isinstance(card.get("checks"), dict) else {}
+    drop_empty = not card or "empty_texts_removed" in checks
+    ds = load_data(cfg.data, task=kind, group_column=None if cfg.test else group_column, drop_empty=drop_empty,
+                   **cfg.columns())
+    test = (load_data(cfg.test, task=kind or ds.modality, group_column=group_column, min_classes=1,
+                      drop_empty=drop_empty, **cfg.columns())
             if cfg.test else None)
     splits = make_splits(ds, test=test, **cfg.split_args())
     if run_dir is not None:
-        _check_recorded(splits, _recorded_fingerprints(Path(run_dir)), cfg, parts, fix)
+        _check_recorded(splits, _recorded_fingerprints(card), cfg, parts, fix)
     return splits
 
 
@@ -378,14 +385,19 @@ def fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _recorded_fingerprints(run_dir: Path) -> dict[str, str]:
-    """{split name: fingerprint} as the run's data card recorded them; empty when it recorded none (no card, or
-    a card from before fingerprints, or one that is not JSON: nothing to check against)."""
+def _read_card(run_dir: Path) -> dict:
+    """The run's data card; empty when there is none or it is not a JSON object."""
     try:
         card = json.loads((run_dir / CARD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    parts = card.get("splits") if isinstance(card, dict) else None
+    return card if isinstance(card, dict) else {}
+
+
+def _recorded_fingerprints(card: dict) -> dict[str, str]:
+    """{split name: fingerprint} as the run's data card recorded them; empty when it recorded none (no card, or
+    a card from before fingerprints, or one that is not JSON: nothing to check against)."""
+    parts = card.get("splits")
     if not isinstance(parts, dict):
         return {}
     return {name: part["fingerprint"] for name, part in parts.items()

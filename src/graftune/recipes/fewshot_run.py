@@ -14,7 +14,6 @@ at training time (same device and precision). Everything is data (safetensors + 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 
+from graftune.config import is_set
 from graftune.core.method import check as check_field
 from graftune.core.model import AdapterModel
 from graftune.data.card import data_card
@@ -116,8 +116,7 @@ def check_positive(opts: dict, names: Sequence[str], *, integer: bool) -> None:
 def unused_settings(cfg: Any, method: str = CONTRASTIVE) -> list[str]:
     """The run-config fields set away from their defaults that ``method`` does not use (``--method auto`` leaves the
     contrastive candidate out when there are any: the run would not honour them)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    return [name for name in _unused(method) if getattr(cfg, name) != defaults[name]]
+    return [name for name in _unused(method) if is_set(cfg, name)]
 
 
 def check_data(ds: Any, method: str = CONTRASTIVE) -> None:

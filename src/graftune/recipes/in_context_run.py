@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from graftune.config import RunConfig
+from graftune.config import RunConfig, is_set
 from graftune.core.method import check as check_field
 from graftune.data.card import data_card
 from graftune.data.sources import load_data
@@ -55,9 +55,8 @@ def check_config(cfg: RunConfig) -> None:
     """The task, settings that do not apply and the ``--set`` options, before anything loads."""
     check_field(cfg.task in (None, "classification"), "task",
                 f"got {cfg.task}; --method in-context labels texts with a decoder LM's prompt, use another --method")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in NOT_USED:
-        check_field(getattr(cfg, name) == defaults[name], name,
+        check_field(not is_set(cfg, name), name,
                     "--method in-context trains nothing (k labelled examples go into the prompt); drop it")
     unknown = sorted(set(cfg.options) - set(OPTIONS))
     if unknown:
