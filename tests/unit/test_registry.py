@@ -640,3 +640,14 @@ def test_a_version_not_promoted_is_deleted_whatever_the_promotion_ids(runs, reg)
     assert [v.version for v in reg.list("news")] == [1, 3] and reg.promoted_version("news") == 3
     with pytest.raises(ArtifactError, match="news@3 is the promoted version"):
         reg.delete("news", 3)
+
+
+def test_the_default_location_reads_as_empty_while_its_first_push_creates_the_index(tmp_path):
+    """Review: between the first push creating index.sqlite and committing its tables, a read of the default
+    location (missing_ok) met sqlite's 'no such table'; it reads as the empty registry it still is."""
+    import sqlite3
+
+    fresh = Registry(tmp_path / "reg", missing_ok=True)  # opened before the push began
+    (tmp_path / "reg").mkdir()
+    sqlite3.connect(tmp_path / "reg" / "index.sqlite").close()  # the push's file, no tables yet
+    assert (fresh.list(), fresh.log(), fresh.promoted()) == ([], [], {})

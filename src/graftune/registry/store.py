@@ -321,7 +321,14 @@ class Registry:
         if self.missing_ok and not self.exists():  # an empty registry: every query finds nothing
             return []
         with closing(self._connect()) as db:
-            return db.execute(sql, args).fetchall()
+            try:
+                return db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                # the default location while its first push is creating the index: the file is there, its tables
+                # not yet; still an empty registry
+                if self.missing_ok and "no such table" in str(e):
+                    return []
+                raise
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> None:
