@@ -264,3 +264,11 @@ def test_a_run_from_before_empty_texts_were_dropped_rebuilds_its_own_splits(tmp_
     (tmp_path / "run" / "data_card.json").write_text(json.dumps(data_card(make_splits(new, **cfg.split_args()),
                                                                           source=new)))
     assert all(t.strip() for t in run_splits(cfg, run_dir=tmp_path / "run").train.inputs)
+
+
+def test_a_null_text_is_dropped_as_an_empty_one_is(tmp_path):
+    """Review: a JSONL null (or a Parquet null) text stopped the load with 'no value in column', while "" was dropped
+    with a counted warning; both are empty texts."""
+    path = write_jsonl(tmp_path / "nulls.jsonl", rows()[:3] + [{"text": None, "label": "tech"}] + rows()[3:])
+    ds = load_data(path)
+    assert len(ds) == 8 and ds.empty_texts_removed == ("line 4",)

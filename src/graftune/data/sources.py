@@ -24,7 +24,7 @@ Exact duplicates are removed when loading (`dedup=True`), keeping the first in s
 with whitespace normalized, images by pixels, pairs by both sides. A duplicate left in would land in the few
 shots and the test set at once (BBC News ships 100 of them).
 
-Rows of a tabular source whose text is empty or whitespace only are dropped too (`drop_empty=True`): there is
+Rows of a tabular source whose text is empty, whitespace only or null are dropped too (`drop_empty=True`): there is
 nothing in them to classify, and a blank "example" would teach its label to the empty string. Where they were
 (`line N` / `record N` / `row N`) is kept in `Dataset.empty_texts_removed`, and the run says so (a counted
 warning, `data.checks.split_warnings`). A file whose every text is empty is refused.
@@ -389,7 +389,7 @@ def load_data(
         min_classes: the fewest classes a labelled file may hold: 2 to train on, 1 to score a run on (scoring
             is not training: a file of one class is a valid test of a classifier).
         group_column: a column whose value names each example's group (``Dataset.groups``); None: no groups.
-        drop_empty: drop the rows of a tabular source whose text is empty or whitespace only (see the module
+        drop_empty: drop the rows of a tabular source whose text is empty, whitespace only or null (see the module
             docstring); False keeps them, to see what a file holds (``graftune check``).
     """
     modality = _modality_for_task(task)
@@ -818,7 +818,8 @@ def _from_records(
             raise _missing_column(name, r, col[r], columns)
     empty: list[str] = []
     if role == "text" and drop_empty:
-        blank = [isinstance(row.get(col["text"]), str) and not row[col["text"]].strip() for row in rows]
+        blank = [row.get(col["text"]) is None or (isinstance(row[col["text"]], str) and not row[col["text"]].strip())
+                 for row in rows]  # a null text (JSONL null, a Parquet null) is as empty as ""
         empty = [loc for loc, b in zip(locs, blank) if b]
         if len(empty) == len(rows):
             raise DataError(f"{name}: every text in column '{col['text']}' is empty ({_count(len(rows), 'row')}); "
