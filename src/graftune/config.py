@@ -9,7 +9,6 @@ the value is read as YAML, so ``--set r=8`` is an int, ``--set targets=[query,va
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shlex
@@ -343,21 +342,9 @@ def set_flag(key: str, value: Any) -> str:
 
 
 def _yaml_flow(value: Any) -> str:
-    """``value`` as one line of YAML that ``yaml.safe_load`` reads back as ``value``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_yaml_flow(str(k))}: {_yaml_flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_yaml_flow(v) for v in value) + "]"
-    text = str(value)
-    if re.fullmatch(r"[A-Za-z_][\w.\-]*", text) and yaml.safe_load(text) == text:
-        return text
-    return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
+    """``value`` as one line of YAML that ``yaml.safe_load`` reads back as ``value`` (PyYAML's flow style; a lone
+    scalar's document-end marker dropped)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("\n...")
 
 
 def build_config(config_file: str | Path | None = None, *, sets: list[str] | None = None,

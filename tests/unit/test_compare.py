@@ -712,3 +712,14 @@ def test_the_settings_offered_are_those_a_comparison_uses():
         assert offered in str(err.value)
     for causal_lm_only in ("prompt_column", "response_column", "max_new_tokens"):
         assert causal_lm_only not in str(err.value)
+
+
+def test_one_test_example_a_class_names_the_small_class_only_when_it_is_the_cause():
+    from graftune.data.sources import Dataset
+    from graftune.strategies.compare import _one_test_each
+
+    ds = Dataset(modality="text", inputs=[f"t{i}" for i in range(12)], labels=["a"] * 10 + ["b"] * 2,
+                 label_names=["a", "b"])
+    assert "smallest class (b, 2 examples) has room for no more beside 1 training example;" in _one_test_each(ds, 2, 1)
+    asked = _one_test_each(ds, 2, 0)  # room for more: one a class was asked for (--test-per-class 1)
+    assert "smallest class" not in asked and asked.startswith("the test set holds 1 example a class (2 in all); ")

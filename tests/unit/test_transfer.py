@@ -165,7 +165,7 @@ def test_a_shape_mismatch_names_set_flags_that_work_when_pasted(tiny, tmp_path):
     with pytest.raises(ConfigError) as err:
         transfer.warm_start(fresh(tiny, r=4, alpha=8), "new", tmp_path / "src")
     msg = str(err.value)
-    assert msg.endswith("train with its options: --set 'targets=[query,key,attention.output.dense]' "
+    assert msg.endswith("train with its options: --set 'targets=[query, key, attention.output.dense]' "
                         "--set top_k_layers=1"), msg
     flags = shlex.split(msg.split("train with its options: ")[1])
     pasted = parse_sets(flags[1::2])

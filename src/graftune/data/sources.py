@@ -89,7 +89,7 @@ class Dataset:
     conflicts_removed: int = 0
     #: one group name per example (``load_data(group_column=...)``), or None
     groups: list[str] | None = None
-    #: where each row dropped for an empty or whitespace-only text was (``line N`` / ``record N`` / ``row N``)
+    #: where each row dropped for an empty, whitespace-only or null text was (``line N`` / ``record N`` / ``row N``)
     empty_texts_removed: tuple[str, ...] = ()
 
     def __len__(self) -> int:

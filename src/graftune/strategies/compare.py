@@ -375,9 +375,10 @@ def _one_test_each(ds: Dataset, n_test: int, shots: int) -> str:
     """The warning for a carved test set of one example a class (``catalog.test_per_class_for``'s least)."""
     counts = ds.counts()
     small = min(counts, key=counts.get)
-    return (f"the test set holds 1 example a class ({n_test} in all): the smallest class ({small}, {counts[small]} "
-            f"examples) has room for no more beside {shots} training example{'s' if shots > 1 else ''}; "
-            f"{n_test} test examples cannot tell strategies apart: add examples or pass --test FILE")
+    why = (f": the smallest class ({small}, {counts[small]} examples) has room for no more beside {shots} training "
+           f"example{'s' if shots > 1 else ''}" if counts[small] - shots <= 1 else "")  # else asked for
+    return (f"the test set holds 1 example a class ({n_test} in all){why}; {n_test} test examples cannot tell "
+            "strategies apart: add examples or pass --test FILE")
 
 
 def _trust_line(row: dict) -> str:
