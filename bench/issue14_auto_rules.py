@@ -209,15 +209,22 @@ def _scores(record: dict, trained_folds: int, candidates=("probe", "prototypes",
     return scores, truth
 
 
-def rule_futility(record: dict, checks: tuple[int, ...] = (auto.FUTILITY_FOLDS,)) -> tuple[str, int]:
+def rule_futility(record: dict, checks: tuple[int, ...] = (auto.FUTILITY_FOLDS,),
+                  first_lead: float | None = None) -> tuple[str, int]:
     """auto's rule with the futility stop (``auto.FUTILITY_FOLDS``) checked after each of ``checks`` folds: stop with
-    the preferred candidate (contrastive) when no other is ahead of it on the examples both predicted. Returns the
-    pick and the trained folds it paid for."""
+    the preferred candidate (contrastive) when no other is ahead of it on the examples both predicted. With
+    ``first_lead`` the check after the first fold asks more: contrastive ahead of every other by more than
+    ``first_lead`` standard errors of the paired gap (and 1 point). Returns the pick and the trained folds paid."""
     for t in checks:
         if t >= record["k"]:
             break
         scores, truth = _scores(record, t)
-        if all(auto._gap(scores["contrastive"], s, truth)[0] <= 0 for n, s in scores.items() if n != "contrastive"):
+        others = [s for n, s in scores.items() if n != "contrastive"]
+        if t == 1 and first_lead is not None:
+            stop = all(auto._beaten(s, scores["contrastive"], truth, first_lead) for s in others)
+        else:
+            stop = all(auto._gap(scores["contrastive"], s, truth)[0] <= 0 for s in others)
+        if stop:
             return "contrastive", t
     return rule_auto(record, record["k"]), record["k"]
 
@@ -229,10 +236,11 @@ def futility_replay(records: list[dict]) -> str:
     header = ("| stop checked after | picks changed | trained folds paid for | stops at 1 / 3 / all folds | "
               "splits a z = 1 / 1.65 rule overrules | of those, stopped before all folds |")
     lines = [header, "|---|---|---|---|---|---|"]
-    for checks in ((auto.FUTILITY_FOLDS,), (1, auto.FUTILITY_FOLDS)):
+    for checks, first_lead in (((auto.FUTILITY_FOLDS,), None), ((1, auto.FUTILITY_FOLDS), None),
+                               ((1, auto.FUTILITY_FOLDS), 1.0), ((1, auto.FUTILITY_FOLDS), 2.0)):
         changed, paid, stops, hidden, over = 0, [], {1: 0, 3: 0, "all": 0}, {1.0: 0, 1.65: 0}, {1.0: 0, 1.65: 0}
         for r in records:
-            pick, t = rule_futility(r, checks)
+            pick, t = rule_futility(r, checks, first_lead)
             changed += pick != rule_auto(r, r["k"])
             paid.append(t / r["k"])
             stops[t if t < r["k"] else "all"] += 1
@@ -240,7 +248,8 @@ def futility_replay(records: list[dict]) -> str:
                 if rule_z(r, z) != "contrastive":
                     over[z] += 1
                     hidden[z] += t < r["k"]
-        lines.append(f"| {' and '.join(map(str, checks))} folds | {changed} of {len(records)} | "
+        lead = "" if first_lead is None else f" (after 1: a lead of {first_lead:g} standard errors)"
+        lines.append(f"| {' and '.join(map(str, checks))} folds{lead} | {changed} of {len(records)} | "
                      f"{100 * statistics.mean(paid):.0f}% | {stops[1]} / {stops[3]} / {stops['all']} | "
                      f"{over[1.0]} / {over[1.65]} | {hidden[1.0]} / {hidden[1.65]} |")
     return "\n".join(lines)

@@ -42,6 +42,10 @@ VARIANTS = {
     "cosine-64-lr3": {"batch_size": 64, "lr": 3e-3},
     # pairs read 256 tokens instead of the first 128 (long texts: the probe reads up to 4 windows of 256)
     "pairs-256": {"max_length": 256},
+    # a step's texts in one batch padded to its longest (the recipe until session 12), not in groups by length
+    "one-batch": {"group_rows": 1_000_000},
+    # the frozen base without its dropout while the adapter trains, as train()'s adapter loop runs it
+    "no-base-dropout": {"base_dropout": False},
 }
 
 
@@ -67,23 +71,23 @@ def measure(data: str, seed: int, shots: int, test_max: int, variants: list[str]
     return out
 
 
-def summary(folder: Path) -> None:
+def summary(folder: Path, baseline: str = "setfit") -> None:
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     names = [n for n in VARIANTS if all(n in r["variants"] for r in records)]
     sets = sorted({r["data"] for r in records})
-    print("| variant | " + " | ".join(sets) + " | mean change | worst change | train seconds (ratio to setfit) |")
+    print("| variant | " + " | ".join(sets) + f" | mean change | worst change | train seconds (ratio to {baseline}) |")
     print("|---" * (len(sets) + 4) + "|")
     for name in names:
         cells, changes = [], []
         for s in sets:
             rs = [r for r in records if r["data"] == s]
-            change = statistics.mean(100 * (r["variants"][name]["accuracy"] - r["variants"]["setfit"]["accuracy"])
+            change = statistics.mean(100 * (r["variants"][name]["accuracy"] - r["variants"][baseline]["accuracy"])
                                      for r in rs)
             acc = statistics.mean(r["variants"][name]["accuracy"] for r in rs)
             cells.append(f"{acc:.3f} ({change:+.1f})")
             changes.append(change)
         ratio = (sum(r["variants"][name]["train_seconds"] for r in records)
-                 / sum(r["variants"]["setfit"]["train_seconds"] for r in records))
+                 / sum(r["variants"][baseline]["train_seconds"] for r in records))
         print(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(changes):+.1f} | {min(changes):+.1f} | "
               f"{ratio:.2f} |")
 
@@ -97,9 +101,10 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/out/contrastive-steps")
     p.add_argument("--summary", help="a folder of records: print the table only")
+    p.add_argument("--baseline", default="setfit", help="the variant the others' changes are measured from")
     a = p.parse_args()
     if a.summary:
-        return summary(Path(a.summary))
+        return summary(Path(a.summary), a.baseline)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for data in a.data.split(","):
@@ -108,7 +113,7 @@ def main():
             record = measure(data, seed, a.shots, a.test_max, a.variants.split(","))
             (out / f"{record['data']}-{a.shots}-{seed}.json").write_text(json.dumps(record, indent=1))
             print(f"{data} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
-    summary(out)
+    summary(out, a.baseline)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,9 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
             log.event("fit", head=fit["details"]["head"], val=brief(val), seconds=time.perf_counter() - started)
 
         # --- test, write the run directory ------------------------------------------------------------------
+        scoring = time.perf_counter()
         test = score(fitted, splits.test.inputs, splits.test.labels, ds.label_names)
+        scoring = time.perf_counter() - scoring
         adapter_bytes = 0
         if fitted.adapter is not None:
             extra = {"task": "classification", "multi_label": False, "base_model": cfg.model,
@@ -192,7 +194,8 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
             "total_params": sum(p.numel() for p in model.base.parameters()) + adapter_params + head_params,
             "adapter_bytes": adapter_bytes, "head_bytes": (work / HEAD_DIR / HEAD_TENSORS).stat().st_size,
             "train_seconds": round(fit["seconds"], 2), "train_cpu_seconds": round(train_cpu, 2),
-            "wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(memory.peak, 1),
+            "wall_seconds": round(time.perf_counter() - started, 2), "test_seconds": round(scoring, 2),
+            "peak_rss_mb": round(memory.peak, 1),
             # contrastive_fit has no early stopping (every epoch of pairs runs) and a probe has no epochs: no epoch
             # is picked on val
             "epochs_run": fit["epochs"], "best_epoch": None, "steps": fit["steps"],
