@@ -246,17 +246,22 @@ def test_contrastive_is_seeded_and_the_cache_changes_nothing():
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
 
 
-@pytest.mark.parametrize("loss", ["cosine", "supcon"])
-def test_contrastive_length_groups_change_nothing(loss):
+@pytest.mark.parametrize("model,loss", [("bert", "cosine"), ("bert", "supcon"), ("llama-left-padded", "cosine")])
+def test_contrastive_length_groups_change_nothing(model, loss):
     # a step's texts encoded in groups by length (each padded to its own longest) train exactly as one batch: the
     # same losses step by step and the same model (no dropout here); a group's rows back in the wrong order would
     # pair the wrong embeddings (cosine) or give them the wrong labels (supcon)
     tok = tokenizer()
+    extra = {}
+    if model != "bert":
+        tok.padding_side = "left"
+        extra = {"pooling": "last", "method_options": {"top_k_layers": 1}}
     runs = {}
     for rows in (3, 1000):
         steps = []
-        runs[rows] = (fs.contrastive_fit(bert(), tok, TEXTS, LABELS, seed=2, lr=5e-3, loss=loss, group_rows=rows,
-                                         on_step=steps.append, **FAST), [s["loss"] for s in steps])
+        runs[rows] = (fs.contrastive_fit(bert() if model == "bert" else tiny_llama(), tok, TEXTS, LABELS, seed=2,
+                                         lr=5e-3, loss=loss, group_rows=rows, on_step=steps.append, **extra, **FAST),
+                      [s["loss"] for s in steps])
     assert np.allclose(runs[3][1], runs[1000][1], atol=1e-5)
     assert np.allclose(runs[3][0].predict_proba(TEXTS), runs[1000][0].predict_proba(TEXTS), atol=1e-4)
     with pytest.raises(ConfigError, match="group_rows"):
