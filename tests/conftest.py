@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# the thread count is fixed for the suite (and the CLI processes it starts), so the CLI's commands do not sample
+# the cores' load before each call (speed/threads.py; tests/unit/test_threads.py clears this to test it)
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def tiny_bert():

@@ -37,18 +37,44 @@ def _root(
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+#: notes a command leaves for its end (``_threads``): said on stderr once it has run, dropped when it stops on an error
+_NOTES: list[str] = []
+
+
 def user_errors(fn):
-    """GraftuneError -> one line on stderr and exit 2; anything else is a bug and keeps its traceback."""
+    """GraftuneError -> one line on stderr and exit 2; anything else is a bug and keeps its traceback. Notes left
+    in ``_NOTES`` are said after the command, unless it ends on such an error (its one line stays alone)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except GraftuneError as e:
+            _NOTES.clear()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except (typer.Exit, KeyboardInterrupt):  # a refusal (exit 1) or Ctrl-C: the notes still explain the run
+            _say_notes()
+            raise
+        _say_notes()
+        return result
 
     return wrapper
+
+
+def _say_notes() -> None:
+    for line in _NOTES:
+        typer.echo(line, err=True)
+    _NOTES.clear()
+
+
+def _threads(requested: int | None = None, *, flag: bool = False) -> None:
+    """torch's CPU threads for a command that computes: ``requested``, or at most the cores other programs leave
+    free (``speed/threads.py``; its note is said when the command ends). ``flag``: the command has ``--threads``."""
+    from graftune.speed.threads import fit_to_free_cores
+
+    fit_to_free_cores(requested, say=_NOTES.append,
+                      choose="--threads N (or OMP_NUM_THREADS=N)" if flag else "OMP_NUM_THREADS=N graftune ...")
 
 
 @app.command()
@@ -178,6 +204,7 @@ def train(
         # the interrupted run's own config; plain words when there is none, or when --method's runs cannot resume
         config = str(resume_config(out, method))
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
+    _threads(cfg.threads, flag=True)
     if budget is not None and cfg.method != "auto":  # given, but nothing would read it
         from graftune.errors import ConfigError
 
@@ -289,6 +316,7 @@ def compare(
     """Compare adaptation strategies on identical splits (shots x seeds x augmentation); write results.json and
     report.html, print the summary and a recommendation. With --group-column and --robustness, also per-group gaps
     and robustness per run."""
+    _threads()
     from graftune.config import parse_sets
     from graftune.errors import ConfigError
     from graftune.strategies.compare import TrustOptions, run_compare
@@ -357,6 +385,7 @@ def bench(
     """Run the comparison on several data sets (shots x seeds, each (data set, strategy, shots, seed) an
     independent job, locally or on Ray) with --method auto judged by its regret; write bench.json, bench.html
     and bench.md (docs/bench.md)."""
+    _threads()
     from graftune.config import parse_sets
     from graftune.strategies.bench import run_bench
 
@@ -406,6 +435,7 @@ def eval_(
 ):
     """Score a run: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (classification),
     or perplexity, exact match and JSON validity (causal LM); with --group-column, per group too."""
+    _threads()
     from graftune.evaluate import evaluate_run
     from graftune.io.onnx_format import is_onnx_export
 
@@ -474,6 +504,7 @@ def predict(
     """Classify texts with a trained run (or an ONNX export of one): the label and the probability of every class.
     Each output row starts with the input it answers: arg N (the N-th text given), line N of --input, or the
     image file's name."""
+    _threads()
     from graftune.data.inputs import read_input_file
     from graftune.errors import DataError
     from graftune.io.onnx_format import is_onnx_export
@@ -545,6 +576,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: prompt and answer."),
 ):
     """Answer prompts with a causal-LM run (greedy decoding)."""
+    _threads()
     from graftune.evaluate import generate as run_generate
     from graftune.runs import load_run
 
@@ -587,6 +619,7 @@ def export(
 ):
     """Export a run: its adapter in PEFT's format (LoRA), or the whole classifier, adapters merged, as ONNX
     (checked against PyTorch's logits; run it with graftune predict/eval OUT_DIR or any onnxruntime)."""
+    _threads()
     from graftune.errors import ConfigError
     from graftune.io.peft_format import export_run
 
@@ -615,6 +648,7 @@ def demo(
 ):
     """The main job: --method auto on 8 TREC questions per class, its evidence and pick, against the frozen
     baseline."""
+    _threads()
     from graftune.demo import format_table, run_demo
 
     typer.echo("MiniLM on TREC question types, 8 labelled questions per class: --method auto picks how to adapt it, "
@@ -724,6 +758,7 @@ def registry_promote(ref: str = typer.Argument(..., help="NAME@V to promote."),
                      registry: RegistryDir = None, as_json: AsJson = False, mlflow: Mlflow = None):
     """Promote NAME@V through the regression gate (exit 1 when refused: the candidate is worse than the promoted
     version beyond sampling noise)."""
+    _threads()
     from graftune.errors import ConfigError
     from graftune.registry import parse_ref
     from graftune.registry.mirror import mirror_alias
@@ -820,6 +855,7 @@ def serve(
 ):
     """Serve every promoted adapter from one base per base model: POST /v1/predict, /v1/generate; GET /v1/adapters,
     /health, /metrics. Requests for different adapters share one forward (docs/deploy.md)."""
+    _threads(threads, flag=True)
     from graftune.serve.schemas import Limits
     from graftune.serve.server import serve as run_server
 
@@ -851,6 +887,7 @@ def drift(
     """Do recent inputs of a served adapter still look like its training data? Embedding, text length,
     unknown-token rate and predicted-class shares of the last 24 hours (--since, --last, --all), each tested at a
     stated false-alarm rate."""
+    _threads()
     from graftune.serve.server import check_drift
 
     report = check_drift(name, registry=registry, run=run, version=version, drift_dir=drift_dir, alpha=alpha,
@@ -881,6 +918,7 @@ def check(
     """Check data before training on it: exact and near-duplicate examples, the same example under different
     labels, class imbalance, empty or very long texts, a test set that overlaps the data, and (--labels) suspect
     labels. Reads only; writes nothing."""
+    _threads()
     from graftune.data.checks import format_report
     from graftune.strategies.label_check import check_source
 
@@ -909,6 +947,7 @@ def robustness_(
     """Accuracy under character noise, word drops and swaps and case changes at several strengths, and a greedy
     character-level attack's success rate within an edit budget; written into RUN_DIR/metrics.json under
     `robustness`. Text classifiers only."""
+    _threads()
     from graftune.errors import ConfigError
     from graftune.strategies.robustness import format_table
     from graftune.strategies.robustness import robustness as run_robustness

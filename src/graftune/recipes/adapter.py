@@ -159,7 +159,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
             log.event("start", method=cfg.method, model=cfg.model, data=cfg.data, precision=policy.name,
                       train=len(splits.train), val=len(splits.val), test=len(splits.test), steps=total_steps)
         speed = {"device": str(device), "processes": info.world_size, "cache": cache_note, "compile": compile_note,
-                 "cpu": cpu_features()}
+                 "threads": torch.get_num_threads(), "cpu": cpu_features()}
         log.event("speed", **speed)
 
         # --- the loop ---------------------------------------------------------------------------------------------

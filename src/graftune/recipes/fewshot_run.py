@@ -165,7 +165,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
         fitted, fit = fit(cfg, model, base, splits, log, progress, adapter_name(out), policy)
         train_cpu = time.process_time() - cpu0
         speed = {"device": str(device), "processes": 1, "cache": fit["cache"], "compile": None,
-                 "cpu": cpu_features()}
+                 "threads": torch.get_num_threads(), "cpu": cpu_features()}
         log.event("speed", **speed)
         val = score(fitted, splits.val.inputs, splits.val.labels, ds.label_names) if len(splits.val) else None
         if method == CONTRASTIVE:

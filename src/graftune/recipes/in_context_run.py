@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from graftune.config import RunConfig, is_set
 from graftune.core.method import check as check_field
@@ -102,7 +103,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
                    "stopped_early": False, "epochs": 0,
                    "precision": "fp32", "method": METHOD, "task": "classification",
                    "speed": {"device": "cpu", "processes": 1, "cache": "the prompt's key/value cache, computed once",
-                             "compile": None, "cpu": cpu_features()},
+                             "compile": None, "threads": torch.get_num_threads(), "cpu": cpu_features()},
                    METHOD: {"examples_in_prompt": len(fitted.examples), "prefix_tokens": fitted.cost.get("prefix_tokens"),
                             "test_seconds": round(scoring, 2),
                             "seconds_per_text": round(scoring / max(len(splits.test), 1), 4)}}
