@@ -376,7 +376,7 @@ class _ExportText:
 
         def runner(file: Path) -> fmt.OnnxRun:
             common = {"label_names": run.label_names, "max_length": settings["max_length"],
-                      "pad_id": settings["pad_id"]}
+                      "pad_id": settings["pad_id"], "threads": torch.get_num_threads()}
             if fitted is None:
                 return fmt.OnnxRun(file, tmp / fmt.TOKENIZER_FILE, multi_label=run.multi_label, **common)
             return fmt.OnnxFewShotRun(file, tmp / fmt.TOKENIZER_FILE, tmp / fmt.HEAD_FILE, **common,
@@ -459,7 +459,7 @@ class _ExportImage:
 
         def runner(file: Path) -> fmt.OnnxImageRun:
             return fmt.OnnxImageRun(file, preprocess=self.preprocess, label_names=run.label_names,
-                                    multi_label=run.multi_label)
+                                    multi_label=run.multi_label, threads=torch.get_num_threads())
 
         fp32 = runner(model_file)
         diff = _check_outputs(run_dir, fp32, check, reference, "images", batch_size)
@@ -526,7 +526,7 @@ def evaluate_export(export_dir: str | os.PathLike, *, data: str | None = None, t
     the export, and checked against the fingerprints of the run's data card copied beside it)."""
     export_dir = Path(export_dir)
     _no_quantize(export_dir, quantize)
-    run = fmt.OnnxClassifier.load(export_dir)
+    run = fmt.OnnxClassifier.load(export_dir, threads=torch.get_num_threads())  # as torch's (speed/threads.py)
     source = export_dir / fmt.SOURCE_RUN_FILE
     if data is None and not source.is_file():
         raise DataError(f"{export_dir}: no {fmt.SOURCE_RUN_FILE} to rebuild the test split from; pass --data FILE")
@@ -554,7 +554,7 @@ def predict_export(export_dir: str | os.PathLike, args: Sequence[str], given: In
     args = list(args or [])
     if not args and not (given and given.items):
         raise DataError("nothing to predict: pass texts (or image files) after the export folder or --input FILE")
-    run = fmt.OnnxClassifier.load(export_dir)
+    run = fmt.OnnxClassifier.load(export_dir, threads=torch.get_num_threads())  # as torch's (speed/threads.py)
     images = run.kind == "image"
     if given is not None and given.images != images:
         raise DataError("--input holds images, but this ONNX export classifies text: pass a .txt (one text per "
