@@ -11,8 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# the thread count is fixed for the suite (and the CLI processes it starts), so the CLI's commands do not sample
-# the cores' load before each call (speed/threads.py; tests/unit/test_threads.py clears this to test it)
+# on a busy machine the suite runs on the free cores only, as the CLI does (speed/threads.py); the count is then
+# fixed for the suite and the CLI processes it starts, so the CLI's commands do not sample the cores' load before
+# each call (tests/unit/test_threads.py clears the variable to test that)
+from graftune.speed.threads import fit_to_free_cores  # after the variables above: transformers reads them
+
+fit_to_free_cores()
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 

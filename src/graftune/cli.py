@@ -73,6 +73,8 @@ def _threads(requested: int | None = None, *, flag: bool = False) -> None:
     free (``speed/threads.py``; its note is said when the command ends). ``flag``: the command has ``--threads``."""
     from graftune.speed.threads import fit_to_free_cores
 
+    if requested is not None and requested < 1:
+        return  # the command refuses it in its own words
     fit_to_free_cores(requested, say=_NOTES.append,
                       choose="--threads N (or OMP_NUM_THREADS=N)" if flag else "OMP_NUM_THREADS=N graftune ...")
 
