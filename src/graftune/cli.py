@@ -857,7 +857,6 @@ def serve(
 ):
     """Serve every promoted adapter from one base per base model: POST /v1/predict, /v1/generate; GET /v1/adapters,
     /health, /metrics. Requests for different adapters share one forward (docs/deploy.md)."""
-    _threads(threads, flag=True)
     from graftune.serve.schemas import Limits
     from graftune.serve.server import serve as run_server
 
