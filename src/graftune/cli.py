@@ -147,7 +147,8 @@ def train(
     test: str | None = typer.Option(None, help="A separate test file."),
     test_size: float | None = typer.Option(None, help="Test fraction (or count).  [default: 0.2]"),
     test_per_class: int | None = typer.Option(None, help="Exactly N test examples per class."),
-    val_size: float | None = typer.Option(None, help="Val fraction (or count); 0: no val.  [default: 0.1]"),
+    val_size: float | None = typer.Option(None, help="Val fraction (or count) for early stopping; 0: no val.  [default: 0.1; contrastive, "
+                                      "probe, in-context: 0, as they never read it]"),
     text_column: str | None = typer.Option(None, help="The text column of --data and --test.  [default: text]"),
     label_column: str | None = typer.Option(None, help="The label column (several labels per row: a list, or "
                                             "joined by |).  [default: label]"),
@@ -219,7 +220,10 @@ def train(
     try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
         cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
         if picked:
-            typer.echo(f"--method auto picked {cfg.method}. {cfg.auto['reason']}", err=as_json)
+            chosen = cfg.auto["method"]
+            how = "" if chosen == cfg.method else f" (trained as --method {cfg.method}" + "".join(
+                f" --set {k}={v}" for k, v in cfg.options.items()) + ")"
+            typer.echo(f"--method auto picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
     except KeyboardInterrupt:
         import shlex

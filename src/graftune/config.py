@@ -34,6 +34,8 @@ CACHE_CHOICES = ("auto", "on", "off")
 #: the optimizer step of the adapter loop when ``lr`` / ``batch_size`` are unset (``RunConfig.with_step_defaults``;
 #: a recipe with other defaults passes its own)
 STEP_DEFAULTS = {"lr": 1e-3, "batch_size": 16}
+#: the adapter loop's validation part when ``val_size`` is unset (early stopping reads it)
+VAL_SIZE = 0.1
 #: fields that say where and how to run, not what to compute: never written to run.yaml
 _RUNTIME = ("out", "resume", "overwrite")
 
@@ -56,7 +58,10 @@ class RunConfig:
     test_size: fraction (or count) held out for testing when neither ``test`` nor ``test_per_class`` is given.
     test_per_class: exactly N test examples per class.
     val_size: fraction (or count) held out for early stopping; with ``shots``, 0 switches val off (else val is
-        the next max(K, 8) examples per class).
+        the next max(K, 8) examples per class). Unset: the method's own, filled in when the run starts
+        (``with_step_defaults``): ``VAL_SIZE`` for the adapter loop, whose early stopping reads it; 0 for the
+        contrastive, probe and in-context recipes, which never read a validation part (``split_args`` before
+        that: ``VAL_SIZE``).
     seed: seeds the splits, the shots, the head's initialization, the data order and dropout.
     split_seed: seeds the test/val carving apart from the shots and the training (unset: ``seed``): one fixed
         test set, many shot draws.
@@ -118,7 +123,7 @@ class RunConfig:
     shots: int | None = None
     test_size: float = 0.2
     test_per_class: int | None = None
-    val_size: float = 0.1
+    val_size: float | None = None
     seed: int = 0
     split_seed: int | None = None
     epochs: int = 10
@@ -216,9 +221,9 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def with_step_defaults(self, defaults: dict | None = None) -> RunConfig:
-        """This config with ``lr`` and ``batch_size`` filled in where unset, from a recipe's ``defaults`` (else
-        ``STEP_DEFAULTS``): what a run trains with and writes into ``run.yaml``."""
-        own = {**STEP_DEFAULTS, **(defaults or {})}
+        """This config with ``lr``, ``batch_size`` and ``val_size`` filled in where unset, from a recipe's
+        ``defaults`` (else ``STEP_DEFAULTS`` and ``VAL_SIZE``): what a run trains with and writes into ``run.yaml``."""
+        own = {**STEP_DEFAULTS, "val_size": VAL_SIZE, **(defaults or {})}
         return self.replace(**{k: v for k, v in own.items() if getattr(self, k) is None})
 
     def columns(self) -> dict:
@@ -229,7 +234,8 @@ class RunConfig:
     def split_args(self) -> dict:
         """The keyword arguments of ``data.splits.make_splits`` this config asks for (without ``test``)."""
         return {"seed": self.seed if self.split_seed is None else self.split_seed, "shot_seed": self.seed,
-                "test_size": self.test_size, "val_size": self.val_size, "shots": self.shots,
+                "test_size": self.test_size, "val_size": VAL_SIZE if self.val_size is None else self.val_size,
+                "shots": self.shots,
                 "test_per_class": self.test_per_class}
 
 

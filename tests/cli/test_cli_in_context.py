@@ -48,6 +48,7 @@ def test_the_run_holds_the_prompt_and_reloads_to_the_same_predictions(run_dir, t
     run = load_run(run_dir)
     splits = make_splits(load_data(run.cfg.data), **run.cfg.split_args())
     assert {e["text"] for e in saved["examples"]} <= set(splits.train.inputs)  # never a test text
+    assert run.cfg.val_size == 0 and len(splits.val) == 0  # nothing reads a validation part: none held out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "in-context" and metrics["trainable_params"] == 0
     assert metrics["in-context"]["prefix_tokens"] > 0 and metrics["in-context"]["seconds_per_text"] > 0

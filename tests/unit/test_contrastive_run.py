@@ -78,12 +78,15 @@ def test_the_run_directory_matches_a_classification_run(run, tiny):
     assert head["format_version"] == 1 and head["kind"] == "logistic"  # what graftune before probe runs reads
     assert head["label_names"] == ["money", "sport", "tech"]
 
-    # a LoRA run with the same split settings: same data card splits, and metrics.json has every key it has
+    # a LoRA run with the same split settings: the same training and test examples (the LoRA run holds out a
+    # validation part for early stopping, the contrastive one none), and metrics.json has every key it has
     lora_out = tiny["root"] / "lora"
     lora = train(RunConfig(**train_args(tiny["bert"], tiny["csv"], lora_out, shots=4, epochs=1)), progress=False)
     assert set(lora) <= set(metrics), set(lora) - set(metrics)
     card, lora_card = (json.loads((d / "data_card.json").read_text())["splits"] for d in (out, lora_out))
-    assert {k: v["fingerprint"] for k, v in card.items()} == {k: v["fingerprint"] for k, v in lora_card.items()}
+    assert {k: card[k]["fingerprint"] for k in ("train", "test")} == {
+        k: lora_card[k]["fingerprint"] for k in ("train", "test")}
+    assert card["val"]["examples"] == 0 < lora_card["val"]["examples"]
     assert metrics["method"] == "contrastive" and metrics["best_epoch"] is None and metrics["epochs_run"] == 1
     assert metrics["contrastive"]["pairs"] == 2 * 2 * 12 and metrics["steps"] == 48 // 8  # batch_size: pairs/step
     assert not metrics["speed"]["cache"].startswith("off"), metrics["speed"]["cache"]
@@ -215,3 +218,24 @@ def test_unset_rate_and_batch_are_the_recipes_own_and_recorded(tiny, tmp_path):
     assert meta["contrastive"]["lr"] == 3e-3, meta["contrastive"]
     given = RunConfig(**{**args, "lr": 1e-3, "batch_size": 16}).with_step_defaults(cr.STEP_DEFAULTS)
     assert (given.lr, given.batch_size) == (1e-3, 16)
+
+
+@pytest.mark.parametrize("method", ["contrastive", "probe"])
+def test_no_validation_part_unless_asked(tiny, tmp_path, method):
+    """Contrastive and probe runs never read a validation part: unset --val-size holds out none, so every example
+    not in the test set trains, and run.yaml records 0; a given --val-size is kept. The adapter loop keeps 10%."""
+    args = contrastive_args(tiny, tmp_path / "own", method=method)
+    del args["shots"]
+    if method == "probe":
+        args["options"] = {}
+        del args["batch_size"]
+    train(RunConfig(**args), progress=False)
+    card = json.loads((tmp_path / "own" / "data_card.json").read_text())["splits"]
+    assert card["val"]["examples"] == 0 and card["train"]["examples"] + card["test"]["examples"] == 60  # 3 x 20
+    assert build_config(tmp_path / "own" / "run.yaml").val_size == 0
+    train(RunConfig(**{**args, "out": str(tmp_path / "asked"), "val_size": 0.1}), progress=False)
+    asked = json.loads((tmp_path / "asked" / "data_card.json").read_text())["splits"]
+    assert asked["val"]["examples"] == 6 and asked["train"]["examples"] == card["train"]["examples"] - 6
+    assert asked["test"] == card["test"]  # the same test set either way
+    loop = RunConfig(**{**args, "method": "lora", "options": {}})
+    assert loop.val_size is None and loop.with_step_defaults().val_size == 0.1 and loop.split_args()["val_size"] == 0.1

@@ -95,13 +95,16 @@ def test_the_run_directory_has_a_head_and_no_adapter(runs, tiny):
     assert prototype["shapes"] == {"prototypes": [3, 32]} and prototype["temperature"] == 0.05
     assert runs["logistic"][1]["trainable_params"] == 3 * 32 + 3 and runs["prototype"][1]["trainable_params"] == 0
 
-    # a LoRA run with the same split settings: same data card splits, and metrics.json has every key it has
+    # a LoRA run with the same split settings: the same training and test examples (the LoRA run holds out a
+    # validation part for early stopping, the probe none), and metrics.json has every key it has
     lora_out = tiny["root"] / "lora"
     lora = train(RunConfig(**train_args(tiny["bert"], tiny["csv"], lora_out, shots=4, epochs=1)), progress=False)
     out, metrics = runs["logistic"]
     assert set(lora) <= set(metrics), set(lora) - set(metrics)
     card, lora_card = (json.loads((d / "data_card.json").read_text())["splits"] for d in (out, lora_out))
-    assert {k: v["fingerprint"] for k, v in card.items()} == {k: v["fingerprint"] for k, v in lora_card.items()}
+    assert {k: card[k]["fingerprint"] for k in ("train", "test")} == {
+        k: lora_card[k]["fingerprint"] for k in ("train", "test")}
+    assert card["val"]["examples"] == 0 < lora_card["val"]["examples"]
 
 
 @pytest.mark.parametrize("head", HEADS)
