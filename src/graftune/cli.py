@@ -176,7 +176,8 @@ def train(
     max_new_tokens: int | None = typer.Option(None, help="Generation length for causal-LM tests.  [default: 64]"),
     log_to: str | None = typer.Option(None, help="Also log to mlflow or tensorboard."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
-    budget: float | None = typer.Option(None, help="Seconds for --method auto's quick comparison.  [default: 300]"),
+    budget: float | None = typer.Option(None, help="Seconds for --method auto's quick comparison; the pick's own "
+                                        "training comes after it.  [default: 300]"),
     init_from: str | None = typer.Option(None, help="Warm start: a run or adapter directory of the same method "
                                          "and shapes; its head too when the labels match."),
     stack_under: str | None = typer.Option(None, help="A run or adapter directory (a language adapter) applied "
@@ -905,8 +906,9 @@ def drift(
 @app.command()
 @user_errors
 def check(
-    data: str = typer.Argument(..., help="Data to check: an alias (bbc-news) or a file/folder of labelled examples, "
-                               "read as it is (no duplicate or empty text dropped)."),
+    data: str | None = typer.Argument(None, help="Data to check: an alias (bbc-news) or a file/folder of labelled "
+                                      "examples, read as it is (no duplicate or empty text dropped)."),
+    data_flag: str | None = typer.Option(None, "--data", help="DATA, named as train names it."),
     test: str | None = typer.Option(None, "--test", help="A test file to check against DATA: a test example that is "
                                     "also a training example is a leak."),
     labels: bool = typer.Option(False, "--labels", help="Also list suspect labels: out-of-fold predictions from the "
@@ -925,8 +927,12 @@ def check(
     labels. Reads only; writes nothing."""
     _threads()
     from graftune.data.checks import format_report
+    from graftune.errors import ConfigError
     from graftune.strategies.label_check import check_source
 
+    if (data is None) == (data_flag is None):
+        raise ConfigError("check: name the data once: graftune check FILE (or --data FILE)")
+    data = data or data_flag
     report = check_source(data, test=test, labels=labels, model=model, text_column=text_column,
                           label_column=label_column, min_score=min_score)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report, top=top))

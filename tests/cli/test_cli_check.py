@@ -47,6 +47,8 @@ def test_strict_exits_1_on_a_problem_and_0_on_clean_data(files):
     assert runner.invoke(app, ["check", str(files["dirty"]), "--strict"]).exit_code == 1
     clean = runner.invoke(app, ["check", str(files["clean"]), "--strict"])
     assert clean.exit_code == 0 and "no problems found" in clean.stdout
+    named = runner.invoke(app, ["check", "--data", str(files["clean"]), "--strict"])  # as train names it
+    assert named.exit_code == 0 and named.stdout == clean.stdout
 
 
 def test_an_overlapping_test_file_is_flagged_loudly_and_counted(files):
@@ -76,6 +78,12 @@ def test_labels_lists_suspects_with_the_given_and_suggested_label(files):
     table = text[text.index("suspect labels:"):].splitlines()
     assert table[1].split()[0] == "where"
     assert [" ".join(line.split()[:2]) for line in table[2:4]] == [s["where"] for s in found["suspects"][:2]]
+    # the problem line: review highest first; or, when far more are flagged than data is ever mislabelled, that
+    # the encoder cannot tell the classes apart (a tiny random encoder here: its accuracy decides which)
+    problem = next(p for p in json.loads(result.stdout)["problems"] if "suspect labels" in p)
+    weak = found["fraction"] > 0.2
+    assert ("does not tell these classes apart well" in problem) == weak
+    assert ("review them, highest score first" in problem) == (not weak)
     # the model's vocabulary reads these texts: measured, and no problem raised
     assert json.loads(result.stdout)["vocabulary"]["reads"] is True
     assert "tokenizer does not read" not in text
@@ -104,7 +112,9 @@ def test_images_say_which_checks_do_not_apply(files):
     (["check", "{clean}", "--label-column", "topic"], "no label column 'topic'"),
     (["check", "{clean}", "--test", "missing.csv"], "missing.csv: no such file"),
     (["robustness", "{root}"], "not a run directory"),
-], ids=["missing-data", "bad-column", "missing-test", "not-a-run"])
+    (["check"], "name the data once: graftune check FILE (or --data FILE)"),
+    (["check", "{clean}", "--data", "{clean}"], "name the data once"),
+], ids=["missing-data", "bad-column", "missing-test", "not-a-run", "no-data", "data-twice"])
 def test_user_errors_are_one_line(files, args, message):
     args = [a.format(clean=files["clean"], root=files["root"]) for a in args]
     assert message in one_line_error(runner.invoke(app, args))

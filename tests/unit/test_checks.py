@@ -12,6 +12,7 @@ from graftune.data.card import data_card
 from graftune.data.checks import (
     _jaccard,
     check_data,
+    format_report,
     near_duplicate_pairs,
     shingles,
     split_checks,
@@ -122,6 +123,12 @@ def test_a_test_set_that_overlaps_training_is_flagged_loudly():
     assert t["near_overlap"]["count"] == 1 and t["near_overlap"]["examples"][0]["b"] == 2
     assert report["problems"][0].startswith("TEST LEAK: 3 of 10 test examples (30.0%)")
     assert any(p.startswith("TEST LEAK: 1 more") for p in report["problems"])
+    # a near-copy under another label is no leak (it cannot make the test easier): counted apart, not a problem
+    other = check_data(text_ds(train_texts, labels), text_ds([edit(train_texts[2], rng, 2)], ["b"]))["test"]
+    assert other["near_overlap"]["count"] == 0 and other["near_overlap"]["other_label"] == 1
+    assert other["problems"] == []
+    assert "(and 1 under another label: no leak)" in format_report(check_data(
+        text_ds(train_texts, labels), text_ds([edit(train_texts[2], rng, 2)], ["b"])))
 
 
 def test_images_exact_duplicates_by_pixels_and_the_checks_that_do_not_apply():
@@ -158,6 +165,9 @@ def test_the_data_card_counts_overlap_between_splits(tmp_path):
     user_test = text_ds(texts[:5] + [edit(texts[5], rng, 2)] + [sentence(rng, 30)], labels[:7])
     checks = data_card(make_splits(ds, seed=0, test=user_test, val_size=0), source=ds)["checks"]
     assert checks["overlap"]["train_test"] == 5 and checks["near_overlap_train_test"] == 1
+    relabelled = text_ds(user_test.inputs, labels[:5] + ["b", "a"])  # the near-copy under another label: no leak
+    checks = data_card(make_splits(ds, seed=0, test=relabelled, val_size=0), source=ds)["checks"]
+    assert checks["near_overlap_train_test"] == 0
     assert checks["duplicates"] == {"train": 0, "val": 0, "test": 0}
 
 

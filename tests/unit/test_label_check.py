@@ -121,3 +121,21 @@ def test_suspects_say_where_they_are_as_a_person_counts_them(tmp_path):
     lines = lines.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["where"])  # the suspects' table
     assert lines[at + 1].split()[:2] == ["line", "2"]
+
+
+@pytest.mark.parametrize("fraction, weak", [(0.05, False), (0.2, False), (0.45, True)])
+def test_many_suspects_are_said_to_be_the_encoders_mistakes(tmp_path, monkeypatch, fraction, weak):
+    """A share of suspects far above the few percent of label errors curated data holds says the frozen encoder
+    cannot separate the classes: the problem line says so instead of 'review them'."""
+    from graftune.strategies import label_check
+
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"word{i} text,{'ab'[i % 2]}\n" for i in range(20)))
+    monkeypatch.setattr(label_check, "load_base", lambda model, task: type("B", (), {"tokenizer": None})())
+    monkeypatch.setattr(label_check, "check_labels", lambda ds, **kw: {
+        "count": int(fraction * 20), "fraction": fraction, "out_of_fold_accuracy": 1 - fraction, "checked": 20,
+        "method": "frozen encoder", "suspects": []})
+    report = label_check.check_source(str(path), labels=True, model="minilm")
+    problem = next(p for p in report["problems"] if "suspect labels" in p)
+    assert ("does not tell these classes apart well" in problem and "--min-score 0.5" in problem) == weak
+    assert ("review them, highest score first" in problem) == (not weak)

@@ -372,10 +372,12 @@ def _test_report(ds: Dataset, test: Dataset, keys: list[str], groups: dict, near
         texts = [_near_text(m, ds.inputs[i]) for i in reps] + [_near_text(m, test.inputs[i]) for i in test_only]
         pairs, capped = near_duplicate_pairs(texts, threshold=near_threshold)
         cross = [(reps[a], test_only[b - len(reps)], s) for a, b, s in pairs if a < len(reps) <= b]
-        near_test = sorted({p[1] for p in cross})
-        out["near_overlap"] = {"count": len(near_test), "threshold": near_threshold, "pairs": len(cross),
-                               "capped": capped,
-                               "examples": [_pair_example(ds, test, p, labelled) for p in cross[:EXAMPLES]]}
+        # a near-copy under another label is no leak (it cannot make the test easier): counted apart
+        leaks = [p for p in cross if not labelled or _label_key(ds.labels[p[0]]) == _label_key(test.labels[p[1]])]
+        near_test = sorted({p[1] for p in leaks})
+        out["near_overlap"] = {"count": len(near_test), "threshold": near_threshold, "pairs": len(leaks),
+                               "other_label": len({p[1] for p in cross} - set(near_test)), "capped": capped,
+                               "examples": [_pair_example(ds, test, p, labelled) for p in leaks[:EXAMPLES]]}
         if near_test:
             problems.append(f"TEST LEAK: {len(near_test)} more test examples are near-copies of training examples "
                             f"(Jaccard >= {near_threshold} on character {SHINGLE}-grams)")
@@ -466,7 +468,10 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset, *, tokenizer: Any 
         texts = [_near_text(m, train.inputs[i]) for i in train_first] + [_near_text(m, test.inputs[i])
                                                                           for i in test_only]
         pairs, _ = near_duplicate_pairs(texts)
-        out["near_overlap_train_test"] = len({b for a, b, _ in pairs if a < len(train_first) <= b})
+        n = len(train_first)
+        # a near-copy under another label is no leak: it cannot make the test easier
+        out["near_overlap_train_test"] = len({b for a, b, _ in pairs if a < n <= b and (m == "pairs" or _label_key(
+            train.labels[train_first[a]]) == _label_key(test.labels[test_only[b - n]]))})
         out["empty_texts"] = {name: sum(not (_near_text(m, x) or "").strip() for x in part.inputs)
                               for name, part in parts.items()}
     if m == "text" and tokenizer is not None:
@@ -543,8 +548,10 @@ def format_report(report: dict, *, top: int = 10) -> str:
     test = report.get("test")
     if test:
         near_count = test.get("near_overlap", {}).get("count")
+        near = test.get("near_overlap", {})
         lines.append(f"test set {test['origin']}: {test['examples']:,} examples, {test['exact_overlap']['count']} also "
                      "in the data" + ("" if near_count is None else f", {near_count} more near-copies")
+                     + (f" (and {near['other_label']} under another label: no leak)" if near.get("other_label") else "")
                      + f", {test['conflicting_labels']['count']} under another label there")
     for check, why in report["not_applicable"].items():
         lines.append(f"not checked: {check.replace('_', ' ')}: {why}")
