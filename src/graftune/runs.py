@@ -115,7 +115,8 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     if cfg.method != "lora" or cfg.task == "causal-lm" or cfg.resume or distributed.launched():
         return cfg, None
     try:
-        train = run_splits(cfg, cfg.task).train
+        # counted as the contrastive recipe would train: without a validation part unless one is asked for
+        train = run_splits(cfg.replace(val_size=0) if cfg.val_size is None else cfg, cfg.task).train
     except (DataError, ConfigError):
         return cfg, None  # the run itself reports it, as it would with --method lora
     if train.modality != "text" or train.multi_label:
@@ -138,7 +139,8 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
               f"at most {FEW_PER_CLASS} training examples per class on average ({here}): with 8 to 32 a class it was "
               "3-5 points more accurate than LoRA, the default for more data, on average over 8 data sets, and at "
               "worst 0.3 below (bench/RESULTS.md). --method lora trains LoRA; --method auto chooses by "
-              "cross-validation on your examples")
+              "cross-validation on your examples, the frozen probe included (it can win on texts of a word or two, "
+              "and on long ones)")
     return cfg.replace(method=contrastive.METHOD), reason
 
 
