@@ -422,6 +422,23 @@ def test_auto_treats_gaps_within_the_noise_as_ties(tiny, monkeypatch):
     assert clear["method"] == "lora" and "lora scored best" in clear["reason"]
 
 
+def test_a_rare_class_does_not_cut_every_candidate_to_two_folds(tmp_path, tiny, monkeypatch, recwarn):
+    """One class of 2 training examples among classes of 8: 5 folds as the others fill (the rare class held out in
+    2 of them), every example held out exactly once; before, k was the smallest class's size, 2, and every candidate
+    trained on half the examples."""
+    from tests.train_helpers import topic_rows, write_csv
+
+    rows = [r for r in topic_rows(8) if r["label"] != "tech"] + [r for r in topic_rows(8) if r["label"] == "tech"][:2]
+    data = write_csv(tmp_path / "rare.csv", rows)
+    test = write_csv(tmp_path / "test.csv", topic_rows(4, seed=9))
+    monkeypatch.setattr(auto, "fit_head", Folds([0.8]))
+    record = auto.auto_pick(tiny["bert"], str(data), budget_s=900, max_length=32, test=str(test),
+                            candidates=("head", "lora"), train_fn=Slow(0.8))
+    assert record["folds"] == 5 and record["training_examples"] == 18
+    assert record["candidates"]["probe"]["held_out"] == 18  # every training example held out once
+    assert not [w for w in recwarn if "least populated class" in str(w.message)]
+
+
 def test_one_fold_against_five_is_judged_on_the_examples_both_predicted(tiny, monkeypatch):
     """LoRA gets one fold (the budget's way) and is right on all its 5 examples, where the probe is right on 1:
     on those 5 shared examples the lead is far beyond the noise."""

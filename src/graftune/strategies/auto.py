@@ -10,6 +10,7 @@ import math
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -95,8 +96,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     parameters), ``skipped``, the example counts and the budget.
 
     Only the training examples are read (those ``train`` would use: ``split_args`` is ``RunConfig.split_args()``);
-    the test set is never looked at. They are cut into stratified folds (k = up to ``FOLDS``, at most the smallest
-    class's size); on a fold a candidate is fitted on the other folds and predicts the fold's examples. The cheap
+    the test set is never looked at. They are cut into stratified folds (k = up to ``FOLDS``, at most the median
+    class's size: a rarer class is held out in fewer folds); on a fold a candidate is fitted on the other folds and predicts the fold's examples. The cheap
     candidates (``CHEAP``: heads on frozen embeddings, computed once for every training example) run every fold.
     The trained candidates (LoRA with a head for 3 epochs, the contrastive recipe, top-k for images) are costly:
     successive halving runs each on the first fold, and the better ones on more (``RUNGS``), as the budget allows
@@ -130,8 +131,13 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         raise DataError(f"--method auto compares methods on held-out training examples and needs at least 2 per class "
                         f"once the test set is set aside; {short} has fewer; add examples, pass --test FILE, or pick a "
                         "--method (probe is the safe choice for so few)")
-    k = int(min(FOLDS, smallest))
-    folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+    # as many folds as the typical class fills (up to FOLDS): one rare class (2 examples, say) is held out in fewer
+    # folds, instead of cutting every candidate's training to half the examples (2-fold)
+    k = int(min(FOLDS, max(2, np.median(counts))))
+    with warnings.catch_warnings():  # sklearn's note that the rare class is in fewer than k folds: intended
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)),
+                                                                                          labels))
     truth = np.asarray([train.label_names.index(c) for c in labels])
     say = print if progress else (lambda *a, **kw: None)
     started = time.perf_counter()
