@@ -56,6 +56,9 @@ def user_errors(fn):
         except (typer.Exit, KeyboardInterrupt):  # a refusal (exit 1) or Ctrl-C: the notes still explain the run
             _say_notes()
             raise
+        except BaseException:  # a bug: its traceback alone
+            _NOTES.clear()
+            raise
         _say_notes()
         return result
 
