@@ -3,9 +3,9 @@
 torch splits every matrix product and many other operations across its threads and waits for the last of them.
 When another program keeps a core busy, the thread that shares that core runs only when the scheduler lets it, and
 every operation waits for it. With the small operations of few-shot work (a few dozen short texts) that wait is
-most of the time: ``graftune demo`` took 125 s with torch's default 2 threads on 2 cores beside one busy process,
-and 29 s with 1 thread, with the pick changed by the budget (bench/RESULTS.md, "Session 12"). Alone on the machine,
-2 threads are faster than 1.
+most of the time: ``graftune demo`` took 129 s with torch's default 2 threads on 2 cores beside one busy process,
+and 29 s with 1 thread (``bench/busy_machine_threads.py``; once the budget changed the pick too: bench/RESULTS.md,
+"Session 12"). Alone on the machine, 2 threads are faster than 1 (22 s against 28 s).
 
 So when nobody chose a thread count (``--threads``, ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, or a launcher such
 as torchrun or Ray that sets them), the CLI's computing commands measure how busy the cores are for a moment
