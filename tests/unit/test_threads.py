@@ -68,3 +68,10 @@ def test_the_cli_says_when_it_runs_fewer_threads(unset, monkeypatch, tmp_path):
     torch.set_num_threads(2)
     result = CliRunner().invoke(app, ["models"])  # lists, computes nothing: no sample
     assert result.exit_code == 0 and torch.get_num_threads() == 2 and "note:" not in result.output
+
+
+def test_a_load_that_cannot_be_read_keeps_torchs_default(unset):
+    def unreadable():
+        raise PermissionError("/proc/stat")
+
+    assert threads.fit_to_free_cores(measure=unreadable) == 2 and torch.get_num_threads() == 2

@@ -57,7 +57,10 @@ def fit_to_free_cores(requested: int | None = None, *, say: Callable[[str], None
     current = torch.get_num_threads()
     if current <= 1 or any(os.environ.get(v) for v in THREAD_VARIABLES):
         return current
-    free = (measure or free_cores)()
+    try:
+        free = (measure or free_cores)()
+    except (OSError, psutil.Error):  # the load cannot be read here (a sandbox, say): torch's default, as before
+        return current
     threads = max(1, min(current, math.floor(free + FREE_BELOW)))
     if threads < current:
         torch.set_num_threads(threads)
