@@ -150,8 +150,8 @@ def train(
     test: str | None = typer.Option(None, help="A separate test file."),
     test_size: float | None = typer.Option(None, help="Test fraction (or count).  [default: 0.2]"),
     test_per_class: int | None = typer.Option(None, help="Exactly N test examples per class."),
-    val_size: float | None = typer.Option(None, help="Val fraction (or count) for early stopping; 0: no val.  [default: 0.1; contrastive, "
-                                      "probe, in-context: 0, as they never read it]"),
+    val_size: float | None = typer.Option(None, help="Val fraction (or count) for early stopping; 0: no val.  "
+                                      "[default: 0.1; contrastive, probe, in-context: 0, as they never read it]"),
     text_column: str | None = typer.Option(None, help="The text column of --data and --test.  [default: text]"),
     label_column: str | None = typer.Option(None, help="The label column (several labels per row: a list, or "
                                             "joined by |).  [default: label]"),
@@ -190,7 +190,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
-    from graftune.config import build_config
+    from graftune.config import build_config, set_flag
     from graftune.runs import default_method, resolve, resume_config
     from graftune.runs import train as run_training
 
@@ -226,7 +226,7 @@ def train(
         if picked:
             chosen = cfg.auto["method"]
             how = "" if chosen == cfg.method else f" (trained as --method {cfg.method}" + "".join(
-                f" --set {k}={v}" for k, v in cfg.options.items()) + ")"
+                " " + set_flag(k, v) for k, v in cfg.options.items()) + ")"
             typer.echo(f"--method auto picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
     except KeyboardInterrupt:

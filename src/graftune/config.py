@@ -58,10 +58,9 @@ class RunConfig:
     test_size: fraction (or count) held out for testing when neither ``test`` nor ``test_per_class`` is given.
     test_per_class: exactly N test examples per class.
     val_size: fraction (or count) held out for early stopping; with ``shots``, 0 switches val off (else val is
-        the next max(K, 8) examples per class). Unset: the method's own, filled in when the run starts
-        (``with_step_defaults``): ``VAL_SIZE`` for the adapter loop, whose early stopping reads it; 0 for the
-        contrastive, probe and in-context recipes, which never read a validation part (``split_args`` before
-        that: ``VAL_SIZE``).
+        the next max(K, 8) examples per class). Unset: the method's own, filled in when the run starts:
+        ``VAL_SIZE`` for the adapter loop, whose early stopping reads it; 0 for the contrastive, probe and
+        in-context recipes, which never read a validation part (``split_args`` before that: ``VAL_SIZE``).
     seed: seeds the splits, the shots, the head's initialization, the data order and dropout.
     split_seed: seeds the test/val carving apart from the shots and the training (unset: ``seed``): one fixed
         test set, many shot draws.
@@ -221,9 +220,9 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def with_step_defaults(self, defaults: dict | None = None) -> RunConfig:
-        """This config with ``lr``, ``batch_size`` and ``val_size`` filled in where unset, from a recipe's
-        ``defaults`` (else ``STEP_DEFAULTS`` and ``VAL_SIZE``): what a run trains with and writes into ``run.yaml``."""
-        own = {**STEP_DEFAULTS, "val_size": VAL_SIZE, **(defaults or {})}
+        """This config with ``lr`` and ``batch_size`` (and any other field of a recipe's ``defaults``) filled in
+        where unset, from ``defaults`` (else ``STEP_DEFAULTS``): what a run trains with and writes into ``run.yaml``."""
+        own = {**STEP_DEFAULTS, **(defaults or {})}
         return self.replace(**{k: v for k, v in own.items() if getattr(self, k) is None})
 
     def columns(self) -> dict:

@@ -392,3 +392,17 @@ def test_compare_drops_empty_texts_and_says_where_as_train_does(tiny, tmp_path):
     said = f"{gaps}: 1 row with an empty text was dropped (line 5); fill it in or remove it"
     assert f"WARNING: {said}" in result.stdout.splitlines()
     assert json.loads((tmp_path / "c" / "results.json").read_text())["meta"]["examples"] == len(rows) - 1
+
+
+def test_a_prototypes_pick_is_named_with_how_it_trains(tiny, tmp_path, monkeypatch):
+    """auto's prototypes candidate trains as the probe recipe with class means: the line names the pick, then the
+    flags that train it (it said "picked probe" while the reason said prototypes won)."""
+    monkeypatch.setattr(auto, "auto_pick", lambda *a, **kw: {"method": "prototypes", "reason": "prototypes won.",
+                                                            "candidates": {}, "skipped": []})
+    out = tmp_path / "auto"
+    result = runner.invoke(app, ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--out", str(out),
+                                 "--method", "auto", "--shots", "4", "--max-length", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert ("--method auto picked prototypes (trained as --method probe --set head=prototype). prototypes won."
+            in result.stdout)
+    assert yaml.safe_load((out / "run.yaml").read_text())["options"] == {"head": "prototype"}

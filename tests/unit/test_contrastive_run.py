@@ -237,5 +237,7 @@ def test_no_validation_part_unless_asked(tiny, tmp_path, method):
     asked = json.loads((tmp_path / "asked" / "data_card.json").read_text())["splits"]
     assert asked["val"]["examples"] == 6 and asked["train"]["examples"] == card["train"]["examples"] - 6
     assert asked["test"] == card["test"]  # the same test set either way
-    loop = RunConfig(**{**args, "method": "lora", "options": {}})
-    assert loop.val_size is None and loop.with_step_defaults().val_size == 0.1 and loop.split_args()["val_size"] == 0.1
+    loop = tmp_path / "loop"
+    train(RunConfig(**{**args, "method": "lora", "options": {}, "out": str(loop), "epochs": 1}), progress=False)
+    assert build_config(loop / "run.yaml").val_size == 0.1
+    assert json.loads((loop / "data_card.json").read_text())["splits"]["val"]["examples"] == 6

@@ -85,6 +85,6 @@ def test_resume_refuses_a_changed_config(tmp_path):
     (work / CHECKPOINT).mkdir(parents=True)
     (work / CHECKPOINT / CHECKPOINT_FILE).write_bytes(b"")
     # as a run writes it: the method's own settings filled in
-    (work / "run.yaml").write_text(RunConfig(model="m", data="d", epochs=3).with_step_defaults().to_yaml())
+    (work / "run.yaml").write_text(RunConfig(model="m", data="d", epochs=3, val_size=0.1).with_step_defaults().to_yaml())
     with pytest.raises(ConfigError, match="epochs differs"):
         train(RunConfig(model="m", data="d", epochs=5, out=str(tmp_path / "run"), resume=True), progress=False)

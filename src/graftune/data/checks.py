@@ -547,10 +547,9 @@ def format_report(report: dict, *, top: int = 10) -> str:
                      + (f", {tokens['over_max_length']} over {tokens['max_length']} tokens" if tokens else ""))
     test = report.get("test")
     if test:
-        near_count = test.get("near_overlap", {}).get("count")
         near = test.get("near_overlap", {})
         lines.append(f"test set {test['origin']}: {test['examples']:,} examples, {test['exact_overlap']['count']} also "
-                     "in the data" + ("" if near_count is None else f", {near_count} more near-copies")
+                     "in the data" + ("" if "count" not in near else f", {near['count']} more near-copies")
                      + (f" (and {near['other_label']} under another label: no leak)" if near.get("other_label") else "")
                      + f", {test['conflicting_labels']['count']} under another label there")
     for check, why in report["not_applicable"].items():

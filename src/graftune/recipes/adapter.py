@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from graftune.config import HEAD_ONLY, RunConfig
+from graftune.config import HEAD_ONLY, VAL_SIZE, RunConfig
 from graftune.core.model import AdapterModel
 from graftune.data.card import data_card
 from graftune.data.sources import load_data
@@ -72,7 +72,7 @@ def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:
 
     ``splits``: ready-made ``data.splits.Splits`` of ``cfg.data`` used instead of splitting it here (the comparison
     harness, ``strategies/compare.py``, gives every strategy the very same splits, augmented train included)."""
-    cfg = cfg.with_step_defaults()  # run.yaml records the rate and batch that trained
+    cfg = cfg.with_step_defaults({"val_size": VAL_SIZE})  # run.yaml records the rate, batch and val that trained
     # --- where it runs: CPU or CUDA; one process, or one of several under torchrun / accelerate launch --------------
     device = resolve_device(cfg.device, local_rank=distributed.local_rank(),
                             local_processes=distributed.local_world_size())

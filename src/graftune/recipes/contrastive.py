@@ -36,9 +36,8 @@ LORA_OPTIONS = ("r", "alpha", "top_k_layers")
 
 OPTIONS = FIT_OPTIONS + LORA_OPTIONS
 
-#: ``--lr`` and ``--batch-size`` (pairs per step) when unset: ``contrastive_fit``'s own; ``--val-size``: no
-#: validation part, as nothing reads one
-STEP_DEFAULTS = {"lr": PAIR_LR, "batch_size": PAIRS_PER_STEP, "val_size": 0}
+#: ``--lr`` and ``--batch-size`` (pairs per step) when unset: ``contrastive_fit``'s own
+STEP_DEFAULTS = {"lr": PAIR_LR, "batch_size": PAIRS_PER_STEP}
 
 #: tokens per text while training on pairs, at most (the head reads ``max_length``), as ``graftune compare`` does
 PAIR_MAX_LENGTH = 128

@@ -97,11 +97,12 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
 
     Only the training examples are read (those ``train`` would use: ``split_args`` is ``RunConfig.split_args()``);
     the test set is never looked at. They are cut into stratified folds (k = up to ``FOLDS``, at most the median
-    class's size: a rarer class is held out in fewer folds); on a fold a candidate is fitted on the other folds and predicts the fold's examples. The cheap
-    candidates (``CHEAP``: heads on frozen embeddings, computed once for every training example) run every fold.
-    The trained candidates (LoRA with a head for 3 epochs, the contrastive recipe, top-k for images) are costly:
-    successive halving runs each on the first fold, and the better ones on more (``RUNGS``), as the budget allows
-    (a candidate estimated not to fit is skipped, the first trained one being the measurement).
+    class's size: a rarer class is held out in fewer folds); on a fold a candidate is fitted on the other folds and
+    predicts the fold's examples. The cheap candidates (``CHEAP``: heads on frozen embeddings, computed once for
+    every training example) run every fold. The trained candidates (LoRA with a head for 3 epochs, the contrastive
+    recipe, top-k for images) are costly: successive halving runs each on the first fold, and the better ones on
+    more (``RUNGS``), as the budget allows (a candidate estimated not to fit is skipped, the first trained one being
+    the measurement).
 
     The rule (``decide``): a candidate's score is the macro-F1 of its held-out predictions pooled over its folds
     (with few examples a fold's own macro-F1 is nearly random: 3 examples give 0, 0.33, 0.67 or 1). The best score
