@@ -731,14 +731,15 @@ def registry_show(ref: str = typer.Argument(..., help="NAME (its versions and lo
     reg = _registry(registry)
     name, number = parse_ref(ref)
     promoted = reg.promoted_version(name)
-    if number is None:  # the overview re-hashes nothing, so it still shows a name whose latest version is damaged
-        if not reg.list(name):
+    if number is None:  # the overview flags a damaged version (list's quick check) instead of refusing the name
+        versions = reg.list(name)
+        if not versions:
             reg.show(name)  # raises the one-line "no versions of NAME"
         if as_json:
-            typer.echo(dumps({"name": name, "promoted": promoted, "versions": [x.to_dict() for x in reg.list(name)],
+            typer.echo(dumps({"name": name, "promoted": promoted, "versions": [x.to_dict() for x in versions],
                               "log": reg.log(name)}))
         else:
-            typer.echo("\n".join(show_name(reg, name)))
+            typer.echo("\n".join(show_name(reg, name, versions)))
         return
     v = reg.show(name, number)
     log = [e for e in reg.log(name) if e["version"] == number]

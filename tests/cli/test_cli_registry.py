@@ -145,7 +145,8 @@ def test_a_mistyped_registry_is_refused_and_nothing_is_created(runs, tmp_path, m
         assert f"no registry at {typo} (nothing has been pushed there" in error and "--registry" in error, args
         assert not typo.exists(), args
     error = one_line_error(runner.invoke(app, ["serve", "--registry", str(typo)]))
-    assert "does not exist" in error and not typo.exists()  # still refused, not served empty
+    assert f"no registry at {typo} (nothing has been pushed there" in error and "--run NAME=RUN_DIR" in error
+    assert not typo.exists()  # still refused, not served empty
     monkeypatch.setenv("GRAFTUNE_REGISTRY", str(typo))
     assert "no registry at" in one_line_error(runner.invoke(app, ["registry", "list"])) and not typo.exists()
     # a refused push leaves nothing either; a good one creates the registry

@@ -516,7 +516,7 @@ def test_serve_refuses_a_missing_registry_a_taken_port_and_bad_names_before_load
     runner = CliRunner()
     missing = tmp_path / "no-such-registry"
     error = one_line_error(runner.invoke(cli_app, ["serve", "--registry", str(missing), "--port", str(free_port())]))
-    assert f"registry {missing} does not exist" in error and not missing.exists()
+    assert f"no registry at {missing} (nothing has been pushed there" in error and not missing.exists()
     for name in ("a b", "../../x", "-x"):
         error = one_line_error(runner.invoke(cli_app, ["serve", "--run", f"{name}={runs['lora']}"]))
         assert f"--run '{name}={runs['lora']}'" in error and "a registry name is" in error

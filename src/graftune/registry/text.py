@@ -77,9 +77,10 @@ def log_lines(entries: list[dict]) -> list[str]:
     return lines
 
 
-def show_name(reg: Registry, name: str) -> list[str]:
-    """A name's versions (promoted one marked) and its audit log."""
-    return version_table(reg.list(name), reg.promoted()) + ["", "log:"] + log_lines(reg.log(name))
+def show_name(reg: Registry, name: str, versions: list | None = None) -> list[str]:
+    """A name's versions (``reg.list(name)`` unless given; the promoted one marked) and its audit log."""
+    versions = reg.list(name) if versions is None else versions
+    return version_table(versions, reg.promoted()) + ["", "log:"] + log_lines(reg.log(name))
 
 
 def as_json(obj) -> str:

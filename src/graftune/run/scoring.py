@@ -220,14 +220,14 @@ def group_metrics(labels: Sequence[str], preds: Sequence[str], groups: Sequence[
             "macro_f1_gap": gap("macro_f1") if per else None, "notes": notes}
 
 
-def gap_text(gap: dict, *, sep: str = ", ") -> str:
+def gap_text(gap: dict) -> str:
     """One of ``group_metrics``'s gaps in words: "0.120 (best north, worst east)"; a gap of 0 names no best or worst
     group ("0.000 (the groups are level)"), nor does a single group."""
     if gap["best"] == gap["worst"]:
         return f"{gap['gap']:.3f} (one group)"
     if gap["gap"] == 0:
         return f"{gap['gap']:.3f} (the groups are level)"
-    return f"{gap['gap']:.3f} (best {gap['best']}{sep}worst {gap['worst']})"
+    return f"{gap['gap']:.3f} (best {gap['best']}, worst {gap['worst']})"
 
 
 def format_groups(result: dict) -> str:

@@ -16,7 +16,7 @@ from prometheus_client import disable_created_metrics
 from graftune.errors import ConfigError
 from graftune.registry import Registry, default_root, open_registry
 from graftune.registry.servable import unservable
-from graftune.registry.store import INDEX, check_name
+from graftune.registry.store import check_name, missing_registry
 from graftune.serve.app import MergedSource, Settings, Source, StaticSource, create_app
 from graftune.serve.drift import BUCKET_S, KEEP_S, DriftTracker, Window, drift_report, parse_duration
 from graftune.serve.schemas import Limits
@@ -62,10 +62,8 @@ def build_source(registry: str | None, runs: Sequence[str]) -> tuple[Source, Pat
     if registry is None and static:
         return StaticSource(static), None
     root = default_root(registry).absolute()
-    if not (root / INDEX).is_file():
-        what = "does not exist" if not root.exists() else f"is not a registry (no {INDEX})"
-        raise ConfigError(f"registry {root} {what}; pass --registry with the folder `graftune registry push` "
-                          "wrote to, or serve run directories with --run NAME=RUN_DIR")
+    if not Registry(root, missing_ok=True).exists():  # the same line as every registry command, and serve's other way
+        raise ConfigError(f"{missing_registry(root)}; or serve run directories with --run NAME=RUN_DIR")
     reg = Registry(root)
     return (MergedSource(reg, StaticSource(static)) if static else reg), reg.root
 
