@@ -132,9 +132,8 @@ def train(
                                       "train LoRA, then a logistic regression (text), or probe: frozen "
                                       "embeddings + logistic regression or class means (text). With 8-16 "
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
-                                      "data set (bench/RESULTS.md).  [default: contrastive for single-label text "
-                                      "with at most 32 training examples per class and no LoRA settings given, "
-                                      "else lora]"),
+                                      "data set (bench/RESULTS.md).  [default: auto for single-label text with at "
+                                      "most 32 training examples per class and no LoRA settings given, else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm.  [default: from the data]"),
@@ -212,14 +211,14 @@ def train(
         config = str(resume_config(out, method))
     cfg = build_config(config, sets=sets, out=out, resume=resume or None, overwrite=overwrite or None, **flags)
     _threads(cfg.threads, flag=True)
+    why = None
+    if method is None and config is None:  # nobody named a method: graftune's default for this data
+        cfg, why = default_method(cfg)  # said with the results: a run that fails says one line, its error
     if budget is not None and cfg.method != "auto":  # given, but nothing would read it
         from graftune.errors import ConfigError
 
         raise ConfigError(f"--budget bounds --method auto's comparison; --method {method or cfg.method} compares "
                           "nothing: drop --budget, or pass --method auto")
-    why = None
-    if method is None and config is None:  # nobody named a method: graftune's default for this data
-        cfg, why = default_method(cfg)  # said with the results: a run that fails says one line, its error
     picked = cfg.method == "auto"
     try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
         cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here

@@ -1,5 +1,6 @@
-"""What ``graftune train`` trains when nobody names a method (``runs.default_method``): the contrastive recipe for
-single-label text with few examples per class, LoRA otherwise, and LoRA whenever a LoRA setting is given."""
+"""What ``graftune train`` trains when nobody names a method (``runs.default_method``): ``--method auto`` for
+single-label text with few examples per class (the contrastive recipe when a class has one), LoRA otherwise, and
+LoRA whenever a LoRA setting is given."""
 
 from __future__ import annotations
 
@@ -29,12 +30,23 @@ def config(tiny, data: str = "small", **fields) -> RunConfig:
     return RunConfig(model=str(tiny["bert"]), data=str(tiny[data]), out=str(tiny["root"] / "out"), **fields)
 
 
-def test_few_examples_per_class_of_text_train_contrastive_and_say_why(tiny):
+def test_few_examples_per_class_of_text_are_auto_and_say_why(tiny):
     cfg, why = default_method(config(tiny))
-    assert cfg.method == "contrastive"
-    assert why.startswith("no --method given: training contrastive")
+    assert cfg.method == "auto"
+    assert why.startswith("no --method given: --method auto,")
     assert "at most 32 training examples per class on average (here 48 in 3 classes, 16 on average)" in why, why
-    assert "--method lora" in why and "--method auto" in why
+    assert "frozen probe" in why and "--method contrastive" in why
+
+
+def test_a_class_of_one_example_trains_contrastive_as_auto_cannot_cross_validate(tiny, tmp_path):
+    rows = topic_rows(12) + [{"text": "a lone note about the weather", "label": "weather"}]
+    data = write_csv(tmp_path / "lone.csv", rows)
+    test = write_csv(tmp_path / "lone-test.csv", topic_rows(4, seed=5))
+    cfg, why = default_method(RunConfig(model=str(tiny["bert"]), data=str(data), test=str(test),
+                                        out=str(tmp_path / "out")))
+    assert cfg.method == "contrastive", why
+    assert why.startswith("no --method given: training contrastive") and "class weather has a single training example" \
+        in why and "needs 2 a class" in why
 
 
 def test_the_reason_says_the_rule_compares_the_mean_over_classes(tiny, tmp_path):
@@ -43,7 +55,7 @@ def test_the_reason_says_the_rule_compares_the_mean_over_classes(tiny, tmp_path)
     data = write_csv(tmp_path / "uneven.csv", topic_rows(11) + extra)
     cfg, why = default_method(RunConfig(model=str(tiny["bert"]), data=str(data), out=str(tmp_path / "out")))
     found = re.search(r"per class on average \(here (\d+) in 3 classes, ([\d.]+) on average\)", why)
-    assert cfg.method == "contrastive" and found, why
+    assert cfg.method == "auto" and found, why
     assert found[0].endswith("(here 30 in 3 classes, 10 on average)")
 
 
@@ -51,7 +63,7 @@ def test_more_examples_per_class_keep_lora(tiny):
     cfg, why = default_method(config(tiny, "large"))  # 48 a class after the test carve (no validation part)
     assert 48 > FEW_PER_CLASS and cfg.method == "lora" and why is None
     cfg, why = default_method(config(tiny, "large", shots=8))  # --shots 8 on the same file: few again
-    assert cfg.method == "contrastive" and "(here 24 in 3 classes, 8 on average)" in why
+    assert cfg.method == "auto" and "(here 24 in 3 classes, 8 on average)" in why
 
 
 @pytest.mark.parametrize(("fields", "said"), [({"epochs": 3}, "as --epochs is LoRA's"),
@@ -60,7 +72,7 @@ def test_more_examples_per_class_keep_lora(tiny):
                                               ({"resume": True}, None), ({"method": "ia3"}, None)])
 def test_a_lora_setting_or_another_method_keeps_the_config(tiny, fields, said):
     """--epochs, a --set option, early-stopping patience are the adapter loop's: the user is configuring LoRA, and
-    is told that without them these few examples would train the contrastive recipe."""
+    is told that without them these few examples would be auto's."""
     given = config(tiny, **fields)
     cfg, why = default_method(given)
     assert cfg == given
@@ -85,7 +97,7 @@ def test_multi_label_causal_lm_and_broken_data_keep_lora(tiny):
         assert got.method == "lora" and why is None
 
 
-def test_cli_without_method_trains_contrastive_and_records_it(tiny):
+def test_cli_without_method_runs_auto_and_records_its_pick(tiny):
     out = tiny["root"] / "cli-run"
     result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["small"]), "--out",
                                  str(out), "--max-length", "32", "--precision", "fp32", "--set", "r=4",
@@ -99,8 +111,11 @@ def test_cli_without_method_trains_contrastive_and_records_it(tiny):
     result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["small"]), "--out",
                                  str(out), "--max-length", "32", "--precision", "fp32", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("no --method given: training contrastive") and "test: accuracy" in result.stdout
-    assert "method: contrastive" in (out / "run.yaml").read_text() and (out / "head").is_dir()
+    assert result.stdout.startswith("--method auto picked "), result.stdout
+    assert "no --method given: --method auto," in result.stdout and "test: accuracy" in result.stdout
+    picked = json.loads((out / "metrics.json").read_text())["auto"]["method"]
+    assert f"--method auto picked {picked}" in result.stdout
+    assert "method: auto" not in (out / "run.yaml").read_text()  # the pick is recorded, to repeat as it trained
     # the run.yaml repeats it as it ran, and --method lora is honoured as given
     again = runner.invoke(app, ["train", "--config", str(out / "run.yaml"), "--out", str(tiny["root"] / "again"),
                                 "--quiet", "--json"])

@@ -86,9 +86,14 @@ def select(model: nn.Module, spec: TargetSpec, *, top_k_layers: int | None = Non
     return found
 
 
+def _suffixes(model: nn.Module, supported: tuple[str, ...]) -> list[str]:
+    """The last name part of ``model``'s modules (of ``supported`` types, if given), each once, in module order."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                              if n and (not supported or type(m).__name__ in supported)))
+
+
 def _candidates(model: nn.Module, spec: TargetSpec, supported: tuple[str, ...]) -> str:
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                       if n and (not supported or type(m).__name__ in supported)})
+    suffixes = sorted(_suffixes(model, supported))
     close = []
     for s in spec.names:
         close += difflib.get_close_matches(s.rsplit(".", 1)[-1], suffixes, n=3)
@@ -109,10 +114,7 @@ def preset(presets: dict[str, TargetSpec], family: str, *, model: nn.Module | No
     if methods_with_preset:
         rest = f" (or {', '.join(methods_with_preset[:-1])})" if len(methods_with_preset) > 1 else ""
         other = f"pick a method that has them, --method {methods_with_preset[-1]}{rest}, or "
-    suffixes = []
-    if model is not None:
-        suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                      if n and (not supported_types or type(m).__name__ in supported_types)))
+    suffixes = _suffixes(model, supported_types) if model is not None else []
     if suffixes:
         kinds = f" {'/'.join(supported_types)}" if supported_types else ""
         shown = ", ".join(suffixes[:12]) + (" ..." if len(suffixes) > 12 else "")

@@ -275,7 +275,9 @@ class Registry:
         return (self.root / INDEX).is_file()
 
     def _create(self) -> None:
-        """Make the folders and the index (push, the one call that creates a registry)."""
+        """Make the folders and the index (push, the one call that creates a registry). The tables are added even
+        when the index is there: another process's first push may have made the file and not yet its tables
+        (each statement is ``IF NOT EXISTS``, in one transaction that waits for that push's)."""
         try:
             (self.root / VERSIONS).mkdir(parents=True, exist_ok=True)
             (self.root / TMP).mkdir(exist_ok=True)
