@@ -226,7 +226,8 @@ def train(
             chosen = cfg.auto["method"]
             how = "" if chosen == cfg.method else f" (trained as --method {cfg.method}" + "".join(
                 " " + set_flag(k, v) for k, v in cfg.options.items()) + ")"
-            typer.echo(f"--method auto picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
+            default = " (the default here: no --method given)" if why else ""
+            typer.echo(f"--method auto{default} picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
     except KeyboardInterrupt:
         import shlex

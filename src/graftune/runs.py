@@ -97,8 +97,7 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
 #: at 8 to 32 a class on 8 data sets (bench/RESULTS.md, "Session 9: what train does without --method"); auto, which
 #: picks among the frozen probe, class prototypes, LoRA and the contrastive recipe by cross-validation, was as
 #: accurate as the contrastive recipe (the default from session 9) on every replayed split of 9 data sets and
-#: avoided its losses on data unlike them (-8 to -19 points against the probe on texts of a word or two; "Session
-#: 13"). Above it nothing was measured against LoRA's loop, which stays the default there.
+#: avoided its losses on data unlike them (7 to 20 points below the probe on texts of a word or two; "Session 13"). Above it nothing was measured against LoRA's loop, which stays the default there.
 FEW_PER_CLASS = 32
 
 
@@ -149,7 +148,7 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     return cfg.replace(method=AUTO), (
         f"no --method given: --method auto, {rule} ({here}): it compared the frozen probe, class prototypes, LoRA "
         "and the contrastive recipe by cross-validation on your examples and trained the best. It picked the "
-        "contrastive recipe on all 51 measured splits of 9 data sets, and the probe where that recipe fell 9-19 "
+        "contrastive recipe on all 51 measured splits of 9 data sets, and the probe where that recipe fell 7-20 "
         "points below it (words in many categories; bench/RESULTS.md). --method contrastive trains that recipe "
         "directly, in a fraction of the time")
 

@@ -109,15 +109,24 @@ def test_cli_without_method_runs_auto_and_records_its_pick(tiny):
 
     out = tiny["root"] / "cli-default"
     result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["small"]), "--out",
-                                 str(out), "--max-length", "32", "--precision", "fp32", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("--method auto picked "), result.stdout
+                                 str(out), "--max-length", "32", "--precision", "fp32", "--quiet", "--budget", "600"])
+    assert result.exit_code == 0, result.output  # --budget reaches the default's comparison
+    assert result.stdout.startswith("--method auto (the default here: no --method given) picked "), result.stdout
     assert "no --method given: --method auto," in result.stdout and "test: accuracy" in result.stdout
-    picked = json.loads((out / "metrics.json").read_text())["auto"]["method"]
-    assert f"--method auto picked {picked}" in result.stdout
+    record = json.loads((out / "metrics.json").read_text())["auto"]
+    assert record["budget_s"] == 600 and f"given) picked {record['method']}" in result.stdout
     assert "method: auto" not in (out / "run.yaml").read_text()  # the pick is recorded, to repeat as it trained
     # the run.yaml repeats it as it ran, and --method lora is honoured as given
     again = runner.invoke(app, ["train", "--config", str(out / "run.yaml"), "--out", str(tiny["root"] / "again"),
                                 "--quiet", "--json"])
     assert again.exit_code == 0 and "no --method given" not in again.output
     assert json.loads(again.stdout)["accuracy"] == json.loads((out / "metrics.json").read_text())["accuracy"]
+
+
+def test_budget_without_a_comparison_is_refused_in_one_line(tiny):
+    """--budget is read when the default is auto (above); where the default trains LoRA it would be ignored."""
+    result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["large"]), "--out",
+                                 str(tiny["root"] / "budget-lora"), "--budget", "60"])
+    assert result.exit_code == 2 and "--budget bounds --method auto's comparison; --method lora compares nothing" \
+        in result.output
+    assert not (tiny["root"] / "budget-lora").exists()
