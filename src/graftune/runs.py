@@ -140,7 +140,8 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     rule = f"the default for single-label text with at most {FEW_PER_CLASS} training examples per class on average"
     if min(counts.values()) < 2:
         single = [str(label) for label, n in counts.items() if n < 2]
-        which = f"class {single[0]} has" if len(single) == 1 else f"classes {', '.join(single)} have"
+        which = ("every class has" if len(single) == len(counts) else
+                 f"class {single[0]} has" if len(single) == 1 else f"classes {', '.join(single)} have")
         return cfg.replace(method=contrastive.METHOD), (
             f"no --method given: training contrastive (SetFit's recipe), as {which} a single training example "
             f"and --method auto, {rule} ({here}), needs 2 a class to cross-validate; --method probe is the other "

@@ -47,6 +47,8 @@ def test_a_class_of_one_example_trains_contrastive_as_auto_cannot_cross_validate
     assert cfg.method == "contrastive", why
     assert why.startswith("no --method given: training contrastive") and "class weather has a single training example" \
         in why and "needs 2 a class" in why
+    cfg, why = default_method(config(tiny, shots=1))
+    assert cfg.method == "contrastive" and "every class has a single training example" in why
 
 
 def test_the_reason_says_the_rule_compares_the_mean_over_classes(tiny, tmp_path):
