@@ -266,8 +266,10 @@ def _summary(m: dict) -> str:
     shown = ", ".join(format_accuracy(m) if k == "accuracy" else f"{k} {m[k]:.3f}" for k in keys if k in m)
     saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
+    compared = f" after auto's {m['auto']['seconds']:.0f} s comparison" if m.get("auto", {}).get("seconds") else ""
     line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
-            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s; {', '.join(saved) or 'nothing saved'}")
+            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s{compared}; "
+            f"{', '.join(saved) or 'nothing saved'}")
     for note in m.get("notes", []):
         line += f"\nnote: {note}"
     for warning in m.get("warnings", []):

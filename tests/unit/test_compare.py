@@ -643,6 +643,36 @@ def test_auto_stops_after_three_folds_when_the_preferred_candidate_leads(tiny, m
     assert len(calls) == 5 and "stopped after" not in record["reason"]
 
 
+class FoldRates(FakeTrain):
+    """LoRA right on the share ``rates[i]`` of its i-th fold's held-out examples."""
+
+    def __init__(self, rates):
+        super().__init__()
+        self.rates = list(rates)
+
+    def __call__(self, cfg, *, progress=True, splits=None):
+        rate = self.rates[len(self.calls) % len(self.rates)]
+        self.calls.append((cfg, splits))
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 100_000, "train_seconds": 0.0,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate, shift=1)}
+
+
+def test_a_candidate_halving_stopped_as_beaten_cannot_win_a_tie_later(tiny, monkeypatch):
+    """LoRA is right on every example of the first fold, the contrastive recipe on 3 in 5 of them: halving stops the
+    contrastive recipe there as beaten. LoRA then misses everything on the other folds, so at the end the probe is
+    best, and the contrastive recipe's one fold is within its noise of the probe's. It stays out: the pick is the
+    probe, not the candidate the preference order puts first, on one fold of evidence already judged beaten (it won
+    that tie before, 24.6 points behind)."""
+    calls = []
+    monkeypatch.setattr(auto, "run_contrastive", _contrastive(0.6, calls))
+    monkeypatch.setattr(auto, "fit_head", Folds([0.8]))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, max_length=32,
+                            train_fn=FoldRates([1.0, 0.0, 0.0, 0.0, 0.0]), candidates=("head", "lora", "contrastive"))
+    assert len(calls) == 1 and record["dropped"]["contrastive"] == "lora", record["reason"]
+    assert record["method"] == "probe", record["reason"]
+    assert "contrastive stopped after 1 fold: lora was ahead of it by more than 2 standard errors there" in record["reason"]
+
+
 def test_a_test_file_that_shares_examples_with_training_is_warned_about(tiny, tmp_path):
     # train and check warn about a leaking --test; compare trained and recommended on it in silence
     import csv

@@ -144,6 +144,9 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     started = time.perf_counter()
     scores: dict[str, dict] = {}
     skipped: list[str] = []
+    #: trained candidates that successive halving stopped because another was ahead by more than TIE_Z standard
+    #: errors (name -> that one): out of the running, so one fold of evidence judged beaten cannot win a tie later
+    dropped: dict[str, str] = {}
     stopped = ""
     text = ds.modality == "text"
     baseline = "probe" if text and not not_for_probe else "head"
@@ -229,7 +232,11 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
             keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
             best_now = max(scores.values(), key=lambda s: s["macro_f1"])
-            costly = [n for n in keep if not _beaten(scores[n], best_now, truth)]
+            for name in (n for n in done if _beaten(scores[n], best_now, truth)):
+                dropped[name] = best_now["method"]
+                say(f"[auto] {name}: stopped after {len(runs_of[name])} fold(s), {best_now['method']} ahead of it by "
+                    f"more than {TIE_Z:g} standard errors")
+            costly = [n for n in keep if n not in dropped]
             if len(costly) == 1 and scores[costly[0]] is best_now and all(
                     _beaten(s, best_now, truth) for s in scores.values() if s is not best_now):
                 say(f"[auto] {costly[0]} is ahead of every other candidate by more than {TIE_Z:g} standard errors: "
@@ -239,7 +246,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
 
     val_size = len(folds[0][1])
-    pick, best, close = decide(scores, truth)
+    pick, best, close = decide({n: s for n, s in scores.items() if n not in dropped} or scores, truth)
     listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_se']:.3f} ({s['held_out']} examples, "
                         f"{s['seconds']:.0f} s)" for s in scores.values())
     reason = (f"By {k}-fold cross-validation on the {len(train)} training examples (each predicted by a model fitted "
@@ -254,17 +261,22 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     else:
         lead = 100 * (best["macro_f1"] - pick["macro_f1"])
         reason += (f"{best['method']} and {pick['method']} scored the same" if lead < 0.05 else
-                   f"{best['method']} scored best, but only {lead:.1f} points ahead of {pick['method']}: within "
+                   f"{best['method']} scored best, {lead:.1f} points ahead of {pick['method']}, but within "
                    f"{TIE_Z:g} standard errors on the examples both predicted, so a tie")
         reason += f", and {_ties_go_to(pick['method'])}"
     reason += "." + stopped
+    for name, by in dropped.items():
+        folds_run = scores[name]["folds"]
+        reason += (f" {name} stopped after {folds_run} fold{'s' if folds_run > 1 else ''}: {by} was ahead of it by "
+                   f"more than {TIE_Z:g} standard errors there, so it was out of the running.")
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
     keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
     return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
             "seconds": round(time.perf_counter() - started, 2), "training_examples": len(train),
             "validation_examples": val_size, "folds": k,
-            "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped}
+            "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped,
+            "dropped": dropped}
 
 
 def decide(scores: dict[str, dict], truth: np.ndarray, z: float = TIE_Z) -> tuple[dict, dict, list[dict]]:
