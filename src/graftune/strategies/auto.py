@@ -48,8 +48,9 @@ CHEAP = ("head", "prototypes")
 #: example by example
 FOLDS = 5
 #: trained candidates, successive halving: every one runs on the first RUNGS[0] folds; those not beaten by the
-#: best (``_beaten``; at least two) go on to the next rung's folds, as the budget allows; the comparison stops
-#: early once one trained candidate is left, best, and every other candidate beaten by it
+#: best (``_beaten``; at least two) go on to the next rung's folds, as the budget allows; one the best has beaten is
+#: out of the running (it cannot win a tie at the end, against another best, on the few folds it ran); the comparison
+#: stops early once one trained candidate is left, best, and every other candidate beaten by it
 RUNGS = (1, 3, FOLDS)
 #: futility stop: after this many folds, when the trained candidate first in ``PREFERENCE`` is ahead of or level with
 #: every other on the examples both predicted, the remaining folds could overrule it only by turning that into a
