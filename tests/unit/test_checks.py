@@ -186,6 +186,9 @@ def test_split_warnings_say_loudly_when_the_test_set_overlaps_training():
     loud = split_warnings({"overlap": {"train_test": 3}, "near_overlap_train_test": 1, "conflicting_labels": 2})
     assert "shares 3 exact and 1 near-duplicate example(s) with training" in loud[0]
     assert "2 text(s) appear with different labels" in loud[1]
+    # with the test set's size, how much those copies can move its accuracy at most
+    sized = split_warnings({"overlap": {"train_test": 0}, "near_overlap_train_test": 2, "test_examples": 772})
+    assert "overstates the model by up to 0.3 points (2 of its 772 examples)" in sized[0]
 
 
 def letter_tokenizer(folder):

@@ -450,7 +450,8 @@ def split_checks(train: Dataset, val: Dataset, test: Dataset, *, tokenizer: Any 
     parts = {"train": train, "val": val, "test": test}
     keys = {name: [example_key(m, x) for x in part.inputs] for name, part in parts.items()}
     sets = {name: set(k) for name, k in keys.items()}
-    out: dict[str, Any] = {"duplicates": {name: len(k) - len(sets[name]) for name, k in keys.items()},
+    out: dict[str, Any] = {"test_examples": len(test),
+                           "duplicates": {name: len(k) - len(sets[name]) for name, k in keys.items()},
                            "overlap": {f"{a}_{b}": sum(k in sets[a] for k in keys[b])
                                        for a, b in (("train", "test"), ("train", "val"), ("val", "test"))}}
     if m != "pairs":
@@ -499,8 +500,11 @@ def split_warnings(checks: dict) -> list[str]:
     shared = checks.get("overlap", {}).get("train_test", 0)
     near = checks.get("near_overlap_train_test", 0)
     if shared or near:
+        size = checks.get("test_examples")  # each copy can add at most one right answer
+        by = (f" by up to {100 * (shared + near) / size:.1f} points ({shared + near} of its {size} examples)"
+              if size else "")
         out.append(f"the test set shares {shared} exact and {near} near-duplicate example(s) with training: its "
-                   "accuracy overstates the model; run `graftune check DATA --test TEST` and remove them")
+                   f"accuracy overstates the model{by}; run `graftune check DATA --test TEST` and remove them")
     if checks.get("conflicting_duplicates_removed"):
         n = checks["conflicting_duplicates_removed"]
         out.append(f"{n} repeated text{'s' if n > 1 else ''} had another label than {'their' if n > 1 else 'its'} "
