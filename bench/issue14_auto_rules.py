@@ -255,6 +255,58 @@ def futility_replay(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rule_halving(record: dict, beaten_stay_out: bool = True) -> tuple[str, dict]:
+    """auto_pick's successive halving replayed on a record: the cheap candidates on every fold, the trained ones on
+    ``auto.RUNGS`` folds while the best has not beaten them, the futility stop and the early stop, then
+    ``auto.decide``. ``beaten_stay_out``: a trained candidate stopped as beaten is out of the running (session 13);
+    False: it could still win a tie at the end (before). Returns the pick and the stopped candidates (name -> by
+    whom)."""
+    names = sorted(set(record["labels"]))
+    truth = np.asarray([names.index(c) for c in record["labels"]])
+    k = record["k"]
+    folds_of = {n: 0 for n in TRAINED}
+
+    def scores() -> dict:
+        out = {}
+        for name in ("probe", "prototypes", *TRAINED):
+            folds = record["oof"][name][:folds_of.get(name, k)]
+            if folds:
+                runs = [{"val": val, "predicted": pred, "trainable_params": PARAMS[name]} for val, pred in folds]
+                out[name] = auto.summarize_runs(name, runs, 0.0, truth, names)
+        return out
+
+    costly, dropped = list(TRAINED), {}
+    for rung in auto.RUNGS:
+        for name in costly:
+            folds_of[name] = min(rung, k)
+        now = scores()
+        if rung == auto.RUNGS[-1]:
+            break
+        preferred = min(now, key=auto._rank)
+        if auto.FUTILITY_FOLDS <= rung < k and folds_of.get(preferred, 0) >= rung and all(
+                auto._gap(now[preferred], s, truth)[0] <= 0 for n, s in now.items() if n != preferred):
+            break
+        best = max(now.values(), key=lambda s: s["macro_f1"])
+        dropped.update({n: best["method"] for n in costly if auto._beaten(now[n], best, truth)})
+        costly = [n for n in costly if n not in dropped]
+        if len(costly) == 1 and now[costly[0]] is best and all(
+                auto._beaten(s, best, truth) for s in now.values() if s is not best):
+            break
+    final = scores()
+    eligible = {n: s for n, s in final.items() if not (beaten_stay_out and n in dropped)} or final
+    return auto.decide(eligible, truth)[0]["method"], dropped
+
+
+def halving_replay(records: list[dict]) -> str:
+    """How often halving stopped a candidate as beaten, and how often keeping it out of the running (session 13)
+    changed the pick."""
+    stopped = sum(bool(rule_halving(r)[1]) for r in records)
+    changed = [r for r in records if rule_halving(r)[0] != rule_halving(r, beaten_stay_out=False)[0]]
+    return (f"halving simulated: a candidate stopped as beaten on {stopped} of {len(records)} splits; keeping it out "
+            f"of the running changed {len(changed)} pick(s)" +
+            "".join(f"\n  {r['data']}: {rule_halving(r, False)[0]} -> {rule_halving(r)[0]}" for r in changed))
+
+
 def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:
     """The best mean over the folds every candidate ran (paired: the same validation examples), no prior."""
     return max(cv, key=lambda c: statistics.mean(cv[c][:trained_folds]))
@@ -273,6 +325,8 @@ RULES = {
     "session 7 with z = 1": lambda r: rule_z(r, 1.0),
     "session 7 with z = 1.65": lambda r: rule_z(r, 1.65),
     "session 7 with z = 2.5": lambda r: rule_z(r, 2.5),
+    "shipped: halving simulated, a candidate stopped as beaten out of the running (session 13)":
+        lambda r: rule_halving(r)[0],
     "always probe": lambda r: "probe",
     "always contrastive": lambda r: "contrastive",
     "always lora": lambda r: "lora",
@@ -314,6 +368,8 @@ def main():
         print(replay(records))
         print()
         print(futility_replay(records))
+        print()
+        print(halving_replay(records))
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
