@@ -286,25 +286,28 @@ def rule_halving(record: dict, beaten_stay_out: bool = True) -> tuple[str, dict]
         if auto.FUTILITY_FOLDS <= rung < k and folds_of.get(preferred, 0) >= rung and all(
                 auto._gap(now[preferred], s, truth)[0] <= 0 for n, s in now.items() if n != preferred):
             break
-        best = max(now.values(), key=lambda s: s["macro_f1"])
-        dropped.update({n: best["method"] for n in costly if auto._beaten(now[n], best, truth)})
+        running = {n: s for n, s in now.items() if n not in dropped}
+        best = max(running.values(), key=lambda s: s["macro_f1"])
+        dropped.update({n: best["method"] for n in costly
+                        if folds_of[n] < k and auto._beaten(now[n], best, truth)})
         costly = [n for n in costly if n not in dropped]
         if len(costly) == 1 and now[costly[0]] is best and all(
-                auto._beaten(s, best, truth) for s in now.values() if s is not best):
+                auto._beaten(s, best, truth) for n, s in now.items() if s is not best and n not in dropped):
             break
     final = scores()
-    eligible = {n: s for n, s in final.items() if not (beaten_stay_out and n in dropped)} or final
+    eligible = {n: s for n, s in final.items() if not (beaten_stay_out and n in dropped)}
     return auto.decide(eligible, truth)[0]["method"], dropped
 
 
 def halving_replay(records: list[dict]) -> str:
     """How often halving stopped a candidate as beaten, and how often keeping it out of the running (session 13)
     changed the pick."""
-    stopped = sum(bool(rule_halving(r)[1]) for r in records)
-    changed = [r for r in records if rule_halving(r)[0] != rule_halving(r, beaten_stay_out=False)[0]]
-    return (f"halving simulated: a candidate stopped as beaten on {stopped} of {len(records)} splits; keeping it out "
-            f"of the running changed {len(changed)} pick(s)" +
-            "".join(f"\n  {r['data']}: {rule_halving(r, False)[0]} -> {rule_halving(r)[0]}" for r in changed))
+    now = [rule_halving(r) for r in records]
+    before = [rule_halving(r, beaten_stay_out=False)[0] for r in records]
+    changed = [(r, b, n[0]) for r, b, n in zip(records, before, now) if b != n[0]]
+    return (f"halving simulated: a candidate stopped as beaten on {sum(bool(n[1]) for n in now)} of {len(records)} "
+            f"splits; keeping it out of the running changed {len(changed)} pick(s)" +
+            "".join(f"\n  {r['data']}: {b} -> {n}" for r, b, n in changed))
 
 
 def rule_best_mean(cv: dict, k: int, trained_folds: int) -> str:

@@ -133,7 +133,8 @@ def train(
                                       "embeddings + logistic regression or class means (text). With 8-16 "
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
                                       "data set (bench/RESULTS.md).  [default: auto for single-label text with at "
-                                      "most 32 training examples per class and no LoRA settings given, else lora]"),
+                                      "most 32 training examples per class on average and no LoRA settings given "
+                                      "(contrastive when a class has a single one), else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm.  [default: from the data]"),
@@ -217,8 +218,13 @@ def train(
     if budget is not None and cfg.method != "auto":  # given, but nothing would read it
         from graftune.errors import ConfigError
 
-        raise ConfigError(f"--budget bounds --method auto's comparison; --method {method or cfg.method} compares "
-                          "nothing: drop --budget, or pass --method auto")
+        if method is not None or config is not None:
+            raise ConfigError(f"--budget bounds --method auto's comparison; --method {cfg.method} compares nothing: "
+                              "drop --budget, or pass --method auto")
+        why_not = ("a class has a single training example, too few for auto's folds" if cfg.method != "lora" else
+                   "the data is not single-label text with at most 32 training examples a class, or did not load")
+        raise ConfigError(f"--budget bounds --method auto's comparison; without --method this run trains "
+                          f"{cfg.method} ({why_not}), which compares nothing: drop --budget")
     picked = cfg.method == "auto"
     try:  # Ctrl-C anywhere from here (auto's comparison included) is one line, not a traceback
         cfg = resolve(cfg, progress=not (quiet or as_json))  # checked before anything loads; auto picks here
@@ -229,6 +235,7 @@ def train(
             default = " (the default here: no --method given)" if why else ""
             typer.echo(f"--method auto{default} picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
+        compared = cfg.auto.get("seconds") if picked else None  # this invocation's comparison (run.yaml keeps old ones)
     except KeyboardInterrupt:
         import shlex
 
@@ -247,7 +254,7 @@ def train(
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
-    typer.echo(_summary(metrics))
+    typer.echo(_summary(metrics, compared))
     typer.echo(f"run written to {out.rstrip('/') or '/'}/")
 
 
@@ -256,7 +263,8 @@ def _count_or_fraction(value: float | None):
     return int(value) if value is not None and value >= 1 and float(value).is_integer() else value
 
 
-def _summary(m: dict) -> str:
+def _summary(m: dict, compared: float | None = None) -> str:
+    """The run's result in a few lines; ``compared``: the seconds of auto's comparison before it, when it ran."""
     from graftune.tasks.classification import format_accuracy
 
     if m.get("task") == "causal-lm":
@@ -266,9 +274,9 @@ def _summary(m: dict) -> str:
     shown = ", ".join(format_accuracy(m) if k == "accuracy" else f"{k} {m[k]:.3f}" for k in keys if k in m)
     saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
-    compared = f" after auto's {m['auto']['seconds']:.0f} s comparison" if m.get("auto", {}).get("seconds") else ""
+    after = f" after auto's {compared:.1f} s comparison" if compared is not None else ""
     line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
-            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s{compared}; "
+            f"{m['total_params']:,} params in {m['train_seconds']:.0f} s{after}; "
             f"{', '.join(saved) or 'nothing saved'}")
     for note in m.get("notes", []):
         line += f"\nnote: {note}"

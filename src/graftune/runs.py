@@ -97,7 +97,8 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
 #: at 8 to 32 a class on 8 data sets (bench/RESULTS.md, "Session 9: what train does without --method"); auto, which
 #: picks among the frozen probe, class prototypes, LoRA and the contrastive recipe by cross-validation, was as
 #: accurate as the contrastive recipe (the default from session 9) on every replayed split of 9 data sets and
-#: avoided its losses on data unlike them (7 to 20 points below the probe on texts of a word or two; "Session 13"). Above it nothing was measured against LoRA's loop, which stays the default there.
+#: avoided its losses on data unlike them (7 to 20 points below the probe on texts of a word or two; "Session
+#: 13"). Above it nothing was measured against LoRA's loop, which stays the default there.
 FEW_PER_CLASS = 32
 
 
@@ -140,18 +141,20 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     rule = f"the default for single-label text with at most {FEW_PER_CLASS} training examples per class on average"
     if min(counts.values()) < 2:
         single = [str(label) for label, n in counts.items() if n < 2]
+        shown = ", ".join(single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
         which = ("every class has" if len(single) == len(counts) else
-                 f"class {single[0]} has" if len(single) == 1 else f"classes {', '.join(single)} have")
+                 f"class {single[0]} has" if len(single) == 1 else f"classes {shown} have")
         return cfg.replace(method=contrastive.METHOD), (
             f"no --method given: training contrastive (SetFit's recipe), as {which} a single training example "
             f"and --method auto, {rule} ({here}), needs 2 a class to cross-validate; --method probe is the other "
             "choice for so few")
     return cfg.replace(method=AUTO), (
-        f"no --method given: --method auto, {rule} ({here}): it compared the frozen probe, class prototypes, LoRA "
-        "and the contrastive recipe by cross-validation on your examples and trained the best. Measured: on 9 "
-        "data sets it picked the contrastive recipe every time; on words in many categories, where that recipe fell "
-        "7-20 points below the probe, it picked the probe (bench/RESULTS.md). --method contrastive trains that "
-        "recipe directly, in a fraction of the time")
+        f"no --method given: --method auto, {rule} ({here}): it compares the frozen probe, class prototypes, LoRA "
+        "and the contrastive recipe (those your settings and --budget allow) by cross-validation on your examples "
+        "and trains its pick (the line above: the evidence and the reason). Measured: on 9 data sets it picked the "
+        "contrastive recipe every time; on words in many categories, where that recipe fell 7-20 points below the "
+        "probe, it picked the probe or class prototypes (bench/RESULTS.md). --method contrastive trains that recipe "
+        "directly, in a fraction of the time")
 
 
 def train(cfg: RunConfig, *, progress: bool = True, splits=None) -> dict:

@@ -670,7 +670,27 @@ def test_a_candidate_halving_stopped_as_beaten_cannot_win_a_tie_later(tiny, monk
                             train_fn=FoldRates([1.0, 0.0, 0.0, 0.0, 0.0]), candidates=("head", "lora", "contrastive"))
     assert len(calls) == 1 and record["dropped"]["contrastive"] == "lora", record["reason"]
     assert record["method"] == "probe", record["reason"]
-    assert "contrastive stopped after 1 fold: lora was ahead of it by more than 2 standard errors there" in record["reason"]
+    assert "contrastive stopped after 1 fold: lora was ahead of it by more than 2 standard errors there" \
+        in record["reason"]
+    assert "(12 examples, 0 s, stopped)" in record["reason"]  # the listing marks the frozen score
+
+
+def test_a_candidate_that_ran_every_fold_is_compared_not_stopped(tiny, monkeypatch):
+    """3 a class give 3 folds: the rung of 3 folds is every fold, so a candidate beaten there has not been stopped
+    (it said "stopped after 3 folds"): it is simply behind in the comparison."""
+    rates = iter([0.67, 0.0, 0.0])
+
+    def contrastive(strategy, model, splits, seed, settings):
+        rate = next(rates)
+        return {"accuracy": rate, "macro_f1": rate, "trainable_params": 50_000, "train_seconds": 0.0,
+                "predicted": scripted_predictions(splits.test.labels, splits.test.label_names, rate)}
+
+    monkeypatch.setattr(auto, "run_contrastive", contrastive)
+    monkeypatch.setattr(auto, "fit_head", Folds([0.6]))
+    record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=3, max_length=32,
+                            train_fn=FoldRates([1.0]), candidates=("head", "lora", "contrastive"))
+    assert record["folds"] == 3 == record["candidates"]["contrastive"]["folds"], record["reason"]
+    assert record["dropped"] == {} and "stopped" not in record["reason"], record["reason"]
 
 
 def test_a_test_file_that_shares_examples_with_training_is_warned_about(tiny, tmp_path):

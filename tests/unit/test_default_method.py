@@ -117,11 +117,16 @@ def test_cli_without_method_runs_auto_and_records_its_pick(tiny):
     assert "no --method given: --method auto," in result.stdout and "test: accuracy" in result.stdout
     record = json.loads((out / "metrics.json").read_text())["auto"]
     assert record["budget_s"] == 600 and f"given) picked {record['method']}" in result.stdout
+    assert f"after auto's {record['seconds']:.1f} s comparison" in result.stdout
     assert "method: auto" not in (out / "run.yaml").read_text()  # the pick is recorded, to repeat as it trained
     # the run.yaml repeats it as it ran, and --method lora is honoured as given
     again = runner.invoke(app, ["train", "--config", str(out / "run.yaml"), "--out", str(tiny["root"] / "again"),
                                 "--quiet", "--json"])
     assert again.exit_code == 0 and "no --method given" not in again.output
+    plain = runner.invoke(app, ["train", "--config", str(out / "run.yaml"), "--out", str(tiny["root"] / "plain"),
+                                "--quiet"])
+    # run.yaml keeps auto's record, but nothing was compared this time
+    assert plain.exit_code == 0 and "test: accuracy" in plain.stdout and "comparison" not in plain.stdout
     assert json.loads(again.stdout)["accuracy"] == json.loads((out / "metrics.json").read_text())["accuracy"]
 
 
@@ -129,6 +134,6 @@ def test_budget_without_a_comparison_is_refused_in_one_line(tiny):
     """--budget is read when the default is auto (above); where the default trains LoRA it would be ignored."""
     result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["large"]), "--out",
                                  str(tiny["root"] / "budget-lora"), "--budget", "60"])
-    assert result.exit_code == 2 and "--budget bounds --method auto's comparison; --method lora compares nothing" \
-        in result.output
+    assert result.exit_code == 2 and ("--budget bounds --method auto's comparison; without --method this run trains "
+                                      "lora (the data is not single-label text with at most 32") in result.output
     assert not (tiny["root"] / "budget-lora").exists()

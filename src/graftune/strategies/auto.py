@@ -232,14 +232,16 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             # none that the best has already beaten
             ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
             keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
-            best_now = max(scores.values(), key=lambda s: s["macro_f1"])
-            for name in (n for n in done if _beaten(scores[n], best_now, truth)):
+            running = {n: s for n, s in scores.items() if n not in dropped}  # a stopped one's score is frozen
+            best_now = max(running.values(), key=lambda s: s["macro_f1"])
+            # stopped as beaten, out of the running (one that has run every fold is not stopped, only compared)
+            for name in (n for n in done if len(runs_of[n]) < k and _beaten(scores[n], best_now, truth)):
                 dropped[name] = best_now["method"]
-                say(f"[auto] {name}: stopped after {len(runs_of[name])} fold(s), {best_now['method']} ahead of it by "
+                say(f"[auto] {name}: stopped after {_folds(len(runs_of[name]))}, {best_now['method']} ahead of it by "
                     f"more than {TIE_Z:g} standard errors")
             costly = [n for n in keep if n not in dropped]
             if len(costly) == 1 and scores[costly[0]] is best_now and all(
-                    _beaten(s, best_now, truth) for s in scores.values() if s is not best_now):
+                    _beaten(s, best_now, truth) for n, s in scores.items() if s is not best_now and n not in dropped):
                 say(f"[auto] {costly[0]} is ahead of every other candidate by more than {TIE_Z:g} standard errors: "
                     "no more folds needed")
                 break
@@ -247,9 +249,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         raise ConfigError(f"--method auto: no candidate fits in budget_s={budget_s:g}; raise the budget")
 
     val_size = len(folds[0][1])
-    pick, best, close = decide({n: s for n, s in scores.items() if n not in dropped} or scores, truth)
+    # never empty: whatever stopped a candidate was itself still running
+    pick, best, close = decide({n: s for n, s in scores.items() if n not in dropped}, truth)
     listing = ", ".join(f"{s['method']} {s['macro_f1']:.3f} +- {s['macro_f1_se']:.3f} ({s['held_out']} examples, "
-                        f"{s['seconds']:.0f} s)" for s in scores.values())
+                        f"{s['seconds']:.0f} s{', stopped' if n in dropped else ''})" for n, s in scores.items())
     reason = (f"By {k}-fold cross-validation on the {len(train)} training examples (each predicted by a model fitted "
               f"on the other folds; {val_size} per fold; the test set untouched), the macro-F1 of the held-out "
               f"predictions, with its standard error, was: {listing}. ")
@@ -267,9 +270,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         reason += f", and {_ties_go_to(pick['method'])}"
     reason += "." + stopped
     for name, by in dropped.items():
-        folds_run = scores[name]["folds"]
-        reason += (f" {name} stopped after {folds_run} fold{'s' if folds_run > 1 else ''}: {by} was ahead of it by "
-                   f"more than {TIE_Z:g} standard errors there, so it was out of the running.")
+        reason += (f" {name} stopped after {_folds(scores[name]['folds'])}: {by} was ahead of it by more than "
+                   f"{TIE_Z:g} standard errors there, so it was out of the running.")
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
     keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
@@ -278,6 +280,10 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             "validation_examples": val_size, "folds": k,
             "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped,
             "dropped": dropped}
+
+
+def _folds(n: int) -> str:
+    return f"{n} fold{'s' if n != 1 else ''}"
 
 
 def decide(scores: dict[str, dict], truth: np.ndarray, z: float = TIE_Z) -> tuple[dict, dict, list[dict]]:
