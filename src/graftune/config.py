@@ -219,11 +219,15 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_defaults(self, **defaults) -> RunConfig:
+        """This config with the fields of ``defaults`` filled in where unset (None): a recipe's own defaults, what
+        its run trains with and writes into ``run.yaml``."""
+        return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def with_step_defaults(self, defaults: dict | None = None) -> RunConfig:
-        """This config with ``lr`` and ``batch_size`` (and any other field of a recipe's ``defaults``) filled in
-        where unset, from ``defaults`` (else ``STEP_DEFAULTS``): what a run trains with and writes into ``run.yaml``."""
-        own = {**STEP_DEFAULTS, **(defaults or {})}
-        return self.replace(**{k: v for k, v in own.items() if getattr(self, k) is None})
+        """``with_defaults`` for the optimizer step: ``lr`` and ``batch_size`` (and any other field of a recipe's
+        ``defaults``), from ``defaults``, else ``STEP_DEFAULTS``."""
+        return self.with_defaults(**{**STEP_DEFAULTS, **(defaults or {})})
 
     def columns(self) -> dict:
         """The column keyword arguments of ``data.sources.load_data`` this config names."""

@@ -119,7 +119,7 @@ def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
         return cfg, None
     try:
         # counted as auto and the contrastive recipe would train: without a validation part unless one is asked for
-        train = run_splits(cfg.replace(val_size=0) if cfg.val_size is None else cfg, cfg.task).train
+        train = run_splits(cfg.with_defaults(val_size=0), cfg.task).train
     except (DataError, ConfigError):
         return cfg, None  # the run itself reports it, as it would with --method lora
     if train.modality != "text" or train.multi_label:

@@ -135,8 +135,7 @@ def train(cfg: Any, fit: Callable, *, progress: bool = True, splits: Any = None)
     log, progress, adapter_name, policy)`` is the recipe's own part: it returns the fitted ``FewShotModel`` and what
     the run reports of it."""
     method = cfg.method
-    if cfg.val_size is None:  # a validation part would only take examples from training: nothing reads it
-        cfg = cfg.replace(val_size=0)
+    cfg = cfg.with_defaults(val_size=0)  # a validation part would only take examples from training: nothing reads it
     if distributed.launched():
         raise ConfigError(f"method: {method} trains in one process; start it without torchrun / accelerate launch")
     start_run_dir(cfg, write=False)  # --out taken: say so before loading anything

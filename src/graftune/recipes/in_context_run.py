@@ -74,8 +74,7 @@ def options(cfg: RunConfig) -> dict:
 
 def train(cfg: RunConfig, *, progress: bool = True, splits: Any = None) -> dict:
     """Choose the examples, score the test split, write the run directory ``cfg.out``; return its metrics."""
-    if cfg.val_size is None:  # a validation part would only take examples from the prompt's pool: nothing reads it
-        cfg = cfg.replace(val_size=0)
+    cfg = cfg.with_defaults(val_size=0)  # a validation part would only take from the prompt's pool: nothing reads it
     start_run_dir(cfg, write=False)  # --out taken: say so before loading anything
     columns = {"text_column": cfg.text_column, "label_column": cfg.label_column}
     ds = load_data(cfg.data, task=cfg.task, **columns)
