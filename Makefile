@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-avx2 lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(STAMP)
 # one worker per core, one torch thread per worker (two workers sharing two cores would otherwise oversubscribe them);
 # loadgroup: tests marked xdist_group run on one worker, one after the other (the multi-process launches)
 test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n auto --dist loadgroup
+
+# the suite as an AVX2-only CPU runs it (no bf16 in hardware), on whatever CPU this is: graftune sees no avx512/AMX
+# flag (bench/avx2_only/sitecustomize.py) and oneDNN/MKL/ATen stop at AVX2, so bf16 that slips through is slow
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=$(CURDIR)/bench/avx2_only \
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n auto --dist loadgroup
 
 lint: $(STAMP)

@@ -268,3 +268,21 @@ def test_train_runs_end_to_end_under_the_bf16_policy(kind, tmp_path, monkeypatch
     losses = [line for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines() if '"step"' in line]
     assert losses and all('"loss": NaN' not in line for line in losses)
     assert load_run(tmp_path / "r").policy.name == "bf16"
+
+
+def test_make_test_avx2_hides_the_wide_flags_from_every_process(tmp_path):
+    # `make test-avx2` puts bench/avx2_only on PYTHONPATH: a process started anywhere must see an AVX2-only CPU
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sim = Path(__file__).resolve().parents[2] / "bench" / "avx2_only"
+    code = ("from graftune.speed import precision as p; import pathlib; i = p.cpu_features(); "
+            "print(i['native_bf16'], any(f.startswith(('avx512', 'amx')) for f in i['flags']), p.choose('auto').name, "
+            "len(pathlib.Path('/proc/cpuinfo').read_text()) > 0)")
+    env = {**os.environ, "PYTHONPATH": str(sim)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "fp32", "True"]
