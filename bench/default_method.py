@@ -27,12 +27,13 @@ from graftune.strategies.catalog import load_compare_data, test_per_class_for
 METHODS = ("default", "probe", "contrastive")
 
 
-def measure(data: str, seed: int, shots: int) -> dict:
+def measure(data: str, seed: int, shots: int, extra: tuple[str, ...] = ()) -> dict:
+    """``extra``: more methods trained on the same splits (``auto`` above the threshold, where the default is LoRA)."""
     row = {"data": Path(data).stem if "/" in data else data, "seed": seed, "shots": shots}
     # the test set of the other issue-14 benches: up to 100 a class, fewer where a class is small
     test_per_class = test_per_class_for(load_compare_data(data, None, "text", "label")[0], [8, 16, shots])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in METHODS:
+        for name in METHODS + extra:
             fields = {} if name == "default" else {"method": name}
             cfg = RunConfig(model="minilm", data=data, shots=shots, seed=seed, test_per_class=test_per_class,
                             out=str(Path(tmp) / name), **fields)
@@ -46,7 +47,7 @@ def measure(data: str, seed: int, shots: int) -> dict:
                          "test_fingerprint": card["splits"]["test"]["fingerprint"]}
             print(f"  {row['data']} seed {seed} {name}: {m['method']}, acc {m['accuracy']:.3f} "
                   f"({row[name]['train_seconds']:.0f} s)", flush=True)
-    assert len({row[n]["test_fingerprint"] for n in METHODS}) == 1, "methods scored on different test sets"
+    assert len({row[n]["test_fingerprint"] for n in METHODS + extra}) == 1, "methods scored on different test sets"
     return row
 
 
@@ -60,19 +61,20 @@ def summary(path: Path) -> None:
 
 def _table(rule: str, rows: list[dict]) -> None:
     sets = sorted({r["data"] for r in rows})
-    print(f"\n| data set | seeds | default ({rule}) | probe | contrastive | contrastive - default (pts) | "
-          "default - best other (pts) |")
-    print("|---|---|---|---|---|---|---|")
+    extra = tuple(n for n in ("auto",) if all(n in r for r in rows))  # measured with --extra on every row
+    print(f"\n| data set | seeds | default ({rule}) | probe | contrastive | {' | '.join(extra + ('',))}"
+          "contrastive - default (pts) | default - best other (pts) |")
+    print("|---" * (7 + len(extra)) + "|")
     gaps, wins = [], []
     for s in sets:
         rs = [r for r in rows if r["data"] == s]
-        acc = {n: statistics.mean(r[n]["accuracy"] for r in rs) for n in METHODS}
-        secs = {n: statistics.mean(r[n]["train_seconds"] for r in rs) for n in METHODS}
+        acc = {n: statistics.mean(r[n]["accuracy"] for r in rs) for n in METHODS + extra}
+        secs = {n: statistics.mean(r[n]["train_seconds"] for r in rs) for n in METHODS + extra}
         gap = 100 * (acc["default"] - max(acc["probe"], acc["contrastive"]))
         win = 100 * (acc["contrastive"] - acc["default"])
         gaps.append(gap)
         wins.append(win)
-        cells = " | ".join(f"{100 * acc[n]:.1f} ({secs[n]:.0f} s)" for n in METHODS)
+        cells = " | ".join(f"{100 * acc[n]:.1f} ({secs[n]:.0f} s)" for n in METHODS + extra)
         print(f"| {s} | {len(rs)} | {cells} | {win:+.1f} | {gap:+.1f} |")
     print(f"\ncontrastive - default: {statistics.mean(wins):+.1f} points on average, {min(wins):+.1f} to "
           f"{max(wins):+.1f}; default - best other: {statistics.mean(gaps):+.1f} on average, best {max(gaps):+.1f}, "
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path)
+    p.add_argument("--extra", default="", help="more methods on the same splits, comma-separated (auto)")
     p.add_argument("--summary", type=Path)
     p.add_argument("--small-csv", type=Path, help="write the 12-a-class TREC file of RESULTS' example and stop")
     a = p.parse_args()
@@ -118,7 +121,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for data in a.data.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
-            row = measure(data, seed, a.shots)
+            row = measure(data, seed, a.shots, tuple(m for m in a.extra.split(",") if m))
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
