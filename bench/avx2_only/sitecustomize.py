@@ -4,7 +4,7 @@ Python imports this module at start-up when its folder is on ``PYTHONPATH`` (``s
 of the suite gets it, the CLI subprocesses and xdist workers included. It hides the avx512* and amx* flags from
 graftune's one reader of /proc/cpuinfo (``speed.precision.cpu_features``): the ``auto`` precision is then float32,
 as on an AVX2-only CPU. The Makefile target also caps oneDNN, MKL and ATen at AVX2 (``ONEDNN_MAX_CPU_ISA`` etc.), so
-a bf16 matrix product that still slips through is emulated and slow (~90x float32 on an avx512_bf16 CPU, measured
+a bf16 matrix product that still slips through is emulated and slow (~40x float32 on this avx512_bf16 CPU, measured
 in bench/RESULTS.md), as it is on such a CPU: a test that depends on bf16 speed shows up as slow or timed out.
 """
 
