@@ -198,7 +198,7 @@ def test_train_method_auto_picks_says_why_records_and_trains_it(tiny, tmp_path):
         assert f"{name} {c['macro_f1']:.3f}" in result.stdout
     best = max(c["macro_f1"] for c in record["candidates"].values())
     assert record["candidates"][picked]["macro_f1"] >= best - summary.WITHIN - 1e-9
-    assert record["training_examples"] == 12 and record["validation_examples"] == 3  # 4 folds of 12
+    assert record["training_examples"] == 12 and record["held_out_per_fold"] == 3  # 4 folds of 12
     # trained that method; metrics.json carries the record too
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["method"] == picked

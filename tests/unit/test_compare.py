@@ -409,7 +409,7 @@ def test_auto_treats_gaps_within_the_noise_as_ties(tiny, monkeypatch):
     monkeypatch.setattr(auto, "fit_head", Folds([0.8]))  # the probe: right on 4 of 5 per fold; LoRA as often
     record = auto.auto_pick(tiny["bert"], tiny["csv"], budget_s=900, shots=8, max_length=32,
                             train_fn=Slow(0.8, shift=1), candidates=("head", "lora", "contrastive"))
-    assert record["folds"] == 5 and record["validation_examples"] == 5
+    assert record["folds"] == 5 and record["held_out_per_fold"] == 5
     assert record["candidates"]["probe"]["folds"] == 5 == record["candidates"]["lora"]["folds"]
     assert record["candidates"]["probe"]["held_out"] == 24 == record["candidates"]["lora"]["held_out"]
     assert record["candidates"]["contrastive"]["folds"] == 1  # halved away after the first fold

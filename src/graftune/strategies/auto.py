@@ -277,7 +277,7 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
     keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
     return {"method": pick["method"], "reason": reason, "budget_s": budget_s,
             "seconds": round(time.perf_counter() - started, 2), "training_examples": len(train),
-            "validation_examples": val_size, "folds": k,
+            "held_out_per_fold": val_size, "folds": k,
             "candidates": {n: {key: s[key] for key in keep_keys} for n, s in scores.items()}, "skipped": skipped,
             "dropped": dropped}
 
