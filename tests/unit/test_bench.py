@@ -153,6 +153,35 @@ def test_not_applicable_and_failing_jobs_give_rows_not_crashes(tiny):
     assert row["error"] == "RuntimeError: out of memory" and "accuracy" not in row
 
 
+
+def test_an_in_context_job_runs_as_compare_runs_it(tiny, monkeypatch):
+    """bench had no in-context branch: the job fell through to the adapter loop ("method: missing"), so
+    ``--strategies all`` always reported a failed job. Both now run strategies through catalog.run_strategy."""
+    import numpy as np
+
+    from graftune.strategies import catalog
+
+    seen = {}
+
+    class Prompted:  # SmolLM2 stands in: every text gets its first training example's class, surely
+        def __init__(self, texts, labels, names, **kwargs):
+            seen.update(kwargs, train=len(texts))
+            self.first = names.index(labels[0]) if labels[0] in names else int(labels[0])
+            self.n = len(names)
+
+        def predict_proba(self, texts):
+            p = np.zeros((len(texts), self.n))
+            p[:, self.first] = 1.0
+            return p
+
+    monkeypatch.setattr(catalog.in_context, "fit", Prompted)
+    spec = JobSpec(data=tiny["a"], strategy="in-context", shots=2, seed=0, model=tiny["bert"], test_per_class=6,
+                   settings=SETTINGS)
+    row = run_job(spec)
+    assert "error" not in row, row
+    assert row["trainable_params"] == 0 and row["accuracy"] == pytest.approx(1 / 3)  # one class of 3, 6 each
+    assert seen["model"] == catalog.IN_CONTEXT_MODEL and seen["train"] == 6 and seen["calibrate"]
+
 def _row(data, strategy, seed, acc, shots=8, **extra):
     return {"data": data, "strategy": strategy, "shots": shots, "seed": seed, "accuracy": acc, "macro_f1": acc,
             "train_seconds": 1.0, "wall_seconds": 2.0 + seed, "trainable_params": 10, **extra}

@@ -51,9 +51,7 @@ from graftune.strategies.catalog import (
     check_settings,
     load_compare_data,
     make_compare_splits,
-    run_contrastive,
-    run_features,
-    run_train,
+    run_strategy,
     test_per_class_for,
 )
 from graftune.strategies.report.bench import AUTO_BEST, render_bench
@@ -194,17 +192,13 @@ def run_job(spec: JobSpec, train_fn: Callable | None = None) -> dict:
         if spec.strategy == AUTO:
             result = _run_auto(spec, splits, columns, train_fn)
         else:
-            strategy = STRATEGIES[spec.strategy]
-            if strategy.kind == "features":
-                frozen = _frozen(spec.model, spec.data, spec.text_column, spec.label_column,
-                                 int(spec.settings.get("max_length", 256)))
-                result = run_features(strategy, frozen, splits, test_fp)
-            elif strategy.kind == "contrastive":
-                result = run_contrastive(strategy, spec.model, splits, spec.seed, spec.settings)
-            else:
-                with tempfile.TemporaryDirectory(prefix="graftune-bench-") as scratch:
-                    result = run_train(strategy, spec.model, spec.data, splits, spec.seed, spec.settings,
-                                       Path(scratch) / "run", columns, train_fn or adapter.train)
+            with tempfile.TemporaryDirectory(prefix="graftune-bench-") as scratch:
+                result = run_strategy(
+                    STRATEGIES[spec.strategy], model=spec.model, data_spec=spec.data, splits=splits, seed=spec.seed,
+                    settings=spec.settings, work=Path(scratch) / "run", columns=columns,
+                    train_fn=train_fn or adapter.train, test_key=test_fp,
+                    frozen=lambda: _frozen(spec.model, spec.data, spec.text_column, spec.label_column,
+                                           int(spec.settings.get("max_length", 256))))
     except NotApplicable as e:
         return {**row, "skipped": f"not applicable: {e}"}
     except Exception as e:  # noqa: BLE001 (one failing job must not end the bench: its row says why)

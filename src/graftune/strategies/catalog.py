@@ -279,6 +279,19 @@ def run_train(strategy: Strategy, model: str, data_spec: str, splits, seed: int,
 class NotApplicable(Exception):
     pass
 
+
+def run_strategy(strategy: Strategy, *, model: str, data_spec: str, splits, seed: int, settings: dict, work: Path,
+                 columns: dict, train_fn: Callable, frozen: Callable[[], Frozen], test_key: str) -> dict:
+    """One run of ``strategy`` on ``splits``, whatever its kind: the one dispatch of ``compare`` and ``bench``.
+    ``frozen``: gives the frozen base of the feature strategies (loaded on first use, kept by the caller)."""
+    if strategy.kind == "features":
+        return run_features(strategy, frozen(), splits, test_key)
+    if strategy.kind == "contrastive":
+        return run_contrastive(strategy, model, splits, seed, settings)
+    if strategy.kind == "in-context":
+        return run_in_context(strategy, splits, seed, settings)
+    return run_train(strategy, model, data_spec, splits, seed, settings, work, columns, train_fn)
+
 #: RunConfig fields a comparison sets itself (per strategy, shots and seed), and those of causal-LM runs (prompt and
 #: response columns, generation length), which no strategy of a comparison of classifiers uses: not settings
 _NOT_SETTINGS = ("model", "data", "method", "options", "seed", "shots", "out", "resume", "overwrite", "text_column",

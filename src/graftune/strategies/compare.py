@@ -61,10 +61,7 @@ from graftune.strategies.catalog import (
     check_settings,
     load_compare_data,
     make_compare_splits,
-    run_contrastive,
-    run_features,
-    run_in_context,
-    run_train,
+    run_strategy,
     test_per_class_for,
 )
 from graftune.strategies.report import render_report
@@ -274,6 +271,12 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
     say = print if progress else (lambda *a, **k: None)
     test_fp = None
 
+    def frozen_base() -> Frozen:  # loaded once, on first use; its setup time is read after each run
+        nonlocal frozen
+        if frozen is None:
+            frozen = Frozen(model, ds, settings.get("max_length", 256))
+        return frozen
+
     with tempfile.TemporaryDirectory(prefix="compare-", dir=out_dir) as scratch:
         # seeds outermost: under a budget, every shot count gets one seed before any gets a second
         for seed in seed_list:
@@ -308,17 +311,10 @@ def _run_all(model, data, ds, names, shots, seed_list, augment, all_splits, sett
                         work = Path(scratch) / f"{name}-{k}-{seed}-{int(aug)}"
                         try:
                             with PeakMemory() as rss:
-                                if strategy.kind == "features":
-                                    if frozen is None:
-                                        frozen = Frozen(model, ds, settings.get("max_length", 256))
-                                    result = run_features(strategy, frozen, run_splits, test_fp)
-                                elif strategy.kind == "contrastive":
-                                    result = run_contrastive(strategy, model, run_splits, seed, settings)
-                                elif strategy.kind == "in-context":
-                                    result = run_in_context(strategy, run_splits, seed, settings)
-                                else:
-                                    result = run_train(strategy, model, data_spec, run_splits, seed, settings,
-                                                        work, columns, train_fn)
+                                result = run_strategy(strategy, model=model, data_spec=data_spec,
+                                                      splits=run_splits, seed=seed, settings=settings, work=work,
+                                                      columns=columns, train_fn=train_fn, frozen=frozen_base,
+                                                      test_key=test_fp)
                         except NotApplicable as e:
                             row["skipped"] = f"not applicable: {e}"
                             rows.append(row)
