@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from graftune.config import FEW_PER_CLASS
 from graftune.errors import GraftuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -133,7 +134,8 @@ def train(
                                       "embeddings + logistic regression or class means (text). With 8-16 "
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
                                       "data set (bench/RESULTS.md).  [default: auto for single-label text with at "
-                                      "most 32 training examples per class on average and no LoRA settings given "
+                                      f"most {FEW_PER_CLASS} training examples per class on average and no LoRA "
+                                      "settings given "
                                       "(contrastive when a class has a single one), else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,
@@ -222,7 +224,8 @@ def train(
             raise ConfigError(f"--budget bounds --method auto's comparison; --method {cfg.method} compares nothing: "
                               "drop --budget, or pass --method auto")
         why_not = ("a class has a single training example, too few for auto's folds" if cfg.method != "lora" else
-                   "the data is not single-label text with at most 32 training examples a class, or did not load")
+                   f"the data is not single-label text with at most {FEW_PER_CLASS} training examples a class, "
+                   "or did not load")
         raise ConfigError(f"--budget bounds --method auto's comparison; without --method this run trains "
                           f"{cfg.method} ({why_not}), which compares nothing: drop --budget")
     picked = cfg.method == "auto"
@@ -864,7 +867,7 @@ def serve(
                                        help="Require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint "
                                        "but /health."),
     drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written.  [default: "
-                                         "<registry>-drift next to the registry]"),
+                                         "<registry>-drift next to the registry; graftune-drift in the working folder with --run only]"),
     drift_bucket: str = typer.Option("1h", help="Width of a drift summary's time bucket (30m, 1h, ...): the finest "
                                      "`graftune drift --since` can cut."),
     drift_keep: str = typer.Option("7d", help="Drift buckets older than this are deleted."),
@@ -894,7 +897,8 @@ def drift(
     version: int | None = typer.Option(None, help="The version.  [default: the promoted one]"),
     run: str | None = typer.Option(None, "--run", help="A run directory served with --run NAME=RUN_DIR instead of "
                                    "a registry version."),
-    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift]"),
+    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift; graftune-drift "
+                                         "with --run]"),
     alpha: float = typer.Option(0.01, help="False-alarm rate of the whole test (Bonferroni over its checks)."),
     split: str = typer.Option("train", help="The reference: the version's train, val or test split."),
     since: str | None = typer.Option(None, "--since", help="Judge the inputs served in the last DURATION (30m, 6h, "

@@ -540,7 +540,7 @@ def test_serve_refuses_a_missing_registry_a_taken_port_and_bad_names_before_load
 def test_graftune_serve_command_answers_on_loopback(runs, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "graftune", "serve", "--run", f"news={runs['lora']}", "--port",
-                             str(port), "--drift-dir", str(tmp_path / "drift"), "--log-level", "warning"],
+                             str(port), "--drift-dir", str(tmp_path / "drift"), "--log-level", "info"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300  # a cold start imports torch, transformers and FastAPI: slow on a busy CPU
@@ -558,6 +558,8 @@ def test_graftune_serve_command_answers_on_loopback(runs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+    # where it listens, said once (uvicorn does not when it is handed a bound socket)
+    assert f"listening on http://127.0.0.1:{port} (POST /v1/predict" in proc.stdout.read()
     # shutdown flushed the drift summary of what it served (one time bucket, named by its start)
     [bucket] = (tmp_path / "drift" / "news" / "1").iterdir()
     summary = json.loads(bucket.read_text())

@@ -115,6 +115,11 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     log.info("drift summaries go to %s", folder)
+    # uvicorn says where it listens only when it binds the socket itself: said here, with the address bound
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (POST /v1/predict, GET /v1/adapters, /health, /metrics); requests are "
+             "answered once the models have loaded", f"[{bound_host}]" if ":" in bound_host else bound_host,
+             bound_port)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with sock:
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
