@@ -16,7 +16,7 @@ import difflib
 from pathlib import Path
 from types import ModuleType
 
-from graftune.config import HEAD_ONLY, RunConfig, build_config, read_yaml
+from graftune.config import FEW_PER_CLASS, HEAD_ONLY, RunConfig, build_config, read_yaml
 from graftune.core.method import all_methods
 from graftune.data.sources import ALIASES
 from graftune.errors import ArtifactError, ConfigError, DataError
@@ -92,14 +92,6 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
     return cfg
 
 
-#: with no method named, single-label text with at most this many training examples per class (on average) is
-#: ``method: auto`` instead of ``RunConfig``'s default, LoRA. LoRA with train's defaults was the least accurate choice
-#: at 8 to 32 a class on 8 data sets (bench/RESULTS.md, "Session 9: what train does without --method"); auto, which
-#: picks among the frozen probe, class prototypes, LoRA and the contrastive recipe by cross-validation, was as
-#: accurate as the contrastive recipe (the default from session 9) on every replayed split of 9 data sets and
-#: avoided its losses on data unlike them (7 to 20 points below the probe on texts of a word or two; "Session
-#: 13"). Above it nothing was measured against LoRA's loop, which stays the default there.
-FEW_PER_CLASS = 32
 
 
 def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-method")
     # 20 a class: 16 after the default test carve (20%), 14 after the validation carve (10%)
     return {"bert": bert_folder(root / "bert"), "small": topic_csv(root / "small.csv"),
-            "large": topic_csv(root / "large.csv", n_per_class=60), "root": root}
+            "large": topic_csv(root / "large.csv", n_per_class=100), "root": root}
 
 
 def config(tiny, data: str = "small", **fields) -> RunConfig:
@@ -34,7 +34,8 @@ def test_few_examples_per_class_of_text_are_auto_and_say_why(tiny):
     cfg, why = default_method(config(tiny))
     assert cfg.method == "auto"
     assert why.startswith("no --method given: --method auto,")
-    assert "at most 32 training examples per class on average (here 48 in 3 classes, 16 on average)" in why, why
+    assert (f"at most {FEW_PER_CLASS} training examples per class on average (here 48 in 3 classes, 16 on "
+            "average)") in why, why
     assert "frozen probe" in why and "--method contrastive" in why
 
 
@@ -62,8 +63,8 @@ def test_the_reason_says_the_rule_compares_the_mean_over_classes(tiny, tmp_path)
 
 
 def test_more_examples_per_class_keep_lora(tiny):
-    cfg, why = default_method(config(tiny, "large"))  # 48 a class after the test carve (no validation part)
-    assert 48 > FEW_PER_CLASS and cfg.method == "lora" and why is None
+    cfg, why = default_method(config(tiny, "large"))  # 80 a class after the test carve (no validation part)
+    assert 80 > FEW_PER_CLASS and cfg.method == "lora" and why is None
     cfg, why = default_method(config(tiny, "large", shots=8))  # --shots 8 on the same file: few again
     assert cfg.method == "auto" and "(here 24 in 3 classes, 8 on average)" in why
 
@@ -135,5 +136,5 @@ def test_budget_without_a_comparison_is_refused_in_one_line(tiny):
     result = runner.invoke(app, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["large"]), "--out",
                                  str(tiny["root"] / "budget-lora"), "--budget", "60"])
     assert result.exit_code == 2 and ("--budget bounds --method auto's comparison; without --method this run trains "
-                                      "lora (the data is not single-label text with at most 32") in result.output
+                                      f"lora (the data is not single-label text with at most {FEW_PER_CLASS}") in result.output
     assert not (tiny["root"] / "budget-lora").exists()
