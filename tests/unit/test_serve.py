@@ -249,7 +249,7 @@ def test_bad_requests_get_one_line_4xx_and_never_reach_the_model(runs):
         ({"adapter": "nope", "inputs": ["a"]}, 404, "unknown adapter 'nope'"),
         ({"adapter": "lora", "inputs": "goal"}, 422, "inputs"),
         ({"adapter": "lora", "inputs": ["goal", 3]}, 422, "inputs.1"),
-        ({"adapter": "lora", "inputs": []}, 422, "at least 1"),
+        ({"adapter": "lora", "inputs": []}, 422, "inputs: empty; send at least one text"),
         ({"adapter": "lora", "inputs": ["  "]}, 422, "inputs[0] is empty"),
         ({"adapter": "lora", "inputs": ["x" * 51]}, 422, "at most 50 characters"),
         ({"adapter": "lora", "inputs": ["a"] * 5}, 422, "at most 4 items"),

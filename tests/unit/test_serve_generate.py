@@ -158,7 +158,7 @@ def test_bad_generate_requests_get_one_line_4xx_and_never_reach_the_model(runs):
                      Settings(limits=Limits(max_inputs=3, max_chars=40, max_new_tokens=16)))
     cases = [
         ({"adapter": "nope", "inputs": ["a"]}, 404, "unknown adapter 'nope'"),
-        ({"adapter": "lm", "inputs": []}, 422, "at least 1"),
+        ({"adapter": "lm", "inputs": []}, 422, "inputs: empty; send at least one text"),
         ({"adapter": "lm", "inputs": "goal"}, 422, "inputs"),
         ({"adapter": "lm", "inputs": [" "]}, 422, "inputs[0] is empty"),
         ({"adapter": "lm", "inputs": ["a"] * 4}, 422, "at most 3 items"),

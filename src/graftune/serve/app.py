@@ -252,6 +252,17 @@ def _one_line(exc: RequestValidationError) -> str:
                 '{"adapter": "NAME", "inputs": ["TEXT"]}')
     where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
     msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    ctx = e.get("ctx") or {}
+    # pydantic's wording for the size limits, with what to do instead ("List should have at least 1 item after
+    # validation, not 0" said neither what the list holds nor the fix)
+    if e.get("type") == "too_short" and where == "inputs":
+        msg = "empty; send at least one text"
+    elif e.get("type") == "too_long" and where == "inputs":
+        msg = (f"{ctx.get('actual_length', 'too many')} texts; a request may hold at most {ctx.get('max_length')} "
+               "items (the server's --max-inputs): split them into several requests")
+    elif e.get("type") == "string_too_long":
+        msg = (f"a text may have at most {ctx.get('max_length')} characters (the server's --max-chars); shorten it "
+               "(the model reads only its first tokens anyway)")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {msg}{more}"
 
