@@ -100,6 +100,9 @@ def test_balance_empty_and_long_texts_and_token_counts(tmp_path):
     assert lengths["tokens"]["over_max_length"] == 1 and lengths["words"]["max"] == 1200
     problems = " ".join(report["problems"])
     assert "class imbalance: 'small' (5)" in problems and "2 empty texts" in problems and "1 text has more" in problems
+    # the two empty texts ("   " under small, "" under big) are empty, not copies of each other with two labels
+    assert report["exact_duplicates"]["groups"] == 0 and report["exact_duplicates"]["whitespace_equal_copies"] == 0
+    assert report["conflicting_labels"]["groups"] == 0 and "under different labels" not in problems
 
 
 def test_a_clean_dataset_has_no_problems():

@@ -268,7 +268,9 @@ def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: floa
     labelled = m != "pairs"
     keys = [example_key(m, x) for x in ds.inputs]
     groups = _groups(keys)
-    dup_groups = [ix for ix in groups.values() if len(ix) > 1]
+    # empty texts are reported as such (lengths), not as copies of each other under different labels
+    blank = {i for i, x in enumerate(ds.inputs) if m == "text" and not x.strip()}
+    dup_groups = [ix for ix in groups.values() if len(ix) > 1 and ix[0] not in blank]
     labels = ds.labels if labelled else [""] * len(ds)
     conflicts = [ix for ix in dup_groups if len({_label_key(labels[i]) for i in ix}) > 1]
 
@@ -288,8 +290,8 @@ def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: floa
     }
     if m != "image":  # what `load_data` drops: copies equal up to whitespace (case kept)
         loose = len({" ".join(x.split()) if m == "text" else (" ".join(x[0].split()), " ".join(x[1].split()))
-                     for x in ds.inputs})
-        report["exact_duplicates"]["whitespace_equal_copies"] = len(ds) - loose
+                     for i, x in enumerate(ds.inputs) if i not in blank})
+        report["exact_duplicates"]["whitespace_equal_copies"] = len(ds) - len(blank) - loose
     problems: list[str] = []
     if labelled:
         report["conflicting_labels"] = {"groups": len(conflicts),
