@@ -288,7 +288,7 @@ def test_predict_txt_rows_carry_their_line_and_blank_lines_are_noted(run_dir, tm
         (1, None, "cup final"), (None, 1, "goal match team"), (None, 3, "chip phone app"),
         (None, 5, "bank share price")]
     assert all(set(r["probabilities"]) == {"money", "sport", "tech"} for r in rows)
-    assert err.strip() == "note: skipped 2 blank lines: 2, 4"
+    assert err.strip() == "note: skipped 2 blank lines (lines 2, 4)"
     text = runner.invoke(app, ["predict", str(run_dir), "cup final", "--input", str(path)])
     lines = text.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["arg 1", "line 1", "line 3", "line 5"]
@@ -301,7 +301,7 @@ def test_predict_csv_and_jsonl_rows_carry_the_line_their_record_starts_on(run_di
     csv_path.write_text('id,text\n1,goal match\n2,"chip\nphone app"\n3,\n4,bank price\n')
     rows, err = predict_json(str(run_dir), "--input", str(csv_path))
     assert [(r["line"], r["text"]) for r in rows] == [(2, "goal match"), (3, "chip\nphone app"), (6, "bank price")]
-    assert err.strip() == "note: skipped 1 blank line: 5"
+    assert err.strip() == "note: skipped 1 blank line (line 5)"
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"body": "goal match"}\n\n{"body": "chip phone"}\n')
     rows, err = predict_json(str(run_dir), "--input", str(jsonl), "--text-column", "body")
@@ -346,7 +346,7 @@ def test_predict_reads_json_and_parquet_records_and_the_runs_own_text_column(tin
     records.write_text(json.dumps([{"text": "goal match"}, {"text": ""}, {"text": "chip phone"}]))
     rows, err = predict_json(str(run_dir), "--input", str(records))
     assert [(r["record"], r["text"]) for r in rows] == [(0, "goal match"), (2, "chip phone")]
-    assert "skipped 1 blank text: record 1" in err
+    assert "skipped 1 blank text (record 1)" in err
     table = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["goal match", "bank price"]}), table)
     rows, _ = predict_json(str(run_dir), "--input", str(table))

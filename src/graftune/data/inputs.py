@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graftune.data.sources import check_not_nested, decode_text, match_column, read_records
+from graftune.data.sources import check_not_nested, count_of, decode_text, match_column, read_records
 from graftune.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "Inputs", "read_image", "read_input_file"]
@@ -51,14 +51,15 @@ class Inputs:
     images: bool = False
 
     def note(self) -> str | None:
-        """``"skipped 2 blank lines: 3, 7"`` (``"skipped 1 blank text: record 1"`` for a .json or a table), or None
-        when nothing was skipped."""
+        """``"skipped 2 blank lines (lines 3, 7)"`` (``"skipped 1 blank text (record 1)"`` for a .json or a table),
+        or None when nothing was skipped."""
         if not self.skipped:
             return None
         n = len(self.skipped)
-        shown = ", ".join(map(str, self.skipped[:20])) + (f" (and {n - 20} more)" if n > 20 else "")
-        unit = "line" if all(isinstance(s, int) for s in self.skipped) else "text"
-        return f"skipped {n} blank {unit}{'s' if n > 1 else ''}: {shown}"
+        shown = ", ".join(map(str, self.skipped[:20])) + (f" and {n - 20} more" if n > 20 else "")
+        if all(isinstance(s, int) for s in self.skipped):
+            return f"skipped {count_of(n, 'blank line')} ({'lines' if n > 1 else 'line'} {shown})"
+        return f"skipped {count_of(n, 'blank text')} ({shown})"
 
 
 def read_input_file(path: str | Path, *, text_column: str = "text", images: bool | None = None) -> Inputs:

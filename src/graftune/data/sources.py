@@ -617,7 +617,7 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
                 fix = f"quote texts that contain {delimiters}"
             else:
                 fix = f"remove the trailing {delimiters}, or name the extra column in the header"
-            raise DataError(f"{name} line {line}: {_count(len(fields), 'field')} but the header has "
+            raise DataError(f"{name} line {line}: {count_of(len(fields), 'field')} but the header has "
                             f"{len(header)}; {fix}")
         rows.append(dict(zip(header, fields)))
         locs.append(f"line {line}")
@@ -635,7 +635,8 @@ def _quote_left_open(lines: list[str], delimiter: str) -> bool:
     return False
 
 
-def _count(n: int, noun: str) -> str:
+def count_of(n: int, noun: str) -> str:
+    """``"1 row"``, ``"2 rows"``: a count with its noun in the plural where it needs one."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
@@ -822,7 +823,7 @@ def _from_records(
                  for row in rows]  # a null text (JSONL null, a Parquet null) is as empty as ""
         empty = [loc for loc, b in zip(locs, blank) if b]
         if len(empty) == len(rows):
-            raise DataError(f"{name}: every text in column '{col['text']}' is empty ({_count(len(rows), 'row')}); "
+            raise DataError(f"{name}: every text in column '{col['text']}' is empty ({count_of(len(rows), 'row')}); "
                             "fill them in, or pick the text column with --text-column NAME")
         rows = [row for row, b in zip(rows, blank) if not b]
         locs = [loc for loc, b in zip(locs, blank) if not b]
