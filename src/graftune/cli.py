@@ -266,6 +266,11 @@ def _count_or_fraction(value: float | None):
     return int(value) if value is not None and value >= 1 and float(value).is_integer() else value
 
 
+def _size(n: int) -> str:
+    """Bytes as MB, or as kB under 0.1 MB (a probe's head is a few kB: "0.00 MB" said nothing)."""
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
 def _summary(m: dict, compared: float | None = None) -> str:
     """The run's result in a few lines; ``compared``: the seconds of auto's comparison before it, when it ran."""
     from graftune.tasks.classification import format_accuracy
@@ -275,7 +280,7 @@ def _summary(m: dict, compared: float | None = None) -> str:
     else:
         keys = ("accuracy", "macro_f1")
     shown = ", ".join(format_accuracy(m) if k == "accuracy" else f"{k} {m[k]:.3f}" for k in keys if k in m)
-    saved = [f"{name} {m[key] / 1e6:.2f} MB" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
+    saved = [f"{name} {_size(m[key])}" for name, key in (("adapter", "adapter_bytes"), ("head", "head_bytes"))
              if m.get(key)]  # a probe run has no adapter; contrastive and probe runs keep their head apart
     after = f" after auto's {compared:.1f} s comparison" if compared is not None else ""
     line = (f"test: {shown} ({m.get('examples', 0)} examples); trained {m['trainable_params']:,} of "
@@ -502,10 +507,11 @@ def _metrics_text(m: dict) -> str:
         lines.append(f"{n:<{width}} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>6.3f} {c['support']:>8}")
     cm = m["confusion_matrix"]
     if isinstance(cm, list):
-        short = [n[:7] for n in names]
+        # each column as wide as its class name, up to 12 characters ("business", "entertainmen"), and its counts
+        cols = [max(min(len(n), 12), *(len(str(row[j])) for row in cm)) for j, n in enumerate(names)]
         lines += ["", "confusion matrix (rows: true, columns: predicted)",
-                  f"{'':<{width}} " + " ".join(f"{s:>7}" for s in short)]
-        lines += [f"{n:<{width}} " + " ".join(f"{v:>7}" for v in row) for n, row in zip(names, cm)]
+                  f"{'':<{width}} " + " ".join(f"{n[:w]:>{w}}" for n, w in zip(names, cols))]
+        lines += [f"{n:<{width}} " + " ".join(f"{v:>{w}}" for v, w in zip(row, cols)) for n, row in zip(names, cm)]
     lines += [f"WARNING: {warning}" for warning in m.get("warnings", [])]
     return "\n".join(lines)
 

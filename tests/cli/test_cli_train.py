@@ -234,3 +234,26 @@ def test_empty_texts_are_dropped_with_a_counted_warning_by_train_and_eval(tiny, 
     assert f"WARNING: {said}" in scored.stdout.splitlines() and f"({len(rows) - 2} examples)" in scored.stdout
     checked = runner.invoke(app, ["check", str(gaps)])
     assert "2 empty texts: graftune drops them when loading; fill them in or remove them" in checked.stdout
+
+
+def test_the_confusion_matrix_heads_each_column_with_its_class_name():
+    # it cut every name to 7 characters ("busines", "enterta"): two classes could read the same
+    from graftune.cli import _metrics_text
+
+    names = ["business", "entertainment", "tech"]
+    m = {"label_names": names, "accuracy": 0.9, "macro_f1": 0.9, "examples": 1200,
+         "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 400} for n in names},
+         "confusion_matrix": [[390, 10, 0], [5, 395, 0], [0, 0, 400]]}
+    text = _metrics_text(m)
+    header, *rows = text.split("confusion matrix (rows: true, columns: predicted)\n")[1].splitlines()
+    assert header.split() == ["business", "entertainmen", "tech"]
+    assert rows[0].split() == ["business", "390", "10", "0"] and rows[2].split() == ["tech", "0", "0", "400"]
+    assert len({len(line) for line in [header, *rows]}) == 1  # the columns line up
+
+
+def test_the_summary_gives_a_small_head_in_kilobytes():
+    from graftune.cli import _summary
+
+    m = {"accuracy": 0.9, "examples": 10, "trainable_params": 10, "total_params": 100, "train_seconds": 1.0,
+         "adapter_bytes": 196_000, "head_bytes": 4_700}
+    assert "adapter 0.20 MB, head 4.7 kB" in _summary(m)  # it read "head 0.00 MB"

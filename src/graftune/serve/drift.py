@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from graftune.data.sources import count_of
 from graftune.data.splits import run_splits
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.io.atomic import write_file_atomically
@@ -557,9 +558,9 @@ def render(name: str, version: str, report: dict) -> str:
     w = report.get("window")
     cut = w is not None and (w["since_s"] is not None or w["last"] is not None)
     where = f" in {w['window']}" if cut else ""
-    taken = (f"  window: {w['window']}: {report['served']} served inputs"
+    taken = (f"  window: {w['window']}: {count_of(report['served'], 'served input')}"
              + (f", {w['from']} to {w['to']}" if w["from"] else "")
-             + f" ({w['buckets']} bucket{'s' if w['buckets'] != 1 else ''})"
+             + f" ({count_of(w['buckets'], 'bucket')})"
              + (f"; {w['kept_inputs']} kept in all" + (f" since {w['kept_from']}" if w["kept_from"] else "")
                 if cut else "")) if w else None
     part = {"train": "training", "val": "validation", "test": "test"}.get(report.get("split", "train"), "training")
@@ -570,7 +571,7 @@ def render(name: str, version: str, report: dict) -> str:
         return "\n".join([line, taken] if taken else [line])
     verdict = (f"recent inputs do NOT look like the {part} data" if report["drift"] else
                f"recent inputs still look like the {part} data")
-    lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {report['served']} served inputs{where} "
+    lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {count_of(report['served'], 'served input')}{where} "
               f"against {report['reference']} {part} inputs)")]
     if taken:
         lines.append(taken)
