@@ -2,10 +2,12 @@
 
 Python imports this module at start-up when its folder is on ``PYTHONPATH`` (``sitecustomize``), so every process
 of the suite gets it, the CLI subprocesses and xdist workers included. It hides the avx512* and amx* flags from
-graftune's one reader of /proc/cpuinfo (``speed.precision.cpu_features``): the ``auto`` precision is then float32,
-as on an AVX2-only CPU. The Makefile target also caps oneDNN, MKL and ATen at AVX2 (``ONEDNN_MAX_CPU_ISA`` etc.), so
-a bf16 matrix product that still slips through is emulated and slow (~40x float32 on this avx512_bf16 CPU, measured
-in bench/RESULTS.md), as it is on such a CPU: a test that depends on bf16 speed shows up as slow or timed out.
+whatever reads /proc/cpuinfo through ``pathlib`` (graftune's ``speed.precision.cpu_features``, and the CPU line
+``graftune bench`` records): the ``auto`` precision is then float32, as on an AVX2-only CPU. The Makefile target
+also caps oneDNN, MKL, ATen, numpy's SIMD dispatch and OpenBLAS at AVX2 (``ONEDNN_MAX_CPU_ISA`` etc.), so a bf16
+matrix product that still slips through is emulated and slow (~40x float32 on this avx512_bf16 CPU, measured in
+bench/RESULTS.md), as it is on such a CPU: a test that depends on bf16 speed shows up among the slowest. ONNX
+Runtime's kernels are not capped.
 """
 
 import pathlib
@@ -14,10 +16,8 @@ _read_text = pathlib.Path.read_text
 _HIDDEN = ("avx512", "amx")
 
 
-def _without_wide_flags(self, *args, **kwargs):
-    text = _read_text(self, *args, **kwargs)
-    if str(self) != "/proc/cpuinfo":
-        return text
+def hide_wide_flags(text: str) -> str:
+    """The text of /proc/cpuinfo without its avx512* and amx* flags."""
     lines = []
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -27,4 +27,9 @@ def _without_wide_flags(self, *args, **kwargs):
     return "\n".join(lines) + "\n"
 
 
-pathlib.Path.read_text = _without_wide_flags
+def _read_text_without_wide_flags(self, *args, **kwargs):
+    text = _read_text(self, *args, **kwargs)
+    return hide_wide_flags(text) if str(self) == "/proc/cpuinfo" else text
+
+
+pathlib.Path.read_text = _read_text_without_wide_flags

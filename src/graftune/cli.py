@@ -507,11 +507,18 @@ def _metrics_text(m: dict) -> str:
         lines.append(f"{n:<{width}} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>6.3f} {c['support']:>8}")
     cm = m["confusion_matrix"]
     if isinstance(cm, list):
-        # each column as wide as its class name, up to 12 characters ("business", "entertainmen"), and its counts
-        cols = [max(min(len(n), 12), *(len(str(row[j])) for row in cm)) for j, n in enumerate(names)]
+        # columns headed by the class names cut to 12 characters ("entertainmen"), or by the rows' numbers where
+        # that would leave two alike or one blank
+        heads = [n[:12] for n in names]
+        rows = names
+        if len(set(heads)) < len(heads) or not all(h.strip() for h in heads):
+            heads = [str(j + 1) for j in range(len(names))]
+            rows = [f"{j + 1} {n}" for j, n in enumerate(names)]
+            width = max(width, *(len(r) for r in rows))
+        cols = [max(len(h), *(len(str(row[j])) for row in cm)) for j, h in enumerate(heads)]
         lines += ["", "confusion matrix (rows: true, columns: predicted)",
-                  f"{'':<{width}} " + " ".join(f"{n[:w]:>{w}}" for n, w in zip(names, cols))]
-        lines += [f"{n:<{width}} " + " ".join(f"{v:>{w}}" for v, w in zip(row, cols)) for n, row in zip(names, cm)]
+                  f"{'':<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, cols))]
+        lines += [f"{n:<{width}} " + " ".join(f"{v:>{w}}" for v, w in zip(row, cols)) for n, row in zip(rows, cm)]
     lines += [f"WARNING: {warning}" for warning in m.get("warnings", [])]
     return "\n".join(lines)
 
@@ -873,7 +880,8 @@ def serve(
                                        help="Require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint "
                                        "but /health."),
     drift_dir: str | None = typer.Option(None, help="Where served-input summaries are written.  [default: "
-                                         "<registry>-drift next to the registry; graftune-drift in the working folder with --run only]"),
+                                         "<registry>-drift next to the registry; graftune-drift in the working "
+                                         "folder with --run only]"),
     drift_bucket: str = typer.Option("1h", help="Width of a drift summary's time bucket (30m, 1h, ...): the finest "
                                      "`graftune drift --since` can cut."),
     drift_keep: str = typer.Option("7d", help="Drift buckets older than this are deleted."),
@@ -903,8 +911,8 @@ def drift(
     version: int | None = typer.Option(None, help="The version.  [default: the promoted one]"),
     run: str | None = typer.Option(None, "--run", help="A run directory served with --run NAME=RUN_DIR instead of "
                                    "a registry version."),
-    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift; graftune-drift "
-                                         "with --run]"),
+    drift_dir: str | None = typer.Option(None, help="The server's --drift-dir.  [default: <registry>-drift; "
+                                         "graftune-drift with --run]"),
     alpha: float = typer.Option(0.01, help="False-alarm rate of the whole test (Bonferroni over its checks)."),
     split: str = typer.Option("train", help="The reference: the version's train, val or test split."),
     since: str | None = typer.Option(None, "--since", help="Judge the inputs served in the last DURATION (30m, 6h, "

@@ -92,8 +92,6 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
     return cfg
 
 
-
-
 def default_method(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     """For a config whose method nobody named (``graftune train`` without ``--method`` or ``--config``): the config
     with the method graftune trains by default on its data, and a sentence saying which and why when that is not

@@ -257,3 +257,15 @@ def test_the_summary_gives_a_small_head_in_kilobytes():
     m = {"accuracy": 0.9, "examples": 10, "trainable_params": 10, "total_params": 100, "train_seconds": 1.0,
          "adapter_bytes": 196_000, "head_bytes": 4_700}
     assert "adapter 0.20 MB, head 4.7 kB" in _summary(m)  # it read "head 0.00 MB"
+
+
+
+def test_class_names_alike_in_12_characters_head_the_columns_by_number():
+    from graftune.cli import _metrics_text
+
+    names = ["entertainment_news", "entertainment_film"]
+    m = {"label_names": names, "accuracy": 0.9, "macro_f1": 0.9, "examples": 20,
+         "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 10} for n in names},
+         "confusion_matrix": [[9, 1], [1, 9]]}
+    header, *rows = _metrics_text(m).split("columns: predicted)\n")[1].splitlines()
+    assert header.split() == ["1", "2"] and rows[1].split() == ["2", "entertainment_film", "1", "9"]

@@ -153,7 +153,6 @@ def test_not_applicable_and_failing_jobs_give_rows_not_crashes(tiny):
     assert row["error"] == "RuntimeError: out of memory" and "accuracy" not in row
 
 
-
 def test_an_in_context_job_runs_as_compare_runs_it(tiny, monkeypatch):
     """bench had no in-context branch: the job fell through to the adapter loop ("method: missing"), so
     ``--strategies all`` always reported a failed job. Both now run strategies through catalog.run_strategy."""
@@ -181,6 +180,7 @@ def test_an_in_context_job_runs_as_compare_runs_it(tiny, monkeypatch):
     assert "error" not in row, row
     assert row["trainable_params"] == 0 and row["accuracy"] == pytest.approx(1 / 3)  # one class of 3, 6 each
     assert seen["model"] == catalog.IN_CONTEXT_MODEL and seen["train"] == 6 and seen["calibrate"]
+    assert row["model"] == catalog.IN_CONTEXT_MODEL  # the row names the model that ran, not the encoder
 
 def _row(data, strategy, seed, acc, shots=8, **extra):
     return {"data": data, "strategy": strategy, "shots": shots, "seed": seed, "accuracy": acc, "macro_f1": acc,

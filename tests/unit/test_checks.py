@@ -103,6 +103,10 @@ def test_balance_empty_and_long_texts_and_token_counts(tmp_path):
     # the two empty texts ("   " under small, "" under big) are empty, not copies of each other with two labels
     assert report["exact_duplicates"]["groups"] == 0 and report["exact_duplicates"]["whitespace_equal_copies"] == 0
     assert report["conflicting_labels"]["groups"] == 0 and "under different labels" not in problems
+    # ... nor a blank test text a copy of a blank training text (a "test leak" under another label)
+    test = check_data(text_ds(texts, labels), text_ds(["", "a new text about nothing"], ["big", "small"]))["test"]
+    assert test["exact_overlap"]["count"] == 0 and test["conflicting_labels"]["count"] == 0
+    assert not any("LEAK" in p for p in test["problems"])
 
 
 def test_a_clean_dataset_has_no_problems():
@@ -236,3 +240,10 @@ def test_texts_the_model_cannot_read_are_a_problem_a_card_check_and_a_warning(tm
     checks = data_card(make_splits(english, seed=0, shots=4), source=english, tokenizer=tok)["checks"]
     assert checks["vocabulary"]["reads"] and split_warnings(checks) == []
     assert "vocabulary" not in check_data(english)  # no tokenizer, no claim
+
+
+def test_empty_pairs_are_not_copies_of_each_other():
+    ds = Dataset("pairs", [("", ""), (" ", "  "), ("q", "a"), ("Q", "a ")], [], [], origin="mem")
+    report = check_data(ds)
+    assert report["exact_duplicates"]["groups"] == 1  # the two ("q", "a"), not the two empty pairs
+    assert report["exact_duplicates"]["whitespace_equal_copies"] == 0 and report["lengths"]["empty"]["count"] == 2

@@ -251,7 +251,8 @@ def test_bad_requests_get_one_line_4xx_and_never_reach_the_model(runs):
         ({"adapter": "lora", "inputs": ["goal", 3]}, 422, "inputs.1"),
         ({"adapter": "lora", "inputs": []}, 422, "inputs: empty; send at least one text"),
         ({"adapter": "lora", "inputs": ["  "]}, 422, "inputs[0] is empty"),
-        ({"adapter": "lora", "inputs": ["x" * 51]}, 422, "at most 50 characters"),
+        ({"adapter": "lora", "inputs": ["x" * 51]}, 422, "inputs.0: a text may have at most 50 characters (the"),
+        ({"adapter": "n" * 201, "inputs": ["a"]}, 422, "adapter: String should have at most 200"),  # not --max-chars
         ({"adapter": "lora", "inputs": ["a"] * 5}, 422, "at most 4 items"),
         ({"adapter": "lora"}, 422, "inputs: Field required"),
         ({"adapter": "lora", "inputs": ["a"], "extra": 1}, 422, "extra"),

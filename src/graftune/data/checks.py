@@ -71,6 +71,10 @@ def normalize_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+#: the ``example_key`` of an empty text, and of a pair with both sides empty
+BLANK_KEYS = {"text": "", "pairs": "\x1f"}
+
+
 def example_key(modality: str, x: Any) -> str:
     """What makes two examples exact duplicates: the normalized text, both sides of a pair, or an image's pixels."""
     if modality == "text":
@@ -267,10 +271,11 @@ def check_data(ds: Dataset, test: Dataset | None = None, *, near_threshold: floa
     m = ds.modality
     labelled = m != "pairs"
     keys = [example_key(m, x) for x in ds.inputs]
-    groups = _groups(keys)
-    # empty texts are reported as such (lengths), not as copies of each other under different labels
-    blank = {i for i, x in enumerate(ds.inputs) if m == "text" and not x.strip()}
-    dup_groups = [ix for ix in groups.values() if len(ix) > 1 and ix[0] not in blank]
+    # empty texts (pairs) are reported as such (lengths), never as copies of each other, of a test example, or
+    # under different labels: their key is left out of the groups every copy check reads
+    blank = {i for i, k in enumerate(keys) if k == BLANK_KEYS.get(m)}
+    groups = {k: ix for k, ix in _groups(keys).items() if k != BLANK_KEYS.get(m)}
+    dup_groups = [ix for ix in groups.values() if len(ix) > 1]
     labels = ds.labels if labelled else [""] * len(ds)
     conflicts = [ix for ix in dup_groups if len({_label_key(labels[i]) for i in ix}) > 1]
 

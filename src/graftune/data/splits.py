@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from graftune.data.sources import Dataset, load_data
+from graftune.data.sources import Dataset, count_of, load_data
 from graftune.errors import DataError
 
 MIN_VAL_PER_CLASS = 8
@@ -197,12 +197,9 @@ def _unique_labels(ds: Dataset) -> DataError | None:
     if classes <= UNIQUE_LABELS_FROM or classes < 0.8 * n:
         return None
     some = ", ".join(repr(_short(name)) for name in ds.label_names[:3])
-    return DataError(f"{ds.origin}: nearly every label is unique ({classes} classes in {_examples(n)}: {some} ...); "
+    return DataError(f"{ds.origin}: nearly every label is unique ({classes} classes in {count_of(n, 'example')}: "
+                     f"{some} ...); "
                      "is that the label column? Pick the right one with --label-column NAME")
-
-
-def _examples(n: int) -> str:
-    return f"{n} example{'' if n == 1 else 's'}"
 
 
 def _check_int(field: str, value: object, *, minimum: int) -> None:
@@ -258,12 +255,14 @@ def _split(
                 "or pass a separate --test FILE"
             )
         if n_out > len(idx) - len(counts):
-            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {_examples(len(idx))} left, leaving too "
+            raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {count_of(len(idx), 'example')} left, "
+                            "leaving too "
                             f"few to train on (one per class at least); lower {field}")
         return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
     if n_out >= len(idx):
         raise DataError(
-            f"{ds.origin}: {field} asks for {n_out} of the {_examples(len(idx))} left, leaving none to train on; "
+            f"{ds.origin}: {field} asks for {n_out} of the {count_of(len(idx), 'example')} left, leaving none to "
+            "train on; "
             f"lower {field}"
         )
     kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True)

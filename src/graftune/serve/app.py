@@ -260,7 +260,7 @@ def _one_line(exc: RequestValidationError) -> str:
     elif e.get("type") == "too_long" and where == "inputs":
         msg = (f"{ctx.get('actual_length', 'too many')} texts; a request may hold at most {ctx.get('max_length')} "
                "items (the server's --max-inputs): split them into several requests")
-    elif e.get("type") == "string_too_long":
+    elif e.get("type") == "string_too_long" and where.startswith("inputs."):
         msg = (f"a text may have at most {ctx.get('max_length')} characters (the server's --max-chars); shorten it "
                "(the model reads only its first tokens anyway)")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -571,7 +571,8 @@ def render(name: str, version: str, report: dict) -> str:
         return "\n".join([line, taken] if taken else [line])
     verdict = (f"recent inputs do NOT look like the {part} data" if report["drift"] else
                f"recent inputs still look like the {part} data")
-    lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {count_of(report['served'], 'served input')}{where} "
+    served = count_of(report["served"], "served input")
+    lines = [(f"{head} {verdict} (tests at a {a:.2%} false-alarm rate; {served}{where} "
               f"against {report['reference']} {part} inputs)")]
     if taken:
         lines.append(taken)

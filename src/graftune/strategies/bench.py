@@ -45,6 +45,7 @@ from graftune.recipes.fewshot_run import unused_settings
 from graftune.run.rundir import check_out
 from graftune.strategies import auto
 from graftune.strategies.catalog import (
+    IN_CONTEXT_MODEL,
     STRATEGIES,
     Frozen,
     NotApplicable,
@@ -182,8 +183,10 @@ def run_job(spec: JobSpec, train_fn: Callable | None = None) -> dict:
     ds = _dataset(spec.data, spec.text_column, spec.label_column)
     splits = make_compare_splits(ds, shots=spec.shots, seed=spec.seed, test_per_class=spec.test_per_class)
     test_fp = fingerprint(splits.test)
+    in_context = spec.strategy in STRATEGIES and STRATEGIES[spec.strategy].kind == "in-context"
     row: dict[str, Any] = {"data": spec.data, "strategy": spec.strategy, "shots": spec.shots, "seed": spec.seed,
-                           "model": spec.model, "train_examples": len(splits.train),
+                           "model": IN_CONTEXT_MODEL if in_context else spec.model,  # the model that ran
+                           "train_examples": len(splits.train),
                            "test_examples": len(splits.test), "train_fingerprint": fingerprint(splits.train),
                            "test_fingerprint": test_fp}
     started = time.perf_counter()

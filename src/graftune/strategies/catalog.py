@@ -292,6 +292,7 @@ def run_strategy(strategy: Strategy, *, model: str, data_spec: str, splits, seed
         return run_in_context(strategy, splits, seed, settings)
     return run_train(strategy, model, data_spec, splits, seed, settings, work, columns, train_fn)
 
+
 #: RunConfig fields a comparison sets itself (per strategy, shots and seed), and those of causal-LM runs (prompt and
 #: response columns, generation length), which no strategy of a comparison of classifiers uses: not settings
 _NOT_SETTINGS = ("model", "data", "method", "options", "seed", "shots", "out", "resume", "overwrite", "text_column",
