@@ -198,6 +198,8 @@ def test_recommendation_prefers_the_cheap_baseline_within_a_point():
     # timing noise does not decide: 2.4 s vs 2.6 s is the same cost, so the one with no trained parameters wins
     noisy = recommend([_s("linear-probe", 8, 0.943, 0.01, 2.4, 1925), _s("prototypes", 8, 0.934, 0.01, 2.6, 0)])[0]
     assert noisy.startswith("With 8 examples per class, prototypes (0.934"), noisy
+    one = recommend([_s("linear-probe", 1, 0.80, 0.01, 1, 3000), _s("lora", 1, 0.93, 0.01, 120, 80000)])[0]
+    assert one.startswith("With 1 example per class, "), one  # it said "1 examples"
     clear = recommend([_s("linear-probe", 8, 0.80, 0.01, 1, 3000), _s("lora", 8, 0.93, 0.01, 120, 80000)])[0]
     assert "lora (0.930" in clear and "most accurate" in clear and "13.0 points (39 of 300 test examples) ahead" in clear
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+from graftune.data.sources import count_of
 from graftune.strategies.catalog import STRATEGIES
 
 WITHIN = 0.01  # "within 1 point of accuracy" counts as a tie for the recommendation
@@ -96,11 +97,11 @@ def recommend(summary: Sequence[dict]) -> list[str]:
         if pick is best:
             runner = max((s for s in here if s is not best), key=lambda s: s["accuracy"], default=None)
             pair = (best, runner or best)
-            text = f"With {k} examples per class, {fmt(best)} is the most accurate"
+            text = f"With {count_of(k, 'example')} per class, {fmt(best)} is the most accurate"
             seeds = min(s["runs"] for s in pair)
             if runner is not None and best["accuracy"] == runner["accuracy"]:  # a tie is no lead
                 gap = 0.0
-                text = (f"With {k} examples per class, {fmt(best)} and {fmt(runner)} are tied for the most "
+                text = (f"With {count_of(k, 'example')} per class, {fmt(best)} and {fmt(runner)} are tied for the most "
                         f"accurate{point_note(n_test, ' (', ')')}{single_seed(pair)}")
             elif runner is not None:
                 gap = best["accuracy"] - runner["accuracy"]
@@ -114,7 +115,7 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             seeds = min(s["runs"] for s in pair)
             gap = best["accuracy"] - pick["accuracy"]
             # the qualifiers follow what they qualify: the test set's size the point, the single seed the claim
-            text = (f"With {k} examples per class, {fmt(pick)} is within {100 * WITHIN:.0f} point"
+            text = (f"With {count_of(k, 'example')} per class, {fmt(pick)} is within {100 * WITHIN:.0f} point"
                     f"{point_note(n_test, ' (', ')')} of the best, {fmt(best)}, {_saving(pick, best)}"
                     f"{single_seed(pair)}: ")
             text += ("more training is not needed here." if pick["strategy"] in ("linear-probe", "prototypes")
