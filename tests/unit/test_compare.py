@@ -792,3 +792,12 @@ def test_one_test_example_a_class_names_the_small_class_only_when_it_is_the_caus
     assert "smallest class (b, 2 examples) has room for no more beside 1 training example;" in _one_test_each(ds, 2, 1)
     asked = _one_test_each(ds, 2, 0)  # room for more: one a class was asked for (--test-per-class 1)
     assert "smallest class" not in asked and asked.startswith("the test set holds 1 example a class (2 in all); ")
+
+
+def test_a_class_of_one_example_is_named_in_the_singular():
+    from graftune.data.sources import Dataset
+    from graftune.strategies.catalog import fitting_shots
+
+    ds = Dataset("text", ["a", "b", "c", "d"], ["x", "x", "x", "y"], ["x", "y"], origin="m")
+    with pytest.raises(DataError, match="the smallest class has 1 example, too few"):  # it said "1 examples"
+        fitting_shots(ds, [2])

@@ -28,7 +28,7 @@ from graftune.config import RunConfig
 from graftune.core.model import AdapterModel
 from graftune.data.augment.image import random_crop, rotate
 from graftune.data.augment.text import eda
-from graftune.data.sources import Dataset, load_data
+from graftune.data.sources import Dataset, count_of, load_data
 from graftune.data.splits import make_splits
 from graftune.errors import ConfigError, DataError
 from graftune.recipes import in_context
@@ -116,7 +116,8 @@ def test_per_class_for(ds, shots: Sequence[int]) -> int:
     smallest = min(ds.counts().values())
     n = min(100, smallest - max(shots))
     if n < 1:
-        raise DataError(f"{ds.origin}: the smallest class has {smallest} examples, too few for {max(shots)} shots "
+        raise DataError(f"{ds.origin}: the smallest class has {count_of(smallest, 'example')}, too few for "
+                        f"{max(shots)} shots "
                         "plus a test set; lower --shots or pass --test")
     return n
 
@@ -134,13 +135,15 @@ def fitting_shots(ds, shots: Sequence[int], reserve: int = 2) -> tuple[list[int]
         reserve, room = 1, smallest - 1
     kept = [k for k in shots if k <= room] or ([room] if room >= 1 else [])
     if not kept:
-        raise DataError(f"{ds.origin}: the smallest class has {smallest} examples, too few for training examples "
+        raise DataError(f"{ds.origin}: the smallest class has {count_of(smallest, 'example')}, too few for training "
+                        "examples "
                         "plus a test set; add examples or pass --test FILE")
     dropped = [k for k in shots if k not in kept]
     if not dropped:
         return kept, None
     small = min(counts, key=counts.get)
-    return kept, (f"shots {', '.join(map(str, dropped))} skipped: the smallest class ({small}, {smallest} examples) "
+    return kept, (f"shots {', '.join(map(str, dropped))} skipped: the smallest class ({small}, "
+                  f"{count_of(smallest, 'example')}) "
                   f"leaves room for at most {room} a class{' beside a test set' if reserve else ''}; comparing at "
                   f"{', '.join(map(str, kept))} (--shots to choose)")
 

@@ -42,7 +42,7 @@ from graftune.data.checks import (
     vocabulary_fit,
     vocabulary_problem,
 )
-from graftune.data.sources import Dataset, load_data
+from graftune.data.sources import Dataset, count_of, load_data
 from graftune.errors import ConfigError, DataError, GraftuneError
 from graftune.evaluate import load_run, predict
 from graftune.io.atomic import write_file_atomically
@@ -371,8 +371,8 @@ def _one_test_each(ds: Dataset, n_test: int, shots: int) -> str:
     """The warning for a carved test set of one example a class (``catalog.test_per_class_for``'s least)."""
     counts = ds.counts()
     small = min(counts, key=counts.get)
-    why = (f": the smallest class ({small}, {counts[small]} examples) has room for no more beside {shots} training "
-           f"example{'s' if shots > 1 else ''}" if counts[small] - shots <= 1 else "")  # else asked for
+    why = (f": the smallest class ({small}, {count_of(counts[small], 'example')}) has room for no more beside "
+           f"{count_of(shots, 'training example')}" if counts[small] - shots <= 1 else "")  # else asked for
     return (f"the test set holds 1 example a class ({n_test} in all){why}; {n_test} test examples cannot tell "
             "strategies apart: add examples or pass --test FILE")
 
