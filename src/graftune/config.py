@@ -40,10 +40,10 @@ VAL_SIZE = 0.1
 #: class (on average) is ``method: auto`` instead of LoRA, the engine's default. LoRA with train's defaults was the
 #: least accurate choice at 8, 16, 32 and 64 a class (bench/RESULTS.md, "Session 9: what train does without
 #: --method" and "Session 14": the contrastive recipe +2.9 points at 32 and +2.5 at 64 on average, ahead on 6 of 7
-#: sets at 64, tied on bbc-news); auto, which picks among the frozen probe, class prototypes, LoRA and the contrastive recipe by
-#: cross-validation, was as accurate as the contrastive recipe on every replayed split of 9 data sets and avoided
-#: its losses on data unlike them (7 to 20 points below the probe on texts of a word or two; "Session 13"). 64 is
-#: the largest size measured, not a tuned value: above it LoRA stays the default.
+#: sets at 64, tied on bbc-news); auto, which picks among the frozen probe, class prototypes, LoRA and the
+#: contrastive recipe by cross-validation, was as accurate as the contrastive recipe on every replayed split of 9
+#: data sets and avoided its losses on data unlike them (7 to 20 points below the probe on texts of a word or two;
+#: "Session 13"). 64 is the largest size measured, not a tuned value: above it LoRA stays the default.
 FEW_PER_CLASS = 64
 #: fields that say where and how to run, not what to compute: never written to run.yaml
 _RUNTIME = ("out", "resume", "overwrite")

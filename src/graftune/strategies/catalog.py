@@ -117,8 +117,7 @@ def test_per_class_for(ds, shots: Sequence[int]) -> int:
     n = min(100, smallest - max(shots))
     if n < 1:
         raise DataError(f"{ds.origin}: the smallest class has {count_of(smallest, 'example')}, too few for "
-                        f"{max(shots)} shots "
-                        "plus a test set; lower --shots or pass --test")
+                        f"{max(shots)} shots plus a test set; lower --shots or pass --test")
     return n
 
 
@@ -136,16 +135,15 @@ def fitting_shots(ds, shots: Sequence[int], reserve: int = 2) -> tuple[list[int]
     kept = [k for k in shots if k <= room] or ([room] if room >= 1 else [])
     if not kept:
         raise DataError(f"{ds.origin}: the smallest class has {count_of(smallest, 'example')}, too few for training "
-                        "examples "
-                        "plus a test set; add examples or pass --test FILE")
+                        "examples plus a test set; add examples or pass --test FILE")
     dropped = [k for k in shots if k not in kept]
     if not dropped:
         return kept, None
     small = min(counts, key=counts.get)
     return kept, (f"shots {', '.join(map(str, dropped))} skipped: the smallest class ({small}, "
-                  f"{count_of(smallest, 'example')}) "
-                  f"leaves room for at most {room} a class{' beside a test set' if reserve else ''}; comparing at "
-                  f"{', '.join(map(str, kept))} (--shots to choose)")
+                  f"{count_of(smallest, 'example')}) leaves room for at most {room} a class"
+                  f"{' beside a test set' if reserve else ''}; comparing at {', '.join(map(str, kept))} (--shots to "
+                  "choose)")
 
 
 def make_compare_splits(ds, *, shots: int, seed: int, test_per_class: int | None, user_test=None):
