@@ -257,9 +257,9 @@ def futility_replay(records: list[dict]) -> str:
 
 def rule_halving(record: dict, beaten_stay_out: bool = True) -> tuple[str, dict]:
     """auto_pick's successive halving replayed on a record: the cheap candidates on every fold, the trained ones on
-    ``auto.RUNGS`` folds while the best has not beaten them, the futility stop and the early stop, then
-    ``auto.decide``. ``beaten_stay_out``: a trained candidate stopped as beaten is out of the running (session 13);
-    False: it could still win a tie at the end (before). Returns the pick and the stopped candidates (name -> by
+    ``auto.RUNGS`` folds as ``auto.after_rung`` (the step auto_pick runs) lets them go on, then ``auto.decide``.
+    ``beaten_stay_out``: a trained candidate stopped as beaten is out of the running (session 13); False: it could
+    still win a tie at the end (before). Returns the pick and the stopped candidates (name -> by
     whom)."""
     names = sorted(set(record["labels"]))
     truth = np.asarray([names.index(c) for c in record["labels"]])
@@ -282,17 +282,9 @@ def rule_halving(record: dict, beaten_stay_out: bool = True) -> tuple[str, dict]
         now = scores()
         if rung == auto.RUNGS[-1]:
             break
-        preferred = min(now, key=auto._rank)
-        if auto.FUTILITY_FOLDS <= rung < k and folds_of.get(preferred, 0) >= rung and all(
-                auto._gap(now[preferred], s, truth)[0] <= 0 for n, s in now.items() if n != preferred):
-            break
-        running = {n: s for n, s in now.items() if n not in dropped}
-        best = max(running.values(), key=lambda s: s["macro_f1"])
-        dropped.update({n: best["method"] for n in costly
-                        if folds_of[n] < k and auto._beaten(now[n], best, truth)})
-        costly = [n for n in costly if n not in dropped]
-        if len(costly) == 1 and now[costly[0]] is best and all(
-                auto._beaten(s, best, truth) for n, s in now.items() if s is not best and n not in dropped):
+        stop, costly, beaten = auto.after_rung(rung, k, now, {n: folds_of[n] for n in costly}, dropped, truth)
+        dropped.update(beaten)
+        if stop:
             break
     final = scores()
     eligible = {n: s for n, s in final.items() if not (beaten_stay_out and n in dropped)}

@@ -135,8 +135,7 @@ def train(
                                       "labelled texts per class, contrastive was the most accurate on every built-in "
                                       "data set (bench/RESULTS.md).  [default: auto for single-label text with at "
                                       f"most {FEW_PER_CLASS} training examples per class on average and no LoRA "
-                                      "settings given "
-                                      "(contrastive when a class has a single one), else lora]"),
+                                      "settings given (contrastive when a class has a single one), else lora]"),
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                      help="A method option (repeatable).")] = None,
     task: str | None = typer.Option(None, help="classification, image or causal-lm.  [default: from the data]"),
@@ -238,7 +237,8 @@ def train(
             default = " (the default here: no --method given)" if why else ""
             typer.echo(f"--method auto{default} picked {chosen}{how}. {cfg.auto['reason']}", err=as_json)
         metrics = run_training(cfg, progress=not quiet)
-        compared = cfg.auto.get("seconds") if picked else None  # this invocation's comparison (run.yaml keeps old ones)
+        # this invocation's comparison (a run.yaml given with --config keeps the record of an old one)
+        compared = cfg.auto.get("seconds") if picked else None
     except KeyboardInterrupt:
         import shlex
 

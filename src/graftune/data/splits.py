@@ -198,8 +198,7 @@ def _unique_labels(ds: Dataset) -> DataError | None:
         return None
     some = ", ".join(repr(_short(name)) for name in ds.label_names[:3])
     return DataError(f"{ds.origin}: nearly every label is unique ({classes} classes in {count_of(n, 'example')}: "
-                     f"{some} ...); "
-                     "is that the label column? Pick the right one with --label-column NAME")
+                     f"{some} ...); is that the label column? Pick the right one with --label-column NAME")
 
 
 def _check_int(field: str, value: object, *, minimum: int) -> None:
@@ -256,14 +255,12 @@ def _split(
             )
         if n_out > len(idx) - len(counts):
             raise DataError(f"{ds.origin}: {field} asks for {n_out} of the {count_of(len(idx), 'example')} left, "
-                            "leaving too "
-                            f"few to train on (one per class at least); lower {field}")
+                            f"leaving too few to train on (one per class at least); lower {field}")
         return _per_class_carve(ds, idx, max(n_out, len(counts)), seed)
     if n_out >= len(idx):
         raise DataError(
             f"{ds.origin}: {field} asks for {n_out} of the {count_of(len(idx), 'example')} left, leaving none to "
-            "train on; "
-            f"lower {field}"
+            f"train on; lower {field}"
         )
     kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True)
     return np.asarray(kept), np.asarray(out)

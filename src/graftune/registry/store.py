@@ -274,6 +274,7 @@ def _wal(db: sqlite3.Connection) -> None:
                 raise
             time.sleep(0.01)
 
+
 class Registry:
     """A folder of versions with its SQLite index (see the module docstring). Safe to share between processes
     and threads: every call opens its own connection, and every change is one transaction.

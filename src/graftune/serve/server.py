@@ -118,9 +118,8 @@ def serve(*, registry: str | None = None, runs: Sequence[str] = (), host: str = 
     # uvicorn says where it listens only when it binds the socket itself: said here, with the address bound
     bound_host, bound_port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (POST /v1/predict or /v1/generate, GET /v1/adapters, /health, /metrics); "
-             "requests are "
-             "answered once the models have loaded", f"[{bound_host}]" if ":" in bound_host else bound_host,
-             bound_port)
+             "requests are answered once the models have loaded",
+             f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with sock:
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -21,6 +21,7 @@ from scipy.stats import bootstrap
 from sklearn.model_selection import StratifiedKFold
 
 from graftune.config import RunConfig
+from graftune.data.sources import count_of
 from graftune.data.splits import Splits, make_splits
 from graftune.errors import ConfigError, DataError
 from graftune.recipes import adapter
@@ -219,29 +220,18 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
                                                train.label_names)
             if rung == RUNGS[-1]:
                 break
-            preferred = min(scores, key=_rank)
-            # (only when the preferred one really ran this rung's folds, not one cut short by the budget)
-            if FUTILITY_FOLDS <= rung < k and preferred in done and len(runs_of[preferred]) >= rung and all(
-                    _gap(scores[preferred], s, truth)[0] <= 0 for n, s in scores.items() if n != preferred):
-                stopped = (f" The trained candidates stopped after {rung} of {k} folds: {preferred}, which wins ties, "
-                           "was ahead of or level with every other on the examples both predicted, and more folds "
-                           f"could overrule it only by turning that into a lead of {TIE_Z:g} standard errors.")
-                say(f"[auto] {preferred} leads after {rung} folds: no more folds needed")
+            stop, costly, beaten = after_rung(rung, k, scores, {n: len(runs_of[n]) for n in done}, dropped, truth)
+            if stop == "futility":
+                stopped = (f" The trained candidates stopped after {rung} of {k} folds: {costly[0]}, which wins "
+                           "ties, was ahead of or level with every other on the examples both predicted, and more "
+                           f"folds could overrule it only by turning that into a lead of {TIE_Z:g} standard errors.")
+                say(f"[auto] {costly[0]} leads after {rung} folds: no more folds needed")
                 break
-            # the better half goes on (at least two: one fold is too little to drop a candidate on rank alone), and
-            # none that the best has already beaten
-            ranked = sorted(done, key=lambda n: -scores[n]["macro_f1"])
-            keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
-            running = {n: s for n, s in scores.items() if n not in dropped}  # a stopped one's score is frozen
-            best_now = max(running.values(), key=lambda s: s["macro_f1"])
-            # stopped as beaten, out of the running (one that has run every fold is not stopped, only compared)
-            for name in (n for n in done if len(runs_of[n]) < k and _beaten(scores[n], best_now, truth)):
-                dropped[name] = best_now["method"]
-                say(f"[auto] {name}: stopped after {_folds(len(runs_of[name]))}, {best_now['method']} ahead of it by "
+            for name, by in beaten.items():
+                dropped[name] = by
+                say(f"[auto] {name}: stopped after {count_of(len(runs_of[name]), 'fold')}, {by} ahead of it by "
                     f"more than {TIE_Z:g} standard errors")
-            costly = [n for n in keep if n not in dropped]
-            if len(costly) == 1 and scores[costly[0]] is best_now and all(
-                    _beaten(s, best_now, truth) for n, s in scores.items() if s is not best_now and n not in dropped):
+            if stop == "ahead":
                 say(f"[auto] {costly[0]} is ahead of every other candidate by more than {TIE_Z:g} standard errors: "
                     "no more folds needed")
                 break
@@ -270,8 +260,8 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
         reason += f", and {_ties_go_to(pick['method'])}"
     reason += "." + stopped
     for name, by in dropped.items():
-        reason += (f" {name} stopped after {_folds(scores[name]['folds'])}: {by} was ahead of it by more than "
-                   f"{TIE_Z:g} standard errors there, so it was out of the running.")
+        reason += (f" {name} stopped after {count_of(scores[name]['folds'], 'fold')}: {by} was ahead of it by more "
+                   f"than {TIE_Z:g} standard errors there, so it was out of the running.")
     if skipped:
         reason += f" Skipped: {', '.join(skipped)}."
     keep_keys = ("macro_f1", "macro_f1_se", "accuracy", "folds", "held_out", "seconds", "trainable_params")
@@ -282,8 +272,32 @@ def auto_pick(model: str, data: Any, *, budget_s: float = 300.0, shots: int | No
             "dropped": dropped}
 
 
-def _folds(n: int) -> str:
-    return f"{n} fold{'s' if n != 1 else ''}"
+def after_rung(rung: int, k: int, scores: dict[str, dict], runs: dict[str, int], dropped: dict[str, str],
+               truth: np.ndarray) -> tuple[str, list[str], dict[str, str]]:
+    """Successive halving's decision after a rung of folds (``auto_pick`` runs it; bench/issue14_auto_rules.py
+    replays it on recorded predictions). ``scores``: every candidate's summary so far; ``runs``: the folds each
+    trained candidate still going on has run; ``dropped``: those stopped earlier. Returns ``(stop, going, beaten)``:
+    ``stop`` is "" to go on, "futility" (``going`` is then the candidate first in ``PREFERENCE``, ahead of or level
+    with every other: more folds could overrule it only by turning that into a lead of ``TIE_Z`` standard errors) or
+    "ahead" (``going`` is the one trained candidate left, which has beaten every other); ``beaten`` the candidates
+    stopped now, out of the running (name -> the best that beat them)."""
+    preferred = min(scores, key=_rank)
+    # (only when the preferred one really ran this rung's folds, not one cut short by the budget)
+    if FUTILITY_FOLDS <= rung < k and runs.get(preferred, 0) >= rung and all(
+            _gap(scores[preferred], s, truth)[0] <= 0 for n, s in scores.items() if n != preferred):
+        return "futility", [preferred], {}
+    # the better half goes on (at least two: one fold is too little to drop a candidate on rank alone), and none
+    # that the best still running has beaten (one that has run every fold is not stopped, only compared)
+    ranked = sorted(runs, key=lambda n: -scores[n]["macro_f1"])
+    keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
+    best = max((s for n, s in scores.items() if n not in dropped), key=lambda s: s["macro_f1"])
+    beaten = {n: best["method"] for n in runs if runs[n] < k and _beaten(scores[n], best, truth)}
+    out = {**dropped, **beaten}
+    going = [n for n in keep if n not in out]
+    if len(going) == 1 and scores[going[0]] is best and all(
+            _beaten(s, best, truth) for n, s in scores.items() if s is not best and n not in out):
+        return "ahead", going, beaten
+    return "", going, beaten
 
 
 def decide(scores: dict[str, dict], truth: np.ndarray, z: float = TIE_Z) -> tuple[dict, dict, list[dict]]:

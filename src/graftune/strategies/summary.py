@@ -101,8 +101,8 @@ def recommend(summary: Sequence[dict]) -> list[str]:
             seeds = min(s["runs"] for s in pair)
             if runner is not None and best["accuracy"] == runner["accuracy"]:  # a tie is no lead
                 gap = 0.0
-                text = (f"With {count_of(k, 'example')} per class, {fmt(best)} and {fmt(runner)} are tied for the most "
-                        f"accurate{point_note(n_test, ' (', ')')}{single_seed(pair)}")
+                text = (f"With {count_of(k, 'example')} per class, {fmt(best)} and {fmt(runner)} are tied for the "
+                        f"most accurate{point_note(n_test, ' (', ')')}{single_seed(pair)}")
             elif runner is not None:
                 gap = best["accuracy"] - runner["accuracy"]
                 text += f", {_points(gap, n_test)} ahead of {fmt(runner)}{single_seed(pair)}"
