@@ -263,7 +263,11 @@ def test_contrastive_length_groups_change_nothing(model, loss):
                                          lr=5e-3, loss=loss, group_rows=rows, on_step=steps.append, **extra, **FAST),
                       [s["loss"] for s in steps])
     assert np.allclose(runs[3][1], runs[1000][1], atol=1e-5)
-    assert np.allclose(runs[3][0].predict_proba(TEXTS), runs[1000][0].predict_proba(TEXTS), atol=1e-4)
+    grouped, whole = runs[3][0], runs[1000][0]
+    assert torch.allclose(grouped.embed(TEXTS), whole.embed(TEXTS), atol=1e-5)  # the same body
+    # the heads agree to the logistic regression's stopping tolerance, not to float32: on an Intel Xeon without bf16,
+    # inputs 2e-7 apart made lbfgs stop one iteration apart, and the probabilities moved by 1.7e-4
+    assert np.allclose(grouped.predict_proba(TEXTS), whole.predict_proba(TEXTS), atol=1e-3)
     with pytest.raises(ConfigError, match="group_rows"):
         fs.contrastive_fit(bert(), tok, TEXTS, LABELS, group_rows=0, **FAST)
 
