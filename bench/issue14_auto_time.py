@@ -3,8 +3,8 @@ data? (issue 14). Side by side in one process, on the bench's splits (``catalog.
 carved with seed 0, 8 shots per class drawn with the seed).
 
 - ``peft``: ``bench/issue5_train_vs_peft.py``'s plain PEFT script (LoRA r=8 on query and value, mean-pooled head,
-  AdamW, batch 16, max_length 256, 20 epochs) with PEFT's best CPU settings where this CPU has native bf16
-  (bf16 autocast, dynamic padding, length-grouped batches), else fp32 with dynamic padding;
+  AdamW, batch 16, max_length 256, 20 epochs) with PEFT's best CPU settings: dynamic padding, length-grouped
+  batches, bf16 autocast where this CPU has native bf16, else fp32;
 - ``auto``: ``graftune.runs.train(RunConfig(method="auto", ...))``: the product's whole run, its default budget,
   cross-validated selection and the pick's training, run directory written; ``trained_s`` leaves out the final
   run's scoring of the test set (``test_seconds``), as the PEFT side's does (``whole_s`` keeps it).
@@ -28,7 +28,6 @@ from issue5_train_vs_peft import loadavg, run_peft
 
 from graftune.config import RunConfig
 from graftune.runs import train
-from graftune.speed.precision import cpu_features
 from graftune.strategies.catalog import load_compare_data, make_compare_splits, test_per_class_for
 
 
@@ -55,7 +54,6 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/issue14_auto_time.jsonl")
     a = ap.parse_args()
-    native_bf16 = cpu_features().get("native_bf16", False)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, data in enumerate(a.data.split(",")):
@@ -65,7 +63,7 @@ def main():
         sides = ["peft", "auto"] if i % 2 == 0 else ["auto", "peft"]
         for side in sides:
             before = loadavg()
-            result = (run_peft("lora", splits, 20, 256, default=not native_bf16) if side == "peft"
+            result = (run_peft("lora", splits, 20, 256) if side == "peft"
                       else run_auto(data, splits, per_class, a.seed))
             row = {"data": data, "seed": a.seed, **result, "load_before": before, "load_after": loadavg(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

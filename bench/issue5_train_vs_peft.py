@@ -11,7 +11,8 @@ init, frozen base in eval mode (no base dropout), seed 0.
 Sides:
 
 - ``peft``: a plain PEFT script with PEFT's best CPU settings: ``get_peft_model`` on ``AutoModel``, bf16
-  ``torch.autocast`` (what ``Trainer(bf16=True)`` does on a CPU), dynamic padding (``tokenizer.pad``, as
+  ``torch.autocast`` (what ``Trainer(bf16=True)`` does on a CPU) where the CPU has native bf16 (avx512_bf16 or AMX;
+  elsewhere a bf16 product is emulated, many times slower, so float32), dynamic padding (``tokenizer.pad``, as
   ``DataCollatorWithPadding``) and length-grouped batches (as ``Trainer(group_by_length=True)``);
 - ``peft-default`` (LoRA only, --default): the same loop in fp32, every batch padded to max_length, plain
   shuffle (what a typical PEFT tutorial script does);
@@ -58,6 +59,13 @@ GRAFTUNE_OPTS = {
 
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies in bf16 natively (read as graftune's precision policy reads it)."""
+    from graftune.speed.precision import cpu_features
+
+    return bool(cpu_features().get("native_bf16"))
 
 
 def peft_config(method: str):
@@ -114,7 +122,7 @@ def run_peft(method: str, splits, epochs: int, max_len: int, *, default: bool = 
     opt = torch.optim.AdamW([g for g in groups if g["params"]])
     steps = -(-len(y) // BATCH) * epochs
     sched = get_linear_schedule_with_warmup(opt, int(WARMUP * steps), steps)
-    bf16 = not default  # this CPU has native bf16 (avx512_bf16): autocast is PEFT's best setting here
+    bf16 = not default and native_bf16()  # autocast is PEFT's best setting where bf16 is in hardware, not elsewhere
     model.eval()  # frozen base: no dropout (graftune's base_dropout: false); LoRA dropout is 0
     head.train()
     setup_s = time.perf_counter() - t0
