@@ -44,9 +44,14 @@ def test_eval_and_predict_in_int8(runs):
     result = runner.invoke(app, ["predict", run, *TEXTS, "--quantize", "int8", "--json"])
     assert result.exit_code == 0, result.output
     rows_q = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["label"] for r in rows_q] == [r["label"] for r in rows]
+    clear = 0
     for r, rq in zip(rows, rows_q):
         assert rq["probabilities"] == pytest.approx(r["probabilities"], abs=0.01)
+        top, second = sorted(r["probabilities"].values(), reverse=True)[:2]
+        if top - second > 0.02:  # int8 moves each probability by < 0.01: only a closer near-tie may flip
+            assert rq["label"] == r["label"]
+            clear += 1
+    assert clear >= len(rows) // 2, "too few clear predictions for the labels to be compared"
 
 
 def test_bad_value_and_unmergeable_run_are_one_line(runs):

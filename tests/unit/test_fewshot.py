@@ -238,7 +238,10 @@ def test_contrastive_is_seeded_and_the_cache_changes_nothing():
     p = [r.predict_proba(TEXTS) for r in runs]
     assert np.array_equal(p[0], p[1])
     assert runs[2].report["cache"].startswith("off")
-    assert np.allclose(p[0], p[2], atol=1e-4)  # no dropout here: cached and plain training agree
+    # no dropout here: cached and plain training give the same body, and heads equal to lbfgs's stopping tolerance
+    # (a CPU's kernels may differ in the last bits between the cache's batches and plain ones; see the test below)
+    assert torch.allclose(runs[0].embed(TEXTS), runs[2].embed(TEXTS), atol=1e-5)
+    assert np.allclose(p[0], p[2], atol=1e-3)
     other = fs.contrastive_fit(bert(), tok, TEXTS, LABELS, seed=4, lr=5e-3, **FAST).predict_proba(TEXTS)
     assert not np.allclose(p[0], other)
     state = torch.random.get_rng_state()

@@ -103,11 +103,11 @@ class LiveServer:
 
 def same_predictions(got: list[dict], want: list[dict]) -> None:
     """Labels equal; probabilities equal to the rounding of `graftune predict` (the server runs the adapter
-    unmerged, predict merged: float32 noise in the last digit at most)."""
+    unmerged, predict merged: float32 noise of a few units in the last digit, which a CPU's kernels set)."""
     assert [g["label"] for g in got] == [w["label"] for w in want]
     for g, w in zip(got, want):
         assert g["probabilities"].keys() == w["probabilities"].keys()
-        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=3e-6)
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
 
 
 # --- predictions -------------------------------------------------------------------------------------------------
