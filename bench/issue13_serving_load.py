@@ -11,7 +11,9 @@
            geometric steps until the server saturates, then bisection finds the highest one whose p99 stays <= 2x a
            lone request's p99 (the lowest lone p99 of the run) with nothing failed and the achieved rate within 5%
            of the offered one: the goodput at that objective per server, and their ratio (also at 3, 5 and 10x,
-           read off the coarse steps); the whole sweep is printed as a table.
+           read off the coarse steps); the whole sweep is printed as a table. A second reference: the p99 of lone
+           requests each sent after the server sat idle for --idle-gap-ms (what a request meets on a quiet server:
+           threads asleep, caches cold), with the goodput at multiples of it read off the same sweep.
 --memory   RSS of a store holding 1 and 32 adapters on one base, against base + 32 x adapter + 10%.
 --forward  in-process: CPU time of one mixed 16-request forward vs 16 one-request forwards (no HTTP).
 --thread-cost  in-process: the forward on the one thread that ran torch, then after another thread ran torch.
@@ -421,6 +423,15 @@ async def open_sweep(srv: Server, names: list[str], texts: list[str], args, refe
             r.raise_for_status()
             lone.append(time.perf_counter() - t)
         lone_stats = percentiles(lone)
+        idle = []
+        for _ in range(args.open_idle_lone):  # one request at a time, each after the server sat idle for a while
+            await asyncio.sleep(args.idle_gap_ms / 1000)
+            body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
+            t = time.perf_counter()
+            r = await client.post("/v1/predict", json=body)
+            r.raise_for_status()
+            idle.append(time.perf_counter() - t)
+        idle_stats = percentiles(idle) if idle else {"p50_ms": None, "p99_ms": None}
         reference = min(lone_stats["p99_ms"], reference_ms or float("inf"))
         objective = 2 * reference
         points: list[dict] = []
@@ -461,6 +472,8 @@ async def open_sweep(srv: Server, names: list[str], texts: list[str], args, refe
                 break
             await measure((good * min(above)) ** 0.5)
     return {"lone_p50_ms": lone_stats["p50_ms"], "lone_p99_ms": lone_stats["p99_ms"], "lone_requests": len(lone),
+            "idle_lone_p50_ms": idle_stats["p50_ms"], "idle_lone_p99_ms": idle_stats["p99_ms"],
+            "idle_lone_requests": len(idle), "idle_gap_ms": args.idle_gap_ms,
             "reference_p99_ms": reference, "search_objective_p99_ms": objective, "points": points}
 
 
@@ -491,15 +504,25 @@ def open_serving(work: Path, args) -> list[dict]:
                                              for k in OBJECTIVES}
             for point in r["points"]:
                 point["meets"] = meets(point, 2 * final, args.backlog_tolerance)
+        # the same points against a second reference: a lone request that finds the server idle (the lowest idle
+        # p99 of all servers); read off the same sweep, whose bisections aimed at the first reference
+        idle = min((r["idle_lone_p99_ms"] for r in results if r["idle_lone_p99_ms"]), default=None)
         for r in results:
-            r["goodput_vs_one_per_forward"] = {
-                k: (g / b if g and b else None) for k, g, b in
-                ((k, r["goodput_by_objective_rps"][k], results[0]["goodput_by_objective_rps"][k])
-                 for k in OBJECTIVES)}
+            r["final_idle_reference_p99_ms"] = idle
+            r["goodput_by_idle_objective_rps"] = {k: goodput(r["points"], k * idle, args.backlog_tolerance)
+                                                  if idle else None for k in OBJECTIVES}
+        for r in results:
+            for key in ("", "idle_"):
+                r[f"goodput_{key}vs_one_per_forward"] = {
+                    k: (g / b if g and b else None) for k, g, b in
+                    ((k, r[f"goodput_by_{key}objective_rps"][k], results[0][f"goodput_by_{key}objective_rps"][k])
+                     for k in OBJECTIVES)}
             out.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "points"}), flush=True)
     print(open_table(out), flush=True)
     print(goodput_table(out), flush=True)
+    if any(r["final_idle_reference_p99_ms"] for r in out):
+        print(goodput_table(out, idle=True), flush=True)
     return out
 
 
@@ -514,17 +537,21 @@ def goodput(points: list[dict], objective_ms: float, tolerance: float) -> float 
                 and p["offered_rps"] < missed), default=None)
 
 
-def goodput_table(results: list[dict]) -> str:
-    """Goodput per server at each objective, and its ratio to one request per forward, for bench/RESULTS.md."""
-    lines = ["| adapters | server | lone p50 / p99 ms | " + " | ".join(f"goodput at p99 <= {k}x (ratio)"
-                                                                        for k in OBJECTIVES) + " |",
+def goodput_table(results: list[dict], *, idle: bool = False) -> str:
+    """Goodput per server at each objective, and its ratio to one request per forward, for bench/RESULTS.md; with
+    ``idle``, the objectives are multiples of the idle lone request's p99 instead of the back-to-back one's."""
+    key, lone = ("idle_", "idle lone") if idle else ("", "lone")
+    lines = [f"| adapters | server | {lone} p50 / p99 ms | " + " | ".join(f"goodput at p99 <= {k}x (ratio)"
+                                                                          for k in OBJECTIVES) + " |",
              "|" + "---|" * (3 + len(OBJECTIVES))]
     for r in results:
         cells = []
         for k in OBJECTIVES:
-            g, ratio = r["goodput_by_objective_rps"][k], r["goodput_vs_one_per_forward"][k]
+            g, ratio = r[f"goodput_by_{key}objective_rps"][k], r[f"goodput_{key}vs_one_per_forward"][k]
             cells.append("none" if g is None else f"{g:.1f} req/s ({ratio:.2f}x)" if ratio else f"{g:.1f} req/s")
-        lines.append(f"| {r['adapters']} | {r['server']} | {r['lone_p50_ms']:.1f} / {r['lone_p99_ms']:.1f} | "
+        p50, p99 = r[f"{key}lone_p50_ms"], r[f"{key}lone_p99_ms"]
+        lines.append(f"| {r['adapters']} | {r['server']} | "
+                     + (f"{p50:.1f} / {p99:.1f}" if p99 is not None else "not measured") + " | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1024,6 +1051,9 @@ def main():
     ap.add_argument("--open-seconds", type=float, default=15, help="open loop: seconds of arrivals per rate at most")
     ap.add_argument("--open-requests", type=int, default=3000, help="open loop: requests per rate at most")
     ap.add_argument("--open-lone", type=int, default=300, help="open loop: lone requests (the p99 reference)")
+    ap.add_argument("--open-idle-lone", type=int, default=100, help="open loop: lone requests each sent after the "
+                    "server sat idle for --idle-gap-ms (a second reference: what a request finds on a quiet server)")
+    ap.add_argument("--idle-gap-ms", type=float, default=200, help="open loop: the idle time before each of those")
     ap.add_argument("--open-timeout", type=float, default=30, help="open loop: seconds a request may take")
     ap.add_argument("--start-rate", type=float, default=10, help="open loop: first offered rate, requests/s")
     ap.add_argument("--rate-factor", type=float, default=1.5, help="open loop: step between coarse rates")
