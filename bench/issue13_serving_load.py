@@ -415,22 +415,22 @@ async def open_sweep(srv: Server, names: list[str], texts: list[str], args, refe
     tolerance = args.backlog_tolerance
     async with httpx.AsyncClient(base_url=srv.url, timeout=args.open_timeout, limits=limits) as client:
         rng = random.Random(1)
-        lone = []
-        for _ in range(args.open_lone):  # one request at a time: nothing else in the server
-            body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
-            t = time.perf_counter()
-            r = await client.post("/v1/predict", json=body)
-            r.raise_for_status()
-            lone.append(time.perf_counter() - t)
+
+        async def lone_requests(count: int, gap_s: float) -> list[float]:
+            """One request at a time, nothing else in the server, each ``gap_s`` after the previous answer."""
+            seconds = []
+            for _ in range(count):
+                await asyncio.sleep(gap_s)
+                body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
+                t = time.perf_counter()
+                r = await client.post("/v1/predict", json=body)
+                r.raise_for_status()
+                seconds.append(time.perf_counter() - t)
+            return seconds
+
+        lone = await lone_requests(args.open_lone, 0)
         lone_stats = percentiles(lone)
-        idle = []
-        for _ in range(args.open_idle_lone):  # one request at a time, each after the server sat idle for a while
-            await asyncio.sleep(args.idle_gap_ms / 1000)
-            body = {"adapter": rng.choice(names), "inputs": [rng.choice(texts)]}
-            t = time.perf_counter()
-            r = await client.post("/v1/predict", json=body)
-            r.raise_for_status()
-            idle.append(time.perf_counter() - t)
+        idle = await lone_requests(args.open_idle_lone, args.idle_gap_ms / 1000)  # the server sat idle before each
         idle_stats = percentiles(idle) if idle else {"p50_ms": None, "p99_ms": None}
         reference = min(lone_stats["p99_ms"], reference_ms or float("inf"))
         objective = 2 * reference
